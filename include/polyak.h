@@ -1,0 +1,280 @@
+/*
+ * polyak.h: averaged copies ("shadows") of a network's parameters, updated
+ * in one pass per optimizer step.
+ *
+ * A tour of the API
+ * -----------------
+ *   polyak_config cfg;
+ *   polyak_config_init(&cfg);                  // CPU, 1 shadow, EMA beta 0.999
+ *   cfg.backend = POLYAK_BACKEND_CUDA;         // shadows live on the GPU
+ *   polyak_t *p;
+ *   polyak_create(&p, &cfg);                   // create once, reuse for the whole run
+ *   polyak_add(p, "wte", wte, POLYAK_BF16, 2, shape);   // every tensor, once
+ *   polyak_finalize(p, stream);                // allocate shadows, build the plan
+ *   for (step = 1; ...; step++) {
+ *     optimizer_step(...);
+ *     polyak_update(p, step, stream);          // one fused pass over every shadow
+ *   }
+ *   polyak_get_shadow(p, 0, 0, dst, POLYAK_F32, stream);  // read an average
+ *   polyak_destroy(p);
+ *
+ * Step semantics: `step` counts the trainer's optimizer steps, 1 for the
+ * first. An update at `step` folds the current params into every shadow as
+ * the average after `step` steps; steps skipped since the last update are
+ * compensated exactly (the update applies the product of the skipped betas).
+ * See README.md for the schedules and the full rules.
+ *
+ * Conventions
+ * -----------
+ * - Every function that can fail returns a polyak_status. A failing call
+ *   changes nothing (no shadow, no step counter, no registration) and sets
+ *   the handle's polyak_last_error() text.
+ * - `stream` is a cudaStream_t passed as void * (NULL: the default stream).
+ *   Calls on the CUDA backend return once their work is enqueued on it; the
+ *   CPU backend ignores it and returns when the work is done.
+ * - Pointers handed to a handle are on the backend's side: host memory for
+ *   POLYAK_BACKEND_CPU, device memory for POLYAK_BACKEND_CUDA.
+ * - Element counts are int64: a tensor may exceed 2^31 elements.
+ * - A handle is not thread-safe; distinct handles never interfere.
+ *
+ * Stability: the names in this file are a stable contract. New fields are
+ * only ever appended to polyak_config, whose struct_size tells versions apart.
+ */
+#ifndef POLYAK_H
+#define POLYAK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define POLYAK_API
+#else
+#define POLYAK_API __attribute__((visibility("default")))
+#endif
+
+#define POLYAK_VERSION_MAJOR 0
+#define POLYAK_VERSION_MINOR 1
+#define POLYAK_VERSION_PATCH 0
+
+#define POLYAK_MAX_SHADOWS 8 /* shadows per handle */
+#define POLYAK_MAX_NDIM 8    /* dimensions per tensor */
+
+/* Status codes; the values are pinned. One list feeds the enum and
+ * polyak_status_name(), so the two never drift. */
+#define POLYAK_STATUS_LIST(X) \
+  X(POLYAK_OK, 0)             \
+  X(POLYAK_ERR_INVALID_ARG, 1) \
+  X(POLYAK_ERR_STATE, 2)      \
+  X(POLYAK_ERR_NO_MEMORY, 3)  \
+  X(POLYAK_ERR_UNSUPPORTED, 4) \
+  X(POLYAK_ERR_CUDA, 5)       \
+  X(POLYAK_ERR_NCCL, 6)       \
+  X(POLYAK_ERR_IO, 7)         \
+  X(POLYAK_ERR_FORMAT, 8)     \
+  X(POLYAK_ERR_MISMATCH, 9)
+
+#define POLYAK_STATUS_ENUM_ITEM(name, value) name = value,
+typedef enum { POLYAK_STATUS_LIST(POLYAK_STATUS_ENUM_ITEM) } polyak_status;
+#undef POLYAK_STATUS_ENUM_ITEM
+
+typedef struct polyak polyak_t; /* opaque handle; create once, reuse */
+
+/* Element types of params, shadows and read-outs. */
+typedef enum { POLYAK_F32 = 0, POLYAK_BF16 = 1, POLYAK_F16 = 2 } polyak_dtype;
+
+/* Where shadows live and updates run. */
+typedef enum { POLYAK_BACKEND_CPU = 0, POLYAK_BACKEND_CUDA = 1 } polyak_backend;
+
+/* Decay schedules beta(t); see polyak_beta_at() for the formulas. */
+typedef enum {
+  POLYAK_SCHEDULE_CONSTANT = 0, /* beta                                        */
+  POLYAK_SCHEDULE_TF = 1,       /* min(beta, (1+t)/(10+t)): TensorFlow's rule  */
+  POLYAK_SCHEDULE_WARMUP = 2,   /* 1-(1+t/inv_gamma)^-power, clamped: timm     */
+  POLYAK_SCHEDULE_LINEAR = 3,   /* beta_min -> beta over ramp_steps            */
+  POLYAK_SCHEDULE_COSINE = 4,   /* beta_min -> beta over ramp_steps, cosine    */
+  POLYAK_SCHEDULE_EQUAL = 5,    /* t/(t+1): the running mean (Polyak, SWA)     */
+  POLYAK_SCHEDULE_POWER = 6     /* (t/(t+1))^(gamma+1): EDM2 power-function EMA */
+} polyak_schedule_kind;
+
+/* One shadow's decay schedule. Only the fields its kind uses are read and
+ * validated:
+ *   CONSTANT, TF   beta
+ *   WARMUP         beta, beta_min, inv_gamma, power
+ *   LINEAR, COSINE beta, beta_min, ramp_steps
+ *   EQUAL          (none)
+ *   POWER          gamma
+ * and start_step for every kind. Ranges: all finite, 0 <= beta_min <= beta
+ * <= 1, inv_gamma > 0, power > 0, gamma > -1, ramp_steps > 0,
+ * start_step >= 0. */
+typedef struct {
+  polyak_schedule_kind kind;
+  double beta;         /* the decay (the ceiling for TF, WARMUP, LINEAR, COSINE) */
+  double beta_min;     /* the floor (WARMUP) or starting decay (LINEAR, COSINE) */
+  double inv_gamma;    /* WARMUP: steps scale of the warm-up */
+  double power;        /* WARMUP: exponent of the warm-up */
+  double gamma;        /* POWER: EDM2 exponent; see polyak_gamma_from_sigma_rel() */
+  int64_t ramp_steps;  /* LINEAR, COSINE: steps to go from beta_min to beta */
+  int64_t start_step;  /* beta = 0 (the shadow copies the params) up to this step */
+} polyak_schedule;
+
+typedef struct {
+  size_t struct_size;             /* set by polyak_config_init; checked by create */
+  polyak_backend backend;
+  int device;                     /* CUDA device ordinal */
+  int num_shadows;                /* 1..POLYAK_MAX_SHADOWS */
+  polyak_schedule schedules[POLYAK_MAX_SHADOWS];
+  polyak_dtype shadow_dtype;      /* POLYAK_F32 (default) or POLYAK_BF16 (stochastic rounding) */
+  int zero_init;                  /* 0 (default): shadows start as params */
+  int skip_nonfinite;             /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
+  uint64_t seed;                  /* stochastic rounding */
+} polyak_config;
+
+/* ---- Errors ------------------------------------------------------------ */
+
+/* The enum name of `s` ("POLYAK_OK", ...); "POLYAK_UNKNOWN_STATUS" for a
+ * value outside the enum. Never NULL. */
+POLYAK_API const char *polyak_status_name(polyak_status s);
+
+/* The detail of the last failing call on `p` ("" if none failed yet, or if
+ * `p` is NULL). A later success does not clear it. Valid until the next
+ * call on `p`. */
+POLYAK_API const char *polyak_last_error(const polyak_t *p);
+
+/* ---- Configuration ----------------------------------------------------- */
+
+/* "0.1.0": the version of the library that is loaded. */
+POLYAK_API const char *polyak_version_string(void);
+
+/* 1 if this build has backend `b` and it can run here (for CUDA: built with
+ * CUDA and at least one device visible), else 0. */
+POLYAK_API int polyak_backend_available(polyak_backend b);
+
+/* Fills `cfg` with the defaults: struct_size = sizeof(polyak_config), CPU
+ * backend, device 0, one shadow, every schedule CONSTANT with beta 0.999
+ * (beta_min 0, inv_gamma 1, power 2/3, gamma 6.94 (sigma_rel 0.10),
+ * ramp_steps 1000, start_step 0), F32 shadows, zero_init 0,
+ * skip_nonfinite 1, seed 0. NULL is ignored. */
+POLYAK_API void polyak_config_init(polyak_config *cfg);
+
+/* Checks `cfg` as polyak_create() does, without creating anything: on
+ * failure returns the status create would return and writes the reason to
+ * `msg` (NUL-terminated, truncated to `msg_num_bytes`; `msg` may be NULL).
+ * Use it to explain a failing create, which has no handle to carry text.
+ * Returns POLYAK_ERR_INVALID_ARG for a bad field, POLYAK_ERR_UNSUPPORTED
+ * for a backend this build or machine lacks, POLYAK_ERR_CUDA if the CUDA
+ * runtime fails while checking the device. */
+POLYAK_API polyak_status polyak_check_config(const polyak_config *cfg, char *msg,
+                                             size_t msg_num_bytes);
+
+/* ---- Schedules (pure host functions, double precision) ----------------- */
+
+/* beta(step) of schedule `s`: 0 for step <= start_step; otherwise, with
+ * t = step - start_step - 1 (0, 1, 2, ...):
+ *   CONSTANT  beta
+ *   TF        min(beta, (1+t)/(10+t))
+ *   WARMUP    t == 0 ? 0 : clamp(1 - (1 + t/inv_gamma)^-power, beta_min, beta)
+ *   LINEAR    min(beta, beta_min + (t/ramp_steps)(beta - beta_min))
+ *   COSINE    beta - (beta - beta_min)(1 + cos(pi min(t, ramp_steps)/ramp_steps))/2
+ *   EQUAL     t/(t+1)
+ *   POWER     (t/(t+1))^(gamma+1)
+ * Returns NaN if `s` is NULL or fails the checks polyak_create() makes. */
+POLYAK_API double polyak_beta_at(const polyak_schedule *s, int64_t step);
+
+/* The decay an update applies when it follows one at `last_step`:
+ * prod_{s = last_step+1 .. step} beta(s), 1 for step == last_step.
+ * Closed forms where they exist; WARMUP, LINEAR and COSINE multiply the
+ * steps before their ceiling one by one. Returns NaN for a bad schedule or
+ * for step < last_step or last_step < 0. */
+POLYAK_API double polyak_beta_product(const polyak_schedule *s, int64_t last_step,
+                                      int64_t step);
+
+/* Half-life in steps of an EMA with decay beta: ln 2 / ln(1/beta), and back:
+ * beta = 2^(-1/half_life). NaN outside (0, 1) and (0, inf). */
+POLYAK_API double polyak_half_life_from_beta(double beta);
+POLYAK_API double polyak_beta_from_half_life(double half_life_steps);
+
+/* Effective averaging window in steps: 1/(1 - beta), and back:
+ * beta = 1 - 1/window. NaN outside [0, 1) and [1, inf). */
+POLYAK_API double polyak_window_from_beta(double beta);
+POLYAK_API double polyak_beta_from_window(double window_steps);
+
+/* EDM2's relative standard deviation of the power-function EMA profile:
+ * sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3))) for gamma > -1, and
+ * back: gamma = the largest real root of
+ * gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2).
+ * sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94. sigma_rel peaks at
+ * 0.3003 (gamma = -0.382); NaN outside gamma > -1 and 0 < sigma_rel <= peak. */
+POLYAK_API double polyak_sigma_rel_from_gamma(double gamma);
+POLYAK_API double polyak_gamma_from_sigma_rel(double sigma_rel);
+
+/* ---- Lifecycle --------------------------------------------------------- */
+
+/* Creates a handle from `cfg` (copied; `cfg` may be freed afterwards).
+ * On success *out holds the handle; on failure *out is NULL and the status
+ * is one of polyak_check_config()'s (call it for the reason) or
+ * POLYAK_ERR_NO_MEMORY. POLYAK_ERR_INVALID_ARG also for NULL pointers. */
+POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg);
+
+/* Registers one parameter tensor: `name` (unique, non-empty, copied),
+ * `param` (its elements, contiguous, aligned to the element size, on the
+ * backend's side; may be NULL only if the tensor has no elements), its
+ * dtype and shape (ndim 0..8, `shape` may be NULL if ndim is 0, every dim
+ * >= 0). Tensors are numbered 0, 1, ... in registration order. Zero-size
+ * tensors are accepted and cost nothing in updates. Returns
+ * POLYAK_ERR_INVALID_ARG for a bad argument, a duplicate name, or param
+ * memory overlapping an earlier tensor's; POLYAK_ERR_STATE after
+ * finalize; POLYAK_ERR_NO_MEMORY. */
+POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
+                                    polyak_dtype dtype, int ndim, const int64_t *shape);
+
+/* Ends registration: allocates the shadows, builds the plan, and sets the
+ * shadows to a copy of the params (or to 0 with zero_init). With
+ * skip_nonfinite, a non-finite param element is refused here
+ * (POLYAK_ERR_INVALID_ARG naming the tensor and element), since the guard
+ * would otherwise keep its shadow non-finite forever. Returns
+ * POLYAK_ERR_STATE if already finalized, POLYAK_ERR_NO_MEMORY, or
+ * POLYAK_ERR_CUDA. A handle without tensors is valid and does nothing. */
+POLYAK_API polyak_status polyak_finalize(polyak_t *p, void *stream);
+
+/* Folds the current params into every shadow as the average after `step`
+ * optimizer steps (see the step semantics above). `step` must be >= 1 and
+ * greater than the last updated step, else POLYAK_ERR_INVALID_ARG and
+ * nothing changes. POLYAK_ERR_STATE before finalize. The CUDA backend
+ * returns once the work is enqueued on `stream`. */
+POLYAK_API polyak_status polyak_update(polyak_t *p, int64_t step, void *stream);
+
+/* Copies shadow `shadow` of tensor `tensor` into `dst` (num_elems elements
+ * of `dst_dtype`, on the backend's side), debiased with zero_init, rounded
+ * to nearest even for BF16/F16. Ordered on `stream` for the CUDA backend.
+ * Returns POLYAK_ERR_INVALID_ARG for an index out of range, a NULL dst or a
+ * bad dtype; POLYAK_ERR_STATE before finalize, or with zero_init while the
+ * average is undefined (no update yet, or every applied beta was 1). */
+POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                           polyak_dtype dst_dtype, void *stream);
+
+/* The number of non-finite param elements that updates met so far, each
+ * counted once per update whatever num_shadows, with or without
+ * skip_nonfinite. The CUDA backend waits for the updates enqueued so far.
+ * POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count);
+
+/* The step of the last update (0 before the first). */
+POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
+
+/* The number of registered tensors. */
+POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
+
+/* Frees the handle and its shadows (the params stay the caller's). On the
+ * CUDA backend it first waits for the handle's enqueued work. NULL is a
+ * no-op. */
+POLYAK_API void polyak_destroy(polyak_t *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* POLYAK_H */

@@ -1,0 +1,50 @@
+/*
+ * polyak_plan.h: the work description shared by the CPU path and the CUDA
+ * kernels. finalize builds it once (src/plan.c); every update walks it.
+ *
+ *   tensors[]  one entry per registered tensor: where its param lives, its
+ *              dtype, where its slice of each shadow arena starts.
+ *   chunks[]   a flat table of {tensor, first element, count}: each tensor
+ *              cut into pieces of at most POLYAK_CHUNK_ELEMS elements, in
+ *              registration order. Zero-size tensors have no chunk.
+ */
+#ifndef POLYAK_PLAN_H
+#define POLYAK_PLAN_H
+
+#include <stdint.h>
+
+#include "polyak.h"
+
+/* Elements per chunk. A multiple of 8, so every chunk of a tensor starts at
+ * the same 16-byte phase as the tensor itself. */
+#define POLYAK_CHUNK_ELEMS 65536
+
+/* Shadow slices start on 16-byte boundaries of their arena. */
+#define POLYAK_SHADOW_ALIGN_BYTES 16
+
+typedef struct {
+  const void *param;           /* num_elems elements of param_dtype */
+  int64_t num_elems;
+  int64_t global_offset_elems; /* first element's index in the flattened
+                                  registration order (the hash's counter) */
+  int64_t shadow_offset_elems; /* first element's index in each shadow arena */
+  int32_t param_dtype;         /* a polyak_dtype */
+  int32_t pad_;
+} polyak_tensor_desc;
+
+typedef struct {
+  int64_t first_elem; /* within the tensor */
+  int32_t tensor;     /* index into the tensor table */
+  int32_t num_elems;  /* 1..POLYAK_CHUNK_ELEMS */
+} polyak_chunk;
+
+/* What one update needs, computed on the host and passed by value. */
+typedef struct {
+  int64_t step;
+  int32_t num_shadows;
+  int32_t skip_nonfinite;
+  float weight[POLYAK_MAX_SHADOWS];     /* per shadow: 1 - B, computed in double */
+  uint64_t sr_key[POLYAK_MAX_SHADOWS];  /* per shadow: stochastic-rounding key (bf16 shadows) */
+} polyak_update_args;
+
+#endif /* POLYAK_PLAN_H */

@@ -1,0 +1,101 @@
+/* config.c: configuration defaults and the checks polyak_create makes. */
+#include <math.h>
+#include <string.h>
+
+#include "polyak_internal.h"
+
+#ifdef POLYAK_HAVE_CUDA
+#include "cuda_check.h"
+#endif
+
+void polyak_config_init(polyak_config *cfg)
+{
+  if (!cfg)
+    return;
+  memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->backend = POLYAK_BACKEND_CPU;
+  cfg->device = 0;
+  cfg->num_shadows = 1;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
+    polyak_schedule *s = &cfg->schedules[k];
+    s->kind = POLYAK_SCHEDULE_CONSTANT;
+    s->beta = 0.999;
+    s->beta_min = 0.0;
+    s->inv_gamma = 1.0;
+    s->power = 2.0 / 3.0;
+    s->gamma = 6.94; /* sigma_rel 0.10 */
+    s->ramp_steps = 1000;
+    s->start_step = 0;
+  }
+  cfg->shadow_dtype = POLYAK_F32;
+  cfg->zero_init = 0;
+  cfg->skip_nonfinite = 1;
+  cfg->seed = 0;
+}
+
+int polyak_backend_available(polyak_backend b)
+{
+  switch (b) {
+  case POLYAK_BACKEND_CPU:
+    return 1;
+  case POLYAK_BACKEND_CUDA:
+#ifdef POLYAK_HAVE_CUDA
+    return polyak_cuda_device_count(NULL, 0) > 0;
+#else
+    return 0;
+#endif
+  }
+  return 0;
+}
+
+static polyak_status check_backend(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  switch (cfg->backend) {
+  case POLYAK_BACKEND_CPU:
+    return POLYAK_OK;
+  case POLYAK_BACKEND_CUDA:
+#ifdef POLYAK_HAVE_CUDA
+    return polyak_cuda_check_device(cfg->device, msg, msg_num_bytes);
+#else
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
+                          "the CUDA backend is not in this build of polyak (configured "
+                          "with POLYAK_WITH_CUDA=OFF or without a CUDA compiler)");
+#endif
+  }
+  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                        "backend = %d is not a polyak_backend", (int)cfg->backend);
+}
+
+polyak_status polyak_check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  char reason[POLYAK_ERROR_BYTES];
+  polyak_message(msg, msg_num_bytes, POLYAK_OK, "%s", "");
+  if (!cfg)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "cfg is NULL");
+  if (cfg->struct_size != sizeof(polyak_config))
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "cfg->struct_size = %zu, this library's polyak_config has %zu bytes: "
+                          "call polyak_config_init() first",
+                          cfg->struct_size, sizeof(polyak_config));
+  if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "num_shadows = %d is outside 1..%d", cfg->num_shadows,
+                          POLYAK_MAX_SHADOWS);
+  for (int k = 0; k < cfg->num_shadows; k++) {
+    polyak_status status = polyak_schedule_check(&cfg->schedules[k], reason, sizeof reason);
+    if (status != POLYAK_OK)
+      return polyak_message(msg, msg_num_bytes, status, "schedules[%d]: %s", k, reason);
+  }
+  if (cfg->shadow_dtype != POLYAK_F32 && cfg->shadow_dtype != POLYAK_BF16)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "shadow_dtype = %d: shadows are POLYAK_F32 or POLYAK_BF16",
+                          (int)cfg->shadow_dtype);
+  if (cfg->zero_init != 0 && cfg->zero_init != 1)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "zero_init = %d is not 0 or 1", cfg->zero_init);
+  if (cfg->skip_nonfinite != 0 && cfg->skip_nonfinite != 1)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "skip_nonfinite = %d is not 0 or 1", cfg->skip_nonfinite);
+  return check_backend(cfg, msg, msg_num_bytes);
+}

@@ -1,0 +1,232 @@
+/* cpu_backend.c: the CPU reference path. It walks the same plan as the CUDA
+ * kernel and calls the same per-element functions (polyak_math.h), in plain
+ * loops, so its results are the bits the GPU must reproduce.
+ *
+ * fmaf() is one instruction only where the compiler may use FMA, and the
+ * software fallback is ~10x slower (same bits), so the plan walk is built
+ * twice, with and without the FMA target, and picked at run time. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "polyak_internal.h"
+#include "polyak_math.h"
+
+typedef struct {
+  void *shadows[POLYAK_MAX_SHADOWS]; /* arena_elems elements of the shadow dtype each */
+  int64_t nonfinite_count;
+} cpu_state;
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE float load_param(const void *param, int64_t i, polyak_dtype dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    return ((const float *)param)[i];
+  case POLYAK_BF16:
+    return polyak_bf16_to_f32(((const uint16_t *)param)[i]);
+  case POLYAK_F16:
+    return polyak_f16_to_f32(((const uint16_t *)param)[i]);
+  }
+  return NAN;
+}
+
+/* One chunk: each param element is read once and folded into every shadow.
+ * Always inlined with constant dtypes, so each dtype pair gets its own loop
+ * without a per-element switch. Returns the non-finite params met. */
+ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chunk *chunk,
+                                   void *const *shadows, const polyak_update_args *args,
+                                   polyak_dtype param_dtype, polyak_dtype shadow_dtype)
+{
+  int64_t nonfinite = 0;
+  int64_t end = chunk->first_elem + chunk->num_elems;
+  for (int64_t i = chunk->first_elem; i < end; i++) {
+    float param = load_param(t->param, i, param_dtype);
+    if (!polyak_is_finite(param)) {
+      nonfinite++;
+      if (args->skip_nonfinite)
+        continue;
+    }
+    int64_t slot = t->shadow_offset_elems + i;
+    for (int k = 0; k < args->num_shadows; k++) {
+      if (shadow_dtype == POLYAK_F32) {
+        float *shadow = (float *)shadows[k] + slot;
+        *shadow = polyak_lerp(*shadow, param, args->weight[k]);
+      } else {
+        uint16_t *shadow = (uint16_t *)shadows[k] + slot;
+        float mixed = polyak_lerp(polyak_bf16_to_f32(*shadow), param, args->weight[k]);
+        uint32_t random = polyak_sr_bits(args->sr_key[k], t->global_offset_elems + i);
+        *shadow = polyak_f32_to_bf16_sr(mixed, random);
+      }
+    }
+  }
+  return nonfinite;
+}
+
+#define UPDATE_CASE(param_dtype, shadow_dtype)                                        \
+  case (param_dtype)*4 + (shadow_dtype):                                              \
+    nonfinite += update_chunk(t, chunk, shadows, args, param_dtype, shadow_dtype);    \
+    break;
+
+#define DEFINE_WALK_PLAN(name, attributes)                                                    \
+  attributes static int64_t name(const polyak_t *p, void *const *shadows,                    \
+                                 const polyak_update_args *args)                              \
+  {                                                                                           \
+    int64_t nonfinite = 0;                                                                    \
+    for (int64_t c = 0; c < p->num_chunks; c++) {                                             \
+      const polyak_chunk *chunk = &p->chunks[c];                                              \
+      const polyak_tensor_desc *t = &p->descs[chunk->tensor];                                 \
+      switch (t->param_dtype * 4 + (int)p->cfg.shadow_dtype) {                                \
+        UPDATE_CASE(POLYAK_F32, POLYAK_F32)                                                   \
+        UPDATE_CASE(POLYAK_BF16, POLYAK_F32)                                                  \
+        UPDATE_CASE(POLYAK_F16, POLYAK_F32)                                                   \
+        UPDATE_CASE(POLYAK_F32, POLYAK_BF16)                                                  \
+        UPDATE_CASE(POLYAK_BF16, POLYAK_BF16)                                                 \
+        UPDATE_CASE(POLYAK_F16, POLYAK_BF16)                                                  \
+      }                                                                                       \
+    }                                                                                         \
+    return nonfinite;                                                                         \
+  }
+
+DEFINE_WALK_PLAN(walk_plan, )
+#if defined(__x86_64__) || defined(__i386__)
+DEFINE_WALK_PLAN(walk_plan_fma, __attribute__((target("fma"))))
+#endif
+
+static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, void *stream)
+{
+  (void)stream;
+  cpu_state *state = p->backend;
+#if defined(__x86_64__) || defined(__i386__)
+  if (__builtin_cpu_supports("fma")) {
+    state->nonfinite_count += walk_plan_fma(p, state->shadows, args);
+    return POLYAK_OK;
+  }
+#endif
+  state->nonfinite_count += walk_plan(p, state->shadows, args);
+  return POLYAK_OK;
+}
+
+static polyak_status find_nonfinite_param(polyak_t *p)
+{
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    for (int64_t e = 0; e < t->num_elems; e++) {
+      float value = load_param(t->param, e, t->dtype);
+      if (!polyak_is_finite(value))
+        return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                           "polyak_finalize: tensor %d (\"%s\") holds %s at element %lld; with "
+                           "skip_nonfinite its shadow would stay so forever (fix the params, "
+                           "or set zero_init or skip_nonfinite = 0)",
+                           i, t->name, value != value ? "NaN" : "Inf", (long long)e);
+    }
+  }
+  return POLYAK_OK;
+}
+
+static void init_shadow(const polyak_t *p, void *arena)
+{
+  size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  if (p->cfg.zero_init) {
+    memset(arena, 0, (size_t)p->arena_elems * shadow_num_bytes);
+    return;
+  }
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor_desc *t = &p->descs[i];
+    int64_t slice_end = i + 1 < p->num_tensors ? p->descs[i + 1].shadow_offset_elems
+                                               : p->arena_elems;
+    for (int64_t e = 0; e < t->num_elems; e++) {
+      float value = load_param(t->param, e, (polyak_dtype)t->param_dtype);
+      if (p->cfg.shadow_dtype == POLYAK_F32)
+        ((float *)arena)[t->shadow_offset_elems + e] = value;
+      else
+        ((uint16_t *)arena)[t->shadow_offset_elems + e] = polyak_f32_to_bf16_rne(value);
+    }
+    int64_t pad_first = t->shadow_offset_elems + t->num_elems;
+    memset((char *)arena + pad_first * shadow_num_bytes, 0,
+           (size_t)(slice_end - pad_first) * shadow_num_bytes);
+  }
+}
+
+static void cpu_release(polyak_t *p)
+{
+  cpu_state *state = p->backend;
+  if (!state)
+    return;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    free(state->shadows[k]);
+  free(state);
+  p->backend = NULL;
+}
+
+static polyak_status cpu_finalize(polyak_t *p, void *stream)
+{
+  (void)stream;
+  if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
+    polyak_status status = find_nonfinite_param(p);
+    if (status != POLYAK_OK)
+      return status;
+  }
+  cpu_state *state = calloc(1, sizeof *state);
+  if (!state)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
+  p->backend = state;
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t alloc_num_bytes = (arena_num_bytes + 63) / 64 * 64;
+  for (int k = 0; k < p->cfg.num_shadows && alloc_num_bytes > 0; k++) {
+    state->shadows[k] = aligned_alloc(64, alloc_num_bytes);
+    if (!state->shadows[k]) {
+      cpu_release(p);
+      return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
+                         "polyak_finalize: out of host memory for %d shadows of %zu bytes",
+                         p->cfg.num_shadows, arena_num_bytes);
+    }
+    init_shadow(p, state->shadows[k]);
+  }
+  return POLYAK_OK;
+}
+
+static void store_value(void *dst, int64_t i, float value, polyak_dtype dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    ((float *)dst)[i] = value;
+    break;
+  case POLYAK_BF16:
+    ((uint16_t *)dst)[i] = polyak_f32_to_bf16_rne(value);
+    break;
+  case POLYAK_F16:
+    ((uint16_t *)dst)[i] = polyak_f32_to_f16_rne(value);
+    break;
+  }
+}
+
+static polyak_status cpu_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                    polyak_dtype dst_dtype, double debias_scale, void *stream)
+{
+  (void)stream;
+  const cpu_state *state = p->backend;
+  const polyak_tensor_desc *t = &p->descs[tensor];
+  for (int64_t e = 0; e < t->num_elems; e++) {
+    int64_t slot = t->shadow_offset_elems + e;
+    float value = p->cfg.shadow_dtype == POLYAK_F32
+                      ? ((const float *)state->shadows[shadow])[slot]
+                      : polyak_bf16_to_f32(((const uint16_t *)state->shadows[shadow])[slot]);
+    store_value(dst, e, polyak_debias(value, debias_scale), dst_dtype);
+  }
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_nonfinite_count(polyak_t *p, int64_t *count)
+{
+  *count = ((const cpu_state *)p->backend)->nonfinite_count;
+  return POLYAK_OK;
+}
+
+const polyak_backend_ops polyak_cpu_ops = {
+    .finalize = cpu_finalize,
+    .update = cpu_update,
+    .get_shadow = cpu_get_shadow,
+    .nonfinite_count = cpu_nonfinite_count,
+    .release = cpu_release,
+};

@@ -1,0 +1,53 @@
+/* handle.c: creating, inspecting and destroying a handle. */
+#include <stdlib.h>
+
+#include "polyak_internal.h"
+
+polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
+{
+  if (!out)
+    return POLYAK_ERR_INVALID_ARG;
+  *out = NULL;
+  polyak_status status = polyak_check_config(cfg, NULL, 0);
+  if (status != POLYAK_OK)
+    return status;
+  polyak_t *p = calloc(1, sizeof *p);
+  if (!p)
+    return POLYAK_ERR_NO_MEMORY;
+  p->cfg = *cfg;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    p->beta_prod[k] = 1.0;
+#ifdef POLYAK_HAVE_CUDA
+  p->ops = cfg->backend == POLYAK_BACKEND_CUDA ? &polyak_cuda_ops : &polyak_cpu_ops;
+#else
+  p->ops = &polyak_cpu_ops;
+#endif
+  *out = p;
+  return POLYAK_OK;
+}
+
+void polyak_destroy(polyak_t *p)
+{
+  if (!p)
+    return;
+  p->ops->release(p);
+  polyak_plan_free(p);
+  polyak_registry_free(p);
+  free(p);
+}
+
+polyak_status polyak_get_step(const polyak_t *p, int64_t *step)
+{
+  if (!p || !step)
+    return POLYAK_ERR_INVALID_ARG;
+  *step = p->last_step;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors)
+{
+  if (!p || !num_tensors)
+    return POLYAK_ERR_INVALID_ARG;
+  *num_tensors = p->num_tensors;
+  return POLYAK_OK;
+}

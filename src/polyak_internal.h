@@ -1,0 +1,99 @@
+/* polyak_internal.h: the handle and the pieces of the library that share it. */
+#ifndef POLYAK_INTERNAL_H
+#define POLYAK_INTERNAL_H
+
+#include <stdint.h>
+
+#include "polyak.h"
+#include "polyak_plan.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define POLYAK_ERROR_BYTES 512
+
+/* One registered tensor. */
+typedef struct {
+  char *name;
+  void *param;
+  polyak_dtype dtype;
+  int ndim;
+  int64_t shape[POLYAK_MAX_NDIM];
+  int64_t num_elems;
+} polyak_tensor;
+
+typedef struct polyak_backend_ops polyak_backend_ops;
+
+struct polyak {
+  polyak_config cfg;
+  const polyak_backend_ops *ops;
+  char last_error[POLYAK_ERROR_BYTES];
+
+  /* registry: tensors[0..num_tensors) in registration order */
+  polyak_tensor *tensors;
+  int num_tensors;
+  int tensors_capacity;
+  void *name_tree;  /* tsearch tree of tensor names, for duplicates */
+  void *range_tree; /* tsearch tree of param byte ranges, for overlaps */
+
+  /* plan, built at finalize */
+  int finalized;
+  polyak_tensor_desc *descs; /* [num_tensors] */
+  polyak_chunk *chunks;      /* [num_chunks] */
+  int64_t num_chunks;
+  int64_t arena_elems;       /* elements in each shadow arena, padding included */
+
+  /* step state */
+  int64_t last_step;                    /* 0 before the first update */
+  double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias */
+
+  void *backend; /* the backend's own state */
+};
+
+/* A backend: where shadows live and how the plan is walked. Each function
+ * is called only after the front end (update.c) validated everything; a
+ * failing one leaves the shadows as they were. */
+struct polyak_backend_ops {
+  /* allocate the shadows and initialize them from the params */
+  polyak_status (*finalize)(polyak_t *p, void *stream);
+  polyak_status (*update)(polyak_t *p, const polyak_update_args *args, void *stream);
+  /* tensor's slice of one shadow, times debias_scale, into dst */
+  polyak_status (*get_shadow)(polyak_t *p, int shadow, int tensor, void *dst,
+                              polyak_dtype dst_dtype, double debias_scale, void *stream);
+  polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
+  void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
+};
+
+extern const polyak_backend_ops polyak_cpu_ops;
+#ifdef POLYAK_HAVE_CUDA
+extern const polyak_backend_ops polyak_cuda_ops;
+#endif
+
+/* Records "<message>" as p's last error and returns `status`. */
+polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
+polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
+                             const char *format, ...) __attribute__((format(printf, 4, 5)));
+
+/* Schedule checks as polyak_create makes them; the reason goes to msg. */
+polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t msg_num_bytes);
+
+size_t polyak_dtype_num_bytes(polyak_dtype dtype); /* 0 for an unknown dtype */
+int polyak_dtype_valid(polyak_dtype dtype);
+const char *polyak_dtype_name(polyak_dtype dtype);
+
+/* Builds descs/chunks/arena_elems of a handle from its registry. */
+polyak_status polyak_plan_build(polyak_t *p);
+void polyak_plan_free(polyak_t *p);
+
+/* Frees the registry (names, trees, tensor table). */
+void polyak_registry_free(polyak_t *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* POLYAK_INTERNAL_H */

@@ -1,0 +1,173 @@
+/* registry.c: polyak_add and the tensor table. Duplicate names and
+ * overlapping param memory are found in O(log n) per tensor with two
+ * tsearch trees, so registering 100,000 tensors stays fast. */
+#include <search.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "polyak_internal.h"
+
+/* A tensor's param bytes [begin, end), keyed in range_tree. */
+typedef struct {
+  uintptr_t begin, end;
+  int tensor;
+} param_range;
+
+static int compare_names(const void *a, const void *b)
+{
+  return strcmp((const char *)a, (const char *)b);
+}
+
+/* Two ranges compare equal when they overlap; disjoint ranges are ordered
+ * by address, so a search finds an overlapping range if one exists. */
+static int compare_ranges(const void *a, const void *b)
+{
+  const param_range *x = a, *y = b;
+  if (x->end <= y->begin)
+    return -1;
+  if (y->end <= x->begin)
+    return 1;
+  return 0;
+}
+
+static void free_nothing(void *key)
+{
+  (void)key;
+}
+
+static polyak_status check_shape(polyak_t *p, const char *name, int ndim, const int64_t *shape,
+                                 size_t elem_num_bytes, int64_t *num_elems)
+{
+  if (ndim < 0 || ndim > POLYAK_MAX_NDIM)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add(\"%s\"): ndim = %d is outside 0..%d",
+                       name, ndim, POLYAK_MAX_NDIM);
+  if (ndim > 0 && !shape)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add(\"%s\"): shape is NULL with ndim = %d", name, ndim);
+  /* the count and the byte size must both fit in int64 */
+  int64_t limit = INT64_MAX / (int64_t)elem_num_bytes;
+  int64_t count = 1;
+  for (int d = 0; d < ndim; d++) {
+    if (shape[d] < 0)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): shape[%d] = %lld is negative", name, d,
+                         (long long)shape[d]);
+  }
+  for (int d = 0; d < ndim; d++) {
+    if (shape[d] == 0) {
+      count = 0;
+      break;
+    }
+    if (count > limit / shape[d])
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): the shape holds more than %lld elements", name,
+                         (long long)limit);
+    count *= shape[d];
+  }
+  *num_elems = count;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                         const int64_t *shape)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_add: the handle is finalized; "
+                                            "register every tensor before polyak_finalize");
+  if (!name || !name[0])
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add: name is %s",
+                       name ? "empty" : "NULL");
+  if (!polyak_dtype_valid(dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add(\"%s\"): dtype = %d is not a polyak_dtype", name, (int)dtype);
+  size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
+  int64_t num_elems = 0;
+  polyak_status status = check_shape(p, name, ndim, shape, elem_num_bytes, &num_elems);
+  if (status != POLYAK_OK)
+    return status;
+  uintptr_t begin = (uintptr_t)param;
+  uintptr_t num_bytes = (uintptr_t)num_elems * elem_num_bytes;
+  if (num_elems > 0) {
+    if (!param)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): param is NULL for %lld elements", name,
+                         (long long)num_elems);
+    if (begin % elem_num_bytes != 0)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): param %p is not aligned to its %zu-byte elements",
+                         name, param, elem_num_bytes);
+    if (begin + num_bytes < begin)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): param %p + %llu bytes wraps the address space",
+                         name, param, (unsigned long long)num_bytes);
+  }
+  if (p->num_tensors == INT32_MAX)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add(\"%s\"): %d tensors is the limit",
+                       name, INT32_MAX);
+  if (tfind(name, &p->name_tree, compare_names))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add(\"%s\"): a tensor of that name is registered", name);
+  param_range query = {begin, begin + num_bytes, p->num_tensors};
+  if (num_elems > 0) {
+    param_range **hit = tfind(&query, &p->range_tree, compare_ranges);
+    if (hit)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_add(\"%s\"): param memory [%p, +%llu bytes) overlaps tensor %d "
+                         "(\"%s\")",
+                         name, param, (unsigned long long)num_bytes, (*hit)->tensor,
+                         p->tensors[(*hit)->tensor].name);
+  }
+
+  /* every check passed: allocate, then publish; undo on any failure */
+  if (p->num_tensors == p->tensors_capacity) {
+    int capacity = p->tensors_capacity ? p->tensors_capacity : 16;
+    capacity = capacity > INT32_MAX / 2 ? INT32_MAX : capacity * 2;
+    polyak_tensor *grown = realloc(p->tensors, (size_t)capacity * sizeof *grown);
+    if (!grown)
+      return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+    p->tensors = grown;
+    p->tensors_capacity = capacity;
+  }
+  char *name_copy = strdup(name);
+  param_range *range = num_elems > 0 ? malloc(sizeof *range) : NULL;
+  if (!name_copy || (num_elems > 0 && !range))
+    goto no_memory;
+  if (!tsearch(name_copy, &p->name_tree, compare_names))
+    goto no_memory;
+  if (range) {
+    *range = query;
+    if (!tsearch(range, &p->range_tree, compare_ranges)) {
+      tdelete(name_copy, &p->name_tree, compare_names);
+      goto no_memory;
+    }
+  }
+  polyak_tensor *t = &p->tensors[p->num_tensors++];
+  memset(t, 0, sizeof *t);
+  t->name = name_copy;
+  t->param = param;
+  t->dtype = dtype;
+  t->ndim = ndim;
+  for (int d = 0; d < ndim; d++)
+    t->shape[d] = shape[d];
+  t->num_elems = num_elems;
+  return POLYAK_OK;
+
+no_memory:
+  free(name_copy);
+  free(range);
+  return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+}
+
+void polyak_registry_free(polyak_t *p)
+{
+  tdestroy(p->name_tree, free_nothing);
+  tdestroy(p->range_tree, free);
+  for (int i = 0; i < p->num_tensors; i++)
+    free(p->tensors[i].name);
+  free(p->tensors);
+  p->name_tree = p->range_tree = NULL;
+  p->tensors = NULL;
+  p->num_tensors = p->tensors_capacity = 0;
+}

@@ -1,0 +1,83 @@
+/* status.c: status names, error text, dtype facts. */
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "polyak_internal.h"
+
+const char *polyak_status_name(polyak_status s)
+{
+  switch (s) {
+#define POLYAK_STATUS_CASE(name, value) \
+  case name:                            \
+    return #name;
+    POLYAK_STATUS_LIST(POLYAK_STATUS_CASE)
+#undef POLYAK_STATUS_CASE
+  }
+  return "POLYAK_UNKNOWN_STATUS";
+}
+
+const char *polyak_last_error(const polyak_t *p)
+{
+  return p ? p->last_error : "";
+}
+
+const char *polyak_version_string(void)
+{
+#define POLYAK_STR2(x) #x
+#define POLYAK_STR(x) POLYAK_STR2(x)
+  return POLYAK_STR(POLYAK_VERSION_MAJOR) "." POLYAK_STR(POLYAK_VERSION_MINOR) "." POLYAK_STR(
+      POLYAK_VERSION_PATCH);
+}
+
+polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)
+{
+  if (p) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(p->last_error, sizeof p->last_error, format, args);
+    va_end(args);
+  }
+  return status;
+}
+
+polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
+                             const char *format, ...)
+{
+  if (msg && msg_num_bytes > 0) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(msg, msg_num_bytes, format, args);
+    va_end(args);
+  }
+  return status;
+}
+
+int polyak_dtype_valid(polyak_dtype dtype)
+{
+  return dtype == POLYAK_F32 || dtype == POLYAK_BF16 || dtype == POLYAK_F16;
+}
+
+size_t polyak_dtype_num_bytes(polyak_dtype dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    return 4;
+  case POLYAK_BF16:
+  case POLYAK_F16:
+    return 2;
+  }
+  return 0;
+}
+
+const char *polyak_dtype_name(polyak_dtype dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    return "F32";
+  case POLYAK_BF16:
+    return "BF16";
+  case POLYAK_F16:
+    return "F16";
+  }
+  return "unknown dtype";
+}

@@ -1,0 +1,101 @@
+/* update.c: the calls that follow registration. Each validates its inputs
+ * and the handle's state, computes on the host what the backend needs
+ * (per-shadow weights in double, debias scales), then hands over to the
+ * backend. Step state changes only after the backend succeeded. */
+#include "polyak_internal.h"
+#include "polyak_math.h"
+
+polyak_status polyak_finalize(polyak_t *p, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: the handle is already finalized");
+  polyak_status status = polyak_plan_build(p);
+  if (status != POLYAK_OK)
+    return status;
+  status = p->ops->finalize(p, stream);
+  if (status != POLYAK_OK) {
+    polyak_plan_free(p);
+    return status;
+  }
+  p->finalized = 1;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_update: call polyak_finalize first");
+  if (step < 1)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_update: step = %lld; steps count from 1", (long long)step);
+  if (step <= p->last_step)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_update: step = %lld does not follow the last update (step %lld)",
+                       (long long)step, (long long)p->last_step);
+
+  polyak_update_args args = {0};
+  double decay[POLYAK_MAX_SHADOWS];
+  args.step = step;
+  args.num_shadows = p->cfg.num_shadows;
+  args.skip_nonfinite = p->cfg.skip_nonfinite;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    decay[k] = polyak_beta_product(&p->cfg.schedules[k], p->last_step, step);
+    args.weight[k] = (float)(1.0 - decay[k]);
+    args.sr_key[k] = polyak_sr_key(p->cfg.seed, step, k);
+  }
+  polyak_status status = p->ops->update(p, &args, stream);
+  if (status != POLYAK_OK)
+    return status;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    p->beta_prod[k] *= decay[k];
+  p->last_step = step;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                polyak_dtype dst_dtype, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_get_shadow: call polyak_finalize first");
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_get_shadow: shadow = %d is outside 0..%d", shadow,
+                       p->cfg.num_shadows - 1);
+  if (tensor < 0 || tensor >= p->num_tensors)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_get_shadow: tensor = %d is outside 0..%d", tensor,
+                       p->num_tensors - 1);
+  if (!polyak_dtype_valid(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_get_shadow: dst_dtype = %d is not a polyak_dtype", (int)dst_dtype);
+  if (!dst && p->tensors[tensor].num_elems > 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_shadow: dst is NULL");
+  double debias_scale = 1.0;
+  if (p->cfg.zero_init) {
+    double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
+    if (!(mass > 0.0))
+      return polyak_fail(p, POLYAK_ERR_STATE,
+                         "polyak_get_shadow: with zero_init, shadow %d has no average yet (%s)",
+                         shadow,
+                         p->last_step == 0 ? "no update so far" : "every applied beta was 1");
+    debias_scale = 1.0 / mass;
+  }
+  return p->ops->get_shadow(p, shadow, tensor, dst, dst_dtype, debias_scale, stream);
+}
+
+polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!count)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_nonfinite_count: count is NULL");
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_nonfinite_count: call polyak_finalize first");
+  return p->ops->nonfinite_count(p, count);
+}
