@@ -268,6 +268,48 @@ POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
 
+/* ---- CUDA graphs ---------------------------------------------------------
+ * A captured kernel cannot take a new step number from the host at each
+ * replay, so the host reserves the coming steps first; each replay of a
+ * captured polyak_graph_update() then applies the next reserved step, with
+ * the same weights and rounding bits as polyak_update() would:
+ *
+ *   polyak_graph_reserve(p, step, 1000, stream);  // steps step .. step+999
+ *   cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+ *   ... forward, backward, optimizer step ...
+ *   polyak_graph_update(p, stream);               // one kernel node
+ *   cudaStreamEndCapture(stream, &graph);
+ *   cudaGraphInstantiate(&exec, graph, 0);
+ *   for (...) cudaGraphLaunch(exec, stream);       // one step per replay
+ *   polyak_graph_release(p, &steps_done);          // waits; the host catches up
+ *
+ * Launch the replays on one stream at a time. While steps are reserved,
+ * polyak_update() and, with zero_init, polyak_get_shadow() return
+ * POLYAK_ERR_STATE. The CPU backend implements the same calls (each
+ * polyak_graph_update() applies the next reserved step at once), so code
+ * and tests run on both. polyak_update() itself refuses to be captured. */
+
+/* Reserves steps first_step .. first_step + num_steps - 1, one per replay
+ * (first_step > the last updated step; a gap before it is compensated as
+ * usual). Computes their weights on the host and uploads them, then waits
+ * for `stream`. POLYAK_ERR_STATE if steps are reserved already or before
+ * finalize; POLYAK_ERR_INVALID_ARG for bad steps; POLYAK_ERR_NO_MEMORY. */
+POLYAK_API polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,
+                                              void *stream);
+
+/* Enqueues one update whose step is the next reserved one, read on the
+ * device: capture it into a CUDA graph (one kernel node) and replay. Past
+ * the reservation a replay changes nothing and is counted as dropped.
+ * POLYAK_ERR_STATE without a reservation. */
+POLYAK_API polyak_status polyak_graph_update(polyak_t *p, void *stream);
+
+/* Ends the reservation: waits for the device, then records the applied
+ * steps in the host's step state and returns their number in
+ * *num_steps_done (may be NULL). If replays were dropped it still records
+ * the applied steps (the shadows hold them) and returns POLYAK_ERR_STATE
+ * saying how many were dropped. */
+POLYAK_API polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done);
+
 /* Frees the handle and its shadows (the params stay the caller's). On the
  * CUDA backend it first waits for the handle's enqueued work. NULL is a
  * no-op. */

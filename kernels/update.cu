@@ -1,10 +1,125 @@
-/* update.cu: the fused multi-tensor update (the kernel lands with the CUDA
- * backend; this translation unit checks that the shared headers compile
- * for the device). */
-#include "polyak_math.h"
-#include "polyak_plan.h"
+/*
+ * update.cu: the fused update. One launch updates every shadow of every
+ * registered tensor, whatever their count and dtypes: blocks walk the
+ * plan's chunks grid-stride, and each thread runs its share of a chunk
+ * (update_chunk.h). The step's weights come by value, or in graph mode
+ * from the steps reserved on the device, so a captured launch applies the
+ * right step at every replay.
+ */
+#include "launch.h"
+#include "update_chunk.h"
 
-__global__ void polyak_update_kernel_placeholder(float *shadow, float param, float weight)
+/* What this launch applies, resolved once per block into shared memory,
+ * where the shadow loop indexes it. */
+struct polyak_resolved_step {
+  polyak_update_args args;
+  void *shadows[POLYAK_MAX_SHADOWS];
+  int dropped; /* graph mode: no reserved step left */
+};
+
+/* Thread 0 of each block: the direct step, or the next reserved one. Every
+ * block reads `consumed` before it counts itself done (see below), so all
+ * blocks of a launch see the same step. */
+static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
+                                           polyak_resolved_step *out)
 {
-  *shadow = polyak_lerp(*shadow, param, weight);
+  out->args = a.step;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    out->shadows[k] = a.shadows[k];
+  out->dropped = 0;
+  if (!a.graph)
+    return;
+  volatile polyak_graph_state *graph = a.graph;
+  int64_t row = graph->consumed;
+  if (row >= graph->num_steps) {
+    out->dropped = 1;
+    return;
+  }
+  out->args.step = graph->first_step + row;
+  for (int k = 0; k < out->args.num_shadows; k++) {
+    out->args.weight[k] = a.graph_weights[row * out->args.num_shadows + k];
+    out->args.sr_key[k] = polyak_sr_key(a.seed, out->args.step, k);
+  }
+}
+
+/* Graph mode: the last block to finish advances the reservation. */
+static __device__ void polyak_finish_step(const polyak_update_kernel_args &a, int dropped)
+{
+  __threadfence();
+  unsigned int ticket = atomicAdd(&a.graph->blocks_done, 1u);
+  if (ticket == gridDim.x - 1) {
+    if (dropped)
+      a.graph->dropped += 1;
+    else
+      a.graph->consumed += 1;
+    a.graph->blocks_done = 0;
+    __threadfence();
+  }
+}
+
+static __device__ int64_t polyak_block_sum(int64_t value)
+{
+  __shared__ int64_t warp_sums[POLYAK_BLOCK_THREADS / 32];
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+  if (threadIdx.x % 32 == 0)
+    warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  int64_t total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < POLYAK_BLOCK_THREADS / 32; w++)
+      total += warp_sums[w];
+  return total; /* valid in thread 0 */
+}
+
+template <int SHADOW_DTYPE>
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_update_kernel(const polyak_update_kernel_args a)
+{
+  __shared__ polyak_resolved_step step;
+  if (threadIdx.x == 0)
+    polyak_resolve_step(a, &step);
+  __syncthreads();
+
+  int64_t nonfinite = 0;
+  if (!step.dropped) {
+    for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
+      const polyak_chunk chunk = a.chunks[c];
+      const polyak_tensor_desc t = a.descs[chunk.tensor];
+      nonfinite += polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x,
+                                                     POLYAK_BLOCK_THREADS);
+    }
+  }
+  int64_t block_nonfinite = polyak_block_sum(nonfinite);
+  if (threadIdx.x == 0) {
+    if (block_nonfinite > 0)
+      atomicAdd(a.nonfinite_count, (unsigned long long)block_nonfinite);
+    if (a.graph)
+      polyak_finish_step(a, step.dropped);
+  }
+}
+
+extern "C" cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,
+                                            cudaStream_t stream)
+{
+  if (args->shadow_dtype == POLYAK_F32)
+    polyak_update_kernel<POLYAK_F32><<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(*args);
+  else
+    polyak_update_kernel<POLYAK_BF16><<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(*args);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t polyak_update_grid_limit(int device, int *grid)
+{
+  int sms = 0, f32_blocks = 0, bf16_blocks = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f32_blocks, polyak_update_kernel<POLYAK_F32>,
+                                                        POLYAK_BLOCK_THREADS, 0);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &bf16_blocks, polyak_update_kernel<POLYAK_BF16>, POLYAK_BLOCK_THREADS, 0);
+  int per_sm = f32_blocks < bf16_blocks ? f32_blocks : bf16_blocks;
+  *grid = sms * (per_sm > 0 ? per_sm : 1);
+  return err;
 }

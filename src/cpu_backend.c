@@ -14,6 +14,7 @@
 typedef struct {
   void *shadows[POLYAK_MAX_SHADOWS]; /* arena_elems elements of the shadow dtype each */
   int64_t nonfinite_count;
+  int64_t graph_consumed, graph_dropped; /* graph mode counters */
 } cpu_state;
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -107,6 +108,24 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
   return POLYAK_OK;
 }
 
+#ifdef POLYAK_HAVE_CUDA
+#include "cuda_check.h"
+
+/* Device memory handed to the CPU backend would crash the first read. */
+static polyak_status refuse_device_params(polyak_t *p)
+{
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    if (t->num_elems > 0 && polyak_cuda_is_device_memory(t->param))
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_finalize: tensor %d (\"%s\") param %p is CUDA device memory; "
+                         "the CPU backend needs host memory (or use POLYAK_BACKEND_CUDA)",
+                         i, t->name, t->param);
+  }
+  return POLYAK_OK;
+}
+#endif
+
 static polyak_status find_nonfinite_param(polyak_t *p)
 {
   for (int i = 0; i < p->num_tensors; i++) {
@@ -162,6 +181,11 @@ static void cpu_release(polyak_t *p)
 static polyak_status cpu_finalize(polyak_t *p, void *stream)
 {
   (void)stream;
+#ifdef POLYAK_HAVE_CUDA
+  polyak_status refused = refuse_device_params(p);
+  if (refused != POLYAK_OK)
+    return refused;
+#endif
   if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
     polyak_status status = find_nonfinite_param(p);
     if (status != POLYAK_OK)
@@ -223,10 +247,47 @@ static polyak_status cpu_nonfinite_count(polyak_t *p, int64_t *count)
   return POLYAK_OK;
 }
 
+static polyak_status cpu_graph_reserve(polyak_t *p, void *stream)
+{
+  (void)stream;
+  cpu_state *state = p->backend;
+  state->graph_consumed = state->graph_dropped = 0;
+  return POLYAK_OK;
+}
+
+/* A "replay" on the CPU: the next reserved step, applied at once. */
+static polyak_status cpu_graph_update(polyak_t *p, void *stream)
+{
+  cpu_state *state = p->backend;
+  int64_t row = state->graph_consumed;
+  if (row >= p->graph_num_steps) {
+    state->graph_dropped++;
+    return POLYAK_OK;
+  }
+  polyak_update_args args;
+  polyak_update_args_init(p, p->graph_first_step + row,
+                          p->graph_weights + row * p->cfg.num_shadows, &args);
+  polyak_status status = cpu_update(p, &args, stream);
+  if (status == POLYAK_OK)
+    state->graph_consumed++;
+  return status;
+}
+
+static polyak_status cpu_graph_release(polyak_t *p, int64_t *consumed, int64_t *dropped)
+{
+  const cpu_state *state = p->backend;
+  *consumed = state->graph_consumed;
+  *dropped = state->graph_dropped;
+  return POLYAK_OK;
+}
+
 const polyak_backend_ops polyak_cpu_ops = {
     .finalize = cpu_finalize,
     .update = cpu_update,
     .get_shadow = cpu_get_shadow,
     .nonfinite_count = cpu_nonfinite_count,
     .release = cpu_release,
+    .graph_reserve = cpu_graph_reserve,
+    .graph_update = cpu_graph_update,
+    .graph_release = cpu_graph_release,
 };

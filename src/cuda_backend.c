@@ -1,14 +1,60 @@
-/* cuda_backend.c: the CUDA backend's host side. */
+/* cuda_backend.c: the CUDA backend's host side. Shadows live in one
+ * cudaMalloc arena each; the plan and the tensor table are uploaded once at
+ * finalize; every update is one kernel launch (kernels/update.cu) enqueued
+ * on the caller's stream without synchronizing. Every call runs on the
+ * handle's device and puts the caller's current device back. */
 #include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda_check.h"
+#include "launch.h"
 #include "polyak_internal.h"
+
+enum { COUNT_UPDATES, COUNT_INIT, FIRST_NONFINITE, NUM_COUNTERS };
+
+typedef struct {
+  int update_grid; /* blocks that fit on the device at once */
+  int io_grid;     /* blocks for the init and read-out kernels */
+  void *shadows[POLYAK_MAX_SHADOWS];
+  polyak_tensor_desc *descs;
+  polyak_chunk *chunks;
+  unsigned long long *counters; /* [NUM_COUNTERS] */
+  polyak_graph_state *graph;
+  float *graph_weights;
+} cuda_state;
+
+/* ---- errors and devices ----------------------------------------------------- */
+
+static polyak_status cuda_fail(polyak_t *p, cudaError_t err, const char *what)
+{
+  cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
+  return polyak_fail(p, err == cudaErrorMemoryAllocation ? POLYAK_ERR_NO_MEMORY : POLYAK_ERR_CUDA,
+                     "%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+/* Makes the handle's device current; *previous gets the caller's. */
+static cudaError_t enter_device(const polyak_t *p, int *previous)
+{
+  cudaError_t err = cudaGetDevice(previous);
+  if (err == cudaSuccess && *previous != p->cfg.device)
+    err = cudaSetDevice(p->cfg.device);
+  return err;
+}
+
+static void leave_device(const polyak_t *p, int previous)
+{
+  if (previous != p->cfg.device)
+    cudaSetDevice(previous);
+}
 
 int polyak_cuda_device_count(char *msg, size_t msg_num_bytes)
 {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
+    cudaGetLastError();
     polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED, "%s: %s", cudaGetErrorName(err),
                    cudaGetErrorString(err));
     return -1;
@@ -30,44 +76,344 @@ polyak_status polyak_cuda_check_device(int device, char *msg, size_t msg_num_byt
   if (device < 0 || device >= count)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "device = %d is outside the %d visible CUDA devices", device, count);
-  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                        "the CUDA backend's fused update is not built yet: use the CPU backend");
+  return POLYAK_OK;
 }
 
-static polyak_status cuda_unsupported(polyak_t *p)
+int polyak_cuda_is_device_memory(const void *ptr)
 {
-  return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "the CUDA backend's fused update is not built yet");
+  struct cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return attr.type == cudaMemoryTypeDevice;
+}
+
+/* POLYAK_OK if [ptr, ptr + num_bytes) may be read by kernels on the
+ * handle's device: device memory of that device, or managed memory. */
+static polyak_status check_device_pointer(polyak_t *p, const void *ptr, const char *what)
+{
+  struct cudaPointerAttributes attr;
+  cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, what);
+  if (attr.type == cudaMemoryTypeManaged ||
+      (attr.type == cudaMemoryTypeDevice && attr.device == p->cfg.device))
+    return POLYAK_OK;
+  if (attr.type == cudaMemoryTypeDevice)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: %p is memory of CUDA device %d; this handle runs on device %d", what,
+                       ptr, attr.device, p->cfg.device);
+  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                     "%s: %p is host memory; the CUDA backend needs device memory on device %d",
+                     what, ptr, p->cfg.device);
+}
+
+/* ---- finalize and destroy ------------------------------------------------ */
+
+static void cuda_release(polyak_t *p)
+{
+  cuda_state *state = p->backend;
+  if (!state)
+    return;
+  int previous;
+  if (enter_device(p, &previous) == cudaSuccess) {
+    cudaDeviceSynchronize(); /* the handle's work may still be in flight */
+    for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+      cudaFree(state->shadows[k]);
+    cudaFree(state->descs);
+    cudaFree(state->chunks);
+    cudaFree(state->counters);
+    cudaFree(state->graph);
+    cudaFree(state->graph_weights);
+    leave_device(p, previous);
+  }
+  cudaGetLastError();
+  free(state);
+  p->backend = NULL;
+}
+
+static polyak_status check_params(polyak_t *p)
+{
+  char what[POLYAK_ERROR_BYTES];
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    if (t->num_elems == 0)
+      continue;
+    snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") param", i, t->name);
+    polyak_status status = check_device_pointer(p, t->param, what);
+    if (status != POLYAK_OK)
+      return status;
+  }
+  return POLYAK_OK;
+}
+
+/* The tensor holding global element `elem` (descs are in global order). */
+static int tensor_of_element(const polyak_t *p, int64_t elem)
+{
+  int lo = 0, hi = p->num_tensors - 1;
+  while (lo < hi) {
+    int mid = lo + (hi - lo + 1) / 2;
+    if (p->descs[mid].global_offset_elems <= elem)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+static polyak_status allocate(polyak_t *p, cuda_state *state)
+{
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  cudaError_t err = cudaSuccess;
+  for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
+    err = cudaMalloc(&state->shadows[k], arena_num_bytes > 0 ? arena_num_bytes : 16);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->descs, ((size_t)p->num_tensors + 1) * sizeof *state->descs);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->chunks, ((size_t)p->num_chunks + 1) * sizeof *state->chunks);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->counters, NUM_COUNTERS * sizeof *state->counters);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->graph, sizeof *state->graph);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: cudaMalloc");
+}
+
+static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_t stream)
+{
+  const unsigned long long counters[NUM_COUNTERS] = {0, 0, UINT64_MAX};
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  cudaError_t err = cudaMemcpyAsync(state->descs, p->descs, (size_t)p->num_tensors * sizeof *p->descs,
+                                    cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->chunks, p->chunks, (size_t)p->num_chunks * sizeof *p->chunks,
+                          cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->counters, counters, sizeof counters, cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess)
+    err = cudaMemsetAsync(state->graph, 0, sizeof *state->graph, stream);
+  for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
+    err = cudaMemsetAsync(state->shadows[k], 0, arena_num_bytes, stream); /* padding, zero_init */
+  if (err == cudaSuccess && !p->cfg.zero_init && p->num_chunks > 0)
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows,
+                             p->cfg.num_shadows, p->cfg.shadow_dtype, &state->counters[COUNT_INIT],
+                             &state->counters[FIRST_NONFINITE], state->io_grid, stream);
+  if (err == cudaSuccess)
+    err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_finalize: initializing the shadows");
+  if (p->cfg.zero_init || !p->cfg.skip_nonfinite)
+    return POLYAK_OK;
+
+  unsigned long long found[NUM_COUNTERS];
+  err = cudaMemcpy(found, state->counters, sizeof found, cudaMemcpyDeviceToHost);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_finalize: reading the non-finite scan");
+  if (found[COUNT_INIT] == 0)
+    return POLYAK_OK;
+  int64_t elem = (int64_t)found[FIRST_NONFINITE];
+  int i = tensor_of_element(p, elem);
+  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                     "polyak_finalize: tensor %d (\"%s\") holds NaN or Inf at element %lld (%llu "
+                     "non-finite elements in all); with skip_nonfinite their shadows would stay so "
+                     "forever (fix the params, or set zero_init or skip_nonfinite = 0)",
+                     i, p->tensors[i].name, (long long)(elem - p->descs[i].global_offset_elems),
+                     found[COUNT_INIT]);
 }
 
 static polyak_status cuda_finalize(polyak_t *p, void *stream)
 {
-  (void)stream;
-  return cuda_unsupported(p);
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+  polyak_status status = check_params(p);
+  cuda_state *state = NULL;
+  if (status == POLYAK_OK) {
+    state = calloc(1, sizeof *state);
+    if (!state)
+      status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
+  }
+  if (status == POLYAK_OK) {
+    p->backend = state;
+    int sms = 0;
+    err = polyak_update_grid_limit(p->cfg.device, &state->update_grid);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->cfg.device);
+    state->io_grid = 4 * sms;
+    status = err == cudaSuccess ? allocate(p, state) : cuda_fail(p, err, "polyak_finalize");
+  }
+  if (status == POLYAK_OK)
+    status = upload_and_init(p, state, (cudaStream_t)stream);
+  if (status != POLYAK_OK)
+    cuda_release(p);
+  leave_device(p, previous);
+  return status;
 }
 
-static polyak_status cuda_update(polyak_t *p, const polyak_update_args *args, void *stream)
+/* ---- update ------------------------------------------------------------------ */
+
+static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
+                             polyak_update_kernel_args *args)
 {
-  (void)args;
-  (void)stream;
-  return cuda_unsupported(p);
+  memset(args, 0, sizeof *args);
+  args->descs = state->descs;
+  args->chunks = state->chunks;
+  args->num_chunks = p->num_chunks;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    args->shadows[k] = state->shadows[k];
+  args->shadow_dtype = p->cfg.shadow_dtype;
+  args->seed = p->cfg.seed;
+  args->nonfinite_count = &state->counters[COUNT_UPDATES];
 }
+
+static int update_grid(const polyak_t *p, const cuda_state *state)
+{
+  return p->num_chunks < state->update_grid ? (p->num_chunks > 0 ? (int)p->num_chunks : 1)
+                                            : state->update_grid;
+}
+
+static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, void *stream)
+{
+  cuda_state *state = p->backend;
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t err = cudaStreamIsCapturing((cudaStream_t)stream, &capture);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_update: cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_update: the stream is being captured, and a captured update would "
+                       "apply step %lld at every replay; capture polyak_graph_update instead",
+                       (long long)step->step);
+  if (p->num_chunks == 0)
+    return POLYAK_OK;
+  int previous;
+  err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_update: cudaSetDevice");
+  polyak_update_kernel_args args;
+  fill_kernel_args(p, state, &args);
+  args.step = *step;
+  err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_update: kernel launch");
+}
+
+/* ---- read-out -------------------------------------------------------------- */
 
 static polyak_status cuda_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                      polyak_dtype dst_dtype, double debias_scale, void *stream)
 {
-  (void)shadow, (void)tensor, (void)dst, (void)dst_dtype, (void)debias_scale, (void)stream;
-  return cuda_unsupported(p);
+  const cuda_state *state = p->backend;
+  const polyak_tensor_desc *t = &p->descs[tensor];
+  if (t->num_elems == 0)
+    return POLYAK_OK;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_get_shadow: cudaSetDevice");
+  polyak_status status = check_device_pointer(p, dst, "polyak_get_shadow: dst");
+  if (status == POLYAK_OK) {
+    size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+    const char *slice = (const char *)state->shadows[shadow] + t->shadow_offset_elems * shadow_num_bytes;
+    int64_t blocks = (t->num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
+    int grid = blocks < state->io_grid ? (int)blocks : state->io_grid;
+    err = polyak_launch_readout(slice, p->cfg.shadow_dtype, t->num_elems, debias_scale, dst,
+                                dst_dtype, grid, (cudaStream_t)stream);
+    if (err != cudaSuccess)
+      status = cuda_fail(p, err, "polyak_get_shadow: kernel launch");
+  }
+  leave_device(p, previous);
+  return status;
 }
 
 static polyak_status cuda_nonfinite_count(polyak_t *p, int64_t *count)
 {
-  (void)count;
-  return cuda_unsupported(p);
+  const cuda_state *state = p->backend;
+  int previous;
+  unsigned long long value = 0;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* the updates may run on any stream */
+  if (err == cudaSuccess)
+    err = cudaMemcpy(&value, &state->counters[COUNT_UPDATES], sizeof value, cudaMemcpyDeviceToHost);
+  leave_device(p, previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_nonfinite_count");
+  *count = (int64_t)value;
+  return POLYAK_OK;
 }
 
-static void cuda_release(polyak_t *p)
+/* ---- graph mode ------------------------------------------------------------ */
+
+static polyak_status cuda_graph_reserve(polyak_t *p, void *stream)
 {
-  (void)p;
+  cuda_state *state = p->backend;
+  polyak_graph_state graph = {0};
+  graph.first_step = p->graph_first_step;
+  graph.num_steps = p->graph_num_steps;
+  size_t num_bytes = (size_t)p->graph_num_steps * p->cfg.num_shadows * sizeof(float);
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  float *weights = NULL;
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&weights, num_bytes);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(weights, p->graph_weights, num_bytes, cudaMemcpyHostToDevice,
+                          (cudaStream_t)stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->graph, &graph, sizeof graph, cudaMemcpyHostToDevice,
+                          (cudaStream_t)stream);
+  if (err == cudaSuccess)
+    err = cudaStreamSynchronize((cudaStream_t)stream);
+  if (err == cudaSuccess) {
+    cudaFree(state->graph_weights);
+    state->graph_weights = weights;
+  } else {
+    cudaFree(weights);
+  }
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_graph_reserve");
+}
+
+static polyak_status cuda_graph_update(polyak_t *p, void *stream)
+{
+  cuda_state *state = p->backend;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_graph_update: cudaSetDevice");
+  polyak_update_kernel_args args;
+  fill_kernel_args(p, state, &args);
+  args.step.num_shadows = p->cfg.num_shadows; /* step, weights, keys: from the device */
+  args.step.skip_nonfinite = p->cfg.skip_nonfinite;
+  args.graph = state->graph;
+  args.graph_weights = state->graph_weights;
+  err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_graph_update: kernel launch");
+}
+
+static polyak_status cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t *dropped)
+{
+  cuda_state *state = p->backend;
+  polyak_graph_state graph;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize();
+  if (err == cudaSuccess)
+    err = cudaMemcpy(&graph, state->graph, sizeof graph, cudaMemcpyDeviceToHost);
+  if (err == cudaSuccess) {
+    cudaFree(state->graph_weights);
+    state->graph_weights = NULL;
+  }
+  leave_device(p, previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_graph_release");
+  *consumed = graph.consumed;
+  *dropped = graph.dropped;
+  return POLYAK_OK;
 }
 
 const polyak_backend_ops polyak_cuda_ops = {
@@ -76,4 +422,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .get_shadow = cuda_get_shadow,
     .nonfinite_count = cuda_nonfinite_count,
     .release = cuda_release,
+    .graph_reserve = cuda_graph_reserve,
+    .graph_update = cuda_graph_update,
+    .graph_release = cuda_graph_release,
 };

@@ -14,4 +14,8 @@ int polyak_cuda_device_count(char *msg, size_t msg_num_bytes);
  * (ordinal out of range) or POLYAK_ERR_CUDA, with the reason in msg. */
 polyak_status polyak_cuda_check_device(int device, char *msg, size_t msg_num_bytes);
 
+/* 1 if ptr is CUDA device memory (not managed or host); 0 otherwise,
+ * including when no CUDA driver or device is present. */
+int polyak_cuda_is_device_memory(const void *ptr);
+
 #endif /* POLYAK_CUDA_CHECK_H */

@@ -31,6 +31,7 @@ void polyak_destroy(polyak_t *p)
   if (!p)
     return;
   p->ops->release(p);
+  free(p->graph_weights);
   polyak_plan_free(p);
   polyak_registry_free(p);
   free(p);

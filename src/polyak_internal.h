@@ -48,6 +48,12 @@ struct polyak {
   int64_t last_step;                    /* 0 before the first update */
   double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias */
 
+  /* graph mode: steps reserved for replays of a captured update */
+  int graph_reserved;
+  int64_t graph_first_step;
+  int64_t graph_num_steps;
+  float *graph_weights; /* [graph_num_steps][num_shadows]: 1 - B per step */
+
   void *backend; /* the backend's own state */
 };
 
@@ -63,6 +69,13 @@ struct polyak_backend_ops {
                               polyak_dtype dst_dtype, double debias_scale, void *stream);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
   void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
+
+  /* graph mode: p->graph_* hold the reservation (weights computed by the
+   * front end); each graph_update applies the next reserved step or, past
+   * the end, counts a dropped replay; graph_release reports both counts. */
+  polyak_status (*graph_reserve)(polyak_t *p, void *stream);
+  polyak_status (*graph_update)(polyak_t *p, void *stream);
+  polyak_status (*graph_release)(polyak_t *p, int64_t *consumed, int64_t *dropped);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;
@@ -88,6 +101,10 @@ const char *polyak_dtype_name(polyak_dtype dtype);
 /* Builds descs/chunks/arena_elems of a handle from its registry. */
 polyak_status polyak_plan_build(polyak_t *p);
 void polyak_plan_free(polyak_t *p);
+
+/* The update arguments for `step` with per-shadow weights 1 - B. */
+void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
+                             polyak_update_args *args);
 
 /* Frees the registry (names, trees, tensor table). */
 void polyak_registry_free(polyak_t *p);

@@ -2,8 +2,23 @@
  * and the handle's state, computes on the host what the backend needs
  * (per-shadow weights in double, debias scales), then hands over to the
  * backend. Step state changes only after the backend succeeded. */
+#include <string.h>
+
 #include "polyak_internal.h"
 #include "polyak_math.h"
+
+void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
+                             polyak_update_args *args)
+{
+  memset(args, 0, sizeof *args);
+  args->step = step;
+  args->num_shadows = p->cfg.num_shadows;
+  args->skip_nonfinite = p->cfg.skip_nonfinite;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    args->weight[k] = weight[k];
+    args->sr_key[k] = polyak_sr_key(p->cfg.seed, step, k);
+  }
+}
 
 polyak_status polyak_finalize(polyak_t *p, void *stream)
 {
@@ -29,6 +44,11 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_update: call polyak_finalize first");
+  if (p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_update: steps %lld.. are reserved for graph replays; call "
+                       "polyak_graph_release first",
+                       (long long)p->graph_first_step);
   if (step < 1)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_update: step = %lld; steps count from 1", (long long)step);
@@ -37,16 +57,14 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
                        "polyak_update: step = %lld does not follow the last update (step %lld)",
                        (long long)step, (long long)p->last_step);
 
-  polyak_update_args args = {0};
   double decay[POLYAK_MAX_SHADOWS];
-  args.step = step;
-  args.num_shadows = p->cfg.num_shadows;
-  args.skip_nonfinite = p->cfg.skip_nonfinite;
+  float weight[POLYAK_MAX_SHADOWS];
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     decay[k] = polyak_beta_product(&p->cfg.schedules[k], p->last_step, step);
-    args.weight[k] = (float)(1.0 - decay[k]);
-    args.sr_key[k] = polyak_sr_key(p->cfg.seed, step, k);
+    weight[k] = (float)(1.0 - decay[k]);
   }
+  polyak_update_args args;
+  polyak_update_args_init(p, step, weight, &args);
   polyak_status status = p->ops->update(p, &args, stream);
   if (status != POLYAK_OK)
     return status;
@@ -77,6 +95,10 @@ polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
   if (!dst && p->tensors[tensor].num_elems > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_shadow: dst is NULL");
   double debias_scale = 1.0;
+  if (p->cfg.zero_init && p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_get_shadow: with zero_init the debias needs the replayed step "
+                       "count; call polyak_graph_release first");
   if (p->cfg.zero_init) {
     double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
     if (!(mass > 0.0))

@@ -1,0 +1,76 @@
+/*
+ * launch.h: the CUDA kernels' arguments and their launchers, called from
+ * src/cuda_backend.c. C, so the host side stays C; the kernels are in
+ * update.cu (the fused update) and shadow_io.cu (initialization, read-out).
+ * Each launcher enqueues on `stream` and returns cudaGetLastError().
+ */
+#ifndef POLYAK_LAUNCH_H
+#define POLYAK_LAUNCH_H
+
+#include <cuda_runtime.h>
+
+#include "polyak_plan.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Threads per block of every kernel. */
+#define POLYAK_BLOCK_THREADS 256
+
+/* Graph mode: the steps reserved ahead on the device. Replays of a captured
+ * update each apply the next reserved step and advance `consumed`; replays
+ * past the reservation change nothing but `dropped`. */
+typedef struct {
+  int64_t first_step;
+  int64_t num_steps;
+  int64_t consumed;      /* reserved steps applied so far */
+  int64_t dropped;       /* replays after the reservation ran out */
+  uint32_t blocks_done;  /* the last block of a launch advances the counters */
+  uint32_t pad_;
+} polyak_graph_state;
+
+typedef struct {
+  const polyak_tensor_desc *descs; /* device */
+  const polyak_chunk *chunks;      /* device */
+  int64_t num_chunks;
+  void *shadows[POLYAK_MAX_SHADOWS]; /* device arenas */
+  int32_t shadow_dtype;
+  int32_t pad_;
+  polyak_update_args step;          /* direct mode: what this update applies */
+  /* graph mode (graph != NULL): step, weights and keys come from here */
+  polyak_graph_state *graph;
+  const float *graph_weights;       /* [num_steps][num_shadows] */
+  uint64_t seed;
+  unsigned long long *nonfinite_count;
+} polyak_update_kernel_args;
+
+/* One launch of `grid` blocks: every shadow of every chunk. */
+cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,
+                                 cudaStream_t stream);
+
+/* The largest useful grid of the update kernel on `device`: the blocks
+ * that fit on all of its multiprocessors at once. */
+cudaError_t polyak_update_grid_limit(int device, int *grid);
+
+/* Shadow initialization at finalize: each of `num_shadows` arenas gets the
+ * params (converted; round to nearest even for bf16), and the non-finite
+ * params are counted, with the smallest global index of one recorded
+ * (*first_nonfinite must start at UINT64_MAX). Padding is left alone. */
+cudaError_t polyak_launch_init(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                               int64_t num_chunks, void *const *shadows, int num_shadows,
+                               int shadow_dtype, unsigned long long *nonfinite,
+                               unsigned long long *first_nonfinite, int grid,
+                               cudaStream_t stream);
+
+/* Read-out: num_elems shadow elements, times debias_scale, into dst as
+ * dst_dtype (round to nearest even). */
+cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t num_elems,
+                                  double debias_scale, void *dst, int dst_dtype, int grid,
+                                  cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* POLYAK_LAUNCH_H */

@@ -1,0 +1,98 @@
+/*
+ * shadow_io.cu: the kernels around the update: shadow initialization at
+ * finalize and read-out. Neither is on the per-step path, so both are plain
+ * grid-stride loops over elements, using the same conversions as the CPU
+ * backend (polyak_math.h).
+ */
+#include "launch.h"
+#include "polyak_math.h"
+
+static __device__ float polyak_load_f32(const void *base, int64_t i, int dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    return static_cast<const float *>(base)[i];
+  case POLYAK_BF16:
+    return polyak_bf16_to_f32(static_cast<const uint16_t *>(base)[i]);
+  default:
+    return polyak_f16_to_f32(static_cast<const uint16_t *>(base)[i]);
+  }
+}
+
+static __device__ void polyak_store_f32(void *base, int64_t i, float value, int dtype)
+{
+  switch (dtype) {
+  case POLYAK_F32:
+    static_cast<float *>(base)[i] = value;
+    break;
+  case POLYAK_BF16:
+    static_cast<uint16_t *>(base)[i] = polyak_f32_to_bf16_rne(value);
+    break;
+  default:
+    static_cast<uint16_t *>(base)[i] = polyak_f32_to_f16_rne(value);
+    break;
+  }
+}
+
+struct polyak_init_shadows {
+  void *arena[POLYAK_MAX_SHADOWS];
+};
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_init_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                       int64_t num_chunks, polyak_init_shadows shadows, int num_shadows,
+                       int shadow_dtype, unsigned long long *nonfinite,
+                       unsigned long long *first_nonfinite)
+{
+  unsigned long long count = 0;
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const polyak_chunk chunk = chunks[c];
+    const polyak_tensor_desc t = descs[chunk.tensor];
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
+         i += blockDim.x) {
+      float value = polyak_load_f32(t.param, i, t.param_dtype);
+      if (!polyak_is_finite(value)) {
+        count++;
+        atomicMin(first_nonfinite, (unsigned long long)(t.global_offset_elems + i));
+      }
+      for (int k = 0; k < num_shadows; k++)
+        polyak_store_f32(shadows.arena[k], t.shadow_offset_elems + i, value, shadow_dtype);
+    }
+  }
+  if (count)
+    atomicAdd(nonfinite, count);
+}
+
+extern "C" cudaError_t polyak_launch_init(const polyak_tensor_desc *descs,
+                                          const polyak_chunk *chunks, int64_t num_chunks,
+                                          void *const *shadows, int num_shadows, int shadow_dtype,
+                                          unsigned long long *nonfinite,
+                                          unsigned long long *first_nonfinite, int grid,
+                                          cudaStream_t stream)
+{
+  polyak_init_shadows arenas = {};
+  for (int k = 0; k < num_shadows; k++)
+    arenas.arena[k] = shadows[k];
+  polyak_init_kernel<<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(
+      descs, chunks, num_chunks, arenas, num_shadows, shadow_dtype, nonfinite, first_nonfinite);
+  return cudaGetLastError();
+}
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_readout_kernel(const void *shadow, int shadow_dtype, int64_t num_elems,
+                          double debias_scale, void *dst, int dst_dtype)
+{
+  int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_elems; i += stride)
+    polyak_store_f32(dst, i, polyak_debias(polyak_load_f32(shadow, i, shadow_dtype), debias_scale),
+                     dst_dtype);
+}
+
+extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype,
+                                             int64_t num_elems, double debias_scale, void *dst,
+                                             int dst_dtype, int grid, cudaStream_t stream)
+{
+  polyak_readout_kernel<<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(
+      shadow, shadow_dtype, num_elems, debias_scale, dst, dst_dtype);
+  return cudaGetLastError();
+}

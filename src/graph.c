@@ -1,0 +1,100 @@
+/* graph.c: steps reserved ahead for replays of a captured update. The host
+ * computes every reserved step's weights exactly as polyak_update would, so
+ * replays and direct updates give the same bits. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "polyak_internal.h"
+
+/* The decay of reserved step `row`: the first one also covers the gap
+ * since the last update. */
+static double reserved_decay(const polyak_t *p, int k, int64_t row)
+{
+  int64_t step = p->graph_first_step + row;
+  int64_t previous = row == 0 ? p->last_step : step - 1;
+  return polyak_beta_product(&p->cfg.schedules[k], previous, step);
+}
+
+polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,
+                                   void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_reserve: call polyak_finalize first");
+  if (p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_graph_reserve: steps %lld..%lld are reserved already; call "
+                       "polyak_graph_release first",
+                       (long long)p->graph_first_step,
+                       (long long)(p->graph_first_step + p->graph_num_steps - 1));
+  if (first_step < 1 || first_step <= p->last_step)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_graph_reserve: first_step = %lld must be >= 1 and follow the "
+                       "last update (step %lld)",
+                       (long long)first_step, (long long)p->last_step);
+  size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
+  if (num_steps < 1 || num_steps > INT64_MAX - first_step ||
+      (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_graph_reserve: num_steps = %lld is not a count of steps from "
+                       "step %lld",
+                       (long long)num_steps, (long long)first_step);
+  float *weights = malloc((size_t)num_steps * row_num_bytes);
+  if (!weights)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
+                       "polyak_graph_reserve: out of host memory for %lld steps",
+                       (long long)num_steps);
+  p->graph_first_step = first_step;
+  p->graph_num_steps = num_steps;
+  p->graph_weights = weights;
+  for (int64_t row = 0; row < num_steps; row++)
+    for (int k = 0; k < p->cfg.num_shadows; k++)
+      weights[row * p->cfg.num_shadows + k] = (float)(1.0 - reserved_decay(p, k, row));
+  polyak_status status = p->ops->graph_reserve(p, stream);
+  if (status != POLYAK_OK) {
+    free(weights);
+    p->graph_weights = NULL;
+    return status;
+  }
+  p->graph_reserved = 1;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_graph_update(polyak_t *p, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_graph_update: no steps reserved; call polyak_graph_reserve first");
+  return p->ops->graph_update(p, stream);
+}
+
+polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_release: no steps are reserved");
+  int64_t consumed = 0, dropped = 0;
+  polyak_status status = p->ops->graph_release(p, &consumed, &dropped);
+  if (status != POLYAK_OK)
+    return status;
+  for (int64_t row = 0; row < consumed; row++)
+    for (int k = 0; k < p->cfg.num_shadows; k++)
+      p->beta_prod[k] *= reserved_decay(p, k, row);
+  if (consumed > 0)
+    p->last_step = p->graph_first_step + consumed - 1;
+  free(p->graph_weights);
+  p->graph_weights = NULL;
+  p->graph_reserved = 0;
+  if (num_steps_done)
+    *num_steps_done = consumed;
+  if (dropped > 0)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_graph_release: %lld replays came after the %lld reserved steps "
+                       "and changed nothing; reserve more steps",
+                       (long long)dropped, (long long)p->graph_num_steps);
+  return POLYAK_OK;
+}

@@ -1,0 +1,443 @@
+// test_cuda.cu: the CUDA backend against the CPU backend, bit for bit.
+// Every test skips with a message when no CUDA device is present.
+#include "test_util.h"
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+
+#include "polyak_math.h"
+
+using namespace polyak_test;
+
+namespace {
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(cudaGetLastError())
+
+class Gpu : public ::testing::Test {
+protected:
+  void SetUp() override
+  {
+    if (!polyak_backend_available(POLYAK_BACKEND_CUDA))
+      GTEST_SKIP() << "no CUDA device: the CUDA backend is tested on a machine with a GPU";
+  }
+};
+
+polyak_config cuda_config(polyak_config cfg)
+{
+  cfg.backend = POLYAK_BACKEND_CUDA;
+  cfg.device = 0;
+  return cfg;
+}
+
+// A host tensor and its device twin at the same 16-byte phase: in its own
+// allocation, or (pool != nullptr) at the next free 16 bytes of a pool.
+struct Twin {
+  Tensor host;
+  char *device_base = nullptr; // owned, unless in a pool
+  void *device = nullptr;
+  Twin(std::string name, polyak_dtype d, int64_t n, size_t offset, char **pool = nullptr)
+      : host(std::move(name), d, n, offset)
+  {
+    size_t bytes = n * dtype_bytes(d) + offset + 16;
+    if (pool) {
+      device = *pool + offset;
+      *pool += (bytes + 15) / 16 * 16;
+    } else {
+      EXPECT_EQ(cudaMalloc(&device_base, bytes), cudaSuccess);
+      device = device_base + offset;
+    }
+  }
+  Twin(Twin &&o) noexcept : host(std::move(o.host)), device_base(o.device_base), device(o.device)
+  {
+    o.device_base = nullptr;
+  }
+  ~Twin() { cudaFree(device_base); }
+  void upload() { cudaMemcpy(device, host.data(), host.num_elems * dtype_bytes(host.dtype), cudaMemcpyHostToDevice); }
+};
+
+// One CPU handle and one CUDA handle over the same tensors.
+struct Both {
+  std::vector<Twin> twins;
+  std::vector<Tensor> views; // host views for the snapshot helpers
+  Handle cpu, gpu;
+  polyak_config cfg;
+
+  Both(const polyak_config &c, std::vector<Twin> &&t) : twins(std::move(t)), cfg(c)
+  {
+    cpu = make_handle(cfg);
+    gpu = make_handle(cuda_config(cfg));
+    for (auto &tw : twins) {
+      int64_t shape[1] = {tw.host.num_elems};
+      EXPECT_EQ(polyak_add(cpu.get(), tw.host.name.c_str(), tw.host.data(), tw.host.dtype, 1, shape), POLYAK_OK);
+      EXPECT_EQ(polyak_add(gpu.get(), tw.host.name.c_str(), tw.device, tw.host.dtype, 1, shape), POLYAK_OK)
+          << polyak_last_error(gpu.get());
+    }
+  }
+  void randomize(uint64_t seed, float poison_every = 0)
+  {
+    std::mt19937_64 rng(seed);
+    for (auto &tw : twins) {
+      tw.host.randomize(rng, 0.25f, 2.0f);
+      if (poison_every > 0 && tw.host.num_elems > 0) {
+        tw.host.set(0, NAN);
+        tw.host.set(tw.host.num_elems - 1, -INFINITY);
+        for (int64_t e = 1; e < tw.host.num_elems; e += (int64_t)poison_every)
+          tw.host.set(e, INFINITY);
+      }
+      tw.upload();
+    }
+  }
+  void finalize()
+  {
+    ASSERT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_OK) << polyak_last_error(cpu.get());
+    ASSERT_EQ(polyak_finalize(gpu.get(), nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+  }
+  void update(int64_t step)
+  {
+    ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(cpu.get());
+    ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+  }
+  // Every shadow of every `stride`-th tensor (and the last), read out in the
+  // shadow dtype: same bits (any NaN equals any NaN: GPU arithmetic makes
+  // canonical NaNs). The non-finite counts agree too.
+  void expect_same(size_t stride = 1)
+  {
+    polyak_dtype d = cfg.shadow_dtype;
+    size_t bytes = dtype_bytes(d);
+    std::vector<size_t> checked;
+    for (size_t i = 0; i < twins.size(); i += stride)
+      checked.push_back(i);
+    if (!twins.empty() && checked.back() != twins.size() - 1)
+      checked.push_back(twins.size() - 1);
+    for (int k = 0; k < cfg.num_shadows; k++)
+      for (size_t i : checked) {
+        int64_t n = twins[i].host.num_elems;
+        std::vector<char> want(n * bytes + 1), got(n * bytes + 1);
+        void *dst = nullptr;
+        ASSERT_EQ(cudaMalloc(&dst, n * bytes + 1), cudaSuccess);
+        ASSERT_EQ(polyak_get_shadow(cpu.get(), k, (int)i, want.data(), d, nullptr), POLYAK_OK);
+        ASSERT_EQ(polyak_get_shadow(gpu.get(), k, (int)i, dst, d, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+        ASSERT_EQ(cudaMemcpy(got.data(), dst, n * bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+        cudaFree(dst);
+        for (int64_t e = 0; e < n; e++) {
+          float a = load_as(d, want.data(), e), b = load_as(d, got.data(), e);
+          if (std::memcmp(want.data() + e * bytes, got.data() + e * bytes, bytes) != 0 &&
+              !(std::isnan(a) && std::isnan(b))) {
+            ADD_FAILURE() << "shadow " << k << " tensor " << twins[i].host.name << " elem " << e << ": cpu " << a
+                          << " gpu " << b;
+            return;
+          }
+        }
+      }
+    int64_t cpu_count = -1, gpu_count = -2;
+    ASSERT_EQ(polyak_nonfinite_count(cpu.get(), &cpu_count), POLYAK_OK);
+    ASSERT_EQ(polyak_nonfinite_count(gpu.get(), &gpu_count), POLYAK_OK);
+    EXPECT_EQ(cpu_count, gpu_count);
+  }
+};
+
+std::vector<Twin> odd_twins()
+{
+  const int64_t sizes[] = {0, 1, 3, 4, 5, 65535, 65536, 65537, 130001};
+  const polyak_dtype dtypes[] = {POLYAK_BF16, POLYAK_F32, POLYAK_F16};
+  std::vector<Twin> twins;
+  int i = 0;
+  for (int64_t n : sizes)
+    for (polyak_dtype d : dtypes) {
+      size_t offset = d == POLYAK_F32 ? 4 * (i % 4) : (i % 2 ? 2 : 6); // 2- and 6-byte starts
+      twins.emplace_back("t" + std::to_string(i++), d, n, offset);
+    }
+  return twins;
+}
+
+TEST_F(Gpu, MatchesTheCpuBackendForEveryShadowCount)
+{
+  for (int num_shadows = 1; num_shadows <= 8; num_shadows++) {
+    polyak_config cfg = cpu_config(num_shadows);
+    for (int k = 0; k < num_shadows; k++) {
+      cfg.schedules[k].kind = (polyak_schedule_kind)(k % 7);
+      cfg.schedules[k].beta = 0.9 + 0.01 * k;
+    }
+    cfg.shadow_dtype = num_shadows % 2 ? POLYAK_F32 : POLYAK_BF16;
+    cfg.seed = 1000 + num_shadows;
+    Both both(cfg, odd_twins());
+    both.randomize(1);
+    both.finalize();
+    for (int64_t step : {1, 2, 5, 9, 40}) { // gaps included
+      both.randomize(step);
+      both.update(step);
+    }
+    both.expect_same();
+    if (HasFailure())
+      FAIL() << "num_shadows = " << num_shadows;
+  }
+}
+
+TEST_F(Gpu, ZeroInitAndTheGuardMatchTheCpuBackend)
+{
+  for (int skip : {1, 0})
+    for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16}) {
+      polyak_config cfg = cpu_config(3);
+      cfg.zero_init = 1;
+      cfg.skip_nonfinite = skip;
+      cfg.shadow_dtype = shadow_dtype;
+      cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+      cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+      Both both(cfg, odd_twins());
+      both.randomize(2);
+      both.finalize();
+      for (int64_t step : {1, 3, 4, 20}) {
+        both.randomize(step, 1001);
+        both.update(step);
+      }
+      both.expect_same();
+    }
+}
+
+TEST_F(Gpu, FinalizeRefusesNonFiniteStartingParams)
+{
+  Both both(cpu_config(), odd_twins());
+  both.randomize(3);
+  both.twins[20].host.set(7, NAN);
+  both.twins[20].upload();
+  EXPECT_EQ(polyak_finalize(both.gpu.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  std::string why = polyak_last_error(both.gpu.get());
+  EXPECT_NE(why.find("\"t20\""), std::string::npos) << why;
+  EXPECT_NE(why.find("element 7"), std::string::npos) << why;
+}
+
+TEST_F(Gpu, HundredThousandTinyTensors)
+{
+  const int count = 100000;
+  char *pool = nullptr, *next = nullptr;
+  CUDA_OK(cudaMalloc(&pool, (size_t)count * 48));
+  next = pool;
+  std::vector<Twin> twins;
+  twins.reserve(count);
+  for (int i = 0; i < count; i++)
+    twins.emplace_back("p" + std::to_string(i), i % 3 ? POLYAK_BF16 : POLYAK_F32, 1 + i % 5, i % 3 ? 2 : 0, &next);
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  {
+    Both both(cfg, std::move(twins));
+    both.randomize(4);
+    both.finalize();
+    for (int64_t step : {1, 2, 3}) {
+      both.randomize(10 + step);
+      both.update(step);
+    }
+    both.expect_same(101);
+  }
+  cudaFree(pool);
+}
+
+// ---- one bf16 tensor of more than 2^31 elements ------------------------------
+
+__host__ __device__ float pattern(int64_t i, int step)
+{
+  uint32_t h = polyak_mix32((uint32_t)i ^ polyak_mix32((uint32_t)(i >> 32) + 977u * (uint32_t)step));
+  return ((float)(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * 4.0f;
+}
+
+__global__ void fill_pattern(uint16_t *param, int64_t n, int step)
+{
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    param[i] = polyak_f32_to_bf16_rne(pattern(i, step));
+}
+
+TEST_F(Gpu, Bf16TensorBeyond2To31Elements)
+{
+  const int64_t n = (int64_t(1) << 31) + 4099;
+  size_t free_bytes = 0, total = 0;
+  cudaMemGetInfo(&free_bytes, &total);
+  if (free_bytes < (size_t)n * 10 + (size_t(1) << 30)) // param, shadow, read-out
+    GTEST_SKIP() << "needs " << n * 10 / (1 << 30) + 1 << " GiB of device memory";
+  uint16_t *param = nullptr;
+  CUDA_OK(cudaMalloc(&param, n * 2));
+  fill_pattern<<<1024, 256>>>(param, n, 0);
+  polyak_config cfg = cuda_config(cpu_config(1, 0.75));
+  Handle h = make_handle(cfg);
+  int64_t shape[1] = {n};
+  ASSERT_EQ(polyak_add(h.get(), "embedding", param, POLYAK_BF16, 1, shape), POLYAK_OK);
+  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK) << polyak_last_error(h.get());
+  fill_pattern<<<1024, 256>>>(param, n, 1);
+  ASSERT_EQ(polyak_update(h.get(), 1, nullptr), POLYAK_OK); // beta 0.75: w = 0.25
+  // the read-out takes the whole tensor; check windows around 0, 2^31 and the end
+  float *whole = nullptr;
+  CUDA_OK(cudaMalloc(&whole, n * 4));
+  ASSERT_EQ(polyak_get_shadow(h.get(), 0, 0, whole, POLYAK_F32, nullptr), POLYAK_OK);
+  for (int64_t start : {int64_t(0), (int64_t(1) << 31) - 100, n - 1000}) {
+    std::vector<float> got(1000);
+    CUDA_OK(cudaMemcpy(got.data(), whole + start, 1000 * 4, cudaMemcpyDeviceToHost));
+    for (int64_t e = 0; e < 1000; e++) {
+      float init = polyak_bf16_to_f32(polyak_f32_to_bf16_rne(pattern(start + e, 0)));
+      float now = polyak_bf16_to_f32(polyak_f32_to_bf16_rne(pattern(start + e, 1)));
+      float want = polyak_lerp(init, now, 0.25f);
+      ASSERT_EQ(polyak_f32_bits(got[e]), polyak_f32_bits(want)) << "element " << start + e;
+    }
+  }
+  cudaFree(whole);
+  cudaFree(param);
+}
+
+// ---- CUDA graphs ---------------------------------------------------------------
+
+// Moves every param to base + 0.01 * replay (bf16 rounded), then counts the replay.
+__global__ void perturb(uint16_t *param, const float *base, int64_t n, const int *replay)
+{
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    param[i] = polyak_f32_to_bf16_rne(base[i] + 0.01f * (float)*replay);
+}
+
+__global__ void next_replay(int *replay) { *replay += 1; }
+
+TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(3);
+  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadow_dtype = POLYAK_BF16;
+  std::vector<Twin> twins;
+  twins.emplace_back("w", POLYAK_BF16, 65537, 2);
+  Both both(cfg, std::move(twins));
+  both.randomize(5);
+  both.finalize();
+  Twin &w = both.twins[0];
+  const int64_t n = w.host.num_elems;
+  std::vector<float> base(n);
+  for (int64_t e = 0; e < n; e++)
+    base[e] = w.host.get(e);
+  float *base_d = nullptr;
+  int *replay_d = nullptr;
+  CUDA_OK(cudaMalloc(&base_d, n * 4));
+  CUDA_OK(cudaMalloc(&replay_d, sizeof(int)));
+  CUDA_OK(cudaMemcpy(base_d, base.data(), n * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(replay_d, 0, sizeof(int)));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 1, 100, stream), POLYAK_OK) << polyak_last_error(both.gpu.get());
+
+  // the update alone is one kernel node
+  cudaGraph_t alone;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  ASSERT_EQ(polyak_graph_update(both.gpu.get(), stream), POLYAK_OK);
+  CUDA_OK(cudaStreamEndCapture(stream, &alone));
+  size_t num_nodes = 0;
+  CUDA_OK(cudaGraphGetNodes(alone, nullptr, &num_nodes));
+  EXPECT_EQ(num_nodes, 1u);
+  cudaGraphDestroy(alone);
+
+  // a training step: params move, then the update
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  perturb<<<64, 256, 0, stream>>>(static_cast<uint16_t *>(w.device), base_d, n, replay_d);
+  ASSERT_EQ(polyak_graph_update(both.gpu.get(), stream), POLYAK_OK);
+  next_replay<<<1, 1, 0, stream>>>(replay_d);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 100; replay++)
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+  int64_t done = -1;
+  ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  EXPECT_EQ(done, 100);
+
+  for (int replay = 0; replay < 100; replay++) {
+    for (int64_t e = 0; e < n; e++)
+      w.host.set(e, base[e] + 0.01f * (float)replay);
+    ASSERT_EQ(polyak_update(both.cpu.get(), replay + 1, nullptr), POLYAK_OK);
+  }
+  both.expect_same();
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  cudaFree(base_d);
+  cudaFree(replay_d);
+}
+
+TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
+{
+  Both both(cpu_config(), odd_twins());
+  both.randomize(6);
+  both.finalize();
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  EXPECT_EQ(polyak_update(both.gpu.get(), 1, stream), POLYAK_ERR_STATE);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  int64_t step = -1;
+  polyak_get_step(both.gpu.get(), &step);
+  EXPECT_EQ(step, 0);
+}
+
+// ---- misuse and isolation --------------------------------------------------------
+
+TEST_F(Gpu, HostPointersAreRefused)
+{
+  std::vector<float> host(100, 1.0f);
+  Handle h = make_handle(cuda_config(cpu_config()));
+  int64_t shape[1] = {100};
+  ASSERT_EQ(polyak_add(h.get(), "host", host.data(), POLYAK_F32, 1, shape), POLYAK_OK);
+  EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_NE(std::string(polyak_last_error(h.get())).find("host memory"), std::string::npos)
+      << polyak_last_error(h.get());
+
+  // and the CPU backend refuses device memory
+  float *device = nullptr;
+  CUDA_OK(cudaMalloc(&device, 400));
+  Handle cpu = make_handle(cpu_config());
+  ASSERT_EQ(polyak_add(cpu.get(), "device", device, POLYAK_F32, 1, shape), POLYAK_OK);
+  EXPECT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_NE(std::string(polyak_last_error(cpu.get())).find("device memory"), std::string::npos)
+      << polyak_last_error(cpu.get());
+  cudaFree(device);
+
+  Both both(cpu_config(), odd_twins());
+  both.randomize(7);
+  both.finalize();
+  std::vector<float> dst(65537);
+  EXPECT_EQ(polyak_get_shadow(both.gpu.get(), 0, 21, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_INVALID_ARG);
+}
+
+TEST_F(Gpu, DeviceOutOfRangeIsRefused)
+{
+  polyak_config cfg = cuda_config(cpu_config());
+  cfg.device = 4096;
+  polyak_t *p = nullptr;
+  EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(p, nullptr);
+}
+
+TEST_F(Gpu, TwoHandlesOnTwoStreamsDoNotInterfere)
+{
+  cudaStream_t streams[2];
+  for (auto &s : streams)
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  polyak_config a_cfg = cpu_config(2), b_cfg = cpu_config(1, 0.5);
+  b_cfg.shadow_dtype = POLYAK_BF16;
+  Both a(a_cfg, odd_twins()), b(b_cfg, odd_twins());
+  a.randomize(8);
+  b.randomize(9);
+  a.finalize();
+  b.finalize();
+  for (int64_t step = 1; step <= 10; step++) {
+    a.randomize(100 + step);
+    b.randomize(200 + step);
+    ASSERT_EQ(polyak_update(a.gpu.get(), step, streams[0]), POLYAK_OK);
+    ASSERT_EQ(polyak_update(b.gpu.get(), 2 * step, streams[1]), POLYAK_OK);
+    ASSERT_EQ(polyak_update(a.cpu.get(), step, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_update(b.cpu.get(), 2 * step, nullptr), POLYAK_OK);
+    cudaStreamSynchronize(streams[0]); // the next randomize rewrites the params
+    cudaStreamSynchronize(streams[1]);
+  }
+  a.expect_same();
+  b.expect_same();
+  for (auto &s : streams)
+    cudaStreamDestroy(s);
+}
+
+} // namespace

@@ -1,0 +1,130 @@
+// test_graph.cpp: steps reserved for CUDA-graph replays. The CPU backend
+// implements the same calls, so their semantics are checked here without a
+// GPU: replays give the bits of direct updates, the host state catches up at
+// release, and misuse is refused.
+#include "test_util.h"
+
+using namespace polyak_test;
+
+namespace {
+
+struct Pair {
+  std::vector<Tensor> tensors;
+  Handle direct, graphed;
+  explicit Pair(const polyak_config &cfg)
+  {
+    tensors.emplace_back("w", POLYAK_BF16, 65537, 2);
+    tensors.emplace_back("b", POLYAK_F32, 5);
+    std::mt19937_64 rng(90);
+    for (auto &t : tensors)
+      t.randomize(rng);
+    direct = make_handle(cfg);
+    graphed = make_handle(cfg);
+    add_all(direct.get(), tensors);
+    add_all(graphed.get(), tensors);
+    EXPECT_EQ(polyak_finalize(direct.get(), nullptr), POLYAK_OK);
+    EXPECT_EQ(polyak_finalize(graphed.get(), nullptr), POLYAK_OK);
+  }
+  void perturb(int seed)
+  {
+    std::mt19937_64 rng(seed);
+    for (auto &t : tensors)
+      t.randomize(rng);
+  }
+};
+
+polyak_config mixed_config()
+{
+  polyak_config cfg = cpu_config(3);
+  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.schedules[2].beta = 0.95;
+  cfg.shadow_dtype = POLYAK_BF16;
+  cfg.seed = 5;
+  return cfg;
+}
+
+TEST(Graph, ReplaysGiveTheBitsOfDirectUpdates)
+{
+  Pair pair(mixed_config());
+  ASSERT_EQ(polyak_update(pair.direct.get(), 2, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_update(pair.graphed.get(), 2, nullptr), POLYAK_OK);
+  // a gap before the first reserved step, then 100 consecutive replays
+  ASSERT_EQ(polyak_graph_reserve(pair.graphed.get(), 6, 100, nullptr), POLYAK_OK);
+  for (int64_t step = 6; step < 106; step++) {
+    pair.perturb((int)step);
+    ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_update(pair.graphed.get(), nullptr), POLYAK_OK);
+  }
+  int64_t done = -1;
+  ASSERT_EQ(polyak_graph_release(pair.graphed.get(), &done), POLYAK_OK);
+  EXPECT_EQ(done, 100);
+  EXPECT_TRUE(snapshot(pair.direct.get(), 3, pair.tensors) == snapshot(pair.graphed.get(), 3, pair.tensors));
+}
+
+TEST(Graph, ReleaseCatchesTheHostUpWithTheReplays)
+{
+  polyak_config cfg = cpu_config(1, 0.9);
+  cfg.zero_init = 1;
+  Pair pair(cfg);
+  ASSERT_EQ(polyak_graph_reserve(pair.graphed.get(), 1, 10, nullptr), POLYAK_OK);
+  for (int64_t step = 1; step <= 4; step++) {
+    ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_update(pair.graphed.get(), nullptr), POLYAK_OK);
+  }
+  std::vector<float> dst(65537);
+  EXPECT_EQ(polyak_get_shadow(pair.graphed.get(), 0, 0, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_STATE)
+      << "zero_init debias needs the replay count";
+  int64_t done = -1;
+  ASSERT_EQ(polyak_graph_release(pair.graphed.get(), &done), POLYAK_OK);
+  EXPECT_EQ(done, 4);
+  int64_t step = 0;
+  ASSERT_EQ(polyak_get_step(pair.graphed.get(), &step), POLYAK_OK);
+  EXPECT_EQ(step, 4);
+  // debiased read-outs agree, and direct updates continue from step 5
+  EXPECT_TRUE(snapshot(pair.direct.get(), 1, pair.tensors) == snapshot(pair.graphed.get(), 1, pair.tensors));
+  EXPECT_EQ(polyak_update(pair.graphed.get(), 4, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_update(pair.graphed.get(), 5, nullptr), POLYAK_OK);
+}
+
+TEST(Graph, ReplaysPastTheReservationAreDroppedAndReported)
+{
+  Pair pair(cpu_config(1, 0.9));
+  ASSERT_EQ(polyak_graph_reserve(pair.graphed.get(), 1, 3, nullptr), POLYAK_OK);
+  for (int replay = 0; replay < 5; replay++)
+    ASSERT_EQ(polyak_graph_update(pair.graphed.get(), nullptr), POLYAK_OK);
+  for (int64_t step = 1; step <= 3; step++)
+    ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
+  int64_t done = -1;
+  EXPECT_EQ(polyak_graph_release(pair.graphed.get(), &done), POLYAK_ERR_STATE);
+  EXPECT_NE(std::string(polyak_last_error(pair.graphed.get())).find("2 replays"), std::string::npos)
+      << polyak_last_error(pair.graphed.get());
+  EXPECT_EQ(done, 3);
+  EXPECT_TRUE(snapshot(pair.direct.get(), 1, pair.tensors) == snapshot(pair.graphed.get(), 1, pair.tensors));
+}
+
+TEST(Graph, MisuseIsRefusedAndChangesNothing)
+{
+  Pair pair(cpu_config(1, 0.9));
+  polyak_t *p = pair.graphed.get();
+  ASSERT_EQ(polyak_update(p, 3, nullptr), POLYAK_OK);
+  Snapshot before = snapshot(p, 1, pair.tensors);
+  EXPECT_EQ(polyak_graph_update(p, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_graph_release(p, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_graph_reserve(p, 3, 10, nullptr), POLYAK_ERR_INVALID_ARG) << "not after step 3";
+  EXPECT_EQ(polyak_graph_reserve(p, 4, 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_graph_reserve(p, 4, INT64_MAX, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_graph_reserve(nullptr, 4, 1, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(snapshot(p, 1, pair.tensors) == before);
+  ASSERT_EQ(polyak_graph_reserve(p, 4, 10, nullptr), POLYAK_OK);
+  EXPECT_EQ(polyak_graph_reserve(p, 20, 10, nullptr), POLYAK_ERR_STATE) << "one reservation at a time";
+  EXPECT_EQ(polyak_update(p, 4, nullptr), POLYAK_ERR_STATE) << "steps 4.. belong to the replays";
+  int64_t done = -1;
+  EXPECT_EQ(polyak_graph_release(p, &done), POLYAK_OK);
+  EXPECT_EQ(done, 0);
+  EXPECT_TRUE(snapshot(p, 1, pair.tensors) == before);
+  Handle unfinalized = make_handle(cpu_config());
+  EXPECT_EQ(polyak_graph_reserve(unfinalized.get(), 1, 1, nullptr), POLYAK_ERR_STATE);
+}
+
+} // namespace

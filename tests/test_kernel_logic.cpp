@@ -1,0 +1,230 @@
+// test_kernel_logic.cpp: the fused CUDA kernel's own per-chunk code
+// (kernels/update_chunk.h), run on the CPU for every block and thread index
+// over a whole plan, must produce the CPU backend's bits exactly: heads,
+// 16-byte vector middles, tails, misaligned starts, every dtype pair,
+// K = 1..8, the guard and stochastic rounding. This runs without a GPU.
+#include "test_util.h"
+
+#include <cstdlib>
+
+#include "polyak_internal.h"
+#include "update_chunk.h"
+
+using namespace polyak_test;
+
+namespace {
+
+constexpr int kBlockThreads = 256;
+
+struct AlignedArena {
+  void *data = nullptr;
+  explicit AlignedArena(size_t num_bytes) { data = std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64); }
+  ~AlignedArena() { std::free(data); }
+};
+
+// The GPU run emulated: `grid` blocks walking the chunks grid-stride, each
+// thread of each block taking its share, sequentially.
+int64_t run_kernel_logic(const polyak_t *p, void *const *shadows, const polyak_update_args &args,
+                         int grid, int threads)
+{
+  int64_t nonfinite = 0;
+  for (int block = 0; block < grid; block++)
+    for (int64_t c = block; c < p->num_chunks; c += grid)
+      for (int thread = 0; thread < threads; thread++) {
+        const polyak_chunk &chunk = p->chunks[c];
+        const polyak_tensor_desc &t = p->descs[chunk.tensor];
+        nonfinite += p->cfg.shadow_dtype == POLYAK_F32
+                         ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
+                         : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
+      }
+  return nonfinite;
+}
+
+// The args polyak_update computes for `step` after `last`.
+polyak_update_args args_for(const polyak_t *p, int64_t last, int64_t step)
+{
+  float weight[POLYAK_MAX_SHADOWS];
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    weight[k] = (float)(1.0 - polyak_beta_product(&p->cfg.schedules[k], last, step));
+  polyak_update_args args;
+  polyak_update_args_init(p, step, weight, &args);
+  return args;
+}
+
+// Reads the reference handle's shadow k of tensor i in the shadow dtype and
+// compares it to the emulated arena's slice, read out the same way (debiased
+// with zero_init), bit for bit.
+void expect_same_bits(polyak_t *reference, const void *arena, int k, int i)
+{
+  const polyak_tensor_desc &t = reference->descs[i];
+  polyak_dtype dtype = reference->cfg.shadow_dtype;
+  size_t bytes = dtype == POLYAK_F32 ? 4 : 2;
+  double scale = reference->cfg.zero_init ? 1.0 / (1.0 - reference->beta_prod[k]) : 1.0;
+  std::vector<char> expected(t.num_elems * bytes + 1), got(t.num_elems * bytes + 1);
+  ASSERT_EQ(polyak_get_shadow(reference, k, i, expected.data(), dtype, nullptr), POLYAK_OK);
+  const char *slice = static_cast<const char *>(arena) + t.shadow_offset_elems * bytes;
+  for (int64_t e = 0; e < t.num_elems; e++)
+    store_as(dtype, got.data(), e, polyak_debias(load_as(dtype, slice, e), scale));
+  for (int64_t e = 0; e < t.num_elems; e++)
+    if (std::memcmp(got.data() + e * bytes, expected.data() + e * bytes, bytes) != 0) {
+      ADD_FAILURE() << "shadow " << k << " tensor " << reference->tensors[i].name << " element " << e
+                    << " differs from the CPU backend";
+      return;
+    }
+}
+
+struct Case {
+  polyak_config cfg;
+  std::vector<Tensor> tensors;
+  std::vector<int64_t> steps;
+  bool poison = false;
+};
+
+// Runs `c` on a CPU handle and through the kernel logic on arenas that
+// start as copies of the handle's initial shadows; compares every step.
+void check_case(Case &c, int grid, int threads)
+{
+  std::mt19937_64 rng(77);
+  for (auto &t : c.tensors)
+    t.randomize(rng, 0.25f, 2.0f);
+  Handle h = make_handle(c.cfg);
+  add_all(h.get(), c.tensors);
+  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK) << polyak_last_error(h.get());
+  polyak_t *p = h.get();
+  size_t bytes = p->cfg.shadow_dtype == POLYAK_F32 ? 4 : 2;
+
+  std::vector<std::unique_ptr<AlignedArena>> arenas;
+  void *shadows[POLYAK_MAX_SHADOWS] = {};
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    arenas.push_back(std::make_unique<AlignedArena>(p->arena_elems * bytes));
+    shadows[k] = arenas.back()->data;
+    std::memset(shadows[k], 0, p->arena_elems * bytes);
+    for (int i = 0; i < p->num_tensors && !p->cfg.zero_init; i++) {
+      char *slice = static_cast<char *>(shadows[k]) + p->descs[i].shadow_offset_elems * bytes;
+      ASSERT_EQ(polyak_get_shadow(p, k, i, slice, p->cfg.shadow_dtype, nullptr), POLYAK_OK);
+    }
+  }
+
+  int64_t last = 0, count_before = 0, emulated_nonfinite = 0;
+  for (int64_t step : c.steps) {
+    for (auto &t : c.tensors) {
+      t.randomize(rng, 0.25f, 2.0f);
+      if (c.poison && t.num_elems > 0) { // heads, tails, chunk edges
+        t.set(0, NAN);
+        t.set(t.num_elems - 1, INFINITY);
+        if (t.num_elems > 65536)
+          t.set(65536, -INFINITY);
+      }
+    }
+    polyak_update_args args = args_for(p, last, step);
+    emulated_nonfinite += run_kernel_logic(p, shadows, args, grid, threads);
+    ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK);
+    last = step;
+  }
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    for (int i = 0; i < p->num_tensors; i++)
+      expect_same_bits(p, shadows[k], k, i);
+  int64_t count = 0;
+  ASSERT_EQ(polyak_nonfinite_count(p, &count), POLYAK_OK);
+  EXPECT_EQ(emulated_nonfinite, count - count_before);
+}
+
+// Odd sizes, every dtype, starts at every alignment a dtype allows.
+std::vector<Tensor> awkward_tensors()
+{
+  const int64_t sizes[] = {0, 1, 3, 4, 5, 65535, 65536, 65537, 130001, 9, 17, 8};
+  const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16, POLYAK_F16};
+  std::vector<Tensor> tensors;
+  int i = 0;
+  for (int64_t size : sizes)
+    for (polyak_dtype d : dtypes) {
+      size_t unit = dtype_bytes(d);
+      size_t offset = unit * (size_t)(i % (16 / unit)); // 0, 2, 4, ... 14 bytes
+      tensors.emplace_back("t" + std::to_string(i), d, size, offset);
+      i++;
+    }
+  return tensors;
+}
+
+TEST(KernelLogic, MatchesTheCpuBackendOnF32Shadows)
+{
+  Case c{cpu_config(1, 0.9), awkward_tensors(), {1, 2, 3, 7}};
+  check_case(c, 7, kBlockThreads);
+}
+
+TEST(KernelLogic, MatchesTheCpuBackendOnBf16ShadowsWithStochasticRounding)
+{
+  Case c{cpu_config(2, 0.99), awkward_tensors(), {1, 2, 5}};
+  c.cfg.shadow_dtype = POLYAK_BF16;
+  c.cfg.seed = 2024;
+  check_case(c, 5, kBlockThreads);
+}
+
+TEST(KernelLogic, EveryShadowCountFrom1To8)
+{
+  for (int num_shadows = 1; num_shadows <= 8; num_shadows++) {
+    Case c{cpu_config(num_shadows), {}, {1, 4}};
+    for (int k = 0; k < num_shadows; k++) {
+      c.cfg.schedules[k].kind = (polyak_schedule_kind)(k % 7);
+      c.cfg.schedules[k].beta = 0.5 + 0.06 * k;
+    }
+    c.cfg.shadow_dtype = num_shadows % 2 ? POLYAK_F32 : POLYAK_BF16;
+    c.tensors.emplace_back("a", POLYAK_BF16, 65537, 6);
+    c.tensors.emplace_back("b", POLYAK_F32, 1003, 4);
+    c.tensors.emplace_back("c", POLYAK_F16, 77, 2);
+    check_case(c, 3, kBlockThreads);
+    if (HasFailure())
+      FAIL() << "num_shadows " << num_shadows;
+  }
+}
+
+TEST(KernelLogic, TheGuardCountsAndSkipsLikeTheCpuBackend)
+{
+  Case c{cpu_config(3), awkward_tensors(), {1, 2, 9}};
+  c.poison = true;
+  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  check_case(c, 4, kBlockThreads);
+  Case off{cpu_config(2), awkward_tensors(), {1, 2}};
+  off.poison = true;
+  off.cfg.skip_nonfinite = 0;
+  off.cfg.shadow_dtype = POLYAK_BF16;
+  check_case(off, 4, kBlockThreads);
+}
+
+TEST(KernelLogic, GapsZeroInitAndStartStep)
+{
+  Case c{cpu_config(3), awkward_tensors(), {2, 3, 10, 11, 50}};
+  c.cfg.zero_init = 1;
+  c.cfg.schedules[0].start_step = 3;
+  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  c.cfg.schedules[2].kind = POLYAK_SCHEDULE_POWER;
+  check_case(c, 6, kBlockThreads);
+}
+
+TEST(KernelLogic, ResultsDoNotDependOnGridOrBlockSize)
+{
+  for (int threads : {1, 32, 256, 1024}) {
+    Case c{cpu_config(2), awkward_tensors(), {1, 3}};
+    c.cfg.shadow_dtype = POLYAK_BF16;
+    check_case(c, threads == 1 ? 1 : 13, threads);
+  }
+}
+
+TEST(KernelLogic, HeadsAreScalarUntilParamAndShadowAlign)
+{
+  // the split the kernel makes, for each start phase of a 2-byte param
+  polyak_tensor_desc t{};
+  polyak_chunk chunk{0, 0, 1000};
+  alignas(64) static uint16_t buffer[2048];
+  for (int phase = 0; phase < 8; phase++) {
+    t.param = buffer + phase;
+    t.param_dtype = POLYAK_BF16;
+    int64_t f32_head = polyak_chunk_head<POLYAK_BF16, POLYAK_F32>(t, chunk);
+    int64_t bf16_head = polyak_chunk_head<POLYAK_BF16, POLYAK_BF16>(t, chunk);
+    int64_t to_aligned = (8 - phase) % 8; // elements until 16-byte alignment
+    EXPECT_EQ(f32_head, to_aligned % 4 == 0 ? to_aligned : 1000) << phase;
+    EXPECT_EQ(bf16_head, to_aligned == 0 ? 0 : 1000) << phase;
+  }
+}
+
+} // namespace
