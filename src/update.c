@@ -94,6 +94,10 @@ polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                        "polyak_get_shadow: dst_dtype = %d is not a polyak_dtype", (int)dst_dtype);
   if (!dst && p->tensors[tensor].num_elems > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_shadow: dst is NULL");
+  if ((uintptr_t)dst % polyak_dtype_num_bytes(dst_dtype) != 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_get_shadow: dst %p is not aligned to its %zu-byte elements", dst,
+                       polyak_dtype_num_bytes(dst_dtype));
   double debias_scale = 1.0;
   if (p->cfg.zero_init && p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,

@@ -371,13 +371,18 @@ TEST(GetShadow, RefusesIndicesOutOfRange)
   live.expect_unchanged();
 }
 
-TEST(GetShadow, RefusesNullDstAndUnknownDtypes)
+TEST(GetShadow, RefusesNullMisalignedDstAndUnknownDtypes)
 {
   Live live;
   std::vector<float> dst(65537);
   EXPECT_EQ(polyak_get_shadow(live.h.get(), 0, 0, nullptr, POLYAK_F32, nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_TRUE(contains(live.error(), "dst is NULL")) << live.error();
   EXPECT_EQ(polyak_get_shadow(live.h.get(), 0, 0, dst.data(), (polyak_dtype)3, nullptr), POLYAK_ERR_INVALID_ARG);
+  char *misaligned = reinterpret_cast<char *>(dst.data()) + 2;
+  EXPECT_EQ(polyak_get_shadow(live.h.get(), 0, 0, misaligned, POLYAK_F32, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(live.error(), "aligned")) << live.error();
+  std::vector<uint16_t> halves(3 + 1);
+  EXPECT_EQ(polyak_get_shadow(live.h.get(), 0, 1, halves.data() + 1, POLYAK_BF16, nullptr), POLYAK_OK);
   live.expect_unchanged();
 }
 
