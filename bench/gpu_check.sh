@@ -9,8 +9,9 @@
 #   $OUT/<date>-<card>-gpu_check.txt   ($OUT defaults to bench/results)
 # with the card as nvidia-smi names it. Bounded to about 8 minutes.
 #
-# GoogleTest: the GPU image has no package manager; copy Debian's sources
-# next to the tree first and carry them:  cp -r /usr/src/googletest .deps/
+# The GPU image installs no packages: on the development machine run
+# bench/prepare_device_deps.sh first and carry ".deps" (GoogleTest's
+# sources, jansson and xxHash unpacked).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -25,6 +26,7 @@ date=$(date +%F)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 log="$out/$date-$card_file-gpu_check.txt"
 exec > >(tee "$log") 2>&1
+tee_pid=$!
 
 build=build-gpu
 jobs=$(nproc)
@@ -50,18 +52,26 @@ step() {
 }
 
 echo "polyak gpu_check: card '$card', date $date, commit $commit"
+have_gtest=0
+{ [ -f /usr/include/gtest/gtest.h ] || [ -f .deps/googletest/CMakeLists.txt ]; } && have_gtest=1
+have_jansson=0
+{ [ -f /usr/include/jansson.h ] || [ -f .deps/root/usr/include/jansson.h ]; } && have_jansson=1
+if [ $have_gtest = 0 ] || [ $have_jansson = 0 ]; then
+  echo "missing GoogleTest or jansson/xxHash: run bench/prepare_device_deps.sh on the development"
+  echo "machine and carry .deps"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 nvcc --version | tail -2
 
-step "configure (sm_90)" timeout 45 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+step "configure (sm_90)" timeout 30 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90
-step "build" timeout 150 cmake --build "$build" --parallel "$jobs"
+step "build" timeout 120 cmake --build "$build" --parallel "$jobs"
 
-step "compile report (no spills)" timeout 60 bench/compile_report.sh sm_90
+step "compile report (no spills)" timeout 30 bench/compile_report.sh sm_90
 
 tests=("$build/tests/polyak_tests")
 run_ctest() {
-  (cd "$build" && timeout 120 ctest --output-on-failure --timeout 100) | tee /tmp/polyak_ctest.txt
+  (cd "$build" && timeout 100 ctest --output-on-failure --timeout 90) | tee /tmp/polyak_ctest.txt
   local rc=${PIPESTATUS[0]}
   if grep -E "Gpu\..*(Skipped|Not Run)" /tmp/polyak_ctest.txt; then
     echo "GPU tests were skipped: this machine's GPU was not used"
@@ -75,7 +85,7 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/compute-sanitiz
 gpu_filter='Gpu.*:-Gpu.Bf16TensorBeyond2To31Elements'
 # racecheck watches shared memory, which only the update kernel uses
 race_filter='Gpu.MatchesTheCpuBackendForEveryShadowCount:Gpu.CapturedUpdate*'
-step "compute-sanitizer memcheck" timeout 75 "$sanitizer" --tool memcheck --error-exitcode 1 \
+step "compute-sanitizer memcheck" timeout 110 "$sanitizer" --tool memcheck --error-exitcode 1 \
   "${tests[0]}" --gtest_filter="$gpu_filter"
 step "compute-sanitizer racecheck" timeout 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
   "${tests[0]}" --gtest_filter="$race_filter"
@@ -88,4 +98,6 @@ step "demo" timeout 20 "$build/examples/polyak_demo" 50000
 echo
 echo "=== summary: $card, $date, commit $commit (log: $(basename "$log"))"
 printf '%s\n' "${summary[@]}"
+exec 1>&- 2>&-
+wait "$tee_pid" # the log holds the summary before this script ends
 exit $failed

@@ -58,6 +58,7 @@ typedef struct {
 /* Shadow k into host memory: read-outs land on the backend's side. */
 static polyak_status read_average(polyak_t *p, const weights_home *home, int k, float *host)
 {
+  (void)home;
 #ifdef POLYAK_DEMO_CUDA
   if (home->backend == POLYAK_BACKEND_CUDA) {
     polyak_status s = polyak_get_shadow(p, k, 0, home->scratch, POLYAK_F32, NULL);

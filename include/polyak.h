@@ -219,7 +219,8 @@ POLYAK_API double polyak_gamma_from_sigma_rel(double sigma_rel);
  * POLYAK_ERR_NO_MEMORY. POLYAK_ERR_INVALID_ARG also for NULL pointers. */
 POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg);
 
-/* Registers one parameter tensor: `name` (unique, non-empty, copied),
+/* Registers one parameter tensor: `name` (unique, non-empty, UTF-8, copied;
+ * "__metadata__" and names starting "polyak." are reserved for checkpoints),
  * `param` (its elements, contiguous, aligned to the element size, on the
  * backend's side; may be NULL only if the tensor has no elements), its
  * dtype and shape (ndim 0..8, `shape` may be NULL if ndim is 0, every dim
@@ -267,6 +268,35 @@ POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
 
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
+
+/* ---- Checkpoints -----------------------------------------------------------
+ * A checkpoint is a safetensors file: shadow 0 of each tensor under the
+ * tensor's name and shape in the shadow dtype (F32 or BF16), so
+ * safetensors.torch.load_file(path) gives a PyTorch model its averaged
+ * weights; shadow k >= 1 under "polyak.shadow.<k>.<name>"; and the full
+ * state (step, products of applied betas, schedules, seed, non-finite
+ * count, an XXH3-64 checksum of the data) in "__metadata__". */
+
+/* Writes every shadow and the step state to `path`, crash-safely: a new
+ * file in the same directory is fsynced and renamed over `path`, then the
+ * directory is fsynced, so `path` always holds the old or the new file
+ * whole. The CUDA backend first waits for all work on the device.
+ * POLYAK_ERR_IO if the directory cannot be written; POLYAK_ERR_STATE
+ * before finalize or while graph steps are reserved. */
+POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
+
+/* Replaces every shadow and the step state with those saved in `path`.
+ * The handle must be finalized with the same tensors (names and shapes),
+ * the same number of shadows, shadow dtype, schedules, seed and zero_init,
+ * so that continuing gives the bits an uninterrupted run would (updates at
+ * steps up to the saved one are refused afterwards). Everything is checked
+ * before anything changes: POLYAK_ERR_IO (missing or unreadable file),
+ * POLYAK_ERR_FORMAT (not a valid polyak safetensors file, or a checksum
+ * mismatch), POLYAK_ERR_MISMATCH (a different handle), each with a message
+ * naming the problem; then the handle is as it was and still works. The
+ * CUDA backend stages through pinned host memory into new device arenas,
+ * which need the shadows' memory once more while loading. */
+POLYAK_API polyak_status polyak_load(polyak_t *p, const char *path);
 
 /* ---- CUDA graphs ---------------------------------------------------------
  * A captured kernel cannot take a new step number from the host at each

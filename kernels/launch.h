@@ -2,7 +2,7 @@
  * launch.h: the CUDA kernels' arguments and their launchers, called from
  * src/cuda_backend.c. C, so the host side stays C; the kernels are in
  * update.cu (the fused update) and shadow_io.cu (initialization, read-out).
- * Each launcher enqueues on `stream` and returns cudaGetLastError().
+ * Each launcher enqueues on `stream` and returns that launch's status.
  */
 #ifndef POLYAK_LAUNCH_H
 #define POLYAK_LAUNCH_H
@@ -18,14 +18,17 @@ extern "C" {
 /* Threads per block of every kernel. */
 #define POLYAK_BLOCK_THREADS 256
 
-/* Graph mode: the steps reserved ahead on the device. Replays of a captured
- * update each apply the next reserved step and advance `consumed`; replays
- * past the reservation change nothing but `dropped`. */
+/* Graph mode: the steps reserved ahead, on the device. A captured launch
+ * holds only this struct's address (and the arenas', which never move), so
+ * one graph serves every later reservation: each replay applies the next
+ * reserved step and advances `consumed`; a replay with none left changes
+ * nothing but `dropped`. */
 typedef struct {
+  const float *weights;  /* [num_steps][num_shadows]: 1 - B per reserved step */
   int64_t first_step;
-  int64_t num_steps;
+  int64_t num_steps;     /* 0 while nothing is reserved: replays are dropped */
   int64_t consumed;      /* reserved steps applied so far */
-  int64_t dropped;       /* replays after the reservation ran out */
+  int64_t dropped;       /* replays with no reserved step left */
   uint32_t blocks_done;  /* the last block of a launch advances the counters */
   uint32_t pad_;
 } polyak_graph_state;
@@ -40,7 +43,6 @@ typedef struct {
   polyak_update_args step;          /* direct mode: what this update applies */
   /* graph mode (graph != NULL): step, weights and keys come from here */
   polyak_graph_state *graph;
-  const float *graph_weights;       /* [num_steps][num_shadows] */
   uint64_t seed;
   unsigned long long *nonfinite_count;
 } polyak_update_kernel_args;

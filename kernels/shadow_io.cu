@@ -73,9 +73,10 @@ extern "C" cudaError_t polyak_launch_init(const polyak_tensor_desc *descs,
   polyak_init_shadows arenas = {};
   for (int k = 0; k < num_shadows; k++)
     arenas.arena[k] = shadows[k];
-  polyak_init_kernel<<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(
-      descs, chunks, num_chunks, arenas, num_shadows, shadow_dtype, nonfinite, first_nonfinite);
-  return cudaGetLastError();
+  void *params[] = {&descs, &chunks, &num_chunks, &arenas, &num_shadows, &shadow_dtype,
+                    &nonfinite, &first_nonfinite};
+  return cudaLaunchKernel((void *)polyak_init_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params,
+                          0, stream);
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
@@ -92,7 +93,7 @@ extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtyp
                                              int64_t num_elems, double debias_scale, void *dst,
                                              int dst_dtype, int grid, cudaStream_t stream)
 {
-  polyak_readout_kernel<<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(
-      shadow, shadow_dtype, num_elems, debias_scale, dst, dst_dtype);
-  return cudaGetLastError();
+  void *params[] = {&shadow, &shadow_dtype, &num_elems, &debias_scale, &dst, &dst_dtype};
+  return cudaLaunchKernel((void *)polyak_readout_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
+                          params, 0, stream);
 }

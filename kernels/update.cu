@@ -37,7 +37,7 @@ static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
   }
   out->args.step = graph->first_step + row;
   for (int k = 0; k < out->args.num_shadows; k++) {
-    out->args.weight[k] = a.graph_weights[row * out->args.num_shadows + k];
+    out->args.weight[k] = graph->weights[row * out->args.num_shadows + k];
     out->args.sr_key[k] = polyak_sr_key(a.seed, out->args.step, k);
   }
 }
@@ -48,6 +48,7 @@ static __device__ void polyak_finish_step(const polyak_update_kernel_args &a, in
   __threadfence();
   unsigned int ticket = atomicAdd(&a.graph->blocks_done, 1u);
   if (ticket == gridDim.x - 1) {
+    __threadfence(); /* every block's read of `consumed` happened before */
     if (dropped)
       a.graph->dropped += 1;
     else
@@ -99,14 +100,15 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
   }
 }
 
+/* cudaLaunchKernel returns this launch's status alone; cudaGetLastError
+ * after <<<>>> would also return (and clear) an unrelated earlier error. */
 extern "C" cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,
                                             cudaStream_t stream)
 {
-  if (args->shadow_dtype == POLYAK_F32)
-    polyak_update_kernel<POLYAK_F32><<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(*args);
-  else
-    polyak_update_kernel<POLYAK_BF16><<<grid, POLYAK_BLOCK_THREADS, 0, stream>>>(*args);
-  return cudaGetLastError();
+  void *kernel = args->shadow_dtype == POLYAK_F32 ? (void *)polyak_update_kernel<POLYAK_F32>
+                                                  : (void *)polyak_update_kernel<POLYAK_BF16>;
+  void *params[] = {(void *)args};
+  return cudaLaunchKernel(kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
 extern "C" cudaError_t polyak_update_grid_limit(int device, int *grid)

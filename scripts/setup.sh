@@ -9,6 +9,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH="/usr/local/cuda/bin:$PATH"
 fi
 
+# The Debian packages missing for a build and its tests; with "fuzz", also
+# clang and libFuzzer's runtime.
 polyak_missing_packages() {
   local missing=()
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -17,12 +19,20 @@ polyak_missing_packages() {
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+  [ -f /usr/include/jansson.h ] || missing+=(libjansson-dev)
+  [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+  if [ "${1:-}" = fuzz ]; then
+    command -v clang >/dev/null 2>&1 || missing+=(clang)
+    compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null ||
+      missing+=(libclang-rt-14-dev)
+  fi
   echo "${missing[@]}"
 }
 
+# polyak_install_dependencies [fuzz]
 polyak_install_dependencies() {
   local missing
-  missing=$(polyak_missing_packages)
+  missing=$(polyak_missing_packages "${1:-}")
   [ -z "$missing" ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing $missing"
@@ -34,6 +44,19 @@ polyak_install_dependencies() {
     echo "  sudo apt-get install -y $missing" >&2
     return 1
   fi
+}
+
+# Prints a python with numpy and safetensors, making .venv if needed;
+# fails quietly when python3 or the package registry is missing.
+polyak_python_env() {
+  local venv="$polyak_root/.venv"
+  if ! "$venv/bin/python" -c "import numpy, safetensors" >/dev/null 2>&1; then
+    command -v python3 >/dev/null 2>&1 || return 1
+    python3 -m venv "$venv" >/dev/null 2>&1 &&
+      "$venv/bin/pip" install -q --disable-pip-version-check numpy safetensors >/dev/null 2>&1 ||
+      { echo "setup: no numpy/safetensors (no package registry?): the interop test will skip" >&2; return 1; }
+  fi
+  echo "$venv/bin/python"
 }
 
 polyak_build() {

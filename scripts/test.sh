@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The tests: the whole suite on the default build (CUDA compiled when nvcc
 # is found; GPU tests skip without a device), then every CPU test again in
-# a CPU-only build under AddressSanitizer and UndefinedBehaviorSanitizer.
+# a CPU-only build under AddressSanitizer and UndefinedBehaviorSanitizer,
+# then the checkpoint loader under libFuzzer for 60 s.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
-polyak_install_dependencies
+polyak_install_dependencies fuzz
 jobs=$(nproc)
+
+# numpy and safetensors for the checkpoint interop test, in a local venv;
+# without a package registry the test reports itself skipped
+python_args=()
+if polyak_python=$(polyak_python_env); then
+  python_args=(-DPOLYAK_PYTHON="$polyak_python")
+fi
 
 echo "== build: default configuration"
 mkdir -p "$polyak_root/build"
-polyak_build "$polyak_root/build" -DCMAKE_BUILD_TYPE=Release
+polyak_build "$polyak_root/build" -DCMAKE_BUILD_TYPE=Release "${python_args[@]}"
 (cd "$polyak_root/build" && ctest --output-on-failure --parallel "$jobs")
 
 echo "== build: CPU only, -fsanitize=address,undefined"
@@ -19,4 +27,7 @@ polyak_build "$polyak_root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$polyak_root/build-sanitize" && ctest --output-on-failure --parallel "$jobs")
+
+echo "== fuzz: the checkpoint loader, 60 s"
+"$polyak_root/fuzz/run.sh" 60
 echo "== all tests passed"

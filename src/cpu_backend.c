@@ -15,6 +15,7 @@ typedef struct {
   void *shadows[POLYAK_MAX_SHADOWS]; /* arena_elems elements of the shadow dtype each */
   int64_t nonfinite_count;
   int64_t graph_consumed, graph_dropped; /* graph mode counters */
+  void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
 } cpu_state;
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -167,13 +168,36 @@ static void init_shadow(const polyak_t *p, void *arena)
   }
 }
 
+static void free_arenas(void **arenas)
+{
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
+    free(arenas[k]);
+    arenas[k] = NULL;
+  }
+}
+
+/* num_shadows arenas of the plan's size; all or none. */
+static int alloc_arenas(const polyak_t *p, void **arenas)
+{
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t alloc_num_bytes = (arena_num_bytes + 63) / 64 * 64;
+  for (int k = 0; k < p->cfg.num_shadows && alloc_num_bytes > 0; k++) {
+    arenas[k] = aligned_alloc(64, alloc_num_bytes);
+    if (!arenas[k]) {
+      free_arenas(arenas);
+      return -1;
+    }
+  }
+  return 0;
+}
+
 static void cpu_release(polyak_t *p)
 {
   cpu_state *state = p->backend;
   if (!state)
     return;
-  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
-    free(state->shadows[k]);
+  free_arenas(state->shadows);
+  free_arenas(state->staging);
   free(state);
   p->backend = NULL;
 }
@@ -195,18 +219,14 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
   if (!state)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   p->backend = state;
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  size_t alloc_num_bytes = (arena_num_bytes + 63) / 64 * 64;
-  for (int k = 0; k < p->cfg.num_shadows && alloc_num_bytes > 0; k++) {
-    state->shadows[k] = aligned_alloc(64, alloc_num_bytes);
-    if (!state->shadows[k]) {
-      cpu_release(p);
-      return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
-                         "polyak_finalize: out of host memory for %d shadows of %zu bytes",
-                         p->cfg.num_shadows, arena_num_bytes);
-    }
-    init_shadow(p, state->shadows[k]);
+  if (alloc_arenas(p, state->shadows) != 0) {
+    cpu_release(p);
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
+                       "polyak_finalize: out of host memory for %d shadows of %lld elements",
+                       p->cfg.num_shadows, (long long)p->arena_elems);
   }
+  for (int k = 0; k < p->cfg.num_shadows && p->arena_elems > 0; k++)
+    init_shadow(p, state->shadows[k]);
   return POLYAK_OK;
 }
 
@@ -281,6 +301,67 @@ static polyak_status cpu_graph_release(polyak_t *p, int64_t *consumed, int64_t *
   return POLYAK_OK;
 }
 
+/* ---- checkpoints: raw shadow bytes ------------------------------------------ */
+
+static void *cpu_host_buffer(polyak_t *p, size_t num_bytes)
+{
+  (void)p;
+  return malloc(num_bytes);
+}
+
+static void cpu_free_host_buffer(polyak_t *p, void *buffer)
+{
+  (void)p;
+  free(buffer);
+}
+
+static polyak_status cpu_shadow_to_host(polyak_t *p, int shadow, int64_t first_elem,
+                                        int64_t num_elems, void *host)
+{
+  const cpu_state *state = p->backend;
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  memcpy(host, (const char *)state->shadows[shadow] + first_elem * elem_bytes,
+         (size_t)num_elems * elem_bytes);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_staging_begin(polyak_t *p)
+{
+  cpu_state *state = p->backend;
+  if (alloc_arenas(p, state->staging) != 0)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
+                       "polyak_load: out of host memory for a second set of shadows");
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_staging_write(polyak_t *p, int shadow, int64_t first_elem,
+                                       int64_t num_elems, const void *host)
+{
+  cpu_state *state = p->backend;
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  memcpy((char *)state->staging[shadow] + first_elem * elem_bytes, host,
+         (size_t)num_elems * elem_bytes);
+  return POLYAK_OK;
+}
+
+/* Copied into the live arenas (as on the GPU, where graphs hold their
+ * addresses), so shadow memory never moves during a handle's life. */
+static polyak_status cpu_staging_commit(polyak_t *p, int64_t nonfinite_count)
+{
+  cpu_state *state = p->backend;
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  for (int k = 0; k < p->cfg.num_shadows && arena_num_bytes > 0; k++)
+    memcpy(state->shadows[k], state->staging[k], arena_num_bytes);
+  free_arenas(state->staging);
+  state->nonfinite_count = nonfinite_count;
+  return POLYAK_OK;
+}
+
+static void cpu_staging_abort(polyak_t *p)
+{
+  free_arenas(((cpu_state *)p->backend)->staging);
+}
+
 const polyak_backend_ops polyak_cpu_ops = {
     .finalize = cpu_finalize,
     .update = cpu_update,
@@ -290,4 +371,11 @@ const polyak_backend_ops polyak_cpu_ops = {
     .graph_reserve = cpu_graph_reserve,
     .graph_update = cpu_graph_update,
     .graph_release = cpu_graph_release,
+    .host_buffer = cpu_host_buffer,
+    .free_host_buffer = cpu_free_host_buffer,
+    .shadow_to_host = cpu_shadow_to_host,
+    .staging_begin = cpu_staging_begin,
+    .staging_write = cpu_staging_write,
+    .staging_commit = cpu_staging_commit,
+    .staging_abort = cpu_staging_abort,
 };

@@ -3,6 +3,7 @@
  * finalize; every update is one kernel launch (kernels/update.cu) enqueued
  * on the caller's stream without synchronizing. Every call runs on the
  * handle's device and puts the caller's current device back. */
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@ typedef struct {
   unsigned long long *counters; /* [NUM_COUNTERS] */
   polyak_graph_state *graph;
   float *graph_weights;
+  void *staging[POLYAK_MAX_SHADOWS]; /* a load's fresh arenas */
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -43,9 +45,25 @@ static cudaError_t enter_device(const polyak_t *p, int *previous)
   return err;
 }
 
+/* Gives the caller its device back, unless that device has no context yet
+ * (cudaGetDevice says 0 to a caller that never chose one): switching to it
+ * would create a context there, hundreds of MB on a GPU the caller may not
+ * use at all. */
 static void leave_device(const polyak_t *p, int previous)
 {
-  if (previous != p->cfg.device)
+  /* the driver function comes through the runtime, so that libpolyak loads
+   * on machines without a CUDA driver */
+  typedef CUresult (*primary_ctx_state_fn)(CUdevice, unsigned int *, int *);
+  void *entry = NULL;
+  enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  unsigned int flags = 0;
+  int active = 0;
+  if (previous == p->cfg.device)
+    return;
+  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault,
+                                       &found) == cudaSuccess &&
+      found == cudaDriverEntryPointSuccess &&
+      ((primary_ctx_state_fn)entry)((CUdevice)previous, &flags, &active) == CUDA_SUCCESS && active)
     cudaSetDevice(previous);
 }
 
@@ -119,8 +137,10 @@ static void cuda_release(polyak_t *p)
   int previous;
   if (enter_device(p, &previous) == cudaSuccess) {
     cudaDeviceSynchronize(); /* the handle's work may still be in flight */
-    for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
       cudaFree(state->shadows[k]);
+      cudaFree(state->staging[k]);
+    }
     cudaFree(state->descs);
     cudaFree(state->chunks);
     cudaFree(state->counters);
@@ -273,30 +293,40 @@ static int update_grid(const polyak_t *p, const cuda_state *state)
                                             : state->update_grid;
 }
 
+/* 1 if `stream` is being captured into a graph (on the handle's device). */
+static cudaError_t is_capturing(void *stream, int *capturing)
+{
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t err = cudaStreamIsCapturing((cudaStream_t)stream, &capture);
+  *capturing = capture != cudaStreamCaptureStatusNone;
+  return err;
+}
+
 static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, void *stream)
 {
   cuda_state *state = p->backend;
-  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t err = cudaStreamIsCapturing((cudaStream_t)stream, &capture);
-  if (err != cudaSuccess)
-    return cuda_fail(p, err, "polyak_update: cudaStreamIsCapturing");
-  if (capture != cudaStreamCaptureStatusNone)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_update: the stream is being captured, and a captured update would "
-                       "apply step %lld at every replay; capture polyak_graph_update instead",
-                       (long long)step->step);
-  if (p->num_chunks == 0)
-    return POLYAK_OK;
-  int previous;
-  err = enter_device(p, &previous);
-  if (err != cudaSuccess)
-    return cuda_fail(p, err, "polyak_update: cudaSetDevice");
-  polyak_update_kernel_args args;
-  fill_kernel_args(p, state, &args);
-  args.step = *step;
-  err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+  int previous, capturing = 0;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = is_capturing(stream, &capturing);
+  polyak_status status = POLYAK_OK;
+  if (err != cudaSuccess) {
+    status = cuda_fail(p, err, "polyak_update");
+  } else if (capturing) {
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "polyak_update: the stream is being captured, and a captured update "
+                         "would apply step %lld at every replay; capture polyak_graph_update instead",
+                         (long long)step->step);
+  } else if (p->num_chunks > 0) {
+    polyak_update_kernel_args args;
+    fill_kernel_args(p, state, &args);
+    args.step = *step;
+    err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+    if (err != cudaSuccess)
+      status = cuda_fail(p, err, "polyak_update: kernel launch");
+  }
   leave_device(p, previous);
-  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_update: kernel launch");
+  return status;
 }
 
 /* ---- read-out -------------------------------------------------------------- */
@@ -312,7 +342,14 @@ static polyak_status cuda_get_shadow(polyak_t *p, int shadow, int tensor, void *
   cudaError_t err = enter_device(p, &previous);
   if (err != cudaSuccess)
     return cuda_fail(p, err, "polyak_get_shadow: cudaSetDevice");
+  int capturing = 0;
   polyak_status status = check_device_pointer(p, dst, "polyak_get_shadow: dst");
+  if (status == POLYAK_OK && (err = is_capturing(stream, &capturing)) != cudaSuccess)
+    status = cuda_fail(p, err, "polyak_get_shadow");
+  if (status == POLYAK_OK && capturing && p->cfg.zero_init)
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "polyak_get_shadow: with zero_init a captured read-out would keep this "
+                         "step's debias factor at every replay");
   if (status == POLYAK_OK) {
     size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
     const char *slice = (const char *)state->shadows[shadow] + t->shadow_offset_elems * shadow_num_bytes;
@@ -349,29 +386,28 @@ static polyak_status cuda_nonfinite_count(polyak_t *p, int64_t *count)
 static polyak_status cuda_graph_reserve(polyak_t *p, void *stream)
 {
   cuda_state *state = p->backend;
+  size_t num_bytes = (size_t)p->graph_num_steps * p->cfg.num_shadows * sizeof(float);
   polyak_graph_state graph = {0};
   graph.first_step = p->graph_first_step;
   graph.num_steps = p->graph_num_steps;
-  size_t num_bytes = (size_t)p->graph_num_steps * p->cfg.num_shadows * sizeof(float);
   int previous;
-  cudaError_t err = enter_device(p, &previous);
   float *weights = NULL;
+  cudaError_t err = enter_device(p, &previous);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&weights, num_bytes);
+  graph.weights = weights;
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(weights, p->graph_weights, num_bytes, cudaMemcpyHostToDevice,
                           (cudaStream_t)stream);
-  if (err == cudaSuccess)
+  if (err == cudaSuccess) /* arms every graph that captured this handle's update */
     err = cudaMemcpyAsync(state->graph, &graph, sizeof graph, cudaMemcpyHostToDevice,
                           (cudaStream_t)stream);
   if (err == cudaSuccess)
     err = cudaStreamSynchronize((cudaStream_t)stream);
-  if (err == cudaSuccess) {
-    cudaFree(state->graph_weights);
+  if (err == cudaSuccess)
     state->graph_weights = weights;
-  } else {
+  else
     cudaFree(weights);
-  }
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_graph_reserve");
 }
@@ -385,10 +421,9 @@ static polyak_status cuda_graph_update(polyak_t *p, void *stream)
     return cuda_fail(p, err, "polyak_graph_update: cudaSetDevice");
   polyak_update_kernel_args args;
   fill_kernel_args(p, state, &args);
-  args.step.num_shadows = p->cfg.num_shadows; /* step, weights, keys: from the device */
+  args.step.num_shadows = p->cfg.num_shadows; /* step, weights and keys: from the device */
   args.step.skip_nonfinite = p->cfg.skip_nonfinite;
   args.graph = state->graph;
-  args.graph_weights = state->graph_weights;
   err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_graph_update: kernel launch");
@@ -397,13 +432,15 @@ static polyak_status cuda_graph_update(polyak_t *p, void *stream)
 static polyak_status cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t *dropped)
 {
   cuda_state *state = p->backend;
-  polyak_graph_state graph;
+  polyak_graph_state graph, disarmed = {0};
   int previous;
   cudaError_t err = enter_device(p, &previous);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
     err = cudaMemcpy(&graph, state->graph, sizeof graph, cudaMemcpyDeviceToHost);
+  if (err == cudaSuccess) /* later replays find nothing reserved and change nothing */
+    err = cudaMemcpy(state->graph, &disarmed, sizeof disarmed, cudaMemcpyHostToDevice);
   if (err == cudaSuccess) {
     cudaFree(state->graph_weights);
     state->graph_weights = NULL;
@@ -416,6 +453,113 @@ static polyak_status cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
   return POLYAK_OK;
 }
 
+/* ---- checkpoints: raw shadow bytes through pinned host memory ------------ */
+
+static void *cuda_host_buffer(polyak_t *p, size_t num_bytes)
+{
+  void *buffer = NULL;
+  int previous;
+  if (enter_device(p, &previous) == cudaSuccess) {
+    if (cudaMallocHost(&buffer, num_bytes) != cudaSuccess)
+      buffer = NULL;
+    leave_device(p, previous);
+  }
+  cudaGetLastError();
+  return buffer;
+}
+
+static void cuda_free_host_buffer(polyak_t *p, void *buffer)
+{
+  (void)p;
+  cudaFreeHost(buffer);
+}
+
+/* Copies between an arena range and host memory on the handle's device,
+ * ordered after all work already on it (save and load are rare). */
+static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t num_bytes,
+                                enum cudaMemcpyKind kind, const char *what)
+{
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(dst, src, num_bytes, kind);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, what);
+}
+
+static polyak_status cuda_shadow_to_host(polyak_t *p, int shadow, int64_t first_elem,
+                                         int64_t num_elems, void *host)
+{
+  const cuda_state *state = p->backend;
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  return copy_arena(p, host, (const char *)state->shadows[shadow] + first_elem * elem_bytes,
+                    (size_t)num_elems * elem_bytes, cudaMemcpyDeviceToHost,
+                    "polyak_save: copying a shadow to the host");
+}
+
+static void free_staging(polyak_t *p, cuda_state *state)
+{
+  int previous;
+  if (enter_device(p, &previous) == cudaSuccess) {
+    for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
+      cudaFree(state->staging[k]);
+      state->staging[k] = NULL;
+    }
+    leave_device(p, previous);
+  }
+  cudaGetLastError();
+}
+
+static polyak_status cuda_staging_begin(polyak_t *p)
+{
+  cuda_state *state = p->backend;
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
+    err = cudaMalloc(&state->staging[k], arena_num_bytes > 0 ? arena_num_bytes : 16);
+  leave_device(p, previous);
+  if (err != cudaSuccess) {
+    free_staging(p, state);
+    return cuda_fail(p, err, "polyak_load: cudaMalloc of a second set of shadows");
+  }
+  return POLYAK_OK;
+}
+
+static polyak_status cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem,
+                                        int64_t num_elems, const void *host)
+{
+  cuda_state *state = p->backend;
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  return copy_arena(p, (char *)state->staging[shadow] + first_elem * elem_bytes, host,
+                    (size_t)num_elems * elem_bytes, cudaMemcpyHostToDevice,
+                    "polyak_load: copying a shadow to the device");
+}
+
+static polyak_status cuda_staging_commit(polyak_t *p, int64_t nonfinite_count)
+{
+  cuda_state *state = p->backend;
+  unsigned long long count = (unsigned long long)nonfinite_count;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* no update may still read the old shadows */
+  /* copied, not swapped: captured graphs hold the arenas' addresses */
+  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
+    err = cudaMemcpy(state->shadows[k], state->staging[k], arena_num_bytes, cudaMemcpyDeviceToDevice);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
+  leave_device(p, previous);
+  free_staging(p, state);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_load");
+}
+
+static void cuda_staging_abort(polyak_t *p)
+{
+  free_staging(p, p->backend);
+}
+
 const polyak_backend_ops polyak_cuda_ops = {
     .finalize = cuda_finalize,
     .update = cuda_update,
@@ -425,4 +569,11 @@ const polyak_backend_ops polyak_cuda_ops = {
     .graph_reserve = cuda_graph_reserve,
     .graph_update = cuda_graph_update,
     .graph_release = cuda_graph_release,
+    .host_buffer = cuda_host_buffer,
+    .free_host_buffer = cuda_free_host_buffer,
+    .shadow_to_host = cuda_shadow_to_host,
+    .staging_begin = cuda_staging_begin,
+    .staging_write = cuda_staging_write,
+    .staging_commit = cuda_staging_commit,
+    .staging_abort = cuda_staging_abort,
 };

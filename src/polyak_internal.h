@@ -76,6 +76,19 @@ struct polyak_backend_ops {
   polyak_status (*graph_reserve)(polyak_t *p, void *stream);
   polyak_status (*graph_update)(polyak_t *p, void *stream);
   polyak_status (*graph_release)(polyak_t *p, int64_t *consumed, int64_t *dropped);
+
+  /* checkpoints: raw shadow elements (arena positions) to and from host
+   * buffers from host_buffer (pinned for CUDA). A load fills fresh arenas
+   * (staging) that replace the shadows only at staging_commit. */
+  void *(*host_buffer)(polyak_t *p, size_t num_bytes); /* NULL: out of memory */
+  void (*free_host_buffer)(polyak_t *p, void *buffer);
+  polyak_status (*shadow_to_host)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
+                                  void *host); /* done when it returns */
+  polyak_status (*staging_begin)(polyak_t *p); /* zeroed fresh arenas */
+  polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
+                                 const void *host);
+  polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count);
+  void (*staging_abort)(polyak_t *p);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;
@@ -94,6 +107,14 @@ polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status stat
 /* Schedule checks as polyak_create makes them; the reason goes to msg. */
 polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t msg_num_bytes);
 
+/* "CONSTANT", ... (NULL for an unknown kind), and back (-1 if unknown). */
+const char *polyak_schedule_kind_name(polyak_schedule_kind kind);
+int polyak_schedule_kind_from_name(const char *name);
+
+/* 1 if a and b give the same beta at every step: same kind, same values
+ * of the fields that kind uses, same start_step. */
+int polyak_schedule_same(const polyak_schedule *a, const polyak_schedule *b);
+
 size_t polyak_dtype_num_bytes(polyak_dtype dtype); /* 0 for an unknown dtype */
 int polyak_dtype_valid(polyak_dtype dtype);
 const char *polyak_dtype_name(polyak_dtype dtype);
@@ -105,6 +126,9 @@ void polyak_plan_free(polyak_t *p);
 /* The update arguments for `step` with per-shadow weights 1 - B. */
 void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
                              polyak_update_args *args);
+
+/* 1 if a tensor of that name is registered. */
+int polyak_registry_has(const polyak_t *p, const char *name);
 
 /* Frees the registry (names, trees, tensor table). */
 void polyak_registry_free(polyak_t *p);

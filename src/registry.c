@@ -1,6 +1,7 @@
 /* registry.c: polyak_add and the tensor table. Duplicate names and
  * overlapping param memory are found in O(log n) per tensor with two
  * tsearch trees, so registering 100,000 tensors stays fast. */
+#include <jansson.h>
 #include <search.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,6 +80,15 @@ polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtyp
   if (!name || !name[0])
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add: name is %s",
                        name ? "empty" : "NULL");
+  if (strcmp(name, "__metadata__") == 0 || strncmp(name, "polyak.", 7) == 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add(\"%s\"): \"__metadata__\" and names starting \"polyak.\" "
+                       "are reserved for checkpoints",
+                       name);
+  json_t *utf8 = json_string(name); /* NULL unless valid UTF-8, as safetensors needs */
+  if (!utf8)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add: the name is not valid UTF-8");
+  json_decref(utf8);
   if (!polyak_dtype_valid(dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_add(\"%s\"): dtype = %d is not a polyak_dtype", name, (int)dtype);
@@ -158,6 +168,11 @@ no_memory:
   free(name_copy);
   free(range);
   return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+}
+
+int polyak_registry_has(const polyak_t *p, const char *name)
+{
+  return tfind(name, &p->name_tree, compare_names) != NULL;
 }
 
 void polyak_registry_free(polyak_t *p)

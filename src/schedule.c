@@ -2,10 +2,11 @@
  * gaps, and the conversions between beta, half-life, window and EDM2's
  * sigma_rel. Pure host code in double precision. */
 #include <math.h>
+#include <string.h>
 
 #include "polyak_internal.h"
 
-static const char *schedule_kind_name(polyak_schedule_kind kind)
+const char *polyak_schedule_kind_name(polyak_schedule_kind kind)
 {
   switch (kind) {
   case POLYAK_SCHEDULE_CONSTANT:
@@ -26,6 +27,36 @@ static const char *schedule_kind_name(polyak_schedule_kind kind)
   return NULL;
 }
 
+int polyak_schedule_kind_from_name(const char *name)
+{
+  for (int kind = POLYAK_SCHEDULE_CONSTANT; kind <= POLYAK_SCHEDULE_POWER; kind++)
+    if (strcmp(name, polyak_schedule_kind_name((polyak_schedule_kind)kind)) == 0)
+      return kind;
+  return -1;
+}
+
+int polyak_schedule_same(const polyak_schedule *a, const polyak_schedule *b)
+{
+  if (a->kind != b->kind || a->start_step != b->start_step)
+    return 0;
+  switch (a->kind) {
+  case POLYAK_SCHEDULE_CONSTANT:
+  case POLYAK_SCHEDULE_TF:
+    return a->beta == b->beta;
+  case POLYAK_SCHEDULE_WARMUP:
+    return a->beta == b->beta && a->beta_min == b->beta_min && a->inv_gamma == b->inv_gamma &&
+           a->power == b->power;
+  case POLYAK_SCHEDULE_LINEAR:
+  case POLYAK_SCHEDULE_COSINE:
+    return a->beta == b->beta && a->beta_min == b->beta_min && a->ramp_steps == b->ramp_steps;
+  case POLYAK_SCHEDULE_EQUAL:
+    return 1;
+  case POLYAK_SCHEDULE_POWER:
+    return a->gamma == b->gamma;
+  }
+  return 0;
+}
+
 static polyak_status check_beta_range(const polyak_schedule *s, int uses_beta_min, char *msg,
                                       size_t msg_num_bytes)
 {
@@ -42,7 +73,7 @@ static polyak_status check_beta_range(const polyak_schedule *s, int uses_beta_mi
 polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t msg_num_bytes)
 {
   polyak_status status = POLYAK_OK;
-  const char *kind = schedule_kind_name(s->kind);
+  const char *kind = polyak_schedule_kind_name(s->kind);
   if (!kind)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "kind = %d is not a polyak_schedule_kind", (int)s->kind);

@@ -4,7 +4,10 @@
 
 #include <cuda_runtime.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <fstream>
 
 #include "polyak_math.h"
 
@@ -53,7 +56,13 @@ struct Twin {
     o.device_base = nullptr;
   }
   ~Twin() { cudaFree(device_base); }
-  void upload() { cudaMemcpy(device, host.data(), host.num_elems * dtype_bytes(host.dtype), cudaMemcpyHostToDevice); }
+  // A pageable cudaMemcpy may return before the data lands, and updates on
+  // non-blocking streams do not wait for it: synchronize.
+  void upload()
+  {
+    cudaMemcpy(device, host.data(), host.num_elems * dtype_bytes(host.dtype), cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
+  }
 };
 
 // One CPU handle and one CUDA handle over the same tensors.
@@ -145,7 +154,9 @@ std::vector<Twin> odd_twins()
   int i = 0;
   for (int64_t n : sizes)
     for (polyak_dtype d : dtypes) {
-      size_t offset = d == POLYAK_F32 ? 4 * (i % 4) : (i % 2 ? 2 : 6); // 2- and 6-byte starts
+      // f32 at every 4-byte phase; 16-bit at 0 and 8 (vector path) and 2, 6 (scalar)
+      const size_t phases16[] = {0, 2, 6, 8};
+      size_t offset = d == POLYAK_F32 ? 4 * (i % 4) : phases16[i % 4];
       twins.emplace_back("t" + std::to_string(i++), d, n, offset);
     }
   return twins;
@@ -314,6 +325,7 @@ TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
   CUDA_OK(cudaMalloc(&replay_d, sizeof(int)));
   CUDA_OK(cudaMemcpy(base_d, base.data(), n * 4, cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(replay_d, 0, sizeof(int)));
+  CUDA_OK(cudaDeviceSynchronize()); // the replays run on a non-blocking stream
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 1, 100, stream), POLYAK_OK) << polyak_last_error(both.gpu.get());
@@ -354,6 +366,90 @@ TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
   cudaStreamDestroy(stream);
   cudaFree(base_d);
   cudaFree(replay_d);
+}
+
+TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  both.randomize(11);
+  both.finalize();
+  both.randomize(12); // the params stay here; the steps' weights differ
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 1, 5, stream), POLYAK_OK);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  ASSERT_EQ(polyak_graph_update(both.gpu.get(), stream), POLYAK_OK);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  auto replay = [&](int times) {
+    for (int i = 0; i < times; i++)
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  };
+  int64_t done = -1;
+  replay(5);
+  ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK);
+  EXPECT_EQ(done, 5);
+  replay(2); // nothing reserved: changes nothing
+  char path[] = "/tmp/polyak-graph-XXXXXX";
+  int fd = mkstemp(path);
+  close(fd);
+  ASSERT_EQ(polyak_save(both.gpu.get(), path), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 6, 3, stream), POLYAK_OK);
+  replay(4);
+  EXPECT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_ERR_STATE) << "one replay too many";
+  EXPECT_EQ(done, 3);
+  ASSERT_EQ(polyak_load(both.gpu.get(), path), POLYAK_OK) << polyak_last_error(both.gpu.get()); // back to step 5
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 6, 2, stream), POLYAK_OK);
+  replay(2);
+  ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK);
+  EXPECT_EQ(done, 2);
+  unlink(path);
+  for (int64_t step = 1; step <= 7; step++)
+    ASSERT_EQ(polyak_update(both.cpu.get(), step, nullptr), POLYAK_OK);
+  both.expect_same();
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
+{
+  polyak_config cfg = cpu_config(3);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadow_dtype = POLYAK_BF16;
+  cfg.zero_init = 1;
+  Both both(cfg, odd_twins());
+  both.randomize(13);
+  both.finalize();
+  for (int64_t step : {1, 2, 6}) {
+    both.randomize(20 + step);
+    both.update(step);
+  }
+  char gpu_file[] = "/tmp/polyak-gpu-XXXXXX", cpu_file[] = "/tmp/polyak-cpu-XXXXXX";
+  close(mkstemp(gpu_file));
+  close(mkstemp(cpu_file));
+  ASSERT_EQ(polyak_save(both.gpu.get(), gpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_save(both.cpu.get(), cpu_file), POLYAK_OK);
+  // the same state gives the same bytes from either backend
+  std::ifstream a(gpu_file, std::ios::binary), b(cpu_file, std::ios::binary);
+  std::string gpu_bytes((std::istreambuf_iterator<char>(a)), {}), cpu_bytes((std::istreambuf_iterator<char>(b)), {});
+  EXPECT_TRUE(gpu_bytes == cpu_bytes);
+  // swap them: each backend continues from the other's file
+  ASSERT_EQ(polyak_load(both.gpu.get(), cpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_load(both.cpu.get(), gpu_file), POLYAK_OK);
+  for (int64_t step : {7, 9}) {
+    both.randomize(30 + step);
+    both.update(step);
+  }
+  both.expect_same();
+  unlink(gpu_file);
+  unlink(cpu_file);
 }
 
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
