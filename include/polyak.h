@@ -269,6 +269,28 @@ POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
 
+/* ---- Evaluation -------------------------------------------------------------
+ * Evaluate with an average, then return to the exact training weights:
+ *   polyak_store(p, stream);               // keep the params
+ *   polyak_copy_to_params(p, 0, stream);   // the params are now shadow 0
+ *   evaluate(...);
+ *   polyak_restore(p, stream);             // the params as they were, bit for bit */
+
+/* Writes shadow `shadow` (debiased with zero_init) into every param, in the
+ * param's dtype (round to nearest even). Ordered on `stream`. The params'
+ * values are lost unless polyak_store kept them. POLYAK_ERR_INVALID_ARG for
+ * a shadow out of range; POLYAK_ERR_STATE as polyak_get_shadow. */
+POLYAK_API polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream);
+
+/* Keeps an exact copy of every param (backend-side memory, allocated by the
+ * first call and kept until destroy), replacing any earlier copy. Ordered
+ * on `stream`. POLYAK_ERR_STATE before finalize; POLYAK_ERR_NO_MEMORY. */
+POLYAK_API polyak_status polyak_store(polyak_t *p, void *stream);
+
+/* Writes the copy kept by polyak_store back into the params, bit for bit;
+ * the copy stays, to restore again. POLYAK_ERR_STATE without a store. */
+POLYAK_API polyak_status polyak_restore(polyak_t *p, void *stream);
+
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the
  * tensor's name and shape in the shadow dtype (F32 or BF16), so

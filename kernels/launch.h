@@ -71,6 +71,18 @@ cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t 
                                   double debias_scale, void *dst, int dst_dtype, int grid,
                                   cudaStream_t stream);
 
+/* Evaluation: every param <- its slice of `shadow` times debias_scale, in
+ * the param's dtype (round to nearest even). */
+cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                         int64_t num_chunks, const void *shadow, int shadow_dtype,
+                                         double debias_scale, int grid, cudaStream_t stream);
+
+/* polyak_store (to_store = 1) and polyak_restore (0): every param's bytes
+ * to or from `store` at the tensors' store_offset_bytes. */
+cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                int64_t num_chunks, void *store, int to_store, int grid,
+                                cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

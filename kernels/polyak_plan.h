@@ -28,6 +28,7 @@ typedef struct {
   int64_t global_offset_elems; /* first element's index in the flattened
                                   registration order (the hash's counter) */
   int64_t shadow_offset_elems; /* first element's index in each shadow arena */
+  int64_t store_offset_bytes;  /* where polyak_store keeps a copy of the param */
   int32_t param_dtype;         /* a polyak_dtype */
   int32_t pad_;
 } polyak_tensor_desc;

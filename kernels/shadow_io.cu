@@ -1,8 +1,9 @@
 /*
  * shadow_io.cu: the kernels around the update: shadow initialization at
- * finalize and read-out. Neither is on the per-step path, so both are plain
- * grid-stride loops over elements, using the same conversions as the CPU
- * backend (polyak_math.h).
+ * finalize, read-out, copying a shadow into the params, and keeping and
+ * restoring a copy of the params. None is on the per-step path, so all are
+ * plain grid-stride loops, using the same conversions as the CPU backend
+ * (polyak_math.h).
  */
 #include "launch.h"
 #include "polyak_math.h"
@@ -96,4 +97,64 @@ extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtyp
   void *params[] = {&shadow, &shadow_dtype, &num_elems, &debias_scale, &dst, &dst_dtype};
   return cudaLaunchKernel((void *)polyak_readout_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
                           params, 0, stream);
+}
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_copy_to_params_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                 int64_t num_chunks, const void *shadow, int shadow_dtype,
+                                 double debias_scale)
+{
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const polyak_chunk chunk = chunks[c];
+    const polyak_tensor_desc t = descs[chunk.tensor];
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
+         i += blockDim.x) {
+      float value = polyak_load_f32(shadow, t.shadow_offset_elems + i, shadow_dtype);
+      polyak_store_f32(const_cast<void *>(t.param), i, polyak_debias(value, debias_scale), t.param_dtype);
+    }
+  }
+}
+
+extern "C" cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs,
+                                                    const polyak_chunk *chunks, int64_t num_chunks,
+                                                    const void *shadow, int shadow_dtype,
+                                                    double debias_scale, int grid, cudaStream_t stream)
+{
+  void *params[] = {&descs, &chunks, &num_chunks, &shadow, &shadow_dtype, &debias_scale};
+  return cudaLaunchKernel((void *)polyak_copy_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
+                          params, 0, stream);
+}
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_store_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
+                        char *store, int to_store)
+{
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const polyak_chunk chunk = chunks[c];
+    const polyak_tensor_desc t = descs[chunk.tensor];
+    char *param = static_cast<char *>(const_cast<void *>(t.param));
+    char *kept = store + t.store_offset_bytes;
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
+         i += blockDim.x) {
+      if (t.param_dtype == POLYAK_F32) {
+        float *from = reinterpret_cast<float *>(to_store ? param : kept) + i;
+        float *to = reinterpret_cast<float *>(to_store ? kept : param) + i;
+        *to = *from;
+      } else {
+        uint16_t *from = reinterpret_cast<uint16_t *>(to_store ? param : kept) + i;
+        uint16_t *to = reinterpret_cast<uint16_t *>(to_store ? kept : param) + i;
+        *to = *from;
+      }
+    }
+  }
+}
+
+extern "C" cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                           int64_t num_chunks, void *store, int to_store, int grid,
+                                           cudaStream_t stream)
+{
+  char *bytes = static_cast<char *>(store);
+  void *params[] = {&descs, &chunks, &num_chunks, &bytes, &to_store};
+  return cudaLaunchKernel((void *)polyak_store_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0,
+                          stream);
 }

@@ -16,6 +16,7 @@ typedef struct {
   int64_t nonfinite_count;
   int64_t graph_consumed, graph_dropped; /* graph mode counters */
   void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
+  void *store;                           /* polyak_store's copy of the params */
 } cpu_state;
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -198,6 +199,7 @@ static void cpu_release(polyak_t *p)
     return;
   free_arenas(state->shadows);
   free_arenas(state->staging);
+  free(state->store);
   free(state);
   p->backend = NULL;
 }
@@ -245,10 +247,10 @@ static void store_value(void *dst, int64_t i, float value, polyak_dtype dtype)
   }
 }
 
-static polyak_status cpu_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                    polyak_dtype dst_dtype, double debias_scale, void *stream)
+/* One tensor's slice of a shadow, debiased, into dst as dst_dtype. */
+static void read_out(const polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                     double debias_scale)
 {
-  (void)stream;
   const cpu_state *state = p->backend;
   const polyak_tensor_desc *t = &p->descs[tensor];
   for (int64_t e = 0; e < t->num_elems; e++) {
@@ -258,6 +260,44 @@ static polyak_status cpu_get_shadow(polyak_t *p, int shadow, int tensor, void *d
                       : polyak_bf16_to_f32(((const uint16_t *)state->shadows[shadow])[slot]);
     store_value(dst, e, polyak_debias(value, debias_scale), dst_dtype);
   }
+}
+
+static polyak_status cpu_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                    polyak_dtype dst_dtype, double debias_scale, void *stream)
+{
+  (void)stream;
+  read_out(p, shadow, tensor, dst, dst_dtype, debias_scale);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
+{
+  (void)stream;
+  for (int i = 0; i < p->num_tensors; i++)
+    read_out(p, shadow, i, p->tensors[i].param, p->tensors[i].dtype, debias_scale);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_store(polyak_t *p, void *stream)
+{
+  (void)stream;
+  cpu_state *state = p->backend;
+  if (!state->store && !(state->store = malloc((size_t)p->store_bytes + 16)))
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_store: out of host memory for %lld bytes",
+                       (long long)p->store_bytes);
+  for (int i = 0; i < p->num_tensors; i++)
+    memcpy((char *)state->store + p->descs[i].store_offset_bytes, p->tensors[i].param,
+           (size_t)p->tensors[i].num_elems * polyak_dtype_num_bytes(p->tensors[i].dtype));
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_restore(polyak_t *p, void *stream)
+{
+  (void)stream;
+  const cpu_state *state = p->backend;
+  for (int i = 0; i < p->num_tensors; i++)
+    memcpy(p->tensors[i].param, (const char *)state->store + p->descs[i].store_offset_bytes,
+           (size_t)p->tensors[i].num_elems * polyak_dtype_num_bytes(p->tensors[i].dtype));
   return POLYAK_OK;
 }
 
@@ -378,4 +418,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_write = cpu_staging_write,
     .staging_commit = cpu_staging_commit,
     .staging_abort = cpu_staging_abort,
+    .copy_to_params = cpu_copy_to_params,
+    .store = cpu_store,
+    .restore = cpu_restore,
 };

@@ -25,6 +25,7 @@ typedef struct {
   polyak_graph_state *graph;
   float *graph_weights;
   void *staging[POLYAK_MAX_SHADOWS]; /* a load's fresh arenas */
+  void *store;                       /* polyak_store's copy of the params */
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -144,6 +145,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->descs);
     cudaFree(state->chunks);
     cudaFree(state->counters);
+    cudaFree(state->store);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
     leave_device(p, previous);
@@ -560,6 +562,52 @@ static void cuda_staging_abort(polyak_t *p)
   free_staging(p, p->backend);
 }
 
+/* ---- evaluation ------------------------------------------------------------- */
+
+static int io_grid_for(const polyak_t *p, const cuda_state *state)
+{
+  return p->num_chunks < state->io_grid ? (int)p->num_chunks : state->io_grid;
+}
+
+static polyak_status cuda_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
+{
+  const cuda_state *state = p->backend;
+  if (p->num_chunks == 0)
+    return POLYAK_OK;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, state->shadows[shadow],
+                                       p->cfg.shadow_dtype, debias_scale, io_grid_for(p, state),
+                                       (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_copy_to_params");
+}
+
+static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, const char *what)
+{
+  cuda_state *state = p->backend;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess && !state->store)
+    err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16);
+  if (err == cudaSuccess && p->num_chunks > 0)
+    err = polyak_launch_store(state->descs, state->chunks, p->num_chunks, state->store, to_store,
+                              io_grid_for(p, state), (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, what);
+}
+
+static polyak_status cuda_store(polyak_t *p, void *stream)
+{
+  return store_or_restore(p, 1, stream, "polyak_store");
+}
+
+static polyak_status cuda_restore(polyak_t *p, void *stream)
+{
+  return store_or_restore(p, 0, stream, "polyak_restore");
+}
+
 const polyak_backend_ops polyak_cuda_ops = {
     .finalize = cuda_finalize,
     .update = cuda_update,
@@ -576,4 +624,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_write = cuda_staging_write,
     .staging_commit = cuda_staging_commit,
     .staging_abort = cuda_staging_abort,
+    .copy_to_params = cuda_copy_to_params,
+    .store = cuda_store,
+    .restore = cuda_restore,
 };

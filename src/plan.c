@@ -24,13 +24,14 @@ polyak_status polyak_plan_build(polyak_t *p)
                        (long long)num_chunks);
   }
 
-  int64_t global_offset = 0, shadow_offset = 0, chunk = 0;
+  int64_t global_offset = 0, shadow_offset = 0, store_offset = 0, chunk = 0;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     descs[i].param = t->param;
     descs[i].num_elems = t->num_elems;
     descs[i].global_offset_elems = global_offset;
     descs[i].shadow_offset_elems = shadow_offset;
+    descs[i].store_offset_bytes = store_offset;
     descs[i].param_dtype = (int32_t)t->dtype;
     for (int64_t first = 0; first < t->num_elems; first += POLYAK_CHUNK_ELEMS) {
       int64_t rest = t->num_elems - first;
@@ -41,11 +42,13 @@ polyak_status polyak_plan_build(polyak_t *p)
     }
     global_offset += t->num_elems;
     shadow_offset += (t->num_elems + align_elems - 1) / align_elems * align_elems;
+    store_offset += (t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype) + 15) / 16 * 16;
   }
   p->descs = descs;
   p->chunks = chunks;
   p->num_chunks = num_chunks;
   p->arena_elems = shadow_offset;
+  p->store_bytes = store_offset;
   return POLYAK_OK;
 }
 
@@ -57,4 +60,5 @@ void polyak_plan_free(polyak_t *p)
   p->chunks = NULL;
   p->num_chunks = 0;
   p->arena_elems = 0;
+  p->store_bytes = 0;
 }

@@ -43,6 +43,8 @@ struct polyak {
   polyak_chunk *chunks;      /* [num_chunks] */
   int64_t num_chunks;
   int64_t arena_elems;       /* elements in each shadow arena, padding included */
+  int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
+  int stored;                /* polyak_store has kept a copy */
 
   /* step state */
   int64_t last_step;                    /* 0 before the first update */
@@ -89,6 +91,12 @@ struct polyak_backend_ops {
                                  const void *host);
   polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count);
   void (*staging_abort)(polyak_t *p);
+
+  /* evaluation: the debiased shadow into the params (in their dtypes), and
+   * an exact copy of the params kept and written back */
+  polyak_status (*copy_to_params)(polyak_t *p, int shadow, double debias_scale, void *stream);
+  polyak_status (*store)(polyak_t *p, void *stream);
+  polyak_status (*restore)(polyak_t *p, void *stream);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;

@@ -74,6 +74,27 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   return POLYAK_OK;
 }
 
+/* The factor a read-out of `shadow` multiplies by: 1, or with zero_init
+ * 1 / (1 - prod beta), which needs at least one applied beta below 1. */
+static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *function, double *scale)
+{
+  *scale = 1.0;
+  if (!p->cfg.zero_init)
+    return POLYAK_OK;
+  if (p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "%s: with zero_init the debias needs the replayed step count; call "
+                       "polyak_graph_release first",
+                       function);
+  double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
+  if (!(mass > 0.0))
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: with zero_init, shadow %d has no average yet (%s)",
+                       function, shadow,
+                       p->last_step == 0 ? "no update so far" : "every applied beta was 1");
+  *scale = 1.0 / mass;
+  return POLYAK_OK;
+}
+
 polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                 polyak_dtype dst_dtype, void *stream)
 {
@@ -99,20 +120,48 @@ polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                        "polyak_get_shadow: dst %p is not aligned to its %zu-byte elements", dst,
                        polyak_dtype_num_bytes(dst_dtype));
   double debias_scale = 1.0;
-  if (p->cfg.zero_init && p->graph_reserved)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_get_shadow: with zero_init the debias needs the replayed step "
-                       "count; call polyak_graph_release first");
-  if (p->cfg.zero_init) {
-    double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
-    if (!(mass > 0.0))
-      return polyak_fail(p, POLYAK_ERR_STATE,
-                         "polyak_get_shadow: with zero_init, shadow %d has no average yet (%s)",
-                         shadow,
-                         p->last_step == 0 ? "no update so far" : "every applied beta was 1");
-    debias_scale = 1.0 / mass;
-  }
+  polyak_status status = debias_scale_of(p, shadow, "polyak_get_shadow", &debias_scale);
+  if (status != POLYAK_OK)
+    return status;
   return p->ops->get_shadow(p, shadow, tensor, dst, dst_dtype, debias_scale, stream);
+}
+
+polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_copy_to_params: call polyak_finalize first");
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_copy_to_params: shadow = %d is outside 0..%d", shadow,
+                       p->cfg.num_shadows - 1);
+  double debias_scale = 1.0;
+  polyak_status status = debias_scale_of(p, shadow, "polyak_copy_to_params", &debias_scale);
+  if (status != POLYAK_OK)
+    return status;
+  return p->ops->copy_to_params(p, shadow, debias_scale, stream);
+}
+
+polyak_status polyak_store(polyak_t *p, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_store: call polyak_finalize first");
+  polyak_status status = p->ops->store(p, stream);
+  if (status == POLYAK_OK)
+    p->stored = 1;
+  return status;
+}
+
+polyak_status polyak_restore(polyak_t *p, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->stored)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_restore: nothing is stored; call polyak_store first");
+  return p->ops->restore(p, stream);
 }
 
 polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)

@@ -452,6 +452,39 @@ TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
   unlink(cpu_file);
 }
 
+TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.zero_init = 1;
+  Both both(cfg, odd_twins());
+  both.randomize(14);
+  both.finalize();
+  for (int64_t step : {1, 2, 3}) {
+    both.randomize(40 + step);
+    both.update(step);
+  }
+  auto device_params = [&](size_t i) {
+    std::vector<char> bytes(both.twins[i].host.num_elems * dtype_bytes(both.twins[i].host.dtype));
+    cudaMemcpy(bytes.data(), both.twins[i].device, bytes.size(), cudaMemcpyDeviceToHost);
+    return bytes;
+  };
+  std::vector<std::vector<char>> trained;
+  for (size_t i = 0; i < both.twins.size(); i++)
+    trained.push_back(device_params(i));
+  ASSERT_EQ(polyak_store(both.gpu.get(), nullptr), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_copy_to_params(both.gpu.get(), 1, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(both.cpu.get(), 1, nullptr), POLYAK_OK); // host twins now hold shadow 1
+  for (size_t i = 0; i < both.twins.size(); i++) {
+    const char *want = static_cast<const char *>(both.twins[i].host.data());
+    auto got = device_params(i);
+    ASSERT_EQ(0, std::memcmp(got.data(), want, got.size())) << both.twins[i].host.name;
+  }
+  ASSERT_EQ(polyak_restore(both.gpu.get(), nullptr), POLYAK_OK);
+  for (size_t i = 0; i < both.twins.size(); i++)
+    ASSERT_EQ(device_params(i), trained[i]) << both.twins[i].host.name;
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());

@@ -1,0 +1,121 @@
+// test_evaluation.cpp: evaluating with an average and returning exactly:
+// polyak_copy_to_params, polyak_store, polyak_restore.
+#include "test_util.h"
+
+using namespace polyak_test;
+
+namespace {
+
+struct Trained {
+  std::vector<Tensor> tensors;
+  Handle h;
+  explicit Trained(int zero_init = 0)
+  {
+    tensors.emplace_back("w", POLYAK_BF16, 65537, 2);
+    tensors.emplace_back("b", POLYAK_F32, 7);
+    tensors.emplace_back("s", POLYAK_F16, 1003, 6);
+    polyak_config cfg = cpu_config(2, 0.9);
+    cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.zero_init = zero_init;
+    h = make_handle(cfg);
+    std::mt19937_64 rng(60);
+    for (auto &t : tensors)
+      t.randomize(rng);
+    add_all(h.get(), tensors);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+  }
+  void train(int64_t steps)
+  {
+    std::mt19937_64 rng(61);
+    for (int64_t s = 1; s <= steps; s++) {
+      for (auto &t : tensors)
+        t.randomize(rng, 1.0f);
+      ASSERT_EQ(polyak_update(h.get(), s, nullptr), POLYAK_OK);
+    }
+  }
+  std::vector<std::vector<char>> param_bytes() const
+  {
+    std::vector<std::vector<char>> all;
+    for (auto &t : tensors) {
+      const char *p = static_cast<const char *>(t.data());
+      all.emplace_back(p, p + t.num_elems * dtype_bytes(t.dtype));
+    }
+    return all;
+  }
+};
+
+TEST(Evaluation, CopyToParamsWritesTheDebiasedShadowInEachParamDtype)
+{
+  for (int zero_init : {0, 1}) {
+    Trained m(zero_init);
+    m.train(5);
+    for (int k = 0; k < 2; k++) {
+      std::vector<std::vector<float>> shadows;
+      for (size_t i = 0; i < m.tensors.size(); i++)
+        shadows.push_back(read_shadow(m.h.get(), k, (int)i, m.tensors[i].num_elems));
+      ASSERT_EQ(polyak_copy_to_params(m.h.get(), k, nullptr), POLYAK_OK);
+      for (size_t i = 0; i < m.tensors.size(); i++) {
+        std::vector<char> want(m.tensors[i].num_elems * dtype_bytes(m.tensors[i].dtype));
+        for (int64_t e = 0; e < m.tensors[i].num_elems; e++)
+          store_as(m.tensors[i].dtype, want.data(), e, shadows[i][e]); // round to nearest even
+        EXPECT_EQ(0, std::memcmp(want.data(), m.tensors[i].data(), want.size()))
+            << "shadow " << k << " tensor " << m.tensors[i].name;
+      }
+    }
+  }
+}
+
+TEST(Evaluation, StoreCopyRestoreReturnsTheExactTrainingWeights)
+{
+  Trained m;
+  m.train(3);
+  m.tensors[1].set(2, polyak_f32_from_bits(0x7FC01234)); // a NaN payload survives too
+  auto before = m.param_bytes();
+  ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 1, nullptr), POLYAK_OK);
+  EXPECT_NE(m.param_bytes(), before);
+  ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
+  EXPECT_EQ(m.param_bytes(), before);
+  // the copy stays: evaluate again and restore again
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
+  EXPECT_EQ(m.param_bytes(), before);
+}
+
+TEST(Evaluation, StoreReplacesTheEarlierCopy)
+{
+  Trained m;
+  m.train(2);
+  ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  std::mt19937_64 rng(62); // the optimizer moves the params on
+  for (auto &t : m.tensors)
+    t.randomize(rng);
+  auto now = m.param_bytes();
+  ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
+  EXPECT_EQ(m.param_bytes(), now);
+}
+
+TEST(Evaluation, MisuseIsRefusedAndChangesNothing)
+{
+  Trained m(1);
+  auto params = m.param_bytes();
+  EXPECT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_ERR_STATE) << "nothing stored";
+  EXPECT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_ERR_STATE) << "zero_init, no update";
+  m.train(1);
+  params = m.param_bytes();
+  Snapshot shadows = snapshot(m.h.get(), 2, m.tensors);
+  EXPECT_EQ(polyak_copy_to_params(m.h.get(), 2, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_copy_to_params(m.h.get(), -1, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_copy_to_params(nullptr, 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_store(nullptr, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_restore(nullptr, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(m.param_bytes(), params);
+  EXPECT_TRUE(snapshot(m.h.get(), 2, m.tensors) == shadows);
+  Handle fresh = make_handle(cpu_config());
+  EXPECT_EQ(polyak_store(fresh.get(), nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_copy_to_params(fresh.get(), 0, nullptr), POLYAK_ERR_STATE);
+}
+
+} // namespace
