@@ -90,8 +90,14 @@ step "compute-sanitizer memcheck" timeout 110 "$sanitizer" --tool memcheck --err
 step "compute-sanitizer racecheck" timeout 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
   "${tests[0]}" --gtest_filter="$race_filter"
 
-if [ -x "$build/bench/polyak_bench" ]; then
-  step "benchmark" timeout 60 "$build/bench/polyak_bench" --out "$out"
+step "benchmark (C)" timeout 180 "$build/bench/polyak_bench" --gpu-only --out "$out"
+gpu_jsonl=$(ls -t "$out"/*.jsonl 2>/dev/null | head -1)
+if python3 -c "import torch" 2>/dev/null; then
+  step "benchmark (vs PyTorch)" timeout 150 python3 bench/vs_torch.py --lib "$build/libpolyak.so" \
+    --out "$gpu_jsonl"
+fi
+if [ -n "$gpu_jsonl" ] && python3 -c "import matplotlib" 2>/dev/null; then
+  step "plot" timeout 30 python3 bench/plot.py "$gpu_jsonl"
 fi
 step "demo" timeout 20 "$build/examples/polyak_demo" 50000
 

@@ -76,11 +76,11 @@ POLYAK_HD uint16_t polyak_f32_to_bf16_rne(float x)
  * low half. Inf and NaN pass through unrounded. */
 POLYAK_HD uint16_t polyak_f32_to_bf16_sr(float x, uint32_t random)
 {
+  /* branch-free, so CPU loops vectorize: selects, not jumps */
   uint32_t bits = polyak_f32_bits(x);
-  if ((bits & 0x7F800000u) == 0x7F800000u)
-    return (bits & 0x007FFFFFu) ? polyak_bf16_nan(bits) : (uint16_t)(bits >> 16);
-  bits += random & 0xFFFFu;
-  return (uint16_t)(bits >> 16);
+  uint32_t rounded = (bits + (random & 0xFFFFu)) >> 16;
+  uint32_t special = (bits >> 16) | ((bits & 0x007FFFFFu) ? 0x0040u : 0u); /* Inf; quiet NaN */
+  return (uint16_t)((bits & 0x7F800000u) == 0x7F800000u ? special : rounded);
 }
 
 /* ---- f16 (IEEE binary16) ----------------------------------------------- */
@@ -138,10 +138,14 @@ POLYAK_HD uint16_t polyak_f32_to_f16_rne(float x)
 
 /* shadow + weight * (param - shadow), with weight = 1 - B computed on the
  * host in double. The difference form keeps the rounding error of an EMA
- * step at half an ulp of the result, and weight == 1 (a copy) is exact. */
+ * step at half an ulp of the result, and weight == 1 (a copy) is exact.
+ * The copy is chosen by a bit mask (+1.0f has one encoding), not a branch
+ * or a float compare, so that CPU loops vectorize. */
 POLYAK_HD float polyak_lerp(float shadow, float param, float weight)
 {
-  return weight == 1.0f ? param : fmaf(weight, param - shadow, shadow);
+  float mixed = fmaf(weight, param - shadow, shadow);
+  uint32_t copy = 0u - (uint32_t)(polyak_f32_bits(weight) == 0x3F800000u); /* all ones at 1 */
+  return polyak_f32_from_bits((polyak_f32_bits(param) & copy) | (polyak_f32_bits(mixed) & ~copy));
 }
 
 /* A read-out value: shadow * scale (1, or the zero_init debias factor

@@ -73,8 +73,11 @@ static __device__ int64_t polyak_block_sum(int64_t value)
   return total; /* valid in thread 0 */
 }
 
+/* At least 4 blocks of 256 threads per SM (half the threads a Hopper SM
+ * holds): up to 64 registers a thread. Left to itself ptxas picked 40 and
+ * spilled. */
 template <int SHADOW_DTYPE>
-__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
     polyak_update_kernel(const polyak_update_kernel_args a)
 {
   __shared__ polyak_resolved_step step;

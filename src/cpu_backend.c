@@ -4,7 +4,8 @@
  *
  * fmaf() is one instruction only where the compiler may use FMA, and the
  * software fallback is ~10x slower (same bits), so the plan walk is built
- * twice, with and without the FMA target, and picked at run time. */
+ * twice, for AVX2 with FMA and for the baseline ISA, and picked at run
+ * time. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,6 +18,7 @@ typedef struct {
   int64_t graph_consumed, graph_dropped; /* graph mode counters */
   void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
   void *store;                           /* polyak_store's copy of the params */
+  float scratch[POLYAK_CHUNK_ELEMS];     /* one chunk's params as f32 */
 } cpu_state;
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -34,46 +36,55 @@ ALWAYS_INLINE float load_param(const void *param, int64_t i, polyak_dtype dtype)
   return NAN;
 }
 
-/* One chunk: each param element is read once and folded into every shadow.
- * Always inlined with constant dtypes, so each dtype pair gets its own loop
- * without a per-element switch. Returns the non-finite params met. */
+/* One chunk: its params are read once, converted to f32 into `scratch`
+ * (at most POLYAK_CHUNK_ELEMS floats, so they stay in cache), then folded
+ * into each shadow by a plain loop the compiler vectorizes. Always inlined
+ * with constant dtypes, so each dtype pair gets its own loops, with no
+ * per-element switch. Returns the non-finite params met. */
 ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chunk *chunk,
                                    void *const *shadows, const polyak_update_args *args,
-                                   polyak_dtype param_dtype, polyak_dtype shadow_dtype)
+                                   polyak_dtype param_dtype, polyak_dtype shadow_dtype,
+                                   float *restrict scratch)
 {
-  int64_t nonfinite = 0;
-  int64_t end = chunk->first_elem + chunk->num_elems;
-  for (int64_t i = chunk->first_elem; i < end; i++) {
-    float param = load_param(t->param, i, param_dtype);
-    if (!polyak_is_finite(param)) {
-      nonfinite++;
-      if (args->skip_nonfinite)
-        continue;
-    }
-    int64_t slot = t->shadow_offset_elems + i;
-    for (int k = 0; k < args->num_shadows; k++) {
-      if (shadow_dtype == POLYAK_F32) {
-        float *shadow = (float *)shadows[k] + slot;
-        *shadow = polyak_lerp(*shadow, param, args->weight[k]);
-      } else {
-        uint16_t *shadow = (uint16_t *)shadows[k] + slot;
-        float mixed = polyak_lerp(polyak_bf16_to_f32(*shadow), param, args->weight[k]);
-        uint32_t random = polyak_sr_bits(args->sr_key[k], t->global_offset_elems + i);
-        *shadow = polyak_f32_to_bf16_sr(mixed, random);
+  int64_t n = chunk->num_elems, first = chunk->first_elem, nonfinite = 0;
+  for (int64_t i = 0; i < n; i++)
+    scratch[i] = load_param(t->param, first + i, param_dtype);
+  for (int64_t i = 0; i < n; i++)
+    nonfinite += !polyak_is_finite(scratch[i]);
+  int guard = args->skip_nonfinite && nonfinite > 0; /* the guard costs only where needed */
+  int64_t slot = t->shadow_offset_elems + first;
+  for (int k = 0; k < args->num_shadows; k++) {
+    float weight = args->weight[k];
+    if (shadow_dtype == POLYAK_F32) {
+      float *restrict s = (float *)shadows[k] + slot;
+      if (!guard)
+        for (int64_t i = 0; i < n; i++)
+          s[i] = polyak_lerp(s[i], scratch[i], weight);
+      else
+        for (int64_t i = 0; i < n; i++)
+          s[i] = polyak_is_finite(scratch[i]) ? polyak_lerp(s[i], scratch[i], weight) : s[i];
+    } else {
+      uint16_t *restrict s = (uint16_t *)shadows[k] + slot;
+      uint64_t key = args->sr_key[k];
+      int64_t elem = t->global_offset_elems + first;
+      for (int64_t i = 0; i < n; i++) {
+        uint16_t next = polyak_f32_to_bf16_sr(polyak_lerp(polyak_bf16_to_f32(s[i]), scratch[i], weight),
+                                              polyak_sr_bits(key, elem + i));
+        s[i] = (guard & !polyak_is_finite(scratch[i])) ? s[i] : next;
       }
     }
   }
   return nonfinite;
 }
 
-#define UPDATE_CASE(param_dtype, shadow_dtype)                                        \
-  case (param_dtype)*4 + (shadow_dtype):                                              \
-    nonfinite += update_chunk(t, chunk, shadows, args, param_dtype, shadow_dtype);    \
+#define UPDATE_CASE(param_dtype, shadow_dtype)                                              \
+  case (param_dtype)*4 + (shadow_dtype):                                                    \
+    nonfinite += update_chunk(t, chunk, shadows, args, param_dtype, shadow_dtype, scratch); \
     break;
 
 #define DEFINE_WALK_PLAN(name, attributes)                                                    \
   attributes static int64_t name(const polyak_t *p, void *const *shadows,                    \
-                                 const polyak_update_args *args)                              \
+                                 const polyak_update_args *args, float *scratch)              \
   {                                                                                           \
     int64_t nonfinite = 0;                                                                    \
     for (int64_t c = 0; c < p->num_chunks; c++) {                                             \
@@ -93,7 +104,7 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
 
 DEFINE_WALK_PLAN(walk_plan, )
 #if defined(__x86_64__) || defined(__i386__)
-DEFINE_WALK_PLAN(walk_plan_fma, __attribute__((target("fma"))))
+DEFINE_WALK_PLAN(walk_plan_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, void *stream)
@@ -101,12 +112,12 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
   (void)stream;
   cpu_state *state = p->backend;
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("fma")) {
-    state->nonfinite_count += walk_plan_fma(p, state->shadows, args);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    state->nonfinite_count += walk_plan_avx2(p, state->shadows, args, state->scratch);
     return POLYAK_OK;
   }
 #endif
-  state->nonfinite_count += walk_plan(p, state->shadows, args);
+  state->nonfinite_count += walk_plan(p, state->shadows, args, state->scratch);
   return POLYAK_OK;
 }
 

@@ -1,0 +1,251 @@
+/* bench_gpu.c: polyak's fused CUDA update against the card's copy
+ * bandwidth (cudaMemcpyAsync device to device, same run) and against what
+ * trainers write today: per-tensor cuBLAS scal + axpy on f32 shadows (with
+ * a cast for bf16 params), and one polyak handle per shadow. Every update
+ * is timed between CUDA events; the median of `iters` counts. */
+#include "bench_sections.h"
+
+#ifndef POLYAK_HAVE_CUDA
+int bench_gpu(const bench_options *options)
+{
+  (void)options;
+  printf("\nGPU section: this build has no CUDA\n");
+  return 0;
+}
+#else
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdlib.h>
+#include <string.h>
+
+cudaError_t bench_fill(void *data, size_t count, int bf16, uint64_t seed);
+cudaError_t bench_cast_bf16(const uint16_t *from, float *to, size_t count, cudaStream_t stream);
+
+#define WARMUP 5
+
+typedef struct {
+  bench_output *out;
+  const bench_list *list;
+  char *params; /* device */
+  polyak_dtype param_dtype;
+  int iters;
+  double copy_gbps;
+  cudaEvent_t *events; /* iters + 1 */
+} gpu_run;
+
+/* Median milliseconds between consecutive events around `iters` calls. */
+static double median_ms(const gpu_run *run)
+{
+  double *ms = malloc(sizeof(double) * (size_t)run->iters);
+  for (int i = 0; i < run->iters; i++) {
+    float elapsed = 0.0f;
+    cudaEventElapsedTime(&elapsed, run->events[i], run->events[i + 1]);
+    ms[i] = elapsed;
+  }
+  double median = bench_median(ms, run->iters);
+  free(ms);
+  return median;
+}
+
+static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows, const char *impl, double ms)
+{
+  double gbps = bench_required_bytes(run->list->num_elems, run->param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
+  bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), bench_dtype_name(shadow_dtype),
+                    num_shadows, impl, ms, gbps, gbps / run->copy_gbps};
+  bench_emit(run->out, &r);
+}
+
+static polyak_t *make_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows)
+{
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.backend = POLYAK_BACKEND_CUDA;
+  cfg.num_shadows = num_shadows;
+  cfg.shadow_dtype = shadow_dtype;
+  for (int k = 0; k < num_shadows; k++)
+    cfg.schedules[k].beta = 0.999 + 0.0001 * k;
+  polyak_t *p = NULL;
+  if (polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, run->list, run->params, run->param_dtype) ||
+      polyak_finalize(p, NULL) != POLYAK_OK) {
+    fprintf(stderr, "bench: %s: %s\n", run->list->name, polyak_last_error(p));
+    polyak_destroy(p);
+    return NULL;
+  }
+  return p;
+}
+
+/* `count` handles updated in turn per timed step (1: the fused pass over
+ * every shadow; K: polyak_separate_passes). */
+static int time_handles(const gpu_run *run, polyak_t **handles, int count)
+{
+  for (int it = -WARMUP; it < run->iters; it++) {
+    if (it >= 0)
+      cudaEventRecord(run->events[it], NULL);
+    for (int h = 0; h < count; h++)
+      if (polyak_update(handles[h], it + WARMUP + 1, NULL) != POLYAK_OK) {
+        fprintf(stderr, "bench: %s\n", polyak_last_error(handles[h]));
+        return -1;
+      }
+  }
+  cudaEventRecord(run->events[run->iters], NULL);
+  return cudaEventSynchronize(run->events[run->iters]) == cudaSuccess ? 0 : -1;
+}
+
+static int run_polyak(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows, int separate)
+{
+  polyak_t *handles[POLYAK_MAX_SHADOWS] = {0};
+  int count = separate ? num_shadows : 1, failed = 0;
+  for (int h = 0; h < count && !failed; h++)
+    failed = !(handles[h] = make_handle(run, shadow_dtype, separate ? 1 : num_shadows));
+  if (!failed)
+    failed = time_handles(run, handles, count);
+  if (!failed)
+    emit(run, shadow_dtype, num_shadows, separate ? "polyak_separate_passes" : "polyak", median_ms(run));
+  for (int h = 0; h < count; h++)
+    polyak_destroy(handles[h]);
+  return failed ? -1 : 0;
+}
+
+/* What a C trainer writes by hand: per tensor and shadow, shadow *= beta,
+ * then shadow += (1 - beta) * param, on f32 shadows; bf16 params are cast
+ * to an f32 scratch first. */
+static int run_cublas(const gpu_run *run, cublasHandle_t blas, int num_shadows)
+{
+  const bench_list *list = run->list;
+  float *shadows = NULL, *scratch = NULL;
+  int64_t largest = 0;
+  for (int i = 0; i < list->num_tensors; i++)
+    largest = list->tensors[i].num_elems > largest ? list->tensors[i].num_elems : largest;
+  int failed = cudaMalloc((void **)&shadows, (size_t)list->num_elems * num_shadows * 4) != cudaSuccess ||
+               (run->param_dtype == POLYAK_BF16 && cudaMalloc((void **)&scratch, (size_t)largest * 4) != cudaSuccess);
+  if (!failed)
+    failed = bench_fill(shadows, (size_t)list->num_elems * num_shadows, 0, 99) != cudaSuccess;
+  const float beta = 0.999f, weight = 0.001f;
+  for (int it = -WARMUP; it < run->iters && !failed; it++) {
+    if (it >= 0)
+      cudaEventRecord(run->events[it], NULL);
+    size_t param_offset = 0, shadow_offset = 0;
+    for (int i = 0; i < list->num_tensors && !failed; i++) {
+      int n = (int)list->tensors[i].num_elems;
+      const float *x = (const float *)(run->params + param_offset);
+      if (run->param_dtype == POLYAK_BF16) {
+        failed |= bench_cast_bf16((const uint16_t *)(run->params + param_offset), scratch, (size_t)n, NULL) != cudaSuccess;
+        x = scratch;
+      }
+      for (int k = 0; k < num_shadows; k++) {
+        float *y = shadows + (size_t)k * list->num_elems + shadow_offset;
+        failed |= cublasSscal(blas, n, &beta, y, 1) != CUBLAS_STATUS_SUCCESS;
+        failed |= cublasSaxpy(blas, n, &weight, x, 1, y, 1) != CUBLAS_STATUS_SUCCESS;
+      }
+      param_offset += ((size_t)n * bench_dtype_bytes(run->param_dtype) + 255) / 256 * 256;
+      shadow_offset += (size_t)n;
+    }
+  }
+  cudaEventRecord(run->events[run->iters], NULL);
+  failed |= cudaEventSynchronize(run->events[run->iters]) != cudaSuccess;
+  if (!failed)
+    emit(run, POLYAK_F32, num_shadows, "cublas_per_tensor", median_ms(run));
+  else
+    fprintf(stderr, "bench: cublas_per_tensor failed on %s\n", list->name);
+  cudaFree(shadows);
+  cudaFree(scratch);
+  return failed ? -1 : 0;
+}
+
+/* Device-to-device copy of 2 GiB; bytes read plus written per second. */
+static double copy_gbps(int iters, cudaEvent_t *events)
+{
+  const size_t num_bytes = (size_t)2 << 30;
+  void *src = NULL, *dst = NULL;
+  if (cudaMalloc(&src, num_bytes) != cudaSuccess || cudaMalloc(&dst, num_bytes) != cudaSuccess)
+    return 0.0;
+  bench_fill(src, num_bytes / 4, 0, 7);
+  gpu_run run = {0};
+  run.iters = iters;
+  run.events = events;
+  for (int it = -WARMUP; it < iters; it++) {
+    if (it >= 0)
+      cudaEventRecord(events[it], NULL);
+    cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToDevice, NULL);
+  }
+  cudaEventRecord(events[iters], NULL);
+  cudaEventSynchronize(events[iters]);
+  double ms = median_ms(&run);
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * (double)num_bytes / ms / 1e6;
+}
+
+/* Enough free device memory for `num_bytes` and some slack? */
+static int fits(double num_bytes)
+{
+  size_t free_bytes = 0, total = 0;
+  cudaMemGetInfo(&free_bytes, &total);
+  return num_bytes * 1.02 + (double)(512u << 20) < (double)free_bytes;
+}
+
+int bench_gpu(const bench_options *options)
+{
+  if (!polyak_backend_available(POLYAK_BACKEND_CUDA)) {
+    printf("\nGPU section: no CUDA device here, skipped\n");
+    return 0;
+  }
+  struct cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  bench_output out;
+  if (bench_output_open(&out, prop.name, options->out_dir) != 0)
+    return -1;
+  cudaEvent_t *events = malloc(sizeof(cudaEvent_t) * (size_t)(options->iters + 1));
+  for (int i = 0; i <= options->iters; i++)
+    cudaEventCreate(&events[i]);
+  cublasHandle_t blas;
+  cublasCreate(&blas);
+  gpu_run run = {&out, NULL, NULL, POLYAK_F32, options->iters, copy_gbps(options->iters, events), events};
+  printf("\nGPU: %s, %d SMs, %.0f GB; copy bandwidth %.0f GB/s (read + write); date %s, commit %s\n", prop.name,
+         prop.multiProcessorCount, (double)prop.totalGlobalMem / 1e9, run.copy_gbps, out.date, out.commit);
+  bench_table_header("of copy = of the same run's device-to-device copy bandwidth");
+  const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16};
+  int failed = 0;
+  for (int l = 0; l < options->num_lists && !failed; l++) {
+    bench_list list;
+    if (bench_list_load(&list, options->lists[l], options->models_dir) != 0) {
+      failed = 1;
+      break;
+    }
+    run.list = &list;
+    for (int pd = 0; pd < 2 && !failed; pd++) {
+      run.param_dtype = dtypes[pd];
+      size_t params_bytes = bench_params_bytes(&list, run.param_dtype);
+      if (!fits((double)params_bytes) || cudaMalloc((void **)&run.params, params_bytes) != cudaSuccess) {
+        printf("%-10s %-5s skipped: the params need %.1f GB\n", list.name, bench_dtype_name(run.param_dtype),
+               (double)params_bytes / 1e9);
+        continue;
+      }
+      bench_fill(run.params, params_bytes / bench_dtype_bytes(run.param_dtype), run.param_dtype == POLYAK_BF16, 5);
+      for (int sd = 0; sd < 2 && !failed; sd++)
+        for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
+          double shadows_bytes = (double)list.num_elems * num_shadows * (double)bench_dtype_bytes(dtypes[sd]);
+          if (!fits(shadows_bytes)) {
+            printf("%-10s %-5s %-5s %2d skipped: %d shadows need %.1f GB\n", list.name,
+                   bench_dtype_name(run.param_dtype), bench_dtype_name(dtypes[sd]), num_shadows, num_shadows,
+                   shadows_bytes / 1e9);
+            continue;
+          }
+          failed = run_polyak(&run, dtypes[sd], num_shadows, 0);
+          if (!failed && num_shadows > 1)
+            failed = run_polyak(&run, dtypes[sd], num_shadows, 1);
+          if (!failed && dtypes[sd] == POLYAK_F32)
+            failed = run_cublas(&run, blas, num_shadows);
+        }
+      cudaFree(run.params);
+    }
+    bench_list_free(&list);
+  }
+  cublasDestroy(blas);
+  for (int i = 0; i <= options->iters; i++)
+    cudaEventDestroy(events[i]);
+  free(events);
+  bench_output_close(&out);
+  return failed ? -1 : 0;
+}
+#endif

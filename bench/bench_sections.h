@@ -1,0 +1,29 @@
+/* bench_sections.h: the benchmark's sections, each printing a table and
+ * emitting one record per measurement. */
+#ifndef POLYAK_BENCH_SECTIONS_H
+#define POLYAK_BENCH_SECTIONS_H
+
+#include "bench_util.h"
+#include "model_list.h"
+
+typedef struct {
+  const char *models_dir;
+  const char *out_dir; /* NULL: no results file */
+  const char **lists;
+  int num_lists;
+  int iters;           /* timed updates per measurement */
+} bench_options;
+
+/* The CPU backend against a same-run triad loop (single thread each). */
+int bench_cpu(const bench_options *options);
+
+/* polyak's CUDA update against cudaMemcpy bandwidth and the baselines;
+ * returns 0 without running when no device is present. */
+int bench_gpu(const bench_options *options);
+
+/* Registers every tensor of `list` on `p`, params packed in `params`
+ * (each tensor 256-byte aligned, as framework allocators place them). */
+polyak_status bench_register(polyak_t *p, const bench_list *list, char *params, polyak_dtype dtype);
+size_t bench_params_bytes(const bench_list *list, polyak_dtype dtype);
+
+#endif /* POLYAK_BENCH_SECTIONS_H */

@@ -1,0 +1,277 @@
+"""polyak against what PyTorch users run today, on the same tensor lists, card and run.
+
+Implementations (K = 1 shadow, decay 0.999):
+  polyak                 libpolyak through ctypes on the tensors' data_ptr()
+  torch_foreach_lerp     torch._foreach_lerp_ (timm ModelEmaV3, AveragedModel): f32 params and shadows
+  torch_cast_then_lerp   bf16 params cast to f32, then _foreach_lerp_ into f32 shadows
+  timm_v3                timm.utils.ModelEmaV3.update on a module holding the list (if timm imports)
+  torch_loop             per tensor shadow.mul_(beta).add_(param, alpha=1-beta)
+Before timing, each implementation's result after one update is checked against
+float64. Every update is timed between CUDA events (median of --iters); the host
+wall time per call is reported too. Results are appended to --out as JSON lines
+in the C benchmark's format, with "host_ms_median" added.
+
+Usage: vs_torch.py --lib build/libpolyak.so [--out FILE.jsonl] [--lists a,b] [--iters N]
+                   [--device cpu]   (cpu: the glue and checks only, with the CPU backend)
+"""
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+F32, BF16 = 0, 1
+BACKEND_CPU, BACKEND_CUDA = 0, 1
+BETA = 0.999
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Schedule(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("beta", ctypes.c_double), ("beta_min", ctypes.c_double),
+                ("inv_gamma", ctypes.c_double), ("power", ctypes.c_double), ("gamma", ctypes.c_double),
+                ("ramp_steps", ctypes.c_int64), ("start_step", ctypes.c_int64)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_int), ("device", ctypes.c_int),
+                ("num_shadows", ctypes.c_int), ("schedules", Schedule * 8), ("shadow_dtype", ctypes.c_int),
+                ("zero_init", ctypes.c_int), ("skip_nonfinite", ctypes.c_int), ("seed", ctypes.c_uint64)]
+
+
+class Polyak:
+    """The few calls of polyak.h the benchmark needs."""
+
+    def __init__(self, path):
+        lib = ctypes.CDLL(path)
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.polyak_config_init.argtypes = [ctypes.POINTER(Config)]
+        lib.polyak_create.argtypes = [ctypes.POINTER(vp), ctypes.POINTER(Config)]
+        lib.polyak_add.argtypes = [vp, ctypes.c_char_p, vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]
+        lib.polyak_finalize.argtypes = [vp, vp]
+        lib.polyak_update.argtypes = [vp, i64, vp]
+        lib.polyak_get_shadow.argtypes = [vp, ctypes.c_int, ctypes.c_int, vp, ctypes.c_int, vp]
+        lib.polyak_last_error.argtypes = [vp]
+        lib.polyak_last_error.restype = ctypes.c_char_p
+        lib.polyak_destroy.argtypes = [vp]
+        self.lib = lib
+
+    def check(self, status, handle, what):
+        if status != 0:
+            detail = self.lib.polyak_last_error(handle).decode() if handle else ""
+            raise RuntimeError(f"{what}: status {status}: {detail}")
+
+    def handle(self, params, backend, stream):
+        cfg = Config()
+        self.lib.polyak_config_init(ctypes.byref(cfg))
+        assert cfg.struct_size == ctypes.sizeof(Config), "polyak_config layout differs from this mirror"
+        cfg.backend = backend
+        cfg.schedules[0].beta = BETA
+        h = ctypes.c_void_p()
+        self.check(self.lib.polyak_create(ctypes.byref(h), ctypes.byref(cfg)), None, "polyak_create")
+        for i, p in enumerate(params):
+            shape = (ctypes.c_int64 * max(p.dim(), 1))(*p.shape)
+            dtype = F32 if p.dtype == torch.float32 else BF16
+            self.check(self.lib.polyak_add(h, f"t{i}".encode(), p.data_ptr(), dtype, p.dim(), shape), h, "polyak_add")
+        self.check(self.lib.polyak_finalize(h, stream), h, "polyak_finalize")
+        return h
+
+
+def tensor_sizes(name):
+    """Element counts of a list: bench/models/<name>.tsv, or tiny-10k as bench/model_list.c makes it."""
+    if name == "tiny-10k":
+        state, sizes = 10000, []
+        for _ in range(10000):
+            state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+            sizes.append(1 + (state >> 33) % 4096)
+        return sizes
+    sizes = []
+    for line in open(os.path.join(HERE, "models", name + ".tsv")):
+        if line.strip() and not line.startswith("#"):
+            sizes.append(int(line.split()[2]))
+    return sizes
+
+
+def timed(fn, iters, device):
+    """Median device ms per call (CUDA events between back-to-back calls) and median host ms."""
+    for _ in range(5):
+        fn()
+    host = []
+    if device == "cpu":
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            host.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(host), statistics.median(host)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    for i in range(iters):
+        events[i].record()
+        start = time.perf_counter()
+        fn()
+        host.append(1e3 * (time.perf_counter() - start))
+    events[iters].record()
+    torch.cuda.synchronize()
+    device_ms = [events[i].elapsed_time(events[i + 1]) for i in range(iters)]
+    return statistics.median(device_ms), statistics.median(host)
+
+
+def copy_gbps(iters, device):
+    if device == "cpu":
+        return float("nan")
+    src = torch.rand(1 << 29, device=device)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms, _ = timed(lambda: dst.copy_(src), iters, device)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def sample(sizes):
+    """Tensors checked against float64: all of a small list, a spread of a large one."""
+    if sum(sizes) < 2e8:
+        return list(range(len(sizes)))
+    return sorted({0, 1, len(sizes) // 2, len(sizes) - 2, len(sizes) - 1})
+
+
+class Check:
+    """Keeps the checked tensors' shadow start; after the params move and one
+    update, each shadow must be start + weight * (param - start) in float64, up to
+    f32 rounding."""
+
+    def __init__(self, indices, shadows):
+        self.indices = indices
+        self.start = {i: shadows[i].detach().double().clone() for i in indices}
+
+    def verify(self, impl, shadows, params, weight):
+        worst = 0.0
+        for i in self.indices:
+            ref = self.start[i] + weight * (params[i].double() - self.start[i])
+            got = shadows[i].detach().double()
+            if ref.numel():
+                worst = max(worst, ((got - ref).abs() / (ref.abs() + 1e-30)).max().item())
+        if worst > 1e-6:
+            raise AssertionError(f"{impl}: relative error {worst:.2e} against float64")
+
+
+def move(params):
+    """What an optimizer step does to the params, in place."""
+    for p in params:
+        p.add_(0.0625)
+
+
+def run_list(lib, name, iters, device, copy, emit):
+    sizes = tensor_sizes(name)
+    checked = sample(sizes)
+    backend = BACKEND_CUDA if device == "cuda" else BACKEND_CPU
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    weight = 1.0 - BETA
+    for param_dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device=device).manual_seed(1)
+        params = [(1.0 + 0.1 * torch.randn(n, device=device, generator=gen)).to(param_dtype) for n in sizes]
+        required = sum(sizes) * (params[0].element_size() + 2 * 4)
+
+        def record(impl, device_ms, host_ms):
+            gbps = required / device_ms / 1e6
+            emit({"list": name, "param_dtype": "f32" if param_dtype == torch.float32 else "bf16",
+                  "shadow_dtype": "f32", "num_shadows": 1, "impl": impl, "ms_median": device_ms, "gbps": gbps,
+                  "frac_of_copy": gbps / copy, "host_ms_median": host_ms})
+
+        # polyak: its shadows start as the params
+        h = lib.handle(params, backend, stream)
+        check = Check(checked, params)
+        move(params)
+        lib.check(lib.lib.polyak_update(h, 1, stream), h, "polyak_update")
+        got = {}
+        for i in checked:
+            got[i] = torch.empty(sizes[i], device=device, dtype=torch.float32)
+            lib.check(lib.lib.polyak_get_shadow(h, 0, i, got[i].data_ptr(), F32, stream), h, "polyak_get_shadow")
+        check.verify("polyak", got, params, weight)
+        del got
+        step = [1]
+
+        def polyak_step():
+            step[0] += 1
+            lib.check(lib.lib.polyak_update(h, step[0], stream), h, "polyak_update")
+
+        record("polyak", *timed(polyak_step, iters, device))
+        lib.lib.polyak_destroy(h)
+
+        # the PyTorch ways, checked the same way
+        torch_impls = {"torch_loop": lambda s: [x.mul_(BETA).add_(p, alpha=weight) for x, p in zip(s, params)]}
+        if param_dtype == torch.float32:
+            torch_impls["torch_foreach_lerp"] = lambda s: torch._foreach_lerp_(s, params, weight)
+        else:
+            torch_impls["torch_cast_then_lerp"] = lambda s: torch._foreach_lerp_(s, [p.float() for p in params], weight)
+        for impl, update in torch_impls.items():
+            shadows = [p.float() for p in params]
+            check = Check(checked, shadows)
+            move(params)
+            update(shadows)
+            check.verify(impl, shadows, params, weight)
+            record(impl, *timed(lambda: update(shadows), iters, device))
+            del shadows
+        if param_dtype == torch.float32:
+            run_timm(name, params, checked, weight, iters, device, record)
+        del params
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_timm(name, params, checked, weight, iters, device, record):
+    try:
+        from timm.utils import ModelEmaV3
+    except ImportError:
+        print(f"{name}: timm not importable, timm_v3 left out")
+        return
+    model = torch.nn.Module()
+    model.weights = torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in params])
+    ema = ModelEmaV3(model, decay=BETA)  # update() without a step uses the decay itself
+    shadows = list(ema.module.weights)
+    check = Check(checked, shadows)
+    move(params)
+    ema.update(model)
+    check.verify("timm_v3", shadows, params, weight)
+    record("timm_v3", *timed(lambda: ema.update(model), iters, device))
+    del ema, model
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lib", required=True, help="path to libpolyak.so")
+    parser.add_argument("--out", help="JSON lines file to append to")
+    parser.add_argument("--lists", default="gpt2-124m,gpt2-xl,llama2-7b,vit-b16,resnet50,tiny-10k")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vs_torch: no CUDA device (use --device cpu to check the glue)")
+    lib = Polyak(args.lib)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    commit = os.environ.get("POLYAK_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    copy = copy_gbps(args.iters, args.device)
+    out = open(args.out, "a") if args.out else None
+    print(f"\nPyTorch {torch.__version__} on {card}: copy bandwidth {copy:.0f} GB/s")
+    print(f"{'list':10} {'param':5} {'impl':22} {'ms median':>10} {'GB/s':>8} {'of copy':>8} {'host ms':>8}")
+
+    def emit(row):
+        row = {"card": card, "date": date, "commit": commit, **row}
+        print(f"{row['list']:10} {row['param_dtype']:5} {row['impl']:22} {row['ms_median']:10.4f} "
+              f"{row['gbps']:8.1f} {row['frac_of_copy']:8.3f} {row['host_ms_median']:8.3f}", flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+    for name in args.lists.split(","):
+        try:
+            run_list(lib, name, args.iters, args.device, copy, emit)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name}: out of device memory, left out")
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
