@@ -205,7 +205,7 @@ def run_list(lib, name, iters, device, copy, emit):
         else:
             torch_impls["torch_cast_then_lerp"] = lambda s: torch._foreach_lerp_(s, [p.float() for p in params], weight)
         for impl, update in torch_impls.items():
-            shadows = [p.float() for p in params]
+            shadows = [p.to(torch.float32, copy=True) for p in params]  # never the params themselves
             check = Check(checked, shadows)
             move(params)
             update(shadows)
