@@ -55,13 +55,16 @@ static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
   bench_emit(run->out, &r);
 }
 
-static polyak_t *make_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows)
+/* A CUDA handle over the run's params; with world_size > 1, rank 0's slice. */
+static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
+                                     int world_size)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.backend = POLYAK_BACKEND_CUDA;
   cfg.num_shadows = num_shadows;
   cfg.shadow_dtype = shadow_dtype;
+  cfg.world_size = world_size;
   for (int k = 0; k < num_shadows; k++)
     cfg.schedules[k].beta = 0.999 + 0.0001 * k;
   polyak_t *p = NULL;
@@ -72,6 +75,11 @@ static polyak_t *make_handle(const gpu_run *run, polyak_dtype shadow_dtype, int 
     return NULL;
   }
   return p;
+}
+
+static polyak_t *make_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows)
+{
+  return make_sharded_handle(run, shadow_dtype, num_shadows, 1);
 }
 
 /* `count` handles updated in turn per timed step (1: the fused pass over
@@ -104,6 +112,37 @@ static int run_polyak(const gpu_run *run, polyak_dtype shadow_dtype, int num_sha
   for (int h = 0; h < count; h++)
     polyak_destroy(handles[h]);
   return failed ? -1 : 0;
+}
+
+/* Sharded shadows: what rank 0 of W keeps and how long its update takes
+ * (its slice only, timed on this one GPU; no communicator needed). */
+static int run_sharding(const gpu_run *run)
+{
+  const int worlds[] = {1, 8};
+  for (int w = 0; w < 2; w++) {
+    polyak_t *h = make_sharded_handle(run, POLYAK_F32, 1, worlds[w]);
+    if (!h)
+      return -1;
+    int64_t kept = 0, first, count;
+    for (int i = 0; i < run->list->num_tensors; i++) {
+      polyak_local_range(h, i, &first, &count);
+      kept += count;
+    }
+    int failed = time_handles(run, &h, 1);
+    polyak_destroy(h);
+    if (failed)
+      return -1;
+    double ms = median_ms(run);
+    double gbps = bench_required_bytes(kept, run->param_dtype, POLYAK_F32, 1) / ms / 1e6;
+    printf("%-10s %-5s f32    1 sharded: world %d, rank 0 keeps %lld elements = %.2f GB per shadow; "
+           "update %.3f ms (%.0f GB/s, %.3f of copy)\n",
+           run->list->name, bench_dtype_name(run->param_dtype), worlds[w], (long long)kept, kept * 4.0 / 1e9, ms,
+           gbps, gbps / run->copy_gbps);
+    bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), "f32", 1,
+                      worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0", ms, gbps, gbps / run->copy_gbps};
+    bench_emit(run->out, &r);
+  }
+  return 0;
 }
 
 /* What a C trainer writes by hand: per tensor and shadow, shadow *= beta,
@@ -222,6 +261,9 @@ int bench_gpu(const bench_options *options)
         continue;
       }
       bench_fill(run.params, params_bytes / bench_dtype_bytes(run.param_dtype), run.param_dtype == POLYAK_BF16, 5);
+      if (strcmp(list.name, "llama2-7b") == 0 && run.param_dtype == POLYAK_F32 &&
+          fits((double)list.num_elems * 4.0))
+        failed = run_sharding(&run);
       for (int sd = 0; sd < 2 && !failed; sd++)
         for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
           double shadows_bytes = (double)list.num_elems * num_shadows * (double)bench_dtype_bytes(dtypes[sd]);

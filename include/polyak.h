@@ -131,7 +131,14 @@ typedef struct {
   int zero_init;                  /* 0 (default): shadows start as params */
   int skip_nonfinite;             /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
   uint64_t seed;                  /* stochastic rounding */
+  /* sharding (version 2 of this struct; a version-1 struct_size means 1 rank) */
+  int world_size;                 /* 1 (default): whole shadows; W: this handle holds 1/W */
+  int rank;                       /* 0..world_size-1: which slice this handle holds */
+  void *nccl_comm;                /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
 } polyak_config;
+
+/* struct_size of polyak_config before the sharding fields, still accepted. */
+#define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
 
 /* ---- Errors ------------------------------------------------------------ */
 
@@ -157,7 +164,8 @@ POLYAK_API int polyak_backend_available(polyak_backend b);
  * backend, device 0, one shadow, every schedule CONSTANT with beta 0.999
  * (beta_min 0, inv_gamma 1, power 2/3, gamma 6.94 (sigma_rel 0.10),
  * ramp_steps 1000, start_step 0), F32 shadows, zero_init 0,
- * skip_nonfinite 1, seed 0. NULL is ignored. */
+ * skip_nonfinite 1, seed 0, world_size 1, rank 0, no communicator. NULL is
+ * ignored. */
 POLYAK_API void polyak_config_init(polyak_config *cfg);
 
 /* Checks `cfg` as polyak_create() does, without creating anything: on
@@ -268,6 +276,34 @@ POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
 
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
+
+/* ---- Sharding -------------------------------------------------------------
+ * With world_size W > 1, rank r keeps only its slice of every shadow: a
+ * contiguous, element-balanced range of the flattened parameter space
+ * (tensors in registration order; each boundary at a multiple of 8
+ * elements of the tensor it falls in, so 16-byte aligned), and its update
+ * touches only that slice (one launch). Every rank registers the full
+ * params, as data-parallel training holds them. Read-outs that need whole
+ * shadows (polyak_get_shadow of a tensor another rank holds part of,
+ * polyak_copy_to_params, polyak_save) gather the slices with one
+ * ncclAllGather of the shadow arenas on nccl_comm and the caller's stream;
+ * they need as much device memory again as the whole shadow while they run,
+ * and without a communicator they return POLYAK_ERR_STATE. Loads need no
+ * communicator: each rank reads its slice of the file. polyak_nonfinite_count
+ * counts this rank's slice.
+ * Params that are already sharded (FSDP, ZeRO-3): register the local shards
+ * with world_size = 1; the shadows then shard the same way. */
+
+/* The elements of tensor `tensor` whose shadows this handle keeps:
+ * [*first_elem, *first_elem + *num_elems) of the tensor (all of it without
+ * sharding; *num_elems may be 0). POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem,
+                                            int64_t *num_elems);
+
+/* Like polyak_get_shadow for this rank's part of the tensor only (the
+ * range above): no communication, dst gets *num_elems elements. */
+POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                                 polyak_dtype dst_dtype, void *stream);
 
 /* ---- Evaluation -------------------------------------------------------------
  * Evaluate with an average, then return to the exact training weights:

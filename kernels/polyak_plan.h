@@ -3,10 +3,11 @@
  * kernels. finalize builds it once (src/plan.c); every update walks it.
  *
  *   tensors[]  one entry per registered tensor: where its param lives, its
- *              dtype, where its slice of each shadow arena starts.
- *   chunks[]   a flat table of {tensor, first element, count}: each tensor
- *              cut into pieces of at most POLYAK_CHUNK_ELEMS elements, in
- *              registration order. Zero-size tensors have no chunk.
+ *              dtype, which of its elements this rank keeps shadows of (all,
+ *              unless sharded), where they sit in each shadow arena.
+ *   chunks[]   a flat table of {tensor, first element, count}: each tensor's
+ *              kept elements cut into pieces of at most POLYAK_CHUNK_ELEMS,
+ *              in registration order. Empty pieces have no chunk.
  */
 #ifndef POLYAK_PLAN_H
 #define POLYAK_PLAN_H
@@ -27,7 +28,10 @@ typedef struct {
   int64_t num_elems;
   int64_t global_offset_elems; /* first element's index in the flattened
                                   registration order (the hash's counter) */
-  int64_t shadow_offset_elems; /* first element's index in each shadow arena */
+  int64_t local_first_elem;    /* the elements whose shadows this rank keeps: */
+  int64_t local_num_elems;     /* [local_first, local_first + local_num) */
+  int64_t shadow_offset_elems; /* element e's shadow is at arena[shadow_offset + e]
+                                  (negative where the rank's piece starts late) */
   int64_t store_offset_bytes;  /* where polyak_store keeps a copy of the param */
   int32_t param_dtype;         /* a polyak_dtype */
   int32_t pad_;

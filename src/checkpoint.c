@@ -210,14 +210,14 @@ typedef struct {
   size_t buffer_bytes;
 } block_io;
 
-/* The piece [*lo, *hi) of tensor t's slice inside the arena block
- * [start, start + count) (empty if *lo >= *hi). Returns 1 if the slice goes
- * on past the block, so the next block starts with this tensor. */
+/* The part [*lo, *hi) of tensor t's kept slice (arena positions) inside
+ * the arena block [start, start + count) (empty if *lo >= *hi). Returns 1
+ * if the slice goes on past the block, so the next block starts with it. */
 static int slice_in_block(const polyak_tensor_desc *t, int64_t start, int64_t count, int64_t *lo,
                           int64_t *hi)
 {
-  int64_t end = t->shadow_offset_elems + t->num_elems;
-  *lo = t->shadow_offset_elems > start ? t->shadow_offset_elems : start;
+  int64_t begin = t->shadow_offset_elems + t->local_first_elem, end = begin + t->local_num_elems;
+  *lo = begin > start ? begin : start;
   *hi = end < start + count ? end : start + count;
   return end > start + count;
 }
@@ -231,7 +231,9 @@ static polyak_status write_data(block_io *io, polyak_safe_file *file, XXH3_state
     int i = 0;
     for (int64_t start = 0; start < p->arena_elems; start += block_elems) {
       int64_t count = p->arena_elems - start < block_elems ? p->arena_elems - start : block_elems;
-      polyak_status status = p->ops->shadow_to_host(p, k, start, count, io->buffer);
+      polyak_status status = p->ops->copy_to_host(
+          p, io->buffer, (const char *)p->ops->arena(p, k) + start * (int64_t)elem_bytes,
+          (size_t)count * elem_bytes);
       if (status != POLYAK_OK)
         return status;
       for (; i < p->num_tensors; i++) {
@@ -268,13 +270,92 @@ static polyak_status check_call(polyak_t *p, const char *path, const char *funct
   return POLYAK_OK;
 }
 
+/* Sharded: every rank gathers each shadow (one all-gather each) and rank 0
+ * writes the tensors whole, in file order; `file` is NULL elsewhere. Every
+ * rank makes every gather, whatever failed locally before: a rank that
+ * left the sequence would leave the others waiting in NCCL. */
+static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_state_t *hash,
+                                    polyak_status status)
+{
+  polyak_t *p = io->p;
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int64_t largest = 1;
+  for (int i = 0; i < p->num_tensors; i++)
+    largest = p->tensors[i].num_elems > largest ? p->tensors[i].num_elems : largest;
+  polyak_piece *layouts = polyak_all_layouts(p);
+  void *whole = file ? p->ops->scratch_alloc(p, (size_t)largest * elem_bytes) : NULL;
+  if (status == POLYAK_OK && (!layouts || (file && !whole) || !io->buffer))
+    status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory to gather the shadows");
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    void *gathered = NULL;
+    polyak_status gathered_status = polyak_gather_arenas(p, k, &gathered, NULL);
+    if (status == POLYAK_OK)
+      status = gathered_status;
+    for (int i = 0; i < p->num_tensors && file && status == POLYAK_OK; i++) {
+      status = polyak_assemble(p, gathered, p->arena_alloc_elems, layouts, i, 1.0, whole, p->cfg.shadow_dtype,
+                               NULL);
+      size_t tensor_bytes = (size_t)p->tensors[i].num_elems * elem_bytes;
+      for (size_t done = 0; done < tensor_bytes && status == POLYAK_OK;) {
+        size_t n = tensor_bytes - done < io->buffer_bytes ? tensor_bytes - done : io->buffer_bytes;
+        status = p->ops->copy_to_host(p, io->buffer, (const char *)whole + done, n);
+        XXH3_64bits_update(hash, io->buffer, n);
+        if (status == POLYAK_OK && polyak_safe_file_write(file, io->buffer, n) != 0)
+          status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: %s", file->error);
+        done += n;
+      }
+    }
+    if (gathered)
+      p->ops->scratch_free(p, gathered);
+  }
+  if (whole)
+    p->ops->scratch_free(p, whole);
+  free(layouts);
+  return status;
+}
+
+/* This rank's non-finite count summed over all ranks (through the same
+ * all-gather: 8 bytes are 2 floats or 4 bf16 values to NCCL). */
+static polyak_status total_nonfinite(polyak_t *p, int64_t local, int64_t *total)
+{
+  int64_t count = 8 / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int world = p->cfg.world_size;
+  int64_t *all = malloc(sizeof *all * (size_t)world);
+  void *send = p->ops->scratch_alloc(p, 8), *recv = p->ops->scratch_alloc(p, 8 * (size_t)world);
+  polyak_status status = all && send && recv ? POLYAK_OK
+                                             : polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory");
+  if (status == POLYAK_OK)
+    status = p->ops->copy_from_host(p, send, &local, 8);
+  if (status == POLYAK_OK)
+    status = p->ops->all_gather(p, send, recv, count, NULL);
+  if (status == POLYAK_OK)
+    status = p->ops->copy_to_host(p, all, recv, 8 * (size_t)world);
+  *total = 0;
+  for (int r = 0; r < world && status == POLYAK_OK; r++)
+    *total += all[r];
+  if (send)
+    p->ops->scratch_free(p, send);
+  if (recv)
+    p->ops->scratch_free(p, recv);
+  free(all);
+  return status;
+}
+
 polyak_status polyak_save(polyak_t *p, const char *path)
 {
   polyak_status status = check_call(p, path, "polyak_save");
   if (status != POLYAK_OK)
     return status;
+  int gathering = p->cfg.world_size > 1 || p->cfg.nccl_comm;
+  if (gathering && (!p->cfg.nccl_comm || !p->ops->all_gather))
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_save: this rank holds a slice of the shadows (world_size %d); saving "
+                       "gathers them over nccl_comm, which is not set",
+                       p->cfg.world_size);
+  int writer = !gathering || p->cfg.rank == 0;
   int64_t nonfinite = 0;
   status = p->ops->nonfinite_count(p, &nonfinite); /* also waits for the device */
+  if (status == POLYAK_OK && gathering)
+    status = total_nonfinite(p, nonfinite, &nonfinite);
   if (status != POLYAK_OK)
     return status;
   size_t header_bytes = 0;
@@ -284,24 +365,26 @@ polyak_status polyak_save(polyak_t *p, const char *path)
   block_io io = {p, NULL, io_buffer_bytes(p, 0)};
   if (header && file && hash)
     io.buffer = p->ops->host_buffer(p, io.buffer_bytes);
-  if (!header || !file || !hash || !io.buffer) {
+  int opened = 0;
+  if (!header || !file || !hash || !io.buffer)
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of host memory");
-    goto done;
+  if (status == POLYAK_OK && writer) {
+    uint8_t length[8];
+    for (int b = 0; b < 8; b++)
+      length[b] = (uint8_t)((uint64_t)header_bytes >> (8 * b));
+    opened = polyak_safe_file_open(file, path) == 0;
+    if (!opened || polyak_safe_file_write(file, length, 8) != 0 ||
+        polyak_safe_file_write(file, header, header_bytes) != 0)
+      status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: %s", file->error);
   }
-  if (polyak_safe_file_open(file, path) != 0) {
-    status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: %s", file->error);
-    goto done;
-  }
-  uint8_t length[8];
-  for (int b = 0; b < 8; b++)
-    length[b] = (uint8_t)((uint64_t)header_bytes >> (8 * b));
-  XXH3_64bits_reset(hash);
-  if (polyak_safe_file_write(file, length, 8) != 0 ||
-      polyak_safe_file_write(file, header, header_bytes) != 0) {
-    status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: %s", file->error);
-  } else {
+  if (hash)
+    XXH3_64bits_reset(hash);
+  if (gathering) /* the other ranks take part in the gathers only */
+    status = write_gathered(&io, writer && status == POLYAK_OK ? file : NULL, hash, status);
+  else if (status == POLYAK_OK)
     status = write_data(&io, file, hash);
-  }
+  if (!writer)
+    goto done;
   if (status == POLYAK_OK) { /* the same header with the real checksum: same length */
     size_t final_bytes = 0;
     char *final_header = build_header(p, nonfinite, XXH3_64bits_digest(hash), &final_bytes);
@@ -312,7 +395,7 @@ polyak_status polyak_save(polyak_t *p, const char *path)
       status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: %s", file->error);
     free(final_header);
   }
-  if (status != POLYAK_OK)
+  if (status != POLYAK_OK && opened)
     polyak_safe_file_abort(file);
 done:
   if (io.buffer)
@@ -614,8 +697,8 @@ static polyak_status stage_data(polyak_t *p, int fd, int64_t data_start, const c
   int64_t block_elems = (int64_t)(io->buffer_bytes / elem_bytes);
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     int i = 0;
-    for (int64_t start = 0; start < p->arena_elems; start += block_elems) {
-      int64_t count = p->arena_elems - start < block_elems ? p->arena_elems - start : block_elems;
+    for (int64_t start = 0; start < p->arena_alloc_elems; start += block_elems) {
+      int64_t count = p->arena_alloc_elems - start < block_elems ? p->arena_alloc_elems - start : block_elems;
       memset(io->buffer, 0, (size_t)count * elem_bytes);
       for (; i < p->num_tensors; i++) {
         int64_t lo, hi;
@@ -697,8 +780,8 @@ polyak_status polyak_load_fd(polyak_t *p, int fd)
   }
   if (status == POLYAK_OK)
     status = stage_data(p, fd, 8 + (int64_t)header_bytes, &h, &io);
-  if (status == POLYAK_OK)
-    status = p->ops->staging_commit(p, h.nonfinite);
+  if (status == POLYAK_OK) /* sums over ranks keep the file's count */
+    status = p->ops->staging_commit(p, p->cfg.rank == 0 ? h.nonfinite : 0);
   else if (staging)
     p->ops->staging_abort(p);
   if (status == POLYAK_OK) {

@@ -7,6 +7,9 @@
 #ifdef POLYAK_HAVE_CUDA
 #include "cuda_check.h"
 #endif
+#ifdef POLYAK_HAVE_NCCL
+#include "nccl_comm.h"
+#endif
 
 void polyak_config_init(polyak_config *cfg)
 {
@@ -32,6 +35,19 @@ void polyak_config_init(polyak_config *cfg)
   cfg->zero_init = 0;
   cfg->skip_nonfinite = 1;
   cfg->seed = 0;
+  cfg->world_size = 1;
+  cfg->rank = 0;
+  cfg->nccl_comm = NULL;
+}
+
+int polyak_config_normalize(const polyak_config *in, polyak_config *out)
+{
+  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V1))
+    return -1;
+  polyak_config_init(out);
+  memcpy(out, in, in->struct_size); /* fields of later versions keep their defaults */
+  out->struct_size = sizeof(polyak_config);
+  return 0;
 }
 
 int polyak_backend_available(polyak_backend b)
@@ -67,17 +83,43 @@ static polyak_status check_backend(const polyak_config *cfg, char *msg, size_t m
                         "backend = %d is not a polyak_backend", (int)cfg->backend);
 }
 
-polyak_status polyak_check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+static polyak_status check_sharding(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  if (cfg->world_size < 1)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "world_size = %d; it counts ranks, at least 1", cfg->world_size);
+  if (cfg->rank < 0 || cfg->rank >= cfg->world_size)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "rank = %d is outside 0..%d (world_size %d)", cfg->rank,
+                          cfg->world_size - 1, cfg->world_size);
+  if (!cfg->nccl_comm)
+    return POLYAK_OK;
+  if (cfg->backend != POLYAK_BACKEND_CUDA)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "nccl_comm is set but NCCL moves device memory: it needs the CUDA "
+                          "backend");
+#ifdef POLYAK_HAVE_NCCL
+  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, msg, msg_num_bytes);
+#else
+  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
+                        "nccl_comm is set but this build of polyak has no NCCL (configured with "
+                        "POLYAK_WITH_NCCL=OFF or without NCCL found)");
+#endif
+}
+
+polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t msg_num_bytes)
 {
   char reason[POLYAK_ERROR_BYTES];
   polyak_message(msg, msg_num_bytes, POLYAK_OK, "%s", "");
-  if (!cfg)
+  if (!given)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "cfg is NULL");
-  if (cfg->struct_size != sizeof(polyak_config))
+  polyak_config normalized;
+  if (polyak_config_normalize(given, &normalized) != 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "cfg->struct_size = %zu, this library's polyak_config has %zu bytes: "
-                          "call polyak_config_init() first",
-                          cfg->struct_size, sizeof(polyak_config));
+                          "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
+                          "(%zu before sharding): call polyak_config_init() first",
+                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V1);
+  const polyak_config *cfg = &normalized;
   if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "num_shadows = %d is outside 1..%d", cfg->num_shadows,
@@ -97,5 +139,6 @@ polyak_status polyak_check_config(const polyak_config *cfg, char *msg, size_t ms
   if (cfg->skip_nonfinite != 0 && cfg->skip_nonfinite != 1)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "skip_nonfinite = %d is not 0 or 1", cfg->skip_nonfinite);
-  return check_backend(cfg, msg, msg_num_bytes);
+  polyak_status status = check_backend(cfg, msg, msg_num_bytes);
+  return status == POLYAK_OK ? check_sharding(cfg, msg, msg_num_bytes) : status;
 }

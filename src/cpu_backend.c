@@ -139,11 +139,13 @@ static polyak_status refuse_device_params(polyak_t *p)
 }
 #endif
 
+/* A non-finite param among the kept elements (this rank's slice). */
 static polyak_status find_nonfinite_param(polyak_t *p)
 {
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
-    for (int64_t e = 0; e < t->num_elems; e++) {
+    const polyak_tensor_desc *d = &p->descs[i];
+    for (int64_t e = d->local_first_elem; e < d->local_first_elem + d->local_num_elems; e++) {
       float value = load_param(t->param, e, t->dtype);
       if (!polyak_is_finite(value))
         return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
@@ -156,27 +158,22 @@ static polyak_status find_nonfinite_param(polyak_t *p)
   return POLYAK_OK;
 }
 
+/* Each kept element's shadow starts as its param (or 0); padding is 0. */
 static void init_shadow(const polyak_t *p, void *arena)
 {
   size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  if (p->cfg.zero_init) {
-    memset(arena, 0, (size_t)p->arena_elems * shadow_num_bytes);
+  memset(arena, 0, (size_t)p->arena_alloc_elems * shadow_num_bytes);
+  if (p->cfg.zero_init)
     return;
-  }
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor_desc *t = &p->descs[i];
-    int64_t slice_end = i + 1 < p->num_tensors ? p->descs[i + 1].shadow_offset_elems
-                                               : p->arena_elems;
-    for (int64_t e = 0; e < t->num_elems; e++) {
+    for (int64_t e = t->local_first_elem; e < t->local_first_elem + t->local_num_elems; e++) {
       float value = load_param(t->param, e, (polyak_dtype)t->param_dtype);
       if (p->cfg.shadow_dtype == POLYAK_F32)
         ((float *)arena)[t->shadow_offset_elems + e] = value;
       else
         ((uint16_t *)arena)[t->shadow_offset_elems + e] = polyak_f32_to_bf16_rne(value);
     }
-    int64_t pad_first = t->shadow_offset_elems + t->num_elems;
-    memset((char *)arena + pad_first * shadow_num_bytes, 0,
-           (size_t)(slice_end - pad_first) * shadow_num_bytes);
   }
 }
 
@@ -191,7 +188,7 @@ static void free_arenas(void **arenas)
 /* num_shadows arenas of the plan's size; all or none. */
 static int alloc_arenas(const polyak_t *p, void **arenas)
 {
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   size_t alloc_num_bytes = (arena_num_bytes + 63) / 64 * 64;
   for (int k = 0; k < p->cfg.num_shadows && alloc_num_bytes > 0; k++) {
     arenas[k] = aligned_alloc(64, alloc_num_bytes);
@@ -238,7 +235,7 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
                        "polyak_finalize: out of host memory for %d shadows of %lld elements",
                        p->cfg.num_shadows, (long long)p->arena_elems);
   }
-  for (int k = 0; k < p->cfg.num_shadows && p->arena_elems > 0; k++)
+  for (int k = 0; k < p->cfg.num_shadows && p->arena_alloc_elems > 0; k++)
     init_shadow(p, state->shadows[k]);
   return POLYAK_OK;
 }
@@ -258,34 +255,41 @@ static void store_value(void *dst, int64_t i, float value, polyak_dtype dtype)
   }
 }
 
-/* One tensor's slice of a shadow, debiased, into dst as dst_dtype. */
-static void read_out(const polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
-                     double debias_scale)
+static void *cpu_arena(polyak_t *p, int shadow)
 {
-  const cpu_state *state = p->backend;
-  const polyak_tensor_desc *t = &p->descs[tensor];
-  for (int64_t e = 0; e < t->num_elems; e++) {
-    int64_t slot = t->shadow_offset_elems + e;
-    float value = p->cfg.shadow_dtype == POLYAK_F32
-                      ? ((const float *)state->shadows[shadow])[slot]
-                      : polyak_bf16_to_f32(((const uint16_t *)state->shadows[shadow])[slot]);
-    store_value(dst, e, polyak_debias(value, debias_scale), dst_dtype);
-  }
+  return ((cpu_state *)p->backend)->shadows[shadow];
 }
 
-static polyak_status cpu_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                    polyak_dtype dst_dtype, double debias_scale, void *stream)
+static polyak_status cpu_read_out(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
+                                  void *dst, polyak_dtype dst_dtype, void *stream)
 {
   (void)stream;
-  read_out(p, shadow, tensor, dst, dst_dtype, debias_scale);
+  for (int64_t e = 0; e < num_elems; e++) {
+    float value = p->cfg.shadow_dtype == POLYAK_F32 ? ((const float *)src)[e]
+                                                    : polyak_bf16_to_f32(((const uint16_t *)src)[e]);
+    store_value(dst, e, polyak_debias(value, debias_scale), dst_dtype);
+  }
   return POLYAK_OK;
 }
 
+static polyak_status cpu_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)
+{
+  (void)p, (void)dst, (void)stream, (void)function;
+  return POLYAK_OK;
+}
+
+/* This rank's piece of every tensor's shadow into the params. */
 static polyak_status cpu_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
 {
-  (void)stream;
-  for (int i = 0; i < p->num_tensors; i++)
-    read_out(p, shadow, i, p->tensors[i].param, p->tensors[i].dtype, debias_scale);
+  size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor_desc *t = &p->descs[i];
+    const char *src = (const char *)cpu_arena(p, shadow) +
+                      (t->shadow_offset_elems + t->local_first_elem) * (int64_t)shadow_bytes;
+    char *dst = (char *)p->tensors[i].param +
+                t->local_first_elem * (int64_t)polyak_dtype_num_bytes(p->tensors[i].dtype);
+    cpu_read_out(p, src, t->local_num_elems, debias_scale, dst, p->tensors[i].dtype, stream);
+  }
   return POLYAK_OK;
 }
 
@@ -366,13 +370,17 @@ static void cpu_free_host_buffer(polyak_t *p, void *buffer)
   free(buffer);
 }
 
-static polyak_status cpu_shadow_to_host(polyak_t *p, int shadow, int64_t first_elem,
-                                        int64_t num_elems, void *host)
+static polyak_status cpu_copy_to_host(polyak_t *p, void *host, const void *src, size_t num_bytes)
 {
-  const cpu_state *state = p->backend;
-  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  memcpy(host, (const char *)state->shadows[shadow] + first_elem * elem_bytes,
-         (size_t)num_elems * elem_bytes);
+  (void)p;
+  memcpy(host, src, num_bytes);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_copy_from_host(polyak_t *p, void *dst, const void *host, size_t num_bytes)
+{
+  (void)p;
+  memcpy(dst, host, num_bytes);
   return POLYAK_OK;
 }
 
@@ -400,7 +408,7 @@ static polyak_status cpu_staging_write(polyak_t *p, int shadow, int64_t first_el
 static polyak_status cpu_staging_commit(polyak_t *p, int64_t nonfinite_count)
 {
   cpu_state *state = p->backend;
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   for (int k = 0; k < p->cfg.num_shadows && arena_num_bytes > 0; k++)
     memcpy(state->shadows[k], state->staging[k], arena_num_bytes);
   free_arenas(state->staging);
@@ -413,10 +421,31 @@ static void cpu_staging_abort(polyak_t *p)
   free_arenas(((cpu_state *)p->backend)->staging);
 }
 
+static void *cpu_scratch_alloc(polyak_t *p, size_t num_bytes)
+{
+  (void)p;
+  return malloc(num_bytes ? num_bytes : 1);
+}
+
+static void cpu_scratch_free(polyak_t *p, void *scratch)
+{
+  (void)p;
+  free(scratch);
+}
+
+static polyak_status cpu_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream)
+{
+  (void)p, (void)stream;
+  memcpy(dst, src, num_bytes);
+  return POLYAK_OK;
+}
+
 const polyak_backend_ops polyak_cpu_ops = {
     .finalize = cpu_finalize,
     .update = cpu_update,
-    .get_shadow = cpu_get_shadow,
+    .arena = cpu_arena,
+    .read_out = cpu_read_out,
+    .check_read_out = cpu_check_read_out,
     .nonfinite_count = cpu_nonfinite_count,
     .release = cpu_release,
     .graph_reserve = cpu_graph_reserve,
@@ -424,7 +453,8 @@ const polyak_backend_ops polyak_cpu_ops = {
     .graph_release = cpu_graph_release,
     .host_buffer = cpu_host_buffer,
     .free_host_buffer = cpu_free_host_buffer,
-    .shadow_to_host = cpu_shadow_to_host,
+    .copy_to_host = cpu_copy_to_host,
+    .copy_from_host = cpu_copy_from_host,
     .staging_begin = cpu_staging_begin,
     .staging_write = cpu_staging_write,
     .staging_commit = cpu_staging_commit,
@@ -432,4 +462,8 @@ const polyak_backend_ops polyak_cpu_ops = {
     .copy_to_params = cpu_copy_to_params,
     .store = cpu_store,
     .restore = cpu_restore,
+    .scratch_alloc = cpu_scratch_alloc,
+    .scratch_free = cpu_scratch_free,
+    .copy_bytes = cpu_copy_bytes,
+    .all_gather = NULL, /* NCCL needs device memory */
 };

@@ -11,6 +11,9 @@
 
 #include "cuda_check.h"
 #include "launch.h"
+#ifdef POLYAK_HAVE_NCCL
+#include "nccl_comm.h"
+#endif
 #include "polyak_internal.h"
 
 enum { COUNT_UPDATES, COUNT_INIT, FIRST_NONFINITE, NUM_COUNTERS };
@@ -26,6 +29,8 @@ typedef struct {
   float *graph_weights;
   void *staging[POLYAK_MAX_SHADOWS]; /* a load's fresh arenas */
   void *store;                       /* polyak_store's copy of the params */
+  polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
+  int64_t num_store_chunks;
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -146,6 +151,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->chunks);
     cudaFree(state->counters);
     cudaFree(state->store);
+    cudaFree(state->store_chunks);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
     leave_device(p, previous);
@@ -186,7 +192,7 @@ static int tensor_of_element(const polyak_t *p, int64_t elem)
 
 static polyak_status allocate(polyak_t *p, cuda_state *state)
 {
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   cudaError_t err = cudaSuccess;
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMalloc(&state->shadows[k], arena_num_bytes > 0 ? arena_num_bytes : 16);
@@ -204,7 +210,7 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
 static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_t stream)
 {
   const unsigned long long counters[NUM_COUNTERS] = {0, 0, UINT64_MAX};
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   cudaError_t err = cudaMemcpyAsync(state->descs, p->descs, (size_t)p->num_tensors * sizeof *p->descs,
                                     cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
@@ -333,37 +339,47 @@ static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, vo
 
 /* ---- read-out -------------------------------------------------------------- */
 
-static polyak_status cuda_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                     polyak_dtype dst_dtype, double debias_scale, void *stream)
+static void *cuda_arena(polyak_t *p, int shadow)
+{
+  return ((cuda_state *)p->backend)->shadows[shadow];
+}
+
+static polyak_status cuda_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)
+{
+  char what[128];
+  snprintf(what, sizeof what, "%s: dst", function);
+  int previous, capturing = 0;
+  cudaError_t err = enter_device(p, &previous);
+  polyak_status status = err == cudaSuccess ? check_device_pointer(p, dst, what) : POLYAK_OK;
+  if (err == cudaSuccess && status == POLYAK_OK)
+    err = is_capturing(stream, &capturing);
+  if (err != cudaSuccess)
+    status = cuda_fail(p, err, function);
+  else if (status == POLYAK_OK && capturing && p->cfg.zero_init)
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "%s: with zero_init a captured read-out would keep this step's debias "
+                         "factor at every replay",
+                         function);
+  leave_device(p, previous);
+  return status;
+}
+
+static polyak_status cuda_read_out(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
+                                   void *dst, polyak_dtype dst_dtype, void *stream)
 {
   const cuda_state *state = p->backend;
-  const polyak_tensor_desc *t = &p->descs[tensor];
-  if (t->num_elems == 0)
+  if (num_elems == 0)
     return POLYAK_OK;
   int previous;
   cudaError_t err = enter_device(p, &previous);
-  if (err != cudaSuccess)
-    return cuda_fail(p, err, "polyak_get_shadow: cudaSetDevice");
-  int capturing = 0;
-  polyak_status status = check_device_pointer(p, dst, "polyak_get_shadow: dst");
-  if (status == POLYAK_OK && (err = is_capturing(stream, &capturing)) != cudaSuccess)
-    status = cuda_fail(p, err, "polyak_get_shadow");
-  if (status == POLYAK_OK && capturing && p->cfg.zero_init)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "polyak_get_shadow: with zero_init a captured read-out would keep this "
-                         "step's debias factor at every replay");
-  if (status == POLYAK_OK) {
-    size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-    const char *slice = (const char *)state->shadows[shadow] + t->shadow_offset_elems * shadow_num_bytes;
-    int64_t blocks = (t->num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
+  if (err == cudaSuccess) {
+    int64_t blocks = (num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
     int grid = blocks < state->io_grid ? (int)blocks : state->io_grid;
-    err = polyak_launch_readout(slice, p->cfg.shadow_dtype, t->num_elems, debias_scale, dst,
-                                dst_dtype, grid, (cudaStream_t)stream);
-    if (err != cudaSuccess)
-      status = cuda_fail(p, err, "polyak_get_shadow: kernel launch");
+    err = polyak_launch_readout(src, p->cfg.shadow_dtype, num_elems, debias_scale, dst, dst_dtype, grid,
+                                (cudaStream_t)stream);
   }
   leave_device(p, previous);
-  return status;
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "read-out kernel launch");
 }
 
 static polyak_status cuda_nonfinite_count(polyak_t *p, int64_t *count)
@@ -489,14 +505,14 @@ static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t 
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, what);
 }
 
-static polyak_status cuda_shadow_to_host(polyak_t *p, int shadow, int64_t first_elem,
-                                         int64_t num_elems, void *host)
+static polyak_status cuda_copy_to_host(polyak_t *p, void *host, const void *src, size_t num_bytes)
 {
-  const cuda_state *state = p->backend;
-  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  return copy_arena(p, host, (const char *)state->shadows[shadow] + first_elem * elem_bytes,
-                    (size_t)num_elems * elem_bytes, cudaMemcpyDeviceToHost,
-                    "polyak_save: copying a shadow to the host");
+  return copy_arena(p, host, src, num_bytes, cudaMemcpyDeviceToHost, "copying shadows to the host");
+}
+
+static polyak_status cuda_copy_from_host(polyak_t *p, void *dst, const void *host, size_t num_bytes)
+{
+  return copy_arena(p, dst, host, num_bytes, cudaMemcpyHostToDevice, "copying to the device");
 }
 
 static void free_staging(polyak_t *p, cuda_state *state)
@@ -515,7 +531,7 @@ static void free_staging(polyak_t *p, cuda_state *state)
 static polyak_status cuda_staging_begin(polyak_t *p)
 {
   cuda_state *state = p->backend;
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   int previous;
   cudaError_t err = enter_device(p, &previous);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
@@ -547,7 +563,7 @@ static polyak_status cuda_staging_commit(polyak_t *p, int64_t nonfinite_count)
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize(); /* no update may still read the old shadows */
   /* copied, not swapped: captured graphs hold the arenas' addresses */
-  size_t arena_num_bytes = (size_t)p->arena_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMemcpy(state->shadows[k], state->staging[k], arena_num_bytes, cudaMemcpyDeviceToDevice);
   if (err == cudaSuccess)
@@ -584,18 +600,48 @@ static polyak_status cuda_copy_to_params(polyak_t *p, int shadow, double debias_
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_copy_to_params");
 }
 
+/* The chunks covering whole params: the plan's, or (sharded) a table of
+ * its own, built and uploaded at the first store. */
+static polyak_status store_chunks(polyak_t *p, cuda_state *state)
+{
+  if (p->cfg.world_size == 1 || state->store_chunks)
+    return POLYAK_OK;
+  polyak_chunk *chunks = NULL;
+  int64_t count = 0;
+  polyak_status status = polyak_full_chunks(p, &chunks, &count);
+  if (status != POLYAK_OK)
+    return status;
+  cudaError_t err = cudaMalloc((void **)&state->store_chunks, ((size_t)count + 1) * sizeof *chunks);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(state->store_chunks, chunks, (size_t)count * sizeof *chunks, cudaMemcpyHostToDevice);
+  free(chunks);
+  if (err != cudaSuccess) {
+    cudaFree(state->store_chunks);
+    state->store_chunks = NULL;
+    return cuda_fail(p, err, "polyak_store: the chunk table");
+  }
+  state->num_store_chunks = count;
+  return POLYAK_OK;
+}
+
 static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, const char *what)
 {
   cuda_state *state = p->backend;
   int previous;
   cudaError_t err = enter_device(p, &previous);
-  if (err == cudaSuccess && !state->store)
-    err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16);
-  if (err == cudaSuccess && p->num_chunks > 0)
-    err = polyak_launch_store(state->descs, state->chunks, p->num_chunks, state->store, to_store,
-                              io_grid_for(p, state), (cudaStream_t)stream);
+  polyak_status status = err == cudaSuccess ? store_chunks(p, state) : cuda_fail(p, err, what);
+  const polyak_chunk *chunks = state->store_chunks ? state->store_chunks : state->chunks;
+  int64_t num_chunks = state->store_chunks ? state->num_store_chunks : p->num_chunks;
+  if (status == POLYAK_OK && !state->store && (err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16)) != cudaSuccess)
+    status = cuda_fail(p, err, what);
+  if (status == POLYAK_OK && num_chunks > 0) {
+    int grid = num_chunks < state->io_grid ? (int)num_chunks : state->io_grid;
+    err = polyak_launch_store(state->descs, chunks, num_chunks, state->store, to_store, grid, (cudaStream_t)stream);
+    if (err != cudaSuccess)
+      status = cuda_fail(p, err, what);
+  }
   leave_device(p, previous);
-  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, what);
+  return status;
 }
 
 static polyak_status cuda_store(polyak_t *p, void *stream)
@@ -608,10 +654,64 @@ static polyak_status cuda_restore(polyak_t *p, void *stream)
   return store_or_restore(p, 0, stream, "polyak_restore");
 }
 
+/* ---- gathers ------------------------------------------------------------------ */
+
+static void *cuda_scratch_alloc(polyak_t *p, size_t num_bytes)
+{
+  void *scratch = NULL;
+  int previous;
+  if (enter_device(p, &previous) == cudaSuccess) {
+    if (cudaMalloc(&scratch, num_bytes ? num_bytes : 16) != cudaSuccess)
+      scratch = NULL;
+    leave_device(p, previous);
+  }
+  cudaGetLastError();
+  return scratch;
+}
+
+static void cuda_scratch_free(polyak_t *p, void *scratch)
+{
+  int previous;
+  if (enter_device(p, &previous) == cudaSuccess) {
+    cudaDeviceSynchronize(); /* gathers read it on the caller's stream */
+    cudaFree(scratch);
+    leave_device(p, previous);
+  }
+  cudaGetLastError();
+}
+
+static polyak_status cuda_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream)
+{
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToDevice, (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "cudaMemcpyAsync");
+}
+
+#ifdef POLYAK_HAVE_NCCL
+static polyak_status cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream)
+{
+  char reason[POLYAK_ERROR_BYTES];
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "all-gather: cudaSetDevice");
+  polyak_status status = polyak_nccl_all_gather(p->cfg.nccl_comm, send, recv, (size_t)count,
+                                                p->cfg.shadow_dtype == POLYAK_BF16, stream, reason,
+                                                sizeof reason);
+  leave_device(p, previous);
+  return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
+}
+#endif
+
 const polyak_backend_ops polyak_cuda_ops = {
     .finalize = cuda_finalize,
     .update = cuda_update,
-    .get_shadow = cuda_get_shadow,
+    .arena = cuda_arena,
+    .read_out = cuda_read_out,
+    .check_read_out = cuda_check_read_out,
     .nonfinite_count = cuda_nonfinite_count,
     .release = cuda_release,
     .graph_reserve = cuda_graph_reserve,
@@ -619,7 +719,8 @@ const polyak_backend_ops polyak_cuda_ops = {
     .graph_release = cuda_graph_release,
     .host_buffer = cuda_host_buffer,
     .free_host_buffer = cuda_free_host_buffer,
-    .shadow_to_host = cuda_shadow_to_host,
+    .copy_to_host = cuda_copy_to_host,
+    .copy_from_host = cuda_copy_from_host,
     .staging_begin = cuda_staging_begin,
     .staging_write = cuda_staging_write,
     .staging_commit = cuda_staging_commit,
@@ -627,4 +728,12 @@ const polyak_backend_ops polyak_cuda_ops = {
     .copy_to_params = cuda_copy_to_params,
     .store = cuda_store,
     .restore = cuda_restore,
+    .scratch_alloc = cuda_scratch_alloc,
+    .scratch_free = cuda_scratch_free,
+    .copy_bytes = cuda_copy_bytes,
+#ifdef POLYAK_HAVE_NCCL
+    .all_gather = cuda_all_gather,
+#else
+    .all_gather = NULL,
+#endif
 };

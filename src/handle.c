@@ -14,7 +14,7 @@ polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
   polyak_t *p = calloc(1, sizeof *p);
   if (!p)
     return POLYAK_ERR_NO_MEMORY;
-  p->cfg = *cfg;
+  polyak_config_normalize(cfg, &p->cfg);
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
     p->beta_prod[k] = 1.0;
 #ifdef POLYAK_HAVE_CUDA

@@ -1,54 +1,130 @@
 /* plan.c: the flat chunk table every update walks, built once at finalize.
- * Each tensor becomes ceil(num_elems / POLYAK_CHUNK_ELEMS) chunks in
- * registration order; its slice of each shadow arena starts on a 16-byte
- * boundary. */
+ * Each tensor's kept elements (all of them, or the piece of this rank's
+ * slice) become chunks of at most POLYAK_CHUNK_ELEMS elements in
+ * registration order; each piece starts on a 16-byte boundary of the
+ * shadow arenas. */
 #include <stdlib.h>
 
 #include "polyak_internal.h"
 
-polyak_status polyak_plan_build(polyak_t *p)
+/* Where rank `rank`'s slice begins in the flattened parameter space. */
+static int64_t shard_begin(const polyak_t *p, int rank)
+{
+  int64_t total = p->total_elems, world = p->cfg.world_size;
+  if (rank <= 0 || total == 0)
+    return 0;
+  if (rank >= world)
+    return total;
+  int64_t even = total / world * rank + total % world * rank / world; /* total*rank/world */
+  /* the tensor holding element `even`: the first whose end lies beyond it */
+  int lo = 0, hi = p->num_tensors - 1;
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;
+    const polyak_tensor *t = &p->tensors[mid];
+    if (t->global_offset_elems + t->num_elems > even)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  int64_t offset = p->tensors[lo].global_offset_elems;
+  return offset + (even - offset) / 8 * 8; /* 16 bytes of bf16, 32 of f32, into the tensor */
+}
+
+void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems)
 {
   int64_t align_elems =
       POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int64_t num_chunks = 0;
-  for (int i = 0; i < p->num_tensors; i++)
-    num_chunks += (p->tensors[i].num_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
+  int64_t begin = shard_begin(p, rank), end = shard_begin(p, rank + 1), arena = 0;
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    int64_t lo = begin > t->global_offset_elems ? begin : t->global_offset_elems;
+    int64_t hi = t->global_offset_elems + t->num_elems;
+    hi = end < hi ? end : hi;
+    pieces[i].first_elem = lo < hi ? lo - t->global_offset_elems : 0;
+    pieces[i].num_elems = lo < hi ? hi - lo : 0;
+    pieces[i].arena_offset_elems = arena;
+    arena += (pieces[i].num_elems + align_elems - 1) / align_elems * align_elems;
+  }
+  *arena_elems = arena;
+}
 
+polyak_status polyak_plan_build(polyak_t *p)
+{
+  polyak_piece *pieces = malloc(((size_t)p->num_tensors + 1) * sizeof *pieces);
   polyak_tensor_desc *descs = calloc((size_t)p->num_tensors + 1, sizeof *descs);
-  polyak_chunk *chunks = malloc(((size_t)num_chunks + 1) * sizeof *chunks);
-  if (!descs || !chunks) {
+  if (!pieces || !descs) {
+    free(pieces);
     free(descs);
-    free(chunks);
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for the plan");
+  }
+  int64_t arena_elems = 0, num_chunks = 0, store_offset = 0;
+  polyak_shard_layout(p, p->cfg.rank, pieces, &arena_elems);
+  for (int i = 0; i < p->num_tensors; i++)
+    num_chunks += (pieces[i].num_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
+  polyak_chunk *chunks = malloc(((size_t)num_chunks + 1) * sizeof *chunks);
+  if (!chunks) {
+    free(pieces);
+    free(descs);
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
                        "polyak_finalize: out of host memory for a plan of %lld chunks",
                        (long long)num_chunks);
   }
-
-  int64_t global_offset = 0, shadow_offset = 0, store_offset = 0, chunk = 0;
+  int64_t chunk = 0;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
+    const polyak_piece *piece = &pieces[i];
     descs[i].param = t->param;
     descs[i].num_elems = t->num_elems;
-    descs[i].global_offset_elems = global_offset;
-    descs[i].shadow_offset_elems = shadow_offset;
+    descs[i].global_offset_elems = t->global_offset_elems;
+    descs[i].local_first_elem = piece->first_elem;
+    descs[i].local_num_elems = piece->num_elems;
+    descs[i].shadow_offset_elems = piece->arena_offset_elems - piece->first_elem;
     descs[i].store_offset_bytes = store_offset;
     descs[i].param_dtype = (int32_t)t->dtype;
-    for (int64_t first = 0; first < t->num_elems; first += POLYAK_CHUNK_ELEMS) {
-      int64_t rest = t->num_elems - first;
-      chunks[chunk].first_elem = first;
+    for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {
+      int64_t rest = piece->num_elems - done;
+      chunks[chunk].first_elem = piece->first_elem + done;
       chunks[chunk].tensor = i;
       chunks[chunk].num_elems = (int32_t)(rest < POLYAK_CHUNK_ELEMS ? rest : POLYAK_CHUNK_ELEMS);
       chunk++;
     }
-    global_offset += t->num_elems;
-    shadow_offset += (t->num_elems + align_elems - 1) / align_elems * align_elems;
     store_offset += (t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype) + 15) / 16 * 16;
   }
+  /* every rank's arena is as large as the largest, so all-gathers can send it whole */
+  int64_t alloc_elems = arena_elems;
+  for (int r = 0; r < p->cfg.world_size && p->cfg.world_size > 1; r++) {
+    int64_t rank_elems = 0;
+    polyak_shard_layout(p, r, pieces, &rank_elems);
+    alloc_elems = rank_elems > alloc_elems ? rank_elems : alloc_elems;
+  }
+  free(pieces);
   p->descs = descs;
   p->chunks = chunks;
   p->num_chunks = num_chunks;
-  p->arena_elems = shadow_offset;
+  p->arena_elems = arena_elems;
+  p->arena_alloc_elems = alloc_elems;
   p->store_bytes = store_offset;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *num_chunks)
+{
+  int64_t count = 0;
+  for (int i = 0; i < p->num_tensors; i++)
+    count += (p->tensors[i].num_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
+  *chunks = malloc(((size_t)count + 1) * sizeof **chunks);
+  if (!*chunks)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "out of host memory for %lld chunks", (long long)count);
+  int64_t chunk = 0;
+  for (int i = 0; i < p->num_tensors; i++)
+    for (int64_t first = 0; first < p->tensors[i].num_elems; first += POLYAK_CHUNK_ELEMS) {
+      int64_t rest = p->tensors[i].num_elems - first;
+      (*chunks)[chunk].first_elem = first;
+      (*chunks)[chunk].tensor = i;
+      (*chunks)[chunk].num_elems = (int32_t)(rest < POLYAK_CHUNK_ELEMS ? rest : POLYAK_CHUNK_ELEMS);
+      chunk++;
+    }
+  *num_chunks = count;
   return POLYAK_OK;
 }
 
@@ -60,5 +136,6 @@ void polyak_plan_free(polyak_t *p)
   p->chunks = NULL;
   p->num_chunks = 0;
   p->arena_elems = 0;
+  p->arena_alloc_elems = 0;
   p->store_bytes = 0;
 }

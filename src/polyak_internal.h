@@ -21,7 +21,14 @@ typedef struct {
   int ndim;
   int64_t shape[POLYAK_MAX_NDIM];
   int64_t num_elems;
+  int64_t global_offset_elems; /* in the flattened registration order */
 } polyak_tensor;
+
+/* The part of one tensor a rank keeps shadows of, and where in its arenas. */
+typedef struct {
+  int64_t first_elem, num_elems; /* of the tensor */
+  int64_t arena_offset_elems;    /* of first_elem */
+} polyak_piece;
 
 typedef struct polyak_backend_ops polyak_backend_ops;
 
@@ -34,6 +41,7 @@ struct polyak {
   polyak_tensor *tensors;
   int num_tensors;
   int tensors_capacity;
+  int64_t total_elems; /* all tensors together */
   void *name_tree;  /* tsearch tree of tensor names, for duplicates */
   void *range_tree; /* tsearch tree of param byte ranges, for overlaps */
 
@@ -43,6 +51,7 @@ struct polyak {
   polyak_chunk *chunks;      /* [num_chunks] */
   int64_t num_chunks;
   int64_t arena_elems;       /* elements in each shadow arena, padding included */
+  int64_t arena_alloc_elems; /* the most any rank's arena holds: the all-gather's count */
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
   int stored;                /* polyak_store has kept a copy */
 
@@ -66,9 +75,15 @@ struct polyak_backend_ops {
   /* allocate the shadows and initialize them from the params */
   polyak_status (*finalize)(polyak_t *p, void *stream);
   polyak_status (*update)(polyak_t *p, const polyak_update_args *args, void *stream);
-  /* tensor's slice of one shadow, times debias_scale, into dst */
-  polyak_status (*get_shadow)(polyak_t *p, int shadow, int tensor, void *dst,
-                              polyak_dtype dst_dtype, double debias_scale, void *stream);
+  /* the base of shadow `shadow`'s arena (backend memory) */
+  void *(*arena)(polyak_t *p, int shadow);
+  /* num_elems shadow-dtype elements from src (an arena or a gathered copy,
+   * backend memory) times debias_scale into dst as dst_dtype */
+  polyak_status (*read_out)(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
+                            void *dst, polyak_dtype dst_dtype, void *stream);
+  /* refuses a read-out destination the backend cannot write (host memory
+   * for CUDA) or a read-out that cannot be captured */
+  polyak_status (*check_read_out)(polyak_t *p, const void *dst, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
   void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
 
@@ -84,8 +99,9 @@ struct polyak_backend_ops {
    * (staging) that replace the shadows only at staging_commit. */
   void *(*host_buffer)(polyak_t *p, size_t num_bytes); /* NULL: out of memory */
   void (*free_host_buffer)(polyak_t *p, void *buffer);
-  polyak_status (*shadow_to_host)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
-                                  void *host); /* done when it returns */
+  /* num_bytes between backend memory and host memory; done when they return */
+  polyak_status (*copy_to_host)(polyak_t *p, void *host, const void *src, size_t num_bytes);
+  polyak_status (*copy_from_host)(polyak_t *p, void *dst, const void *host, size_t num_bytes);
   polyak_status (*staging_begin)(polyak_t *p); /* zeroed fresh arenas */
   polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
                                  const void *host);
@@ -97,6 +113,14 @@ struct polyak_backend_ops {
   polyak_status (*copy_to_params)(polyak_t *p, int shadow, double debias_scale, void *stream);
   polyak_status (*store)(polyak_t *p, void *stream);
   polyak_status (*restore)(polyak_t *p, void *stream);
+
+  /* gathers (shard.c): scratch in backend memory, copies within it, and
+   * one all-gather of `count` shadow-dtype elements per rank over
+   * nccl_comm (NULL where the backend has no NCCL) */
+  void *(*scratch_alloc)(polyak_t *p, size_t num_bytes); /* NULL: out of memory */
+  void (*scratch_free)(polyak_t *p, void *scratch);
+  polyak_status (*copy_bytes)(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);
+  polyak_status (*all_gather)(polyak_t *p, const void *send, void *recv, int64_t count, void *stream);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;
@@ -111,6 +135,10 @@ polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format,
 /* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
 polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
                              const char *format, ...) __attribute__((format(printf, 4, 5)));
+
+/* `in` (any accepted struct_size) as a current polyak_config, later fields
+ * at their defaults. -1 for an unknown struct_size. */
+int polyak_config_normalize(const polyak_config *in, polyak_config *out);
 
 /* Schedule checks as polyak_create makes them; the reason goes to msg. */
 polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t msg_num_bytes);
@@ -127,9 +155,46 @@ size_t polyak_dtype_num_bytes(polyak_dtype dtype); /* 0 for an unknown dtype */
 int polyak_dtype_valid(polyak_dtype dtype);
 const char *polyak_dtype_name(polyak_dtype dtype);
 
+/* Rank `rank`'s pieces of every tensor (pieces[num_tensors]) and its arena
+ * size in elements: its slice of the flattened parameter space, element-
+ * balanced across world_size ranks, each boundary at a multiple of 8
+ * elements of the tensor it falls in; pieces 16-byte aligned in the arena.
+ * Any rank can compute any rank's layout. */
+void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems);
+
+/* ---- gathers across ranks (shard.c) ---- */
+
+/* 1 if reading tensor `tensor` whole needs the other ranks' pieces: it is
+ * not all here, or the handle has a communicator (which is then always
+ * used, so one rank exercises the same path). */
+int polyak_needs_gather(const polyak_t *p, int tensor);
+
+/* Every rank's layout: pieces[rank * num_tensors + tensor]; free() it. */
+polyak_piece *polyak_all_layouts(const polyak_t *p);
+
+/* From `gathered` (rank r's data at r * stride_elems, pieces placed as
+ * `layouts` say), tensor `tensor`'s whole shadow times debias_scale into
+ * dst as dst_dtype (backend memory). */
+polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
+                              const polyak_piece *layouts, int tensor, double debias_scale, void *dst,
+                              polyak_dtype dst_dtype, void *stream);
+
+/* Shadow `shadow` of every rank into *gathered (backend scratch of
+ * world_size * arena_alloc_elems, scratch_free it): one all-gather. */
+polyak_status polyak_gather_arenas(polyak_t *p, int shadow, void **gathered, void *stream);
+
+/* polyak_get_shadow and polyak_copy_to_params where polyak_needs_gather. */
+polyak_status polyak_gather_tensor(polyak_t *p, int shadow, int tensor, double debias_scale, void *dst,
+                                   polyak_dtype dst_dtype, void *stream);
+polyak_status polyak_gather_to_params(polyak_t *p, int shadow, double debias_scale, void *stream);
+
 /* Builds descs/chunks/arena_elems of a handle from its registry. */
 polyak_status polyak_plan_build(polyak_t *p);
 void polyak_plan_free(polyak_t *p);
+
+/* Chunks over every element of every tensor (what the plan holds without
+ * sharding), for work on whole params; free() them. */
+polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *num_chunks);
 
 /* The update arguments for `step` with per-shadow weights 1 - B. */
 void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,

@@ -162,6 +162,8 @@ polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtyp
   for (int d = 0; d < ndim; d++)
     t->shape[d] = shape[d];
   t->num_elems = num_elems;
+  t->global_offset_elems = p->total_elems;
+  p->total_elems += num_elems;
   return POLYAK_OK;
 
 no_memory:
@@ -185,4 +187,5 @@ void polyak_registry_free(polyak_t *p)
   p->name_tree = p->range_tree = NULL;
   p->tensors = NULL;
   p->num_tensors = p->tensors_capacity = 0;
+  p->total_elems = 0;
 }

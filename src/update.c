@@ -95,35 +95,85 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
   return POLYAK_OK;
 }
 
+/* The checks polyak_get_shadow and polyak_get_local_shadow share. */
+static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void *dst,
+                                polyak_dtype dst_dtype, const char *function)
+{
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow = %d is outside 0..%d", function, shadow,
+                       p->cfg.num_shadows - 1);
+  if (tensor < 0 || tensor >= p->num_tensors)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor = %d is outside 0..%d", function, tensor,
+                       p->num_tensors - 1);
+  if (!polyak_dtype_valid(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", function,
+                       (int)dst_dtype);
+  if (!dst && p->tensors[tensor].num_elems > 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst is NULL", function);
+  if ((uintptr_t)dst % polyak_dtype_num_bytes(dst_dtype) != 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst %p is not aligned to its %zu-byte elements",
+                       function, dst, polyak_dtype_num_bytes(dst_dtype));
+  return POLYAK_OK;
+}
+
+/* This rank's piece of tensor `tensor` of shadow `shadow`, in its arena. */
+static const void *local_slice(polyak_t *p, int shadow, int tensor)
+{
+  const polyak_tensor_desc *t = &p->descs[tensor];
+  return (const char *)p->ops->arena(p, shadow) +
+         (t->shadow_offset_elems + t->local_first_elem) * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+}
+
+/* polyak_get_shadow (whole: the other ranks' pieces gathered where the
+ * handle has them) and polyak_get_local_shadow (this rank's piece). */
+static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                 void *stream, int whole, const char *function)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  double debias_scale = 1.0;
+  polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, function);
+  if (status == POLYAK_OK)
+    status = debias_scale_of(p, shadow, function, &debias_scale);
+  if (status == POLYAK_OK &&
+      (whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
+    status = p->ops->check_read_out(p, dst, stream, function);
+  if (status != POLYAK_OK)
+    return status;
+  if (whole && polyak_needs_gather(p, tensor))
+    return polyak_gather_tensor(p, shadow, tensor, debias_scale, dst, dst_dtype, stream);
+  return p->ops->read_out(p, local_slice(p, shadow, tensor), p->descs[tensor].local_num_elems,
+                          debias_scale, dst, dst_dtype, stream);
+}
+
 polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                 polyak_dtype dst_dtype, void *stream)
+{
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, stream, 1, "polyak_get_shadow");
+}
+
+polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                      polyak_dtype dst_dtype, void *stream)
+{
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, stream, 0, "polyak_get_local_shadow");
+}
+
+polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, int64_t *num_elems)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_get_shadow: call polyak_finalize first");
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_get_shadow: shadow = %d is outside 0..%d", shadow,
-                       p->cfg.num_shadows - 1);
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_local_range: call polyak_finalize first");
   if (tensor < 0 || tensor >= p->num_tensors)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_get_shadow: tensor = %d is outside 0..%d", tensor,
-                       p->num_tensors - 1);
-  if (!polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_get_shadow: dst_dtype = %d is not a polyak_dtype", (int)dst_dtype);
-  if (!dst && p->tensors[tensor].num_elems > 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_shadow: dst is NULL");
-  if ((uintptr_t)dst % polyak_dtype_num_bytes(dst_dtype) != 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_get_shadow: dst %p is not aligned to its %zu-byte elements", dst,
-                       polyak_dtype_num_bytes(dst_dtype));
-  double debias_scale = 1.0;
-  polyak_status status = debias_scale_of(p, shadow, "polyak_get_shadow", &debias_scale);
-  if (status != POLYAK_OK)
-    return status;
-  return p->ops->get_shadow(p, shadow, tensor, dst, dst_dtype, debias_scale, stream);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: tensor = %d is outside 0..%d",
+                       tensor, p->num_tensors - 1);
+  if (!first_elem || !num_elems)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: an output pointer is NULL");
+  *first_elem = p->descs[tensor].local_first_elem;
+  *num_elems = p->descs[tensor].local_num_elems;
+  return POLYAK_OK;
 }
 
 polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
@@ -140,6 +190,9 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
   polyak_status status = debias_scale_of(p, shadow, "polyak_copy_to_params", &debias_scale);
   if (status != POLYAK_OK)
     return status;
+  for (int i = 0; i < p->num_tensors; i++)
+    if (polyak_needs_gather(p, i))
+      return polyak_gather_to_params(p, shadow, debias_scale, stream);
   return p->ops->copy_to_params(p, shadow, debias_scale, stream);
 }
 

@@ -11,6 +11,10 @@
 
 #include "polyak_math.h"
 
+#ifdef POLYAK_TEST_NCCL
+#include <nccl.h>
+#endif
+
 using namespace polyak_test;
 
 namespace {
@@ -72,10 +76,12 @@ struct Both {
   Handle cpu, gpu;
   polyak_config cfg;
 
-  Both(const polyak_config &c, std::vector<Twin> &&t) : twins(std::move(t)), cfg(c)
+  Both(const polyak_config &c, std::vector<Twin> &&t, void *gpu_comm = nullptr) : twins(std::move(t)), cfg(c)
   {
     cpu = make_handle(cfg);
-    gpu = make_handle(cuda_config(cfg));
+    polyak_config on_gpu = cuda_config(cfg);
+    on_gpu.nccl_comm = gpu_comm;
+    gpu = make_handle(on_gpu);
     for (auto &tw : twins) {
       int64_t shape[1] = {tw.host.num_elems};
       EXPECT_EQ(polyak_add(cpu.get(), tw.host.name.c_str(), tw.host.data(), tw.host.dtype, 1, shape), POLYAK_OK);
@@ -568,5 +574,86 @@ TEST_F(Gpu, TwoHandlesOnTwoStreamsDoNotInterfere)
   for (auto &s : streams)
     cudaStreamDestroy(s);
 }
+
+#ifdef POLYAK_TEST_NCCL
+// ---- NCCL --------------------------------------------------------------------------
+
+// With a communicator every whole-shadow read goes through the gather, so
+// one GPU and a 1-rank communicator run the NCCL path end to end.
+TEST_F(Gpu, OneRankCommunicatorGathersSavesAndLoads)
+{
+  ncclComm_t comm;
+  int device = 0;
+  ASSERT_EQ(ncclCommInitAll(&comm, 1, &device), ncclSuccess);
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadow_dtype = POLYAK_BF16;
+  cfg.zero_init = 1;
+  {
+    Both both(cfg, odd_twins(), comm);
+    both.randomize(15);
+    both.finalize();
+    for (int64_t step : {1, 2, 7}) {
+      both.randomize(50 + step);
+      both.update(step);
+    }
+    both.expect_same(); // polyak_get_shadow: all-gather, then read-outs
+    char gpu_file[] = "/tmp/polyak-nccl-XXXXXX", cpu_file[] = "/tmp/polyak-nccl-cpu-XXXXXX";
+    close(mkstemp(gpu_file));
+    close(mkstemp(cpu_file));
+    ASSERT_EQ(polyak_save(both.gpu.get(), gpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    ASSERT_EQ(polyak_save(both.cpu.get(), cpu_file), POLYAK_OK);
+    std::ifstream a(gpu_file, std::ios::binary), b(cpu_file, std::ios::binary);
+    std::string gpu_bytes((std::istreambuf_iterator<char>(a)), {}), cpu_bytes((std::istreambuf_iterator<char>(b)), {});
+    EXPECT_TRUE(gpu_bytes == cpu_bytes) << "the gathered file is the unsharded one";
+    for (int64_t step : {8, 9}) {
+      both.randomize(60 + step);
+      both.update(step);
+    }
+    ASSERT_EQ(polyak_load(both.gpu.get(), gpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    ASSERT_EQ(polyak_load(both.cpu.get(), cpu_file), POLYAK_OK);
+    both.expect_same();
+    ASSERT_EQ(polyak_copy_to_params(both.gpu.get(), 1, nullptr), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    ASSERT_EQ(polyak_copy_to_params(both.cpu.get(), 1, nullptr), POLYAK_OK);
+    for (auto &tw : both.twins) {
+      std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
+      cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost);
+      ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
+    }
+    unlink(gpu_file);
+    unlink(cpu_file);
+  }
+  ncclCommDestroy(comm);
+}
+
+TEST_F(Gpu, ACommunicatorThatDisagreesWithTheConfigIsRefused)
+{
+  ncclComm_t comm;
+  int device = 0;
+  ASSERT_EQ(ncclCommInitAll(&comm, 1, &device), ncclSuccess);
+  polyak_config cfg = cuda_config(cpu_config());
+  cfg.world_size = 2;
+  cfg.nccl_comm = comm;
+  polyak_t *p = reinterpret_cast<polyak_t *>(0x1);
+  EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(p, nullptr);
+  char why[512];
+  polyak_check_config(&cfg, why, sizeof why);
+  EXPECT_NE(std::string(why).find("1 ranks"), std::string::npos) << why;
+  ncclCommDestroy(comm);
+}
+
+#ifdef POLYAK_SHARDED_EXAMPLE
+TEST_F(Gpu, ShardedAcrossGpusMatchesTheUnshardedAverage)
+{
+  int devices = 0;
+  cudaGetDeviceCount(&devices);
+  if (devices < 2)
+    GTEST_SKIP() << "needs at least 2 GPUs, this machine has " << devices;
+  std::string command = std::string(POLYAK_SHARDED_EXAMPLE) + " " + std::to_string(devices < 8 ? devices : 8);
+  EXPECT_EQ(std::system(command.c_str()), 0) << command; // one process per GPU
+}
+#endif
+#endif
 
 } // namespace
