@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -59,28 +60,43 @@ static polyak_config make_config(polyak_backend backend)
   return cfg;
 }
 
-/* Every tensor's whole shadow k through the gather, against the CPU twin. */
+/* Every tensor's whole shadow k through the gather, against the CPU twin.
+ * Each polyak_get_shadow is a collective, so every rank makes all of them,
+ * whatever it found before. */
 static int check(int rank, polyak_t *sharded, polyak_t *reference, uint16_t *device_buffer)
 {
   int64_t largest = 1000003;
   uint16_t *got = malloc(sizeof(uint16_t) * (size_t)largest), *want = malloc(sizeof(uint16_t) * (size_t)largest);
   int bad = 0;
-  for (int k = 0; k < 2 && !bad; k++)
-    for (int i = 0; i < NUM_TENSORS && !bad; i++) {
-      if (polyak_get_shadow(sharded, k, i, device_buffer, POLYAK_BF16, NULL) != POLYAK_OK)
-        return fail(rank, "polyak_get_shadow (gather)", sharded);
+  for (int k = 0; k < 2; k++)
+    for (int i = 0; i < NUM_TENSORS; i++) {
+      if (polyak_get_shadow(sharded, k, i, device_buffer, POLYAK_BF16, NULL) != POLYAK_OK) {
+        bad = fail(rank, "polyak_get_shadow (gather)", sharded);
+        continue;
+      }
       cudaMemcpy(got, device_buffer, sizeof(uint16_t) * (size_t)kSizes[i], cudaMemcpyDeviceToHost);
       polyak_get_shadow(reference, k, i, want, POLYAK_BF16, NULL);
-      bad = memcmp(got, want, sizeof(uint16_t) * (size_t)kSizes[i]) != 0;
-      if (bad)
+      if (memcmp(got, want, sizeof(uint16_t) * (size_t)kSizes[i]) != 0) {
         fprintf(stderr, "rank %d: shadow %d of tensor %d differs from the unsharded average\n", rank, k, i);
+        bad = 1;
+      }
     }
   free(got);
   free(want);
   return bad;
 }
 
-static int run_rank(int rank, int world, int id_read_fd, int *id_write_fds)
+/* 1 if every rank is ok (a 1-int all-reduce): a barrier with a verdict. */
+static int all_ok(ncclComm_t comm, int *device_flag, int ok)
+{
+  if (cudaMemcpy(device_flag, &ok, sizeof ok, cudaMemcpyHostToDevice) != cudaSuccess ||
+      ncclAllReduce(device_flag, device_flag, 1, ncclInt32, ncclMin, comm, NULL) != ncclSuccess ||
+      cudaMemcpy(&ok, device_flag, sizeof ok, cudaMemcpyDeviceToHost) != cudaSuccess)
+    return 0;
+  return ok;
+}
+
+static int run_rank(int rank, int world, int id_read_fd, int *id_write_fds, const char *path)
 {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < world) {
@@ -90,7 +106,8 @@ static int run_rank(int rank, int world, int id_read_fd, int *id_write_fds)
   cudaSetDevice(rank);
   ncclUniqueId id;
   if (rank == 0) {
-    ncclGetUniqueId(&id);
+    if (ncclGetUniqueId(&id) != ncclSuccess)
+      return fail(rank, "ncclGetUniqueId", NULL);
     for (int r = 1; r < world; r++)
       if (write(id_write_fds[r], &id, sizeof id) != (ssize_t)sizeof id)
         return fail(rank, "passing the NCCL id", NULL);
@@ -147,25 +164,34 @@ static int run_rank(int rank, int world, int id_read_fd, int *id_write_fds)
     kept += count;
   }
   uint16_t *buffer;
+  int *flag;
   cudaMalloc((void **)&buffer, sizeof(uint16_t) * 1000003);
+  cudaMalloc((void **)&flag, sizeof(int));
   int bad = check(rank, sharded, reference, buffer);
 
-  /* rank 0 writes the gathered shadows; every rank reads back its slice */
-  char path[] = "/tmp/polyak-sharded-example.safetensors";
-  if (!bad && polyak_save(sharded, path) != POLYAK_OK)
+  /* rank 0 writes the gathered shadows (every rank takes part); once the
+   * ranks agree that the save worked, every rank reads back its slice */
+  if (polyak_save(sharded, path) != POLYAK_OK)
     bad = fail(rank, "polyak_save", sharded);
-  ncclAllReduce(buffer, buffer, 1, ncclUint8, ncclMax, comm, NULL); /* everyone waits for the file */
-  cudaDeviceSynchronize();
-  if (!bad && polyak_load(sharded, path) != POLYAK_OK)
-    bad = fail(rank, "polyak_load", sharded);
-  if (!bad)
-    bad = check(rank, sharded, reference, buffer);
+  if (all_ok(comm, flag, !bad)) {
+    if (polyak_load(sharded, path) != POLYAK_OK)
+      bad = fail(rank, "polyak_load", sharded);
+    bad |= check(rank, sharded, reference, buffer);
+  } else {
+    bad = 1;
+  }
   if (!bad)
     printf("rank %d of %d: keeps %lld of %lld elements per shadow; gathered averages, saved and "
            "reloaded, equal the unsharded ones bit for bit\n",
            rank, world, (long long)kept, (long long)(7 + 1000003 + 3 + 65537));
   polyak_destroy(sharded);
   polyak_destroy(reference);
+  for (int i = 0; i < NUM_TENSORS; i++) {
+    free(host[i]);
+    cudaFree(device[i]);
+  }
+  cudaFree(buffer);
+  cudaFree(flag);
   ncclCommDestroy(comm); /* the trainer's communicator: polyak only borrowed it */
   return bad;
 }
@@ -197,22 +223,37 @@ int main(int argc, char **argv)
   for (int r = 0; r < world; r++)
     if (pipe(id_pipes[r]) != 0)
       return 1;
+  char path[64]; /* one file per run, removed at the end */
+  snprintf(path, sizeof path, "/tmp/polyak-sharded-%ld.safetensors", (long)getpid());
   pid_t children[8];
   for (int r = 0; r < world; r++) {
     children[r] = fork();
     if (children[r] == 0) {
       int writers[8];
-      for (int s = 0; s < world; s++)
+      for (int s = 0; s < world; s++) {
         writers[s] = id_pipes[s][1];
-      _exit(run_rank(r, world, id_pipes[r][0], writers));
+        if (s != r)
+          close(id_pipes[s][0]);
+      }
+      int rc = run_rank(r, world, id_pipes[r][0], writers, path);
+      fflush(stdout);
+      _exit(rc);
     }
   }
+  /* a rank that fails can leave the others waiting in NCCL: stop them all */
   int failed = 0;
-  for (int r = 0; r < world; r++) {
+  for (int done = 0; done < world; done++) {
     int status = 0;
-    waitpid(children[r], &status, 0);
-    failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    if (wait(&status) < 0)
+      break;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      if (!failed)
+        for (int r = 0; r < world; r++)
+          kill(children[r], SIGKILL);
+      failed = 1;
+    }
   }
+  unlink(path);
   printf("%s: %d ranks\n", failed ? "FAILED" : "all ranks agree", world);
   return failed;
 }

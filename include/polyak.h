@@ -283,14 +283,22 @@ POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors)
  * (tensors in registration order; each boundary at a multiple of 8
  * elements of the tensor it falls in, so 16-byte aligned), and its update
  * touches only that slice (one launch). Every rank registers the full
- * params, as data-parallel training holds them. Read-outs that need whole
- * shadows (polyak_get_shadow of a tensor another rank holds part of,
- * polyak_copy_to_params, polyak_save) gather the slices with one
- * ncclAllGather of the shadow arenas on nccl_comm and the caller's stream;
- * they need as much device memory again as the whole shadow while they run,
- * and without a communicator they return POLYAK_ERR_STATE. Loads need no
- * communicator: each rank reads its slice of the file. polyak_nonfinite_count
- * counts this rank's slice.
+ * params, as data-parallel training holds them. With nccl_comm set,
+ * polyak_get_shadow, polyak_copy_to_params and polyak_save gather the
+ * slices: one ncclAllGather of the shadow arenas (or of one tensor's pieces)
+ * on nccl_comm and the caller's stream, then local read-outs. These calls
+ * (and polyak_finalize) are collective: every rank makes them in the same
+ * order with the same arguments (a path on every rank; rank 0 writes it),
+ * from one process or thread per rank, on a blocking communicator (NCCL's
+ * default), outside graph capture. The ranks agree before each gather, so a
+ * rank that fails locally makes all of them return an error rather than
+ * wait; finalize also checks that every rank registered the same tensors
+ * and config. Gathers need device memory for the whole shadow once more
+ * while they run. Without a communicator, reads of pieces held elsewhere,
+ * polyak_copy_to_params and polyak_save return POLYAK_ERR_STATE. Loads need
+ * no communicator: each rank reads its slice of the file.
+ * polyak_nonfinite_count counts this rank's slice (after a load, rank 0
+ * starts from the file's total, the others from 0; files hold the sum).
  * Params that are already sharded (FSDP, ZeRO-3): register the local shards
  * with world_size = 1; the shadows then shard the same way. */
 

@@ -282,9 +282,8 @@ static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_s
   int64_t largest = 1;
   for (int i = 0; i < p->num_tensors; i++)
     largest = p->tensors[i].num_elems > largest ? p->tensors[i].num_elems : largest;
-  polyak_piece *layouts = polyak_all_layouts(p);
   void *whole = file ? p->ops->scratch_alloc(p, (size_t)largest * elem_bytes) : NULL;
-  if (status == POLYAK_OK && (!layouts || (file && !whole) || !io->buffer))
+  if (status == POLYAK_OK && ((file && !whole) || !io->buffer))
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory to gather the shadows");
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     void *gathered = NULL;
@@ -292,8 +291,8 @@ static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_s
     if (status == POLYAK_OK)
       status = gathered_status;
     for (int i = 0; i < p->num_tensors && file && status == POLYAK_OK; i++) {
-      status = polyak_assemble(p, gathered, p->arena_alloc_elems, layouts, i, 1.0, whole, p->cfg.shadow_dtype,
-                               NULL);
+      status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts, i, 1.0, whole,
+                               p->cfg.shadow_dtype, NULL);
       size_t tensor_bytes = (size_t)p->tensors[i].num_elems * elem_bytes;
       for (size_t done = 0; done < tensor_bytes && status == POLYAK_OK;) {
         size_t n = tensor_bytes - done < io->buffer_bytes ? tensor_bytes - done : io->buffer_bytes;
@@ -309,20 +308,25 @@ static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_s
   }
   if (whole)
     p->ops->scratch_free(p, whole);
-  free(layouts);
   return status;
 }
 
 /* This rank's non-finite count summed over all ranks (through the same
- * all-gather: 8 bytes are 2 floats or 4 bf16 values to NCCL). */
-static polyak_status total_nonfinite(polyak_t *p, int64_t local, int64_t *total)
+ * all-gather: 8 bytes are 2 floats or 4 bf16 values to NCCL). `status` is
+ * this rank's so far: the ranks agree before the all-gather. */
+static polyak_status total_nonfinite(polyak_t *p, polyak_status status, int64_t local, int64_t *total)
 {
   int64_t count = 8 / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int world = p->cfg.world_size;
+  int world = p->cfg.world_size, all_ok = 0;
   int64_t *all = malloc(sizeof *all * (size_t)world);
   void *send = p->ops->scratch_alloc(p, 8), *recv = p->ops->scratch_alloc(p, 8 * (size_t)world);
-  polyak_status status = all && send && recv ? POLYAK_OK
-                                             : polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory");
+  if (status == POLYAK_OK && !(all && send && recv))
+    status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory");
+  polyak_status agreed = p->ops->agree(p, status == POLYAK_OK, &all_ok);
+  if (status == POLYAK_OK && agreed != POLYAK_OK)
+    status = agreed;
+  if (status == POLYAK_OK && !all_ok)
+    status = polyak_fail(p, POLYAK_ERR_STATE, "polyak_save: another rank failed before the gathers");
   if (status == POLYAK_OK)
     status = p->ops->copy_from_host(p, send, &local, 8);
   if (status == POLYAK_OK)
@@ -354,9 +358,9 @@ polyak_status polyak_save(polyak_t *p, const char *path)
   int writer = !gathering || p->cfg.rank == 0;
   int64_t nonfinite = 0;
   status = p->ops->nonfinite_count(p, &nonfinite); /* also waits for the device */
-  if (status == POLYAK_OK && gathering)
-    status = total_nonfinite(p, nonfinite, &nonfinite);
-  if (status != POLYAK_OK)
+  if (gathering) /* from here on every rank makes every collective */
+    status = total_nonfinite(p, status, nonfinite, &nonfinite);
+  if (status != POLYAK_OK && !gathering)
     return status;
   size_t header_bytes = 0;
   char *header = build_header(p, nonfinite, 0, &header_bytes); /* checksum filled in below */
@@ -384,7 +388,7 @@ polyak_status polyak_save(polyak_t *p, const char *path)
   else if (status == POLYAK_OK)
     status = write_data(&io, file, hash);
   if (!writer)
-    goto done;
+    goto agree;
   if (status == POLYAK_OK) { /* the same header with the real checksum: same length */
     size_t final_bytes = 0;
     char *final_header = build_header(p, nonfinite, XXH3_64bits_digest(hash), &final_bytes);
@@ -397,7 +401,15 @@ polyak_status polyak_save(polyak_t *p, const char *path)
   }
   if (status != POLYAK_OK && opened)
     polyak_safe_file_abort(file);
-done:
+agree:
+  if (gathering) { /* every rank returns the same verdict */
+    int all_ok = 0;
+    polyak_status agreed = p->ops->agree(p, status == POLYAK_OK, &all_ok);
+    if (status == POLYAK_OK && agreed != POLYAK_OK)
+      status = agreed;
+    if (status == POLYAK_OK && !all_ok)
+      status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: another rank failed; rank 0 writes the file");
+  }
   if (io.buffer)
     p->ops->free_host_buffer(p, io.buffer);
   XXH3_freeState(hash);

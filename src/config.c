@@ -99,7 +99,7 @@ static polyak_status check_sharding(const polyak_config *cfg, char *msg, size_t 
                           "nccl_comm is set but NCCL moves device memory: it needs the CUDA "
                           "backend");
 #ifdef POLYAK_HAVE_NCCL
-  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, msg, msg_num_bytes);
+  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, cfg->device, msg, msg_num_bytes);
 #else
   return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
                         "nccl_comm is set but this build of polyak has no NCCL (configured with "

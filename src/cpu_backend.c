@@ -440,6 +440,21 @@ static polyak_status cpu_copy_bytes(polyak_t *p, void *dst, const void *src, siz
   return POLYAK_OK;
 }
 
+/* One rank per process without NCCL: agreeing is knowing. */
+static polyak_status cpu_agree(polyak_t *p, int local_ok, int *all_ok)
+{
+  (void)p;
+  *all_ok = local_ok;
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
+{
+  (void)p, (void)stream;
+  *capturing = 0;
+  return POLYAK_OK;
+}
+
 const polyak_backend_ops polyak_cpu_ops = {
     .finalize = cpu_finalize,
     .update = cpu_update,
@@ -466,4 +481,6 @@ const polyak_backend_ops polyak_cpu_ops = {
     .scratch_free = cpu_scratch_free,
     .copy_bytes = cpu_copy_bytes,
     .all_gather = NULL, /* NCCL needs device memory */
+    .agree = cpu_agree,
+    .capturing = cpu_capturing,
 };

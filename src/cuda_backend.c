@@ -31,6 +31,7 @@ typedef struct {
   void *store;                       /* polyak_store's copy of the params */
   polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
   int64_t num_store_chunks;
+  int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -152,6 +153,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->counters);
     cudaFree(state->store);
     cudaFree(state->store_chunks);
+    cudaFree(state->flag);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
     leave_device(p, previous);
@@ -204,6 +206,8 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
     err = cudaMalloc((void **)&state->counters, NUM_COUNTERS * sizeof *state->counters);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->graph, sizeof *state->graph);
+  if (err == cudaSuccess && p->cfg.nccl_comm)
+    err = cudaMalloc((void **)&state->flag, sizeof *state->flag);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: cudaMalloc");
 }
 
@@ -249,6 +253,33 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
                      found[COUNT_INIT]);
 }
 
+#ifdef POLYAK_HAVE_NCCL
+/* Every rank gathers every rank's (tensors-and-config hash, finalize ok):
+ * a rank registered differently would gather other counts and hang or
+ * corrupt memory, and a rank that failed would leave the others waiting at
+ * their first gather. */
+static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
+{
+  char reason[POLYAK_ERROR_BYTES];
+  int all_ok = 0, same = 0, other = -1;
+  polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, p->cfg.world_size, polyak_layout_hash(p),
+                                                    status == POLYAK_OK, &all_ok, &same, &other, reason,
+                                                    sizeof reason);
+  if (status != POLYAK_OK)
+    return status;
+  if (agreed != POLYAK_OK)
+    return polyak_fail(p, agreed, "polyak_finalize: %s", reason);
+  if (!same)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_finalize: rank %d registered other tensors or has another config than "
+                       "rank %d; every rank must register the same tensors with the same config",
+                       other, p->cfg.rank);
+  if (!all_ok)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: another rank failed to finalize");
+  return POLYAK_OK;
+}
+#endif
+
 static polyak_status cuda_finalize(polyak_t *p, void *stream)
 {
   int previous;
@@ -273,6 +304,10 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream)
   }
   if (status == POLYAK_OK)
     status = upload_and_init(p, state, (cudaStream_t)stream);
+#ifdef POLYAK_HAVE_NCCL
+  if (p->cfg.nccl_comm) /* all ranks finalize, with the same tensors and config, or none does */
+    status = finalize_handshake(p, status);
+#endif
   if (status != POLYAK_OK)
     cuda_release(p);
   leave_device(p, previous);
@@ -617,6 +652,7 @@ static polyak_status store_chunks(polyak_t *p, cuda_state *state)
   free(chunks);
   if (err != cudaSuccess) {
     cudaFree(state->store_chunks);
+    cudaFree(state->flag);
     state->store_chunks = NULL;
     return cuda_fail(p, err, "polyak_store: the chunk table");
   }
@@ -690,6 +726,35 @@ static polyak_status cuda_copy_bytes(polyak_t *p, void *dst, const void *src, si
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "cudaMemcpyAsync");
 }
 
+static polyak_status cuda_capturing(polyak_t *p, void *stream, int *capturing)
+{
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = is_capturing(stream, capturing);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "cudaStreamIsCapturing");
+}
+
+static polyak_status cuda_agree(polyak_t *p, int local_ok, int *all_ok)
+{
+  *all_ok = local_ok;
+#ifdef POLYAK_HAVE_NCCL
+  const cuda_state *state = p->backend;
+  if (p->cfg.nccl_comm) {
+    char reason[POLYAK_ERROR_BYTES];
+    int previous;
+    cudaError_t err = enter_device(p, &previous);
+    if (err != cudaSuccess)
+      return cuda_fail(p, err, "agreeing: cudaSetDevice");
+    polyak_status status = polyak_nccl_agree(p->cfg.nccl_comm, state->flag, local_ok, all_ok, reason, sizeof reason);
+    leave_device(p, previous);
+    return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
+  }
+#endif
+  return POLYAK_OK;
+}
+
 #ifdef POLYAK_HAVE_NCCL
 static polyak_status cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream)
 {
@@ -736,4 +801,6 @@ const polyak_backend_ops polyak_cuda_ops = {
 #else
     .all_gather = NULL,
 #endif
+    .agree = cuda_agree,
+    .capturing = cuda_capturing,
 };

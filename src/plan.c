@@ -90,14 +90,27 @@ polyak_status polyak_plan_build(polyak_t *p)
     }
     store_offset += (t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype) + 15) / 16 * 16;
   }
-  /* every rank's arena is as large as the largest, so all-gathers can send it whole */
+  /* gathers need every rank's layout; every rank's arena is as large as the
+   * largest, so an all-gather sends it whole */
   int64_t alloc_elems = arena_elems;
-  for (int r = 0; r < p->cfg.world_size && p->cfg.world_size > 1; r++) {
-    int64_t rank_elems = 0;
-    polyak_shard_layout(p, r, pieces, &rank_elems);
-    alloc_elems = rank_elems > alloc_elems ? rank_elems : alloc_elems;
+  polyak_piece *layouts = NULL;
+  if (p->cfg.world_size > 1 || p->cfg.nccl_comm) {
+    size_t n = (size_t)p->num_tensors;
+    layouts = malloc(((size_t)p->cfg.world_size * n + 1) * sizeof *layouts);
+    if (!layouts) {
+      free(pieces);
+      free(descs);
+      free(chunks);
+      return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for the ranks' layouts");
+    }
+    for (int r = 0; r < p->cfg.world_size; r++) {
+      int64_t rank_elems = 0;
+      polyak_shard_layout(p, r, layouts + (size_t)r * n, &rank_elems);
+      alloc_elems = rank_elems > alloc_elems ? rank_elems : alloc_elems;
+    }
   }
   free(pieces);
+  p->layouts = layouts;
   p->descs = descs;
   p->chunks = chunks;
   p->num_chunks = num_chunks;
@@ -132,6 +145,8 @@ void polyak_plan_free(polyak_t *p)
 {
   free(p->descs);
   free(p->chunks);
+  free(p->layouts);
+  p->layouts = NULL;
   p->descs = NULL;
   p->chunks = NULL;
   p->num_chunks = 0;

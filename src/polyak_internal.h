@@ -52,6 +52,8 @@ struct polyak {
   int64_t num_chunks;
   int64_t arena_elems;       /* elements in each shadow arena, padding included */
   int64_t arena_alloc_elems; /* the most any rank's arena holds: the all-gather's count */
+  polyak_piece *layouts;     /* [world_size * num_tensors]: every rank's pieces, for gathers
+                                (sharded or with a communicator; else NULL) */
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
   int stored;                /* polyak_store has kept a copy */
 
@@ -102,7 +104,7 @@ struct polyak_backend_ops {
   /* num_bytes between backend memory and host memory; done when they return */
   polyak_status (*copy_to_host)(polyak_t *p, void *host, const void *src, size_t num_bytes);
   polyak_status (*copy_from_host)(polyak_t *p, void *dst, const void *host, size_t num_bytes);
-  polyak_status (*staging_begin)(polyak_t *p); /* zeroed fresh arenas */
+  polyak_status (*staging_begin)(polyak_t *p); /* fresh arenas (stage_data fills them whole) */
   polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
                                  const void *host);
   polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count);
@@ -121,6 +123,11 @@ struct polyak_backend_ops {
   void (*scratch_free)(polyak_t *p, void *scratch);
   polyak_status (*copy_bytes)(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);
   polyak_status (*all_gather)(polyak_t *p, const void *send, void *recv, int64_t count, void *stream);
+  /* *all_ok = every rank's local_ok (a collective: before each gather, so
+   * that a rank that failed locally never leaves the others waiting) */
+  polyak_status (*agree)(polyak_t *p, int local_ok, int *all_ok);
+  /* 1 if `stream` is being captured into a graph */
+  polyak_status (*capturing)(polyak_t *p, void *stream, int *capturing);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;
@@ -169,9 +176,6 @@ void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int6
  * used, so one rank exercises the same path). */
 int polyak_needs_gather(const polyak_t *p, int tensor);
 
-/* Every rank's layout: pieces[rank * num_tensors + tensor]; free() it. */
-polyak_piece *polyak_all_layouts(const polyak_t *p);
-
 /* From `gathered` (rank r's data at r * stride_elems, pieces placed as
  * `layouts` say), tensor `tensor`'s whole shadow times debias_scale into
  * dst as dst_dtype (backend memory). */
@@ -199,6 +203,10 @@ polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *nu
 /* The update arguments for `step` with per-shadow weights 1 - B. */
 void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
                              polyak_update_args *args);
+
+/* A hash of what must be the same on every rank of a sharded handle: the
+ * tensors (names, dtypes, shapes) and the config, rank aside. */
+uint64_t polyak_layout_hash(const polyak_t *p);
 
 /* 1 if a tensor of that name is registered. */
 int polyak_registry_has(const polyak_t *p, const char *name);

@@ -7,6 +7,8 @@
 #include <string.h>
 
 #include "polyak_internal.h"
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 /* A tensor's param bytes [begin, end), keyed in range_tree. */
 typedef struct {
@@ -170,6 +172,29 @@ no_memory:
   free(name_copy);
   free(range);
   return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+}
+
+uint64_t polyak_layout_hash(const polyak_t *p)
+{
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_64bits_reset(&state);
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    XXH3_64bits_update(&state, t->name, strlen(t->name) + 1);
+    XXH3_64bits_update(&state, &t->dtype, sizeof t->dtype);
+    XXH3_64bits_update(&state, &t->ndim, sizeof t->ndim);
+    XXH3_64bits_update(&state, t->shape, sizeof t->shape[0] * (size_t)t->ndim);
+  }
+  const polyak_config *c = &p->cfg;
+  XXH3_64bits_update(&state, &c->num_shadows, sizeof c->num_shadows);
+  XXH3_64bits_update(&state, c->schedules, sizeof c->schedules[0] * (size_t)c->num_shadows);
+  XXH3_64bits_update(&state, &c->shadow_dtype, sizeof c->shadow_dtype);
+  XXH3_64bits_update(&state, &c->zero_init, sizeof c->zero_init);
+  XXH3_64bits_update(&state, &c->skip_nonfinite, sizeof c->skip_nonfinite);
+  XXH3_64bits_update(&state, &c->seed, sizeof c->seed);
+  XXH3_64bits_update(&state, &c->world_size, sizeof c->world_size);
+  return XXH3_64bits_digest(&state);
 }
 
 int polyak_registry_has(const polyak_t *p, const char *name)

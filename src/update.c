@@ -188,6 +188,13 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
                        p->cfg.num_shadows - 1);
   double debias_scale = 1.0;
   polyak_status status = debias_scale_of(p, shadow, "polyak_copy_to_params", &debias_scale);
+  int capturing = 0;
+  if (status == POLYAK_OK && p->cfg.zero_init)
+    status = p->ops->capturing(p, stream, &capturing);
+  if (status == POLYAK_OK && capturing)
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "polyak_copy_to_params: with zero_init a captured copy would keep this "
+                         "step's debias factor at every replay");
   if (status != POLYAK_OK)
     return status;
   for (int i = 0; i < p->num_tensors; i++)
