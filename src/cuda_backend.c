@@ -652,7 +652,6 @@ static polyak_status store_chunks(polyak_t *p, cuda_state *state)
   free(chunks);
   if (err != cudaSuccess) {
     cudaFree(state->store_chunks);
-    cudaFree(state->flag);
     state->store_chunks = NULL;
     return cuda_fail(p, err, "polyak_store: the chunk table");
   }
