@@ -15,7 +15,6 @@ Usage: vs_torch.py --lib build/libpolyak.so [--out FILE.jsonl] [--lists a,b] [--
                    [--device cpu]   (cpu: the glue and checks only, with the CPU backend)
 """
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -25,60 +24,10 @@ import time
 
 import torch
 
-F32, BF16 = 0, 1
-BACKEND_CPU, BACKEND_CUDA = 0, 1
+from polyak_ctypes import BACKEND_CPU, BACKEND_CUDA, F32, Polyak
+
 BETA = 0.999
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Schedule(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("beta", ctypes.c_double), ("beta_min", ctypes.c_double),
-                ("inv_gamma", ctypes.c_double), ("power", ctypes.c_double), ("gamma", ctypes.c_double),
-                ("ramp_steps", ctypes.c_int64), ("start_step", ctypes.c_int64)]
-
-
-class Config(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_int), ("device", ctypes.c_int),
-                ("num_shadows", ctypes.c_int), ("schedules", Schedule * 8), ("shadow_dtype", ctypes.c_int),
-                ("zero_init", ctypes.c_int), ("skip_nonfinite", ctypes.c_int), ("seed", ctypes.c_uint64)]
-
-
-class Polyak:
-    """The few calls of polyak.h the benchmark needs."""
-
-    def __init__(self, path):
-        lib = ctypes.CDLL(path)
-        vp, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.polyak_config_init.argtypes = [ctypes.POINTER(Config)]
-        lib.polyak_create.argtypes = [ctypes.POINTER(vp), ctypes.POINTER(Config)]
-        lib.polyak_add.argtypes = [vp, ctypes.c_char_p, vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]
-        lib.polyak_finalize.argtypes = [vp, vp]
-        lib.polyak_update.argtypes = [vp, i64, vp]
-        lib.polyak_get_shadow.argtypes = [vp, ctypes.c_int, ctypes.c_int, vp, ctypes.c_int, vp]
-        lib.polyak_last_error.argtypes = [vp]
-        lib.polyak_last_error.restype = ctypes.c_char_p
-        lib.polyak_destroy.argtypes = [vp]
-        self.lib = lib
-
-    def check(self, status, handle, what):
-        if status != 0:
-            detail = self.lib.polyak_last_error(handle).decode() if handle else ""
-            raise RuntimeError(f"{what}: status {status}: {detail}")
-
-    def handle(self, params, backend, stream):
-        cfg = Config()
-        self.lib.polyak_config_init(ctypes.byref(cfg))
-        assert cfg.struct_size == ctypes.sizeof(Config), "polyak_config layout differs from this mirror"
-        cfg.backend = backend
-        cfg.schedules[0].beta = BETA
-        h = ctypes.c_void_p()
-        self.check(self.lib.polyak_create(ctypes.byref(h), ctypes.byref(cfg)), None, "polyak_create")
-        for i, p in enumerate(params):
-            shape = (ctypes.c_int64 * max(p.dim(), 1))(*p.shape)
-            dtype = F32 if p.dtype == torch.float32 else BF16
-            self.check(self.lib.polyak_add(h, f"t{i}".encode(), p.data_ptr(), dtype, p.dim(), shape), h, "polyak_add")
-        self.check(self.lib.polyak_finalize(h, stream), h, "polyak_finalize")
-        return h
 
 
 def tensor_sizes(name):
@@ -179,7 +128,7 @@ def run_list(lib, name, iters, device, copy, emit):
                   "frac_of_copy": gbps / copy, "host_ms_median": host_ms})
 
         # polyak: its shadows start as the params
-        h = lib.handle(params, backend, stream)
+        h = lib.handle(params, backend, stream, BETA)
         check = Check(checked, params)
         move(params)
         lib.check(lib.lib.polyak_update(h, 1, stream), h, "polyak_update")

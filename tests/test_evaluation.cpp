@@ -103,6 +103,7 @@ TEST(Evaluation, MisuseIsRefusedAndChangesNothing)
   auto params = m.param_bytes();
   EXPECT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_ERR_STATE) << "nothing stored";
   EXPECT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_ERR_STATE) << "zero_init, no update";
+  EXPECT_EQ(m.param_bytes(), params);
   m.train(1);
   params = m.param_bytes();
   Snapshot shadows = snapshot(m.h.get(), 2, m.tensors);

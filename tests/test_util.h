@@ -134,6 +134,9 @@ struct Snapshot {
   }
 };
 
+// Every shadow of every tensor as bits (this rank's pieces on a sharded
+// handle), the step and the count. A read that fails fails the test: equal
+// snapshots must mean equal states.
 inline Snapshot snapshot(polyak_t *p, int num_shadows, const std::vector<Tensor> &tensors)
 {
   Snapshot s;
@@ -144,7 +147,8 @@ inline Snapshot snapshot(polyak_t *p, int num_shadows, const std::vector<Tensor>
   for (int k = 0; k < num_shadows; k++)
     for (size_t i = 0; i < tensors.size(); i++) {
       std::vector<float> values(tensors[i].num_elems + 1);
-      polyak_get_shadow(p, k, (int)i, values.data(), POLYAK_F32, nullptr);
+      EXPECT_EQ(polyak_get_local_shadow(p, k, (int)i, values.data(), POLYAK_F32, nullptr), POLYAK_OK)
+          << polyak_last_error(p);
       std::vector<uint32_t> bits(tensors[i].num_elems);
       for (int64_t e = 0; e < tensors[i].num_elems; e++)
         bits[e] = polyak_f32_bits(values[e]);
