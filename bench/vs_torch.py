@@ -137,7 +137,7 @@ def run_list(lib, name, iters, device, copy, emit):
             got[i] = torch.empty(sizes[i], device=device, dtype=torch.float32)
             lib.check(lib.lib.polyak_get_shadow(h, 0, i, got[i].data_ptr(), F32, stream), h, "polyak_get_shadow")
         check.verify("polyak", got, params, weight)
-        del got
+        got = None
         step = [1]
 
         def polyak_step():
@@ -160,10 +160,10 @@ def run_list(lib, name, iters, device, copy, emit):
             update(shadows)
             check.verify(impl, shadows, params, weight)
             record(impl, *timed(lambda: update(shadows), iters, device))
-            del shadows
+            shadows = None  # free before the next implementation
         if param_dtype == torch.float32:
             run_timm(name, params, checked, weight, iters, device, record)
-        del params
+        params = None
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -183,7 +183,7 @@ def run_timm(name, params, checked, weight, iters, device, record):
     ema.update(model)
     check.verify("timm_v3", shadows, params, weight)
     record("timm_v3", *timed(lambda: ema.update(model), iters, device))
-    del ema, model
+    ema = model = None
 
 
 def main():
