@@ -134,6 +134,26 @@ POLYAK_HD uint16_t polyak_f32_to_f16_rne(float x)
   }
 }
 
+/* ---- elements of any dtype as f32 ------------------------------------------ */
+
+/* Element i of `base`, a polyak_dtype array (0 F32, 1 BF16, 2 F16), exactly. */
+POLYAK_HD float polyak_load_f32(const void *base, int64_t i, int dtype)
+{
+  if (dtype == 0)
+    return ((const float *)base)[i];
+  uint16_t h = ((const uint16_t *)base)[i];
+  return dtype == 1 ? polyak_bf16_to_f32(h) : polyak_f16_to_f32(h);
+}
+
+/* Element i of `base` = value, rounded to nearest even for BF16 and F16. */
+POLYAK_HD void polyak_store_f32(void *base, int64_t i, float value, int dtype)
+{
+  if (dtype == 0)
+    ((float *)base)[i] = value;
+  else
+    ((uint16_t *)base)[i] = dtype == 1 ? polyak_f32_to_bf16_rne(value) : polyak_f32_to_f16_rne(value);
+}
+
 /* ---- the shadow update --------------------------------------------------- */
 
 /* shadow + weight * (param - shadow), with weight = 1 - B computed on the
@@ -196,6 +216,14 @@ POLYAK_HD uint32_t polyak_sr_bits(uint64_t key, int64_t elem)
   uint64_t e = (uint64_t)elem;
   uint32_t h = polyak_mix32((uint32_t)e ^ (uint32_t)key);
   return polyak_mix32(h ^ (uint32_t)(e >> 32) ^ (uint32_t)(key >> 32));
+}
+
+/* The next bits of a bf16 shadow element: the lerp in f32, rounded
+ * stochastically with the bits of (key, global element index). */
+POLYAK_HD uint16_t polyak_next_bf16(uint16_t shadow, float param, float weight, uint64_t key, int64_t elem)
+{
+  float mixed = polyak_lerp(polyak_bf16_to_f32(shadow), param, weight);
+  return polyak_f32_to_bf16_sr(mixed, polyak_sr_bits(key, elem));
 }
 
 #endif /* POLYAK_MATH_H */

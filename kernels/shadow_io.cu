@@ -8,33 +8,6 @@
 #include "launch.h"
 #include "polyak_math.h"
 
-static __device__ float polyak_load_f32(const void *base, int64_t i, int dtype)
-{
-  switch (dtype) {
-  case POLYAK_F32:
-    return static_cast<const float *>(base)[i];
-  case POLYAK_BF16:
-    return polyak_bf16_to_f32(static_cast<const uint16_t *>(base)[i]);
-  default:
-    return polyak_f16_to_f32(static_cast<const uint16_t *>(base)[i]);
-  }
-}
-
-static __device__ void polyak_store_f32(void *base, int64_t i, float value, int dtype)
-{
-  switch (dtype) {
-  case POLYAK_F32:
-    static_cast<float *>(base)[i] = value;
-    break;
-  case POLYAK_BF16:
-    static_cast<uint16_t *>(base)[i] = polyak_f32_to_bf16_rne(value);
-    break;
-  default:
-    static_cast<uint16_t *>(base)[i] = polyak_f32_to_f16_rne(value);
-    break;
-  }
-}
-
 struct polyak_init_shadows {
   void *arena[POLYAK_MAX_SHADOWS];
 };

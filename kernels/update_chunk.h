@@ -126,22 +126,6 @@ POLYAK_HD void polyak_load8(const typename polyak_storage<DTYPE>::elem *src, flo
   }
 }
 
-/* ---- one element, one shadow ---------------------------------------------- */
-
-/* The new bits of an f32 or bf16 shadow element; `elem` is the global index
- * that keys the bf16 shadow's stochastic rounding. */
-POLYAK_HD float polyak_next_f32(float shadow, float param, float weight)
-{
-  return polyak_lerp(shadow, param, weight);
-}
-
-POLYAK_HD uint16_t polyak_next_bf16(uint16_t shadow, float param, float weight, uint64_t key,
-                                    int64_t elem)
-{
-  float mixed = polyak_lerp(polyak_bf16_to_f32(shadow), param, weight);
-  return polyak_f32_to_bf16_sr(mixed, polyak_sr_bits(key, elem));
-}
-
 /* ---- the chunk ---------------------------------------------------------------- */
 
 /* One element at chunk-relative index i, every shadow; returns 1 if the
@@ -160,7 +144,7 @@ POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void 
   for (int k = 0; k < a.num_shadows; k++) {
     if (SHADOW_DTYPE == POLYAK_F32) {
       float *s = static_cast<float *>(shadows[k]) + slot;
-      *s = polyak_next_f32(*s, param, a.weight[k]);
+      *s = polyak_lerp(*s, param, a.weight[k]);
     } else {
       uint16_t *s = static_cast<uint16_t *>(shadows[k]) + slot;
       *s = polyak_next_bf16(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i);
@@ -192,10 +176,9 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
       polyak_u32x4 lo = polyak_load16(s), hi = polyak_load16(s + 4);
       for (int j = 0; j < 4; j++) {
         if (!keep[j])
-          lo.v[j] = polyak_f32_bits(polyak_next_f32(polyak_f32_from_bits(lo.v[j]), param[j], a.weight[k]));
+          lo.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(lo.v[j]), param[j], a.weight[k]));
         if (!keep[4 + j])
-          hi.v[j] = polyak_f32_bits(
-              polyak_next_f32(polyak_f32_from_bits(hi.v[j]), param[4 + j], a.weight[k]));
+          hi.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(hi.v[j]), param[4 + j], a.weight[k]));
       }
       polyak_store16(s, lo);
       polyak_store16(s + 4, hi);

@@ -23,7 +23,8 @@ polyak_build "$polyak_root/build" -DCMAKE_BUILD_TYPE=Release "${python_args[@]}"
 echo "== build: CPU only, -fsanitize=address,undefined"
 mkdir -p "$polyak_root/build-sanitize"
 polyak_build "$polyak_root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE=ON -DPOLYAK_BUILD_EXAMPLES=OFF "${python_args[@]}"
+  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF \
+  "${python_args[@]}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$polyak_root/build-sanitize" && ctest --output-on-failure --parallel "$jobs")

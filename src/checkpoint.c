@@ -50,11 +50,6 @@ static char *saved_name(const polyak_t *p, int k, int i)
   return out;
 }
 
-static const char *safetensors_dtype(polyak_dtype d)
-{
-  return d == POLYAK_F32 ? "F32" : d == POLYAK_BF16 ? "BF16" : "F16";
-}
-
 static int parse_int64(const char *text, int64_t *out)
 {
   char *end;
@@ -133,7 +128,7 @@ static json_t *build_metadata(const polyak_t *p, int64_t nonfinite, uint64_t che
                set_text(metadata, "step", "%" PRId64, p->last_step) ||
                set_text(metadata, "num_shadows", "%d", p->cfg.num_shadows) ||
                json_object_set_new(metadata, "shadow_dtype",
-                                   json_string(safetensors_dtype(p->cfg.shadow_dtype))) ||
+                                   json_string(polyak_dtype_name(p->cfg.shadow_dtype))) ||
                set_text(metadata, "seed", "%" PRIu64, p->cfg.seed) ||
                set_text(metadata, "zero_init", "%d", p->cfg.zero_init) ||
                set_text(metadata, "skip_nonfinite", "%d", p->cfg.skip_nonfinite) ||
@@ -165,7 +160,7 @@ static char *build_header(const polyak_t *p, int64_t nonfinite, uint64_t checksu
       for (int d = 0; d < t->ndim; d++)
         json_array_append_new(shape, json_integer(t->shape[d]));
       int64_t end = offset + t->num_elems * (int64_t)elem_bytes;
-      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", safetensors_dtype(p->cfg.shadow_dtype),
+      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(p->cfg.shadow_dtype),
                                 "shape", shape, "data_offsets", (json_int_t)offset, (json_int_t)end);
       char *name = saved_name(p, k, i);
       failed = !entry || !name || json_object_set_new(root, name, entry);
@@ -291,8 +286,8 @@ static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_s
     if (status == POLYAK_OK)
       status = gathered_status;
     for (int i = 0; i < p->num_tensors && file && status == POLYAK_OK; i++) {
-      status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts, i, 1.0, whole,
-                               p->cfg.shadow_dtype, NULL);
+      status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors, 1.0,
+                               whole, p->cfg.shadow_dtype, NULL);
       size_t tensor_bytes = (size_t)p->tensors[i].num_elems * elem_bytes;
       for (size_t done = 0; done < tensor_bytes && status == POLYAK_OK;) {
         size_t n = tensor_bytes - done < io->buffer_bytes ? tensor_bytes - done : io->buffer_bytes;
@@ -317,16 +312,14 @@ static polyak_status write_gathered(block_io *io, polyak_safe_file *file, XXH3_s
 static polyak_status total_nonfinite(polyak_t *p, polyak_status status, int64_t local, int64_t *total)
 {
   int64_t count = 8 / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int world = p->cfg.world_size, all_ok = 0;
+  int world = p->cfg.world_size;
   int64_t *all = malloc(sizeof *all * (size_t)world);
   void *send = p->ops->scratch_alloc(p, 8), *recv = p->ops->scratch_alloc(p, 8 * (size_t)world);
   if (status == POLYAK_OK && !(all && send && recv))
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save: out of memory");
-  polyak_status agreed = p->ops->agree(p, status == POLYAK_OK, &all_ok);
-  if (status == POLYAK_OK && agreed != POLYAK_OK)
+  polyak_status agreed = polyak_all_ready(p, status == POLYAK_OK, POLYAK_ERR_STATE, "polyak_save");
+  if (status == POLYAK_OK)
     status = agreed;
-  if (status == POLYAK_OK && !all_ok)
-    status = polyak_fail(p, POLYAK_ERR_STATE, "polyak_save: another rank failed before the gathers");
   if (status == POLYAK_OK)
     status = p->ops->copy_from_host(p, send, &local, 8);
   if (status == POLYAK_OK)
@@ -403,12 +396,9 @@ polyak_status polyak_save(polyak_t *p, const char *path)
     polyak_safe_file_abort(file);
 agree:
   if (gathering) { /* every rank returns the same verdict */
-    int all_ok = 0;
-    polyak_status agreed = p->ops->agree(p, status == POLYAK_OK, &all_ok);
-    if (status == POLYAK_OK && agreed != POLYAK_OK)
+    polyak_status agreed = polyak_all_ready(p, status == POLYAK_OK, POLYAK_ERR_IO, "polyak_save (rank 0 writes)");
+    if (status == POLYAK_OK)
       status = agreed;
-    if (status == POLYAK_OK && !all_ok)
-      status = polyak_fail(p, POLYAK_ERR_IO, "polyak_save: another rank failed; rank 0 writes the file");
   }
   if (io.buffer)
     p->ops->free_host_buffer(p, io.buffer);
@@ -503,9 +493,9 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
     return MISMATCH("the file has %lld shadows, this handle %d", (long long)num_shadows,
                     p->cfg.num_shadows);
   const char *dtype = metadata_text(metadata, "shadow_dtype");
-  if (strcmp(dtype, safetensors_dtype(p->cfg.shadow_dtype)) != 0)
+  if (strcmp(dtype, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
     return MISMATCH("the file's shadows are %s, this handle's %s", dtype,
-                    safetensors_dtype(p->cfg.shadow_dtype));
+                    polyak_dtype_name(p->cfg.shadow_dtype));
   if (parse_uint64(metadata_text(metadata, "seed"), &seed) != 0)
     return FORMAT_ERROR("metadata \"seed\" is not a number");
   if (seed != p->cfg.seed)
@@ -565,9 +555,9 @@ static polyak_status check_entry(polyak_t *p, const char *name, json_t *entry, i
     is_known |= strcmp(dtype_name, known[n]) == 0;
   if (!is_known)
     return FORMAT_ERROR("tensor \"%s\" has dtype \"%s\", which safetensors does not know", name, dtype_name);
-  if (strcmp(dtype_name, safetensors_dtype(p->cfg.shadow_dtype)) != 0)
+  if (strcmp(dtype_name, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
     return MISMATCH("tensor \"%s\" is %s; this handle's shadows are %s", name, dtype_name,
-                    safetensors_dtype(p->cfg.shadow_dtype));
+                    polyak_dtype_name(p->cfg.shadow_dtype));
   int shape_ok = (int)json_array_size(shape) == t->ndim;
   for (int d = 0; d < t->ndim && shape_ok; d++) {
     json_t *dim = json_array_get(shape, d);

@@ -18,23 +18,11 @@ typedef struct {
   int64_t graph_consumed, graph_dropped; /* graph mode counters */
   void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
   void *store;                           /* polyak_store's copy of the params */
+  int64_t (*walk)(const polyak_t *, void *const *, const polyak_update_args *, float *); /* for this CPU */
   float scratch[POLYAK_CHUNK_ELEMS];     /* one chunk's params as f32 */
 } cpu_state;
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE float load_param(const void *param, int64_t i, polyak_dtype dtype)
-{
-  switch (dtype) {
-  case POLYAK_F32:
-    return ((const float *)param)[i];
-  case POLYAK_BF16:
-    return polyak_bf16_to_f32(((const uint16_t *)param)[i]);
-  case POLYAK_F16:
-    return polyak_f16_to_f32(((const uint16_t *)param)[i]);
-  }
-  return NAN;
-}
 
 /* One chunk: its params are read once, converted to f32 into `scratch`
  * (at most POLYAK_CHUNK_ELEMS floats, so they stay in cache), then folded
@@ -48,7 +36,7 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
 {
   int64_t n = chunk->num_elems, first = chunk->first_elem, nonfinite = 0;
   for (int64_t i = 0; i < n; i++)
-    scratch[i] = load_param(t->param, first + i, param_dtype);
+    scratch[i] = polyak_load_f32(t->param, first + i, param_dtype);
   for (int64_t i = 0; i < n; i++)
     nonfinite += !polyak_is_finite(scratch[i]);
   int guard = args->skip_nonfinite && nonfinite > 0; /* the guard costs only where needed */
@@ -68,8 +56,7 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
       uint64_t key = args->sr_key[k];
       int64_t elem = t->global_offset_elems + first;
       for (int64_t i = 0; i < n; i++) {
-        uint16_t next = polyak_f32_to_bf16_sr(polyak_lerp(polyak_bf16_to_f32(s[i]), scratch[i], weight),
-                                              polyak_sr_bits(key, elem + i));
+        uint16_t next = polyak_next_bf16(s[i], scratch[i], weight, key, elem + i);
         s[i] = (guard & !polyak_is_finite(scratch[i])) ? s[i] : next;
       }
     }
@@ -111,13 +98,7 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
 {
   (void)stream;
   cpu_state *state = p->backend;
-#if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    state->nonfinite_count += walk_plan_avx2(p, state->shadows, args, state->scratch);
-    return POLYAK_OK;
-  }
-#endif
-  state->nonfinite_count += walk_plan(p, state->shadows, args, state->scratch);
+  state->nonfinite_count += state->walk(p, state->shadows, args, state->scratch);
   return POLYAK_OK;
 }
 
@@ -146,7 +127,7 @@ static polyak_status find_nonfinite_param(polyak_t *p)
     const polyak_tensor *t = &p->tensors[i];
     const polyak_tensor_desc *d = &p->descs[i];
     for (int64_t e = d->local_first_elem; e < d->local_first_elem + d->local_num_elems; e++) {
-      float value = load_param(t->param, e, t->dtype);
+      float value = polyak_load_f32(t->param, e, t->dtype);
       if (!polyak_is_finite(value))
         return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                            "polyak_finalize: tensor %d (\"%s\") holds %s at element %lld; with "
@@ -168,11 +149,8 @@ static void init_shadow(const polyak_t *p, void *arena)
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor_desc *t = &p->descs[i];
     for (int64_t e = t->local_first_elem; e < t->local_first_elem + t->local_num_elems; e++) {
-      float value = load_param(t->param, e, (polyak_dtype)t->param_dtype);
-      if (p->cfg.shadow_dtype == POLYAK_F32)
-        ((float *)arena)[t->shadow_offset_elems + e] = value;
-      else
-        ((uint16_t *)arena)[t->shadow_offset_elems + e] = polyak_f32_to_bf16_rne(value);
+      polyak_store_f32(arena, t->shadow_offset_elems + e, polyak_load_f32(t->param, e, t->param_dtype),
+                       p->cfg.shadow_dtype);
     }
   }
 }
@@ -229,6 +207,11 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
   if (!state)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   p->backend = state;
+  state->walk = walk_plan;
+#if defined(__x86_64__) || defined(__i386__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    state->walk = walk_plan_avx2;
+#endif
   if (alloc_arenas(p, state->shadows) != 0) {
     cpu_release(p);
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
@@ -240,21 +223,6 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
   return POLYAK_OK;
 }
 
-static void store_value(void *dst, int64_t i, float value, polyak_dtype dtype)
-{
-  switch (dtype) {
-  case POLYAK_F32:
-    ((float *)dst)[i] = value;
-    break;
-  case POLYAK_BF16:
-    ((uint16_t *)dst)[i] = polyak_f32_to_bf16_rne(value);
-    break;
-  case POLYAK_F16:
-    ((uint16_t *)dst)[i] = polyak_f32_to_f16_rne(value);
-    break;
-  }
-}
-
 static void *cpu_arena(polyak_t *p, int shadow)
 {
   return ((cpu_state *)p->backend)->shadows[shadow];
@@ -264,11 +232,8 @@ static polyak_status cpu_read_out(polyak_t *p, const void *src, int64_t num_elem
                                   void *dst, polyak_dtype dst_dtype, void *stream)
 {
   (void)stream;
-  for (int64_t e = 0; e < num_elems; e++) {
-    float value = p->cfg.shadow_dtype == POLYAK_F32 ? ((const float *)src)[e]
-                                                    : polyak_bf16_to_f32(((const uint16_t *)src)[e]);
-    store_value(dst, e, polyak_debias(value, debias_scale), dst_dtype);
-  }
+  for (int64_t e = 0; e < num_elems; e++)
+    polyak_store_f32(dst, e, polyak_debias(polyak_load_f32(src, e, p->cfg.shadow_dtype), debias_scale), dst_dtype);
   return POLYAK_OK;
 }
 
@@ -281,14 +246,12 @@ static polyak_status cpu_check_read_out(polyak_t *p, const void *dst, void *stre
 /* This rank's piece of every tensor's shadow into the params. */
 static polyak_status cpu_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
 {
-  size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor_desc *t = &p->descs[i];
-    const char *src = (const char *)cpu_arena(p, shadow) +
-                      (t->shadow_offset_elems + t->local_first_elem) * (int64_t)shadow_bytes;
     char *dst = (char *)p->tensors[i].param +
                 t->local_first_elem * (int64_t)polyak_dtype_num_bytes(p->tensors[i].dtype);
-    cpu_read_out(p, src, t->local_num_elems, debias_scale, dst, p->tensors[i].dtype, stream);
+    cpu_read_out(p, polyak_local_slice(p, shadow, i), t->local_num_elems, debias_scale, dst,
+                 p->tensors[i].dtype, stream);
   }
   return POLYAK_OK;
 }

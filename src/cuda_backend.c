@@ -178,20 +178,6 @@ static polyak_status check_params(polyak_t *p)
   return POLYAK_OK;
 }
 
-/* The tensor holding global element `elem` (descs are in global order). */
-static int tensor_of_element(const polyak_t *p, int64_t elem)
-{
-  int lo = 0, hi = p->num_tensors - 1;
-  while (lo < hi) {
-    int mid = lo + (hi - lo + 1) / 2;
-    if (p->descs[mid].global_offset_elems <= elem)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 static polyak_status allocate(polyak_t *p, cuda_state *state)
 {
   size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
@@ -244,7 +230,7 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
   if (found[COUNT_INIT] == 0)
     return POLYAK_OK;
   int64_t elem = (int64_t)found[FIRST_NONFINITE];
-  int i = tensor_of_element(p, elem);
+  int i = polyak_tensor_of_element(p, elem);
   return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                      "polyak_finalize: tensor %d (\"%s\") holds NaN or Inf at element %lld (%llu "
                      "non-finite elements in all); with skip_nonfinite their shadows would stay so "
@@ -381,20 +367,14 @@ static void *cuda_arena(polyak_t *p, int shadow)
 
 static polyak_status cuda_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)
 {
+  (void)stream;
   char what[128];
   snprintf(what, sizeof what, "%s: dst", function);
-  int previous, capturing = 0;
+  int previous;
   cudaError_t err = enter_device(p, &previous);
   polyak_status status = err == cudaSuccess ? check_device_pointer(p, dst, what) : POLYAK_OK;
-  if (err == cudaSuccess && status == POLYAK_OK)
-    err = is_capturing(stream, &capturing);
   if (err != cudaSuccess)
     status = cuda_fail(p, err, function);
-  else if (status == POLYAK_OK && capturing && p->cfg.zero_init)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "%s: with zero_init a captured read-out would keep this step's debias "
-                         "factor at every replay",
-                         function);
   leave_device(p, previous);
   return status;
 }

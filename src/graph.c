@@ -12,7 +12,7 @@ static double reserved_decay(const polyak_t *p, int k, int64_t row)
 {
   int64_t step = p->graph_first_step + row;
   int64_t previous = row == 0 ? p->last_step : step - 1;
-  return polyak_beta_product(&p->cfg.schedules[k], previous, step);
+  return polyak_beta_product_checked(&p->cfg.schedules[k], previous, step);
 }
 
 polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,

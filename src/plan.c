@@ -7,6 +7,20 @@
 
 #include "polyak_internal.h"
 
+int polyak_tensor_of_element(const polyak_t *p, int64_t elem)
+{
+  int lo = 0, hi = p->num_tensors - 1; /* the first tensor whose end lies beyond elem */
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;
+    const polyak_tensor *t = &p->tensors[mid];
+    if (t->global_offset_elems + t->num_elems > elem)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
 /* Where rank `rank`'s slice begins in the flattened parameter space. */
 static int64_t shard_begin(const polyak_t *p, int rank)
 {
@@ -16,17 +30,7 @@ static int64_t shard_begin(const polyak_t *p, int rank)
   if (rank >= world)
     return total;
   int64_t even = total / world * rank + total % world * rank / world; /* total*rank/world */
-  /* the tensor holding element `even`: the first whose end lies beyond it */
-  int lo = 0, hi = p->num_tensors - 1;
-  while (lo < hi) {
-    int mid = lo + (hi - lo) / 2;
-    const polyak_tensor *t = &p->tensors[mid];
-    if (t->global_offset_elems + t->num_elems > even)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  int64_t offset = p->tensors[lo].global_offset_elems;
+  int64_t offset = p->tensors[polyak_tensor_of_element(p, even)].global_offset_elems;
   return offset + (even - offset) / 8 * 8; /* 16 bytes of bf16, 32 of f32, into the tensor */
 }
 

@@ -84,7 +84,7 @@ struct polyak_backend_ops {
   polyak_status (*read_out)(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
                             void *dst, polyak_dtype dst_dtype, void *stream);
   /* refuses a read-out destination the backend cannot write (host memory
-   * for CUDA) or a read-out that cannot be captured */
+   * for CUDA) */
   polyak_status (*check_read_out)(polyak_t *p, const void *dst, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
   void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
@@ -150,6 +150,9 @@ int polyak_config_normalize(const polyak_config *in, polyak_config *out);
 /* Schedule checks as polyak_create makes them; the reason goes to msg. */
 polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t msg_num_bytes);
 
+/* polyak_beta_product for a schedule already checked (the per-step path). */
+double polyak_beta_product_checked(const polyak_schedule *s, int64_t last_step, int64_t step);
+
 /* "CONSTANT", ... (NULL for an unknown kind), and back (-1 if unknown). */
 const char *polyak_schedule_kind_name(polyak_schedule_kind kind);
 int polyak_schedule_kind_from_name(const char *name);
@@ -169,6 +172,14 @@ const char *polyak_dtype_name(polyak_dtype dtype);
  * Any rank can compute any rank's layout. */
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems);
 
+/* This rank's piece of tensor `tensor` in shadow `shadow`'s arena. */
+static inline void *polyak_local_slice(polyak_t *p, int shadow, int tensor)
+{
+  const polyak_tensor_desc *t = &p->descs[tensor];
+  return (char *)p->ops->arena(p, shadow) +
+         (t->shadow_offset_elems + t->local_first_elem) * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+}
+
 /* ---- gathers across ranks (shard.c) ---- */
 
 /* 1 if reading tensor `tensor` whole needs the other ranks' pieces: it is
@@ -176,12 +187,17 @@ void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int6
  * used, so one rank exercises the same path). */
 int polyak_needs_gather(const polyak_t *p, int tensor);
 
-/* From `gathered` (rank r's data at r * stride_elems, pieces placed as
- * `layouts` say), tensor `tensor`'s whole shadow times debias_scale into
- * dst as dst_dtype (backend memory). */
+/* From `gathered` (rank r's data at r * stride_elems), one tensor's whole
+ * shadow times debias_scale into dst as dst_dtype (backend memory). Rank
+ * r's piece is pieces[r * piece_stride] (p->layouts + tensor with stride
+ * num_tensors, or one piece per rank with stride 1). */
 polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
-                              const polyak_piece *layouts, int tensor, double debias_scale, void *dst,
-                              polyak_dtype dst_dtype, void *stream);
+                              const polyak_piece *pieces, size_t piece_stride, double debias_scale,
+                              void *dst, polyak_dtype dst_dtype, void *stream);
+
+/* The ranks agree that every one is ready (a collective); if one is not,
+ * every rank fails with `status_if_not` and a message about `what`. */
+polyak_status polyak_all_ready(polyak_t *p, int ready, polyak_status status_if_not, const char *what);
 
 /* Shadow `shadow` of every rank into *gathered (backend scratch of
  * world_size * arena_alloc_elems, scratch_free it): one all-gather. */
@@ -191,6 +207,9 @@ polyak_status polyak_gather_arenas(polyak_t *p, int shadow, void **gathered, voi
 polyak_status polyak_gather_tensor(polyak_t *p, int shadow, int tensor, double debias_scale, void *dst,
                                    polyak_dtype dst_dtype, void *stream);
 polyak_status polyak_gather_to_params(polyak_t *p, int shadow, double debias_scale, void *stream);
+
+/* The tensor holding global element `elem` (0 <= elem < total_elems). */
+int polyak_tensor_of_element(const polyak_t *p, int64_t elem);
 
 /* Builds descs/chunks/arena_elems of a handle from its registry. */
 polyak_status polyak_plan_build(polyak_t *p);

@@ -210,6 +210,11 @@ double polyak_beta_product(const polyak_schedule *s, int64_t last_step, int64_t 
 {
   if (!s || polyak_schedule_check(s, NULL, 0) != POLYAK_OK)
     return NAN;
+  return polyak_beta_product_checked(s, last_step, step);
+}
+
+double polyak_beta_product_checked(const polyak_schedule *s, int64_t last_step, int64_t step)
+{
   if (last_step < 0 || step < last_step)
     return NAN;
   if (step == last_step)

@@ -6,7 +6,7 @@
  *   arenas     each rank's whole arena (all arenas have the same allocated
  *              size, so they are sent in place)
  * Gathers are collectives: every rank must make the same calls. Before each
- * all-gather the ranks agree that all of them are ready (ops->agree), so a
+ * all-gather the ranks agree that all of them are ready (polyak_all_ready), so a
  * rank that failed locally (out of memory, say) makes all of them fail
  * instead of leaving the others waiting in NCCL. The all-gather and the
  * agreement are the only NCCL calls; everything else also runs on the CPU,
@@ -22,14 +22,14 @@ int polyak_needs_gather(const polyak_t *p, int tensor)
 }
 
 polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
-                              const polyak_piece *layouts, int tensor, double debias_scale, void *dst,
-                              polyak_dtype dst_dtype, void *stream)
+                              const polyak_piece *pieces, size_t piece_stride, double debias_scale,
+                              void *dst, polyak_dtype dst_dtype, void *stream)
 {
   size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   size_t dst_bytes = polyak_dtype_num_bytes(dst_dtype);
   int raw = dst_dtype == p->cfg.shadow_dtype && debias_scale == 1.0; /* bytes as they are */
   for (int r = 0; r < p->cfg.world_size; r++) {
-    const polyak_piece *piece = &layouts[(size_t)r * (size_t)p->num_tensors + (size_t)tensor];
+    const polyak_piece *piece = &pieces[(size_t)r * piece_stride];
     if (piece->num_elems == 0)
       continue;
     const char *src = (const char *)gathered + (r * stride_elems + piece->arena_offset_elems) * (int64_t)shadow_bytes;
@@ -62,17 +62,15 @@ static polyak_status check_gather(polyak_t *p, void *stream)
   return status;
 }
 
-/* The ranks agree that all are ready; if one is not, every rank fails. */
-static polyak_status all_ready(polyak_t *p, int ready, const char *what)
+polyak_status polyak_all_ready(polyak_t *p, int ready, polyak_status status_if_not, const char *what)
 {
   int all = 0;
   polyak_status status = p->ops->agree(p, ready, &all);
   if (status != POLYAK_OK)
     return status;
   if (!all)
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: %s", what,
-                       ready ? "another rank could not take part (out of memory?)"
-                             : "out of memory for the gather");
+    return polyak_fail(p, status_if_not, "%s: %s", what,
+                       ready ? "another rank could not take part" : "this rank could not take part (out of memory?)");
   return POLYAK_OK;
 }
 
@@ -83,7 +81,7 @@ polyak_status polyak_gather_arenas(polyak_t *p, int shadow, void **gathered, voi
     return status;
   size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   *gathered = p->ops->scratch_alloc(p, (size_t)p->cfg.world_size * (size_t)p->arena_alloc_elems * shadow_bytes);
-  status = all_ready(p, *gathered != NULL, "gathering the shadows");
+  status = polyak_all_ready(p, *gathered != NULL, POLYAK_ERR_NO_MEMORY, "gathering the shadows");
   if (status == POLYAK_OK)
     status = p->ops->all_gather(p, p->ops->arena(p, shadow), *gathered, p->arena_alloc_elems, stream);
   if (status != POLYAK_OK && *gathered) {
@@ -102,28 +100,24 @@ polyak_status polyak_gather_tensor(polyak_t *p, int shadow, int tensor, double d
   /* every rank's piece of the tensor at the start of a stride of the largest piece */
   size_t n = (size_t)p->num_tensors;
   int64_t stride = 1;
-  for (int r = 0; r < p->cfg.world_size; r++) {
-    const polyak_piece *piece = &p->layouts[(size_t)r * n + (size_t)tensor];
-    stride = piece->num_elems > stride ? piece->num_elems : stride;
+  polyak_piece *pieces = malloc(sizeof *pieces * (size_t)p->cfg.world_size);
+  for (int r = 0; r < p->cfg.world_size && pieces; r++) {
+    pieces[r] = p->layouts[(size_t)r * n + (size_t)tensor];
+    pieces[r].arena_offset_elems = 0;
+    stride = pieces[r].num_elems > stride ? pieces[r].num_elems : stride;
   }
-  polyak_piece *pieces = malloc(sizeof *pieces * ((size_t)p->cfg.world_size * n + 1));
   size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   const polyak_tensor_desc *t = &p->descs[tensor];
   char *send = p->ops->scratch_alloc(p, (size_t)stride * shadow_bytes);
   char *gathered = p->ops->scratch_alloc(p, (size_t)p->cfg.world_size * (size_t)stride * shadow_bytes);
-  status = all_ready(p, pieces && send && gathered, "gathering a tensor");
-  if (status == POLYAK_OK) {
-    for (size_t i = 0; i < (size_t)p->cfg.world_size * n; i++) /* the pieces, each at its stride's start */
-      pieces[i] = (polyak_piece){p->layouts[i].first_elem, p->layouts[i].num_elems, 0};
-    status = p->ops->copy_bytes(p, send,
-                                (const char *)p->ops->arena(p, shadow) +
-                                    (t->shadow_offset_elems + t->local_first_elem) * (int64_t)shadow_bytes,
+  status = polyak_all_ready(p, pieces && send && gathered, POLYAK_ERR_NO_MEMORY, "gathering a tensor");
+  if (status == POLYAK_OK)
+    status = p->ops->copy_bytes(p, send, polyak_local_slice(p, shadow, tensor),
                                 (size_t)t->local_num_elems * shadow_bytes, stream);
-  }
   if (status == POLYAK_OK)
     status = p->ops->all_gather(p, send, gathered, stride, stream);
   if (status == POLYAK_OK)
-    status = polyak_assemble(p, gathered, stride, pieces, tensor, debias_scale, dst, dst_dtype, stream);
+    status = polyak_assemble(p, gathered, stride, pieces, 1, debias_scale, dst, dst_dtype, stream);
   if (send)
     p->ops->scratch_free(p, send);
   if (gathered)
@@ -137,8 +131,8 @@ polyak_status polyak_gather_to_params(polyak_t *p, int shadow, double debias_sca
   void *gathered = NULL;
   polyak_status status = polyak_gather_arenas(p, shadow, &gathered, stream);
   for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++)
-    status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts, i, debias_scale,
-                             p->tensors[i].param, p->tensors[i].dtype, stream);
+    status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors,
+                             debias_scale, p->tensors[i].param, p->tensors[i].dtype, stream);
   if (gathered)
     p->ops->scratch_free(p, gathered);
   return status;

@@ -54,7 +54,7 @@ polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status stat
 
 int polyak_dtype_valid(polyak_dtype dtype)
 {
-  return dtype == POLYAK_F32 || dtype == POLYAK_BF16 || dtype == POLYAK_F16;
+  return polyak_dtype_num_bytes(dtype) != 0;
 }
 
 size_t polyak_dtype_num_bytes(polyak_dtype dtype)
@@ -69,6 +69,7 @@ size_t polyak_dtype_num_bytes(polyak_dtype dtype)
   return 0;
 }
 
+/* Also the safetensors names of these dtypes. */
 const char *polyak_dtype_name(polyak_dtype dtype)
 {
   switch (dtype) {

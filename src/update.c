@@ -60,7 +60,7 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   double decay[POLYAK_MAX_SHADOWS];
   float weight[POLYAK_MAX_SHADOWS];
   for (int k = 0; k < p->cfg.num_shadows; k++) {
-    decay[k] = polyak_beta_product(&p->cfg.schedules[k], p->last_step, step);
+    decay[k] = polyak_beta_product_checked(&p->cfg.schedules[k], p->last_step, step);
     weight[k] = (float)(1.0 - decay[k]);
   }
   polyak_update_args args;
@@ -95,6 +95,20 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
   return POLYAK_OK;
 }
 
+/* With zero_init a read-out multiplies by this step's debias factor, which
+ * a captured graph would keep at every replay. */
+static polyak_status refuse_debias_capture(polyak_t *p, void *stream, const char *function)
+{
+  int capturing = 0;
+  polyak_status status = p->cfg.zero_init ? p->ops->capturing(p, stream, &capturing) : POLYAK_OK;
+  if (status == POLYAK_OK && capturing)
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "%s: with zero_init a captured read-out would keep this step's debias "
+                         "factor at every replay",
+                         function);
+  return status;
+}
+
 /* The checks polyak_get_shadow and polyak_get_local_shadow share. */
 static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void *dst,
                                 polyak_dtype dst_dtype, const char *function)
@@ -118,14 +132,6 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
   return POLYAK_OK;
 }
 
-/* This rank's piece of tensor `tensor` of shadow `shadow`, in its arena. */
-static const void *local_slice(polyak_t *p, int shadow, int tensor)
-{
-  const polyak_tensor_desc *t = &p->descs[tensor];
-  return (const char *)p->ops->arena(p, shadow) +
-         (t->shadow_offset_elems + t->local_first_elem) * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-}
-
 /* polyak_get_shadow (whole: the other ranks' pieces gathered where the
  * handle has them) and polyak_get_local_shadow (this rank's piece). */
 static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
@@ -140,11 +146,13 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
   if (status == POLYAK_OK &&
       (whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
+  if (status == POLYAK_OK)
+    status = refuse_debias_capture(p, stream, function);
   if (status != POLYAK_OK)
     return status;
   if (whole && polyak_needs_gather(p, tensor))
     return polyak_gather_tensor(p, shadow, tensor, debias_scale, dst, dst_dtype, stream);
-  return p->ops->read_out(p, local_slice(p, shadow, tensor), p->descs[tensor].local_num_elems,
+  return p->ops->read_out(p, polyak_local_slice(p, shadow, tensor), p->descs[tensor].local_num_elems,
                           debias_scale, dst, dst_dtype, stream);
 }
 
@@ -188,13 +196,8 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
                        p->cfg.num_shadows - 1);
   double debias_scale = 1.0;
   polyak_status status = debias_scale_of(p, shadow, "polyak_copy_to_params", &debias_scale);
-  int capturing = 0;
-  if (status == POLYAK_OK && p->cfg.zero_init)
-    status = p->ops->capturing(p, stream, &capturing);
-  if (status == POLYAK_OK && capturing)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "polyak_copy_to_params: with zero_init a captured copy would keep this "
-                         "step's debias factor at every replay");
+  if (status == POLYAK_OK)
+    status = refuse_debias_capture(p, stream, "polyak_copy_to_params");
   if (status != POLYAK_OK)
     return status;
   for (int i = 0; i < p->num_tensors; i++)

@@ -20,34 +20,6 @@ using namespace polyak_test;
 
 namespace {
 
-// A fresh, empty directory per test.
-struct TempDir {
-  std::string path;
-  TempDir()
-  {
-    char pattern[] = "/tmp/polyak-test-XXXXXX";
-    path = mkdtemp(pattern);
-  }
-  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string file(const std::string &name) const { return path + "/" + name; }
-  std::set<std::string> entries() const
-  {
-    std::set<std::string> names;
-    DIR *dir = opendir(path.c_str());
-    while (struct dirent *e = readdir(dir))
-      if (std::string(e->d_name) != "." && std::string(e->d_name) != "..")
-        names.insert(e->d_name);
-    closedir(dir);
-    return names;
-  }
-};
-
-std::vector<char> read_bytes(const std::string &path)
-{
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<char>(std::istreambuf_iterator<char>(in), {});
-}
-
 void write_bytes(const std::string &path, const std::vector<char> &bytes)
 {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

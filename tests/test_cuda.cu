@@ -402,9 +402,9 @@ TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
   ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK);
   EXPECT_EQ(done, 5);
   replay(2); // nothing reserved: changes nothing
-  char path[] = "/tmp/polyak-graph-XXXXXX";
-  int fd = mkstemp(path);
-  close(fd);
+  TempDir dir;
+  const std::string file = dir.file("ema");
+  const char *path = file.c_str();
   ASSERT_EQ(polyak_save(both.gpu.get(), path), POLYAK_OK) << polyak_last_error(both.gpu.get());
   ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 6, 3, stream), POLYAK_OK);
   replay(4);
@@ -415,7 +415,6 @@ TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
   replay(2);
   ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK);
   EXPECT_EQ(done, 2);
-  unlink(path);
   for (int64_t step = 1; step <= 7; step++)
     ASSERT_EQ(polyak_update(both.cpu.get(), step, nullptr), POLYAK_OK);
   both.expect_same();
@@ -437,15 +436,12 @@ TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
     both.randomize(20 + step);
     both.update(step);
   }
-  char gpu_file[] = "/tmp/polyak-gpu-XXXXXX", cpu_file[] = "/tmp/polyak-cpu-XXXXXX";
-  close(mkstemp(gpu_file));
-  close(mkstemp(cpu_file));
+  TempDir dir;
+  const std::string gpu_path = dir.file("gpu"), cpu_path = dir.file("cpu");
+  const char *gpu_file = gpu_path.c_str(), *cpu_file = cpu_path.c_str();
   ASSERT_EQ(polyak_save(both.gpu.get(), gpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
   ASSERT_EQ(polyak_save(both.cpu.get(), cpu_file), POLYAK_OK);
-  // the same state gives the same bytes from either backend
-  std::ifstream a(gpu_file, std::ios::binary), b(cpu_file, std::ios::binary);
-  std::string gpu_bytes((std::istreambuf_iterator<char>(a)), {}), cpu_bytes((std::istreambuf_iterator<char>(b)), {});
-  EXPECT_TRUE(gpu_bytes == cpu_bytes);
+  EXPECT_TRUE(read_bytes(gpu_file) == read_bytes(cpu_file)) << "the same state gives the same bytes";
   // swap them: each backend continues from the other's file
   ASSERT_EQ(polyak_load(both.gpu.get(), cpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
   ASSERT_EQ(polyak_load(both.cpu.get(), gpu_file), POLYAK_OK);
@@ -454,8 +450,6 @@ TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
     both.update(step);
   }
   both.expect_same();
-  unlink(gpu_file);
-  unlink(cpu_file);
 }
 
 TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
@@ -598,14 +592,12 @@ TEST_F(Gpu, OneRankCommunicatorGathersSavesAndLoads)
       both.update(step);
     }
     both.expect_same(); // polyak_get_shadow: all-gather, then read-outs
-    char gpu_file[] = "/tmp/polyak-nccl-XXXXXX", cpu_file[] = "/tmp/polyak-nccl-cpu-XXXXXX";
-    close(mkstemp(gpu_file));
-    close(mkstemp(cpu_file));
+    TempDir dir;
+    const std::string gpu_path = dir.file("gpu"), cpu_path = dir.file("cpu");
+    const char *gpu_file = gpu_path.c_str(), *cpu_file = cpu_path.c_str();
     ASSERT_EQ(polyak_save(both.gpu.get(), gpu_file), POLYAK_OK) << polyak_last_error(both.gpu.get());
     ASSERT_EQ(polyak_save(both.cpu.get(), cpu_file), POLYAK_OK);
-    std::ifstream a(gpu_file, std::ios::binary), b(cpu_file, std::ios::binary);
-    std::string gpu_bytes((std::istreambuf_iterator<char>(a)), {}), cpu_bytes((std::istreambuf_iterator<char>(b)), {});
-    EXPECT_TRUE(gpu_bytes == cpu_bytes) << "the gathered file is the unsharded one";
+    EXPECT_TRUE(read_bytes(gpu_file) == read_bytes(cpu_file)) << "the gathered file is the unsharded one";
     for (int64_t step : {8, 9}) {
       both.randomize(60 + step);
       both.update(step);
@@ -620,8 +612,6 @@ TEST_F(Gpu, OneRankCommunicatorGathersSavesAndLoads)
       cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost);
       ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
     }
-    unlink(gpu_file);
-    unlink(cpu_file);
   }
   ncclCommDestroy(comm);
 }

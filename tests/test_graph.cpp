@@ -4,8 +4,6 @@
 // release, and misuse is refused.
 #include "test_util.h"
 
-#include <unistd.h>
-
 using namespace polyak_test;
 
 namespace {
@@ -107,8 +105,8 @@ TEST(Graph, ReplaysPastTheReservationAreDroppedAndReported)
 
 TEST(Graph, ReservationsFollowOneAnotherAndSurviveALoad)
 {
-  char path[] = "/tmp/polyak-graph-cpu-XXXXXX";
-  close(mkstemp(path));
+  TempDir dir;
+  const std::string path = dir.file("ema");
   Pair pair(mixed_config());
   polyak_t *g = pair.graphed.get();
   int64_t done = -1;
@@ -116,12 +114,12 @@ TEST(Graph, ReservationsFollowOneAnotherAndSurviveALoad)
   for (int i = 0; i < 5; i++)
     ASSERT_EQ(polyak_graph_update(g, nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_graph_release(g, &done), POLYAK_OK);
-  ASSERT_EQ(polyak_save(g, path), POLYAK_OK);
+  ASSERT_EQ(polyak_save(g, path.c_str()), POLYAK_OK);
   ASSERT_EQ(polyak_graph_reserve(g, 6, 3, nullptr), POLYAK_OK);
   for (int i = 0; i < 3; i++)
     ASSERT_EQ(polyak_graph_update(g, nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_graph_release(g, &done), POLYAK_OK);
-  ASSERT_EQ(polyak_load(g, path), POLYAK_OK) << polyak_last_error(g); // back to step 5
+  ASSERT_EQ(polyak_load(g, path.c_str()), POLYAK_OK) << polyak_last_error(g); // back to step 5
   ASSERT_EQ(polyak_graph_reserve(g, 6, 2, nullptr), POLYAK_OK);
   for (int i = 0; i < 2; i++)
     ASSERT_EQ(polyak_graph_update(g, nullptr), POLYAK_OK);
@@ -129,7 +127,6 @@ TEST(Graph, ReservationsFollowOneAnotherAndSurviveALoad)
   for (int64_t step = 1; step <= 7; step++)
     ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
   EXPECT_TRUE(snapshot(pair.direct.get(), 3, pair.tensors) == snapshot(g, 3, pair.tensors));
-  unlink(path);
 }
 
 TEST(Graph, MisuseIsRefusedAndChangesNothing)

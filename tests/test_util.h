@@ -4,11 +4,15 @@
 
 #include <gtest/gtest.h>
 
+#include <dirent.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <memory>
+#include <set>
 #include <random>
 #include <string>
 #include <vector>
@@ -155,6 +159,39 @@ inline Snapshot snapshot(polyak_t *p, int num_shadows, const std::vector<Tensor>
       s.shadow_bits.push_back(bits);
     }
   return s;
+}
+
+// A fresh, empty directory per test.
+struct TempDir {
+  std::string path;
+  TempDir()
+  {
+    char pattern[] = "/tmp/polyak-test-XXXXXX";
+    path = mkdtemp(pattern);
+  }
+  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
+  std::string file(const std::string &name) const { return path + "/" + name; }
+  std::set<std::string> entries() const
+  {
+    std::set<std::string> names;
+    DIR *dir = opendir(path.c_str());
+    while (struct dirent *e = readdir(dir))
+      if (std::string(e->d_name) != "." && std::string(e->d_name) != "..")
+        names.insert(e->d_name);
+    closedir(dir);
+    return names;
+  }
+};
+
+inline std::vector<char> read_bytes(const std::string &path)
+{
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(in), {});
+}
+
+inline bool contains(const std::string &text, const std::string &part)
+{
+  return text.find(part) != std::string::npos;
 }
 
 // The decay schedules written out again from the table in DESIGN.md, as an

@@ -50,11 +50,6 @@ struct Registering {
   std::string error() const { return polyak_last_error(h.get()); }
 };
 
-bool contains(const std::string &text, const std::string &part)
-{
-  return text.find(part) != std::string::npos;
-}
-
 TEST(Status, NamesCoverEveryCode)
 {
   EXPECT_STREQ(polyak_status_name(POLYAK_OK), "POLYAK_OK");
