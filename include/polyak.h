@@ -135,10 +135,15 @@ typedef struct {
   int world_size;                 /* 1 (default): whole shadows; W: this handle holds 1/W */
   int rank;                       /* 0..world_size-1: which slice this handle holds */
   void *nccl_comm;                /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
+  /* version 3 */
+  int count_updates[POLYAK_MAX_SHADOWS]; /* 1: shadow k's schedule counts updates, not steps
+                                            (no gap compensation); 0 (default): steps */
 } polyak_config;
 
-/* struct_size of polyak_config before the sharding fields, still accepted. */
+/* struct_size of earlier versions of polyak_config, still accepted; the
+ * fields they lack keep their defaults. */
 #define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
+#define POLYAK_CONFIG_SIZE_V2 (offsetof(polyak_config, count_updates))
 
 /* ---- Errors ------------------------------------------------------------ */
 
@@ -209,6 +214,10 @@ POLYAK_API double polyak_beta_from_half_life(double half_life_steps);
  * beta = 1 - 1/window. NaN outside [0, 1) and [1, inf). */
 POLYAK_API double polyak_window_from_beta(double beta);
 POLYAK_API double polyak_beta_from_window(double window_steps);
+
+/* The decay for averaging over a horizon of T steps by the heuristic
+ * beta = 1 - 2/sqrt(T). NaN for T < 4 (beta would be negative). */
+POLYAK_API double polyak_beta_from_horizon(double horizon_steps);
 
 /* EDM2's relative standard deviation of the power-function EMA profile:
  * sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3))) for gamma > -1, and

@@ -82,11 +82,11 @@ static json_t *schedules_json(const polyak_config *cfg)
   for (int k = 0; k < cfg->num_shadows; k++) {
     const polyak_schedule *s = &cfg->schedules[k];
     json_array_append_new(
-        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I}", "kind",
+        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b}", "kind",
                         polyak_schedule_kind_name(s->kind), "beta", s->beta, "beta_min",
                         s->beta_min, "inv_gamma", s->inv_gamma, "power", s->power, "gamma",
                         s->gamma, "ramp_steps", (json_int_t)s->ramp_steps, "start_step",
-                        (json_int_t)s->start_step));
+                        (json_int_t)s->start_step, "count_updates", cfg->count_updates[k]));
   }
   return list;
 }
@@ -117,9 +117,11 @@ static int set_text(json_t *metadata, const char *key, const char *format, ...)
 
 static json_t *build_metadata(const polyak_t *p, int64_t nonfinite, uint64_t checksum)
 {
-  json_t *metadata = json_object(), *products = json_array();
-  for (int k = 0; k < p->cfg.num_shadows; k++)
+  json_t *metadata = json_object(), *products = json_array(), *counts = json_array();
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
     json_array_append_new(products, json_real(p->beta_prod[k]));
+    json_array_append_new(counts, json_integer(p->updates_counted[k]));
+  }
   char checksum_text[32];
   snprintf(checksum_text, sizeof checksum_text, CHECKSUM_PREFIX "%016" PRIx64, checksum);
   int failed = json_object_set_new(metadata, "format", json_string("polyak")) ||
@@ -134,6 +136,7 @@ static json_t *build_metadata(const polyak_t *p, int64_t nonfinite, uint64_t che
                set_text(metadata, "skip_nonfinite", "%d", p->cfg.skip_nonfinite) ||
                set_text(metadata, "nonfinite_count", "%" PRId64, nonfinite) ||
                set_json_text(metadata, "beta_products", products) ||
+               set_json_text(metadata, "update_counts", counts) ||
                set_json_text(metadata, "schedules", schedules_json(&p->cfg)) ||
                json_object_set_new(metadata, "checksum", json_string(checksum_text));
   if (failed) {
@@ -413,6 +416,7 @@ agree:
 typedef struct {
   int64_t step, nonfinite;
   double beta_prod[POLYAK_MAX_SHADOWS];
+  int64_t updates_counted[POLYAK_MAX_SHADOWS];
   uint64_t checksum;
   int64_t data_bytes;
   int64_t *data_begin; /* [k * num_tensors + i]: file data offset of each slice */
@@ -437,9 +441,11 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     polyak_schedule s;
     const char *kind = NULL;
     json_int_t ramp = 0, start = 0;
-    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I}", "kind", &kind,
+    int count_updates = 0;
+    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s:b}", "kind", &kind,
                     "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
-                    &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start) != 0 ||
+                    &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start,
+                    "count_updates", &count_updates) != 0 ||
         polyak_schedule_kind_from_name(kind) < 0) {
       status = FORMAT_ERROR("metadata \"schedules\"[%d] is not a schedule", k);
       break;
@@ -447,6 +453,11 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     s.kind = (polyak_schedule_kind)polyak_schedule_kind_from_name(kind);
     s.ramp_steps = ramp;
     s.start_step = start;
+    if (count_updates != p->cfg.count_updates[k]) {
+      status = MISMATCH("shadow %d was averaged with count_updates = %d, this handle has %d", k,
+                        count_updates, p->cfg.count_updates[k]);
+      break;
+    }
     if (!polyak_schedule_same(&s, &p->cfg.schedules[k]))
       status = MISMATCH("shadow %d was averaged with another schedule (the file's: %s, beta %.17g, "
                         "start_step %lld; this handle's: %s, beta %.17g, start_step %lld)",
@@ -476,8 +487,8 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (!version || strcmp(version, "1") != 0)
     return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)",
                         version ? version : "(missing)");
-  const char *names[] = {"step", "num_shadows", "shadow_dtype", "seed", "zero_init",
-                         "nonfinite_count", "beta_products", "schedules", "checksum"};
+  const char *names[] = {"step", "num_shadows", "shadow_dtype", "seed", "zero_init", "nonfinite_count",
+                         "beta_products", "update_counts", "schedules", "checksum"};
   for (size_t n = 0; n < sizeof names / sizeof names[0]; n++)
     if (!metadata_text(metadata, names[n]))
       return FORMAT_ERROR("metadata \"%s\" is missing", names[n]);
@@ -519,6 +530,16 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (bad)
     return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]",
                         p->cfg.num_shadows);
+  json_t *counts = json_loads(metadata_text(metadata, "update_counts"), 0, &error);
+  bad = !json_is_array(counts) || (int)json_array_size(counts) != p->cfg.num_shadows;
+  for (int k = 0; k < p->cfg.num_shadows && !bad; k++) {
+    json_t *v = json_array_get(counts, k);
+    h->updates_counted[k] = json_integer_value(v);
+    bad = !json_is_integer(v) || h->updates_counted[k] < 0;
+  }
+  json_decref(counts);
+  if (bad)
+    return FORMAT_ERROR("metadata \"update_counts\" is not a list of %d counts", p->cfg.num_shadows);
   const char *checksum = metadata_text(metadata, "checksum");
   char *end = NULL;
   if (strncmp(checksum, CHECKSUM_PREFIX, strlen(CHECKSUM_PREFIX)) != 0 ||
@@ -788,8 +809,10 @@ polyak_status polyak_load_fd(polyak_t *p, int fd)
     p->ops->staging_abort(p);
   if (status == POLYAK_OK) {
     p->last_step = h.step;
-    for (int k = 0; k < p->cfg.num_shadows; k++)
+    for (int k = 0; k < p->cfg.num_shadows; k++) {
       p->beta_prod[k] = h.beta_prod[k];
+      p->updates_counted[k] = h.updates_counted[k];
+    }
   }
   if (io.buffer)
     p->ops->free_host_buffer(p, io.buffer);

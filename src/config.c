@@ -42,7 +42,8 @@ void polyak_config_init(polyak_config *cfg)
 
 int polyak_config_normalize(const polyak_config *in, polyak_config *out)
 {
-  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V1))
+  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V2 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V1))
     return -1;
   polyak_config_init(out);
   memcpy(out, in, in->struct_size); /* fields of later versions keep their defaults */
@@ -117,8 +118,9 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   if (polyak_config_normalize(given, &normalized) != 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
-                          "(%zu before sharding): call polyak_config_init() first",
-                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V1);
+                          "(earlier versions %zu, %zu): call polyak_config_init() first",
+                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V2,
+                          (size_t)POLYAK_CONFIG_SIZE_V1);
   const polyak_config *cfg = &normalized;
   if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
@@ -128,6 +130,9 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
     polyak_status status = polyak_schedule_check(&cfg->schedules[k], reason, sizeof reason);
     if (status != POLYAK_OK)
       return polyak_message(msg, msg_num_bytes, status, "schedules[%d]: %s", k, reason);
+    if (cfg->count_updates[k] != 0 && cfg->count_updates[k] != 1)
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                            "count_updates[%d] = %d is not 0 or 1", k, cfg->count_updates[k]);
   }
   if (cfg->shadow_dtype != POLYAK_F32 && cfg->shadow_dtype != POLYAK_BF16)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,

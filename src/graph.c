@@ -6,13 +6,22 @@
 
 #include "polyak_internal.h"
 
+/* The updates shadow k counts among reserved rows 0..row-1 (those after
+ * its start_step). */
+static int64_t counted_before(const polyak_t *p, int k, int64_t row)
+{
+  int64_t first = p->cfg.schedules[k].start_step + 1 - p->graph_first_step; /* the first row counted */
+  first = first > 0 ? first : 0;
+  return p->updates_counted[k] + (row > first ? row - first : 0);
+}
+
 /* The decay of reserved step `row`: the first one also covers the gap
  * since the last update. */
 static double reserved_decay(const polyak_t *p, int k, int64_t row)
 {
   int64_t step = p->graph_first_step + row;
   int64_t previous = row == 0 ? p->last_step : step - 1;
-  return polyak_beta_product_checked(&p->cfg.schedules[k], previous, step);
+  return polyak_update_decay(p, k, previous, step, counted_before(p, k, row));
 }
 
 polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,
@@ -84,6 +93,8 @@ polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done)
   for (int64_t row = 0; row < consumed; row++)
     for (int k = 0; k < p->cfg.num_shadows; k++)
       p->beta_prod[k] *= reserved_decay(p, k, row);
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    p->updates_counted[k] = counted_before(p, k, consumed);
   if (consumed > 0)
     p->last_step = p->graph_first_step + consumed - 1;
   free(p->graph_weights);

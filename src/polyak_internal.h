@@ -60,6 +60,7 @@ struct polyak {
   /* step state */
   int64_t last_step;                    /* 0 before the first update */
   double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias */
+  int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -152,6 +153,14 @@ polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t 
 
 /* polyak_beta_product for a schedule already checked (the per-step path). */
 double polyak_beta_product_checked(const polyak_schedule *s, int64_t last_step, int64_t step);
+
+/* beta at t = 0, 1, ... of a checked schedule (start_step aside). */
+double polyak_beta_of_t(const polyak_schedule *s, double t);
+
+/* The decay shadow k's update at `step` applies after one at `last_step`:
+ * the product of the gap's betas, or with count_updates beta at t = the
+ * updates counted so far (0 up to start_step: a copy). */
+double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted);
 
 /* "CONSTANT", ... (NULL for an unknown kind), and back (-1 if unknown). */
 const char *polyak_schedule_kind_name(polyak_schedule_kind kind);

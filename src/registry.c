@@ -194,6 +194,7 @@ uint64_t polyak_layout_hash(const polyak_t *p)
   XXH3_64bits_update(&state, &c->skip_nonfinite, sizeof c->skip_nonfinite);
   XXH3_64bits_update(&state, &c->seed, sizeof c->seed);
   XXH3_64bits_update(&state, &c->world_size, sizeof c->world_size);
+  XXH3_64bits_update(&state, c->count_updates, sizeof c->count_updates[0] * (size_t)c->num_shadows);
   return XXH3_64bits_digest(&state);
 }
 

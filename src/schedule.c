@@ -114,7 +114,7 @@ polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t 
 }
 
 /* beta at t = step - start_step - 1 >= 0, for a valid schedule. */
-static double beta_at_t(const polyak_schedule *s, double t)
+double polyak_beta_of_t(const polyak_schedule *s, double t)
 {
   switch (s->kind) {
   case POLYAK_SCHEDULE_CONSTANT:
@@ -150,7 +150,7 @@ double polyak_beta_at(const polyak_schedule *s, int64_t step)
     return NAN;
   if (step <= s->start_step)
     return 0.0;
-  return beta_at_t(s, (double)(step - s->start_step - 1));
+  return polyak_beta_of_t(s, (double)(step - s->start_step - 1));
 }
 
 /* prod_{t = t_first..t_last} (1+t)/(10+t) telescopes to
@@ -193,7 +193,7 @@ static double product_over_t(const polyak_schedule *s, int64_t t_first, int64_t 
     /* these rise to beta and stay there: multiply step by step until then */
     double product = 1.0;
     for (int64_t t = t_first; t <= t_last; t++) {
-      double beta = beta_at_t(s, (double)t);
+      double beta = polyak_beta_of_t(s, (double)t);
       product *= beta;
       if (beta == s->beta)
         return product * pow(s->beta, (double)(t_last - t));
@@ -250,6 +250,21 @@ double polyak_beta_from_window(double window_steps)
   if (!(window_steps >= 1.0) || isinf(window_steps))
     return NAN;
   return 1.0 - 1.0 / window_steps;
+}
+
+double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted)
+{
+  const polyak_schedule *s = &p->cfg.schedules[k];
+  if (!p->cfg.count_updates[k])
+    return polyak_beta_product_checked(s, last_step, step);
+  return step <= s->start_step ? 0.0 : polyak_beta_of_t(s, (double)counted);
+}
+
+double polyak_beta_from_horizon(double horizon_steps)
+{
+  if (!(horizon_steps >= 4.0) || isinf(horizon_steps))
+    return NAN;
+  return 1.0 - 2.0 / sqrt(horizon_steps);
 }
 
 double polyak_sigma_rel_from_gamma(double gamma)

@@ -60,7 +60,7 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   double decay[POLYAK_MAX_SHADOWS];
   float weight[POLYAK_MAX_SHADOWS];
   for (int k = 0; k < p->cfg.num_shadows; k++) {
-    decay[k] = polyak_beta_product_checked(&p->cfg.schedules[k], p->last_step, step);
+    decay[k] = polyak_update_decay(p, k, p->last_step, step, p->updates_counted[k]);
     weight[k] = (float)(1.0 - decay[k]);
   }
   polyak_update_args args;
@@ -68,8 +68,10 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   polyak_status status = p->ops->update(p, &args, stream);
   if (status != POLYAK_OK)
     return status;
-  for (int k = 0; k < p->cfg.num_shadows; k++)
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
     p->beta_prod[k] *= decay[k];
+    p->updates_counted[k] += step > p->cfg.schedules[k].start_step;
+  }
   p->last_step = step;
   return POLYAK_OK;
 }

@@ -485,6 +485,23 @@ TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
     ASSERT_EQ(device_params(i), trained[i]) << both.twins[i].host.name;
 }
 
+TEST_F(Gpu, CountedUpdatesMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.count_updates[1] = 1;
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  both.randomize(16);
+  both.finalize();
+  for (int64_t step : {10, 20, 50}) {
+    both.randomize(70 + step);
+    both.update(step);
+  }
+  both.expect_same();
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());

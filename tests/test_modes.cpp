@@ -1,0 +1,166 @@
+// test_modes.cpp: averaging modes beyond one EMA, against float64:
+// SWA-style update counting and the horizon helper.
+#include "test_util.h"
+
+using namespace polyak_test;
+
+namespace {
+
+// One f32 tensor updated at chosen steps, with fresh params at each; the
+// params are kept: snapshot 0 is the start (the shadows' initial value),
+// snapshot i the params of the i-th update.
+struct Trace {
+  std::vector<Tensor> tensors;
+  Handle h;
+  std::vector<std::vector<double>> snapshots;
+  explicit Trace(const polyak_config &cfg)
+  {
+    tensors.emplace_back("w", POLYAK_F32, 1001);
+    std::mt19937_64 rng(80);
+    tensors[0].randomize(rng);
+    snapshots.emplace_back(1001);
+    for (int64_t e = 0; e < 1001; e++)
+      snapshots[0][e] = tensors[0].get(e);
+    h = make_handle(cfg);
+    add_all(h.get(), tensors);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+  }
+  void update(int64_t step)
+  {
+    std::mt19937_64 rng(1000 + step);
+    tensors[0].randomize(rng, 1.0f, 3.0f);
+    std::vector<double> values(1001);
+    for (int64_t e = 0; e < 1001; e++)
+      values[e] = tensors[0].get(e);
+    snapshots.push_back(values);
+    ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK) << polyak_last_error(h.get());
+  }
+  // Shadow `k` against sum_i weights[i] * snapshot i.
+  void expect_weights(int k, const std::vector<double> &weights)
+  {
+    auto got = read_shadow(h.get(), k, 0, 1001);
+    for (int64_t e = 0; e < 1001; e++) {
+      double want = 0.0;
+      for (size_t i = 0; i < weights.size(); i++)
+        want += weights[i] * snapshots[i][e];
+      ASSERT_NEAR(got[e], want, 4e-6 * (1 + std::fabs(want))) << "shadow " << k << " element " << e;
+    }
+  }
+};
+
+polyak_config swa_config()
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL; // per step (default)
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL; // per update
+  cfg.count_updates[1] = 1;
+  return cfg;
+}
+
+TEST(Modes, SwaCountingAndStepCompensationAgreeOnEvenlySpacedUpdates)
+{
+  // SWA at cycle ends, steps 10, 20, 30: each snapshot stands for 10 steps,
+  // so the per-step mean and the mean of the snapshots coincide
+  Trace run(swa_config());
+  for (int64_t step : {10, 20, 30})
+    run.update(step);
+  run.expect_weights(0, {0, 1 / 3.0, 1 / 3.0, 1 / 3.0});
+  run.expect_weights(1, {0, 1 / 3.0, 1 / 3.0, 1 / 3.0});
+}
+
+TEST(Modes, SwaCountingIsThePlainMeanWhereStepCompensationWeighsByTheGap)
+{
+  // steps 10, 20, 50: per step, the last snapshot stands for steps 21..50
+  Trace run(swa_config());
+  for (int64_t step : {10, 20, 50})
+    run.update(step);
+  run.expect_weights(0, {0, 10 / 50.0, 10 / 50.0, 30 / 50.0});
+  run.expect_weights(1, {0, 1 / 3.0, 1 / 3.0, 1 / 3.0});
+}
+
+TEST(Modes, CountingStartsAfterStartStep)
+{
+  polyak_config cfg = swa_config();
+  cfg.schedules[1].start_step = 15; // SWA from step 15: the update at 10 is a plain copy
+  Trace run(cfg);
+  for (int64_t step : {10, 20, 30, 40})
+    run.update(step);
+  run.expect_weights(1, {0, 0, 1 / 3.0, 1 / 3.0, 1 / 3.0});
+}
+
+TEST(Modes, CountingWithAConstantBetaIgnoresGaps)
+{
+  polyak_config cfg = cpu_config(2, 0.5);
+  cfg.count_updates[1] = 1;
+  Trace run(cfg);
+  for (int64_t step : {1, 4})
+    run.update(step);
+  // the start, then beta 0.5 at the first step, then after a 3-step gap:
+  run.expect_weights(1, {0.25, 0.25, 0.5});         // counted: beta 0.5 once more
+  run.expect_weights(0, {0.0625, 0.0625, 0.875});   // per step: 0.5^3
+}
+
+TEST(Modes, CountedReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
+{
+  polyak_config cfg = swa_config();
+  cfg.schedules[1].start_step = 3;
+  cfg.shadow_dtype = POLYAK_BF16;
+  Trace direct(cfg), graphed(cfg), resumed(cfg);
+  TempDir dir;
+  for (int64_t step = 1; step <= 4; step++) {
+    direct.update(step);
+    resumed.update(step);
+  }
+  ASSERT_EQ(polyak_save(resumed.h.get(), dir.file("swa").c_str()), POLYAK_OK);
+  Trace loaded(cfg);
+  ASSERT_EQ(polyak_load(loaded.h.get(), dir.file("swa").c_str()), POLYAK_OK) << polyak_last_error(loaded.h.get());
+  ASSERT_EQ(polyak_graph_reserve(graphed.h.get(), 1, 8, nullptr), POLYAK_OK);
+  for (int64_t step = 1; step <= 8; step++) {
+    std::mt19937_64 rng(1000 + step);
+    graphed.tensors[0].randomize(rng, 1.0f, 3.0f);
+    ASSERT_EQ(polyak_graph_update(graphed.h.get(), nullptr), POLYAK_OK);
+    if (step > 4) {
+      direct.update(step);
+      loaded.update(step);
+    }
+  }
+  int64_t done = 0;
+  ASSERT_EQ(polyak_graph_release(graphed.h.get(), &done), POLYAK_OK);
+  EXPECT_TRUE(snapshot(direct.h.get(), 2, direct.tensors) == snapshot(graphed.h.get(), 2, graphed.tensors));
+  EXPECT_TRUE(snapshot(direct.h.get(), 2, direct.tensors) == snapshot(loaded.h.get(), 2, loaded.tensors));
+}
+
+TEST(Modes, CountingIsValidatedAndMustMatchAFile)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.count_updates[1] = 2;
+  char why[256];
+  EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(why, "count_updates[1]")) << why;
+  cfg.count_updates[1] = 1;
+  cfg.num_shadows = 1; // flags past num_shadows are not read
+  cfg.count_updates[5] = 7;
+  EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
+
+  TempDir dir;
+  Trace counting(swa_config());
+  counting.update(2);
+  ASSERT_EQ(polyak_save(counting.h.get(), dir.file("f").c_str()), POLYAK_OK);
+  polyak_config steps = swa_config();
+  steps.count_updates[1] = 0;
+  Trace other(steps);
+  EXPECT_EQ(polyak_load(other.h.get(), dir.file("f").c_str()), POLYAK_ERR_MISMATCH);
+  EXPECT_TRUE(contains(polyak_last_error(other.h.get()), "count_updates")) << polyak_last_error(other.h.get());
+}
+
+TEST(Modes, HorizonHelperFollowsOneMinusTwoOverRootT)
+{
+  EXPECT_DOUBLE_EQ(polyak_beta_from_horizon(4.0), 0.0);
+  EXPECT_DOUBLE_EQ(polyak_beta_from_horizon(400.0), 0.9);
+  EXPECT_DOUBLE_EQ(polyak_beta_from_horizon(40000.0), 0.99);
+  EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(3.9)));
+  EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(INFINITY)));
+  EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(NAN)));
+}
+
+} // namespace
