@@ -344,6 +344,28 @@ POLYAK_API polyak_status polyak_store(polyak_t *p, void *stream);
  * the copy stays, to restore again. POLYAK_ERR_STATE without a store. */
 POLYAK_API polyak_status polyak_restore(polyak_t *p, void *stream);
 
+/* Blends: sum_k weights[k] * shadow_k (each debiased with zero_init), for
+ * evaluating with a multi-scale average. weights has num_shadows finite
+ * values summing to 1 within 1e-6, unless flags has
+ * POLYAK_BLEND_ANY_WEIGHTS. The arithmetic, the same on every backend:
+ * c_k = weights[k] * debias_k in double, rounded to float once; then per
+ * element acc = fmaf(c_k, shadow_k, acc) for k = 0, 1, ... from acc = 0;
+ * the result rounded to nearest even into the destination's dtype.
+ * Shadows with weight 0 are not read. POLYAK_ERR_INVALID_ARG for bad
+ * weights, POLYAK_ERR_STATE as polyak_get_shadow, POLYAK_ERR_UNSUPPORTED on
+ * a sharded handle (world_size > 1). */
+#define POLYAK_BLEND_ANY_WEIGHTS 1
+
+/* The blend into every param, in their dtypes: one launch on CUDA, ordered
+ * on `stream`. polyak_store first to come back with polyak_restore. */
+POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags,
+                                                void *stream);
+
+/* The blend of tensor `tensor` into dst (num_elems of dst_dtype, on the
+ * backend's side), ordered on `stream`. */
+POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
+                                          void *dst, polyak_dtype dst_dtype, void *stream);
+
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the
  * tensor's name and shape in the shadow dtype (F32 or BF16), so

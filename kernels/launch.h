@@ -83,6 +83,24 @@ cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_ch
                                 int64_t num_chunks, void *store, int to_store, int grid,
                                 cudaStream_t stream);
 
+/* Blends: element e of every arena, weighted by coefficient[k] (0: not
+ * read), accumulated with polyak_blend_step. */
+typedef struct {
+  const void *arenas[POLYAK_MAX_SHADOWS];
+  float coefficient[POLYAK_MAX_SHADOWS];
+  int32_t num_shadows;
+  int32_t shadow_dtype;
+} polyak_blend_args;
+
+/* Into every param (in their dtypes), walking the plan. */
+cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *args, const polyak_tensor_desc *descs,
+                                          const polyak_chunk *chunks, int64_t num_chunks, int grid,
+                                          cudaStream_t stream);
+
+/* Arena elements [first_slot, first_slot + num_elems) into dst. */
+cudaError_t polyak_launch_blend(const polyak_blend_args *args, int64_t first_slot, int64_t num_elems, void *dst,
+                                int dst_dtype, int grid, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

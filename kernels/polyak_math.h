@@ -175,6 +175,12 @@ POLYAK_HD float polyak_debias(float shadow, double scale)
   return (float)((double)shadow * scale);
 }
 
+/* One step of a blend: acc + coefficient * shadow, one rounding. */
+POLYAK_HD float polyak_blend_step(float acc, float coefficient, float shadow)
+{
+  return fmaf(coefficient, shadow, acc);
+}
+
 /* ---- stochastic-rounding hash --------------------------------------------- */
 
 /* splitmix64's finalizer: a bijection on 64 bits with full avalanche. */

@@ -1,7 +1,7 @@
 /*
  * shadow_io.cu: the kernels around the update: shadow initialization at
- * finalize, read-out, copying a shadow into the params, and keeping and
- * restoring a copy of the params. None is on the per-step path, so all are
+ * finalize, read-out, copying a shadow or a blend of shadows into the
+ * params, and keeping and restoring a copy of the params. None is on the per-step path, so all are
  * plain grid-stride loops, using the same conversions as the CPU backend
  * (polyak_math.h).
  */
@@ -130,4 +130,49 @@ extern "C" cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, cons
   void *params[] = {&descs, &chunks, &num_chunks, &bytes, &to_store};
   return cudaLaunchKernel((void *)polyak_store_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0,
                           stream);
+}
+
+static __device__ float polyak_blend_at(const polyak_blend_args &a, int64_t slot)
+{
+  float acc = 0.0f;
+  for (int k = 0; k < a.num_shadows; k++)
+    if (a.coefficient[k] != 0.0f)
+      acc = polyak_blend_step(acc, a.coefficient[k], polyak_load_f32(a.arenas[k], slot, a.shadow_dtype));
+  return acc;
+}
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_blend_to_params_kernel(const polyak_blend_args a, const polyak_tensor_desc *descs,
+                                  const polyak_chunk *chunks, int64_t num_chunks)
+{
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const polyak_chunk chunk = chunks[c];
+    const polyak_tensor_desc t = descs[chunk.tensor];
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x)
+      polyak_store_f32(const_cast<void *>(t.param), i, polyak_blend_at(a, t.shadow_offset_elems + i), t.param_dtype);
+  }
+}
+
+extern "C" cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *args, const polyak_tensor_desc *descs,
+                                                     const polyak_chunk *chunks, int64_t num_chunks, int grid,
+                                                     cudaStream_t stream)
+{
+  void *params[] = {(void *)args, &descs, &chunks, &num_chunks};
+  return cudaLaunchKernel((void *)polyak_blend_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params,
+                          0, stream);
+}
+
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
+    polyak_blend_kernel(const polyak_blend_args a, int64_t first_slot, int64_t num_elems, void *dst, int dst_dtype)
+{
+  int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_elems; i += stride)
+    polyak_store_f32(dst, i, polyak_blend_at(a, first_slot + i), dst_dtype);
+}
+
+extern "C" cudaError_t polyak_launch_blend(const polyak_blend_args *args, int64_t first_slot, int64_t num_elems,
+                                           void *dst, int dst_dtype, int grid, cudaStream_t stream)
+{
+  void *params[] = {(void *)args, &first_slot, &num_elems, &dst, &dst_dtype};
+  return cudaLaunchKernel((void *)polyak_blend_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }

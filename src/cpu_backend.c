@@ -256,6 +256,27 @@ static polyak_status cpu_copy_to_params(polyak_t *p, int shadow, double debias_s
   return POLYAK_OK;
 }
 
+static polyak_status cpu_blend(polyak_t *p, const float *coefficient, int tensor, void *dst,
+                               polyak_dtype dst_dtype, void *stream)
+{
+  (void)stream;
+  int first = tensor < 0 ? 0 : tensor, last = tensor < 0 ? p->num_tensors : tensor + 1;
+  for (int i = first; i < last; i++) {
+    const polyak_tensor_desc *t = &p->descs[i];
+    void *to = tensor < 0 ? p->tensors[i].param : dst;
+    polyak_dtype to_dtype = tensor < 0 ? p->tensors[i].dtype : dst_dtype;
+    for (int64_t e = 0; e < t->num_elems; e++) {
+      float acc = 0.0f;
+      for (int k = 0; k < p->cfg.num_shadows; k++)
+        if (coefficient[k] != 0.0f)
+          acc = polyak_blend_step(acc, coefficient[k],
+                                  polyak_load_f32(cpu_arena(p, k), t->shadow_offset_elems + e, p->cfg.shadow_dtype));
+      polyak_store_f32(to, e, acc, to_dtype);
+    }
+  }
+  return POLYAK_OK;
+}
+
 static polyak_status cpu_store(polyak_t *p, void *stream)
 {
   (void)stream;
@@ -438,6 +459,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_commit = cpu_staging_commit,
     .staging_abort = cpu_staging_abort,
     .copy_to_params = cpu_copy_to_params,
+    .blend = cpu_blend,
     .store = cpu_store,
     .restore = cpu_restore,
     .scratch_alloc = cpu_scratch_alloc,

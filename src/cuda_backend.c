@@ -639,6 +639,34 @@ static polyak_status store_chunks(polyak_t *p, cuda_state *state)
   return POLYAK_OK;
 }
 
+static polyak_status cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst,
+                                polyak_dtype dst_dtype, void *stream)
+{
+  const cuda_state *state = p->backend;
+  polyak_blend_args args;
+  memset(&args, 0, sizeof args);
+  args.num_shadows = p->cfg.num_shadows;
+  args.shadow_dtype = p->cfg.shadow_dtype;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    args.arenas[k] = state->shadows[k];
+    args.coefficient[k] = coefficient[k];
+  }
+  int64_t work = tensor < 0 ? p->num_chunks
+                            : (p->tensors[tensor].num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
+  if (work == 0)
+    return POLYAK_OK;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  int grid = work < state->io_grid ? (int)work : state->io_grid;
+  if (err == cudaSuccess)
+    err = tensor < 0 ? polyak_launch_blend_to_params(&args, state->descs, state->chunks, p->num_chunks, grid,
+                                                     (cudaStream_t)stream)
+                     : polyak_launch_blend(&args, p->descs[tensor].shadow_offset_elems, p->tensors[tensor].num_elems,
+                                           dst, dst_dtype, grid, (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "blend kernel launch");
+}
+
 static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, const char *what)
 {
   cuda_state *state = p->backend;
@@ -770,6 +798,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_commit = cuda_staging_commit,
     .staging_abort = cuda_staging_abort,
     .copy_to_params = cuda_copy_to_params,
+    .blend = cuda_blend,
     .store = cuda_store,
     .restore = cuda_restore,
     .scratch_alloc = cuda_scratch_alloc,

@@ -111,6 +111,11 @@ struct polyak_backend_ops {
   polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count);
   void (*staging_abort)(polyak_t *p);
 
+  /* blends (coefficient[k] = weight * debias as float, 0: not read) of
+   * tensor `tensor` into dst, or with tensor -1 into every param */
+  polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
+                         polyak_dtype dst_dtype, void *stream);
+
   /* evaluation: the debiased shadow into the params (in their dtypes), and
    * an exact copy of the params kept and written back */
   polyak_status (*copy_to_params)(polyak_t *p, int shadow, double debias_scale, void *stream);

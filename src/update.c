@@ -2,6 +2,7 @@
  * and the handle's state, computes on the host what the backend needs
  * (per-shadow weights in double, debias scales), then hands over to the
  * backend. Step state changes only after the backend succeeded. */
+#include <math.h>
 #include <string.h>
 
 #include "polyak_internal.h"
@@ -206,6 +207,63 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
     if (polyak_needs_gather(p, i))
       return polyak_gather_to_params(p, shadow, debias_scale, stream);
   return p->ops->copy_to_params(p, shadow, debias_scale, stream);
+}
+
+/* The checks of a blend and its coefficients: weight * debias, as float. */
+static polyak_status blend_coefficients(polyak_t *p, const double *weights, int flags, float *coefficient,
+                                        void *stream, const char *function)
+{
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  if (p->cfg.world_size > 1)
+    return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: blends on sharded handles are not built yet", function);
+  if (!weights)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: weights is NULL", function);
+  if (flags & ~POLYAK_BLEND_ANY_WEIGHTS)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: flags = %d has unknown bits", function, flags);
+  double sum = 0.0;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    if (!isfinite(weights[k]))
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: weights[%d] = %g is not finite", function, k, weights[k]);
+    sum += weights[k];
+  }
+  if (!(flags & POLYAK_BLEND_ANY_WEIGHTS) && fabs(sum - 1.0) > 1e-6)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: the weights sum to %.9g, not 1 (pass POLYAK_BLEND_ANY_WEIGHTS to allow it)",
+                       function, sum);
+  polyak_status status = refuse_debias_capture(p, stream, function);
+  for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++) {
+    double debias_scale = 1.0;
+    if (weights[k] != 0.0)
+      status = debias_scale_of(p, k, function, &debias_scale);
+    coefficient[k] = (float)(weights[k] * debias_scale);
+    if (status == POLYAK_OK && !isfinite(coefficient[k]))
+      status = polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: weights[%d] * debias overflows a float", function, k);
+  }
+  return status;
+}
+
+polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  float coefficient[POLYAK_MAX_SHADOWS];
+  polyak_status status = blend_coefficients(p, weights, flags, coefficient, stream, "polyak_blend_to_params");
+  return status == POLYAK_OK ? p->ops->blend(p, coefficient, -1, NULL, POLYAK_F32, stream) : status;
+}
+
+polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                               polyak_dtype dst_dtype, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  float coefficient[POLYAK_MAX_SHADOWS];
+  polyak_status status = blend_coefficients(p, weights, flags, coefficient, stream, "polyak_get_blend");
+  if (status == POLYAK_OK)
+    status = check_read(p, 0, tensor, dst, dst_dtype, "polyak_get_blend");
+  if (status == POLYAK_OK && p->tensors[tensor].num_elems > 0)
+    status = p->ops->check_read_out(p, dst, stream, "polyak_get_blend");
+  return status == POLYAK_OK ? p->ops->blend(p, coefficient, tensor, dst, dst_dtype, stream) : status;
 }
 
 polyak_status polyak_store(polyak_t *p, void *stream)

@@ -113,6 +113,16 @@ struct Both {
     ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(cpu.get());
     ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
   }
+  // Finalize on random params, then update at `steps`, params redrawn before each.
+  void train(uint64_t seed, std::initializer_list<int64_t> steps)
+  {
+    randomize(seed);
+    finalize();
+    for (int64_t step : steps) {
+      randomize(seed * 100 + (uint64_t)step);
+      update(step);
+    }
+  }
   // Every shadow of every `stride`-th tensor (and the last), read out in the
   // shadow dtype: same bits (any NaN equals any NaN: GPU arithmetic makes
   // canonical NaNs). The non-finite counts agree too.
@@ -430,12 +440,7 @@ TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
   cfg.shadow_dtype = POLYAK_BF16;
   cfg.zero_init = 1;
   Both both(cfg, odd_twins());
-  both.randomize(13);
-  both.finalize();
-  for (int64_t step : {1, 2, 6}) {
-    both.randomize(20 + step);
-    both.update(step);
-  }
+  both.train(13, {1, 2, 6});
   TempDir dir;
   const std::string gpu_path = dir.file("gpu"), cpu_path = dir.file("cpu");
   const char *gpu_file = gpu_path.c_str(), *cpu_file = cpu_path.c_str();
@@ -458,12 +463,7 @@ TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
   cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
   cfg.zero_init = 1;
   Both both(cfg, odd_twins());
-  both.randomize(14);
-  both.finalize();
-  for (int64_t step : {1, 2, 3}) {
-    both.randomize(40 + step);
-    both.update(step);
-  }
+  both.train(14, {1, 2, 3});
   auto device_params = [&](size_t i) {
     std::vector<char> bytes(both.twins[i].host.num_elems * dtype_bytes(both.twins[i].host.dtype));
     cudaMemcpy(bytes.data(), both.twins[i].device, bytes.size(), cudaMemcpyDeviceToHost);
@@ -493,13 +493,39 @@ TEST_F(Gpu, CountedUpdatesMatchTheCpuBackend)
   cfg.count_updates[1] = 1;
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
-  both.randomize(16);
-  both.finalize();
-  for (int64_t step : {10, 20, 50}) {
-    both.randomize(70 + step);
-    both.update(step);
-  }
+  both.train(16, {10, 20, 50});
   both.expect_same();
+}
+
+TEST_F(Gpu, BlendsMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(3);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.zero_init = 1;
+  Both both(cfg, odd_twins());
+  both.train(17, {1, 2, 6});
+  const double weights[3] = {0.6, -0.2, 0.6};
+  for (size_t i = 0; i < both.twins.size(); i++) {
+    int64_t n = both.twins[i].host.num_elems;
+    std::vector<uint16_t> want(n + 1), got(n + 1);
+    void *dst = nullptr;
+    CUDA_OK(cudaMalloc(&dst, 2 * n + 2));
+    ASSERT_EQ(polyak_get_blend(both.cpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, (int)i, want.data(), POLYAK_F16, nullptr),
+              POLYAK_OK);
+    ASSERT_EQ(polyak_get_blend(both.gpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, (int)i, dst, POLYAK_F16, nullptr),
+              POLYAK_OK) << polyak_last_error(both.gpu.get());
+    CUDA_OK(cudaMemcpy(got.data(), dst, 2 * n, cudaMemcpyDeviceToHost));
+    cudaFree(dst);
+    ASSERT_EQ(0, std::memcmp(got.data(), want.data(), 2 * n)) << both.twins[i].host.name;
+  }
+  ASSERT_EQ(polyak_blend_to_params(both.cpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_blend_to_params(both.gpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_OK);
+  for (auto &tw : both.twins) {
+    std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
+    cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost);
+    ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
+  }
 }
 
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)

@@ -1,5 +1,5 @@
 // test_modes.cpp: averaging modes beyond one EMA, against float64:
-// SWA-style update counting and the horizon helper.
+// SWA-style update counting, multi-scale blends, the horizon helper.
 #include "test_util.h"
 
 using namespace polyak_test;
@@ -161,6 +161,160 @@ TEST(Modes, HorizonHelperFollowsOneMinusTwoOverRootT)
   EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(3.9)));
   EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(INFINITY)));
   EXPECT_TRUE(std::isnan(polyak_beta_from_horizon(NAN)));
+}
+
+// ---- blends -----------------------------------------------------------------------
+
+struct Blended {
+  std::vector<Tensor> tensors;
+  Handle h;
+  polyak_config cfg;
+  explicit Blended(int zero_init = 0)
+  {
+    cfg = cpu_config(3, 0.9);
+    cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.zero_init = zero_init;
+    tensors.emplace_back("a", POLYAK_F32, 4099);
+    tensors.emplace_back("b", POLYAK_BF16, 65537, 2);
+    tensors.emplace_back("c", POLYAK_F16, 3, 6);
+    std::mt19937_64 rng(90);
+    for (auto &t : tensors)
+      t.randomize(rng);
+    h = make_handle(cfg);
+    add_all(h.get(), tensors);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+    for (int64_t step : {1, 2, 5}) {
+      for (auto &t : tensors)
+        t.randomize(rng, 0.5f, 2.0f);
+      EXPECT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK);
+    }
+  }
+  std::vector<float> blend(int i, const double *weights, int flags = 0, polyak_dtype d = POLYAK_F32)
+  {
+    std::vector<float> out(tensors[i].num_elems + 1);
+    std::vector<char> raw(tensors[i].num_elems * 4 + 4);
+    EXPECT_EQ(polyak_get_blend(h.get(), weights, flags, i, raw.data(), d, nullptr), POLYAK_OK)
+        << polyak_last_error(h.get());
+    for (int64_t e = 0; e < tensors[i].num_elems; e++)
+      out[e] = load_as(d, raw.data(), e);
+    out.resize(tensors[i].num_elems);
+    return out;
+  }
+};
+
+TEST(Blend, MatchesFloat64SumsOfTheDebiasedShadows)
+{
+  for (int zero_init : {0, 1}) {
+    Blended b(zero_init);
+    const double weights[3] = {0.5, 0.3, 0.2};
+    for (int i = 0; i < 3; i++) {
+      auto got = b.blend(i, weights);
+      std::vector<std::vector<float>> shadows;
+      for (int k = 0; k < 3; k++)
+        shadows.push_back(read_shadow(b.h.get(), k, i, b.tensors[i].num_elems));
+      for (int64_t e = 0; e < b.tensors[i].num_elems; e++) {
+        double want = 0.5 * shadows[0][e] + 0.3 * shadows[1][e] + 0.2 * shadows[2][e];
+        ASSERT_NEAR(got[e], want, 1e-6 * (1 + std::fabs(want))) << zero_init << " " << i << " " << e;
+      }
+    }
+  }
+}
+
+TEST(Blend, FollowsTheDocumentedArithmeticBitForBit)
+{
+  Blended b;
+  const double weights[3] = {0.7, -0.4, 0.7}; // a multi-scale difference: any weights allowed by flag
+  auto got = b.blend(1, weights, POLYAK_BLEND_ANY_WEIGHTS);
+  std::vector<std::vector<float>> shadows;
+  for (int k = 0; k < 3; k++)
+    shadows.push_back(read_shadow(b.h.get(), k, 1, 65537)); // no zero_init: the raw shadows
+  for (int64_t e = 0; e < 65537; e++) {
+    float acc = 0.0f;
+    for (int k = 0; k < 3; k++)
+      acc = std::fma((float)weights[k], shadows[k][e], acc);
+    ASSERT_EQ(polyak_f32_bits(got[e]), polyak_f32_bits(acc)) << e;
+  }
+}
+
+TEST(Blend, IntoTheParamsAndBackWithStoreAndRestore)
+{
+  Blended b;
+  const double weights[3] = {0.25, 0.25, 0.5};
+  std::vector<std::vector<char>> trained;
+  for (auto &t : b.tensors)
+    trained.emplace_back(static_cast<char *>(t.data()), static_cast<char *>(t.data()) + t.num_elems * dtype_bytes(t.dtype));
+  ASSERT_EQ(polyak_store(b.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_blend_to_params(b.h.get(), weights, 0, nullptr), POLYAK_OK);
+  for (size_t i = 0; i < b.tensors.size(); i++) {
+    auto blend = b.blend((int)i, weights);
+    for (int64_t e = 0; e < b.tensors[i].num_elems; e++) {
+      std::vector<char> want(4);
+      store_as(b.tensors[i].dtype, want.data(), 0, blend[e]); // rounded to the param's dtype
+      ASSERT_EQ(0, std::memcmp(static_cast<char *>(b.tensors[i].data()) + e * dtype_bytes(b.tensors[i].dtype), want.data(),
+                               dtype_bytes(b.tensors[i].dtype)))
+          << i << " " << e;
+    }
+  }
+  ASSERT_EQ(polyak_restore(b.h.get(), nullptr), POLYAK_OK);
+  for (size_t i = 0; i < b.tensors.size(); i++)
+    EXPECT_EQ(0, std::memcmp(b.tensors[i].data(), trained[i].data(), trained[i].size()));
+}
+
+TEST(Blend, BadWeightsAreRefusedAndChangeNothing)
+{
+  Blended b;
+  Snapshot before = snapshot(b.h.get(), 3, b.tensors);
+  auto params = b.tensors[0].storage;
+  std::vector<float> dst(4099);
+  const double off[3] = {0.5, 0.3, 0.3}, nan[3] = {0.5, NAN, 0.5}, inf[3] = {INFINITY, 0, 0};
+  EXPECT_EQ(polyak_blend_to_params(b.h.get(), off, 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(polyak_last_error(b.h.get()), "sum to 1.1")) << polyak_last_error(b.h.get());
+  EXPECT_EQ(polyak_blend_to_params(b.h.get(), nan, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_get_blend(b.h.get(), inf, POLYAK_BLEND_ANY_WEIGHTS, 0, dst.data(), POLYAK_F32, nullptr),
+            POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_blend_to_params(b.h.get(), nullptr, 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_blend_to_params(b.h.get(), off, 4, nullptr), POLYAK_ERR_INVALID_ARG) << "unknown flag";
+  const double good[3] = {1, 0, 0};
+  EXPECT_EQ(polyak_get_blend(b.h.get(), good, 0, 3, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_get_blend(b.h.get(), good, 0, 0, nullptr, POLYAK_F32, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(snapshot(b.h.get(), 3, b.tensors) == before);
+  EXPECT_TRUE(b.tensors[0].storage == params);
+  EXPECT_EQ(polyak_blend_to_params(b.h.get(), off, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_OK);
+}
+
+TEST(Blend, ShadowsWithWeightZeroAreNotRead)
+{
+  // with zero_init, a shadow whose every beta was 1 has no average; a blend
+  // that gives it no weight does not need one
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.schedules[1].beta = 1.0;
+  cfg.zero_init = 1;
+  std::vector<Tensor> tensors;
+  tensors.emplace_back("w", POLYAK_F32, 100);
+  std::mt19937_64 rng(91);
+  tensors[0].randomize(rng);
+  Handle h = make_handle(cfg);
+  add_all(h.get(), tensors);
+  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_update(h.get(), 1, nullptr), POLYAK_OK);
+  std::vector<float> dst(100);
+  const double first[2] = {1, 0}, both[2] = {0.5, 0.5};
+  EXPECT_EQ(polyak_get_blend(h.get(), first, 0, 0, dst.data(), POLYAK_F32, nullptr), POLYAK_OK);
+  EXPECT_EQ(polyak_get_blend(h.get(), both, 0, 0, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_STATE);
+}
+
+TEST(Blend, ShardedHandlesRefuseBlendsForNow)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.world_size = 2;
+  std::vector<Tensor> tensors;
+  tensors.emplace_back("w", POLYAK_F32, 100);
+  Handle h = make_handle(cfg);
+  add_all(h.get(), tensors);
+  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+  const double weights[2] = {0.5, 0.5};
+  EXPECT_EQ(polyak_blend_to_params(h.get(), weights, 0, nullptr), POLYAK_ERR_UNSUPPORTED);
 }
 
 } // namespace
