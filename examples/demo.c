@@ -11,6 +11,11 @@
  * to step (lag-1 correlation rho ~ 1 - lr), which raises that to
  * (1-beta)/(1+beta) * (1+rho*beta)/(1-rho*beta).
  *
+ * A second table compares the modes beyond one EMA on the same problem: a
+ * blend of two EMAs, SWA's mean of snapshots taken every 1000 steps
+ * (count_updates), and Lookahead (k = 5, alpha = 0.5) in a run of its own,
+ * since it changes the trajectory.
+ *
  * Usage: polyak_demo [steps]   (default 200000)
  */
 #include <math.h>
@@ -55,20 +60,106 @@ typedef struct {
   float *scratch; /* CUDA: device buffer for read-outs */
 } weights_home;
 
-/* Shadow k into host memory: read-outs land on the backend's side. */
+/* Where a read-out goes: the backend's side of `host`. */
+static float *readout_buffer(const weights_home *home, float *host)
+{
+  return home->backend == POLYAK_BACKEND_CUDA ? home->scratch : host;
+}
+
+/* After a read-out into readout_buffer(): the values into `host`. */
+static polyak_status fetch(const weights_home *home, polyak_status s, float *host)
+{
+  (void)home, (void)host;
+#ifdef POLYAK_DEMO_CUDA
+  if (s == POLYAK_OK && home->backend == POLYAK_BACKEND_CUDA &&
+      cudaMemcpy(host, home->scratch, DIM * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess)
+    s = POLYAK_ERR_CUDA;
+#endif
+  return s;
+}
+
+/* Shadow k into host memory. */
 static polyak_status read_average(polyak_t *p, const weights_home *home, int k, float *host)
+{
+  return fetch(home, polyak_get_shadow(p, k, 0, readout_buffer(home, host), POLYAK_F32, NULL), host);
+}
+
+/* The blend sum_k weights[k] * shadow_k into host memory. */
+static polyak_status read_blend(polyak_t *p, const weights_home *home, const double *weights, float *host)
+{
+  return fetch(home, polyak_get_blend(p, weights, 0, 0, readout_buffer(home, host), POLYAK_F32, NULL),
+               host);
+}
+
+/* theta into polyak's copy (CUDA), and back after polyak wrote it (Lookahead). */
+static void upload(const weights_home *home, const float *theta)
+{
+  (void)home, (void)theta;
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA)
+    cudaMemcpy(home->param, theta, DIM * sizeof(float), cudaMemcpyHostToDevice);
+#endif
+}
+
+static void download(const weights_home *home, float *theta)
+{
+  (void)home, (void)theta;
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA)
+    cudaMemcpy(theta, home->param, DIM * sizeof(float), cudaMemcpyDeviceToHost);
+#endif
+}
+
+/* theta (DIM floats) on the backend's side: a device copy for CUDA. */
+static int home_init(weights_home *home, float *theta)
+{
+  home->backend = POLYAK_BACKEND_CPU;
+  home->param = theta;
+  home->scratch = NULL;
+#ifdef POLYAK_DEMO_CUDA
+  if (polyak_backend_available(POLYAK_BACKEND_CUDA)) {
+    home->backend = POLYAK_BACKEND_CUDA;
+    if (cudaMalloc((void **)&home->param, DIM * sizeof(float)) != cudaSuccess ||
+        cudaMalloc((void **)&home->scratch, DIM * sizeof(float)) != cudaSuccess)
+      return fprintf(stderr, "demo: cudaMalloc failed\n"), -1;
+    upload(home, theta);
+  }
+#endif
+  return 0;
+}
+
+static void home_free(weights_home *home)
 {
   (void)home;
 #ifdef POLYAK_DEMO_CUDA
   if (home->backend == POLYAK_BACKEND_CUDA) {
-    polyak_status s = polyak_get_shadow(p, k, 0, home->scratch, POLYAK_F32, NULL);
-    if (s == POLYAK_OK && cudaMemcpy(host, home->scratch, DIM * sizeof(float),
-                                     cudaMemcpyDeviceToHost) != cudaSuccess)
-      s = POLYAK_ERR_CUDA;
-    return s;
+    cudaFree(home->param);
+    cudaFree(home->scratch);
   }
 #endif
-  return polyak_get_shadow(p, k, 0, host, POLYAK_F32, NULL);
+}
+
+/* A handle on theta with cfg's shadows (cfg->backend set from home). */
+static polyak_t *averages_of(const weights_home *home, polyak_config *cfg)
+{
+  cfg->backend = home->backend;
+  polyak_t *p = NULL;
+  polyak_status s = polyak_create(&p, cfg);
+  if (s != POLYAK_OK) {
+    char why[512];
+    polyak_check_config(cfg, why, sizeof why);
+    fprintf(stderr, "demo: polyak_create: %s: %s\n", polyak_status_name(s), why);
+    return NULL;
+  }
+  int64_t shape[1] = {DIM};
+  if ((s = polyak_add(p, "theta", home->param, POLYAK_F32, 1, shape)) == POLYAK_OK)
+    s = polyak_finalize(p, NULL);
+  if (s != POLYAK_OK) {
+    fprintf(stderr, "demo: registering theta: %s: %s\n", polyak_status_name(s), polyak_last_error(p));
+    polyak_destroy(p);
+    return NULL;
+  }
+  return p;
 }
 
 static int fail(const char *what, polyak_t *p, polyak_status s)
@@ -85,6 +176,60 @@ static double squared_distance(const float *a, const double *b)
   return sum;
 }
 
+/* One SGD step on a fresh minibatch. */
+static void sgd_step(float *theta, const double *theta_star)
+{
+  double grad[DIM] = {0};
+  for (int b = 0; b < BATCH; b++) {
+    double x[DIM], residual = kLabelNoise * -normal();
+    for (int i = 0; i < DIM; i++) {
+      x[i] = normal();
+      residual += x[i] * ((double)theta[i] - theta_star[i]);
+    }
+    for (int i = 0; i < DIM; i++)
+      grad[i] += residual * x[i] / BATCH;
+  }
+  for (int i = 0; i < DIM; i++)
+    theta[i] -= (float)(kLearningRate * grad[i]);
+}
+
+/* Lookahead in a run of its own (it writes the weights back): the time
+ * averages of |w - w*|^2 over the steps after burn_in, of the fast weights
+ * (what SGD steps from) and of the slow ones. */
+static int lookahead_run(long steps, long burn_in, const double *theta_star, double *fast_sq,
+                         double *slow_sq)
+{
+  float theta[DIM] = {0}, slow[DIM];
+  weights_home home;
+  if (home_init(&home, theta) != 0)
+    return 1;
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.lookahead_every = 5;       /* k */
+  cfg.schedules[0].beta = 0.5;   /* alpha = 1 - beta */
+  polyak_t *p = averages_of(&home, &cfg);
+  if (!p)
+    return 1;
+  polyak_status s = POLYAK_OK;
+  *fast_sq = *slow_sq = 0.0;
+  for (long step = 1; step <= steps && s == POLYAK_OK; step++) {
+    sgd_step(theta, theta_star);
+    upload(&home, theta);
+    s = polyak_update(p, step, NULL);
+    if (step % cfg.lookahead_every == 0)
+      download(&home, theta); /* the fast weights restart from the slow ones */
+    if (s == POLYAK_OK && step > burn_in) {
+      s = read_average(p, &home, 0, slow);
+      *fast_sq += squared_distance(theta, theta_star) / (steps - burn_in);
+      *slow_sq += squared_distance(slow, theta_star) / (steps - burn_in);
+    }
+  }
+  int failed = s != POLYAK_OK ? fail("lookahead run", p, s) : 0;
+  polyak_destroy(p);
+  home_free(&home);
+  return failed;
+}
+
 int main(int argc, char **argv)
 {
   long steps = argc > 1 ? atol(argv[1]) : 200000;
@@ -93,28 +238,20 @@ int main(int argc, char **argv)
     return 2;
   }
   long burn_in = steps / 10; /* the transient from theta = 0 is gone by then */
+  const long swa_every = 1000;
 
   double theta_star[DIM];
   float theta[DIM] = {0};
   for (int i = 0; i < DIM; i++)
     theta_star[i] = normal();
-
-  weights_home home = {POLYAK_BACKEND_CPU, theta, NULL};
-#ifdef POLYAK_DEMO_CUDA
-  if (polyak_backend_available(POLYAK_BACKEND_CUDA)) {
-    home.backend = POLYAK_BACKEND_CUDA;
-    if (cudaMalloc((void **)&home.param, sizeof theta) != cudaSuccess ||
-        cudaMalloc((void **)&home.scratch, sizeof theta) != cudaSuccess)
-      return fprintf(stderr, "demo: cudaMalloc failed\n"), 1;
-    cudaMemcpy(home.param, theta, sizeof theta, cudaMemcpyHostToDevice);
-  }
-#endif
+  weights_home home;
+  if (home_init(&home, theta) != 0)
+    return 1;
 
   /* five averages, one pass: EMAs at three horizons, timm's warmup EMA, and
    * the equal average of every iterate after the burn-in */
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.backend = home.backend;
   cfg.num_shadows = NUM_SHADOWS;
   const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)",
                                      "equal (tail)"};
@@ -125,47 +262,35 @@ int main(int argc, char **argv)
   cfg.schedules[3].beta = 0.9999;
   cfg.schedules[4].kind = POLYAK_SCHEDULE_EQUAL;
   cfg.schedules[4].start_step = burn_in;
+  polyak_t *p = averages_of(&home, &cfg);
 
-  polyak_t *p = NULL;
-  polyak_status s = polyak_create(&p, &cfg);
-  if (s != POLYAK_OK) {
-    char why[512];
-    polyak_check_config(&cfg, why, sizeof why);
-    fprintf(stderr, "demo: polyak_create: %s: %s\n", polyak_status_name(s), why);
-    return 1;
-  }
-  int64_t shape[1] = {DIM};
-  if ((s = polyak_add(p, "theta", home.param, POLYAK_F32, 1, shape)) != POLYAK_OK)
-    return fail("polyak_add", p, s);
-  if ((s = polyak_finalize(p, NULL)) != POLYAK_OK)
-    return fail("polyak_finalize", p, s);
+  /* SWA: the plain mean of snapshots every swa_every steps after burn-in */
+  polyak_config swa_cfg;
+  polyak_config_init(&swa_cfg);
+  swa_cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
+  swa_cfg.schedules[0].start_step = burn_in;
+  swa_cfg.count_updates[0] = 1;
+  polyak_t *swa = p ? averages_of(&home, &swa_cfg) : NULL;
+  if (!swa)
+    return polyak_destroy(p), 1;
+  const double blend_weights[NUM_SHADOWS] = {0, 0.5, 0.5, 0, 0};
 
-  double raw_sq = 0.0, raw_lag = 0.0, shadow_sq[NUM_SHADOWS] = {0};
-  float prev_dev[DIM] = {0}, shadow[NUM_SHADOWS][DIM];
-  long measured = 0;
+  double raw_sq = 0.0, raw_lag = 0.0, shadow_sq[NUM_SHADOWS] = {0}, blend_sq = 0.0;
+  float prev_dev[DIM] = {0}, shadow[NUM_SHADOWS][DIM], blend[DIM], swa_mean[DIM];
+  long measured = 0, swa_snapshots = 0;
+  polyak_status s;
   clock_t start = clock();
 
   for (long step = 1; step <= steps; step++) {
-    /* one SGD step on a fresh minibatch */
-    double grad[DIM] = {0};
-    for (int b = 0; b < BATCH; b++) {
-      double x[DIM], residual = kLabelNoise * -normal();
-      for (int i = 0; i < DIM; i++) {
-        x[i] = normal();
-        residual += x[i] * ((double)theta[i] - theta_star[i]);
-      }
-      for (int i = 0; i < DIM; i++)
-        grad[i] += residual * x[i] / BATCH;
-    }
-    for (int i = 0; i < DIM; i++)
-      theta[i] -= (float)(kLearningRate * grad[i]);
-#ifdef POLYAK_DEMO_CUDA
-    if (home.backend == POLYAK_BACKEND_CUDA)
-      cudaMemcpy(home.param, theta, sizeof theta, cudaMemcpyHostToDevice);
-#endif
-
+    sgd_step(theta, theta_star);
+    upload(&home, theta);
     if ((s = polyak_update(p, step, NULL)) != POLYAK_OK)
       return fail("polyak_update", p, s);
+    if (step > burn_in && step % swa_every == 0) {
+      if ((s = polyak_update(swa, step, NULL)) != POLYAK_OK)
+        return fail("polyak_update (SWA)", swa, s);
+      swa_snapshots++;
+    }
 
     /* stationary statistics after the burn-in */
     if (step > burn_in) {
@@ -181,9 +306,14 @@ int main(int argc, char **argv)
           return fail("polyak_get_shadow", p, s);
         shadow_sq[k] += squared_distance(shadow[k], theta_star);
       }
+      if ((s = read_blend(p, &home, blend_weights, blend)) != POLYAK_OK)
+        return fail("polyak_get_blend", p, s);
+      blend_sq += squared_distance(blend, theta_star);
       measured++;
     }
   }
+  if ((s = read_average(swa, &home, 0, swa_mean)) != POLYAK_OK)
+    return fail("polyak_get_shadow (SWA)", swa, s);
   double seconds = (double)(clock() - start) / CLOCKS_PER_SEC;
 
   double raw_var = raw_sq / measured; /* E|theta - theta*|^2 */
@@ -220,12 +350,28 @@ int main(int argc, char **argv)
          "ratio is a single end-of-run draw (its theory is for the mean of %ld steps).\n",
          tail_samples);
 
+  /* ---- modes beyond one EMA ---- */
+  double la_fast_sq = 0.0, la_slow_sq = 0.0;
+  clock_t la_start = clock();
+  if (lookahead_run(steps, burn_in, theta_star, &la_fast_sq, &la_slow_sq) != 0)
+    return 1;
+  printf("\nmodes beyond one EMA, same problem (Lookahead: a second run, %.1f s)\n\n",
+         (double)(clock() - la_start) / CLOCKS_PER_SEC);
+  printf("%-36s %13s   %s\n", "weights", "|w - w*| end", "variance / raw variance");
+  printf("%-36s %13.5f   %.5f (time average)\n", "blend 0.5 ema 0.99 + 0.5 ema 0.999",
+         sqrt(squared_distance(blend, theta_star)), blend_sq / measured / raw_var);
+  char swa_label[64];
+  snprintf(swa_label, sizeof swa_label, "SWA, %ld snapshots %ld steps apart", swa_snapshots, swa_every);
+  printf("%-36s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
+         sqrt(squared_distance(swa_mean, theta_star)), squared_distance(swa_mean, theta_star) / raw_var,
+         1.0 / (double)swa_snapshots);
+  printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
+         la_fast_sq / raw_var);
+  printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
+         la_slow_sq / raw_var);
+
+  polyak_destroy(swa);
   polyak_destroy(p);
-#ifdef POLYAK_DEMO_CUDA
-  if (home.backend == POLYAK_BACKEND_CUDA) {
-    cudaFree(home.param);
-    cudaFree(home.scratch);
-  }
-#endif
+  home_free(&home);
   return 0;
 }

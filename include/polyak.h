@@ -138,12 +138,27 @@ typedef struct {
   /* version 3 */
   int count_updates[POLYAK_MAX_SHADOWS]; /* 1: shadow k's schedule counts updates, not steps
                                             (no gap compensation); 0 (default): steps */
+  /* version 4 */
+  int64_t lookahead_every;        /* k > 0: the last shadow is Lookahead's slow weights (below);
+                                     0 (default): none */
 } polyak_config;
+
+/* Lookahead (Zhang et al. 2019): with lookahead_every = k, the last shadow
+ * (num_shadows - 1) holds the slow weights. It is left alone except at
+ * updates whose step is a multiple of k (the syncs), where in the same pass
+ * as the other shadows slow <- slow + alpha (params - slow) and then params
+ * <- slow, rounded to nearest even into each param's dtype. alpha = 1 - beta
+ * of that shadow's schedule, whose t counts the syncs after its start_step
+ * (CONSTANT with beta = 0.5 is the paper's alpha = 0.5). The other shadows
+ * fold the params as they were before the sync. An update whose step skips
+ * a multiple of k is refused. Needs zero_init = 0, one rank, and a schedule
+ * whose beta is below 1 (alpha > 0). Params must be writable. */
 
 /* struct_size of earlier versions of polyak_config, still accepted; the
  * fields they lack keep their defaults. */
 #define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
 #define POLYAK_CONFIG_SIZE_V2 (offsetof(polyak_config, count_updates))
+#define POLYAK_CONFIG_SIZE_V3 (offsetof(polyak_config, lookahead_every))
 
 /* ---- Errors ------------------------------------------------------------ */
 

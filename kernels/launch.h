@@ -44,6 +44,7 @@ typedef struct {
   /* graph mode (graph != NULL): step, weights and keys come from here */
   polyak_graph_state *graph;
   uint64_t seed;
+  int64_t lookahead_every; /* Lookahead's syncs, resolved per replayed step */
   unsigned long long *nonfinite_count;
 } polyak_update_kernel_args;
 

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "polyak.h"
+#include "polyak_math.h"
 
 /* Elements per chunk. A multiple of 8, so every chunk of a tensor starts at
  * the same 16-byte phase as the tensor itself. */
@@ -50,6 +51,19 @@ typedef struct {
   int32_t skip_nonfinite;
   float weight[POLYAK_MAX_SHADOWS];     /* per shadow: 1 - B, computed in double */
   uint64_t sr_key[POLYAK_MAX_SHADOWS];  /* per shadow: stochastic-rounding key (bf16 shadows) */
+  int32_t write_back;                   /* 1: params <- shadow num_shadows - 1 after the fold */
+  int32_t pad_;
 } polyak_update_args;
+
+/* Lookahead's part of the update at a->step (a->num_shadows set to all of
+ * them): the slow weights, the last shadow, fold and are written back at
+ * multiples of `every` and are left out otherwise. every = 0: no Lookahead.
+ * The host resolves direct updates, the kernel each graph replay's step. */
+POLYAK_HD void polyak_resolve_lookahead(polyak_update_args *a, int64_t every)
+{
+  a->write_back = every > 0 && a->step % every == 0;
+  if (every > 0 && !a->write_back)
+    a->num_shadows -= 1;
+}
 
 #endif /* POLYAK_PLAN_H */

@@ -40,6 +40,7 @@ static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
     out->args.weight[k] = graph->weights[row * out->args.num_shadows + k];
     out->args.sr_key[k] = polyak_sr_key(a.seed, out->args.step, k);
   }
+  polyak_resolve_lookahead(&out->args, a.lookahead_every);
 }
 
 /* Graph mode: the last block to finish advances the reservation. */

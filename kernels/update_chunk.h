@@ -106,19 +106,27 @@ struct polyak_storage<POLYAK_F16> {
   static POLYAK_HD_MEMBER float to_f32(uint16_t x) { return polyak_f16_to_f32(x); }
 };
 
+/* 16 bytes of params: through the read-only path, unless this kernel writes
+ * params back (Lookahead), which that path does not allow. */
+template <bool WRITE_BACK>
+POLYAK_HD polyak_u32x4 polyak_load16_param(const void *src)
+{
+  return WRITE_BACK ? polyak_load16(src) : polyak_load16_readonly(src);
+}
+
 /* 8 param elements from 16-byte aligned memory: two 16-byte loads of f32,
  * or one of a 16-bit type. */
-template <int DTYPE>
+template <int DTYPE, bool WRITE_BACK>
 POLYAK_HD void polyak_load8(const typename polyak_storage<DTYPE>::elem *src, float out[8])
 {
   if constexpr (DTYPE == POLYAK_F32) {
-    polyak_u32x4 a = polyak_load16_readonly(src), b = polyak_load16_readonly(src + 4);
+    polyak_u32x4 a = polyak_load16_param<WRITE_BACK>(src), b = polyak_load16_param<WRITE_BACK>(src + 4);
     for (int j = 0; j < 4; j++) {
       out[j] = polyak_f32_from_bits(a.v[j]);
       out[4 + j] = polyak_f32_from_bits(b.v[j]);
     }
   } else {
-    polyak_u32x4 a = polyak_load16_readonly(src);
+    polyak_u32x4 a = polyak_load16_param<WRITE_BACK>(src);
     for (int j = 0; j < 4; j++) {
       out[2 * j] = polyak_storage<DTYPE>::to_f32((uint16_t)(a.v[j] & 0xFFFFu));
       out[2 * j + 1] = polyak_storage<DTYPE>::to_f32((uint16_t)(a.v[j] >> 16));
@@ -126,19 +134,77 @@ POLYAK_HD void polyak_load8(const typename polyak_storage<DTYPE>::elem *src, flo
   }
 }
 
+/* 8 elements from 16-byte aligned memory, rounded to nearest even into
+ * DTYPE (Lookahead's write-back of the slow weights into the params). */
+template <int DTYPE>
+POLYAK_HD void polyak_store8(typename polyak_storage<DTYPE>::elem *dst, const float value[8])
+{
+  if constexpr (DTYPE == POLYAK_F32) {
+    polyak_u32x4 a, b;
+    for (int j = 0; j < 4; j++) {
+      a.v[j] = polyak_f32_bits(value[j]);
+      b.v[j] = polyak_f32_bits(value[4 + j]);
+    }
+    polyak_store16(dst, a);
+    polyak_store16(dst + 4, b);
+  } else {
+    polyak_u32x4 a;
+    for (int j = 0; j < 4; j++) {
+      uint16_t even = DTYPE == POLYAK_BF16 ? polyak_f32_to_bf16_rne(value[2 * j]) : polyak_f32_to_f16_rne(value[2 * j]);
+      uint16_t odd = DTYPE == POLYAK_BF16 ? polyak_f32_to_bf16_rne(value[2 * j + 1])
+                                          : polyak_f32_to_f16_rne(value[2 * j + 1]);
+      a.v[j] = (uint32_t)even | ((uint32_t)odd << 16);
+    }
+    polyak_store16(dst, a);
+  }
+}
+
+/* 8 shadow elements from 16-byte aligned memory, as f32. */
+template <int SHADOW_DTYPE>
+POLYAK_HD void polyak_load8_shadow(const void *arena, int64_t slot, float out[8])
+{
+  if constexpr (SHADOW_DTYPE == POLYAK_F32) {
+    const float *s = static_cast<const float *>(arena) + slot;
+    polyak_u32x4 lo = polyak_load16(s), hi = polyak_load16(s + 4);
+    for (int j = 0; j < 4; j++) {
+      out[j] = polyak_f32_from_bits(lo.v[j]);
+      out[4 + j] = polyak_f32_from_bits(hi.v[j]);
+    }
+  } else {
+    polyak_u32x4 bits = polyak_load16(static_cast<const uint16_t *>(arena) + slot);
+    for (int j = 0; j < 4; j++) {
+      out[2 * j] = polyak_bf16_to_f32((uint16_t)(bits.v[j] & 0xFFFFu));
+      out[2 * j + 1] = polyak_bf16_to_f32((uint16_t)(bits.v[j] >> 16));
+    }
+  }
+}
+
 /* ---- the chunk ---------------------------------------------------------------- */
+
+/* Lookahead: param element i <- the slow weights' (the last shadow). */
+template <int PARAM_DTYPE, int SHADOW_DTYPE>
+POLYAK_HD void polyak_write_back_scalar(const polyak_tensor_desc &t, int64_t i, void *const *shadows,
+                                        const polyak_update_args &a)
+{
+  int64_t slot = t.shadow_offset_elems + i;
+  float slow = polyak_load_f32(shadows[a.num_shadows - 1], slot, SHADOW_DTYPE);
+  polyak_store_f32(const_cast<void *>(t.param), i, slow, PARAM_DTYPE);
+}
 
 /* One element at chunk-relative index i, every shadow; returns 1 if the
  * param is non-finite. */
-template <int PARAM_DTYPE, int SHADOW_DTYPE>
+template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
 POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void *const *shadows,
                                    const polyak_update_args &a)
 {
   typedef typename polyak_storage<PARAM_DTYPE>::elem param_elem;
   float param = polyak_storage<PARAM_DTYPE>::to_f32(static_cast<const param_elem *>(t.param)[i]);
   int finite = polyak_is_finite(param);
-  if (!finite && a.skip_nonfinite)
+  if (!finite && a.skip_nonfinite) {
+    if (WRITE_BACK)
+      polyak_write_back_scalar<PARAM_DTYPE, SHADOW_DTYPE>(t, i, shadows, a);
     return 1;
+  }
   int64_t slot = t.shadow_offset_elems + i;
   POLYAK_SHADOW_LOOP
   for (int k = 0; k < a.num_shadows; k++) {
@@ -150,17 +216,19 @@ POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void 
       *s = polyak_next_bf16(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i);
     }
   }
+  if (WRITE_BACK)
+    polyak_write_back_scalar<PARAM_DTYPE, SHADOW_DTYPE>(t, i, shadows, a);
   return !finite;
 }
 
 /* Eight elements from index i (param and shadows 16-byte aligned there). */
-template <int PARAM_DTYPE, int SHADOW_DTYPE>
+template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
 POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void *const *shadows,
                                    const polyak_update_args &a)
 {
   typedef typename polyak_storage<PARAM_DTYPE>::elem param_elem;
   float param[POLYAK_VEC_ELEMS];
-  polyak_load8<PARAM_DTYPE>(static_cast<const param_elem *>(t.param) + i, param);
+  polyak_load8<PARAM_DTYPE, WRITE_BACK>(static_cast<const param_elem *>(t.param) + i, param);
   int keep[POLYAK_VEC_ELEMS]; /* 1: leave this element's shadows as they are */
   int nonfinite = 0;
   for (int j = 0; j < POLYAK_VEC_ELEMS; j++) {
@@ -197,6 +265,11 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
       polyak_store16(s, bits);
     }
   }
+  if (WRITE_BACK) { /* Lookahead: the params <- the slow weights just stored */
+    float slow[POLYAK_VEC_ELEMS];
+    polyak_load8_shadow<SHADOW_DTYPE>(shadows[a.num_shadows - 1], slot, slow);
+    polyak_store8<PARAM_DTYPE>(const_cast<param_elem *>(static_cast<const param_elem *>(t.param)) + i, slow);
+  }
   return nonfinite;
 }
 
@@ -216,7 +289,7 @@ POLYAK_HD int64_t polyak_chunk_head(const polyak_tensor_desc &t, const polyak_ch
 
 /* Thread `thread` of `num_threads`'s share of one chunk. Returns the
  * non-finite params it met. */
-template <int PARAM_DTYPE, int SHADOW_DTYPE>
+template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
 POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const polyak_chunk &chunk,
                                              void *const *shadows, const polyak_update_args &a,
                                              int thread, int num_threads)
@@ -227,31 +300,44 @@ POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const 
   int64_t tail = head + num_vectors * POLYAK_VEC_ELEMS;
   int64_t nonfinite = 0;
   for (int64_t i = thread; i < head; i += num_threads)
-    nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE>(t, base + i, shadows, a);
+    nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   for (int64_t v = thread; v < num_vectors; v += num_threads)
-    nonfinite += polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE>(
+    nonfinite += polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(
         t, base + head + v * POLYAK_VEC_ELEMS, shadows, a);
   for (int64_t i = tail + thread; i < n; i += num_threads)
-    nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE>(t, base + i, shadows, a);
+    nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   return nonfinite;
 }
 
 /* The per-chunk dispatch on the param dtype (uniform across a chunk, so no
  * divergence within a block). */
+template <int SHADOW_DTYPE, bool WRITE_BACK>
+POLYAK_HD int64_t polyak_update_chunk_as(const polyak_tensor_desc &t, const polyak_chunk &chunk,
+                                         void *const *shadows, const polyak_update_args &a, int thread,
+                                         int num_threads)
+{
+  switch (t.param_dtype) {
+  case POLYAK_F32:
+    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
+                                                                           num_threads);
+  case POLYAK_BF16:
+    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
+                                                                            num_threads);
+  case POLYAK_F16:
+    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
+                                                                           num_threads);
+  }
+  return 0;
+}
+
+/* ... and on Lookahead's write-back (uniform across a launch). */
 template <int SHADOW_DTYPE>
 POLYAK_HD int64_t polyak_update_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk,
                                       void *const *shadows, const polyak_update_args &a, int thread,
                                       int num_threads)
 {
-  switch (t.param_dtype) {
-  case POLYAK_F32:
-    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE>(t, chunk, shadows, a, thread, num_threads);
-  case POLYAK_BF16:
-    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE>(t, chunk, shadows, a, thread, num_threads);
-  case POLYAK_F16:
-    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE>(t, chunk, shadows, a, thread, num_threads);
-  }
-  return 0;
+  return a.write_back ? polyak_update_chunk_as<SHADOW_DTYPE, true>(t, chunk, shadows, a, thread, num_threads)
+                      : polyak_update_chunk_as<SHADOW_DTYPE, false>(t, chunk, shadows, a, thread, num_threads);
 }
 
 #endif /* POLYAK_UPDATE_CHUNK_H */

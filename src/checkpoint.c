@@ -134,6 +134,7 @@ static json_t *build_metadata(const polyak_t *p, int64_t nonfinite, uint64_t che
                set_text(metadata, "seed", "%" PRIu64, p->cfg.seed) ||
                set_text(metadata, "zero_init", "%d", p->cfg.zero_init) ||
                set_text(metadata, "skip_nonfinite", "%d", p->cfg.skip_nonfinite) ||
+               set_text(metadata, "lookahead_every", "%" PRId64, p->cfg.lookahead_every) ||
                set_text(metadata, "nonfinite_count", "%" PRId64, nonfinite) ||
                set_json_text(metadata, "beta_products", products) ||
                set_json_text(metadata, "update_counts", counts) ||
@@ -487,12 +488,13 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (!version || strcmp(version, "1") != 0)
     return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)",
                         version ? version : "(missing)");
-  const char *names[] = {"step", "num_shadows", "shadow_dtype", "seed", "zero_init", "nonfinite_count",
-                         "beta_products", "update_counts", "schedules", "checksum"};
+  const char *names[] = {"step",          "num_shadows",   "shadow_dtype", "seed",
+                         "zero_init",     "lookahead_every", "nonfinite_count", "beta_products",
+                         "update_counts", "schedules",     "checksum"};
   for (size_t n = 0; n < sizeof names / sizeof names[0]; n++)
     if (!metadata_text(metadata, names[n]))
       return FORMAT_ERROR("metadata \"%s\" is missing", names[n]);
-  int64_t num_shadows, zero_init;
+  int64_t num_shadows, zero_init, lookahead_every;
   uint64_t seed;
   if (parse_int64(metadata_text(metadata, "step"), &h->step) != 0 || h->step < 0)
     return FORMAT_ERROR("metadata \"step\" is not a step");
@@ -518,6 +520,11 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (zero_init != p->cfg.zero_init)
     return MISMATCH("the file has zero_init = %lld, this handle %d", (long long)zero_init,
                     p->cfg.zero_init);
+  if (parse_int64(metadata_text(metadata, "lookahead_every"), &lookahead_every) != 0 || lookahead_every < 0)
+    return FORMAT_ERROR("metadata \"lookahead_every\" is not a count of steps");
+  if (lookahead_every != p->cfg.lookahead_every)
+    return MISMATCH("the file has lookahead_every = %lld, this handle %lld", (long long)lookahead_every,
+                    (long long)p->cfg.lookahead_every);
   json_error_t error;
   json_t *products = json_loads(metadata_text(metadata, "beta_products"), 0, &error);
   int bad = !json_is_array(products) || (int)json_array_size(products) != p->cfg.num_shadows;

@@ -38,12 +38,13 @@ void polyak_config_init(polyak_config *cfg)
   cfg->world_size = 1;
   cfg->rank = 0;
   cfg->nccl_comm = NULL;
+  cfg->lookahead_every = 0;
 }
 
 int polyak_config_normalize(const polyak_config *in, polyak_config *out)
 {
-  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V2 &&
-              in->struct_size != POLYAK_CONFIG_SIZE_V1))
+  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V3 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V2 && in->struct_size != POLYAK_CONFIG_SIZE_V1))
     return -1;
   polyak_config_init(out);
   memcpy(out, in, in->struct_size); /* fields of later versions keep their defaults */
@@ -108,6 +109,34 @@ static polyak_status check_sharding(const polyak_config *cfg, char *msg, size_t 
 #endif
 }
 
+/* The slow weights start as the params and write them back, so they need
+ * a plain start, whole shadows, and alpha = 1 - beta > 0. */
+static polyak_status check_lookahead(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  if (cfg->lookahead_every < 0)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "lookahead_every = %lld; it is k, the steps between syncs (0: no Lookahead)",
+                          (long long)cfg->lookahead_every);
+  if (cfg->lookahead_every == 0)
+    return POLYAK_OK;
+  const int slow = cfg->num_shadows - 1;
+  const polyak_schedule *s = &cfg->schedules[slow];
+  if (cfg->zero_init)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "Lookahead's slow weights start as the params: zero_init must be 0");
+  if (cfg->world_size > 1)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
+                          "Lookahead writes whole params back; sharded handles (world_size %d) "
+                          "cannot yet",
+                          cfg->world_size);
+  if (s->kind != POLYAK_SCHEDULE_EQUAL && s->kind != POLYAK_SCHEDULE_POWER && !(s->beta < 1.0))
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "schedules[%d] is Lookahead's: alpha = 1 - beta must be above 0, "
+                          "and beta = %g",
+                          slow, s->beta);
+  return POLYAK_OK;
+}
+
 polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t msg_num_bytes)
 {
   char reason[POLYAK_ERROR_BYTES];
@@ -118,9 +147,9 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   if (polyak_config_normalize(given, &normalized) != 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
-                          "(earlier versions %zu, %zu): call polyak_config_init() first",
-                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V2,
-                          (size_t)POLYAK_CONFIG_SIZE_V1);
+                          "(earlier versions %zu, %zu, %zu): call polyak_config_init() first",
+                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V3,
+                          (size_t)POLYAK_CONFIG_SIZE_V2, (size_t)POLYAK_CONFIG_SIZE_V1);
   const polyak_config *cfg = &normalized;
   if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
@@ -145,5 +174,7 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "skip_nonfinite = %d is not 0 or 1", cfg->skip_nonfinite);
   polyak_status status = check_backend(cfg, msg, msg_num_bytes);
-  return status == POLYAK_OK ? check_sharding(cfg, msg, msg_num_bytes) : status;
+  if (status == POLYAK_OK)
+    status = check_sharding(cfg, msg, msg_num_bytes);
+  return status == POLYAK_OK ? check_lookahead(cfg, msg, msg_num_bytes) : status;
 }

@@ -61,6 +61,10 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
       }
     }
   }
+  if (args->write_back) /* Lookahead: params <- the slow weights just updated */
+    for (int64_t i = 0; i < n; i++)
+      polyak_store_f32((void *)t->param, first + i,
+                       polyak_load_f32(shadows[args->num_shadows - 1], slot + i, shadow_dtype), param_dtype);
   return nonfinite;
 }
 

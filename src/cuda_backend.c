@@ -313,6 +313,7 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
     args->shadows[k] = state->shadows[k];
   args->shadow_dtype = p->cfg.shadow_dtype;
   args->seed = p->cfg.seed;
+  args->lookahead_every = p->cfg.lookahead_every;
   args->nonfinite_count = &state->counters[COUNT_UPDATES];
 }
 

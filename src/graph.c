@@ -6,13 +6,11 @@
 
 #include "polyak_internal.h"
 
-/* The updates shadow k counts among reserved rows 0..row-1 (those after
- * its start_step). */
+/* The updates shadow k has counted before reserved row `row`. */
 static int64_t counted_before(const polyak_t *p, int k, int64_t row)
 {
-  int64_t first = p->cfg.schedules[k].start_step + 1 - p->graph_first_step; /* the first row counted */
-  first = first > 0 ? first : 0;
-  return p->updates_counted[k] + (row > first ? row - first : 0);
+  int64_t first = p->graph_first_step;
+  return p->updates_counted[k] + polyak_updates_counted_in(p, k, first - 1, first + row - 1);
 }
 
 /* The decay of reserved step `row`: the first one also covers the gap
@@ -37,11 +35,9 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
                        "polyak_graph_release first",
                        (long long)p->graph_first_step,
                        (long long)(p->graph_first_step + p->graph_num_steps - 1));
-  if (first_step < 1 || first_step <= p->last_step)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_graph_reserve: first_step = %lld must be >= 1 and follow the "
-                       "last update (step %lld)",
-                       (long long)first_step, (long long)p->last_step);
+  polyak_status status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
+  if (status != POLYAK_OK)
+    return status;
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
   if (num_steps < 1 || num_steps > INT64_MAX - first_step ||
       (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
@@ -60,7 +56,7 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
   for (int64_t row = 0; row < num_steps; row++)
     for (int k = 0; k < p->cfg.num_shadows; k++)
       weights[row * p->cfg.num_shadows + k] = (float)(1.0 - reserved_decay(p, k, row));
-  polyak_status status = p->ops->graph_reserve(p, stream);
+  status = p->ops->graph_reserve(p, stream);
   if (status != POLYAK_OK) {
     free(weights);
     p->graph_weights = NULL;

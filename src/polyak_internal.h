@@ -162,10 +162,32 @@ double polyak_beta_product_checked(const polyak_schedule *s, int64_t last_step, 
 /* beta at t = 0, 1, ... of a checked schedule (start_step aside). */
 double polyak_beta_of_t(const polyak_schedule *s, double t);
 
+/* 1 if shadow k holds Lookahead's slow weights (the last shadow). */
+static inline int polyak_is_lookahead(const polyak_config *c, int k)
+{
+  return c->lookahead_every > 0 && k == c->num_shadows - 1;
+}
+
+/* 1 if shadow k's t counts its updates (count_updates, or Lookahead's
+ * syncs) rather than steps. */
+static inline int polyak_counts_updates(const polyak_config *c, int k)
+{
+  return c->count_updates[k] || polyak_is_lookahead(c, k);
+}
+
 /* The decay shadow k's update at `step` applies after one at `last_step`:
- * the product of the gap's betas, or with count_updates beta at t = the
- * updates counted so far (0 up to start_step: a copy). */
+ * the product of the gap's betas, or where it counts updates beta at t =
+ * the updates counted so far (0 up to start_step: a copy). 1 where
+ * Lookahead's slow weights have no sync at `step`. */
 double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted);
+
+/* The updates shadow k counts among steps after..upto, with an update at
+ * each of them: those past its start_step (for Lookahead, only syncs). */
+int64_t polyak_updates_counted_in(const polyak_t *p, int k, int64_t after, int64_t upto);
+
+/* The first Lookahead sync after `step` (INT64_MAX without Lookahead or
+ * beyond int64). */
+int64_t polyak_next_sync(const polyak_config *c, int64_t step);
 
 /* "CONSTANT", ... (NULL for an unknown kind), and back (-1 if unknown). */
 const char *polyak_schedule_kind_name(polyak_schedule_kind kind);
@@ -232,6 +254,10 @@ void polyak_plan_free(polyak_t *p);
 /* Chunks over every element of every tensor (what the plan holds without
  * sharding), for work on whole params; free() them. */
 polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *num_chunks);
+
+/* The checks of the step a next update applies (`what` names it in the
+ * message): from 1, after the last update, skipping no Lookahead sync. */
+polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what);
 
 /* The update arguments for `step` with per-shadow weights 1 - B. */
 void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,

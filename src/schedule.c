@@ -255,9 +255,30 @@ double polyak_beta_from_window(double window_steps)
 double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted)
 {
   const polyak_schedule *s = &p->cfg.schedules[k];
-  if (!p->cfg.count_updates[k])
+  if (polyak_is_lookahead(&p->cfg, k) && step % p->cfg.lookahead_every != 0)
+    return 1.0;
+  if (!polyak_counts_updates(&p->cfg, k))
     return polyak_beta_product_checked(s, last_step, step);
   return step <= s->start_step ? 0.0 : polyak_beta_of_t(s, (double)counted);
+}
+
+int64_t polyak_updates_counted_in(const polyak_t *p, int k, int64_t after, int64_t upto)
+{
+  int64_t start = p->cfg.schedules[k].start_step;
+  after = after > start ? after : start;
+  if (upto <= after)
+    return 0;
+  if (!polyak_is_lookahead(&p->cfg, k))
+    return upto - after;
+  return upto / p->cfg.lookahead_every - after / p->cfg.lookahead_every; /* both >= 0 */
+}
+
+int64_t polyak_next_sync(const polyak_config *c, int64_t step)
+{
+  int64_t every = c->lookahead_every;
+  if (every <= 0 || step / every >= INT64_MAX / every)
+    return INT64_MAX;
+  return (step / every + 1) * every;
 }
 
 double polyak_beta_from_horizon(double horizon_steps)

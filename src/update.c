@@ -19,6 +19,22 @@ void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weigh
     args->weight[k] = weight[k];
     args->sr_key[k] = polyak_sr_key(p->cfg.seed, step, k);
   }
+  polyak_resolve_lookahead(args, p->cfg.lookahead_every);
+}
+
+polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what)
+{
+  if (step < 1)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld; steps count from 1", what, (long long)step);
+  if (step <= p->last_step)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld does not follow the last update (step %lld)",
+                       what, (long long)step, (long long)p->last_step);
+  int64_t sync = polyak_next_sync(&p->cfg, p->last_step);
+  if (sync < step)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s = %lld skips the Lookahead sync at step %lld (lookahead_every = %lld)", what,
+                       (long long)step, (long long)sync, (long long)p->cfg.lookahead_every);
+  return POLYAK_OK;
 }
 
 polyak_status polyak_finalize(polyak_t *p, void *stream)
@@ -50,13 +66,9 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
                        "polyak_update: steps %lld.. are reserved for graph replays; call "
                        "polyak_graph_release first",
                        (long long)p->graph_first_step);
-  if (step < 1)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_update: step = %lld; steps count from 1", (long long)step);
-  if (step <= p->last_step)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_update: step = %lld does not follow the last update (step %lld)",
-                       (long long)step, (long long)p->last_step);
+  polyak_status status = polyak_check_next_step(p, step, "polyak_update: step");
+  if (status != POLYAK_OK)
+    return status;
 
   double decay[POLYAK_MAX_SHADOWS];
   float weight[POLYAK_MAX_SHADOWS];
@@ -66,12 +78,12 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   }
   polyak_update_args args;
   polyak_update_args_init(p, step, weight, &args);
-  polyak_status status = p->ops->update(p, &args, stream);
+  status = p->ops->update(p, &args, stream);
   if (status != POLYAK_OK)
     return status;
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     p->beta_prod[k] *= decay[k];
-    p->updates_counted[k] += step > p->cfg.schedules[k].start_step;
+    p->updates_counted[k] += polyak_updates_counted_in(p, k, step - 1, step);
   }
   p->last_step = step;
   return POLYAK_OK;

@@ -113,6 +113,15 @@ struct Both {
     ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(cpu.get());
     ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
   }
+  // Each device param has the bits of its host twin.
+  void expect_params_same()
+  {
+    for (auto &tw : twins) {
+      std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
+      ASSERT_EQ(cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
+    }
+  }
   // Finalize on random params, then update at `steps`, params redrawn before each.
   void train(uint64_t seed, std::initializer_list<int64_t> steps)
   {
@@ -521,10 +530,38 @@ TEST_F(Gpu, BlendsMatchTheCpuBackend)
   }
   ASSERT_EQ(polyak_blend_to_params(both.cpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_blend_to_params(both.gpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, nullptr), POLYAK_OK);
-  for (auto &tw : both.twins) {
-    std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
-    cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost);
-    ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
+  both.expect_params_same();
+}
+
+TEST_F(Gpu, LookaheadMatchesTheCpuBackend)
+{
+  for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16}) {
+    polyak_config cfg = cpu_config(3);
+    cfg.lookahead_every = 2;
+    cfg.schedules[2].beta = 0.5;
+    cfg.shadow_dtype = shadow_dtype;
+    Both both(cfg, odd_twins());
+    both.randomize(18);
+    both.finalize();
+    for (int64_t step : {1, 2, 3, 4, 6}) {
+      both.randomize(90 + step, step == 4 ? 7.0f : 0.0f); // a poisoned sync: the params get the slow weights
+      both.update(step);
+      both.expect_params_same(); // written back at 2, 4, 6 only
+    }
+    both.expect_same();
+    // replays resolve each reserved step's sync on the device
+    ASSERT_EQ(polyak_graph_reserve(both.cpu.get(), 7, 4, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 7, 4, nullptr), POLYAK_OK);
+    for (int64_t step = 7; step <= 10; step++) {
+      both.randomize(90 + step);
+      ASSERT_EQ(polyak_graph_update(both.cpu.get(), nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_graph_update(both.gpu.get(), nullptr), POLYAK_OK);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      both.expect_params_same();
+    }
+    ASSERT_EQ(polyak_graph_release(both.cpu.get(), nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_release(both.gpu.get(), nullptr), POLYAK_OK);
+    both.expect_same();
   }
 }
 

@@ -2,7 +2,8 @@
 // (kernels/update_chunk.h), run on the CPU for every block and thread index
 // over a whole plan, must produce the CPU backend's bits exactly: heads,
 // 16-byte vector middles, tails, misaligned starts, every dtype pair,
-// K = 1..8, the guard and stochastic rounding. This runs without a GPU.
+// K = 1..8, the guard, stochastic rounding and Lookahead's write-back into
+// the params. This runs without a GPU.
 #include "test_util.h"
 
 #include <cstdlib>
@@ -23,16 +24,17 @@ struct AlignedArena {
 };
 
 // The GPU run emulated: `grid` blocks walking the chunks grid-stride, each
-// thread of each block taking its share, sequentially.
-int64_t run_kernel_logic(const polyak_t *p, void *const *shadows, const polyak_update_args &args,
-                         int grid, int threads)
+// thread of each block taking its share, sequentially; `descs` is the
+// plan's tensor table pointing at the emulation's own params.
+int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs,
+                         void *const *shadows, const polyak_update_args &args, int grid, int threads)
 {
   int64_t nonfinite = 0;
   for (int block = 0; block < grid; block++)
     for (int64_t c = block; c < p->num_chunks; c += grid)
       for (int thread = 0; thread < threads; thread++) {
         const polyak_chunk &chunk = p->chunks[c];
-        const polyak_tensor_desc &t = p->descs[chunk.tensor];
+        const polyak_tensor_desc &t = descs[chunk.tensor];
         nonfinite += p->cfg.shadow_dtype == POLYAK_F32
                          ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
                          : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
@@ -40,12 +42,12 @@ int64_t run_kernel_logic(const polyak_t *p, void *const *shadows, const polyak_u
   return nonfinite;
 }
 
-// The args polyak_update computes for `step` after `last`.
-polyak_update_args args_for(const polyak_t *p, int64_t last, int64_t step)
+// The args polyak_update computes for `step` after the handle's last update.
+polyak_update_args args_for(const polyak_t *p, int64_t step)
 {
   float weight[POLYAK_MAX_SHADOWS];
   for (int k = 0; k < p->cfg.num_shadows; k++)
-    weight[k] = (float)(1.0 - polyak_beta_product(&p->cfg.schedules[k], last, step));
+    weight[k] = (float)(1.0 - polyak_update_decay(p, k, p->last_step, step, p->updates_counted[k]));
   polyak_update_args args;
   polyak_update_args_init(p, step, weight, &args);
   return args;
@@ -105,9 +107,17 @@ void check_case(Case &c, int grid, int threads)
     }
   }
 
-  int64_t last = 0, count_before = 0, emulated_nonfinite = 0;
+  // the emulation's params: copies at the same alignments, so that params
+  // the kernel writes (Lookahead) can be compared with the handle's
+  std::vector<Tensor> own = c.tensors;
+  std::vector<polyak_tensor_desc> descs(p->descs, p->descs + p->num_tensors);
+  for (int i = 0; i < p->num_tensors; i++)
+    descs[i].param = own[i].data();
+
+  int64_t count_before = 0, emulated_nonfinite = 0;
   for (int64_t step : c.steps) {
-    for (auto &t : c.tensors) {
+    for (size_t i = 0; i < c.tensors.size(); i++) {
+      Tensor &t = c.tensors[i];
       t.randomize(rng, 0.25f, 2.0f);
       if (c.poison && t.num_elems > 0) { // heads, tails, chunk edges
         t.set(0, NAN);
@@ -115,11 +125,14 @@ void check_case(Case &c, int grid, int threads)
         if (t.num_elems > 65536)
           t.set(65536, -INFINITY);
       }
+      std::memcpy(own[i].data(), t.data(), t.num_elems * dtype_bytes(t.dtype));
     }
-    polyak_update_args args = args_for(p, last, step);
-    emulated_nonfinite += run_kernel_logic(p, shadows, args, grid, threads);
+    polyak_update_args args = args_for(p, step);
+    emulated_nonfinite += run_kernel_logic(p, descs, shadows, args, grid, threads);
     ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK);
-    last = step;
+    for (size_t i = 0; i < c.tensors.size(); i++)
+      ASSERT_EQ(0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
+          << "params of tensor " << c.tensors[i].name << " after step " << step;
   }
   for (int k = 0; k < p->cfg.num_shadows; k++)
     for (int i = 0; i < p->num_tensors; i++)
@@ -199,6 +212,29 @@ TEST(KernelLogic, GapsZeroInitAndStartStep)
   c.cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
   c.cfg.schedules[2].kind = POLYAK_SCHEDULE_POWER;
   check_case(c, 6, kBlockThreads);
+}
+
+TEST(KernelLogic, LookaheadWritesTheSlowWeightsBackLikeTheCpuBackend)
+{
+  struct {
+    polyak_dtype shadow_dtype;
+    bool poison;
+    int skip_nonfinite;
+  } variants[] = {{POLYAK_F32, false, 1}, {POLYAK_BF16, false, 1}, {POLYAK_F32, true, 1}, {POLYAK_BF16, true, 0}};
+  for (auto v : variants) {
+    Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 3, 4, 6, 8, 9}};
+    c.cfg.lookahead_every = 2;
+    c.cfg.schedules[2].beta = 0.5;
+    c.cfg.shadow_dtype = v.shadow_dtype;
+    c.cfg.skip_nonfinite = v.skip_nonfinite;
+    c.poison = v.poison;
+    check_case(c, 7, kBlockThreads);
+    if (HasFailure())
+      FAIL() << "shadow dtype " << v.shadow_dtype << " poison " << v.poison;
+  }
+  Case alone{cpu_config(1, 0.25), awkward_tensors(), {1, 2, 3, 5, 6}}; // no shadow between syncs
+  alone.cfg.lookahead_every = 3;
+  check_case(alone, 5, kBlockThreads);
 }
 
 TEST(KernelLogic, ResultsDoNotDependOnGridOrBlockSize)

@@ -194,6 +194,14 @@ inline bool contains(const std::string &text, const std::string &part)
   return text.find(part) != std::string::npos;
 }
 
+// A float's bits: equal bits, not just equal values (+0 vs -0, NaNs).
+inline uint32_t float_bits(float x)
+{
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
 // The decay schedules written out again from the table in DESIGN.md, as an
 // oracle independent of src/schedule.c.
 inline double oracle_beta(const polyak_schedule &s, int64_t step)

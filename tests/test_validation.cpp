@@ -96,7 +96,7 @@ TEST(Create, RefusesNullPointers)
 TEST(Create, RefusesAWrongStructSize)
 {
   polyak_config cfg = cpu_config();
-  for (size_t size : {size_t(0), sizeof(polyak_config) - 8, sizeof(polyak_config) + 8}) {
+  for (size_t size : {size_t(0), sizeof(polyak_config) - 4, sizeof(polyak_config) + 8, POLYAK_CONFIG_SIZE_V3 + 4}) {
     cfg.struct_size = size;
     polyak_t *p = nullptr;
     EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG) << size;
