@@ -141,7 +141,23 @@ typedef struct {
   /* version 4 */
   int64_t lookahead_every;        /* k > 0: the last shadow is Lookahead's slow weights (below);
                                      0 (default): none */
+  double grad_norm_c[POLYAK_MAX_SHADOWS]; /* c in (0, 1]: shadow k's beta follows the gradient
+                                             norm (below); 0 (default): its schedule */
 } polyak_config;
+
+/* Grad-norm adaptive decay: a shadow with grad_norm_c[k] = c > 0 takes, at
+ * each update, beta = 1 - c / sqrt(1 + g^2) from the gradient norm g the
+ * trainer computed (for clipping, say), read from the float registered with
+ * polyak_set_grad_norm when the update runs on the device. Large gradients
+ * (a fast-moving model) give beta near 1 (average longer); small ones
+ * average faster. A gap of n steps applies beta^n (the norm at hand stands
+ * for the steps skipped). B and 1 - B are computed in double the same way on
+ * every backend: sqrt, division and the squarings of beta^n are correctly
+ * rounded, so the CPU and CUDA backends agree bit for bit. A non-finite g
+ * leaves such shadows as they were (beta = 1). The product of the applied
+ * betas is kept next to the shadows, used for zero_init's debias, and read
+ * with polyak_get_beta_product. The schedule's kind is not used; its
+ * start_step must be 0 and count_updates[k] 0; not on Lookahead's shadow. */
 
 /* Lookahead (Zhang et al. 2019): with lookahead_every = k, the last shadow
  * (num_shadows - 1) holds the slow weights. It is left alone except at
@@ -380,6 +396,21 @@ POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weigh
  * backend's side), ordered on `stream`. */
 POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
                                           void *dst, polyak_dtype dst_dtype, void *stream);
+
+/* The gradient norm that grad-norm shadows follow: one float, device memory
+ * of the handle's device (CUDA backend) or host memory (CPU backend), read by
+ * every later update (and graph replay) when it runs, so the trainer writes
+ * it in place each step, ordered before polyak_update on the stream. The
+ * pointer is borrowed. POLYAK_ERR_INVALID_ARG for a NULL, misaligned or
+ * wrong-side pointer, POLYAK_ERR_STATE for a handle without grad-norm
+ * shadows. polyak_update refuses (POLYAK_ERR_STATE) until it is set. */
+POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
+
+/* The product of the betas applied to shadow k so far (1 before any
+ * update), in double: what zero_init's debias divides by 1 - of. For a
+ * grad-norm shadow it is kept on the backend's side and this call waits for
+ * the device. */
+POLYAK_API polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_product);
 
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the

@@ -26,6 +26,7 @@ extern "C" {
 typedef struct {
   const float *weights;  /* [num_steps][num_shadows]: 1 - B per reserved step */
   int64_t first_step;
+  int64_t first_gap;     /* steps from the last direct update to first_step */
   int64_t num_steps;     /* 0 while nothing is reserved: replays are dropped */
   int64_t consumed;      /* reserved steps applied so far */
   int64_t dropped;       /* replays with no reserved step left */
@@ -45,6 +46,11 @@ typedef struct {
   polyak_graph_state *graph;
   uint64_t seed;
   int64_t lookahead_every; /* Lookahead's syncs, resolved per replayed step */
+  /* grad-norm shadows (grad_norm_c[k] > 0): their weights from *grad_norm,
+   * their beta products multiplied in place by block 0 */
+  const float *grad_norm;  /* NULL: no such shadows */
+  double grad_norm_c[POLYAK_MAX_SHADOWS];
+  double *products;
   unsigned long long *nonfinite_count;
 } polyak_update_kernel_args;
 

@@ -47,6 +47,7 @@ typedef struct {
 /* What one update needs, computed on the host and passed by value. */
 typedef struct {
   int64_t step;
+  int64_t gap;                          /* steps since the last update: grad-norm shadows apply beta^gap */
   int32_t num_shadows;
   int32_t skip_nonfinite;
   float weight[POLYAK_MAX_SHADOWS];     /* per shadow: 1 - B, computed in double */
@@ -54,6 +55,34 @@ typedef struct {
   int32_t write_back;                   /* 1: params <- shadow num_shadows - 1 after the fold */
   int32_t pad_;
 } polyak_update_args;
+
+/* Grad-norm decay over `gap` steps: (1 - c / sqrt(1 + g^2))^gap in double,
+ * the power by repeated squaring; 1 (no change) for a non-finite g. Every
+ * operation is correctly rounded, so host and device give the same bits. */
+POLYAK_HD double polyak_grad_norm_decay(double c, float grad_norm, int64_t gap)
+{
+  if (!polyak_is_finite(grad_norm))
+    return 1.0;
+  double g = (double)grad_norm;
+  double beta = 1.0 - c / sqrt(1.0 + g * g), decay = 1.0;
+  for (int64_t n = gap; n > 0; n >>= 1) {
+    if (n & 1)
+      decay *= beta;
+    beta *= beta;
+  }
+  return decay;
+}
+
+/* The weights of the grad-norm shadows (c[k] > 0) of an update from the
+ * norm; decay[k] gets each shadow's B (1 for the others). */
+POLYAK_HD void polyak_apply_grad_norm(polyak_update_args *a, const double *c, float grad_norm, double *decay)
+{
+  for (int k = 0; k < a->num_shadows; k++) {
+    decay[k] = c[k] > 0.0 ? polyak_grad_norm_decay(c[k], grad_norm, a->gap) : 1.0;
+    if (c[k] > 0.0)
+      a->weight[k] = (float)(1.0 - decay[k]);
+  }
+}
 
 /* Lookahead's part of the update at a->step (a->num_shadows set to all of
  * them): the slow weights, the last shadow, fold and are written back at

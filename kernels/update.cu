@@ -36,11 +36,26 @@ static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
     return;
   }
   out->args.step = graph->first_step + row;
+  out->args.gap = row == 0 ? graph->first_gap : 1;
   for (int k = 0; k < out->args.num_shadows; k++) {
     out->args.weight[k] = graph->weights[row * out->args.num_shadows + k];
     out->args.sr_key[k] = polyak_sr_key(a.seed, out->args.step, k);
   }
   polyak_resolve_lookahead(&out->args, a.lookahead_every);
+}
+
+/* Grad-norm shadows: every block derives their weights from the norm the
+ * same way; block 0 alone multiplies their products. */
+static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args &a,
+                                                polyak_resolved_step *out)
+{
+  if (!a.grad_norm || out->dropped)
+    return;
+  double decay[POLYAK_MAX_SHADOWS];
+  polyak_apply_grad_norm(&out->args, a.grad_norm_c, *a.grad_norm, decay);
+  if (blockIdx.x == 0)
+    for (int k = 0; k < out->args.num_shadows; k++)
+      a.products[k] *= decay[k];
 }
 
 /* Graph mode: the last block to finish advances the reservation. */
@@ -82,8 +97,10 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
     polyak_update_kernel(const polyak_update_kernel_args a)
 {
   __shared__ polyak_resolved_step step;
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
     polyak_resolve_step(a, &step);
+    polyak_resolve_grad_norm(a, &step);
+  }
   __syncthreads();
 
   int64_t nonfinite = 0;

@@ -82,11 +82,12 @@ static json_t *schedules_json(const polyak_config *cfg)
   for (int k = 0; k < cfg->num_shadows; k++) {
     const polyak_schedule *s = &cfg->schedules[k];
     json_array_append_new(
-        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b}", "kind",
+        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f}", "kind",
                         polyak_schedule_kind_name(s->kind), "beta", s->beta, "beta_min",
                         s->beta_min, "inv_gamma", s->inv_gamma, "power", s->power, "gamma",
                         s->gamma, "ramp_steps", (json_int_t)s->ramp_steps, "start_step",
-                        (json_int_t)s->start_step, "count_updates", cfg->count_updates[k]));
+                        (json_int_t)s->start_step, "count_updates", cfg->count_updates[k],
+                        "grad_norm_c", cfg->grad_norm_c[k]));
   }
   return list;
 }
@@ -354,7 +355,9 @@ polyak_status polyak_save(polyak_t *p, const char *path)
                        p->cfg.world_size);
   int writer = !gathering || p->cfg.rank == 0;
   int64_t nonfinite = 0;
-  status = p->ops->nonfinite_count(p, &nonfinite); /* also waits for the device */
+  status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
+  if (status == POLYAK_OK)
+    status = p->ops->nonfinite_count(p, &nonfinite); /* also waits for the device */
   if (gathering) /* from here on every rank makes every collective */
     status = total_nonfinite(p, status, nonfinite, &nonfinite);
   if (status != POLYAK_OK && !gathering)
@@ -443,10 +446,11 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     const char *kind = NULL;
     json_int_t ramp = 0, start = 0;
     int count_updates = 0;
-    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s:b}", "kind", &kind,
-                    "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
+    double grad_norm_c = 0.0;
+    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s:b, s:F}", "kind",
+                    &kind, "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
                     &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start,
-                    "count_updates", &count_updates) != 0 ||
+                    "count_updates", &count_updates, "grad_norm_c", &grad_norm_c) != 0 ||
         polyak_schedule_kind_from_name(kind) < 0) {
       status = FORMAT_ERROR("metadata \"schedules\"[%d] is not a schedule", k);
       break;
@@ -457,6 +461,11 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     if (count_updates != p->cfg.count_updates[k]) {
       status = MISMATCH("shadow %d was averaged with count_updates = %d, this handle has %d", k,
                         count_updates, p->cfg.count_updates[k]);
+      break;
+    }
+    if (grad_norm_c != p->cfg.grad_norm_c[k]) {
+      status = MISMATCH("shadow %d was averaged with grad_norm_c = %.17g, this handle has %.17g", k,
+                        grad_norm_c, p->cfg.grad_norm_c[k]);
       break;
     }
     if (!polyak_schedule_same(&s, &p->cfg.schedules[k]))
@@ -810,10 +819,20 @@ polyak_status polyak_load_fd(polyak_t *p, int fd)
   }
   if (status == POLYAK_OK)
     status = stage_data(p, fd, 8 + (int64_t)header_bytes, &h, &io);
+  double products_before[POLYAK_MAX_SHADOWS];
+  int products_written = 0;
+  if (status == POLYAK_OK && polyak_has_grad_norm(&p->cfg)) { /* the backend keeps these */
+    status = p->ops->products_read(p, products_before);
+    if (status == POLYAK_OK)
+      status = p->ops->products_write(p, h.beta_prod);
+    products_written = status == POLYAK_OK;
+  }
   if (status == POLYAK_OK) /* sums over ranks keep the file's count */
     status = p->ops->staging_commit(p, p->cfg.rank == 0 ? h.nonfinite : 0);
   else if (staging)
     p->ops->staging_abort(p);
+  if (status != POLYAK_OK && products_written)
+    p->ops->products_write(p, products_before);
   if (status == POLYAK_OK) {
     p->last_step = h.step;
     for (int k = 0; k < p->cfg.num_shadows; k++) {

@@ -137,6 +137,31 @@ static polyak_status check_lookahead(const polyak_config *cfg, char *msg, size_t
   return POLYAK_OK;
 }
 
+/* grad_norm_c: a fraction in [0, 1] (c = 1 and g = 0 copy the params);
+ * such a shadow's beta is all from the norm, so the schedule options that
+ * count steps do not apply to it. */
+static polyak_status check_grad_norm(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  for (int k = 0; k < cfg->num_shadows; k++) {
+    double c = cfg->grad_norm_c[k];
+    if (!(c >= 0.0 && c <= 1.0))
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                            "grad_norm_c[%d] = %g is outside [0, 1]", k, c);
+    if (c == 0.0)
+      continue;
+    const char *conflict = cfg->schedules[k].start_step != 0 ? "a start_step"
+                           : cfg->count_updates[k]           ? "count_updates"
+                           : cfg->lookahead_every > 0 && k == cfg->num_shadows - 1 ? "Lookahead"
+                                                                                    : NULL;
+    if (conflict)
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                            "shadow %d follows the grad norm (grad_norm_c[%d] = %g) and cannot "
+                            "also have %s",
+                            k, k, c, conflict);
+  }
+  return POLYAK_OK;
+}
+
 polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t msg_num_bytes)
 {
   char reason[POLYAK_ERROR_BYTES];
@@ -176,5 +201,7 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   polyak_status status = check_backend(cfg, msg, msg_num_bytes);
   if (status == POLYAK_OK)
     status = check_sharding(cfg, msg, msg_num_bytes);
-  return status == POLYAK_OK ? check_lookahead(cfg, msg, msg_num_bytes) : status;
+  if (status == POLYAK_OK)
+    status = check_lookahead(cfg, msg, msg_num_bytes);
+  return status == POLYAK_OK ? check_grad_norm(cfg, msg, msg_num_bytes) : status;
 }

@@ -18,6 +18,7 @@ typedef struct {
   int64_t graph_consumed, graph_dropped; /* graph mode counters */
   void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
   void *store;                           /* polyak_store's copy of the params */
+  double products[POLYAK_MAX_SHADOWS];   /* grad-norm shadows' beta products */
   int64_t (*walk)(const polyak_t *, void *const *, const polyak_update_args *, float *); /* for this CPU */
   float scratch[POLYAK_CHUNK_ELEMS];     /* one chunk's params as f32 */
 } cpu_state;
@@ -102,7 +103,28 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
 {
   (void)stream;
   cpu_state *state = p->backend;
-  state->nonfinite_count += state->walk(p, state->shadows, args, state->scratch);
+  polyak_update_args resolved = *args;
+  double decay[POLYAK_MAX_SHADOWS];
+  if (p->grad_norm) {
+    polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, decay);
+    for (int k = 0; k < resolved.num_shadows; k++)
+      state->products[k] *= decay[k];
+  }
+  state->nonfinite_count += state->walk(p, state->shadows, &resolved, state->scratch);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_products_read(polyak_t *p, double *products)
+{
+  const cpu_state *state = p->backend;
+  memcpy(products, state->products, sizeof state->products);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_products_write(polyak_t *p, const double *products)
+{
+  cpu_state *state = p->backend;
+  memcpy(state->products, products, sizeof state->products);
   return POLYAK_OK;
 }
 
@@ -123,6 +145,19 @@ static polyak_status refuse_device_params(polyak_t *p)
   return POLYAK_OK;
 }
 #endif
+
+static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
+{
+  (void)p, (void)grad_norm;
+#ifdef POLYAK_HAVE_CUDA
+  if (polyak_cuda_is_device_memory(grad_norm))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_set_grad_norm: %p is CUDA device memory; the CPU backend reads host "
+                       "memory",
+                       (const void *)grad_norm);
+#endif
+  return POLYAK_OK;
+}
 
 /* A non-finite param among the kept elements (this rank's slice). */
 static polyak_status find_nonfinite_param(polyak_t *p)
@@ -211,6 +246,8 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
   if (!state)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   p->backend = state;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    state->products[k] = 1.0;
   state->walk = walk_plan;
 #if defined(__x86_64__) || defined(__i386__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
@@ -328,7 +365,7 @@ static polyak_status cpu_graph_update(polyak_t *p, void *stream)
     return POLYAK_OK;
   }
   polyak_update_args args;
-  polyak_update_args_init(p, p->graph_first_step + row,
+  polyak_update_args_init(p, p->graph_first_step + row, row == 0 ? p->graph_first_step - p->last_step : 1,
                           p->graph_weights + row * p->cfg.num_shadows, &args);
   polyak_status status = cpu_update(p, &args, stream);
   if (status == POLYAK_OK)
@@ -464,6 +501,9 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_abort = cpu_staging_abort,
     .copy_to_params = cpu_copy_to_params,
     .blend = cpu_blend,
+    .products_read = cpu_products_read,
+    .products_write = cpu_products_write,
+    .check_grad_norm = cpu_check_grad_norm,
     .store = cpu_store,
     .restore = cpu_restore,
     .scratch_alloc = cpu_scratch_alloc,

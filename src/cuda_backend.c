@@ -32,6 +32,7 @@ typedef struct {
   polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
   int64_t num_store_chunks;
   int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
+  double *products;                  /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -154,6 +155,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->store);
     cudaFree(state->store_chunks);
     cudaFree(state->flag);
+    cudaFree(state->products);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
     leave_device(p, previous);
@@ -192,6 +194,8 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
     err = cudaMalloc((void **)&state->counters, NUM_COUNTERS * sizeof *state->counters);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->graph, sizeof *state->graph);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->products, POLYAK_MAX_SHADOWS * sizeof *state->products);
   if (err == cudaSuccess && p->cfg.nccl_comm)
     err = cudaMalloc((void **)&state->flag, sizeof *state->flag);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: cudaMalloc");
@@ -200,6 +204,7 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
 static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_t stream)
 {
   const unsigned long long counters[NUM_COUNTERS] = {0, 0, UINT64_MAX};
+  const double products[POLYAK_MAX_SHADOWS] = {1, 1, 1, 1, 1, 1, 1, 1};
   size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   cudaError_t err = cudaMemcpyAsync(state->descs, p->descs, (size_t)p->num_tensors * sizeof *p->descs,
                                     cudaMemcpyHostToDevice, stream);
@@ -208,6 +213,8 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
                           cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(state->counters, counters, sizeof counters, cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->products, products, sizeof products, cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
     err = cudaMemsetAsync(state->graph, 0, sizeof *state->graph, stream);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
@@ -314,6 +321,10 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
   args->shadow_dtype = p->cfg.shadow_dtype;
   args->seed = p->cfg.seed;
   args->lookahead_every = p->cfg.lookahead_every;
+  args->grad_norm = p->grad_norm;
+  args->products = state->products;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    args->grad_norm_c[k] = p->cfg.grad_norm_c[k];
   args->nonfinite_count = &state->counters[COUNT_UPDATES];
 }
 
@@ -347,7 +358,7 @@ static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, vo
                          "polyak_update: the stream is being captured, and a captured update "
                          "would apply step %lld at every replay; capture polyak_graph_update instead",
                          (long long)step->step);
-  } else if (p->num_chunks > 0) {
+  } else if (p->num_chunks > 0 || p->grad_norm) { /* grad-norm products move even with no elements */
     polyak_update_kernel_args args;
     fill_kernel_args(p, state, &args);
     args.step = *step;
@@ -398,6 +409,39 @@ static polyak_status cuda_read_out(polyak_t *p, const void *src, int64_t num_ele
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "read-out kernel launch");
 }
 
+/* ---- grad-norm shadows' beta products ------------------------------------- */
+
+static polyak_status cuda_products_read(polyak_t *p, double *products)
+{
+  const cuda_state *state = p->backend;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* the updates may run on any stream */
+  if (err == cudaSuccess)
+    err = cudaMemcpy(products, state->products, POLYAK_MAX_SHADOWS * sizeof *products, cudaMemcpyDeviceToHost);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "reading the grad-norm beta products");
+}
+
+static polyak_status cuda_products_write(polyak_t *p, const double *products)
+{
+  const cuda_state *state = p->backend;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize();
+  if (err == cudaSuccess)
+    err = cudaMemcpy(state->products, products, POLYAK_MAX_SHADOWS * sizeof *products, cudaMemcpyHostToDevice);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "writing the grad-norm beta products");
+}
+
+static polyak_status cuda_check_grad_norm(polyak_t *p, const float *grad_norm)
+{
+  return check_device_pointer(p, grad_norm, "polyak_set_grad_norm: grad_norm");
+}
+
 static polyak_status cuda_nonfinite_count(polyak_t *p, int64_t *count)
 {
   const cuda_state *state = p->backend;
@@ -424,6 +468,7 @@ static polyak_status cuda_graph_reserve(polyak_t *p, void *stream)
   polyak_graph_state graph = {0};
   graph.first_step = p->graph_first_step;
   graph.num_steps = p->graph_num_steps;
+  graph.first_gap = p->graph_first_step - p->last_step;
   int previous;
   float *weights = NULL;
   cudaError_t err = enter_device(p, &previous);
@@ -800,6 +845,9 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_abort = cuda_staging_abort,
     .copy_to_params = cuda_copy_to_params,
     .blend = cuda_blend,
+    .products_read = cuda_products_read,
+    .products_write = cuda_products_write,
+    .check_grad_norm = cuda_check_grad_norm,
     .store = cuda_store,
     .restore = cuda_restore,
     .scratch_alloc = cuda_scratch_alloc,

@@ -38,6 +38,9 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
   polyak_status status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
   if (status != POLYAK_OK)
     return status;
+  if (polyak_has_grad_norm(&p->cfg) && !p->grad_norm)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_graph_reserve: shadows follow the grad norm; call polyak_set_grad_norm first");
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
   if (num_steps < 1 || num_steps > INT64_MAX - first_step ||
       (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
@@ -88,7 +91,8 @@ polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done)
     return status;
   for (int64_t row = 0; row < consumed; row++)
     for (int k = 0; k < p->cfg.num_shadows; k++)
-      p->beta_prod[k] *= reserved_decay(p, k, row);
+      if (!polyak_is_grad_norm(&p->cfg, k)) /* the backend multiplies those */
+        p->beta_prod[k] *= reserved_decay(p, k, row);
   for (int k = 0; k < p->cfg.num_shadows; k++)
     p->updates_counted[k] = counted_before(p, k, consumed);
   if (consumed > 0)

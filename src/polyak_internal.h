@@ -59,8 +59,10 @@ struct polyak {
 
   /* step state */
   int64_t last_step;                    /* 0 before the first update */
-  double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias */
+  double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias (grad-norm
+                                           shadows': the backend's, fetched when needed) */
   int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
+  const float *grad_norm;               /* polyak_set_grad_norm's scalar (backend memory) */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -116,6 +118,13 @@ struct polyak_backend_ops {
   polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
                          polyak_dtype dst_dtype, void *stream);
 
+  /* grad-norm shadows' beta products, kept where their updates compute
+   * them: all num_shadows values read (waiting for the device) or written */
+  polyak_status (*products_read)(polyak_t *p, double *products);
+  polyak_status (*products_write)(polyak_t *p, const double *products);
+  /* refuses a grad-norm pointer the backend cannot read */
+  polyak_status (*check_grad_norm)(polyak_t *p, const float *grad_norm);
+
   /* evaluation: the debiased shadow into the params (in their dtypes), and
    * an exact copy of the params kept and written back */
   polyak_status (*copy_to_params)(polyak_t *p, int shadow, double debias_scale, void *stream);
@@ -167,6 +176,24 @@ static inline int polyak_is_lookahead(const polyak_config *c, int k)
 {
   return c->lookahead_every > 0 && k == c->num_shadows - 1;
 }
+
+/* 1 if shadow k's beta follows the gradient norm. */
+static inline int polyak_is_grad_norm(const polyak_config *c, int k)
+{
+  return c->grad_norm_c[k] > 0.0;
+}
+
+/* 1 if any shadow follows the gradient norm. */
+static inline int polyak_has_grad_norm(const polyak_config *c)
+{
+  for (int k = 0; k < c->num_shadows; k++)
+    if (polyak_is_grad_norm(c, k))
+      return 1;
+  return 0;
+}
+
+/* p->beta_prod with the grad-norm shadows' fetched from the backend. */
+polyak_status polyak_refresh_products(polyak_t *p);
 
 /* 1 if shadow k's t counts its updates (count_updates, or Lookahead's
  * syncs) rather than steps. */
@@ -260,7 +287,7 @@ polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *nu
 polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what);
 
 /* The update arguments for `step` with per-shadow weights 1 - B. */
-void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
+void polyak_update_args_init(const polyak_t *p, int64_t step, int64_t gap, const float *weight,
                              polyak_update_args *args);
 
 /* A hash of what must be the same on every rank of a sharded handle: the

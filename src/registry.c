@@ -196,6 +196,7 @@ uint64_t polyak_layout_hash(const polyak_t *p)
   XXH3_64bits_update(&state, &c->world_size, sizeof c->world_size);
   XXH3_64bits_update(&state, c->count_updates, sizeof c->count_updates[0] * (size_t)c->num_shadows);
   XXH3_64bits_update(&state, &c->lookahead_every, sizeof c->lookahead_every);
+  XXH3_64bits_update(&state, c->grad_norm_c, sizeof c->grad_norm_c[0] * (size_t)c->num_shadows);
   return XXH3_64bits_digest(&state);
 }
 

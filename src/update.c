@@ -8,11 +8,12 @@
 #include "polyak_internal.h"
 #include "polyak_math.h"
 
-void polyak_update_args_init(const polyak_t *p, int64_t step, const float *weight,
+void polyak_update_args_init(const polyak_t *p, int64_t step, int64_t gap, const float *weight,
                              polyak_update_args *args)
 {
   memset(args, 0, sizeof *args);
   args->step = step;
+  args->gap = gap;
   args->num_shadows = p->cfg.num_shadows;
   args->skip_nonfinite = p->cfg.skip_nonfinite;
   for (int k = 0; k < p->cfg.num_shadows; k++) {
@@ -69,6 +70,9 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   polyak_status status = polyak_check_next_step(p, step, "polyak_update: step");
   if (status != POLYAK_OK)
     return status;
+  if (polyak_has_grad_norm(&p->cfg) && !p->grad_norm)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_update: shadows follow the grad norm; call polyak_set_grad_norm first");
 
   double decay[POLYAK_MAX_SHADOWS];
   float weight[POLYAK_MAX_SHADOWS];
@@ -77,12 +81,13 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
     weight[k] = (float)(1.0 - decay[k]);
   }
   polyak_update_args args;
-  polyak_update_args_init(p, step, weight, &args);
+  polyak_update_args_init(p, step, step - p->last_step, weight, &args);
   status = p->ops->update(p, &args, stream);
   if (status != POLYAK_OK)
     return status;
   for (int k = 0; k < p->cfg.num_shadows; k++) {
-    p->beta_prod[k] *= decay[k];
+    if (!polyak_is_grad_norm(&p->cfg, k)) /* the backend multiplies those */
+      p->beta_prod[k] *= decay[k];
     p->updates_counted[k] += polyak_updates_counted_in(p, k, step - 1, step);
   }
   p->last_step = step;
@@ -101,6 +106,9 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
                        "%s: with zero_init the debias needs the replayed step count; call "
                        "polyak_graph_release first",
                        function);
+  polyak_status status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
+  if (status != POLYAK_OK)
+    return status;
   double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
   if (!(mass > 0.0))
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: with zero_init, shadow %d has no average yet (%s)",
@@ -108,6 +116,55 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
                        p->last_step == 0 ? "no update so far" : "every applied beta was 1");
   *scale = 1.0 / mass;
   return POLYAK_OK;
+}
+
+polyak_status polyak_refresh_products(polyak_t *p)
+{
+  if (!polyak_has_grad_norm(&p->cfg) || !p->finalized)
+    return POLYAK_OK;
+  double products[POLYAK_MAX_SHADOWS];
+  polyak_status status = p->ops->products_read(p, products);
+  for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++)
+    if (polyak_is_grad_norm(&p->cfg, k))
+      p->beta_prod[k] = products[k];
+  return status;
+}
+
+polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!polyak_has_grad_norm(&p->cfg))
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_set_grad_norm: no shadow follows the grad norm (grad_norm_c is 0 for all)");
+  if (!grad_norm)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grad_norm: grad_norm is NULL");
+  if ((uintptr_t)grad_norm % sizeof(float) != 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grad_norm: grad_norm %p is not 4-byte aligned",
+                       (const void *)grad_norm);
+  polyak_status status = p->ops->check_grad_norm(p, grad_norm);
+  if (status == POLYAK_OK)
+    p->grad_norm = grad_norm;
+  return status;
+}
+
+polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_product)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_beta_product: shadow = %d is outside 0..%d",
+                       shadow, p->cfg.num_shadows - 1);
+  if (!beta_product)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_beta_product: beta_product is NULL");
+  if (p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_get_beta_product: steps are reserved for graph replays; call "
+                       "polyak_graph_release first");
+  polyak_status status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
+  if (status == POLYAK_OK)
+    *beta_product = p->beta_prod[shadow];
+  return status;
 }
 
 /* With zero_init a read-out multiplies by this step's debias factor, which

@@ -565,6 +565,58 @@ TEST_F(Gpu, LookaheadMatchesTheCpuBackend)
   }
 }
 
+TEST_F(Gpu, GradNormShadowsMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(3);
+  cfg.grad_norm_c[0] = 0.3;
+  cfg.grad_norm_c[2] = 1.0;
+  cfg.zero_init = 1; // read-outs debias with the products kept on the device
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  float host_norm = 0.0f, *device_norm = nullptr;
+  CUDA_OK(cudaMalloc(&device_norm, sizeof(float)));
+  float stray = 1.0f;
+  EXPECT_EQ(polyak_set_grad_norm(both.gpu.get(), &stray), POLYAK_ERR_INVALID_ARG) << "host memory";
+  EXPECT_EQ(polyak_set_grad_norm(both.cpu.get(), device_norm), POLYAK_ERR_INVALID_ARG) << "device memory";
+  ASSERT_EQ(polyak_set_grad_norm(both.cpu.get(), &host_norm), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grad_norm(both.gpu.get(), device_norm), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  auto set_norm = [&](int64_t step) {
+    host_norm = step % 3 == 0 ? NAN : 0.45f * (float)step;
+    ASSERT_EQ(cudaMemcpy(device_norm, &host_norm, sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  };
+  auto expect_products_same = [&]() {
+    for (int k = 0; k < 3; k++) {
+      double cpu = -1, gpu = -2;
+      ASSERT_EQ(polyak_get_beta_product(both.cpu.get(), k, &cpu), POLYAK_OK);
+      ASSERT_EQ(polyak_get_beta_product(both.gpu.get(), k, &gpu), POLYAK_OK) << polyak_last_error(both.gpu.get());
+      EXPECT_EQ(cpu, gpu) << "shadow " << k;
+    }
+  };
+  both.randomize(19);
+  both.finalize();
+  for (int64_t step : {1, 2, 3, 7}) {
+    set_norm(step);
+    both.randomize(110 + step);
+    both.update(step);
+  }
+  both.expect_same();
+  expect_products_same();
+  ASSERT_EQ(polyak_graph_reserve(both.cpu.get(), 9, 3, nullptr), POLYAK_OK); // a gap of 2 first
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 9, 3, nullptr), POLYAK_OK);
+  for (int64_t step = 9; step <= 11; step++) {
+    set_norm(step);
+    both.randomize(110 + step);
+    ASSERT_EQ(polyak_graph_update(both.cpu.get(), nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_update(both.gpu.get(), nullptr), POLYAK_OK);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  }
+  ASSERT_EQ(polyak_graph_release(both.cpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_graph_release(both.gpu.get(), nullptr), POLYAK_OK);
+  both.expect_same();
+  expect_products_same();
+  cudaFree(device_norm);
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());

@@ -49,7 +49,10 @@ polyak_update_args args_for(const polyak_t *p, int64_t step)
   for (int k = 0; k < p->cfg.num_shadows; k++)
     weight[k] = (float)(1.0 - polyak_update_decay(p, k, p->last_step, step, p->updates_counted[k]));
   polyak_update_args args;
-  polyak_update_args_init(p, step, weight, &args);
+  polyak_update_args_init(p, step, step - p->last_step, weight, &args);
+  double decay[POLYAK_MAX_SHADOWS];
+  if (p->grad_norm) // as the kernel's first thread resolves them
+    polyak_apply_grad_norm(&args, p->cfg.grad_norm_c, *p->grad_norm, decay);
   return args;
 }
 
@@ -80,6 +83,7 @@ struct Case {
   std::vector<Tensor> tensors;
   std::vector<int64_t> steps;
   bool poison = false;
+  bool grad_norm = false; // a norm that changes every step, for the grad-norm shadows
 };
 
 // Runs `c` on a CPU handle and through the kernel logic on arenas that
@@ -114,8 +118,12 @@ void check_case(Case &c, int grid, int threads)
   for (int i = 0; i < p->num_tensors; i++)
     descs[i].param = own[i].data();
 
+  float norm = 0.0f;
+  if (c.grad_norm)
+    ASSERT_EQ(polyak_set_grad_norm(p, &norm), POLYAK_OK);
   int64_t count_before = 0, emulated_nonfinite = 0;
   for (int64_t step : c.steps) {
+    norm = 0.37f * (float)step;
     for (size_t i = 0; i < c.tensors.size(); i++) {
       Tensor &t = c.tensors[i];
       t.randomize(rng, 0.25f, 2.0f);
@@ -235,6 +243,16 @@ TEST(KernelLogic, LookaheadWritesTheSlowWeightsBackLikeTheCpuBackend)
   Case alone{cpu_config(1, 0.25), awkward_tensors(), {1, 2, 3, 5, 6}}; // no shadow between syncs
   alone.cfg.lookahead_every = 3;
   check_case(alone, 5, kBlockThreads);
+}
+
+TEST(KernelLogic, GradNormShadowsTakeTheWeightsTheKernelResolves)
+{
+  Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 5, 6}};
+  c.cfg.grad_norm_c[0] = 0.3;
+  c.cfg.grad_norm_c[2] = 1.0;
+  c.cfg.shadow_dtype = POLYAK_BF16;
+  c.grad_norm = true;
+  check_case(c, 5, kBlockThreads);
 }
 
 TEST(KernelLogic, ResultsDoNotDependOnGridOrBlockSize)
