@@ -74,13 +74,16 @@ POLYAK_HD double polyak_grad_norm_decay(double c, float grad_norm, int64_t gap)
 }
 
 /* The weights of the grad-norm shadows (c[k] > 0) of an update from the
- * norm; decay[k] gets each shadow's B (1 for the others). */
-POLYAK_HD void polyak_apply_grad_norm(polyak_update_args *a, const double *c, float grad_norm, double *decay)
+ * norm; their beta products, unless NULL, are multiplied by each B. */
+POLYAK_HD void polyak_apply_grad_norm(polyak_update_args *a, const double *c, float grad_norm, double *products)
 {
   for (int k = 0; k < a->num_shadows; k++) {
-    decay[k] = c[k] > 0.0 ? polyak_grad_norm_decay(c[k], grad_norm, a->gap) : 1.0;
-    if (c[k] > 0.0)
-      a->weight[k] = (float)(1.0 - decay[k]);
+    if (!(c[k] > 0.0))
+      continue;
+    double decay = polyak_grad_norm_decay(c[k], grad_norm, a->gap);
+    a->weight[k] = (float)(1.0 - decay);
+    if (products)
+      products[k] *= decay;
   }
 }
 

@@ -51,11 +51,7 @@ static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args 
 {
   if (!a.grad_norm || out->dropped)
     return;
-  double decay[POLYAK_MAX_SHADOWS];
-  polyak_apply_grad_norm(&out->args, a.grad_norm_c, *a.grad_norm, decay);
-  if (blockIdx.x == 0)
-    for (int k = 0; k < out->args.num_shadows; k++)
-      a.products[k] *= decay[k];
+  polyak_apply_grad_norm(&out->args, a.grad_norm_c, *a.grad_norm, blockIdx.x == 0 ? a.products : NULL);
 }
 
 /* Graph mode: the last block to finish advances the reservation. */

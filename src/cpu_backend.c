@@ -104,12 +104,8 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
   (void)stream;
   cpu_state *state = p->backend;
   polyak_update_args resolved = *args;
-  double decay[POLYAK_MAX_SHADOWS];
-  if (p->grad_norm) {
-    polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, decay);
-    for (int k = 0; k < resolved.num_shadows; k++)
-      state->products[k] *= decay[k];
-  }
+  if (p->grad_norm)
+    polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, state->products);
   state->nonfinite_count += state->walk(p, state->shadows, &resolved, state->scratch);
   return POLYAK_OK;
 }

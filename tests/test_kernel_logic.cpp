@@ -50,9 +50,8 @@ polyak_update_args args_for(const polyak_t *p, int64_t step)
     weight[k] = (float)(1.0 - polyak_update_decay(p, k, p->last_step, step, p->updates_counted[k]));
   polyak_update_args args;
   polyak_update_args_init(p, step, step - p->last_step, weight, &args);
-  double decay[POLYAK_MAX_SHADOWS];
-  if (p->grad_norm) // as the kernel's first thread resolves them
-    polyak_apply_grad_norm(&args, p->cfg.grad_norm_c, *p->grad_norm, decay);
+  if (p->grad_norm) // as the kernel's first threads resolve them
+    polyak_apply_grad_norm(&args, p->cfg.grad_norm_c, *p->grad_norm, nullptr);
   return args;
 }
 
@@ -119,8 +118,9 @@ void check_case(Case &c, int grid, int threads)
     descs[i].param = own[i].data();
 
   float norm = 0.0f;
-  if (c.grad_norm)
+  if (c.grad_norm) {
     ASSERT_EQ(polyak_set_grad_norm(p, &norm), POLYAK_OK);
+  }
   int64_t count_before = 0, emulated_nonfinite = 0;
   for (int64_t step : c.steps) {
     norm = 0.37f * (float)step;
