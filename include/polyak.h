@@ -280,6 +280,26 @@ POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
 POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
                                     polyak_dtype dtype, int ndim, const int64_t *shape);
 
+/* Registers a tensor as polyak_add does, whose shadow is the caller's own
+ * memory `shadow`: its num_elems elements of shadow_dtype (F32, BF16 or
+ * F16), aligned, on the params' side, overlapping no param or other shadow
+ * (e.g. the weights of a teacher, target or G_ema model that runs forward
+ * passes). polyak_finalize copies the param into it (rounded to nearest
+ * even), and every update folds the param into it in place, in the same
+ * launch as everything else, so the model is usable with no copy. 16-bit
+ * shadows round stochastically (as bf16 shadows do: hashed from seed,
+ * step, shadow and element), or to nearest even with flags
+ * POLYAK_SHADOW_ROUND_NEAREST (which stalls where an update is below half
+ * a unit in the last place, as at beta 0.999 in bf16). Such tensors need
+ * num_shadows = 1, zero_init = 0, one rank and no Lookahead
+ * (POLYAK_ERR_UNSUPPORTED otherwise). Checkpoints leave their shadows out:
+ * they are the caller's model, saved with it; a checkpoint loads only where
+ * the same tensors have their own shadows. */
+#define POLYAK_SHADOW_ROUND_NEAREST 1
+POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
+                                                polyak_dtype dtype, int ndim, const int64_t *shape,
+                                                void *shadow, polyak_dtype shadow_dtype, int flags);
+
 /* Ends registration: allocates the shadows, builds the plan, and sets the
  * shadows to a copy of the params (or to 0 with zero_init). With
  * skip_nonfinite, a non-finite param element is refused here
@@ -288,6 +308,13 @@ POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
  * POLYAK_ERR_STATE if already finalized, POLYAK_ERR_NO_MEMORY, or
  * POLYAK_ERR_CUDA. A handle without tensors is valid and does nothing. */
 POLYAK_API polyak_status polyak_finalize(polyak_t *p, void *stream);
+
+/* Hard update: shadow `shadow` of every tensor <- its param (rounded to
+ * nearest even into a 16-bit shadow), e.g. a DQN target network every N
+ * steps. Its beta product becomes 0 (zero_init's debias is then 1); the
+ * step and the schedule's counts stay. Ordered on `stream`; not while
+ * steps are reserved for graph replays, nor captured (POLYAK_ERR_STATE). */
+POLYAK_API polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream);
 
 /* Folds the current params into every shadow as the average after `step`
  * optimizer steps (see the step semantics above). `step` must be >= 1 and

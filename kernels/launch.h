@@ -62,12 +62,14 @@ cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid
  * that fit on all of its multiprocessors at once. */
 cudaError_t polyak_update_grid_limit(int device, int *grid);
 
-/* Shadow initialization at finalize: each of `num_shadows` arenas gets the
- * params (converted; round to nearest even for bf16), and the non-finite
- * params are counted, with the smallest global index of one recorded
- * (*first_nonfinite must start at UINT64_MAX). Padding is left alone. */
+/* Shadows first_shadow .. first_shadow + num_shadows - 1 (arenas, or the
+ * caller's memory for shadows of theirs) get the params, rounded to
+ * nearest even: at finalize, and for a hard update. Unless NULL, the
+ * non-finite params are counted, with the smallest global index of one
+ * recorded (*first_nonfinite must start at UINT64_MAX). Padding is left
+ * alone. */
 cudaError_t polyak_launch_init(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                               int64_t num_chunks, void *const *shadows, int num_shadows,
+                               int64_t num_chunks, void *const *shadows, int first_shadow, int num_shadows,
                                int shadow_dtype, unsigned long long *nonfinite,
                                unsigned long long *first_nonfinite, int grid,
                                cudaStream_t stream);
@@ -78,10 +80,11 @@ cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t 
                                   double debias_scale, void *dst, int dst_dtype, int grid,
                                   cudaStream_t stream);
 
-/* Evaluation: every param <- its slice of `shadow` times debias_scale, in
- * the param's dtype (round to nearest even). */
+/* Evaluation: every param <- its slice of shadow k (`arena`, or the
+ * caller's memory) times debias_scale, in the param's dtype (round to
+ * nearest even). */
 cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                                         int64_t num_chunks, const void *shadow, int shadow_dtype,
+                                         int64_t num_chunks, const void *arena, int k, int shadow_dtype,
                                          double debias_scale, int grid, cudaStream_t stream);
 
 /* polyak_store (to_store = 1) and polyak_restore (0): every param's bytes
@@ -104,8 +107,8 @@ cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *args, const p
                                           const polyak_chunk *chunks, int64_t num_chunks, int grid,
                                           cudaStream_t stream);
 
-/* Arena elements [first_slot, first_slot + num_elems) into dst. */
-cudaError_t polyak_launch_blend(const polyak_blend_args *args, int64_t first_slot, int64_t num_elems, void *dst,
+/* Tensor t's blend into dst. */
+cudaError_t polyak_launch_blend(const polyak_blend_args *args, const polyak_tensor_desc *t, void *dst,
                                 int dst_dtype, int grid, cudaStream_t stream);
 
 #ifdef __cplusplus

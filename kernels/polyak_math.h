@@ -154,6 +154,31 @@ POLYAK_HD void polyak_store_f32(void *base, int64_t i, float value, int dtype)
     ((uint16_t *)base)[i] = dtype == 1 ? polyak_f32_to_bf16_rne(value) : polyak_f32_to_f16_rne(value);
 }
 
+/* Rounds up in magnitude with probability (distance to the lower f16
+ * neighbour) / (the gap between neighbours), so E[result] == x, as the bf16
+ * version does: 13 of `random`'s bits for a normal half, up to 32 for a
+ * subnormal one (magnitudes below 2^-32, 1/256 of the smallest subnormal,
+ * go to zero). Past the largest half (65504) the next step is Inf. Inf and
+ * NaN pass through as polyak_f32_to_f16_rne gives them. */
+POLYAK_HD uint16_t polyak_f32_to_f16_sr(float x, uint32_t random)
+{
+  uint32_t bits = polyak_f32_bits(x);
+  uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+  uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude >= 0x7F800000u)
+    return polyak_f32_to_f16_rne(x);
+  if (magnitude >= 0x47800000u) /* >= 65536 */
+    return (uint16_t)(sign | 0x7C00u);
+  if (magnitude >= 0x38800000u) /* >= 2^-14: a carry out of the mantissa bumps the exponent */
+    return (uint16_t)(sign | ((magnitude + (random & 0x1FFFu) - 0x38000000u) >> 13));
+  uint32_t exponent = magnitude >> 23, shift = 126u - exponent; /* units of 2^-24: shift >= 14 */
+  if (exponent == 0 || shift > 32u)
+    return sign;
+  uint64_t mantissa = (magnitude & 0x7FFFFFu) | 0x800000u;
+  uint64_t mask = ((uint64_t)1 << shift) - 1u;
+  return (uint16_t)(sign | (uint16_t)((mantissa + ((uint64_t)random & mask)) >> shift));
+}
+
 /* ---- the shadow update --------------------------------------------------- */
 
 /* shadow + weight * (param - shadow), with weight = 1 - B computed on the
@@ -230,6 +255,22 @@ POLYAK_HD uint16_t polyak_next_bf16(uint16_t shadow, float param, float weight, 
 {
   float mixed = polyak_lerp(polyak_bf16_to_f32(shadow), param, weight);
   return polyak_f32_to_bf16_sr(mixed, polyak_sr_bits(key, elem));
+}
+
+/* The next value of element i of a caller's shadow (F32, BF16 or F16): the
+ * lerp in f32, stored stochastically rounded with the bits of (key, global
+ * element index), or rounded to nearest even if round_nearest. A BF16 one
+ * gets the bits polyak_next_bf16 gives. */
+POLYAK_HD void polyak_next_owned(void *shadow, int64_t i, int dtype, int round_nearest, float param, float weight,
+                                 uint64_t key, int64_t elem)
+{
+  float mixed = polyak_lerp(polyak_load_f32(shadow, i, dtype), param, weight);
+  if (dtype == 0 || round_nearest) {
+    polyak_store_f32(shadow, i, mixed, dtype);
+    return;
+  }
+  uint32_t random = polyak_sr_bits(key, elem);
+  ((uint16_t *)shadow)[i] = dtype == 1 ? polyak_f32_to_bf16_sr(mixed, random) : polyak_f32_to_f16_sr(mixed, random);
 }
 
 #endif /* POLYAK_MATH_H */

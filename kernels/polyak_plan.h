@@ -35,6 +35,9 @@ typedef struct {
                                   (negative where the rank's piece starts late) */
   int64_t store_offset_bytes;  /* where polyak_store keeps a copy of the param */
   int32_t param_dtype;         /* a polyak_dtype */
+  int32_t owned_dtype;         /* owned: its dtype */
+  void *owned;                 /* the caller's shadow 0 (no arena space), or NULL */
+  int32_t owned_round_nearest; /* owned 16-bit: round to nearest even, not stochastically */
   int32_t pad_;
 } polyak_tensor_desc;
 
@@ -55,6 +58,25 @@ typedef struct {
   int32_t write_back;                   /* 1: params <- shadow num_shadows - 1 after the fold */
   int32_t pad_;
 } polyak_update_args;
+
+/* Shadow k of tensor t's element i as f32: in the caller's memory for an
+ * owned shadow, else in `arena` (shadow k's, of shadow_dtype). */
+POLYAK_HD float polyak_shadow_load(const polyak_tensor_desc *t, const void *arena, int shadow_dtype, int k, int64_t i)
+{
+  if (t->owned && k == 0)
+    return polyak_load_f32(t->owned, i, t->owned_dtype);
+  return polyak_load_f32(arena, t->shadow_offset_elems + i, shadow_dtype);
+}
+
+/* ... and set to `value`, rounded to nearest even. */
+POLYAK_HD void polyak_shadow_store(const polyak_tensor_desc *t, void *arena, int shadow_dtype, int k, int64_t i,
+                                   float value)
+{
+  if (t->owned && k == 0)
+    polyak_store_f32(t->owned, i, value, t->owned_dtype);
+  else
+    polyak_store_f32(arena, t->shadow_offset_elems + i, value, shadow_dtype);
+}
 
 /* Grad-norm decay over `gap` steps: (1 - c / sqrt(1 + g^2))^gap in double,
  * the power by repeated squaring; 1 (no change) for a non-finite g. Every

@@ -6,7 +6,7 @@
  * (polyak_math.h).
  */
 #include "launch.h"
-#include "polyak_math.h"
+#include "polyak_plan.h"
 
 struct polyak_init_shadows {
   void *arena[POLYAK_MAX_SHADOWS];
@@ -14,7 +14,7 @@ struct polyak_init_shadows {
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     polyak_init_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                       int64_t num_chunks, polyak_init_shadows shadows, int num_shadows,
+                       int64_t num_chunks, polyak_init_shadows shadows, int first_shadow, int num_shadows,
                        int shadow_dtype, unsigned long long *nonfinite,
                        unsigned long long *first_nonfinite)
 {
@@ -25,12 +25,12 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
          i += blockDim.x) {
       float value = polyak_load_f32(t.param, i, t.param_dtype);
-      if (!polyak_is_finite(value)) {
+      if (!polyak_is_finite(value) && nonfinite) {
         count++;
         atomicMin(first_nonfinite, (unsigned long long)(t.global_offset_elems + i));
       }
-      for (int k = 0; k < num_shadows; k++)
-        polyak_store_f32(shadows.arena[k], t.shadow_offset_elems + i, value, shadow_dtype);
+      for (int k = first_shadow; k < first_shadow + num_shadows; k++)
+        polyak_shadow_store(&t, shadows.arena[k], shadow_dtype, k, i, value);
     }
   }
   if (count)
@@ -39,15 +39,15 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
 
 extern "C" cudaError_t polyak_launch_init(const polyak_tensor_desc *descs,
                                           const polyak_chunk *chunks, int64_t num_chunks,
-                                          void *const *shadows, int num_shadows, int shadow_dtype,
-                                          unsigned long long *nonfinite,
+                                          void *const *shadows, int first_shadow, int num_shadows,
+                                          int shadow_dtype, unsigned long long *nonfinite,
                                           unsigned long long *first_nonfinite, int grid,
                                           cudaStream_t stream)
 {
   polyak_init_shadows arenas = {};
-  for (int k = 0; k < num_shadows; k++)
+  for (int k = first_shadow; k < first_shadow + num_shadows; k++)
     arenas.arena[k] = shadows[k];
-  void *params[] = {&descs, &chunks, &num_chunks, &arenas, &num_shadows, &shadow_dtype,
+  void *params[] = {&descs, &chunks, &num_chunks, &arenas, &first_shadow, &num_shadows, &shadow_dtype,
                     &nonfinite, &first_nonfinite};
   return cudaLaunchKernel((void *)polyak_init_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params,
                           0, stream);
@@ -74,7 +74,7 @@ extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtyp
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     polyak_copy_to_params_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                                 int64_t num_chunks, const void *shadow, int shadow_dtype,
+                                 int64_t num_chunks, const void *arena, int k, int shadow_dtype,
                                  double debias_scale)
 {
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
          i += blockDim.x) {
-      float value = polyak_load_f32(shadow, t.shadow_offset_elems + i, shadow_dtype);
+      float value = polyak_shadow_load(&t, arena, shadow_dtype, k, i);
       polyak_store_f32(const_cast<void *>(t.param), i, polyak_debias(value, debias_scale), t.param_dtype);
     }
   }
@@ -90,10 +90,10 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
 
 extern "C" cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs,
                                                     const polyak_chunk *chunks, int64_t num_chunks,
-                                                    const void *shadow, int shadow_dtype,
+                                                    const void *arena, int k, int shadow_dtype,
                                                     double debias_scale, int grid, cudaStream_t stream)
 {
-  void *params[] = {&descs, &chunks, &num_chunks, &shadow, &shadow_dtype, &debias_scale};
+  void *params[] = {&descs, &chunks, &num_chunks, &arena, &k, &shadow_dtype, &debias_scale};
   return cudaLaunchKernel((void *)polyak_copy_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
                           params, 0, stream);
 }
@@ -132,12 +132,12 @@ extern "C" cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, cons
                           stream);
 }
 
-static __device__ float polyak_blend_at(const polyak_blend_args &a, int64_t slot)
+static __device__ float polyak_blend_at(const polyak_blend_args &a, const polyak_tensor_desc *t, int64_t i)
 {
   float acc = 0.0f;
   for (int k = 0; k < a.num_shadows; k++)
     if (a.coefficient[k] != 0.0f)
-      acc = polyak_blend_step(acc, a.coefficient[k], polyak_load_f32(a.arenas[k], slot, a.shadow_dtype));
+      acc = polyak_blend_step(acc, a.coefficient[k], polyak_shadow_load(t, a.arenas[k], a.shadow_dtype, k, i));
   return acc;
 }
 
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x)
-      polyak_store_f32(const_cast<void *>(t.param), i, polyak_blend_at(a, t.shadow_offset_elems + i), t.param_dtype);
+      polyak_store_f32(const_cast<void *>(t.param), i, polyak_blend_at(a, &t, i), t.param_dtype);
   }
 }
 
@@ -163,16 +163,16 @@ extern "C" cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *ar
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
-    polyak_blend_kernel(const polyak_blend_args a, int64_t first_slot, int64_t num_elems, void *dst, int dst_dtype)
+    polyak_blend_kernel(const polyak_blend_args a, const polyak_tensor_desc t, void *dst, int dst_dtype)
 {
   int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_elems; i += stride)
-    polyak_store_f32(dst, i, polyak_blend_at(a, first_slot + i), dst_dtype);
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.num_elems; i += stride)
+    polyak_store_f32(dst, i, polyak_blend_at(a, &t, i), dst_dtype);
 }
 
-extern "C" cudaError_t polyak_launch_blend(const polyak_blend_args *args, int64_t first_slot, int64_t num_elems,
-                                           void *dst, int dst_dtype, int grid, cudaStream_t stream)
+extern "C" cudaError_t polyak_launch_blend(const polyak_blend_args *args, const polyak_tensor_desc *t, void *dst,
+                                           int dst_dtype, int grid, cudaStream_t stream)
 {
-  void *params[] = {(void *)args, &first_slot, &num_elems, &dst, &dst_dtype};
+  void *params[] = {(void *)args, (void *)t, &dst, &dst_dtype};
   return cudaLaunchKernel((void *)polyak_blend_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }

@@ -330,12 +330,32 @@ POLYAK_HD int64_t polyak_update_chunk_as(const polyak_tensor_desc &t, const poly
   return 0;
 }
 
+/* A chunk of a tensor whose shadow is the caller's (its only one: such
+ * handles have one shadow and no Lookahead): element by element, coalesced
+ * across a warp, in the dtypes the tensor has. */
+POLYAK_HD int64_t polyak_update_owned_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk,
+                                            const polyak_update_args &a, int thread, int num_threads)
+{
+  int64_t nonfinite = 0;
+  for (int64_t i = chunk.first_elem + thread; i < chunk.first_elem + chunk.num_elems; i += num_threads) {
+    float param = polyak_load_f32(t.param, i, t.param_dtype);
+    int finite = polyak_is_finite(param);
+    nonfinite += !finite;
+    if ((finite || !a.skip_nonfinite) && a.num_shadows > 0)
+      polyak_next_owned(t.owned, i, t.owned_dtype, t.owned_round_nearest, param, a.weight[0], a.sr_key[0],
+                        t.global_offset_elems + i);
+  }
+  return nonfinite;
+}
+
 /* ... and on Lookahead's write-back (uniform across a launch). */
 template <int SHADOW_DTYPE>
 POLYAK_HD int64_t polyak_update_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk,
                                       void *const *shadows, const polyak_update_args &a, int thread,
                                       int num_threads)
 {
+  if (t.owned)
+    return polyak_update_owned_chunk(t, chunk, a, thread, num_threads);
   return a.write_back ? polyak_update_chunk_as<SHADOW_DTYPE, true>(t, chunk, shadows, a, thread, num_threads)
                       : polyak_update_chunk_as<SHADOW_DTYPE, false>(t, chunk, shadows, a, thread, num_threads);
 }

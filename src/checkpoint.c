@@ -37,6 +37,13 @@
 
 /* ---- names and small conversions ----------------------------------------- */
 
+/* 1 if shadow k of tensor i is in checkpoints: all but the caller's own
+ * shadows, which are their model's weights, saved with it. */
+static int is_saved(const polyak_t *p, int k, int i)
+{
+  return !(k == 0 && p->tensors[i].owned);
+}
+
 /* The name shadow k of tensor i is saved under (malloc'd). */
 static char *saved_name(const polyak_t *p, int k, int i)
 {
@@ -161,6 +168,8 @@ static char *build_header(const polyak_t *p, int64_t nonfinite, uint64_t checksu
   for (int k = 0; k < p->cfg.num_shadows && !failed; k++)
     for (int i = 0; i < p->num_tensors && !failed; i++) {
       const polyak_tensor *t = &p->tensors[i];
+      if (!is_saved(p, k, i))
+        continue;
       json_t *shape = json_array();
       for (int d = 0; d < t->ndim; d++)
         json_array_append_new(shape, json_integer(t->shape[d]));
@@ -238,6 +247,8 @@ static polyak_status write_data(block_io *io, polyak_safe_file *file, XXH3_state
         return status;
       for (; i < p->num_tensors; i++) {
         int64_t lo, hi;
+        if (!is_saved(p, k, i)) /* no arena space either */
+          continue;
         int goes_on = slice_in_block(&p->descs[i], start, count, &lo, &hi);
         if (lo < hi) {
           const char *piece = (const char *)io->buffer + (lo - start) * elem_bytes;
@@ -620,27 +631,31 @@ static polyak_status check_entry(polyak_t *p, const char *name, json_t *entry, i
 
 static polyak_status check_tensors(polyak_t *p, json_t *root, checkpoint_header *h)
 {
-  int64_t expected = (int64_t)p->cfg.num_shadows * p->num_tensors;
+  int64_t slots = (int64_t)p->cfg.num_shadows * p->num_tensors, expected = 0;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    for (int i = 0; i < p->num_tensors; i++)
+      expected += is_saved(p, k, i);
   int64_t(*ranges)[2] = malloc(((size_t)expected + 1) * sizeof *ranges);
-  h->data_begin = malloc(((size_t)expected + 1) * sizeof *h->data_begin);
+  h->data_begin = calloc((size_t)slots + 1, sizeof *h->data_begin);
   if (!ranges || !h->data_begin) {
     free(ranges);
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_load: out of host memory");
   }
   polyak_status status = POLYAK_OK;
+  int64_t m = 0; /* entries checked */
   for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++)
     for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
       char *name = saved_name(p, k, i);
       json_t *entry = name ? json_object_get(root, name) : NULL;
-      int64_t n = (int64_t)k * p->num_tensors + i;
       if (!name)
         status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_load: out of host memory");
+      else if (!is_saved(p, k, i))
+        status = entry ? MISMATCH("the file has tensor \"%s\", whose shadow is the caller's here", name)
+                       : POLYAK_OK;
       else if (!entry)
         status = MISMATCH("tensor \"%s\" is missing from the file", name);
-      else
-        status = check_entry(p, name, entry, i, h->data_bytes, ranges[n]);
-      if (status == POLYAK_OK)
-        h->data_begin[n] = ranges[n][0];
+      else if ((status = check_entry(p, name, entry, i, h->data_bytes, ranges[m])) == POLYAK_OK)
+        h->data_begin[(int64_t)k * p->num_tensors + i] = ranges[m++][0];
       free(name);
     }
   if (status == POLYAK_OK && (int64_t)json_object_size(root) - 1 != expected) {
@@ -741,6 +756,8 @@ static polyak_status stage_data(polyak_t *p, int fd, int64_t data_start, const c
       memset(io->buffer, 0, (size_t)count * elem_bytes);
       for (; i < p->num_tensors; i++) {
         int64_t lo, hi;
+        if (!is_saved(p, k, i))
+          continue;
         int goes_on = slice_in_block(&p->descs[i], start, count, &lo, &hi);
         if (lo < hi) {
           int64_t file_offset = data_start + h->data_begin[(int64_t)k * p->num_tensors + i] +

@@ -69,6 +69,23 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
   return nonfinite;
 }
 
+/* A chunk of a tensor whose shadow is the caller's: the kernel's own code
+ * (its only shadow, in its own dtype). */
+ALWAYS_INLINE int64_t update_owned_chunk(const polyak_tensor_desc *t, const polyak_chunk *chunk,
+                                         const polyak_update_args *args)
+{
+  int64_t nonfinite = 0;
+  for (int64_t i = chunk->first_elem; i < chunk->first_elem + chunk->num_elems; i++) {
+    float param = polyak_load_f32(t->param, i, t->param_dtype);
+    int finite = polyak_is_finite(param);
+    nonfinite += !finite;
+    if ((finite || !args->skip_nonfinite) && args->num_shadows > 0)
+      polyak_next_owned(t->owned, i, t->owned_dtype, t->owned_round_nearest, param, args->weight[0],
+                        args->sr_key[0], t->global_offset_elems + i);
+  }
+  return nonfinite;
+}
+
 #define UPDATE_CASE(param_dtype, shadow_dtype)                                              \
   case (param_dtype)*4 + (shadow_dtype):                                                    \
     nonfinite += update_chunk(t, chunk, shadows, args, param_dtype, shadow_dtype, scratch); \
@@ -82,6 +99,10 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
     for (int64_t c = 0; c < p->num_chunks; c++) {                                             \
       const polyak_chunk *chunk = &p->chunks[c];                                              \
       const polyak_tensor_desc *t = &p->descs[chunk->tensor];                                 \
+      if (t->owned) {                                                                         \
+        nonfinite += update_owned_chunk(t, chunk, args);                                      \
+        continue;                                                                             \
+      }                                                                                       \
       switch (t->param_dtype * 4 + (int)p->cfg.shadow_dtype) {                                \
         UPDATE_CASE(POLYAK_F32, POLYAK_F32)                                                   \
         UPDATE_CASE(POLYAK_BF16, POLYAK_F32)                                                  \
@@ -132,11 +153,15 @@ static polyak_status refuse_device_params(polyak_t *p)
 {
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
-    if (t->num_elems > 0 && polyak_cuda_is_device_memory(t->param))
+    const void *on_device = t->num_elems == 0                          ? NULL
+                            : polyak_cuda_is_device_memory(t->param)      ? t->param
+                            : t->owned && polyak_cuda_is_device_memory(t->shadow) ? t->shadow
+                                                                                  : NULL;
+    if (on_device)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_finalize: tensor %d (\"%s\") param %p is CUDA device memory; "
+                         "polyak_finalize: tensor %d (\"%s\") %s %p is CUDA device memory; "
                          "the CPU backend needs host memory (or use POLYAK_BACKEND_CUDA)",
-                         i, t->name, t->param);
+                         i, t->name, on_device == t->param ? "param" : "shadow", on_device);
   }
   return POLYAK_OK;
 }
@@ -175,19 +200,23 @@ static polyak_status find_nonfinite_param(polyak_t *p)
 }
 
 /* Each kept element's shadow starts as its param (or 0); padding is 0. */
-static void init_shadow(const polyak_t *p, void *arena)
+/* Shadow k (`arena`, or the caller's memory) <- the params, this rank's
+ * pieces, rounded to nearest even. */
+static void copy_params_into(const polyak_t *p, void *arena, int k)
 {
-  size_t shadow_num_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  memset(arena, 0, (size_t)p->arena_alloc_elems * shadow_num_bytes);
-  if (p->cfg.zero_init)
-    return;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor_desc *t = &p->descs[i];
-    for (int64_t e = t->local_first_elem; e < t->local_first_elem + t->local_num_elems; e++) {
-      polyak_store_f32(arena, t->shadow_offset_elems + e, polyak_load_f32(t->param, e, t->param_dtype),
-                       p->cfg.shadow_dtype);
-    }
+    for (int64_t e = t->local_first_elem; e < t->local_first_elem + t->local_num_elems; e++)
+      polyak_shadow_store(t, arena, p->cfg.shadow_dtype, k, e, polyak_load_f32(t->param, e, t->param_dtype));
   }
+}
+
+static void init_shadow(const polyak_t *p, void *arena, int k)
+{
+  if (arena) /* NULL where every shadow is the caller's */
+    memset(arena, 0, (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype));
+  if (!p->cfg.zero_init)
+    copy_params_into(p, arena, k);
 }
 
 static void free_arenas(void **arenas)
@@ -255,8 +284,8 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
                        "polyak_finalize: out of host memory for %d shadows of %lld elements",
                        p->cfg.num_shadows, (long long)p->arena_elems);
   }
-  for (int k = 0; k < p->cfg.num_shadows && p->arena_alloc_elems > 0; k++)
-    init_shadow(p, state->shadows[k]);
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    init_shadow(p, state->shadows[k], k);
   return POLYAK_OK;
 }
 
@@ -265,12 +294,19 @@ static void *cpu_arena(polyak_t *p, int shadow)
   return ((cpu_state *)p->backend)->shadows[shadow];
 }
 
-static polyak_status cpu_read_out(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
-                                  void *dst, polyak_dtype dst_dtype, void *stream)
+static polyak_status cpu_read_out(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
+                                  double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream)
+{
+  (void)p, (void)stream;
+  for (int64_t e = 0; e < num_elems; e++)
+    polyak_store_f32(dst, e, polyak_debias(polyak_load_f32(src, e, src_dtype), debias_scale), dst_dtype);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_hard_update(polyak_t *p, int shadow, void *stream)
 {
   (void)stream;
-  for (int64_t e = 0; e < num_elems; e++)
-    polyak_store_f32(dst, e, polyak_debias(polyak_load_f32(src, e, p->cfg.shadow_dtype), debias_scale), dst_dtype);
+  copy_params_into(p, ((cpu_state *)p->backend)->shadows[shadow], shadow);
   return POLYAK_OK;
 }
 
@@ -287,8 +323,9 @@ static polyak_status cpu_copy_to_params(polyak_t *p, int shadow, double debias_s
     const polyak_tensor_desc *t = &p->descs[i];
     char *dst = (char *)p->tensors[i].param +
                 t->local_first_elem * (int64_t)polyak_dtype_num_bytes(p->tensors[i].dtype);
-    cpu_read_out(p, polyak_local_slice(p, shadow, i), t->local_num_elems, debias_scale, dst,
-                 p->tensors[i].dtype, stream);
+    polyak_dtype src_dtype;
+    const void *src = polyak_local_slice(p, shadow, i, &src_dtype);
+    cpu_read_out(p, src, src_dtype, t->local_num_elems, debias_scale, dst, p->tensors[i].dtype, stream);
   }
   return POLYAK_OK;
 }
@@ -306,8 +343,7 @@ static polyak_status cpu_blend(polyak_t *p, const float *coefficient, int tensor
       float acc = 0.0f;
       for (int k = 0; k < p->cfg.num_shadows; k++)
         if (coefficient[k] != 0.0f)
-          acc = polyak_blend_step(acc, coefficient[k],
-                                  polyak_load_f32(cpu_arena(p, k), t->shadow_offset_elems + e, p->cfg.shadow_dtype));
+          acc = polyak_blend_step(acc, coefficient[k], polyak_shadow_load(t, cpu_arena(p, k), p->cfg.shadow_dtype, k, e));
       polyak_store_f32(to, e, acc, to_dtype);
     }
   }
@@ -497,6 +533,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_abort = cpu_staging_abort,
     .copy_to_params = cpu_copy_to_params,
     .blend = cpu_blend,
+    .hard_update = cpu_hard_update,
     .products_read = cpu_products_read,
     .products_write = cpu_products_write,
     .check_grad_norm = cpu_check_grad_norm,

@@ -174,6 +174,10 @@ static polyak_status check_params(polyak_t *p)
       continue;
     snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") param", i, t->name);
     polyak_status status = check_device_pointer(p, t->param, what);
+    if (status == POLYAK_OK && t->owned) {
+      snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") shadow", i, t->name);
+      status = check_device_pointer(p, t->shadow, what);
+    }
     if (status != POLYAK_OK)
       return status;
   }
@@ -220,7 +224,7 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMemsetAsync(state->shadows[k], 0, arena_num_bytes, stream); /* padding, zero_init */
   if (err == cudaSuccess && !p->cfg.zero_init && p->num_chunks > 0)
-    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows,
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, 0,
                              p->cfg.num_shadows, p->cfg.shadow_dtype, &state->counters[COUNT_INIT],
                              &state->counters[FIRST_NONFINITE], state->io_grid, stream);
   if (err == cudaSuccess)
@@ -391,8 +395,8 @@ static polyak_status cuda_check_read_out(polyak_t *p, const void *dst, void *str
   return status;
 }
 
-static polyak_status cuda_read_out(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
-                                   void *dst, polyak_dtype dst_dtype, void *stream)
+static polyak_status cuda_read_out(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
+                                   double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream)
 {
   const cuda_state *state = p->backend;
   if (num_elems == 0)
@@ -402,7 +406,7 @@ static polyak_status cuda_read_out(polyak_t *p, const void *src, int64_t num_ele
   if (err == cudaSuccess) {
     int64_t blocks = (num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
     int grid = blocks < state->io_grid ? (int)blocks : state->io_grid;
-    err = polyak_launch_readout(src, p->cfg.shadow_dtype, num_elems, debias_scale, dst, dst_dtype, grid,
+    err = polyak_launch_readout(src, src_dtype, num_elems, debias_scale, dst, dst_dtype, grid,
                                 (cudaStream_t)stream);
   }
   leave_device(p, previous);
@@ -654,11 +658,25 @@ static polyak_status cuda_copy_to_params(polyak_t *p, int shadow, double debias_
   int previous;
   cudaError_t err = enter_device(p, &previous);
   if (err == cudaSuccess)
-    err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, state->shadows[shadow],
+    err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, state->shadows[shadow], shadow,
                                        p->cfg.shadow_dtype, debias_scale, io_grid_for(p, state),
                                        (cudaStream_t)stream);
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_copy_to_params");
+}
+
+static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
+{
+  const cuda_state *state = p->backend;
+  if (p->num_chunks == 0)
+    return POLYAK_OK;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1,
+                             p->cfg.shadow_dtype, NULL, NULL, io_grid_for(p, state), (cudaStream_t)stream);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_hard_update");
 }
 
 /* The chunks covering whole params: the plan's, or (sharded) a table of
@@ -707,8 +725,7 @@ static polyak_status cuda_blend(polyak_t *p, const float *coefficient, int tenso
   if (err == cudaSuccess)
     err = tensor < 0 ? polyak_launch_blend_to_params(&args, state->descs, state->chunks, p->num_chunks, grid,
                                                      (cudaStream_t)stream)
-                     : polyak_launch_blend(&args, p->descs[tensor].shadow_offset_elems, p->tensors[tensor].num_elems,
-                                           dst, dst_dtype, grid, (cudaStream_t)stream);
+                     : polyak_launch_blend(&args, &p->descs[tensor], dst, dst_dtype, grid, (cudaStream_t)stream);
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "blend kernel launch");
 }
@@ -845,6 +862,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_abort = cuda_staging_abort,
     .copy_to_params = cuda_copy_to_params,
     .blend = cuda_blend,
+    .hard_update = cuda_hard_update,
     .products_read = cuda_products_read,
     .products_write = cuda_products_write,
     .check_grad_norm = cuda_check_grad_norm,

@@ -47,7 +47,8 @@ void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int6
     pieces[i].first_elem = lo < hi ? lo - t->global_offset_elems : 0;
     pieces[i].num_elems = lo < hi ? hi - lo : 0;
     pieces[i].arena_offset_elems = arena;
-    arena += (pieces[i].num_elems + align_elems - 1) / align_elems * align_elems;
+    if (!t->owned) /* the caller's shadow takes no arena space */
+      arena += (pieces[i].num_elems + align_elems - 1) / align_elems * align_elems;
   }
   *arena_elems = arena;
 }
@@ -85,6 +86,9 @@ polyak_status polyak_plan_build(polyak_t *p)
     descs[i].shadow_offset_elems = piece->arena_offset_elems - piece->first_elem;
     descs[i].store_offset_bytes = store_offset;
     descs[i].param_dtype = (int32_t)t->dtype;
+    descs[i].owned = t->owned ? t->shadow : NULL;
+    descs[i].owned_dtype = (int32_t)t->shadow_dtype;
+    descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {
       int64_t rest = piece->num_elems - done;
       chunks[chunk].first_elem = piece->first_elem + done;

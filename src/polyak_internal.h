@@ -22,6 +22,10 @@ typedef struct {
   int64_t shape[POLYAK_MAX_NDIM];
   int64_t num_elems;
   int64_t global_offset_elems; /* in the flattened registration order */
+  int owned;                   /* 1: shadow 0 is the caller's (polyak_add_with_shadow) */
+  void *shadow;                /* that shadow (NULL if no elements) */
+  polyak_dtype shadow_dtype;   /* its dtype, else the config's */
+  int shadow_flags;
 } polyak_tensor;
 
 /* The part of one tensor a rank keeps shadows of, and where in its arenas. */
@@ -82,10 +86,10 @@ struct polyak_backend_ops {
   polyak_status (*update)(polyak_t *p, const polyak_update_args *args, void *stream);
   /* the base of shadow `shadow`'s arena (backend memory) */
   void *(*arena)(polyak_t *p, int shadow);
-  /* num_elems shadow-dtype elements from src (an arena or a gathered copy,
-   * backend memory) times debias_scale into dst as dst_dtype */
-  polyak_status (*read_out)(polyak_t *p, const void *src, int64_t num_elems, double debias_scale,
-                            void *dst, polyak_dtype dst_dtype, void *stream);
+  /* num_elems src_dtype elements from src (an arena, a gathered copy or a
+   * caller's shadow: backend memory) times debias_scale into dst as dst_dtype */
+  polyak_status (*read_out)(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
+                            double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream);
   /* refuses a read-out destination the backend cannot write (host memory
    * for CUDA) */
   polyak_status (*check_read_out)(polyak_t *p, const void *dst, void *stream, const char *function);
@@ -118,6 +122,8 @@ struct polyak_backend_ops {
   polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
                          polyak_dtype dst_dtype, void *stream);
 
+  /* shadow k <- the params (a hard update), rounded to nearest even */
+  polyak_status (*hard_update)(polyak_t *p, int shadow, void *stream);
   /* grad-norm shadows' beta products, kept where their updates compute
    * them: all num_shadows values read (waiting for the device) or written */
   polyak_status (*products_read)(polyak_t *p, double *products);
@@ -235,10 +241,17 @@ const char *polyak_dtype_name(polyak_dtype dtype);
  * Any rank can compute any rank's layout. */
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems);
 
-/* This rank's piece of tensor `tensor` in shadow `shadow`'s arena. */
-static inline void *polyak_local_slice(polyak_t *p, int shadow, int tensor)
+/* This rank's piece of tensor `tensor` in shadow `shadow`: the caller's
+ * memory for a shadow of theirs, else in the arena; *dtype (unless NULL)
+ * gets its dtype. */
+static inline void *polyak_local_slice(polyak_t *p, int shadow, int tensor, polyak_dtype *dtype)
 {
+  const polyak_tensor *owner = &p->tensors[tensor];
   const polyak_tensor_desc *t = &p->descs[tensor];
+  if (dtype)
+    *dtype = shadow == 0 ? owner->shadow_dtype : p->cfg.shadow_dtype;
+  if (owner->owned && shadow == 0)
+    return owner->shadow;
   return (char *)p->ops->arena(p, shadow) +
          (t->shadow_offset_elems + t->local_first_elem) * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
 }

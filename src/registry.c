@@ -38,22 +38,20 @@ static void free_nothing(void *key)
   (void)key;
 }
 
-static polyak_status check_shape(polyak_t *p, const char *name, int ndim, const int64_t *shape,
+static polyak_status check_shape(polyak_t *p, const char *where, int ndim, const int64_t *shape,
                                  size_t elem_num_bytes, int64_t *num_elems)
 {
   if (ndim < 0 || ndim > POLYAK_MAX_NDIM)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add(\"%s\"): ndim = %d is outside 0..%d",
-                       name, ndim, POLYAK_MAX_NDIM);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: ndim = %d is outside 0..%d", where, ndim,
+                       POLYAK_MAX_NDIM);
   if (ndim > 0 && !shape)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_add(\"%s\"): shape is NULL with ndim = %d", name, ndim);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shape is NULL with ndim = %d", where, ndim);
   /* the count and the byte size must both fit in int64 */
   int64_t limit = INT64_MAX / (int64_t)elem_num_bytes;
   int64_t count = 1;
   for (int d = 0; d < ndim; d++) {
     if (shape[d] < 0)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): shape[%d] = %lld is negative", name, d,
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shape[%d] = %lld is negative", where, d,
                          (long long)shape[d]);
   }
   for (int d = 0; d < ndim; d++) {
@@ -62,8 +60,7 @@ static polyak_status check_shape(polyak_t *p, const char *name, int ndim, const 
       break;
     }
     if (count > limit / shape[d])
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): the shape holds more than %lld elements", name,
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the shape holds more than %lld elements", where,
                          (long long)limit);
     count *= shape[d];
   }
@@ -71,66 +68,100 @@ static polyak_status check_shape(polyak_t *p, const char *name, int ndim, const 
   return POLYAK_OK;
 }
 
-polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
-                         const int64_t *shape)
+/* `what` (param or shadow) memory [begin, begin + num_bytes): present,
+ * aligned, not wrapping, and overlapping no registered param or shadow
+ * (nor `also`, the same tensor's param). */
+static polyak_status check_memory(polyak_t *p, const char *where, const char *what, const void *memory,
+                                  size_t elem_num_bytes, int64_t num_elems, const param_range *also)
+{
+  uintptr_t begin = (uintptr_t)memory, num_bytes = (uintptr_t)num_elems * elem_num_bytes;
+  if (num_elems == 0)
+    return POLYAK_OK;
+  if (!memory)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s is NULL for %lld elements", where, what,
+                       (long long)num_elems);
+  if (begin % elem_num_bytes != 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p is not aligned to its %zu-byte elements",
+                       where, what, memory, elem_num_bytes);
+  if (begin + num_bytes < begin)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p + %llu bytes wraps the address space", where,
+                       what, memory, (unsigned long long)num_bytes);
+  param_range query = {begin, begin + num_bytes, p->num_tensors};
+  if (also && compare_ranges(&query, also) == 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the shadow overlaps the tensor's own param", where);
+  param_range **hit = tfind(&query, &p->range_tree, compare_ranges);
+  if (hit)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: %s memory [%p, +%llu bytes) overlaps tensor %d (\"%s\")", where,
+                       what, memory, (unsigned long long)num_bytes, (*hit)->tensor,
+                       p->tensors[(*hit)->tensor].name);
+  return POLYAK_OK;
+}
+
+/* The checks a caller's shadow adds: its dtype and flags, and a handle it
+ * can live in. */
+static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype shadow_dtype, int flags)
+{
+  if (!polyak_dtype_valid(shadow_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow_dtype = %d is not a polyak_dtype", where,
+                       (int)shadow_dtype);
+  if (flags & ~POLYAK_SHADOW_ROUND_NEAREST)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: flags = %d has unknown bits", where, flags);
+  const polyak_config *c = &p->cfg;
+  const char *conflict = c->num_shadows != 1      ? "num_shadows > 1 (the shadow is shadow 0, the only one)"
+                         : c->zero_init           ? "zero_init (the shadow must be usable as it is)"
+                         : c->world_size > 1      ? "sharding (each rank would update a slice of it)"
+                         : c->lookahead_every > 0 ? "Lookahead"
+                                                  : NULL;
+  if (conflict)
+    return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: shadows in the caller's memory do not go with %s",
+                       where, conflict);
+  return POLYAK_OK;
+}
+
+/* polyak_add and polyak_add_with_shadow (shadow non-NULL or num_elems 0
+ * there: `owned`). */
+static polyak_status add_tensor(polyak_t *p, const char *function, const char *name, void *param,
+                                polyak_dtype dtype, int ndim, const int64_t *shape, int owned, void *shadow,
+                                polyak_dtype shadow_dtype, int flags)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   if (p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_add: the handle is finalized; "
-                                            "register every tensor before polyak_finalize");
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "%s: the handle is finalized; register every tensor before polyak_finalize", function);
   if (!name || !name[0])
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add: name is %s",
-                       name ? "empty" : "NULL");
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: name is %s", function, name ? "empty" : "NULL");
+  char where[96];
+  snprintf(where, sizeof where, "%s(\"%.48s\")", function, name);
   if (strcmp(name, "__metadata__") == 0 || strncmp(name, "polyak.", 7) == 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_add(\"%s\"): \"__metadata__\" and names starting \"polyak.\" "
-                       "are reserved for checkpoints",
-                       name);
+                       "%s: \"__metadata__\" and names starting \"polyak.\" are reserved for checkpoints",
+                       where);
   json_t *utf8 = json_string(name); /* NULL unless valid UTF-8, as safetensors needs */
   if (!utf8)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add: the name is not valid UTF-8");
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the name is not valid UTF-8", function);
   json_decref(utf8);
   if (!polyak_dtype_valid(dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_add(\"%s\"): dtype = %d is not a polyak_dtype", name, (int)dtype);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dtype = %d is not a polyak_dtype", where, (int)dtype);
+  polyak_status status = owned ? check_owned(p, where, shadow_dtype, flags) : POLYAK_OK;
   size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
   int64_t num_elems = 0;
-  polyak_status status = check_shape(p, name, ndim, shape, elem_num_bytes, &num_elems);
+  if (status == POLYAK_OK)
+    status = check_shape(p, where, ndim, shape, elem_num_bytes, &num_elems);
+  if (status == POLYAK_OK)
+    status = check_memory(p, where, "param", param, elem_num_bytes, num_elems, NULL);
+  param_range param_bytes = {(uintptr_t)param, (uintptr_t)param + (uintptr_t)num_elems * elem_num_bytes,
+                             p->num_tensors};
+  if (status == POLYAK_OK && owned)
+    status = check_memory(p, where, "shadow", shadow, polyak_dtype_num_bytes(shadow_dtype), num_elems,
+                          num_elems > 0 ? &param_bytes : NULL);
   if (status != POLYAK_OK)
     return status;
-  uintptr_t begin = (uintptr_t)param;
-  uintptr_t num_bytes = (uintptr_t)num_elems * elem_num_bytes;
-  if (num_elems > 0) {
-    if (!param)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): param is NULL for %lld elements", name,
-                         (long long)num_elems);
-    if (begin % elem_num_bytes != 0)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): param %p is not aligned to its %zu-byte elements",
-                         name, param, elem_num_bytes);
-    if (begin + num_bytes < begin)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): param %p + %llu bytes wraps the address space",
-                         name, param, (unsigned long long)num_bytes);
-  }
   if (p->num_tensors == INT32_MAX)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add(\"%s\"): %d tensors is the limit",
-                       name, INT32_MAX);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %d tensors is the limit", where, INT32_MAX);
   if (tfind(name, &p->name_tree, compare_names))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_add(\"%s\"): a tensor of that name is registered", name);
-  param_range query = {begin, begin + num_bytes, p->num_tensors};
-  if (num_elems > 0) {
-    param_range **hit = tfind(&query, &p->range_tree, compare_ranges);
-    if (hit)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_add(\"%s\"): param memory [%p, +%llu bytes) overlaps tensor %d "
-                         "(\"%s\")",
-                         name, param, (unsigned long long)num_bytes, (*hit)->tensor,
-                         p->tensors[(*hit)->tensor].name);
-  }
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: a tensor of that name is registered", where);
 
   /* every check passed: allocate, then publish; undo on any failure */
   if (p->num_tensors == p->tensors_capacity) {
@@ -138,22 +169,34 @@ polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtyp
     capacity = capacity > INT32_MAX / 2 ? INT32_MAX : capacity * 2;
     polyak_tensor *grown = realloc(p->tensors, (size_t)capacity * sizeof *grown);
     if (!grown)
-      return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+      return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", where);
     p->tensors = grown;
     p->tensors_capacity = capacity;
   }
   char *name_copy = strdup(name);
-  param_range *range = num_elems > 0 ? malloc(sizeof *range) : NULL;
-  if (!name_copy || (num_elems > 0 && !range))
+  param_range *ranges[2] = {NULL, NULL}; /* the param's bytes, the shadow's */
+  int num_ranges = num_elems == 0 ? 0 : owned ? 2 : 1, inserted = 0;
+  for (int r = 0; r < num_ranges; r++)
+    ranges[r] = malloc(sizeof *ranges[r]);
+  if (!name_copy || (num_ranges > 0 && !ranges[0]) || (num_ranges > 1 && !ranges[1]))
     goto no_memory;
   if (!tsearch(name_copy, &p->name_tree, compare_names))
     goto no_memory;
-  if (range) {
-    *range = query;
-    if (!tsearch(range, &p->range_tree, compare_ranges)) {
-      tdelete(name_copy, &p->name_tree, compare_names);
-      goto no_memory;
-    }
+  if (num_ranges > 0)
+    *ranges[0] = param_bytes;
+  if (num_ranges > 1) {
+    uintptr_t begin = (uintptr_t)shadow;
+    *ranges[1] = (param_range){begin, begin + (uintptr_t)num_elems * polyak_dtype_num_bytes(shadow_dtype),
+                               p->num_tensors};
+  }
+  for (; inserted < num_ranges; inserted++)
+    if (!tsearch(ranges[inserted], &p->range_tree, compare_ranges))
+      break;
+  if (inserted < num_ranges) {
+    while (inserted-- > 0)
+      tdelete(ranges[inserted], &p->range_tree, compare_ranges);
+    tdelete(name_copy, &p->name_tree, compare_names);
+    goto no_memory;
   }
   polyak_tensor *t = &p->tensors[p->num_tensors++];
   memset(t, 0, sizeof *t);
@@ -165,13 +208,31 @@ polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtyp
     t->shape[d] = shape[d];
   t->num_elems = num_elems;
   t->global_offset_elems = p->total_elems;
+  t->owned = owned;
+  t->shadow = owned ? shadow : NULL;
+  t->shadow_dtype = owned ? shadow_dtype : p->cfg.shadow_dtype;
+  t->shadow_flags = owned ? flags : 0;
   p->total_elems += num_elems;
   return POLYAK_OK;
 
 no_memory:
   free(name_copy);
-  free(range);
-  return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_add(\"%s\"): out of host memory", name);
+  free(ranges[0]);
+  free(ranges[1]);
+  return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", where);
+}
+
+polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                         const int64_t *shape)
+{
+  return add_tensor(p, "polyak_add", name, param, dtype, ndim, shape, 0, NULL, POLYAK_F32, 0);
+}
+
+polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                                     const int64_t *shape, void *shadow, polyak_dtype shadow_dtype, int flags)
+{
+  return add_tensor(p, "polyak_add_with_shadow", name, param, dtype, ndim, shape, 1, shadow, shadow_dtype,
+                    flags);
 }
 
 uint64_t polyak_layout_hash(const polyak_t *p)
@@ -183,6 +244,9 @@ uint64_t polyak_layout_hash(const polyak_t *p)
     const polyak_tensor *t = &p->tensors[i];
     XXH3_64bits_update(&state, t->name, strlen(t->name) + 1);
     XXH3_64bits_update(&state, &t->dtype, sizeof t->dtype);
+    XXH3_64bits_update(&state, &t->owned, sizeof t->owned);
+    XXH3_64bits_update(&state, &t->shadow_dtype, sizeof t->shadow_dtype);
+    XXH3_64bits_update(&state, &t->shadow_flags, sizeof t->shadow_flags);
     XXH3_64bits_update(&state, &t->ndim, sizeof t->ndim);
     XXH3_64bits_update(&state, t->shape, sizeof t->shape[0] * (size_t)t->ndim);
   }

@@ -35,7 +35,8 @@ polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_
     const char *src = (const char *)gathered + (r * stride_elems + piece->arena_offset_elems) * (int64_t)shadow_bytes;
     char *to = (char *)dst + piece->first_elem * (int64_t)dst_bytes;
     polyak_status status = raw ? p->ops->copy_bytes(p, to, src, (size_t)piece->num_elems * shadow_bytes, stream)
-                               : p->ops->read_out(p, src, piece->num_elems, debias_scale, to, dst_dtype, stream);
+                               : p->ops->read_out(p, src, p->cfg.shadow_dtype, piece->num_elems, debias_scale, to,
+                                                  dst_dtype, stream);
     if (status != POLYAK_OK)
       return status;
   }
@@ -112,7 +113,7 @@ polyak_status polyak_gather_tensor(polyak_t *p, int shadow, int tensor, double d
   char *gathered = p->ops->scratch_alloc(p, (size_t)p->cfg.world_size * (size_t)stride * shadow_bytes);
   status = polyak_all_ready(p, pieces && send && gathered, POLYAK_ERR_NO_MEMORY, "gathering a tensor");
   if (status == POLYAK_OK)
-    status = p->ops->copy_bytes(p, send, polyak_local_slice(p, shadow, tensor),
+    status = p->ops->copy_bytes(p, send, polyak_local_slice(p, shadow, tensor, NULL),
                                 (size_t)t->local_num_elems * shadow_bytes, stream);
   if (status == POLYAK_OK)
     status = p->ops->all_gather(p, send, gathered, stride, stream);

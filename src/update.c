@@ -224,8 +224,10 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
     return status;
   if (whole && polyak_needs_gather(p, tensor))
     return polyak_gather_tensor(p, shadow, tensor, debias_scale, dst, dst_dtype, stream);
-  return p->ops->read_out(p, polyak_local_slice(p, shadow, tensor), p->descs[tensor].local_num_elems,
-                          debias_scale, dst, dst_dtype, stream);
+  polyak_dtype src_dtype;
+  const void *src = polyak_local_slice(p, shadow, tensor, &src_dtype);
+  return p->ops->read_out(p, src, src_dtype, p->descs[tensor].local_num_elems, debias_scale, dst, dst_dtype,
+                          stream);
 }
 
 polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
@@ -333,6 +335,48 @@ polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, in
   if (status == POLYAK_OK && p->tensors[tensor].num_elems > 0)
     status = p->ops->check_read_out(p, dst, stream, "polyak_get_blend");
   return status == POLYAK_OK ? p->ops->blend(p, coefficient, tensor, dst, dst_dtype, stream) : status;
+}
+
+polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_hard_update: call polyak_finalize first");
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_hard_update: shadow = %d is outside 0..%d", shadow,
+                       p->cfg.num_shadows - 1);
+  if (p->graph_reserved)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_hard_update: steps are reserved for graph replays; call polyak_graph_release "
+                       "first");
+  int capturing = 0;
+  polyak_status status = p->ops->capturing(p, stream, &capturing);
+  if (status == POLYAK_OK && capturing)
+    status = polyak_fail(p, POLYAK_ERR_STATE,
+                         "polyak_hard_update: a captured hard update would reset the beta product only "
+                         "once, not at every replay");
+  /* a grad-norm shadow's product lives on the backend: reset there first,
+   * put back if the copy fails */
+  double products[POLYAK_MAX_SHADOWS], kept = 1.0;
+  int grad_norm = polyak_is_grad_norm(&p->cfg, shadow);
+  if (status == POLYAK_OK && grad_norm)
+    status = p->ops->products_read(p, products);
+  if (status == POLYAK_OK && grad_norm) {
+    kept = products[shadow];
+    products[shadow] = 0.0;
+    status = p->ops->products_write(p, products);
+  }
+  if (status != POLYAK_OK)
+    return status;
+  status = p->ops->hard_update(p, shadow, stream);
+  if (status != POLYAK_OK && grad_norm) {
+    products[shadow] = kept;
+    p->ops->products_write(p, products);
+  }
+  if (status == POLYAK_OK)
+    p->beta_prod[shadow] = 0.0;
+  return status;
 }
 
 polyak_status polyak_store(polyak_t *p, void *stream)

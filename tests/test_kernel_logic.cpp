@@ -255,6 +255,54 @@ TEST(KernelLogic, GradNormShadowsTakeTheWeightsTheKernelResolves)
   check_case(c, 5, kBlockThreads);
 }
 
+TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
+{
+  for (int poison = 0; poison < 2; poison++) {
+    std::vector<Tensor> params = awkward_tensors(), shadows, emulated;
+    const polyak_dtype dtypes[] = {POLYAK_BF16, POLYAK_F16, POLYAK_F32};
+    polyak_config cfg = cpu_config(1, 0.9);
+    cfg.seed = 5;
+    Handle h = make_handle(cfg);
+    std::mt19937_64 rng(78);
+    for (size_t i = 0; i < params.size(); i++) {
+      polyak_dtype d = dtypes[i % 3];
+      shadows.emplace_back("s", d, params[i].num_elems, dtype_bytes(d) * (i % 5));
+      params[i].randomize(rng, 0.25f, 2.0f);
+      int64_t shape[1] = {params[i].num_elems};
+      ASSERT_EQ(polyak_add_with_shadow(h.get(), params[i].name.c_str(), params[i].data(), params[i].dtype, 1, shape,
+                                       shadows[i].data(), d, i % 7 == 0 ? POLYAK_SHADOW_ROUND_NEAREST : 0),
+                POLYAK_OK);
+    }
+    ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+    polyak_t *p = h.get();
+    std::vector<Tensor> own = params;
+    emulated = shadows; // after finalize: the params, copied in
+    std::vector<polyak_tensor_desc> descs(p->descs, p->descs + p->num_tensors);
+    for (int i = 0; i < p->num_tensors; i++) {
+      descs[i].param = own[i].data();
+      descs[i].owned = p->descs[i].owned ? emulated[i].data() : nullptr;
+    }
+    for (int64_t step : {1, 2, 4}) {
+      for (size_t i = 0; i < params.size(); i++) {
+        params[i].randomize(rng, 0.25f, 2.0f);
+        if (poison && params[i].num_elems > 2)
+          params[i].set(1, NAN);
+        std::memcpy(own[i].data(), params[i].data(), params[i].num_elems * dtype_bytes(params[i].dtype));
+      }
+      polyak_update_args args = args_for(p, step);
+      int64_t nonfinite = run_kernel_logic(p, descs, nullptr, args, 9, kBlockThreads);
+      int64_t before = 0, after = 0;
+      ASSERT_EQ(polyak_nonfinite_count(p, &before), POLYAK_OK);
+      ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_nonfinite_count(p, &after), POLYAK_OK);
+      EXPECT_EQ(nonfinite, after - before);
+      for (size_t i = 0; i < shadows.size(); i++)
+        ASSERT_EQ(0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
+            << params[i].name << " after step " << step << " poison " << poison;
+    }
+  }
+}
+
 TEST(KernelLogic, ResultsDoNotDependOnGridOrBlockSize)
 {
   for (int threads : {1, 32, 256, 1024}) {

@@ -197,6 +197,48 @@ TEST(Math, StochasticRoundingPicksANeighbourWithTheRightOdds)
     EXPECT_EQ(polyak_f32_to_bf16_sr(1.5f, polyak_sr_bits(key, e)), 0x3FC0);
 }
 
+TEST(Math, F16StochasticRoundingPicksANeighbourWithExactOdds)
+{
+  // over every value of the random bits it uses, x rounds up in exactly the
+  // fraction (x - lower neighbour) / (gap); the bits above never matter
+  std::mt19937_64 rng(13);
+  std::uniform_int_distribution<uint32_t> any;
+  auto neighbour_below = [](double v) { // the largest f16 code with value <= v
+    uint32_t lo = 0, hi = 0x7C00;
+    while (lo + 1 < hi) {
+      uint32_t mid = (lo + hi) / 2;
+      (f16_value(mid) <= v ? lo : hi) = mid;
+    }
+    return lo;
+  };
+  std::vector<float> inputs = {1.0f + 0x1p-12f, 3.14159f, 65500.0f, 65519.0f, 0x1p-14f + 0x1p-20f,
+                               0x1p-15f * 1.3f, 0x1p-18f * 1.7f, 0x1p-20f * 1.01f};
+  std::uniform_real_distribution<float> normal_range(6.2e-5f, 6.5e4f);
+  for (int n = 0; n < 200; n++)
+    inputs.push_back(normal_range(rng));
+  for (float x : inputs) {
+    uint32_t exponent = polyak_f32_bits(x) >> 23;
+    int bits = exponent >= 113 ? 13 : 126 - (int)exponent; // the random bits it uses
+    uint32_t below = neighbour_below(x);
+    double lower = f16_value(below), upper = below + 1 == 0x7C00 ? 65536.0 : f16_value(below + 1);
+    uint64_t ups = 0;
+    for (uint32_t r = 0; r < (1u << bits); r++) {
+      uint32_t random = r | (any(rng) << bits); // bits above the used ones
+      uint16_t got = polyak_f32_to_f16_sr(x, random);
+      ASSERT_TRUE(got == below || got == below + 1) << x << " " << std::hex << got;
+      ASSERT_EQ(polyak_f32_to_f16_sr(-x, random), got | 0x8000) << "sign symmetric";
+      ups += got == below + 1;
+    }
+    EXPECT_EQ((double)ups / (double)(1u << bits), (x - lower) / (upper - lower)) << x;
+  }
+  for (uint32_t h = 0; h < 0x7C00; h++) // grid values never move
+    ASSERT_EQ(polyak_f32_to_f16_sr((float)f16_value(h), any(rng)), h) << std::hex << h;
+  EXPECT_EQ(polyak_f32_to_f16_sr(70000.0f, 0), 0x7C00);
+  EXPECT_EQ(polyak_f32_to_f16_sr(-INFINITY, 123), 0xFC00);
+  EXPECT_TRUE(std::isnan(polyak_f16_to_f32(polyak_f32_to_f16_sr(NAN, 99))));
+  EXPECT_EQ(polyak_f32_to_f16_sr(0x1p-40f, 0xFFFFFFFFu), 0) << "below 2^-32: zero";
+}
+
 TEST(Math, StochasticRoundingIsUnbiasedAcrossSteps)
 {
   // one element, drawn at 200,000 steps: the mean of the rounded values is x
