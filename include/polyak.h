@@ -439,6 +439,51 @@ POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_nor
  * the device. */
 POLYAK_API polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_product);
 
+/* ---- EDM2 post-hoc averages ------------------------------------------------
+ * Track POWER shadows at two sigma_rel (say 0.05 and 0.10), snapshot them
+ * every N steps, and afterwards synthesize the average for any sigma_rel
+ * (Karras et al. 2024, "Analyzing and improving the training dynamics of
+ * diffusion models"). A POWER EMA read at step t weighs the params of step
+ * tau by the profile (gamma + 1) tau^gamma / t^(gamma + 1); the synthesis
+ * is the combination of snapshots whose profile is nearest the wanted one
+ * in L2. */
+#define POLYAK_MAX_SNAPSHOTS 1024
+
+/* The combination: coefficients[i] for snapshot i (taken at step
+ * snapshot_steps[i] of a POWER shadow with snapshot_sigma_rels[i]) whose
+ * profile is nearest in L2 that of sigma_rel read at `step`: the normal
+ * equations solved exactly (Gaussian elimination with partial pivoting, in
+ * double), then scaled to sum to 1. Pure host code; no handle.
+ * POLYAK_ERR_INVALID_ARG for bad inputs (num_snapshots outside
+ * 1..POLYAK_MAX_SNAPSHOTS, a step below 1, a sigma_rel outside (0, 0.3003])
+ * or two snapshots with the same profile (a singular system). */
+POLYAK_API polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snapshot_steps,
+                                                     const double *snapshot_sigma_rels, int64_t step,
+                                                     double sigma_rel, double *coefficients);
+
+/* Floats in one snapshot of this handle: its shadow arena, padding
+ * included. Snapshots need a finalized handle of one rank with no shadows
+ * in the caller's memory (POLYAK_ERR_UNSUPPORTED). */
+POLYAK_API polyak_status polyak_snapshot_elems(polyak_t *p, int64_t *num_elems);
+
+/* Shadow `shadow` (debiased with zero_init) as f32 into dst, one snapshot
+ * (polyak_snapshot_elems floats, backend memory: device memory for CUDA),
+ * in one pass, ordered on `stream`. Stack snapshots one after another to
+ * synthesize from them. Keep them on the host by copying them there, or as
+ * files: polyak_save, then polyak_load each into a second handle of the same
+ * layout and snapshot from it. */
+POLYAK_API polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, void *stream);
+
+/* Every param <- sum_i coefficients[i] * snapshot i (in the param's dtype,
+ * rounded to nearest even), from num_snapshots snapshots stored one after
+ * another at `snapshots` (backend memory). CPU: fmaf accumulation in
+ * snapshot order with the coefficients rounded to float; CUDA: one cuBLAS
+ * SGEMV over the snapshots as the columns of a matrix (its own summation
+ * order: equal to the CPU's within float rounding), then one kernel into
+ * the params. polyak_store first to come back with polyak_restore. */
+POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, int num_snapshots,
+                                                     const double *coefficients, void *stream);
+
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the
  * tensor's name and shape in the shadow dtype (F32 or BF16), so

@@ -303,6 +303,24 @@ static polyak_status cpu_read_out(polyak_t *p, const void *src, polyak_dtype src
   return POLYAK_OK;
 }
 
+/* Element by element of each param: fmaf in snapshot order. */
+static polyak_status cpu_synthesize(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
+                                    void *stream)
+{
+  (void)stream;
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor_desc *t = &p->descs[i];
+    for (int64_t e = t->local_first_elem; e < t->local_first_elem + t->local_num_elems; e++) {
+      const float *column = snapshots + t->shadow_offset_elems + e;
+      float acc = 0.0f;
+      for (int s = 0; s < num_snapshots; s++)
+        acc = polyak_blend_step(acc, weight[s], column[(int64_t)s * p->arena_elems]);
+      polyak_store_f32((void *)t->param, e, acc, t->param_dtype);
+    }
+  }
+  return POLYAK_OK;
+}
+
 static polyak_status cpu_hard_update(polyak_t *p, int shadow, void *stream)
 {
   (void)stream;
@@ -534,6 +552,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .copy_to_params = cpu_copy_to_params,
     .blend = cpu_blend,
     .hard_update = cpu_hard_update,
+    .synthesize = cpu_synthesize,
     .products_read = cpu_products_read,
     .products_write = cpu_products_write,
     .check_grad_norm = cpu_check_grad_norm,

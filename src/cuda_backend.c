@@ -3,6 +3,7 @@
  * finalize; every update is one kernel launch (kernels/update.cu) enqueued
  * on the caller's stream without synchronizing. Every call runs on the
  * handle's device and puts the caller's current device back. */
+#include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -33,6 +34,7 @@ typedef struct {
   int64_t num_store_chunks;
   int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
   double *products;                  /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
+  cublasHandle_t blas;               /* post-hoc synthesis; made at its first use */
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -158,6 +160,8 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->products);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
+    if (state->blas)
+      cublasDestroy(state->blas);
     leave_device(p, previous);
   }
   cudaGetLastError();
@@ -665,6 +669,47 @@ static polyak_status cuda_copy_to_params(polyak_t *p, int shadow, double debias_
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_copy_to_params");
 }
 
+/* The snapshots as the columns of an arena_elems x num_snapshots matrix:
+ * one SGEMV into a scratch arena, then one kernel into the params. */
+static polyak_status cuda_synthesize(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
+                                     void *stream)
+{
+  cuda_state *state = p->backend;
+  if (p->num_chunks == 0)
+    return POLYAK_OK;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_synthesize_to_params");
+  float *x = NULL, *y = NULL;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t blas = state->blas ? CUBLAS_STATUS_SUCCESS : cublasCreate(&state->blas);
+  err = cudaMalloc((void **)&x, (size_t)num_snapshots * sizeof *x);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&y, (size_t)p->arena_elems * sizeof *y);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(x, weight, (size_t)num_snapshots * sizeof *x, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+  if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
+    blas = cublasSetStream(state->blas, (cudaStream_t)stream);
+  if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
+    blas = cublasSgemv_64(state->blas, CUBLAS_OP_N, p->arena_elems, num_snapshots, &one, snapshots, p->arena_elems,
+                          x, 1, &zero, y, 1);
+  if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
+    err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, y, -1, POLYAK_F32, 1.0,
+                                       io_grid_for(p, state), (cudaStream_t)stream);
+  if (err == cudaSuccess)
+    err = cudaStreamSynchronize((cudaStream_t)stream); /* before the scratch goes */
+  cudaFree(x);
+  cudaFree(y);
+  leave_device(p, previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_synthesize_to_params");
+  if (blas != CUBLAS_STATUS_SUCCESS)
+    return polyak_fail(p, POLYAK_ERR_CUDA, "polyak_synthesize_to_params: cuBLAS: %s: %s",
+                       cublasGetStatusName(blas), cublasGetStatusString(blas));
+  return POLYAK_OK;
+}
+
 static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   const cuda_state *state = p->backend;
@@ -863,6 +908,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .copy_to_params = cuda_copy_to_params,
     .blend = cuda_blend,
     .hard_update = cuda_hard_update,
+    .synthesize = cuda_synthesize,
     .products_read = cuda_products_read,
     .products_write = cuda_products_write,
     .check_grad_norm = cuda_check_grad_norm,

@@ -122,6 +122,10 @@ struct polyak_backend_ops {
   polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
                          polyak_dtype dst_dtype, void *stream);
 
+  /* every param <- sum_i weight[i] * snapshot i (snapshots stacked, each
+   * arena_elems floats, backend memory) */
+  polyak_status (*synthesize)(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
+                              void *stream);
   /* shadow k <- the params (a hard update), rounded to nearest even */
   polyak_status (*hard_update)(polyak_t *p, int shadow, void *stream);
   /* grad-norm shadows' beta products, kept where their updates compute
@@ -197,6 +201,10 @@ static inline int polyak_has_grad_norm(const polyak_config *c)
       return 1;
   return 0;
 }
+
+/* The factor a read-out of `shadow` multiplies by (1, or zero_init's
+ * debias), refusing what a captured read-out could not repeat. */
+polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale);
 
 /* p->beta_prod with the grad-norm shadows' fetched from the backend. */
 polyak_status polyak_refresh_products(polyak_t *p);

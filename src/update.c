@@ -181,6 +181,12 @@ static polyak_status refuse_debias_capture(polyak_t *p, void *stream, const char
   return status;
 }
 
+polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale)
+{
+  polyak_status status = debias_scale_of(p, shadow, function, scale);
+  return status == POLYAK_OK ? refuse_debias_capture(p, stream, function) : status;
+}
+
 /* The checks polyak_get_shadow and polyak_get_local_shadow share. */
 static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void *dst,
                                 polyak_dtype dst_dtype, const char *function)

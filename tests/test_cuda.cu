@@ -679,6 +679,67 @@ TEST_F(Gpu, ShadowsInTheCallersMemoryMatchTheCpuBackend)
   EXPECT_TRUE(contains(polyak_last_error(wrong.get()), "shadow")) << polyak_last_error(wrong.get());
 }
 
+TEST_F(Gpu, PosthocSnapshotsAndSynthesisMatchTheCpuBackend)
+{
+  polyak_config cfg = cpu_config(2);
+  for (int k = 0; k < 2; k++) {
+    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
+    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
+  }
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  both.randomize(21);
+  both.finalize();
+  int64_t elems = 0, gpu_elems = 0;
+  ASSERT_EQ(polyak_snapshot_elems(both.cpu.get(), &elems), POLYAK_OK);
+  ASSERT_EQ(polyak_snapshot_elems(both.gpu.get(), &gpu_elems), POLYAK_OK);
+  ASSERT_EQ(elems, gpu_elems);
+  const int num_snapshots = 8;
+  std::vector<float> host_stack(num_snapshots * elems), copied(num_snapshots * elems);
+  float *device_stack = nullptr;
+  CUDA_OK(cudaMalloc(&device_stack, host_stack.size() * sizeof(float)));
+  std::vector<int64_t> steps;
+  std::vector<double> sigmas;
+  for (int64_t step = 1; step <= 200; step++) {
+    both.randomize(140 + step);
+    both.update(step);
+    if (step % 50 == 0)
+      for (int k = 0; k < 2; k++) {
+        size_t at = steps.size() * elems;
+        ASSERT_EQ(polyak_snapshot(both.cpu.get(), k, host_stack.data() + at, nullptr), POLYAK_OK);
+        ASSERT_EQ(polyak_snapshot(both.gpu.get(), k, device_stack + at, nullptr), POLYAK_OK)
+            << polyak_last_error(both.gpu.get());
+        steps.push_back(step);
+        sigmas.push_back(k == 0 ? 0.05 : 0.10);
+      }
+  }
+  CUDA_OK(cudaMemcpy(copied.data(), device_stack, copied.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  ASSERT_EQ(0, std::memcmp(copied.data(), host_stack.data(), copied.size() * sizeof(float))) << "snapshots";
+  std::vector<double> c(num_snapshots);
+  ASSERT_EQ(polyak_posthoc_coefficients(num_snapshots, steps.data(), sigmas.data(), 200, 0.07, c.data()), POLYAK_OK);
+  ASSERT_EQ(polyak_synthesize_to_params(both.cpu.get(), host_stack.data(), num_snapshots, c.data(), nullptr),
+            POLYAK_OK);
+  ASSERT_EQ(polyak_synthesize_to_params(both.gpu.get(), device_stack, num_snapshots, c.data(), nullptr), POLYAK_OK)
+      << polyak_last_error(both.gpu.get());
+  // cuBLAS sums in its own order: equal within a few float roundings of the
+  // largest term, then within one unit of the param's dtype where that
+  // lands on the far side of a rounding boundary
+  double largest = 0, weight = 0;
+  for (float x : host_stack)
+    largest = std::max(largest, (double)std::fabs(x));
+  for (double x : c)
+    weight += std::fabs(x);
+  for (auto &tw : both.twins) {
+    Tensor got(tw.host.name, tw.host.dtype, tw.host.num_elems);
+    CUDA_OK(cudaMemcpy(got.data(), tw.device, tw.host.num_elems * dtype_bytes(tw.host.dtype), cudaMemcpyDeviceToHost));
+    double unit = tw.host.dtype == POLYAK_F32 ? 0x1p-23 : tw.host.dtype == POLYAK_BF16 ? 0x1p-7 : 0x1p-10;
+    for (int64_t e = 0; e < tw.host.num_elems; e++)
+      ASSERT_NEAR(got.get(e), tw.host.get(e), 1e-6 * weight * largest + unit * std::fabs(tw.host.get(e)))
+          << tw.host.name << " " << e;
+  }
+  cudaFree(device_stack);
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());
