@@ -143,7 +143,22 @@ typedef struct {
                                      0 (default): none */
   double grad_norm_c[POLYAK_MAX_SHADOWS]; /* c in (0, 1]: shadow k's beta follows the gradient
                                              norm (below); 0 (default): its schedule */
+  double layerwise_beta0[POLYAK_MAX_SHADOWS]; /* beta0 in (0, 1]: shadow k's beta is per tensor
+                                                 from the gradients (LAWA, below); 0: off */
 } polyak_config;
+
+/* Layer-wise adaptive decay (LAWA): a shadow with layerwise_beta0[k] =
+ * beta0 > 0 decays tensor l by beta_l = beta0 exp(-|g_l| / sum_j |g_j|),
+ * from the L2 norms of the step's gradients: a layer that takes a large
+ * share of the gradient averages over a shorter window. The norms come
+ * from the gradients registered with polyak_set_grads (one extra launch
+ * per update computes all of them, a fixed reduction order: the same
+ * gradients give the same bits on every run and backend) or from a
+ * per-tensor array given to polyak_set_layer_norms. beta and beta^gap for a
+ * gap are computed in double the same way on every backend. A non-finite
+ * gradient norm leaves these shadows as they were for the update. Such a
+ * shadow's schedule is not used; it needs start_step 0, count_updates 0,
+ * grad_norm_c 0, zero_init 0, one rank, and is not Lookahead's shadow. */
 
 /* Grad-norm adaptive decay: a shadow with grad_norm_c[k] = c > 0 takes, at
  * each update, beta = 1 - c / sqrt(1 + g^2) from the gradient norm g the
@@ -432,6 +447,24 @@ POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, in
  * wrong-side pointer, POLYAK_ERR_STATE for a handle without grad-norm
  * shadows. polyak_update refuses (POLYAK_ERR_STATE) until it is set. */
 POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
+
+/* LAWA's gradients: grads[i] is tensor i's gradient (num_elems of the
+ * param's dtype, contiguous, aligned, backend memory; NULL only for an
+ * empty tensor), read by every later update when it runs. The table is
+ * copied (uploaded once for CUDA); the memory is borrowed. After
+ * polyak_finalize; replaces polyak_set_layer_norms. POLYAK_ERR_STATE on a
+ * handle without LAWA shadows or before finalize; POLYAK_ERR_INVALID_ARG
+ * for a bad pointer. */
+POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
+
+/* ... or the norms themselves: num_tensors floats (backend memory), tensor
+ * i's gradient norm at [i], read by every later update when it runs. */
+POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
+
+/* Shadow `shadow`'s beta for each tensor at the last update (num_tensors
+ * doubles into host memory), for inspection; waits for the device.
+ * POLYAK_ERR_INVALID_ARG unless the shadow is a LAWA one. */
+POLYAK_API polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas);
 
 /* The product of the betas applied to shadow k so far (1 before any
  * update), in double: what zero_init's debias divides by 1 - of. For a

@@ -51,8 +51,34 @@ typedef struct {
   const float *grad_norm;  /* NULL: no such shadows */
   double grad_norm_c[POLYAK_MAX_SHADOWS];
   double *products;
+  /* LAWA shadows (layer_beta0[k] > 0): each chunk's weights from its
+   * tensor's betas, [tensor][POLYAK_MAX_SHADOWS], or NULL */
+  const double *layer_beta;
+  double layer_beta0[POLYAK_MAX_SHADOWS];
   unsigned long long *nonfinite_count;
 } polyak_update_kernel_args;
+
+/* LAWA's betas for one update (layerwise.h): from the gradients (grads,
+ * a device table) or the norms given (norms); blocks_done starts at 0 and
+ * is left so. */
+typedef struct {
+  const polyak_tensor_desc *descs;
+  const polyak_chunk *chunks;
+  int64_t num_chunks;
+  const int64_t *tensor_chunks; /* [num_tensors + 1] */
+  int64_t num_tensors;
+  void *const *grads;           /* or NULL: */
+  const float *norms;
+  float *chunk_sumsq;           /* [num_chunks] */
+  double *layer_norm;           /* [num_tensors] */
+  double *layer_beta;           /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  unsigned int *blocks_done;
+  int32_t num_shadows;
+  int32_t pad_;
+  double beta0[POLYAK_MAX_SHADOWS];
+} polyak_layer_args;
+
+cudaError_t polyak_launch_layer_betas(const polyak_layer_args *args, int grid, cudaStream_t stream);
 
 /* One launch of `grid` blocks: every shadow of every chunk. */
 cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,

@@ -78,21 +78,28 @@ POLYAK_HD void polyak_shadow_store(const polyak_tensor_desc *t, void *arena, int
     polyak_store_f32(arena, t->shadow_offset_elems + i, value, shadow_dtype);
 }
 
-/* Grad-norm decay over `gap` steps: (1 - c / sqrt(1 + g^2))^gap in double,
- * the power by repeated squaring; 1 (no change) for a non-finite g. Every
- * operation is correctly rounded, so host and device give the same bits. */
-POLYAK_HD double polyak_grad_norm_decay(double c, float grad_norm, int64_t gap)
+/* beta^gap in double by repeated squaring: correctly rounded products in
+ * a fixed order, so host and device give the same bits. */
+POLYAK_HD double polyak_power_of_gap(double beta, int64_t gap)
 {
-  if (!polyak_is_finite(grad_norm))
-    return 1.0;
-  double g = (double)grad_norm;
-  double beta = 1.0 - c / sqrt(1.0 + g * g), decay = 1.0;
+  double decay = 1.0;
   for (int64_t n = gap; n > 0; n >>= 1) {
     if (n & 1)
       decay *= beta;
     beta *= beta;
   }
   return decay;
+}
+
+/* Grad-norm decay over `gap` steps: (1 - c / sqrt(1 + g^2))^gap in double;
+ * 1 (no change) for a non-finite g. sqrt and division are correctly
+ * rounded too. */
+POLYAK_HD double polyak_grad_norm_decay(double c, float grad_norm, int64_t gap)
+{
+  if (!polyak_is_finite(grad_norm))
+    return 1.0;
+  double g = (double)grad_norm;
+  return polyak_power_of_gap(1.0 - c / sqrt(1.0 + g * g), gap);
 }
 
 /* The weights of the grad-norm shadows (c[k] > 0) of an update from the

@@ -7,6 +7,7 @@
  * right step at every replay.
  */
 #include "launch.h"
+#include "layerwise.h"
 #include "update_chunk.h"
 
 /* What this launch applies, resolved once per block into shared memory,
@@ -104,6 +105,12 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
     for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
       const polyak_chunk chunk = a.chunks[c];
       const polyak_tensor_desc t = a.descs[chunk.tensor];
+      if (a.layer_beta) { /* uniform across the launch: the block syncs around the write */
+        __syncthreads();
+        if (threadIdx.x == 0)
+          polyak_resolve_layerwise(&step.args, a.layer_beta0, a.layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
+        __syncthreads();
+      }
       nonfinite += polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x,
                                                      POLYAK_BLOCK_THREADS);
     }

@@ -89,12 +89,12 @@ static json_t *schedules_json(const polyak_config *cfg)
   for (int k = 0; k < cfg->num_shadows; k++) {
     const polyak_schedule *s = &cfg->schedules[k];
     json_array_append_new(
-        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f}", "kind",
+        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f, s:f}", "kind",
                         polyak_schedule_kind_name(s->kind), "beta", s->beta, "beta_min",
                         s->beta_min, "inv_gamma", s->inv_gamma, "power", s->power, "gamma",
                         s->gamma, "ramp_steps", (json_int_t)s->ramp_steps, "start_step",
                         (json_int_t)s->start_step, "count_updates", cfg->count_updates[k],
-                        "grad_norm_c", cfg->grad_norm_c[k]));
+                        "grad_norm_c", cfg->grad_norm_c[k], "layerwise_beta0", cfg->layerwise_beta0[k]));
   }
   return list;
 }
@@ -456,12 +456,13 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     polyak_schedule s;
     const char *kind = NULL;
     json_int_t ramp = 0, start = 0;
+    /* the modes beyond a schedule: absent from files older than them, and 0 there */
     int count_updates = 0;
-    double grad_norm_c = 0.0;
-    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s:b, s:F}", "kind",
+    double grad_norm_c = 0.0, layerwise_beta0 = 0.0;
+    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s?b, s?F, s?F}", "kind",
                     &kind, "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
-                    &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start,
-                    "count_updates", &count_updates, "grad_norm_c", &grad_norm_c) != 0 ||
+                    &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start, "count_updates",
+                    &count_updates, "grad_norm_c", &grad_norm_c, "layerwise_beta0", &layerwise_beta0) != 0 ||
         polyak_schedule_kind_from_name(kind) < 0) {
       status = FORMAT_ERROR("metadata \"schedules\"[%d] is not a schedule", k);
       break;
@@ -474,9 +475,10 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
                         count_updates, p->cfg.count_updates[k]);
       break;
     }
-    if (grad_norm_c != p->cfg.grad_norm_c[k]) {
-      status = MISMATCH("shadow %d was averaged with grad_norm_c = %.17g, this handle has %.17g", k,
-                        grad_norm_c, p->cfg.grad_norm_c[k]);
+    if (grad_norm_c != p->cfg.grad_norm_c[k] || layerwise_beta0 != p->cfg.layerwise_beta0[k]) {
+      status = MISMATCH("shadow %d was averaged with grad_norm_c = %.17g, layerwise_beta0 = %.17g; this handle "
+                        "has %.17g, %.17g",
+                        k, grad_norm_c, layerwise_beta0, p->cfg.grad_norm_c[k], p->cfg.layerwise_beta0[k]);
       break;
     }
     if (!polyak_schedule_same(&s, &p->cfg.schedules[k]))
@@ -508,9 +510,9 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (!version || strcmp(version, "1") != 0)
     return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)",
                         version ? version : "(missing)");
-  const char *names[] = {"step",          "num_shadows",   "shadow_dtype", "seed",
-                         "zero_init",     "lookahead_every", "nonfinite_count", "beta_products",
-                         "update_counts", "schedules",     "checksum"};
+  /* required; "lookahead_every" and "update_counts" are newer: absent, 0 */
+  const char *names[] = {"step",          "num_shadows", "shadow_dtype", "seed",    "zero_init",
+                         "nonfinite_count", "beta_products", "schedules", "checksum"};
   for (size_t n = 0; n < sizeof names / sizeof names[0]; n++)
     if (!metadata_text(metadata, names[n]))
       return FORMAT_ERROR("metadata \"%s\" is missing", names[n]);
@@ -540,7 +542,9 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (zero_init != p->cfg.zero_init)
     return MISMATCH("the file has zero_init = %lld, this handle %d", (long long)zero_init,
                     p->cfg.zero_init);
-  if (parse_int64(metadata_text(metadata, "lookahead_every"), &lookahead_every) != 0 || lookahead_every < 0)
+  const char *lookahead_text = metadata_text(metadata, "lookahead_every");
+  lookahead_every = 0;
+  if (lookahead_text && (parse_int64(lookahead_text, &lookahead_every) != 0 || lookahead_every < 0))
     return FORMAT_ERROR("metadata \"lookahead_every\" is not a count of steps");
   if (lookahead_every != p->cfg.lookahead_every)
     return MISMATCH("the file has lookahead_every = %lld, this handle %lld", (long long)lookahead_every,
@@ -557,12 +561,13 @@ static polyak_status check_metadata(polyak_t *p, json_t *metadata, checkpoint_he
   if (bad)
     return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]",
                         p->cfg.num_shadows);
-  json_t *counts = json_loads(metadata_text(metadata, "update_counts"), 0, &error);
-  bad = !json_is_array(counts) || (int)json_array_size(counts) != p->cfg.num_shadows;
+  const char *counts_text = metadata_text(metadata, "update_counts");
+  json_t *counts = counts_text ? json_loads(counts_text, 0, &error) : NULL;
+  bad = counts_text && (!json_is_array(counts) || (int)json_array_size(counts) != p->cfg.num_shadows);
   for (int k = 0; k < p->cfg.num_shadows && !bad; k++) {
-    json_t *v = json_array_get(counts, k);
-    h->updates_counted[k] = json_integer_value(v);
-    bad = !json_is_integer(v) || h->updates_counted[k] < 0;
+    json_t *v = json_array_get(counts, k); /* NULL without the list: 0 */
+    h->updates_counted[k] = v ? json_integer_value(v) : 0;
+    bad = (v && !json_is_integer(v)) || h->updates_counted[k] < 0;
   }
   json_decref(counts);
   if (bad)

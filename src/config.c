@@ -137,27 +137,32 @@ static polyak_status check_lookahead(const polyak_config *cfg, char *msg, size_t
   return POLYAK_OK;
 }
 
-/* grad_norm_c: a fraction in [0, 1] (c = 1 and g = 0 copy the params);
- * such a shadow's beta is all from the norm, so the schedule options that
- * count steps do not apply to it. */
-static polyak_status check_grad_norm(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+/* Shadows whose beta comes from gradients, grad_norm_c (one beta from the
+ * gradient norm) and layerwise_beta0 (one per tensor, LAWA): the value a
+ * fraction in [0, 1], and none of the options that shape a schedule's one
+ * beta per step; LAWA also keeps no beta product to debias with. */
+static polyak_status check_adaptive(const polyak_config *cfg, const char *field, const double *value, int layerwise,
+                                    char *msg, size_t msg_num_bytes)
 {
   for (int k = 0; k < cfg->num_shadows; k++) {
-    double c = cfg->grad_norm_c[k];
-    if (!(c >= 0.0 && c <= 1.0))
-      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                            "grad_norm_c[%d] = %g is outside [0, 1]", k, c);
-    if (c == 0.0)
+    if (!(value[k] >= 0.0 && value[k] <= 1.0))
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "%s[%d] = %g is outside [0, 1]", field, k,
+                            value[k]);
+    if (value[k] == 0.0)
       continue;
-    const char *conflict = cfg->schedules[k].start_step != 0 ? "a start_step"
-                           : cfg->count_updates[k]           ? "count_updates"
+    const char *conflict = cfg->schedules[k].start_step != 0                      ? "a start_step"
+                           : cfg->count_updates[k]                                ? "count_updates"
                            : cfg->lookahead_every > 0 && k == cfg->num_shadows - 1 ? "Lookahead"
-                                                                                    : NULL;
+                           : layerwise && cfg->grad_norm_c[k] != 0.0              ? "grad_norm_c"
+                           : layerwise && cfg->zero_init                          ? "zero_init"
+                                                                                  : NULL;
     if (conflict)
       return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                            "shadow %d follows the grad norm (grad_norm_c[%d] = %g) and cannot "
-                            "also have %s",
-                            k, k, c, conflict);
+                            "shadow %d takes its beta from gradients (%s[%d] = %g) and cannot also have %s", k,
+                            field, k, value[k], conflict);
+    if (layerwise && cfg->world_size > 1)
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
+                            "layer-wise shadows need every gradient on one rank (world_size %d)", cfg->world_size);
   }
   return POLYAK_OK;
 }
@@ -203,5 +208,8 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
     status = check_sharding(cfg, msg, msg_num_bytes);
   if (status == POLYAK_OK)
     status = check_lookahead(cfg, msg, msg_num_bytes);
-  return status == POLYAK_OK ? check_grad_norm(cfg, msg, msg_num_bytes) : status;
+  if (status == POLYAK_OK)
+    status = check_adaptive(cfg, "grad_norm_c", cfg->grad_norm_c, 0, msg, msg_num_bytes);
+  return status == POLYAK_OK ? check_adaptive(cfg, "layerwise_beta0", cfg->layerwise_beta0, 1, msg, msg_num_bytes)
+                             : status;
 }

@@ -6,9 +6,11 @@
  * software fallback is ~10x slower (same bits), so the plan walk is built
  * twice, for AVX2 with FMA and for the baseline ISA, and picked at run
  * time. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "layerwise.h"
 #include "polyak_internal.h"
 #include "polyak_math.h"
 
@@ -19,7 +21,13 @@ typedef struct {
   void *staging[POLYAK_MAX_SHADOWS];     /* a load's fresh arenas */
   void *store;                           /* polyak_store's copy of the params */
   double products[POLYAK_MAX_SHADOWS];   /* grad-norm shadows' beta products */
-  int64_t (*walk)(const polyak_t *, void *const *, const polyak_update_args *, float *); /* for this CPU */
+  /* LAWA: where the norms come from, and what each update computes */
+  void **layer_grads;                    /* [num_tensors], or NULL with layer_norms */
+  const float *layer_norms;              /* [num_tensors] given, or NULL */
+  float *chunk_sumsq;                    /* [num_chunks] */
+  double *layer_norm;                    /* [num_tensors] */
+  double *layer_beta;                    /* [num_tensors][num_shadows] */
+  int64_t (*walk)(const polyak_t *, void *const *, const polyak_update_args *, const double *, float *);
   float scratch[POLYAK_CHUNK_ELEMS];     /* one chunk's params as f32 */
 } cpu_state;
 
@@ -91,14 +99,22 @@ ALWAYS_INLINE int64_t update_owned_chunk(const polyak_tensor_desc *t, const poly
     nonfinite += update_chunk(t, chunk, shadows, args, param_dtype, shadow_dtype, scratch); \
     break;
 
+/* layer_beta: LAWA's betas (tensor-major), whose weights each chunk of a
+ * tensor resolves as the kernel does, or NULL. */
 #define DEFINE_WALK_PLAN(name, attributes)                                                    \
   attributes static int64_t name(const polyak_t *p, void *const *shadows,                    \
-                                 const polyak_update_args *args, float *scratch)              \
+                                 const polyak_update_args *all_chunks, const double *layer_beta, \
+                                 float *scratch)                                              \
   {                                                                                           \
     int64_t nonfinite = 0;                                                                    \
+    polyak_update_args layer = *all_chunks;                                                   \
+    const polyak_update_args *args = layer_beta ? &layer : all_chunks;                        \
     for (int64_t c = 0; c < p->num_chunks; c++) {                                             \
       const polyak_chunk *chunk = &p->chunks[c];                                              \
       const polyak_tensor_desc *t = &p->descs[chunk->tensor];                                 \
+      if (layer_beta)                                                                         \
+        polyak_resolve_layerwise(&layer, p->cfg.layerwise_beta0,                              \
+                                 layer_beta + (int64_t)chunk->tensor * POLYAK_MAX_SHADOWS);   \
       if (t->owned) {                                                                         \
         nonfinite += update_owned_chunk(t, chunk, args);                                      \
         continue;                                                                             \
@@ -120,6 +136,29 @@ DEFINE_WALK_PLAN(walk_plan, )
 DEFINE_WALK_PLAN(walk_plan_avx2, __attribute__((target("avx2,fma"))))
 #endif
 
+/* LAWA's betas from this step's gradients or norms, in the order
+ * layerwise.h fixes (the kernel's: POLYAK_LAYER_THREADS threads). */
+static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
+{
+  float part[POLYAK_LAYER_THREADS];
+  for (int64_t c = 0; c < p->num_chunks && s->layer_grads; c++) {
+    const polyak_chunk *chunk = &p->chunks[c];
+    for (int t = 0; t < POLYAK_LAYER_THREADS; t++)
+      part[t] = polyak_chunk_sumsq_part(s->layer_grads[chunk->tensor], p->descs[chunk->tensor].param_dtype, chunk, t);
+    s->chunk_sumsq[c] = polyak_sum_parts_f32(part);
+  }
+  double total_part[POLYAK_LAYER_THREADS] = {0};
+  for (int l = 0; l < p->num_tensors; l++) {
+    s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l]
+                                      : polyak_tensor_norm(s->chunk_sumsq, p->tensor_chunks[l], p->tensor_chunks[l + 1]);
+    total_part[l % POLYAK_LAYER_THREADS] += s->layer_norm[l];
+  }
+  double total = polyak_sum_parts_f64(total_part);
+  for (int l = 0; l < p->num_tensors; l++)
+    polyak_layer_betas(s->layer_norm[l], total, p->cfg.layerwise_beta0, p->cfg.num_shadows,
+                       s->layer_beta + (int64_t)l * POLYAK_MAX_SHADOWS);
+}
+
 static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, void *stream)
 {
   (void)stream;
@@ -127,7 +166,10 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
   polyak_update_args resolved = *args;
   if (p->grad_norm)
     polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, state->products);
-  state->nonfinite_count += state->walk(p, state->shadows, &resolved, state->scratch);
+  if (p->layer_source)
+    cpu_layer_betas(p, state);
+  state->nonfinite_count +=
+      state->walk(p, state->shadows, &resolved, p->layer_source ? state->layer_beta : NULL, state->scratch);
   return POLYAK_OK;
 }
 
@@ -166,6 +208,57 @@ static polyak_status refuse_device_params(polyak_t *p)
   return POLYAK_OK;
 }
 #endif
+
+/* Host memory, or the reads would crash. */
+static polyak_status refuse_device_memory(polyak_t *p, const void *memory, const char *what)
+{
+  (void)p, (void)memory, (void)what;
+#ifdef POLYAK_HAVE_CUDA
+  if (memory && polyak_cuda_is_device_memory(memory))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s %p is CUDA device memory; the CPU backend reads host memory",
+                       what, memory);
+#endif
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_set_layer_source(polyak_t *p, void *const *grads, const float *norms)
+{
+  cpu_state *s = p->backend;
+  char what[64];
+  polyak_status status = refuse_device_memory(p, norms, "polyak_set_layer_norms: norms");
+  for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
+    snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
+    status = p->tensors[i].num_elems > 0 ? refuse_device_memory(p, grads[i], what) : POLYAK_OK;
+  }
+  if (status != POLYAK_OK)
+    return status;
+  size_t n = (size_t)p->num_tensors, k = POLYAK_MAX_SHADOWS;
+  void **table = grads ? malloc((n + 1) * sizeof *table) : NULL;
+  if (!s->layer_beta) { /* first call: the per-update arrays */
+    s->chunk_sumsq = malloc(((size_t)p->num_chunks + 1) * sizeof *s->chunk_sumsq);
+    s->layer_norm = malloc((n + 1) * sizeof *s->layer_norm);
+    s->layer_beta = malloc((n * k + 1) * sizeof *s->layer_beta);
+    for (size_t j = 0; s->layer_beta && j < n * k; j++)
+      s->layer_beta[j] = 1.0;
+  }
+  if ((grads && !table) || !s->chunk_sumsq || !s->layer_norm || !s->layer_beta) {
+    free(table);
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_set_grads: out of host memory");
+  }
+  if (grads)
+    memcpy(table, grads, n * sizeof *table);
+  free(s->layer_grads);
+  s->layer_grads = table;
+  s->layer_norms = norms;
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_layer_betas_read(polyak_t *p, double *betas)
+{
+  const cpu_state *s = p->backend;
+  memcpy(betas, s->layer_beta, (size_t)p->num_tensors * POLYAK_MAX_SHADOWS * sizeof *betas);
+  return POLYAK_OK;
+}
 
 static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 {
@@ -250,6 +343,10 @@ static void cpu_release(polyak_t *p)
   free_arenas(state->shadows);
   free_arenas(state->staging);
   free(state->store);
+  free(state->layer_grads);
+  free(state->chunk_sumsq);
+  free(state->layer_norm);
+  free(state->layer_beta);
   free(state);
   p->backend = NULL;
 }
@@ -552,6 +649,8 @@ const polyak_backend_ops polyak_cpu_ops = {
     .copy_to_params = cpu_copy_to_params,
     .blend = cpu_blend,
     .hard_update = cpu_hard_update,
+    .set_layer_source = cpu_set_layer_source,
+    .layer_betas = cpu_layer_betas_read,
     .synthesize = cpu_synthesize,
     .products_read = cpu_products_read,
     .products_write = cpu_products_write,

@@ -35,6 +35,14 @@ typedef struct {
   int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
   double *products;                  /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
   cublasHandle_t blas;               /* post-hoc synthesis; made at its first use */
+  /* LAWA, allocated at the first polyak_set_grads or _set_layer_norms */
+  void **layer_grads;                /* [num_tensors] device table, or unused with: */
+  const float *layer_norms;          /* the caller's [num_tensors], or NULL */
+  int64_t *tensor_chunks;            /* [num_tensors + 1] */
+  float *chunk_sumsq;                /* [num_chunks] */
+  double *layer_norm;                /* [num_tensors] */
+  double *layer_beta;                /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  unsigned int *layer_blocks_done;
 } cuda_state;
 
 /* ---- errors and devices ----------------------------------------------------- */
@@ -162,6 +170,12 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->graph_weights);
     if (state->blas)
       cublasDestroy(state->blas);
+    cudaFree(state->layer_grads);
+    cudaFree(state->tensor_chunks);
+    cudaFree(state->chunk_sumsq);
+    cudaFree(state->layer_norm);
+    cudaFree(state->layer_beta);
+    cudaFree(state->layer_blocks_done);
     leave_device(p, previous);
   }
   cudaGetLastError();
@@ -331,9 +345,37 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
   args->lookahead_every = p->cfg.lookahead_every;
   args->grad_norm = p->grad_norm;
   args->products = state->products;
-  for (int k = 0; k < p->cfg.num_shadows; k++)
+  args->layer_beta = p->layer_source ? state->layer_beta : NULL;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
     args->grad_norm_c[k] = p->cfg.grad_norm_c[k];
+    args->layer_beta0[k] = p->cfg.layerwise_beta0[k];
+  }
   args->nonfinite_count = &state->counters[COUNT_UPDATES];
+}
+
+/* LAWA: this update's betas, one launch ahead of it on the stream. */
+static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state, cudaStream_t stream)
+{
+  if (!p->layer_source)
+    return cudaSuccess;
+  polyak_layer_args args;
+  memset(&args, 0, sizeof args);
+  args.descs = state->descs;
+  args.chunks = state->chunks;
+  args.num_chunks = p->num_chunks;
+  args.tensor_chunks = state->tensor_chunks;
+  args.num_tensors = p->num_tensors;
+  args.grads = state->layer_norms ? NULL : state->layer_grads;
+  args.norms = state->layer_norms;
+  args.chunk_sumsq = state->chunk_sumsq;
+  args.layer_norm = state->layer_norm;
+  args.layer_beta = state->layer_beta;
+  args.blocks_done = state->layer_blocks_done;
+  args.num_shadows = p->cfg.num_shadows;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    args.beta0[k] = p->cfg.layerwise_beta0[k];
+  int grid = p->num_chunks < state->io_grid ? (p->num_chunks > 0 ? (int)p->num_chunks : 1) : state->io_grid;
+  return polyak_launch_layer_betas(&args, grid, stream);
 }
 
 static int update_grid(const polyak_t *p, const cuda_state *state)
@@ -370,7 +412,9 @@ static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, vo
     polyak_update_kernel_args args;
     fill_kernel_args(p, state, &args);
     args.step = *step;
-    err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+    err = launch_layer_betas(p, state, (cudaStream_t)stream);
+    if (err == cudaSuccess)
+      err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
     if (err != cudaSuccess)
       status = cuda_fail(p, err, "polyak_update: kernel launch");
   }
@@ -445,6 +489,88 @@ static polyak_status cuda_products_write(polyak_t *p, const double *products)
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "writing the grad-norm beta products");
 }
 
+/* The first time: the per-update arrays, the chunk ranges uploaded, the
+ * betas at 1. All or nothing. */
+static cudaError_t allocate_layerwise(const polyak_t *p, cuda_state *s)
+{
+  if (s->layer_beta)
+    return cudaSuccess;
+  size_t n = (size_t)p->num_tensors;
+  double *ones = malloc((n * POLYAK_MAX_SHADOWS + 1) * sizeof *ones);
+  cudaError_t err = ones ? cudaSuccess : cudaErrorMemoryAllocation;
+  for (size_t j = 0; ones && j < n * POLYAK_MAX_SHADOWS; j++)
+    ones[j] = 1.0;
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->layer_grads, (n + 1) * sizeof *s->layer_grads);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->tensor_chunks, (n + 1) * sizeof *s->tensor_chunks);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->chunk_sumsq, ((size_t)p->num_chunks + 1) * sizeof *s->chunk_sumsq);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->layer_norm, (n + 1) * sizeof *s->layer_norm);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->layer_blocks_done, sizeof *s->layer_blocks_done);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&s->layer_beta, (n * POLYAK_MAX_SHADOWS + 1) * sizeof *s->layer_beta);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(s->tensor_chunks, p->tensor_chunks, (n + 1) * sizeof *s->tensor_chunks, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess)
+    err = cudaMemset(s->layer_blocks_done, 0, sizeof *s->layer_blocks_done);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(s->layer_beta, ones, n * POLYAK_MAX_SHADOWS * sizeof *ones, cudaMemcpyHostToDevice);
+  free(ones);
+  if (err != cudaSuccess) {
+    void *all[] = {s->layer_grads, s->tensor_chunks, s->chunk_sumsq, s->layer_norm, s->layer_blocks_done, s->layer_beta};
+    for (size_t j = 0; j < sizeof all / sizeof all[0]; j++)
+      cudaFree(all[j]);
+    s->layer_grads = NULL, s->tensor_chunks = NULL, s->chunk_sumsq = NULL, s->layer_norm = NULL;
+    s->layer_blocks_done = NULL, s->layer_beta = NULL;
+  }
+  return err;
+}
+
+static polyak_status cuda_set_layer_source(polyak_t *p, void *const *grads, const float *norms)
+{
+  cuda_state *s = p->backend;
+  char what[64];
+  polyak_status status = norms ? check_device_pointer(p, norms, "polyak_set_layer_norms: norms") : POLYAK_OK;
+  for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
+    snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
+    status = p->tensors[i].num_elems > 0 ? check_device_pointer(p, grads[i], what) : POLYAK_OK;
+  }
+  if (status != POLYAK_OK)
+    return status;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = allocate_layerwise(p, s);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* no update still reads the old table */
+  if (err == cudaSuccess && grads) /* in place: captured graphs read the new one */
+    err = cudaMemcpy(s->layer_grads, grads, (size_t)p->num_tensors * sizeof *grads, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize();
+  leave_device(p, previous);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, grads ? "polyak_set_grads" : "polyak_set_layer_norms");
+  s->layer_norms = norms;
+  return POLYAK_OK;
+}
+
+static polyak_status cuda_layer_betas_read(polyak_t *p, double *betas)
+{
+  const cuda_state *s = p->backend;
+  int previous;
+  cudaError_t err = enter_device(p, &previous);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize();
+  if (err == cudaSuccess)
+    err = cudaMemcpy(betas, s->layer_beta, (size_t)p->num_tensors * POLYAK_MAX_SHADOWS * sizeof *betas,
+                     cudaMemcpyDeviceToHost);
+  leave_device(p, previous);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_get_layer_betas");
+}
+
 static polyak_status cuda_check_grad_norm(polyak_t *p, const float *grad_norm)
 {
   return check_device_pointer(p, grad_norm, "polyak_set_grad_norm: grad_norm");
@@ -511,7 +637,9 @@ static polyak_status cuda_graph_update(polyak_t *p, void *stream)
   args.step.num_shadows = p->cfg.num_shadows; /* step, weights and keys: from the device */
   args.step.skip_nonfinite = p->cfg.skip_nonfinite;
   args.graph = state->graph;
-  err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+  err = launch_layer_betas(p, state, (cudaStream_t)stream);
+  if (err == cudaSuccess)
+    err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_graph_update: kernel launch");
 }
@@ -908,6 +1036,8 @@ const polyak_backend_ops polyak_cuda_ops = {
     .copy_to_params = cuda_copy_to_params,
     .blend = cuda_blend,
     .hard_update = cuda_hard_update,
+    .set_layer_source = cuda_set_layer_source,
+    .layer_betas = cuda_layer_betas_read,
     .synthesize = cuda_synthesize,
     .products_read = cuda_products_read,
     .products_write = cuda_products_write,

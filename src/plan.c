@@ -67,9 +67,12 @@ polyak_status polyak_plan_build(polyak_t *p)
   for (int i = 0; i < p->num_tensors; i++)
     num_chunks += (pieces[i].num_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
   polyak_chunk *chunks = malloc(((size_t)num_chunks + 1) * sizeof *chunks);
-  if (!chunks) {
+  int64_t *tensor_chunks = malloc(((size_t)p->num_tensors + 1) * sizeof *tensor_chunks);
+  if (!chunks || !tensor_chunks) {
     free(pieces);
     free(descs);
+    free(chunks);
+    free(tensor_chunks);
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
                        "polyak_finalize: out of host memory for a plan of %lld chunks",
                        (long long)num_chunks);
@@ -89,6 +92,7 @@ polyak_status polyak_plan_build(polyak_t *p)
     descs[i].owned = t->owned ? t->shadow : NULL;
     descs[i].owned_dtype = (int32_t)t->shadow_dtype;
     descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0;
+    tensor_chunks[i] = chunk;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {
       int64_t rest = piece->num_elems - done;
       chunks[chunk].first_elem = piece->first_elem + done;
@@ -98,6 +102,7 @@ polyak_status polyak_plan_build(polyak_t *p)
     }
     store_offset += (t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype) + 15) / 16 * 16;
   }
+  tensor_chunks[p->num_tensors] = chunk;
   /* gathers need every rank's layout; every rank's arena is as large as the
    * largest, so an all-gather sends it whole */
   int64_t alloc_elems = arena_elems;
@@ -109,6 +114,7 @@ polyak_status polyak_plan_build(polyak_t *p)
       free(pieces);
       free(descs);
       free(chunks);
+      free(tensor_chunks);
       return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for the ranks' layouts");
     }
     for (int r = 0; r < p->cfg.world_size; r++) {
@@ -122,6 +128,7 @@ polyak_status polyak_plan_build(polyak_t *p)
   p->descs = descs;
   p->chunks = chunks;
   p->num_chunks = num_chunks;
+  p->tensor_chunks = tensor_chunks;
   p->arena_elems = arena_elems;
   p->arena_alloc_elems = alloc_elems;
   p->store_bytes = store_offset;
@@ -153,10 +160,12 @@ void polyak_plan_free(polyak_t *p)
 {
   free(p->descs);
   free(p->chunks);
+  free(p->tensor_chunks);
   free(p->layouts);
   p->layouts = NULL;
   p->descs = NULL;
   p->chunks = NULL;
+  p->tensor_chunks = NULL;
   p->num_chunks = 0;
   p->arena_elems = 0;
   p->arena_alloc_elems = 0;

@@ -54,6 +54,7 @@ struct polyak {
   polyak_tensor_desc *descs; /* [num_tensors] */
   polyak_chunk *chunks;      /* [num_chunks] */
   int64_t num_chunks;
+  int64_t *tensor_chunks;    /* [num_tensors + 1]: tensor i's chunks are [tensor_chunks[i], [i + 1]) */
   int64_t arena_elems;       /* elements in each shadow arena, padding included */
   int64_t arena_alloc_elems; /* the most any rank's arena holds: the all-gather's count */
   polyak_piece *layouts;     /* [world_size * num_tensors]: every rank's pieces, for gathers
@@ -67,6 +68,7 @@ struct polyak {
                                            shadows': the backend's, fetched when needed) */
   int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
   const float *grad_norm;               /* polyak_set_grad_norm's scalar (backend memory) */
+  int layer_source;                     /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -126,6 +128,12 @@ struct polyak_backend_ops {
    * arena_elems floats, backend memory) */
   polyak_status (*synthesize)(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
                               void *stream);
+  /* LAWA: the gradients (grads, num_tensors pointers) or the norms (norms)
+   * every later update reads, checked and kept; and the betas of the last
+   * update (num_tensors x POLYAK_MAX_SHADOWS, host memory; waits for the
+   * device) */
+  polyak_status (*set_layer_source)(polyak_t *p, void *const *grads, const float *norms);
+  polyak_status (*layer_betas)(polyak_t *p, double *betas);
   /* shadow k <- the params (a hard update), rounded to nearest even */
   polyak_status (*hard_update)(polyak_t *p, int shadow, void *stream);
   /* grad-norm shadows' beta products, kept where their updates compute
@@ -191,6 +199,15 @@ static inline int polyak_is_lookahead(const polyak_config *c, int k)
 static inline int polyak_is_grad_norm(const polyak_config *c, int k)
 {
   return c->grad_norm_c[k] > 0.0;
+}
+
+/* 1 if any shadow is layer-wise (LAWA). */
+static inline int polyak_has_layerwise(const polyak_config *c)
+{
+  for (int k = 0; k < c->num_shadows; k++)
+    if (c->layerwise_beta0[k] > 0.0)
+      return 1;
+  return 0;
 }
 
 /* 1 if any shadow follows the gradient norm. */

@@ -365,6 +365,37 @@ INSTANTIATE_TEST_SUITE_P(Checkpoint, DamagedFile, ::testing::ValuesIn(kDamages),
 
 // ---- crash safety ------------------------------------------------------------------
 
+TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
+{
+  // files written before update counting, Lookahead, grad-norm and LAWA
+  // lack their keys; absent means off
+  TempDir dir;
+  Model m;
+  m.step(1);
+  ASSERT_EQ(polyak_save(m.h.get(), dir.file("new").c_str()), POLYAK_OK);
+  auto old = edit_header(read_bytes(dir.file("new")), [](Parsed &f) {
+    json_object_del(f.metadata(), "lookahead_every");
+    json_object_del(f.metadata(), "update_counts");
+    json_error_t error;
+    json_t *schedules = json_loads(json_string_value(json_object_get(f.metadata(), "schedules")), 0, &error);
+    size_t k;
+    json_t *schedule;
+    json_array_foreach(schedules, k, schedule)
+    {
+      for (const char *key : {"count_updates", "grad_norm_c", "layerwise_beta0"})
+        json_object_del(schedule, key);
+    }
+    char *text = json_dumps(schedules, JSON_COMPACT);
+    json_object_set_new(f.metadata(), "schedules", json_string(text));
+    free(text);
+    json_decref(schedules);
+  });
+  write_bytes(dir.file("old"), old);
+  Model resumed;
+  ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
+  EXPECT_TRUE(resumed.state() == m.state());
+}
+
 TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)
 {
   TempDir dir;

@@ -2,6 +2,8 @@
 // Every test skips with a message when no CUDA device is present.
 #include "test_util.h"
 
+#include <functional>
+
 #include <cuda_runtime.h>
 
 #include <unistd.h>
@@ -121,6 +123,21 @@ struct Both {
       ASSERT_EQ(cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
     }
+  }
+  // Reserves steps first.. first + n - 1 on both, replays each after
+  // prepare(step), and releases.
+  void replay(int64_t first, int64_t n, const std::function<void(int64_t)> &prepare)
+  {
+    ASSERT_EQ(polyak_graph_reserve(cpu.get(), first, n, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_reserve(gpu.get(), first, n, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+    for (int64_t step = first; step < first + n; step++) {
+      prepare(step);
+      ASSERT_EQ(polyak_graph_update(cpu.get(), nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_graph_update(gpu.get(), nullptr), POLYAK_OK);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+    ASSERT_EQ(polyak_graph_release(cpu.get(), nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_graph_release(gpu.get(), nullptr), POLYAK_OK);
   }
   // Finalize on random params, then update at `steps`, params redrawn before each.
   void train(uint64_t seed, std::initializer_list<int64_t> steps)
@@ -601,17 +618,10 @@ TEST_F(Gpu, GradNormShadowsMatchTheCpuBackend)
   }
   both.expect_same();
   expect_products_same();
-  ASSERT_EQ(polyak_graph_reserve(both.cpu.get(), 9, 3, nullptr), POLYAK_OK); // a gap of 2 first
-  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 9, 3, nullptr), POLYAK_OK);
-  for (int64_t step = 9; step <= 11; step++) {
+  both.replay(9, 3, [&](int64_t step) { // a gap of 2 first
     set_norm(step);
     both.randomize(110 + step);
-    ASSERT_EQ(polyak_graph_update(both.cpu.get(), nullptr), POLYAK_OK);
-    ASSERT_EQ(polyak_graph_update(both.gpu.get(), nullptr), POLYAK_OK);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  }
-  ASSERT_EQ(polyak_graph_release(both.cpu.get(), nullptr), POLYAK_OK);
-  ASSERT_EQ(polyak_graph_release(both.gpu.get(), nullptr), POLYAK_OK);
+  });
   both.expect_same();
   expect_products_same();
   cudaFree(device_norm);
@@ -738,6 +748,54 @@ TEST_F(Gpu, PosthocSnapshotsAndSynthesisMatchTheCpuBackend)
           << tw.host.name << " " << e;
   }
   cudaFree(device_stack);
+}
+
+TEST_F(Gpu, LayerwiseShadowsMatchTheCpuBackend)
+{
+  // the norms are reduced in one fixed order on both: the same bits
+  polyak_config cfg = cpu_config(3, 0.9);
+  cfg.layerwise_beta0[0] = 0.99;
+  cfg.layerwise_beta0[2] = 0.9;
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  std::vector<Twin> grads = odd_twins();
+  std::vector<void *> host_table, device_table;
+  for (auto &g : grads) {
+    host_table.push_back(g.host.data());
+    device_table.push_back(g.device);
+  }
+  both.randomize(22);
+  both.finalize();
+  ASSERT_EQ(polyak_set_grads(both.cpu.get(), host_table.data()), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grads(both.gpu.get(), device_table.data()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  auto new_grads = [&](uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    for (size_t i = 0; i < grads.size(); i++) {
+      grads[i].host.randomize(rng, 0.0f, 0.05f * (float)(i % 4 + 1));
+      grads[i].upload();
+    }
+  };
+  auto expect_betas_same = [&]() {
+    for (int k : {0, 2}) {
+      std::vector<double> cpu(grads.size()), gpu(grads.size());
+      ASSERT_EQ(polyak_get_layer_betas(both.cpu.get(), k, cpu.data()), POLYAK_OK);
+      ASSERT_EQ(polyak_get_layer_betas(both.gpu.get(), k, gpu.data()), POLYAK_OK);
+      ASSERT_EQ(0, std::memcmp(cpu.data(), gpu.data(), cpu.size() * sizeof(double))) << "shadow " << k;
+    }
+  };
+  for (int64_t step : {1, 2, 5}) {
+    both.randomize(160 + step);
+    new_grads(170 + step);
+    both.update(step);
+  }
+  both.expect_same();
+  expect_betas_same();
+  both.replay(7, 2, [&](int64_t step) {
+    both.randomize(160 + step);
+    new_grads(170 + step);
+  });
+  both.expect_same();
+  expect_betas_same();
 }
 
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)

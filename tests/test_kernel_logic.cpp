@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "polyak_internal.h"
+#include "layerwise.h"
 #include "update_chunk.h"
 
 using namespace polyak_test;
@@ -25,16 +26,21 @@ struct AlignedArena {
 
 // The GPU run emulated: `grid` blocks walking the chunks grid-stride, each
 // thread of each block taking its share, sequentially; `descs` is the
-// plan's tensor table pointing at the emulation's own params.
+// plan's tensor table pointing at the emulation's own params. With LAWA
+// betas ([tensor][POLYAK_MAX_SHADOWS]) each chunk resolves its weights.
 int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs,
-                         void *const *shadows, const polyak_update_args &args, int grid, int threads)
+                         void *const *shadows, const polyak_update_args &all_chunks, int grid, int threads,
+                         const double *layer_beta = nullptr)
 {
   int64_t nonfinite = 0;
+  polyak_update_args args = all_chunks;
   for (int block = 0; block < grid; block++)
     for (int64_t c = block; c < p->num_chunks; c += grid)
       for (int thread = 0; thread < threads; thread++) {
         const polyak_chunk &chunk = p->chunks[c];
         const polyak_tensor_desc &t = descs[chunk.tensor];
+        if (layer_beta)
+          polyak_resolve_layerwise(&args, p->cfg.layerwise_beta0, layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
         nonfinite += p->cfg.shadow_dtype == POLYAK_F32
                          ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
                          : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
@@ -83,6 +89,7 @@ struct Case {
   std::vector<int64_t> steps;
   bool poison = false;
   bool grad_norm = false; // a norm that changes every step, for the grad-norm shadows
+  bool layerwise = false; // gradients for the LAWA shadows
 };
 
 // Runs `c` on a CPU handle and through the kernel logic on arenas that
@@ -121,6 +128,13 @@ void check_case(Case &c, int grid, int threads)
   if (c.grad_norm) {
     ASSERT_EQ(polyak_set_grad_norm(p, &norm), POLYAK_OK);
   }
+  std::vector<Tensor> grads = c.tensors;
+  std::vector<void *> grad_table;
+  for (auto &g : grads)
+    grad_table.push_back(g.data());
+  if (c.layerwise) {
+    ASSERT_EQ(polyak_set_grads(p, grad_table.data()), POLYAK_OK);
+  }
   int64_t count_before = 0, emulated_nonfinite = 0;
   for (int64_t step : c.steps) {
     norm = 0.37f * (float)step;
@@ -134,10 +148,19 @@ void check_case(Case &c, int grid, int threads)
           t.set(65536, -INFINITY);
       }
       std::memcpy(own[i].data(), t.data(), t.num_elems * dtype_bytes(t.dtype));
+      grads[i].randomize(rng, 0.0f, 0.1f * (float)(i % 5 + 1));
     }
     polyak_update_args args = args_for(p, step);
-    emulated_nonfinite += run_kernel_logic(p, descs, shadows, args, grid, threads);
-    ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK); // first: the emulation takes its LAWA betas
+    std::vector<double> layer_beta(p->num_tensors * POLYAK_MAX_SHADOWS, 1.0), betas(p->num_tensors);
+    for (int k = 0; k < p->cfg.num_shadows && c.layerwise; k++)
+      if (p->cfg.layerwise_beta0[k] > 0.0) {
+        ASSERT_EQ(polyak_get_layer_betas(p, k, betas.data()), POLYAK_OK);
+        for (int i = 0; i < p->num_tensors; i++)
+          layer_beta[i * POLYAK_MAX_SHADOWS + k] = betas[i];
+      }
+    emulated_nonfinite +=
+        run_kernel_logic(p, descs, shadows, args, grid, threads, c.layerwise ? layer_beta.data() : nullptr);
     for (size_t i = 0; i < c.tensors.size(); i++)
       ASSERT_EQ(0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
           << "params of tensor " << c.tensors[i].name << " after step " << step;
@@ -301,6 +324,16 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
             << params[i].name << " after step " << step << " poison " << poison;
     }
   }
+}
+
+TEST(KernelLogic, LayerwiseChunksTakeTheirTensorsWeights)
+{
+  Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 5}};
+  c.cfg.layerwise_beta0[0] = 0.99;
+  c.cfg.layerwise_beta0[2] = 0.9;
+  c.cfg.shadow_dtype = POLYAK_BF16;
+  c.layerwise = true;
+  check_case(c, 6, kBlockThreads);
 }
 
 TEST(KernelLogic, ResultsDoNotDependOnGridOrBlockSize)
