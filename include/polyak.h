@@ -307,9 +307,10 @@ POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
  * POLYAK_SHADOW_ROUND_NEAREST (which stalls where an update is below half
  * a unit in the last place, as at beta 0.999 in bf16). Such tensors need
  * num_shadows = 1, zero_init = 0, one rank and no Lookahead
- * (POLYAK_ERR_UNSUPPORTED otherwise). Checkpoints leave their shadows out:
- * they are the caller's model, saved with it; a checkpoint loads only where
- * the same tensors have their own shadows. */
+ * (POLYAK_ERR_UNSUPPORTED otherwise; a communicator too). Checkpoints leave
+ * their shadows out: they are the caller's model, saved with it; a
+ * checkpoint saved with them loads only into a handle where the same
+ * tensors have shadows of the caller's. */
 #define POLYAK_SHADOW_ROUND_NEAREST 1
 POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
                                                 polyak_dtype dtype, int ndim, const int64_t *shape,
@@ -328,7 +329,10 @@ POLYAK_API polyak_status polyak_finalize(polyak_t *p, void *stream);
  * nearest even into a 16-bit shadow), e.g. a DQN target network every N
  * steps. Its beta product becomes 0 (zero_init's debias is then 1); the
  * step and the schedule's counts stay. Ordered on `stream`; not while
- * steps are reserved for graph replays, nor captured (POLYAK_ERR_STATE). */
+ * steps are reserved for graph replays, nor captured (POLYAK_ERR_STATE).
+ * With skip_nonfinite a NaN/Inf param is refused (POLYAK_ERR_INVALID_ARG,
+ * nothing written), since the shadow could never recover; the CUDA backend
+ * scans first and so waits for the stream. */
 POLYAK_API polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream);
 
 /* Folds the current params into every shadow as the average after `step`
@@ -443,7 +447,8 @@ POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, in
  * of the handle's device (CUDA backend) or host memory (CPU backend), read by
  * every later update (and graph replay) when it runs, so the trainer writes
  * it in place each step, ordered before polyak_update on the stream. The
- * pointer is borrowed. POLYAK_ERR_INVALID_ARG for a NULL, misaligned or
+ * pointer is borrowed; a captured graph keeps the one set when it was
+ * captured. POLYAK_ERR_INVALID_ARG for a NULL, misaligned or
  * wrong-side pointer, POLYAK_ERR_STATE for a handle without grad-norm
  * shadows. polyak_update refuses (POLYAK_ERR_STATE) until it is set. */
 POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
@@ -458,7 +463,8 @@ POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_nor
 POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
 
 /* ... or the norms themselves: num_tensors floats (backend memory), tensor
- * i's gradient norm at [i], read by every later update when it runs. */
+ * i's gradient norm at [i], read by every later update when it runs (a
+ * captured graph keeps the pointer set when it was captured). */
 POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
 
 /* Shadow `shadow`'s beta for each tensor at the last update (num_tensors
@@ -536,6 +542,8 @@ POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
 /* Replaces every shadow and the step state with those saved in `path`.
  * The handle must be finalized with the same tensors (names and shapes),
  * the same number of shadows, shadow dtype, schedules, seed and zero_init,
+ * the same modes (count_updates, lookahead_every, grad_norm_c,
+ * layerwise_beta0) and the same tensors with shadows of the caller's,
  * so that continuing gives the bits an uninterrupted run would (updates at
  * steps up to the saved one are refused afterwards). Everything is checked
  * before anything changes: POLYAK_ERR_IO (missing or unreadable file),

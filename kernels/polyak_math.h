@@ -157,7 +157,7 @@ POLYAK_HD void polyak_store_f32(void *base, int64_t i, float value, int dtype)
 /* Rounds up in magnitude with probability (distance to the lower f16
  * neighbour) / (the gap between neighbours), so E[result] == x, as the bf16
  * version does: 13 of `random`'s bits for a normal half, up to 32 for a
- * subnormal one (magnitudes below 2^-32, 1/256 of the smallest subnormal,
+ * subnormal one (magnitudes below 2^-33, 1/512 of the smallest subnormal,
  * go to zero). Past the largest half (65504) the next step is Inf. Inf and
  * NaN pass through as polyak_f32_to_f16_rne gives them. */
 POLYAK_HD uint16_t polyak_f32_to_f16_sr(float x, uint32_t random)

@@ -274,7 +274,7 @@ static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 }
 
 /* A non-finite param among the kept elements (this rank's slice). */
-static polyak_status find_nonfinite_param(polyak_t *p)
+static polyak_status find_nonfinite_param(polyak_t *p, const char *function)
 {
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
@@ -283,10 +283,9 @@ static polyak_status find_nonfinite_param(polyak_t *p)
       float value = polyak_load_f32(t->param, e, t->dtype);
       if (!polyak_is_finite(value))
         return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                           "polyak_finalize: tensor %d (\"%s\") holds %s at element %lld; with "
-                           "skip_nonfinite its shadow would stay so forever (fix the params, "
-                           "or set zero_init or skip_nonfinite = 0)",
-                           i, t->name, value != value ? "NaN" : "Inf", (long long)e);
+                           "%s: tensor %d (\"%s\") holds %s at element %lld; with skip_nonfinite its "
+                           "shadow would stay so forever (fix the params, or set skip_nonfinite = 0)",
+                           function, i, t->name, value != value ? "NaN" : "Inf", (long long)e);
     }
   }
   return POLYAK_OK;
@@ -360,7 +359,7 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
     return refused;
 #endif
   if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
-    polyak_status status = find_nonfinite_param(p);
+    polyak_status status = find_nonfinite_param(p, "polyak_finalize");
     if (status != POLYAK_OK)
       return status;
   }
@@ -421,8 +420,10 @@ static polyak_status cpu_synthesize(polyak_t *p, const float *snapshots, int num
 static polyak_status cpu_hard_update(polyak_t *p, int shadow, void *stream)
 {
   (void)stream;
-  copy_params_into(p, ((cpu_state *)p->backend)->shadows[shadow], shadow);
-  return POLYAK_OK;
+  polyak_status status = p->cfg.skip_nonfinite ? find_nonfinite_param(p, "polyak_hard_update") : POLYAK_OK;
+  if (status == POLYAK_OK)
+    copy_params_into(p, ((cpu_state *)p->backend)->shadows[shadow], shadow);
+  return status;
 }
 
 static polyak_status cpu_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)

@@ -223,6 +223,43 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: cudaMalloc");
 }
 
+/* The params' non-finite elements (this rank's): found[COUNT_INIT] counts
+ * them, found[FIRST_NONFINITE] is the first's global index. Waits. */
+static cudaError_t scan_params(const polyak_t *p, cuda_state *state, cudaStream_t stream,
+                               unsigned long long found[NUM_COUNTERS])
+{
+  const unsigned long long fresh[2] = {0, UINT64_MAX}; /* COUNT_INIT, FIRST_NONFINITE */
+  cudaError_t err = cudaMemcpyAsync(&state->counters[COUNT_INIT], fresh, sizeof fresh, cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess && p->num_chunks > 0)
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, 0, 0, p->cfg.shadow_dtype,
+                             &state->counters[COUNT_INIT], &state->counters[FIRST_NONFINITE], state->io_grid, stream);
+  if (err == cudaSuccess)
+    err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(found, state->counters, NUM_COUNTERS * sizeof *found, cudaMemcpyDeviceToHost);
+  return err;
+}
+
+/* With skip_nonfinite, a non-finite param would keep its shadow so forever:
+ * refused before any shadow is written (the caller's own ones included). */
+static polyak_status refuse_nonfinite_params(polyak_t *p, cuda_state *state, cudaStream_t stream, const char *function)
+{
+  unsigned long long found[NUM_COUNTERS];
+  cudaError_t err = scan_params(p, state, stream, found);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, function);
+  if (found[COUNT_INIT] == 0)
+    return POLYAK_OK;
+  int64_t elem = (int64_t)found[FIRST_NONFINITE];
+  int i = polyak_tensor_of_element(p, elem);
+  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                     "%s: tensor %d (\"%s\") holds NaN or Inf at element %lld (%llu non-finite elements in "
+                     "all); with skip_nonfinite its shadow would stay so forever (fix the params, or set "
+                     "skip_nonfinite = 0)",
+                     function, i, p->tensors[i].name, (long long)(elem - p->descs[i].global_offset_elems),
+                     found[COUNT_INIT]);
+}
+
 static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_t stream)
 {
   const unsigned long long counters[NUM_COUNTERS] = {0, 0, UINT64_MAX};
@@ -241,31 +278,17 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
     err = cudaMemsetAsync(state->graph, 0, sizeof *state->graph, stream);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMemsetAsync(state->shadows[k], 0, arena_num_bytes, stream); /* padding, zero_init */
-  if (err == cudaSuccess && !p->cfg.zero_init && p->num_chunks > 0)
-    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, 0,
-                             p->cfg.num_shadows, p->cfg.shadow_dtype, &state->counters[COUNT_INIT],
-                             &state->counters[FIRST_NONFINITE], state->io_grid, stream);
+  polyak_status status = err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: initializing the shadows");
+  if (status == POLYAK_OK && p->cfg.skip_nonfinite && !p->cfg.zero_init)
+    status = refuse_nonfinite_params(p, state, stream, "polyak_finalize");
+  if (status != POLYAK_OK)
+    return status;
+  if (p->num_chunks > 0 && !p->cfg.zero_init)
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, 0, p->cfg.num_shadows,
+                             p->cfg.shadow_dtype, NULL, NULL, state->io_grid, stream);
   if (err == cudaSuccess)
     err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess)
-    return cuda_fail(p, err, "polyak_finalize: initializing the shadows");
-  if (p->cfg.zero_init || !p->cfg.skip_nonfinite)
-    return POLYAK_OK;
-
-  unsigned long long found[NUM_COUNTERS];
-  err = cudaMemcpy(found, state->counters, sizeof found, cudaMemcpyDeviceToHost);
-  if (err != cudaSuccess)
-    return cuda_fail(p, err, "polyak_finalize: reading the non-finite scan");
-  if (found[COUNT_INIT] == 0)
-    return POLYAK_OK;
-  int64_t elem = (int64_t)found[FIRST_NONFINITE];
-  int i = polyak_tensor_of_element(p, elem);
-  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                     "polyak_finalize: tensor %d (\"%s\") holds NaN or Inf at element %lld (%llu "
-                     "non-finite elements in all); with skip_nonfinite their shadows would stay so "
-                     "forever (fix the params, or set zero_init or skip_nonfinite = 0)",
-                     i, p->tensors[i].name, (long long)(elem - p->descs[i].global_offset_elems),
-                     found[COUNT_INIT]);
+  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: initializing the shadows");
 }
 
 #ifdef POLYAK_HAVE_NCCL
@@ -485,6 +508,8 @@ static polyak_status cuda_products_write(polyak_t *p, const double *products)
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
     err = cudaMemcpy(state->products, products, POLYAK_MAX_SHADOWS * sizeof *products, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) /* a pageable copy may land after it returns: before any stream's next update */
+    err = cudaDeviceSynchronize();
   leave_device(p, previous);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "writing the grad-norm beta products");
 }
@@ -765,6 +790,8 @@ static polyak_status cuda_staging_commit(polyak_t *p, int64_t nonfinite_count)
     err = cudaMemcpy(state->shadows[k], state->staging[k], arena_num_bytes, cudaMemcpyDeviceToDevice);
   if (err == cudaSuccess)
     err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) /* a pageable copy may land after it returns */
+    err = cudaDeviceSynchronize();
   leave_device(p, previous);
   free_staging(p, state);
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_load");
@@ -840,16 +867,21 @@ static polyak_status cuda_synthesize(polyak_t *p, const float *snapshots, int nu
 
 static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
-  const cuda_state *state = p->backend;
+  cuda_state *state = p->backend;
   if (p->num_chunks == 0)
     return POLYAK_OK;
   int previous;
   cudaError_t err = enter_device(p, &previous);
-  if (err == cudaSuccess)
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_hard_update");
+  polyak_status status = p->cfg.skip_nonfinite
+                             ? refuse_nonfinite_params(p, state, (cudaStream_t)stream, "polyak_hard_update")
+                             : POLYAK_OK;
+  if (status == POLYAK_OK)
     err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1,
                              p->cfg.shadow_dtype, NULL, NULL, io_grid_for(p, state), (cudaStream_t)stream);
   leave_device(p, previous);
-  return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_hard_update");
+  return status != POLYAK_OK ? status : err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_hard_update");
 }
 
 /* The chunks covering whole params: the plan's, or (sharded) a table of

@@ -110,7 +110,7 @@ static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype sh
   const polyak_config *c = &p->cfg;
   const char *conflict = c->num_shadows != 1      ? "num_shadows > 1 (the shadow is shadow 0, the only one)"
                          : c->zero_init           ? "zero_init (the shadow must be usable as it is)"
-                         : c->world_size > 1      ? "sharding (each rank would update a slice of it)"
+                         : c->world_size > 1 || c->nccl_comm ? "sharding or a communicator (ranks would gather it)"
                          : c->lookahead_every > 0 ? "Lookahead"
                                                   : NULL;
   if (conflict)

@@ -268,8 +268,10 @@ static polyak_status refuse_debias_capture(polyak_t *p, void *stream, const char
 
 polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale)
 {
-  polyak_status status = debias_scale_of(p, shadow, function, scale);
-  return status == POLYAK_OK ? refuse_debias_capture(p, stream, function) : status;
+  /* the capture first: fetching a grad-norm product synchronizes, which
+   * would break the caller's capture */
+  polyak_status status = refuse_debias_capture(p, stream, function);
+  return status == POLYAK_OK ? debias_scale_of(p, shadow, function, scale) : status;
 }
 
 /* The checks polyak_get_shadow and polyak_get_local_shadow share. */
@@ -304,13 +306,11 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
     return POLYAK_ERR_INVALID_ARG;
   double debias_scale = 1.0;
   polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, function);
-  if (status == POLYAK_OK)
-    status = debias_scale_of(p, shadow, function, &debias_scale);
   if (status == POLYAK_OK &&
       (whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
   if (status == POLYAK_OK)
-    status = refuse_debias_capture(p, stream, function);
+    status = polyak_debias_scale(p, shadow, stream, function, &debias_scale);
   if (status != POLYAK_OK)
     return status;
   if (whole && polyak_needs_gather(p, tensor))
@@ -360,9 +360,7 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
                        "polyak_copy_to_params: shadow = %d is outside 0..%d", shadow,
                        p->cfg.num_shadows - 1);
   double debias_scale = 1.0;
-  polyak_status status = debias_scale_of(p, shadow, "polyak_copy_to_params", &debias_scale);
-  if (status == POLYAK_OK)
-    status = refuse_debias_capture(p, stream, "polyak_copy_to_params");
+  polyak_status status = polyak_debias_scale(p, shadow, stream, "polyak_copy_to_params", &debias_scale);
   if (status != POLYAK_OK)
     return status;
   for (int i = 0; i < p->num_tensors; i++)

@@ -236,7 +236,7 @@ TEST(Math, F16StochasticRoundingPicksANeighbourWithExactOdds)
   EXPECT_EQ(polyak_f32_to_f16_sr(70000.0f, 0), 0x7C00);
   EXPECT_EQ(polyak_f32_to_f16_sr(-INFINITY, 123), 0xFC00);
   EXPECT_TRUE(std::isnan(polyak_f16_to_f32(polyak_f32_to_f16_sr(NAN, 99))));
-  EXPECT_EQ(polyak_f32_to_f16_sr(0x1p-40f, 0xFFFFFFFFu), 0) << "below 2^-32: zero";
+  EXPECT_EQ(polyak_f32_to_f16_sr(0x1p-40f, 0xFFFFFFFFu), 0) << "below 2^-33: zero";
 }
 
 TEST(Math, StochasticRoundingIsUnbiasedAcrossSteps)

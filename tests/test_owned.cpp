@@ -176,6 +176,12 @@ TEST(Owned, HardUpdateCopiesTheParamsAndZeroesTheProduct)
   int64_t step_after = 0;
   ASSERT_EQ(polyak_get_step(model.h.get(), &step_after), POLYAK_OK);
   EXPECT_EQ(step_after, step_before) << "the step stays";
+  // a NaN param is refused with the guard on, nothing written
+  auto kept = bytes_of(model.shadows[0]);
+  model.params[0].set(5, NAN);
+  EXPECT_EQ(polyak_hard_update(model.h.get(), 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(polyak_last_error(model.h.get()), "element 5")) << polyak_last_error(model.h.get());
+  EXPECT_EQ(bytes_of(model.shadows[0]), kept);
   EXPECT_EQ(polyak_hard_update(model.h.get(), 1, nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_hard_update(model.h.get(), -1, nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_hard_update(nullptr, 0, nullptr), POLYAK_ERR_INVALID_ARG);
