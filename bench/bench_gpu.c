@@ -145,6 +145,89 @@ static int run_sharding(const gpu_run *run)
   return 0;
 }
 
+/* Tensor i's place in the packed buffer `base` (bench_register's layout). */
+static void tensor_pointers(const bench_list *list, char *base, polyak_dtype dtype, void **out)
+{
+  size_t offset = 0;
+  for (int i = 0; i < list->num_tensors; i++) {
+    out[i] = base + offset;
+    offset += ((size_t)list->tensors[i].num_elems * bench_dtype_bytes(dtype) + 255) / 256 * 256;
+  }
+}
+
+enum { MODE_PLAIN, MODE_LOOKAHEAD, MODE_OWNED, MODE_GRAD_NORM, MODE_LAWA, NUM_MODES };
+
+/* A one-shadow f32 handle over the run's params in one of the modes. */
+static polyak_t *make_mode_handle(const gpu_run *run, int mode, void **params, void **owned, float *norm)
+{
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.backend = POLYAK_BACKEND_CUDA;
+  cfg.lookahead_every = mode == MODE_LOOKAHEAD ? 1 : 0; /* a sync every step: the write-back's worst case */
+  cfg.schedules[0].beta = mode == MODE_LOOKAHEAD ? 0.5 : 0.999;
+  cfg.grad_norm_c[0] = mode == MODE_GRAD_NORM ? 0.1 : 0.0;
+  cfg.layerwise_beta0[0] = mode == MODE_LAWA ? 0.999 : 0.0;
+  polyak_t *p = NULL;
+  polyak_status s = polyak_create(&p, &cfg);
+  for (int i = 0; i < run->list->num_tensors && s == POLYAK_OK; i++) {
+    const bench_tensor *t = &run->list->tensors[i];
+    s = mode == MODE_OWNED
+            ? polyak_add_with_shadow(p, t->name, params[i], run->param_dtype, t->ndim, t->shape, owned[i], POLYAK_BF16, 0)
+            : polyak_add(p, t->name, params[i], run->param_dtype, t->ndim, t->shape);
+  }
+  if (s == POLYAK_OK)
+    s = polyak_finalize(p, NULL);
+  if (s == POLYAK_OK && mode == MODE_GRAD_NORM)
+    s = polyak_set_grad_norm(p, norm);
+  if (s == POLYAK_OK && mode == MODE_LAWA)
+    s = polyak_set_grads(p, params); /* the params stand in for gradients */
+  if (s != POLYAK_OK) {
+    fprintf(stderr, "bench: %s mode %d: %s\n", run->list->name, mode, p ? polyak_last_error(p) : "create failed");
+    polyak_destroy(p);
+    return NULL;
+  }
+  return p;
+}
+
+/* The modes beyond one EMA against the plain update, same run, one f32
+ * shadow: Lookahead writing the params back at every step, a bf16 shadow
+ * in the caller's memory (the element-wise path), the grad-norm beta
+ * (a device scalar) and LAWA (its norm launch reads the gradients too). */
+static int run_modes(const gpu_run *run)
+{
+  static const char *impl[NUM_MODES] = {"polyak_mode_plain", "polyak_lookahead_every1", "polyak_owned_bf16",
+                                        "polyak_grad_norm", "polyak_lawa"};
+  size_t n = (size_t)run->list->num_tensors;
+  void **params = malloc((n + 1) * sizeof *params), **owned = malloc((n + 1) * sizeof *owned);
+  char *owned_base = NULL;
+  float *norm = NULL, one = 1.0f;
+  int failed = !params || !owned || cudaMalloc((void **)&owned_base, bench_params_bytes(run->list, POLYAK_BF16)) ||
+               cudaMalloc((void **)&norm, sizeof *norm) || cudaMemcpy(norm, &one, sizeof one, cudaMemcpyHostToDevice);
+  if (!failed) {
+    tensor_pointers(run->list, run->params, run->param_dtype, params);
+    tensor_pointers(run->list, owned_base, POLYAK_BF16, owned);
+  }
+  double plain_ms = 0.0;
+  for (int mode = 0; mode < NUM_MODES && !failed; mode++) {
+    polyak_t *h = make_mode_handle(run, mode, params, owned, norm);
+    failed = !h || time_handles(run, &h, 1);
+    polyak_destroy(h);
+    if (failed)
+      break;
+    double ms = median_ms(run);
+    plain_ms = mode == MODE_PLAIN ? ms : plain_ms;
+    polyak_dtype shadow_dtype = mode == MODE_OWNED ? POLYAK_BF16 : POLYAK_F32;
+    emit(run, shadow_dtype, 1, impl[mode], ms);
+    printf("%-10s %-5s mode %-24s %.3f ms, %.2fx the plain update\n", run->list->name,
+           bench_dtype_name(run->param_dtype), impl[mode], ms, ms / plain_ms);
+  }
+  cudaFree(owned_base);
+  cudaFree(norm);
+  free(params);
+  free(owned);
+  return failed ? -1 : 0;
+}
+
 /* What a C trainer writes by hand: per tensor and shadow, shadow *= beta,
  * then shadow += (1 - beta) * param, on f32 shadows; bf16 params are cast
  * to an f32 scratch first. */
@@ -264,6 +347,10 @@ int bench_gpu(const bench_options *options)
       if (strcmp(list.name, "llama2-7b") == 0 && run.param_dtype == POLYAK_F32 &&
           fits((double)list.num_elems * 4.0))
         failed = run_sharding(&run);
+      if (!failed && run.param_dtype == POLYAK_F32 &&
+          (strcmp(list.name, "gpt2-124m") == 0 || strcmp(list.name, "llama2-7b") == 0) &&
+          fits((double)list.num_elems * 6.0))
+        failed = run_modes(&run);
       for (int sd = 0; sd < 2 && !failed; sd++)
         for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
           double shadows_bytes = (double)list.num_elems * num_shadows * (double)bench_dtype_bytes(dtypes[sd]);

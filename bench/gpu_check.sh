@@ -83,8 +83,8 @@ step "ctest (whole suite, GPU tests)" run_ctest
 
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/compute-sanitizer/compute-sanitizer)
 gpu_filter='Gpu.*:-Gpu.Bf16TensorBeyond2To31Elements'
-# racecheck watches shared memory, which only the update kernel uses
-race_filter='Gpu.MatchesTheCpuBackendForEveryShadowCount:Gpu.CapturedUpdate*'
+# racecheck watches shared memory: the update kernel and the LAWA norms kernel use it
+race_filter='Gpu.MatchesTheCpuBackendForEveryShadowCount:Gpu.CapturedUpdate*:Gpu.LayerwiseShadowsMatchTheCpuBackend'
 step "compute-sanitizer memcheck" timeout 110 "$sanitizer" --tool memcheck --error-exitcode 1 \
   "${tests[0]}" --gtest_filter="$gpu_filter"
 step "compute-sanitizer racecheck" timeout 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
@@ -99,7 +99,7 @@ fi
 if [ -n "$gpu_jsonl" ] && python3 -c "import matplotlib" 2>/dev/null; then
   step "plot" timeout 30 python3 bench/plot.py "$gpu_jsonl"
 fi
-step "demo" timeout 20 "$build/examples/polyak_demo" 50000
+step "demo" timeout 40 "$build/examples/polyak_demo" 50000
 
 echo
 echo "=== summary: $card, $date, commit $commit (log: $(basename "$log"))"
