@@ -13,8 +13,10 @@
  *
  * A second table compares the modes beyond one EMA on the same problem: a
  * blend of two EMAs, SWA's mean of snapshots taken every 1000 steps
- * (count_updates), and Lookahead (k = 5, alpha = 0.5) in a run of its own,
- * since it changes the trajectory.
+ * (count_updates), an EMA whose beta follows the gradient norm, EDM2's
+ * post-hoc average for sigma_rel 0.07 synthesized from snapshots of 0.05
+ * and 0.10 (against one tracked at 0.07), and Lookahead (k = 5,
+ * alpha = 0.5) in a run of its own, since it changes the trajectory.
  *
  * Usage: polyak_demo [steps]   (default 200000)
  */
@@ -176,8 +178,8 @@ static double squared_distance(const float *a, const double *b)
   return sum;
 }
 
-/* One SGD step on a fresh minibatch. */
-static void sgd_step(float *theta, const double *theta_star)
+/* One SGD step on a fresh minibatch; returns the gradient's norm. */
+static double sgd_step(float *theta, const double *theta_star)
 {
   double grad[DIM] = {0};
   for (int b = 0; b < BATCH; b++) {
@@ -189,8 +191,126 @@ static void sgd_step(float *theta, const double *theta_star)
     for (int i = 0; i < DIM; i++)
       grad[i] += residual * x[i] / BATCH;
   }
-  for (int i = 0; i < DIM; i++)
+  double norm_sq = 0.0;
+  for (int i = 0; i < DIM; i++) {
     theta[i] -= (float)(kLearningRate * grad[i]);
+    norm_sq += grad[i] * grad[i];
+  }
+  return sqrt(norm_sq);
+}
+
+/* One float on the backend's side (the gradient norm polyak reads). */
+static float *scalar_on(const weights_home *home, float *host)
+{
+  float *scalar = host;
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA && cudaMalloc((void **)&scalar, sizeof *scalar) != cudaSuccess)
+    return NULL;
+#else
+  (void)home;
+#endif
+  return scalar;
+}
+
+static void set_scalar(const weights_home *home, float *scalar, float value)
+{
+  (void)home;
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA) {
+    cudaMemcpy(scalar, &value, sizeof value, cudaMemcpyHostToDevice);
+    return;
+  }
+#endif
+  *scalar = value;
+}
+
+/* EDM2 post-hoc: POWER shadows at sigma_rel 0.05 and 0.10 snapshotted
+ * along the run, and one tracked at 0.07 to check the synthesis against. */
+enum { EDM2_SNAPSHOTS = 40 };
+static const double kEdm2Sigma[3] = {0.05, 0.10, 0.07};
+
+typedef struct {
+  polyak_t *p;
+  float *stack; /* EDM2_SNAPSHOTS snapshots of DIM-element arenas, backend side */
+  int64_t steps[EDM2_SNAPSHOTS];
+  double sigmas[EDM2_SNAPSHOTS];
+  int count;
+} edm2_run;
+
+static int edm2_init(edm2_run *e, const weights_home *home)
+{
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.num_shadows = 3;
+  for (int k = 0; k < 3; k++) {
+    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
+    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(kEdm2Sigma[k]);
+  }
+  e->count = 0;
+  e->p = averages_of(home, &cfg);
+  int64_t elems = 0;
+  if (!e->p || polyak_snapshot_elems(e->p, &elems) != POLYAK_OK)
+    return -1;
+  size_t bytes = (size_t)EDM2_SNAPSHOTS * (size_t)elems * sizeof(float);
+  e->stack = malloc(bytes);
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA) {
+    free(e->stack);
+    if (cudaMalloc((void **)&e->stack, bytes) != cudaSuccess)
+      e->stack = NULL;
+  }
+#endif
+  return e->stack ? 0 : -1;
+}
+
+/* Snapshots of the 0.05 and 0.10 shadows at `step`. */
+static polyak_status edm2_snapshot(edm2_run *e, int64_t step)
+{
+  int64_t elems = 0;
+  polyak_status s = polyak_snapshot_elems(e->p, &elems);
+  for (int k = 0; k < 2 && s == POLYAK_OK && e->count < EDM2_SNAPSHOTS; k++, e->count++) {
+    s = polyak_snapshot(e->p, k, e->stack + (size_t)e->count * (size_t)elems, NULL);
+    e->steps[e->count] = step;
+    e->sigmas[e->count] = kEdm2Sigma[k];
+  }
+  return s;
+}
+
+/* The synthesized sigma_rel 0.07 at `step` into `out`, the params kept. */
+static polyak_status edm2_synthesize(edm2_run *e, const weights_home *home, int64_t step, float *out)
+{
+  double coefficients[EDM2_SNAPSHOTS];
+  polyak_status s = polyak_posthoc_coefficients(e->count, e->steps, e->sigmas, step, kEdm2Sigma[2], coefficients);
+  if (s == POLYAK_OK)
+    s = polyak_store(e->p, NULL);
+  if (s == POLYAK_OK)
+    s = polyak_synthesize_to_params(e->p, e->stack, e->count, coefficients, NULL);
+  if (s == POLYAK_OK) {
+    float *params = home->param;
+#ifdef POLYAK_DEMO_CUDA
+    if (home->backend == POLYAK_BACKEND_CUDA) {
+      cudaMemcpy(out, home->param, DIM * sizeof(float), cudaMemcpyDeviceToHost);
+      params = out;
+    }
+#endif
+    for (int i = 0; i < DIM; i++)
+      out[i] = params[i];
+    s = polyak_restore(e->p, NULL);
+  }
+  return s;
+}
+
+static void edm2_free(edm2_run *e, const weights_home *home)
+{
+  (void)home;
+  polyak_destroy(e->p);
+#ifdef POLYAK_DEMO_CUDA
+  if (home->backend == POLYAK_BACKEND_CUDA) {
+    cudaFree(e->stack);
+    return;
+  }
+#endif
+  free(e->stack);
 }
 
 /* Lookahead in a run of its own (it writes the weights back): the time
@@ -275,17 +395,37 @@ int main(int argc, char **argv)
     return polyak_destroy(p), 1;
   const double blend_weights[NUM_SHADOWS] = {0, 0.5, 0.5, 0, 0};
 
-  double raw_sq = 0.0, raw_lag = 0.0, shadow_sq[NUM_SHADOWS] = {0}, blend_sq = 0.0;
-  float prev_dev[DIM] = {0}, shadow[NUM_SHADOWS][DIM], blend[DIM], swa_mean[DIM];
-  long measured = 0, swa_snapshots = 0;
   polyak_status s;
+  /* an EMA whose beta follows the gradient norm: 1 - c / sqrt(1 + |g|^2) */
+  polyak_config gn_cfg;
+  polyak_config_init(&gn_cfg);
+  gn_cfg.grad_norm_c[0] = 0.01;
+  float grad_norm_host = 0.0f, *grad_norm = scalar_on(&home, &grad_norm_host);
+  polyak_t *gn = averages_of(&home, &gn_cfg);
+  if (!gn || !grad_norm || (s = polyak_set_grad_norm(gn, grad_norm)) != POLYAK_OK)
+    return fprintf(stderr, "demo: the grad-norm average: %s\n", gn ? polyak_last_error(gn) : "create failed"), 1;
+  edm2_run edm2;
+  if (edm2_init(&edm2, &home) != 0)
+    return fprintf(stderr, "demo: the EDM2 average: %s\n", edm2.p ? polyak_last_error(edm2.p) : "create failed"), 1;
+  const long snapshot_every = steps / (EDM2_SNAPSHOTS / 2);
+
+  double raw_sq = 0.0, raw_lag = 0.0, shadow_sq[NUM_SHADOWS] = {0}, blend_sq = 0.0, gn_sq = 0.0, norm_sum = 0.0;
+  float norm = 0.0f;
+  float prev_dev[DIM] = {0}, shadow[NUM_SHADOWS][DIM], blend[DIM], swa_mean[DIM], gn_mean[DIM];
+  long measured = 0, swa_snapshots = 0;
   clock_t start = clock();
 
   for (long step = 1; step <= steps; step++) {
-    sgd_step(theta, theta_star);
+    norm = (float)sgd_step(theta, theta_star);
+    set_scalar(&home, grad_norm, norm);
     upload(&home, theta);
     if ((s = polyak_update(p, step, NULL)) != POLYAK_OK)
       return fail("polyak_update", p, s);
+    if ((s = polyak_update(gn, step, NULL)) != POLYAK_OK)
+      return fail("polyak_update (grad norm)", gn, s);
+    if ((s = polyak_update(edm2.p, step, NULL)) != POLYAK_OK ||
+        (step % snapshot_every == 0 && (s = edm2_snapshot(&edm2, step)) != POLYAK_OK))
+      return fail("EDM2 update or snapshot", edm2.p, s);
     if (step > burn_in && step % swa_every == 0) {
       if ((s = polyak_update(swa, step, NULL)) != POLYAK_OK)
         return fail("polyak_update (SWA)", swa, s);
@@ -309,6 +449,10 @@ int main(int argc, char **argv)
       if ((s = read_blend(p, &home, blend_weights, blend)) != POLYAK_OK)
         return fail("polyak_get_blend", p, s);
       blend_sq += squared_distance(blend, theta_star);
+      if ((s = read_average(gn, &home, 0, gn_mean)) != POLYAK_OK)
+        return fail("polyak_get_shadow (grad norm)", gn, s);
+      gn_sq += squared_distance(gn_mean, theta_star);
+      norm_sum += norm;
       measured++;
     }
   }
@@ -365,13 +509,37 @@ int main(int argc, char **argv)
   printf("%-36s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
          sqrt(squared_distance(swa_mean, theta_star)), squared_distance(swa_mean, theta_star) / raw_var,
          1.0 / (double)swa_snapshots);
+  double mean_norm = norm_sum / measured;
+  printf("%-36s %13.5f   %.5f (time average); mean |g| %.2f: beta %.4f\n", "grad-norm beta, c = 0.01",
+         sqrt(squared_distance(gn_mean, theta_star)), gn_sq / measured / raw_var, mean_norm,
+         1.0 - 0.01 / sqrt(1.0 + mean_norm * mean_norm));
+  float tracked[DIM], synthesized[DIM];
+  if ((s = read_average(edm2.p, &home, 2, tracked)) != POLYAK_OK ||
+      (s = edm2_synthesize(&edm2, &home, steps, synthesized)) != POLYAK_OK)
+    return fail("EDM2 synthesis", edm2.p, s);
+  double gap_sq = 0.0;
+  for (int i = 0; i < DIM; i++)
+    gap_sq += ((double)synthesized[i] - tracked[i]) * ((double)synthesized[i] - tracked[i]);
+  char edm2_label[64];
+  snprintf(edm2_label, sizeof edm2_label, "EDM2 sigma_rel 0.07 from %d snapshots", edm2.count);
+  printf("%-36s %13.5f   %.5f (one draw); %.1e from the tracked 0.07\n", edm2_label,
+         sqrt(squared_distance(synthesized, theta_star)), squared_distance(synthesized, theta_star) / raw_var,
+         sqrt(gap_sq));
+  printf("%-36s %13.5f   %.5f (one draw)\n", "EDM2 sigma_rel 0.07 tracked", sqrt(squared_distance(tracked, theta_star)),
+         squared_distance(tracked, theta_star) / raw_var);
   printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
          la_fast_sq / raw_var);
   printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
          la_slow_sq / raw_var);
 
+  edm2_free(&edm2, &home);
+  polyak_destroy(gn);
   polyak_destroy(swa);
   polyak_destroy(p);
+#ifdef POLYAK_DEMO_CUDA
+  if (home.backend == POLYAK_BACKEND_CUDA)
+    cudaFree(grad_norm);
+#endif
   home_free(&home);
   return 0;
 }
