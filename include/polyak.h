@@ -270,7 +270,7 @@ POLYAK_API double polyak_beta_from_horizon(double horizon_steps);
  * back: gamma = the largest real root of
  * gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2).
  * sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94. sigma_rel peaks at
- * 0.3003 (gamma = -0.382); NaN outside gamma > -1 and 0 < sigma_rel <= peak. */
+ * 0.30028 (gamma = -0.382); NaN outside gamma > -1 and 0 < sigma_rel <= peak. */
 POLYAK_API double polyak_sigma_rel_from_gamma(double gamma);
 POLYAK_API double polyak_gamma_from_sigma_rel(double sigma_rel);
 
@@ -468,8 +468,9 @@ POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
 POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
 
 /* Shadow `shadow`'s beta for each tensor at the last update (num_tensors
- * doubles into host memory), for inspection; waits for the device.
- * POLYAK_ERR_INVALID_ARG unless the shadow is a LAWA one. */
+ * doubles into host memory; beta 1 before any), for inspection; waits for
+ * the device. POLYAK_ERR_INVALID_ARG unless the shadow is a LAWA one;
+ * POLYAK_ERR_STATE before polyak_set_grads or polyak_set_layer_norms. */
 POLYAK_API polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas);
 
 /* The product of the betas applied to shadow k so far (1 before any
@@ -491,10 +492,11 @@ POLYAK_API polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double
 /* The combination: coefficients[i] for snapshot i (taken at step
  * snapshot_steps[i] of a POWER shadow with snapshot_sigma_rels[i]) whose
  * profile is nearest in L2 that of sigma_rel read at `step`: the normal
- * equations solved exactly (Gaussian elimination with partial pivoting, in
- * double), then scaled to sum to 1. Pure host code; no handle.
+ * equations solved directly (Gaussian elimination with partial pivoting,
+ * in double), then scaled to sum to 1. Pure host code; no handle.
  * POLYAK_ERR_INVALID_ARG for bad inputs (num_snapshots outside
- * 1..POLYAK_MAX_SNAPSHOTS, a step below 1, a sigma_rel outside (0, 0.3003])
+ * 1..POLYAK_MAX_SNAPSHOTS, a step below 1, a sigma_rel outside (0, 0.30028],
+ * the peak of sigma_rel(gamma))
  * or two snapshots with the same profile (a singular system). */
 POLYAK_API polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snapshot_steps,
                                                      const double *snapshot_sigma_rels, int64_t step,
@@ -519,7 +521,9 @@ POLYAK_API polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, vo
  * snapshot order with the coefficients rounded to float; CUDA: one cuBLAS
  * SGEMV over the snapshots as the columns of a matrix (its own summation
  * order: equal to the CPU's within float rounding), then one kernel into
- * the params. polyak_store first to come back with polyak_restore. */
+ * the params; it allocates an arena of scratch and waits for the stream,
+ * so it cannot be captured (POLYAK_ERR_STATE). polyak_store first to come
+ * back with polyak_restore. */
 POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, int num_snapshots,
                                                      const double *coefficients, void *stream);
 

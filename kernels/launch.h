@@ -73,6 +73,7 @@ typedef struct {
   double *layer_norm;           /* [num_tensors] */
   double *layer_beta;           /* [num_tensors][POLYAK_MAX_SHADOWS] */
   unsigned int *blocks_done;
+  const polyak_graph_state *graph; /* graph mode: a replay past the reservation computes nothing */
   int32_t num_shadows;
   int32_t pad_;
   double beta0[POLYAK_MAX_SHADOWS];

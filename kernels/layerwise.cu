@@ -13,6 +13,8 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __shared__ double total_part[POLYAK_LAYER_THREADS];
   __shared__ double total;
   __shared__ int last;
+  if (a.graph && a.graph->consumed >= a.graph->num_steps) /* dropped, as its update will be */
+    return;
   for (int64_t c = blockIdx.x; c < a.num_chunks && a.grads; c += gridDim.x) {
     const polyak_chunk chunk = a.chunks[c];
     part[threadIdx.x] =
@@ -35,7 +37,7 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   for (int64_t l = threadIdx.x; l < a.num_tensors; l += POLYAK_LAYER_THREADS) {
     double norm = a.norms ? (double)a.norms[l] : polyak_tensor_norm(a.chunk_sumsq, a.tensor_chunks[l], a.tensor_chunks[l + 1]);
     a.layer_norm[l] = norm;
-    mine += norm;
+    mine += polyak_norm_term(norm);
   }
   total_part[threadIdx.x] = mine;
   __syncthreads();

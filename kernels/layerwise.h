@@ -67,6 +67,13 @@ POLYAK_HD double polyak_tensor_norm(const float *chunk_sumsq, int64_t first, int
   return sqrt(sum);
 }
 
+/* A norm's term in the total: a negative or NaN norm (given to
+ * polyak_set_layer_norms) makes the total NaN, so every beta is 1. */
+POLYAK_HD double polyak_norm_term(double norm)
+{
+  return norm >= 0.0 ? norm : NAN;
+}
+
 /* exp(x) for x in [-1, 0], to a few units in the last place: the Taylor
  * series to x^20 (remainder below 2e-20), nested from the inside. */
 POLYAK_HD double polyak_exp_unit(double x)
@@ -81,7 +88,8 @@ POLYAK_HD double polyak_exp_unit(double x)
 
 /* Step 4: tensor l's beta for each LAWA shadow (beta0[k] > 0; others get
  * 1). A total that is 0 gives beta0; a non-finite one (a NaN or Inf
- * gradient somewhere) gives 1: the shadows stay as they were. */
+ * gradient somewhere, or a negative norm given) gives 1: the shadows stay as
+ * they were. */
 POLYAK_HD void polyak_layer_betas(double norm, double total, const double *beta0, int num_shadows, double *beta)
 {
   int finite = total - total == 0.0; /* not NaN, not Inf */

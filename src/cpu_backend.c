@@ -26,7 +26,7 @@ typedef struct {
   const float *layer_norms;              /* [num_tensors] given, or NULL */
   float *chunk_sumsq;                    /* [num_chunks] */
   double *layer_norm;                    /* [num_tensors] */
-  double *layer_beta;                    /* [num_tensors][num_shadows] */
+  double *layer_beta;                    /* [num_tensors][POLYAK_MAX_SHADOWS] */
   int64_t (*walk)(const polyak_t *, void *const *, const polyak_update_args *, const double *, float *);
   float scratch[POLYAK_CHUNK_ELEMS];     /* one chunk's params as f32 */
 } cpu_state;
@@ -151,7 +151,7 @@ static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
   for (int l = 0; l < p->num_tensors; l++) {
     s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l]
                                       : polyak_tensor_norm(s->chunk_sumsq, p->tensor_chunks[l], p->tensor_chunks[l + 1]);
-    total_part[l % POLYAK_LAYER_THREADS] += s->layer_norm[l];
+    total_part[l % POLYAK_LAYER_THREADS] += polyak_norm_term(s->layer_norm[l]);
   }
   double total = polyak_sum_parts_f64(total_part);
   for (int l = 0; l < p->num_tensors; l++)
@@ -233,18 +233,24 @@ static polyak_status cpu_set_layer_source(polyak_t *p, void *const *grads, const
   if (status != POLYAK_OK)
     return status;
   size_t n = (size_t)p->num_tensors, k = POLYAK_MAX_SHADOWS;
+  int first = !s->layer_beta; /* the per-update arrays: all at the first call, or none */
   void **table = grads ? malloc((n + 1) * sizeof *table) : NULL;
-  if (!s->layer_beta) { /* first call: the per-update arrays */
-    s->chunk_sumsq = malloc(((size_t)p->num_chunks + 1) * sizeof *s->chunk_sumsq);
-    s->layer_norm = malloc((n + 1) * sizeof *s->layer_norm);
-    s->layer_beta = malloc((n * k + 1) * sizeof *s->layer_beta);
-    for (size_t j = 0; s->layer_beta && j < n * k; j++)
-      s->layer_beta[j] = 1.0;
-  }
-  if ((grads && !table) || !s->chunk_sumsq || !s->layer_norm || !s->layer_beta) {
+  float *chunk_sumsq = first ? malloc(((size_t)p->num_chunks + 1) * sizeof *chunk_sumsq) : s->chunk_sumsq;
+  double *layer_norm = first ? malloc((n + 1) * sizeof *layer_norm) : s->layer_norm;
+  double *layer_beta = first ? malloc((n * k + 1) * sizeof *layer_beta) : s->layer_beta;
+  if ((grads && !table) || !chunk_sumsq || !layer_norm || !layer_beta) {
     free(table);
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_set_grads: out of host memory");
+    if (first) {
+      free(chunk_sumsq);
+      free(layer_norm);
+      free(layer_beta);
+    }
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory",
+                       grads ? "polyak_set_grads" : "polyak_set_layer_norms");
   }
+  for (size_t j = 0; first && j < n * k; j++)
+    layer_beta[j] = 1.0;
+  s->chunk_sumsq = chunk_sumsq, s->layer_norm = layer_norm, s->layer_beta = layer_beta;
   if (grads)
     memcpy(table, grads, n * sizeof *table);
   free(s->layer_grads);
@@ -274,12 +280,15 @@ static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 }
 
 /* A non-finite param among the kept elements (this rank's slice). */
-static polyak_status find_nonfinite_param(polyak_t *p, const char *function)
+/* `whole`: every element (a hard update, which every rank must refuse
+ * alike), else this rank's (finalize). */
+static polyak_status find_nonfinite_param(polyak_t *p, int whole, const char *function)
 {
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     const polyak_tensor_desc *d = &p->descs[i];
-    for (int64_t e = d->local_first_elem; e < d->local_first_elem + d->local_num_elems; e++) {
+    int64_t first = whole ? 0 : d->local_first_elem, end = whole ? t->num_elems : first + d->local_num_elems;
+    for (int64_t e = first; e < end; e++) {
       float value = polyak_load_f32(t->param, e, t->dtype);
       if (!polyak_is_finite(value))
         return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
@@ -359,7 +368,7 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream)
     return refused;
 #endif
   if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
-    polyak_status status = find_nonfinite_param(p, "polyak_finalize");
+    polyak_status status = find_nonfinite_param(p, 0, "polyak_finalize");
     if (status != POLYAK_OK)
       return status;
   }
@@ -420,7 +429,7 @@ static polyak_status cpu_synthesize(polyak_t *p, const float *snapshots, int num
 static polyak_status cpu_hard_update(polyak_t *p, int shadow, void *stream)
 {
   (void)stream;
-  polyak_status status = p->cfg.skip_nonfinite ? find_nonfinite_param(p, "polyak_hard_update") : POLYAK_OK;
+  polyak_status status = p->cfg.skip_nonfinite ? find_nonfinite_param(p, 1, "polyak_hard_update") : POLYAK_OK;
   if (status == POLYAK_OK)
     copy_params_into(p, ((cpu_state *)p->backend)->shadows[shadow], shadow);
   return status;

@@ -223,15 +223,15 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
   return err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: cudaMalloc");
 }
 
-/* The params' non-finite elements (this rank's): found[COUNT_INIT] counts
- * them, found[FIRST_NONFINITE] is the first's global index. Waits. */
-static cudaError_t scan_params(const polyak_t *p, cuda_state *state, cudaStream_t stream,
-                               unsigned long long found[NUM_COUNTERS])
+/* The non-finite elements of the params `chunks` cover: found[COUNT_INIT]
+ * counts them, found[FIRST_NONFINITE] is the first's global index. Waits. */
+static cudaError_t scan_params(const polyak_t *p, cuda_state *state, const polyak_chunk *chunks, int64_t num_chunks,
+                               cudaStream_t stream, unsigned long long found[NUM_COUNTERS])
 {
   const unsigned long long fresh[2] = {0, UINT64_MAX}; /* COUNT_INIT, FIRST_NONFINITE */
   cudaError_t err = cudaMemcpyAsync(&state->counters[COUNT_INIT], fresh, sizeof fresh, cudaMemcpyHostToDevice, stream);
-  if (err == cudaSuccess && p->num_chunks > 0)
-    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, 0, 0, p->cfg.shadow_dtype,
+  if (err == cudaSuccess && num_chunks > 0)
+    err = polyak_launch_init(state->descs, chunks, num_chunks, state->shadows, 0, 0, p->cfg.shadow_dtype,
                              &state->counters[COUNT_INIT], &state->counters[FIRST_NONFINITE], state->io_grid, stream);
   if (err == cudaSuccess)
     err = cudaStreamSynchronize(stream);
@@ -241,11 +241,14 @@ static cudaError_t scan_params(const polyak_t *p, cuda_state *state, cudaStream_
 }
 
 /* With skip_nonfinite, a non-finite param would keep its shadow so forever:
- * refused before any shadow is written (the caller's own ones included). */
-static polyak_status refuse_nonfinite_params(polyak_t *p, cuda_state *state, cudaStream_t stream, const char *function)
+ * refused before any shadow is written (the caller's own ones included).
+ * `chunks`: this rank's (finalize), or the whole params (a hard update,
+ * which every rank must refuse alike). */
+static polyak_status refuse_nonfinite_params(polyak_t *p, cuda_state *state, const polyak_chunk *chunks,
+                                             int64_t num_chunks, cudaStream_t stream, const char *function)
 {
   unsigned long long found[NUM_COUNTERS];
-  cudaError_t err = scan_params(p, state, stream, found);
+  cudaError_t err = scan_params(p, state, chunks, num_chunks, stream, found);
   if (err != cudaSuccess)
     return cuda_fail(p, err, function);
   if (found[COUNT_INIT] == 0)
@@ -280,7 +283,7 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
     err = cudaMemsetAsync(state->shadows[k], 0, arena_num_bytes, stream); /* padding, zero_init */
   polyak_status status = err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_finalize: initializing the shadows");
   if (status == POLYAK_OK && p->cfg.skip_nonfinite && !p->cfg.zero_init)
-    status = refuse_nonfinite_params(p, state, stream, "polyak_finalize");
+    status = refuse_nonfinite_params(p, state, state->chunks, p->num_chunks, stream, "polyak_finalize");
   if (status != POLYAK_OK)
     return status;
   if (p->num_chunks > 0 && !p->cfg.zero_init)
@@ -377,7 +380,8 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
 }
 
 /* LAWA: this update's betas, one launch ahead of it on the stream. */
-static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state, cudaStream_t stream)
+static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state, const polyak_graph_state *graph,
+                                      cudaStream_t stream)
 {
   if (!p->layer_source)
     return cudaSuccess;
@@ -394,6 +398,7 @@ static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state
   args.layer_norm = state->layer_norm;
   args.layer_beta = state->layer_beta;
   args.blocks_done = state->layer_blocks_done;
+  args.graph = graph;
   args.num_shadows = p->cfg.num_shadows;
   for (int k = 0; k < p->cfg.num_shadows; k++)
     args.beta0[k] = p->cfg.layerwise_beta0[k];
@@ -431,11 +436,11 @@ static polyak_status cuda_update(polyak_t *p, const polyak_update_args *step, vo
                          "polyak_update: the stream is being captured, and a captured update "
                          "would apply step %lld at every replay; capture polyak_graph_update instead",
                          (long long)step->step);
-  } else if (p->num_chunks > 0 || p->grad_norm) { /* grad-norm products move even with no elements */
+  } else if (p->num_chunks > 0 || p->grad_norm || p->layer_source) { /* products and betas move regardless */
     polyak_update_kernel_args args;
     fill_kernel_args(p, state, &args);
     args.step = *step;
-    err = launch_layer_betas(p, state, (cudaStream_t)stream);
+    err = launch_layer_betas(p, state, NULL, (cudaStream_t)stream);
     if (err == cudaSuccess)
       err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
     if (err != cudaSuccess)
@@ -662,7 +667,7 @@ static polyak_status cuda_graph_update(polyak_t *p, void *stream)
   args.step.num_shadows = p->cfg.num_shadows; /* step, weights and keys: from the device */
   args.step.skip_nonfinite = p->cfg.skip_nonfinite;
   args.graph = state->graph;
-  err = launch_layer_betas(p, state, (cudaStream_t)stream);
+  err = launch_layer_betas(p, state, state->graph, (cudaStream_t)stream);
   if (err == cudaSuccess)
     err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
   leave_device(p, previous);
@@ -865,6 +870,8 @@ static polyak_status cuda_synthesize(polyak_t *p, const float *snapshots, int nu
   return POLYAK_OK;
 }
 
+static polyak_status store_chunks(polyak_t *p, cuda_state *state);
+
 static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   cuda_state *state = p->backend;
@@ -874,9 +881,12 @@ static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
   cudaError_t err = enter_device(p, &previous);
   if (err != cudaSuccess)
     return cuda_fail(p, err, "polyak_hard_update");
-  polyak_status status = p->cfg.skip_nonfinite
-                             ? refuse_nonfinite_params(p, state, (cudaStream_t)stream, "polyak_hard_update")
-                             : POLYAK_OK;
+  polyak_status status = p->cfg.skip_nonfinite ? store_chunks(p, state) : POLYAK_OK; /* the whole params */
+  int whole = p->cfg.world_size > 1;
+  if (status == POLYAK_OK && p->cfg.skip_nonfinite)
+    status = refuse_nonfinite_params(p, state, whole ? state->store_chunks : state->chunks,
+                                     whole ? state->num_store_chunks : p->num_chunks, (cudaStream_t)stream,
+                                     "polyak_hard_update");
   if (status == POLYAK_OK)
     err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1,
                              p->cfg.shadow_dtype, NULL, NULL, io_grid_for(p, state), (cudaStream_t)stream);

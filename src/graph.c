@@ -95,7 +95,7 @@ polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done)
     return status;
   for (int64_t row = 0; row < consumed; row++)
     for (int k = 0; k < p->cfg.num_shadows; k++)
-      if (!polyak_is_grad_norm(&p->cfg, k)) /* the backend multiplies those */
+      if (polyak_host_product(&p->cfg, k))
         p->beta_prod[k] *= reserved_decay(p, k, row);
   for (int k = 0; k < p->cfg.num_shadows; k++)
     p->updates_counted[k] = counted_before(p, k, consumed);

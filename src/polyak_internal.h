@@ -223,6 +223,14 @@ static inline int polyak_has_grad_norm(const polyak_config *c)
  * debias), refusing what a captured read-out could not repeat. */
 polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale);
 
+/* 1 if the host keeps shadow k's beta product: not a grad-norm shadow's
+ * (the backend multiplies it) nor a layer-wise one's (one per tensor: none
+ * kept; it stays 1). */
+static inline int polyak_host_product(const polyak_config *c, int k)
+{
+  return !polyak_is_grad_norm(c, k) && !(c->layerwise_beta0[k] > 0.0);
+}
+
 /* p->beta_prod with the grad-norm shadows' fetched from the backend. */
 polyak_status polyak_refresh_products(polyak_t *p);
 

@@ -4,7 +4,8 @@
  * Snapshots of a few such EMAs, taken along a run, span a space of
  * profiles; the average for another (t, sigma_rel) is the combination of
  * snapshots whose profile is nearest the wanted one in L2: the normal
- * equations of that least-squares problem, solved exactly, then scaled to
+ * equations of that least-squares problem, solved directly (Gaussian
+ * elimination with partial pivoting in double), then scaled to
  * sum to 1. The combination itself runs on the backend (snapshots stacked
  * as the columns of a matrix: one GEMV). */
 #include <math.h>
@@ -183,7 +184,11 @@ polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, i
                          "polyak_synthesize_to_params: coefficients[%d] = %g is not a finite float", i,
                          coefficients[i]);
   }
-  if (p->arena_elems > 0)
+  int capturing = 0;
+  status = p->ops->capturing(p, stream, &capturing);
+  if (status == POLYAK_OK && capturing) /* it allocates scratch and waits for the stream */
+    status = polyak_fail(p, POLYAK_ERR_STATE, "polyak_synthesize_to_params: cannot be captured into a graph");
+  if (status == POLYAK_OK && p->arena_elems > 0)
     status = p->ops->check_read_out(p, snapshots, stream, "polyak_synthesize_to_params");
   return status == POLYAK_OK ? p->ops->synthesize(p, snapshots, num_snapshots, weights, stream) : status;
 }

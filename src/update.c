@@ -91,7 +91,7 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
   if (status != POLYAK_OK)
     return status;
   for (int k = 0; k < p->cfg.num_shadows; k++) {
-    if (!polyak_is_grad_norm(&p->cfg, k)) /* the backend multiplies those; layer-wise ones have none */
+    if (polyak_host_product(&p->cfg, k))
       p->beta_prod[k] *= decay[k];
     p->updates_counted[k] += polyak_updates_counted_in(p, k, step - 1, step);
   }
@@ -215,7 +215,7 @@ polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_layer_betas: shadow %d is not a layer-wise one", shadow);
   if (!betas && p->num_tensors > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_layer_betas: betas is NULL");
-  if (!p->layer_source) /* no update has run: every beta is still its start */
+  if (!p->layer_source) /* nothing to compute betas from yet */
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_get_layer_betas: no gradients or norms are set");
   size_t count = (size_t)p->num_tensors * POLYAK_MAX_SHADOWS;
   double *all = malloc((count + 1) * sizeof *all);

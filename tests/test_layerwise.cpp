@@ -158,6 +158,12 @@ TEST(Layerwise, NormsCanBeGivenInsteadOfGradients)
   run.update(2);
   for (double beta : run.betas(0))
     EXPECT_EQ(beta, 0.9);
+  auto before = read_shadow(run.h.get(), 0, 0, 1001);
+  norms = {-1.0f, 2.0f, 1.0f, 1.0f}; // a negative norm is no norm: the step leaves the shadows
+  run.update(3);
+  for (double beta : run.betas(0))
+    EXPECT_EQ(beta, 1.0);
+  EXPECT_EQ(read_shadow(run.h.get(), 0, 0, 1001), before);
 }
 
 TEST(Layerwise, ANonFiniteGradientLeavesTheShadowsForTheStep)

@@ -280,3 +280,19 @@ TEST(Shard, LocalRangeAndLocalReadsValidateTheirArguments)
 }
 
 } // namespace
+
+TEST(Shard, AHardUpdateIsRefusedOnEveryRankAlike)
+{
+  // a NaN in one rank's slice: every rank refuses (the params are whole on
+  // each), so the ranks' shadows never disagree
+  World world(3, {1000, 7, 3000});
+  world.update(1);
+  std::vector<Snapshot> before;
+  for (auto &h : world.ranks)
+    before.push_back(snapshot(h.get(), 1, world.tensors));
+  world.tensors[2].set(2999, NAN); // the last rank's slice
+  for (size_t r = 0; r < world.ranks.size(); r++) {
+    EXPECT_EQ(polyak_hard_update(world.ranks[r].get(), 0, nullptr), POLYAK_ERR_INVALID_ARG) << "rank " << r;
+    EXPECT_TRUE(snapshot(world.ranks[r].get(), 1, world.tensors) == before[r]) << "rank " << r;
+  }
+}
