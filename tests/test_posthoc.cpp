@@ -208,6 +208,57 @@ TEST(Posthoc, ASynthesizedSigmaRelMatchesTheShadowTrackedAtIt)
   EXPECT_LT(synthesized * 100, near) << "nearest tracked: " << near;
 }
 
+TEST(Posthoc, SnapshotsKeptAsCheckpointFilesSynthesizeTheSame)
+{
+  // the snapshots as polyak_save files, read back later through a second
+  // handle of the same layout: the same floats as snapshots taken live
+  polyak_config cfg = cpu_config(2);
+  for (int k = 0; k < 2; k++) {
+    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
+    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
+  }
+  auto make = [&](std::vector<Tensor> &tensors) {
+    tensors.emplace_back("w", POLYAK_F32, 300);
+    tensors.emplace_back("b", POLYAK_BF16, 33, 2);
+    std::mt19937_64 rng(9);
+    for (auto &t : tensors)
+      t.randomize(rng);
+    Handle h = make_handle(cfg);
+    add_all(h.get(), tensors);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+    return h;
+  };
+  std::vector<Tensor> tensors, reader_tensors;
+  Handle h = make(tensors), reader = make(reader_tensors);
+  int64_t elems = 0;
+  ASSERT_EQ(polyak_snapshot_elems(h.get(), &elems), POLYAK_OK);
+  TempDir dir;
+  std::vector<float> live, from_files;
+  std::vector<std::string> files;
+  for (int64_t step = 1; step <= 300; step++) {
+    std::mt19937_64 rng(step);
+    for (auto &t : tensors)
+      t.randomize(rng, std::sin(0.01f * (float)step), 0.3f);
+    ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK);
+    if (step % 100 == 0) {
+      files.push_back(dir.file("step" + std::to_string(step)));
+      ASSERT_EQ(polyak_save(h.get(), files.back().c_str()), POLYAK_OK);
+      for (int k = 0; k < 2; k++) {
+        live.resize(live.size() + elems);
+        ASSERT_EQ(polyak_snapshot(h.get(), k, live.data() + live.size() - elems, nullptr), POLYAK_OK);
+      }
+    }
+  }
+  for (const auto &file : files) {
+    ASSERT_EQ(polyak_load(reader.get(), file.c_str()), POLYAK_OK) << polyak_last_error(reader.get());
+    for (int k = 0; k < 2; k++) {
+      from_files.resize(from_files.size() + elems);
+      ASSERT_EQ(polyak_snapshot(reader.get(), k, from_files.data() + from_files.size() - elems, nullptr), POLYAK_OK);
+    }
+  }
+  ASSERT_EQ(0, std::memcmp(live.data(), from_files.data(), live.size() * sizeof(float)));
+}
+
 TEST(Posthoc, SnapshotsAreTheDebiasedShadowsAndBadCallsChangeNothing)
 {
   polyak_config cfg = cpu_config(2);
