@@ -147,6 +147,19 @@ static polyak_status check_device_pointer(polyak_t *p, const void *ptr, const ch
 
 /* ---- finalize and destroy ------------------------------------------------ */
 
+/* LAWA's arrays (cudaFree of NULL is a no-op), left NULL. */
+static void free_layerwise(cuda_state *s)
+{
+  cudaFree(s->layer_grads);
+  cudaFree(s->tensor_chunks);
+  cudaFree(s->chunk_sumsq);
+  cudaFree(s->layer_norm);
+  cudaFree(s->layer_beta);
+  cudaFree(s->layer_blocks_done);
+  s->layer_grads = NULL, s->tensor_chunks = NULL, s->chunk_sumsq = NULL, s->layer_norm = NULL;
+  s->layer_blocks_done = NULL, s->layer_beta = NULL;
+}
+
 static void cuda_release(polyak_t *p)
 {
   cuda_state *state = p->backend;
@@ -170,12 +183,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->graph_weights);
     if (state->blas)
       cublasDestroy(state->blas);
-    cudaFree(state->layer_grads);
-    cudaFree(state->tensor_chunks);
-    cudaFree(state->chunk_sumsq);
-    cudaFree(state->layer_norm);
-    cudaFree(state->layer_beta);
-    cudaFree(state->layer_blocks_done);
+    free_layerwise(state);
     leave_device(p, previous);
   }
   cudaGetLastError();
@@ -549,13 +557,8 @@ static cudaError_t allocate_layerwise(const polyak_t *p, cuda_state *s)
   if (err == cudaSuccess)
     err = cudaMemcpy(s->layer_beta, ones, n * POLYAK_MAX_SHADOWS * sizeof *ones, cudaMemcpyHostToDevice);
   free(ones);
-  if (err != cudaSuccess) {
-    void *all[] = {s->layer_grads, s->tensor_chunks, s->chunk_sumsq, s->layer_norm, s->layer_blocks_done, s->layer_beta};
-    for (size_t j = 0; j < sizeof all / sizeof all[0]; j++)
-      cudaFree(all[j]);
-    s->layer_grads = NULL, s->tensor_chunks = NULL, s->chunk_sumsq = NULL, s->layer_norm = NULL;
-    s->layer_blocks_done = NULL, s->layer_beta = NULL;
-  }
+  if (err != cudaSuccess)
+    free_layerwise(s);
   return err;
 }
 

@@ -36,15 +36,10 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
                        (long long)p->graph_first_step,
                        (long long)(p->graph_first_step + p->graph_num_steps - 1));
   polyak_status status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
+  if (status == POLYAK_OK)
+    status = polyak_check_update_sources(p, "polyak_graph_reserve");
   if (status != POLYAK_OK)
     return status;
-  if (polyak_has_grad_norm(&p->cfg) && !p->grad_norm)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_graph_reserve: shadows follow the grad norm; call polyak_set_grad_norm first");
-  if (polyak_has_layerwise(&p->cfg) && !p->layer_source)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_graph_reserve: shadows are layer-wise; call polyak_set_grads or "
-                       "polyak_set_layer_norms first");
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
   if (num_steps < 1 || num_steps > INT64_MAX - first_step ||
       (uint64_t)num_steps > SIZE_MAX / row_num_bytes)

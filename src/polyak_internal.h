@@ -332,6 +332,18 @@ polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *nu
  * message): from 1, after the last update, skipping no Lookahead sync. */
 polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what);
 
+/* What an update reads besides the params is set: the grad norm, LAWA's
+ * gradients or norms. */
+polyak_status polyak_check_update_sources(polyak_t *p, const char *function);
+
+/* POLYAK_ERR_INVALID_ARG for a shadow index outside 0..num_shadows - 1. */
+polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function);
+
+/* POLYAK_ERR_STATE, with the formatted reason, if `stream` is being
+ * captured into a graph (the call could not be replayed as it ran). */
+polyak_status polyak_refuse_capture(polyak_t *p, void *stream, const char *format, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* The update arguments for `step` with per-shadow weights 1 - B. */
 void polyak_update_args_init(const polyak_t *p, int64_t step, int64_t gap, const float *weight,
                              polyak_update_args *args);

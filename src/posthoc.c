@@ -139,9 +139,9 @@ polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, void *stream)
   polyak_status status = check_posthoc(p, "polyak_snapshot");
   if (status != POLYAK_OK)
     return status;
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_snapshot: shadow = %d is outside 0..%d", shadow,
-                       p->cfg.num_shadows - 1);
+  status = polyak_check_shadow(p, shadow, "polyak_snapshot");
+  if (status != POLYAK_OK)
+    return status;
   if (!dst && p->arena_elems > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_snapshot: dst is NULL");
   if ((uintptr_t)dst % sizeof(float) != 0)
@@ -184,10 +184,8 @@ polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, i
                          "polyak_synthesize_to_params: coefficients[%d] = %g is not a finite float", i,
                          coefficients[i]);
   }
-  int capturing = 0;
-  status = p->ops->capturing(p, stream, &capturing);
-  if (status == POLYAK_OK && capturing) /* it allocates scratch and waits for the stream */
-    status = polyak_fail(p, POLYAK_ERR_STATE, "polyak_synthesize_to_params: cannot be captured into a graph");
+  /* it allocates scratch and waits for the stream */
+  status = polyak_refuse_capture(p, stream, "polyak_synthesize_to_params: cannot be captured into a graph");
   if (status == POLYAK_OK && p->arena_elems > 0)
     status = p->ops->check_read_out(p, snapshots, stream, "polyak_synthesize_to_params");
   return status == POLYAK_OK ? p->ops->synthesize(p, snapshots, num_snapshots, weights, stream) : status;

@@ -54,13 +54,8 @@ static polyak_status check_gather(polyak_t *p, void *stream)
                        p->cfg.world_size);
   if (!p->ops->all_gather)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "this backend cannot gather over NCCL");
-  int capturing = 0;
-  polyak_status status = p->ops->capturing(p, stream, &capturing);
-  if (status == POLYAK_OK && capturing)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "a gather cannot be captured into a graph: it allocates, synchronizes and "
-                         "gathers over NCCL");
-  return status;
+  return polyak_refuse_capture(
+      p, stream, "a gather cannot be captured into a graph: it allocates, synchronizes and gathers over NCCL");
 }
 
 polyak_status polyak_all_ready(polyak_t *p, int ready, polyak_status status_if_not, const char *what)

@@ -3,6 +3,8 @@
  * (per-shadow weights in double, debias scales), then hands over to the
  * backend. Step state changes only after the backend succeeded. */
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,6 +41,38 @@ polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what
   return POLYAK_OK;
 }
 
+polyak_status polyak_check_update_sources(polyak_t *p, const char *function)
+{
+  if (polyak_has_grad_norm(&p->cfg) && !p->grad_norm)
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: shadows follow the grad norm; call polyak_set_grad_norm first",
+                       function);
+  if (polyak_has_layerwise(&p->cfg) && !p->layer_source)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "%s: shadows are layer-wise; call polyak_set_grads or polyak_set_layer_norms first", function);
+  return POLYAK_OK;
+}
+
+polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function)
+{
+  if (shadow < 0 || shadow >= p->cfg.num_shadows)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow = %d is outside 0..%d", function, shadow,
+                       p->cfg.num_shadows - 1);
+  return POLYAK_OK;
+}
+
+polyak_status polyak_refuse_capture(polyak_t *p, void *stream, const char *format, ...)
+{
+  int capturing = 0;
+  polyak_status status = p->ops->capturing(p, stream, &capturing);
+  if (status != POLYAK_OK || !capturing)
+    return status;
+  va_list args;
+  va_start(args, format);
+  vsnprintf(p->last_error, sizeof p->last_error, format, args);
+  va_end(args);
+  return POLYAK_ERR_STATE;
+}
+
 polyak_status polyak_finalize(polyak_t *p, void *stream)
 {
   if (!p)
@@ -69,15 +103,10 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
                        "polyak_graph_release first",
                        (long long)p->graph_first_step);
   polyak_status status = polyak_check_next_step(p, step, "polyak_update: step");
+  if (status == POLYAK_OK)
+    status = polyak_check_update_sources(p, "polyak_update");
   if (status != POLYAK_OK)
     return status;
-  if (polyak_has_grad_norm(&p->cfg) && !p->grad_norm)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_update: shadows follow the grad norm; call polyak_set_grad_norm first");
-  if (polyak_has_layerwise(&p->cfg) && !p->layer_source)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_update: shadows are layer-wise; call polyak_set_grads or polyak_set_layer_norms "
-                       "first");
 
   double decay[POLYAK_MAX_SHADOWS];
   float weight[POLYAK_MAX_SHADOWS];
@@ -100,7 +129,8 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
 }
 
 /* The factor a read-out of `shadow` multiplies by: 1, or with zero_init
- * 1 / (1 - prod beta), which needs at least one applied beta below 1. */
+ * 1 / (1 - prod beta), which needs at least one applied beta below 1.
+ * Grad-norm shadows' products must be fetched first (fetch_products). */
 static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *function, double *scale)
 {
   *scale = 1.0;
@@ -111,9 +141,6 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
                        "%s: with zero_init the debias needs the replayed step count; call "
                        "polyak_graph_release first",
                        function);
-  polyak_status status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
-  if (status != POLYAK_OK)
-    return status;
   double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
   if (!(mass > 0.0))
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: with zero_init, shadow %d has no average yet (%s)",
@@ -232,9 +259,9 @@ polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_prod
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_beta_product: shadow = %d is outside 0..%d",
-                       shadow, p->cfg.num_shadows - 1);
+  polyak_status status = polyak_check_shadow(p, shadow, "polyak_get_beta_product");
+  if (status != POLYAK_OK)
+    return status;
   if (!beta_product)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_beta_product: beta_product is NULL");
   if (p->graph_reserved)
@@ -246,31 +273,29 @@ polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_prod
                        "polyak_get_beta_product: shadow %d is layer-wise: its betas are per tensor "
                        "(polyak_get_layer_betas)",
                        shadow);
-  polyak_status status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
+  status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
   if (status == POLYAK_OK)
     *beta_product = p->beta_prod[shadow];
   return status;
 }
 
-/* With zero_init a read-out multiplies by this step's debias factor, which
- * a captured graph would keep at every replay. */
-static polyak_status refuse_debias_capture(polyak_t *p, void *stream, const char *function)
+/* What a read-out's debias needs before the factors: with zero_init, a
+ * stream not being captured (a graph would keep this step's factor at
+ * every replay; fetching a grad-norm product synchronizes, which would
+ * break the capture), then the grad-norm products, fetched once. */
+static polyak_status prepare_debias(polyak_t *p, void *stream, const char *function)
 {
-  int capturing = 0;
-  polyak_status status = p->cfg.zero_init ? p->ops->capturing(p, stream, &capturing) : POLYAK_OK;
-  if (status == POLYAK_OK && capturing)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "%s: with zero_init a captured read-out would keep this step's debias "
-                         "factor at every replay",
-                         function);
-  return status;
+  if (!p->cfg.zero_init)
+    return POLYAK_OK;
+  polyak_status status = polyak_refuse_capture(
+      p, stream, "%s: with zero_init a captured read-out would keep this step's debias factor at every replay",
+      function);
+  return status == POLYAK_OK && !p->graph_reserved ? polyak_refresh_products(p) : status;
 }
 
 polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale)
 {
-  /* the capture first: fetching a grad-norm product synchronizes, which
-   * would break the caller's capture */
-  polyak_status status = refuse_debias_capture(p, stream, function);
+  polyak_status status = prepare_debias(p, stream, function);
   return status == POLYAK_OK ? debias_scale_of(p, shadow, function, scale) : status;
 }
 
@@ -280,9 +305,9 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
 {
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow = %d is outside 0..%d", function, shadow,
-                       p->cfg.num_shadows - 1);
+  polyak_status status = polyak_check_shadow(p, shadow, function);
+  if (status != POLYAK_OK)
+    return status;
   if (tensor < 0 || tensor >= p->num_tensors)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor = %d is outside 0..%d", function, tensor,
                        p->num_tensors - 1);
@@ -355,12 +380,10 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_copy_to_params: call polyak_finalize first");
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_copy_to_params: shadow = %d is outside 0..%d", shadow,
-                       p->cfg.num_shadows - 1);
   double debias_scale = 1.0;
-  polyak_status status = polyak_debias_scale(p, shadow, stream, "polyak_copy_to_params", &debias_scale);
+  polyak_status status = polyak_check_shadow(p, shadow, "polyak_copy_to_params");
+  if (status == POLYAK_OK)
+    status = polyak_debias_scale(p, shadow, stream, "polyak_copy_to_params", &debias_scale);
   if (status != POLYAK_OK)
     return status;
   for (int i = 0; i < p->num_tensors; i++)
@@ -391,7 +414,7 @@ static polyak_status blend_coefficients(polyak_t *p, const double *weights, int 
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "%s: the weights sum to %.9g, not 1 (pass POLYAK_BLEND_ANY_WEIGHTS to allow it)",
                        function, sum);
-  polyak_status status = refuse_debias_capture(p, stream, function);
+  polyak_status status = prepare_debias(p, stream, function);
   for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++) {
     double debias_scale = 1.0;
     if (weights[k] != 0.0)
@@ -432,19 +455,16 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_hard_update: call polyak_finalize first");
-  if (shadow < 0 || shadow >= p->cfg.num_shadows)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_hard_update: shadow = %d is outside 0..%d", shadow,
-                       p->cfg.num_shadows - 1);
+  polyak_status status = polyak_check_shadow(p, shadow, "polyak_hard_update");
+  if (status != POLYAK_OK)
+    return status;
   if (p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_hard_update: steps are reserved for graph replays; call polyak_graph_release "
                        "first");
-  int capturing = 0;
-  polyak_status status = p->ops->capturing(p, stream, &capturing);
-  if (status == POLYAK_OK && capturing)
-    status = polyak_fail(p, POLYAK_ERR_STATE,
-                         "polyak_hard_update: a captured hard update would reset the beta product only "
-                         "once, not at every replay");
+  status = polyak_refuse_capture(
+      p, stream, "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
+                 "replay");
   /* a grad-norm shadow's product lives on the backend: reset there first,
    * put back if the copy fails */
   double products[POLYAK_MAX_SHADOWS], kept = 1.0;
