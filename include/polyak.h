@@ -447,10 +447,12 @@ POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, in
  * of the handle's device (CUDA backend) or host memory (CPU backend), read by
  * every later update (and graph replay) when it runs, so the trainer writes
  * it in place each step, ordered before polyak_update on the stream. The
- * pointer is borrowed; a captured graph keeps the one set when it was
- * captured. POLYAK_ERR_INVALID_ARG for a NULL, misaligned or
- * wrong-side pointer, POLYAK_ERR_STATE for a handle without grad-norm
- * shadows. polyak_update refuses (POLYAK_ERR_STATE) until it is set. */
+ * pointer is borrowed. Graph replays read the pointer set when their steps
+ * were reserved, so while steps are reserved this call (like
+ * polyak_set_grads and polyak_set_layer_norms) returns POLYAK_ERR_STATE.
+ * POLYAK_ERR_INVALID_ARG for a NULL, misaligned or wrong-side pointer,
+ * POLYAK_ERR_STATE for a handle without grad-norm shadows. polyak_update
+ * refuses (POLYAK_ERR_STATE) until it is set. */
 POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
 
 /* LAWA's gradients: grads[i] is tensor i's gradient (num_elems of the
@@ -458,13 +460,13 @@ POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_nor
  * empty tensor), read by every later update when it runs. The table is
  * copied (uploaded once for CUDA); the memory is borrowed. After
  * polyak_finalize; replaces polyak_set_layer_norms. POLYAK_ERR_STATE on a
- * handle without LAWA shadows or before finalize; POLYAK_ERR_INVALID_ARG
- * for a bad pointer. */
+ * handle without LAWA shadows, before finalize or while steps are
+ * reserved for graph replays; POLYAK_ERR_INVALID_ARG for a bad pointer. */
 POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
 
 /* ... or the norms themselves: num_tensors floats (backend memory), tensor
- * i's gradient norm at [i], read by every later update when it runs (a
- * captured graph keeps the pointer set when it was captured). */
+ * i's gradient norm at [i], read by every later update when it runs
+ * (graph replays: the pointer set when their steps were reserved). */
 POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
 
 /* Shadow `shadow`'s beta for each tensor at the last update (num_tensors

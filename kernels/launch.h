@@ -30,6 +30,10 @@ typedef struct {
   int64_t num_steps;     /* 0 while nothing is reserved: replays are dropped */
   int64_t consumed;      /* reserved steps applied so far */
   int64_t dropped;       /* replays with no reserved step left */
+  /* what replays read besides the params, as set when the steps were
+   * reserved (a graph captured earlier holds only this struct's address) */
+  const float *grad_norm;   /* grad-norm shadows' norm, or NULL */
+  const float *layer_norms; /* LAWA's given norms, or NULL: from the gradients */
   uint32_t blocks_done;  /* the last block of a launch advances the counters */
   uint32_t pad_;
 } polyak_graph_state;
@@ -46,8 +50,9 @@ typedef struct {
   polyak_graph_state *graph;
   uint64_t seed;
   int64_t lookahead_every; /* Lookahead's syncs, resolved per replayed step */
-  /* grad-norm shadows (grad_norm_c[k] > 0): their weights from *grad_norm,
-   * their beta products multiplied in place by block 0 */
+  /* grad-norm shadows (grad_norm_c[k] > 0): their weights from *grad_norm
+   * (graph mode: the reservation's), their beta products multiplied in
+   * place by block 0 */
   const float *grad_norm;  /* NULL: no such shadows */
   double grad_norm_c[POLYAK_MAX_SHADOWS];
   double *products;
@@ -68,7 +73,7 @@ typedef struct {
   const int64_t *tensor_chunks; /* [num_tensors + 1] */
   int64_t num_tensors;
   void *const *grads;           /* or NULL: */
-  const float *norms;
+  const float *norms;           /* (graph mode: the reservation's norms, else grads) */
   float *chunk_sumsq;           /* [num_chunks] */
   double *layer_norm;           /* [num_tensors] */
   double *layer_beta;           /* [num_tensors][POLYAK_MAX_SHADOWS] */

@@ -15,10 +15,12 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __shared__ int last;
   if (a.graph && a.graph->consumed >= a.graph->num_steps) /* dropped, as its update will be */
     return;
-  for (int64_t c = blockIdx.x; c < a.num_chunks && a.grads; c += gridDim.x) {
+  const float *norms = a.graph ? a.graph->layer_norms : a.norms;
+  void *const *grads = norms ? NULL : a.grads;
+  for (int64_t c = blockIdx.x; c < a.num_chunks && grads; c += gridDim.x) {
     const polyak_chunk chunk = a.chunks[c];
     part[threadIdx.x] =
-        polyak_chunk_sumsq_part(a.grads[chunk.tensor], a.descs[chunk.tensor].param_dtype, &chunk, threadIdx.x);
+        polyak_chunk_sumsq_part(grads[chunk.tensor], a.descs[chunk.tensor].param_dtype, &chunk, threadIdx.x);
     __syncthreads();
     if (threadIdx.x == 0)
       a.chunk_sumsq[c] = polyak_sum_parts_f32(part);
@@ -35,7 +37,7 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __threadfence();
   double mine = 0.0;
   for (int64_t l = threadIdx.x; l < a.num_tensors; l += POLYAK_LAYER_THREADS) {
-    double norm = a.norms ? (double)a.norms[l] : polyak_tensor_norm(a.chunk_sumsq, a.tensor_chunks[l], a.tensor_chunks[l + 1]);
+    double norm = norms ? (double)norms[l] : polyak_tensor_norm(a.chunk_sumsq, a.tensor_chunks[l], a.tensor_chunks[l + 1]);
     a.layer_norm[l] = norm;
     mine += polyak_norm_term(norm);
   }

@@ -50,9 +50,10 @@ static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
 static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args &a,
                                                 polyak_resolved_step *out)
 {
-  if (!a.grad_norm || out->dropped)
+  const float *grad_norm = a.graph ? a.graph->grad_norm : a.grad_norm;
+  if (!grad_norm || out->dropped)
     return;
-  polyak_apply_grad_norm(&out->args, a.grad_norm_c, *a.grad_norm, blockIdx.x == 0 ? a.products : NULL);
+  polyak_apply_grad_norm(&out->args, a.grad_norm_c, *grad_norm, blockIdx.x == 0 ? a.products : NULL);
 }
 
 /* Graph mode: the last block to finish advances the reservation. */

@@ -271,6 +271,32 @@ static polyak_status refuse_nonfinite_params(polyak_t *p, cuda_state *state, con
                      found[COUNT_INIT]);
 }
 
+/* Sharded: the chunks of the whole params, for the calls that work on
+ * them (store, restore, a hard update's scan) where the plan holds this
+ * rank's slice. Uploaded on the finalize stream, so later kernels on any
+ * stream find them in place. */
+static polyak_status upload_whole_chunks(polyak_t *p, cuda_state *state, cudaStream_t stream)
+{
+  if (p->cfg.world_size == 1)
+    return POLYAK_OK;
+  polyak_chunk *chunks = NULL;
+  int64_t count = 0;
+  polyak_status status = polyak_full_chunks(p, &chunks, &count);
+  if (status != POLYAK_OK)
+    return status;
+  cudaError_t err = cudaMalloc((void **)&state->store_chunks, ((size_t)count + 1) * sizeof *chunks);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->store_chunks, chunks, (size_t)count * sizeof *chunks, cudaMemcpyHostToDevice,
+                          stream);
+  if (err == cudaSuccess)
+    err = cudaStreamSynchronize(stream); /* before the host table goes */
+  free(chunks);
+  if (err != cudaSuccess)
+    return cuda_fail(p, err, "polyak_finalize: the chunks of the whole params");
+  state->num_store_chunks = count;
+  return POLYAK_OK;
+}
+
 static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_t stream)
 {
   const unsigned long long counters[NUM_COUNTERS] = {0, 0, UINT64_MAX};
@@ -352,6 +378,8 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream)
     status = err == cudaSuccess ? allocate(p, state) : cuda_fail(p, err, "polyak_finalize");
   }
   if (status == POLYAK_OK)
+    status = upload_whole_chunks(p, state, (cudaStream_t)stream);
+  if (status == POLYAK_OK)
     status = upload_and_init(p, state, (cudaStream_t)stream);
 #ifdef POLYAK_HAVE_NCCL
   if (p->cfg.nccl_comm) /* all ranks finalize, with the same tensors and config, or none does */
@@ -400,7 +428,7 @@ static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state
   args.num_chunks = p->num_chunks;
   args.tensor_chunks = state->tensor_chunks;
   args.num_tensors = p->num_tensors;
-  args.grads = state->layer_norms ? NULL : state->layer_grads;
+  args.grads = state->layer_grads;
   args.norms = state->layer_norms;
   args.chunk_sumsq = state->chunk_sumsq;
   args.layer_norm = state->layer_norm;
@@ -636,6 +664,8 @@ static polyak_status cuda_graph_reserve(polyak_t *p, void *stream)
   graph.first_step = p->graph_first_step;
   graph.num_steps = p->graph_num_steps;
   graph.first_gap = p->graph_first_step - p->last_step;
+  graph.grad_norm = p->grad_norm;
+  graph.layer_norms = state->layer_norms;
   int previous;
   float *weights = NULL;
   cudaError_t err = enter_device(p, &previous);
@@ -873,8 +903,6 @@ static polyak_status cuda_synthesize(polyak_t *p, const float *snapshots, int nu
   return POLYAK_OK;
 }
 
-static polyak_status store_chunks(polyak_t *p, cuda_state *state);
-
 static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   cuda_state *state = p->backend;
@@ -884,9 +912,9 @@ static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
   cudaError_t err = enter_device(p, &previous);
   if (err != cudaSuccess)
     return cuda_fail(p, err, "polyak_hard_update");
-  polyak_status status = p->cfg.skip_nonfinite ? store_chunks(p, state) : POLYAK_OK; /* the whole params */
-  int whole = p->cfg.world_size > 1;
-  if (status == POLYAK_OK && p->cfg.skip_nonfinite)
+  polyak_status status = POLYAK_OK;
+  int whole = state->store_chunks != NULL; /* every rank scans the whole params and refuses alike */
+  if (p->cfg.skip_nonfinite)
     status = refuse_nonfinite_params(p, state, whole ? state->store_chunks : state->chunks,
                                      whole ? state->num_store_chunks : p->num_chunks, (cudaStream_t)stream,
                                      "polyak_hard_update");
@@ -895,30 +923,6 @@ static polyak_status cuda_hard_update(polyak_t *p, int shadow, void *stream)
                              p->cfg.shadow_dtype, NULL, NULL, io_grid_for(p, state), (cudaStream_t)stream);
   leave_device(p, previous);
   return status != POLYAK_OK ? status : err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, "polyak_hard_update");
-}
-
-/* The chunks covering whole params: the plan's, or (sharded) a table of
- * its own, built and uploaded at the first store. */
-static polyak_status store_chunks(polyak_t *p, cuda_state *state)
-{
-  if (p->cfg.world_size == 1 || state->store_chunks)
-    return POLYAK_OK;
-  polyak_chunk *chunks = NULL;
-  int64_t count = 0;
-  polyak_status status = polyak_full_chunks(p, &chunks, &count);
-  if (status != POLYAK_OK)
-    return status;
-  cudaError_t err = cudaMalloc((void **)&state->store_chunks, ((size_t)count + 1) * sizeof *chunks);
-  if (err == cudaSuccess)
-    err = cudaMemcpy(state->store_chunks, chunks, (size_t)count * sizeof *chunks, cudaMemcpyHostToDevice);
-  free(chunks);
-  if (err != cudaSuccess) {
-    cudaFree(state->store_chunks);
-    state->store_chunks = NULL;
-    return cuda_fail(p, err, "polyak_store: the chunk table");
-  }
-  state->num_store_chunks = count;
-  return POLYAK_OK;
 }
 
 static polyak_status cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst,
@@ -953,7 +957,7 @@ static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, c
   cuda_state *state = p->backend;
   int previous;
   cudaError_t err = enter_device(p, &previous);
-  polyak_status status = err == cudaSuccess ? store_chunks(p, state) : cuda_fail(p, err, what);
+  polyak_status status = err == cudaSuccess ? POLYAK_OK : cuda_fail(p, err, what);
   const polyak_chunk *chunks = state->store_chunks ? state->store_chunks : state->chunks;
   int64_t num_chunks = state->store_chunks ? state->num_store_chunks : p->num_chunks;
   if (status == POLYAK_OK && !state->store && (err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16)) != cudaSuccess)

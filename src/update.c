@@ -162,6 +162,17 @@ polyak_status polyak_refresh_products(polyak_t *p)
   return status;
 }
 
+/* Replays read what was set when their steps were reserved: a change now
+ * would apply to direct updates but not to them. */
+static polyak_status refuse_while_reserved(polyak_t *p, const char *function)
+{
+  return polyak_fail(p, POLYAK_ERR_STATE,
+                     "%s: steps %lld..%lld are reserved, and their replays read what was set at "
+                     "polyak_graph_reserve; call polyak_graph_release first",
+                     function, (long long)p->graph_first_step,
+                     (long long)(p->graph_first_step + p->graph_num_steps - 1));
+}
+
 polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
 {
   if (!p)
@@ -169,6 +180,8 @@ polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
   if (!polyak_has_grad_norm(&p->cfg))
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_set_grad_norm: no shadow follows the grad norm (grad_norm_c is 0 for all)");
+  if (p->graph_reserved)
+    return refuse_while_reserved(p, "polyak_set_grad_norm");
   if (!grad_norm)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grad_norm: grad_norm is NULL");
   if ((uintptr_t)grad_norm % sizeof(float) != 0)
@@ -187,6 +200,8 @@ static polyak_status check_layer_source(polyak_t *p, const char *function)
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: no shadow is layer-wise (layerwise_beta0 is 0 for all)", function);
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  if (p->graph_reserved)
+    return refuse_while_reserved(p, function);
   return POLYAK_OK;
 }
 

@@ -27,8 +27,14 @@ class Gpu : public ::testing::Test {
 protected:
   void SetUp() override
   {
-    if (!polyak_backend_available(POLYAK_BACKEND_CUDA))
-      GTEST_SKIP() << "no CUDA device: the CUDA backend is tested on a machine with a GPU";
+    // the reason as the library sees it (no device, or a driver too old
+    // for this runtime, ...); bench/gpu_check.sh looks for "GPU not used"
+    polyak_config cfg;
+    polyak_config_init(&cfg);
+    cfg.backend = POLYAK_BACKEND_CUDA;
+    char reason[512] = "";
+    if (polyak_check_config(&cfg, reason, sizeof reason) != POLYAK_OK)
+      GTEST_SKIP() << "GPU not used: " << reason;
   }
 };
 
@@ -185,6 +191,32 @@ struct Both {
     ASSERT_EQ(polyak_nonfinite_count(cpu.get(), &cpu_count), POLYAK_OK);
     ASSERT_EQ(polyak_nonfinite_count(gpu.get(), &gpu_count), POLYAK_OK);
     EXPECT_EQ(cpu_count, gpu_count);
+  }
+};
+
+// polyak_graph_update alone, captured on a non-blocking stream of its own
+// after reserving steps first..first + n - 1, and instantiated.
+struct CapturedUpdate {
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  void capture(polyak_t *p, int64_t first, int64_t n)
+  {
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    ASSERT_EQ(polyak_graph_reserve(p, first, n, stream), POLYAK_OK) << polyak_last_error(p);
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    ASSERT_EQ(polyak_graph_update(p, stream), POLYAK_OK);
+    CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  }
+  ~CapturedUpdate()
+  {
+    if (exec)
+      cudaGraphExecDestroy(exec);
+    if (graph)
+      cudaGraphDestroy(graph);
+    if (stream)
+      cudaStreamDestroy(stream);
   }
 };
 
@@ -420,15 +452,10 @@ TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
   both.randomize(11);
   both.finalize();
   both.randomize(12); // the params stay here; the steps' weights differ
-  cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 1, 5, stream), POLYAK_OK);
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  ASSERT_EQ(polyak_graph_update(both.gpu.get(), stream), POLYAK_OK);
-  CUDA_OK(cudaStreamEndCapture(stream, &graph));
-  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedUpdate captured;
+  captured.capture(both.gpu.get(), 1, 5);
+  cudaStream_t stream = captured.stream;
+  cudaGraphExec_t exec = captured.exec;
   auto replay = [&](int times) {
     for (int i = 0; i < times; i++)
       ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
@@ -454,9 +481,6 @@ TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
   for (int64_t step = 1; step <= 7; step++)
     ASSERT_EQ(polyak_update(both.cpu.get(), step, nullptr), POLYAK_OK);
   both.expect_same();
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
@@ -796,6 +820,125 @@ TEST_F(Gpu, LayerwiseShadowsMatchTheCpuBackend)
   });
   both.expect_same();
   expect_betas_same();
+}
+
+// One graph, captured once, replayed under two reservations: the second
+// reads the grad norm and LAWA's gradients set after the capture (the
+// first reservation's replays read given norms), as the CPU backend does.
+TEST_F(Gpu, ReplaysReadTheSourcesSetAtTheirReservation)
+{
+  polyak_config cfg = cpu_config(3, 0.9);
+  cfg.grad_norm_c[0] = 0.3;
+  cfg.layerwise_beta0[1] = 0.95;
+  Both both(cfg, odd_twins());
+  std::vector<Twin> grads = odd_twins();
+  std::vector<void *> host_table, device_table;
+  std::mt19937_64 rng(23);
+  for (auto &g : grads) {
+    g.host.randomize(rng, 0.0f, 0.1f);
+    g.upload();
+    host_table.push_back(g.host.data());
+    device_table.push_back(g.device);
+  }
+  const size_t num_tensors = both.twins.size();
+  std::vector<float> host_norms(num_tensors);
+  for (size_t i = 0; i < num_tensors; i++)
+    host_norms[i] = 0.1f + 0.05f * (float)(i % 7);
+  float host_norm[2] = {0.7f, 4.0f}, *device_norm = nullptr, *device_norms = nullptr;
+  CUDA_OK(cudaMalloc(&device_norm, 2 * sizeof(float)));
+  CUDA_OK(cudaMalloc(&device_norms, num_tensors * sizeof(float)));
+  CUDA_OK(cudaMemcpy(device_norm, host_norm, 2 * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(device_norms, host_norms.data(), num_tensors * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaDeviceSynchronize());
+  both.randomize(24);
+  both.finalize();
+  ASSERT_EQ(polyak_set_grad_norm(both.cpu.get(), &host_norm[0]), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grad_norm(both.gpu.get(), &device_norm[0]), POLYAK_OK);
+  ASSERT_EQ(polyak_set_layer_norms(both.cpu.get(), host_norms.data()), POLYAK_OK);
+  ASSERT_EQ(polyak_set_layer_norms(both.gpu.get(), device_norms), POLYAK_OK) << polyak_last_error(both.gpu.get());
+
+  CapturedUpdate captured;
+  captured.capture(both.gpu.get(), 1, 2);
+  auto replay = [&](int64_t first, int times) {
+    ASSERT_EQ(polyak_graph_reserve(both.cpu.get(), first, times, nullptr), POLYAK_OK);
+    for (int i = 0; i < times; i++) {
+      ASSERT_EQ(cudaGraphLaunch(captured.exec, captured.stream), cudaSuccess);
+      ASSERT_EQ(polyak_graph_update(both.cpu.get(), nullptr), POLYAK_OK);
+    }
+    int64_t done = -1;
+    ASSERT_EQ(polyak_graph_release(both.gpu.get(), &done), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    EXPECT_EQ(done, times);
+    ASSERT_EQ(polyak_graph_release(both.cpu.get(), nullptr), POLYAK_OK);
+  };
+  replay(1, 2);
+  both.expect_same();
+
+  // after the capture: another norm, and gradients instead of given norms
+  ASSERT_EQ(polyak_set_grad_norm(both.cpu.get(), &host_norm[1]), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grad_norm(both.gpu.get(), &device_norm[1]), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grads(both.cpu.get(), host_table.data()), POLYAK_OK);
+  ASSERT_EQ(polyak_set_grads(both.gpu.get(), device_table.data()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_graph_reserve(both.gpu.get(), 4, 3, captured.stream), POLYAK_OK);
+  EXPECT_EQ(polyak_set_grad_norm(both.gpu.get(), &device_norm[0]), POLYAK_ERR_STATE) << "while reserved";
+  replay(4, 3);
+  both.expect_same();
+  for (int k : {0, 1}) {
+    double cpu = -1, gpu = -2;
+    ASSERT_EQ(polyak_get_beta_product(both.cpu.get(), k, &cpu), POLYAK_OK);
+    ASSERT_EQ(polyak_get_beta_product(both.gpu.get(), k, &gpu), POLYAK_OK);
+    EXPECT_EQ(cpu, gpu) << "shadow " << k;
+  }
+  std::vector<double> cpu_betas(num_tensors), gpu_betas(num_tensors);
+  ASSERT_EQ(polyak_get_layer_betas(both.cpu.get(), 1, cpu_betas.data()), POLYAK_OK);
+  ASSERT_EQ(polyak_get_layer_betas(both.gpu.get(), 1, gpu_betas.data()), POLYAK_OK);
+  EXPECT_EQ(cpu_betas, gpu_betas);
+  cudaFree(device_norm);
+  cudaFree(device_norms);
+}
+
+// A sharded handle works on whole params for store, restore and a hard
+// update's scan: their chunk table is in place from finalize on, for
+// kernels on any stream (a non-blocking one here, right after finalize).
+TEST_F(Gpu, ShardedStoreAndHardUpdateOnANonBlockingStream)
+{
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.world_size = 2;
+  cfg.rank = 1;
+  Both both(cfg, odd_twins());
+  both.randomize(40);
+  both.finalize();
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::vector<std::vector<char>> before;
+  for (auto &tw : both.twins)
+    before.emplace_back((char *)tw.host.data(), (char *)tw.host.data() + tw.host.num_elems * dtype_bytes(tw.host.dtype));
+  ASSERT_EQ(polyak_store(both.gpu.get(), stream), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  for (auto &tw : both.twins)
+    CUDA_OK(cudaMemsetAsync(tw.device, 0x7f, tw.host.num_elems * dtype_bytes(tw.host.dtype), stream));
+  ASSERT_EQ(polyak_restore(both.gpu.get(), stream), POLYAK_OK);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  both.expect_params_same(); // the host twins still hold the params stored
+  both.randomize(41);
+  both.update(3);
+  both.randomize(42);
+  ASSERT_EQ(polyak_hard_update(both.cpu.get(), 1, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_hard_update(both.gpu.get(), 1, stream), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  CUDA_OK(cudaStreamSynchronize(stream));
+  for (int k = 0; k < 2; k++)
+    for (size_t i = 0; i < both.twins.size(); i++) {
+      int64_t first = -1, count = -1;
+      ASSERT_EQ(polyak_local_range(both.gpu.get(), (int)i, &first, &count), POLYAK_OK);
+      std::vector<float> want(count + 1), got(count + 1);
+      float *dst = nullptr;
+      CUDA_OK(cudaMalloc(&dst, (count + 1) * sizeof(float)));
+      ASSERT_EQ(polyak_get_local_shadow(both.cpu.get(), k, (int)i, want.data(), POLYAK_F32, nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_get_local_shadow(both.gpu.get(), k, (int)i, dst, POLYAK_F32, stream), POLYAK_OK);
+      CUDA_OK(cudaStreamSynchronize(stream));
+      CUDA_OK(cudaMemcpy(got.data(), dst, count * sizeof(float), cudaMemcpyDeviceToHost));
+      cudaFree(dst);
+      ASSERT_EQ(0, std::memcmp(want.data(), got.data(), count * sizeof(float))) << "shadow " << k << " tensor " << i;
+    }
+  cudaStreamDestroy(stream);
 }
 
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)

@@ -153,4 +153,48 @@ TEST(Graph, MisuseIsRefusedAndChangesNothing)
   EXPECT_EQ(polyak_graph_reserve(unfinalized.get(), 1, 1, nullptr), POLYAK_ERR_STATE);
 }
 
+TEST(Graph, SourcesOfTheUpdateCannotChangeWhileStepsAreReserved)
+{
+  // replays read the grad norm and LAWA's norms or gradients set at
+  // reserve time: a change during the reservation is refused, and it
+  // changes nothing (the replays still read what was set before)
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.grad_norm_c[0] = 0.3;
+  cfg.layerwise_beta0[1] = 0.95;
+  Pair pair(cfg);
+  float norm = 2.0f, other_norm = 7.0f;
+  std::vector<float> layer_norms = {0.5f, 1.5f}, other_layer_norms = {3.0f, 0.1f};
+  std::vector<void *> grads;
+  for (auto &t : pair.tensors)
+    grads.push_back(t.data());
+  for (polyak_t *p : {pair.direct.get(), pair.graphed.get()}) {
+    ASSERT_EQ(polyak_set_grad_norm(p, &norm), POLYAK_OK);
+    ASSERT_EQ(polyak_set_layer_norms(p, layer_norms.data()), POLYAK_OK);
+  }
+  polyak_t *p = pair.graphed.get();
+  ASSERT_EQ(polyak_graph_reserve(p, 1, 3, nullptr), POLYAK_OK);
+  EXPECT_EQ(polyak_set_grad_norm(p, &other_norm), POLYAK_ERR_STATE);
+  EXPECT_TRUE(contains(polyak_last_error(p), "polyak_graph_release")) << polyak_last_error(p);
+  EXPECT_EQ(polyak_set_layer_norms(p, other_layer_norms.data()), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_set_grads(p, grads.data()), POLYAK_ERR_STATE);
+  EXPECT_TRUE(contains(polyak_last_error(p), "polyak_set_grads")) << polyak_last_error(p);
+  for (int64_t step = 1; step <= 3; step++) {
+    pair.perturb(300 + (int)step);
+    ASSERT_EQ(polyak_graph_update(p, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
+  }
+  ASSERT_EQ(polyak_graph_release(p, nullptr), POLYAK_OK);
+  EXPECT_TRUE(snapshot(p, 2, pair.tensors) == snapshot(pair.direct.get(), 2, pair.tensors));
+  // released: the calls work again, and the next reservation reads them
+  for (polyak_t *h : {pair.direct.get(), pair.graphed.get()}) {
+    ASSERT_EQ(polyak_set_grad_norm(h, &other_norm), POLYAK_OK);
+    ASSERT_EQ(polyak_set_grads(h, grads.data()), POLYAK_OK) << polyak_last_error(h);
+  }
+  ASSERT_EQ(polyak_graph_reserve(p, 4, 1, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_graph_update(p, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_graph_release(p, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_update(pair.direct.get(), 4, nullptr), POLYAK_OK);
+  EXPECT_TRUE(snapshot(p, 2, pair.tensors) == snapshot(pair.direct.get(), 2, pair.tensors));
+}
+
 } // namespace
