@@ -308,8 +308,12 @@ static int fits(double num_bytes)
 
 int bench_gpu(const bench_options *options)
 {
-  if (!polyak_backend_available(POLYAK_BACKEND_CUDA)) {
-    printf("\nGPU section: no CUDA device here, skipped\n");
+  polyak_config probe;
+  char reason[512] = "";
+  polyak_config_init(&probe);
+  probe.backend = POLYAK_BACKEND_CUDA;
+  if (polyak_check_config(&probe, reason, sizeof reason) != POLYAK_OK) {
+    printf("\nGPU section skipped: %s\n", reason);
     return 0;
   }
   struct cudaDeviceProp prop;

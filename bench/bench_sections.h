@@ -18,7 +18,8 @@ typedef struct {
 int bench_cpu(const bench_options *options);
 
 /* polyak's CUDA update against cudaMemcpy bandwidth and the baselines;
- * returns 0 without running when no device is present. */
+ * without a usable device it says why and returns 0 (main refuses
+ * --gpu-only there). */
 int bench_gpu(const bench_options *options);
 
 /* Registers every tensor of `list` on `p`, params packed in `params`

@@ -1,21 +1,54 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: the one command to run on a machine with an H100/H200.
 #
-# Builds for sm_90, reports registers/spills and the vector width of the
-# update kernel, runs the whole ctest suite (GPU tests must run, not skip),
-# runs compute-sanitizer memcheck and racecheck over the GPU tests (the
-# >2^31-element test left out), runs the benchmark if one is built, and
-# prints a short table last. The full log goes to
-#   $OUT/<date>-<card>-gpu_check.txt   ($OUT defaults to bench/results)
-# with the card as nvidia-smi names it. Bounded to about 8 minutes.
+#   bench/gpu_check.sh [--dry-run] [--full] [--deadline SECONDS] [--only STEP,STEP...]
 #
-# The GPU image installs no packages: on the development machine run
-# bench/prepare_device_deps.sh first and carry ".deps" (GoogleTest's
-# sources, jansson and xxHash unpacked).
+# In order, under one deadline (default 480 s): configure (Ninja, sm_90),
+# build the library, the tests and the benchmark; every Gpu.* test, one
+# process each (a skip that says "GPU not used" stops the run at once: the
+# machine's GPU was not used, and nothing after it would prove anything);
+# compute-sanitizer racecheck over the tests that use shared memory and
+# memcheck over those that finish in seconds; the benchmark (short form:
+# 20 iterations over gpt2-124m, llama2-7b and tiny-10k) and the PyTorch
+# comparison on two lists; the CPU tests, if time is left. A step that
+# cannot finish before the deadline is skipped. Each step's verdict and
+# seconds are appended to $OUT/summary.txt the moment it ends, so a run cut
+# short keeps what it did. --full adds the compile report, the whole
+# benchmark, the plot and the demo (a longer run: raise --deadline).
+# --only runs the named steps (after configure and build), e.g. to rerun
+# the ones that failed.
+#
+# Without a device the run stops after the GPU tests, saying why. With
+# --dry-run (what CI runs) that is success, exit 0; a plain run exits 3.
+# Any failed step makes the exit status 1.
+#
+# Output, in $OUT (default bench/results; build-gpu/dry-run for a dry run):
+#   summary.txt                       the steps, verdicts and seconds
+#   <date>-<card>-gpu_check.txt       the whole log
+#   <date>-<card>.jsonl               the benchmarks' measurements
+#
+# The GPU machine installs no packages: on a Debian machine run
+# bench/prepare_device_deps.sh first and carry ".deps" (GoogleTest's sources,
+# jansson and xxHash unpacked). When .deps is there, the build uses it and
+# ignores the system's copies, so a dry run here builds as the device does.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-out=${OUT:-$root/bench/results}
+
+dry_run=0 full=0 deadline=480 only=""
+while [ $# -gt 0 ]; do
+  case $1 in
+  --dry-run) dry_run=1 ;;
+  --full) full=1 ;;
+  --deadline) deadline=$2; shift ;;
+  --only) only=",$2,"; shift ;;
+  *) echo "usage: $0 [--dry-run] [--full] [--deadline SECONDS] [--only STEP,STEP...]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+build=build-gpu
+if [ $dry_run = 1 ]; then out=${OUT:-$root/$build/dry-run}; else out=${OUT:-$root/bench/results}; fi
 mkdir -p "$out"
 [ -x /usr/local/cuda/bin/nvcc ] && export PATH="/usr/local/cuda/bin:$PATH"
 
@@ -24,86 +57,178 @@ card=${card:-no-gpu}
 card_file=$(echo "$card" | tr -c 'A-Za-z0-9._\n-' '-' | tr -s '-')
 date=$(date +%F)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit+changes"
 log="$out/$date-$card_file-gpu_check.txt"
+summary="$out/summary.txt"
 exec > >(tee "$log") 2>&1
 tee_pid=$!
 
-build=build-gpu
-jobs=$(nproc)
-summary=()
 failed=0
+no_gpu=""  # why the GPU went unused, once the GPU tests said so
+halted="" # why the steps left are not run
+start=$SECONDS
+left() { echo $((deadline - (SECONDS - start))); }
 
-# step NAME COMMAND...: runs, times and records one step (external
-# commands carry their own `timeout`, so the whole check stays bounded)
+record() { # NAME VERDICT SECONDS
+  printf '%-22s %-40s %5s s\n' "$1" "$2" "$3" >>"$summary"
+}
+
+# step NAME NEEDED_SECONDS MAX_SECONDS FUNCTION...: runs FUNCTION under
+# `timeout` (the smaller of MAX and what is left), unless fewer than NEEDED
+# seconds are left, --only leaves it out, or the GPU went unused.
 step() {
-  local name=$1
-  shift
+  local name=$1 needed=$2 max=$3
+  shift 3
+  if [ -n "$halted" ]; then
+    record "$name" "not run: $halted" 0
+    return 0
+  fi
+  if [ -n "$only" ] && [[ $only != *",$name,"* ]] && [ "$name" != configure ] && [ "$name" != build ]; then
+    return 0
+  fi
+  local budget
+  budget=$(left)
+  if [ "$budget" -lt "$needed" ]; then
+    record "$name" "skipped: ${budget} s left, needs ${needed}" 0
+    return 0
+  fi
+  [ "$budget" -gt "$max" ] && budget=$max
   echo
-  echo "=== $name"
-  local start=$SECONDS
-  "$@"
+  echo "=== $name (up to $budget s)"
+  local begin=$SECONDS
+  "$@" "$budget"
   local rc=$?
   local verdict=pass
-  [ $rc -eq 124 ] && verdict="timeout"
-  [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict="FAIL (rc $rc)"
-  [ $rc -ne 0 ] && failed=1
-  summary+=("$(printf '%-34s %-16s %5d s' "$name" "$verdict" $((SECONDS - start)))")
+  if [ -n "$no_gpu" ] && [ -z "$halted" ]; then
+    verdict="GPU not used: $no_gpu"
+    halted="no GPU"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    verdict="timeout"
+    failed=1
+  elif [ $rc -ne 0 ]; then
+    verdict="FAIL (rc $rc)"
+    failed=1
+  fi
+  record "$name" "$verdict" $((SECONDS - begin))
   return $rc
 }
 
-echo "polyak gpu_check: card '$card', date $date, commit $commit"
-have_gtest=0
-{ [ -f /usr/include/gtest/gtest.h ] || [ -f .deps/googletest/CMakeLists.txt ]; } && have_gtest=1
-have_jansson=0
-{ [ -f /usr/include/jansson.h ] || [ -f .deps/root/usr/include/jansson.h ]; } && have_jansson=1
-if [ $have_gtest = 0 ] || [ $have_jansson = 0 ]; then
-  echo "missing GoogleTest or jansson/xxHash: run bench/prepare_device_deps.sh on the development"
-  echo "machine and carry .deps"
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
-nvcc --version | tail -2
+# ---- the steps: each takes its time budget in seconds last ----
 
-step "configure (sm_90)" timeout 30 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CUDA_ARCHITECTURES=90
-step "build" timeout 120 cmake --build "$build" --parallel "$jobs"
-
-step "compile report (no spills)" timeout 30 bench/compile_report.sh sm_90
-
-tests=("$build/tests/polyak_tests")
-run_ctest() {
-  (cd "$build" && timeout 100 ctest --output-on-failure --timeout 90) | tee /tmp/polyak_ctest.txt
-  local rc=${PIPESTATUS[0]}
-  if grep -E "Gpu\..*(Skipped|Not Run)" /tmp/polyak_ctest.txt; then
-    echo "GPU tests were skipped: this machine's GPU was not used"
-    return 1
+configure() {
+  command -v ninja >/dev/null 2>&1 || { echo "needs ninja (apt-get install ninja-build)"; return 1; }
+  local deps=()
+  if [ -f .deps/googletest/CMakeLists.txt ] && [ -d .deps/root/usr/include ]; then
+    deps=(-DPOLYAK_DEPS_ONLY=ON)
+    echo "using .deps (GoogleTest, jansson, xxHash), not the system's"
   fi
-  return "$rc"
+  if [ -f "$build/CMakeCache.txt" ] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$build/CMakeCache.txt"; then
+    rm -rf "$build" # made by another generator
+  fi
+  timeout "$1" cmake -G Ninja -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    "${deps[@]}"
 }
-step "ctest (whole suite, GPU tests)" run_ctest
 
-sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/compute-sanitizer/compute-sanitizer)
-gpu_filter='Gpu.*:-Gpu.Bf16TensorBeyond2To31Elements'
-# racecheck watches shared memory: the update kernel and the LAWA norms kernel use it
-race_filter='Gpu.MatchesTheCpuBackendForEveryShadowCount:Gpu.CapturedUpdate*:Gpu.LayerwiseShadowsMatchTheCpuBackend'
-step "compute-sanitizer memcheck" timeout 110 "$sanitizer" --tool memcheck --error-exitcode 1 \
-  "${tests[0]}" --gtest_filter="$gpu_filter"
-step "compute-sanitizer racecheck" timeout 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
-  "${tests[0]}" --gtest_filter="$race_filter"
+build_targets() {
+  local targets=(polyak polyak_tests polyak_bench)
+  [ $full = 1 ] && targets+=(polyak_demo)
+  timeout "$1" cmake --build "$build" --parallel "$(nproc)" --target "${targets[@]}"
+}
 
-step "benchmark (C)" timeout 180 "$build/bench/polyak_bench" --gpu-only --out "$out"
-gpu_jsonl=$(ls -t "$out"/*.jsonl 2>/dev/null | head -1)
-if python3 -c "import torch" 2>/dev/null; then
-  step "benchmark (vs PyTorch)" timeout 150 python3 bench/vs_torch.py --lib "$build/libpolyak.so" \
-    --out "$gpu_jsonl"
+gpu_tests() {
+  local output="$out/gpu_tests.txt"
+  (cd "$build" && timeout "$1" ctest -R '^Gpu\.' -V --timeout 120) >"$output" 2>&1
+  local rc=$?
+  grep -E '^[0-9]+/[0-9]+ Test|tests passed|tests failed|The following tests|Failed|Skipped' "$output"
+  # a skip for lack of a device: the reason is in the test's own output
+  local reason
+  reason=$(grep -m1 -o 'GPU not used: .*' "$output")
+  if [ -n "$reason" ]; then
+    no_gpu=${reason#GPU not used: }
+    echo "the GPU tests did not use a GPU: $no_gpu"
+    return 0
+  fi
+  # other skips (a test that needs two GPUs, say) are listed, not failures
+  grep -A1 -E 'test_cuda\.cu:[0-9]+: Skipped' "$output" | grep -vE '^--$|Skipped$' || true
+  grep -q '^The following tests FAILED' "$output" && grep -A40 '^The following tests FAILED' "$output"
+  return $rc
+}
+
+sanitize() { # TOOL FILTER BUDGET
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/compute-sanitizer/compute-sanitizer)
+  timeout "$3" "$sanitizer" --tool "$1" --error-exitcode 1 "$build/tests/polyak_tests" --gtest_filter="$2"
+}
+
+# racecheck: the update kernel's per-block step broadcast and block sums,
+# LAWA's last-block reduction, directly and in graph mode
+racecheck() { sanitize racecheck 'Gpu.LayerwiseShadowsMatchTheCpuBackend:Gpu.ReplaysReadTheSourcesSetAtTheirReservation' "$1"; }
+# memcheck: every GPU test but the large ones and those that probe NCCL
+memcheck() {
+  sanitize memcheck 'Gpu.*:-Gpu.HundredThousandTinyTensors:Gpu.Bf16TensorBeyond2To31Elements:Gpu.OneRankCommunicator*:Gpu.ACommunicator*:Gpu.ShardedAcrossGpus*' "$1"
+}
+
+benchmark() {
+  local args=(--gpu-only --out "$out")
+  [ $full = 0 ] && args+=(--iters 20 --lists gpt2-124m,llama2-7b,tiny-10k)
+  timeout "$1" "$build/bench/polyak_bench" "${args[@]}"
+}
+
+vs_torch() {
+  python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null ||
+    { echo "no PyTorch with CUDA here"; return 1; }
+  local args=(--lib "$build/libpolyak.so" --out "$out/$date-$card_file.jsonl")
+  [ $full = 0 ] && args+=(--iters 20 --lists gpt2-124m,resnet50)
+  POLYAK_COMMIT=$commit timeout "$1" python3 bench/vs_torch.py "${args[@]}"
+}
+
+cpu_tests() { (cd "$build" && timeout "$1" ctest -E '^Gpu\.' --parallel "$(nproc)" --timeout 120 --output-on-failure | tail -25); }
+compile_report() { timeout "$1" bench/compile_report.sh sm_90; }
+plot() { timeout "$1" python3 bench/plot.py "$out/$date-$card_file.jsonl"; }
+demo() { timeout "$1" "$build/examples/polyak_demo" 50000; }
+
+# ---- the run ----
+
+mode=$([ $dry_run = 1 ] && echo "dry run" || echo "run")
+[ $full = 1 ] && mode="$mode, full"
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+echo "# polyak gpu_check: card $card, driver ${driver:-none}, date $date, commit $commit ($mode, deadline $deadline s)" >"$summary"
+echo "polyak gpu_check: card '$card', date $date, commit $commit ($mode, deadline $deadline s)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+nvcc --version 2>/dev/null | tail -2
+
+step configure 20 90 configure || halted="configure failed"
+step build 60 1200 build_targets || halted=${halted:-build failed}
+step gpu-tests 30 200 gpu_tests
+step racecheck 20 90 racecheck
+step memcheck 30 150 memcheck
+if [ $full = 1 ]; then
+  step benchmark 60 600 benchmark
+  step vs-torch 60 400 vs_torch
+  step plot 10 60 plot
+  step compile-report 10 60 compile_report
+  step demo 20 60 demo
+else
+  step benchmark 60 150 benchmark
+  step vs-torch 40 100 vs_torch
 fi
-if [ -n "$gpu_jsonl" ] && python3 -c "import matplotlib" 2>/dev/null; then
-  step "plot" timeout 30 python3 bench/plot.py "$gpu_jsonl"
-fi
-step "demo" timeout 40 "$build/examples/polyak_demo" 50000
+step cpu-tests 30 600 cpu_tests
 
 echo
-echo "=== summary: $card, $date, commit $commit (log: $(basename "$log"))"
-printf '%s\n' "${summary[@]}"
+echo "=== summary ($(basename "$summary"); log $(basename "$log"))"
+cat "$summary"
+status=$failed
+if [ $failed = 0 ] && [ -n "$no_gpu" ]; then
+  if [ $dry_run = 1 ]; then
+    echo "dry run: everything up to the GPU tests worked, and they saw no GPU ($no_gpu)"
+  else
+    echo "no GPU was used ($no_gpu): this run proves nothing about the CUDA backend"
+    status=3
+  fi
+elif [ $failed = 0 ] && [ $dry_run = 1 ] && [ "$card" = no-gpu ]; then
+  echo "dry run: the GPU tests did not run to say whether a GPU was used"
+  status=1
+fi
 exec 1>&- 2>&-
 wait "$tee_pid" # the log holds the summary before this script ends
-exit $failed
+exit $status

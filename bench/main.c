@@ -59,6 +59,16 @@ int main(int argc, char **argv)
     return 2;
   }
   int failed = 0;
+  if (!cpu && !polyak_backend_available(POLYAK_BACKEND_CUDA)) {
+    /* asked for the GPU alone: without one there is nothing to measure */
+    polyak_config cfg;
+    char reason[512] = "this build has no CUDA backend";
+    polyak_config_init(&cfg);
+    cfg.backend = POLYAK_BACKEND_CUDA;
+    polyak_check_config(&cfg, reason, sizeof reason);
+    fprintf(stderr, "bench: --gpu-only, but the CUDA backend cannot run here: %s\n", reason);
+    return 1;
+  }
   if (cpu) {
     options.lists = cpu_lists;
     options.num_lists = split(cpu_text, cpu_lists, 16);

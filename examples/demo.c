@@ -119,7 +119,13 @@ static int home_init(weights_home *home, float *theta)
   home->param = theta;
   home->scratch = NULL;
 #ifdef POLYAK_DEMO_CUDA
-  if (polyak_backend_available(POLYAK_BACKEND_CUDA)) {
+  polyak_config probe;
+  char reason[512] = "";
+  polyak_config_init(&probe);
+  probe.backend = POLYAK_BACKEND_CUDA;
+  if (polyak_check_config(&probe, reason, sizeof reason) != POLYAK_OK)
+    printf("demo: the CUDA backend cannot run here (%s): running on the CPU\n\n", reason);
+  else {
     home->backend = POLYAK_BACKEND_CUDA;
     if (cudaMalloc((void **)&home->param, DIM * sizeof(float)) != cudaSuccess ||
         cudaMalloc((void **)&home->scratch, DIM * sizeof(float)) != cudaSuccess)

@@ -9,8 +9,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH="/usr/local/cuda/bin:$PATH"
 fi
 
-# The Debian packages missing for a build and its tests; with "fuzz", also
-# clang and libFuzzer's runtime.
+# The Debian packages missing for a build and its tests; with "fuzz" (the
+# whole test command), also what the GPU check's dry run and the fuzzer use.
 polyak_missing_packages() {
   local missing=()
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -22,6 +22,9 @@ polyak_missing_packages() {
   [ -f /usr/include/jansson.h ] || missing+=(libjansson-dev)
   [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
   if [ "${1:-}" = fuzz ]; then
+    # the GPU check's dry run: Ninja, and GoogleTest's sources for .deps
+    command -v ninja >/dev/null 2>&1 || missing+=(ninja-build)
+    [ -d /usr/src/googletest ] || missing+=(googletest)
     command -v clang >/dev/null 2>&1 || missing+=(clang)
     compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null ||
       missing+=(libclang-rt-14-dev)

@@ -2,7 +2,8 @@
 # The tests: the whole suite on the default build (CUDA compiled when nvcc
 # is found; GPU tests skip without a device), then every CPU test again in
 # a CPU-only build under AddressSanitizer and UndefinedBehaviorSanitizer,
-# then the checkpoint loader under libFuzzer for 60 s.
+# then the checkpoint loader under libFuzzer for 60 s, then a dry run of the
+# GPU check (bench/gpu_check.sh).
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 polyak_install_dependencies fuzz
@@ -31,4 +32,20 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 echo "== fuzz: the checkpoint loader, 60 s"
 "$polyak_root/fuzz/run.sh" 60
+
+# What a GPU machine runs, up to where it needs the GPU: the dependencies
+# unpacked into .deps and used alone, the Ninja build, the GPU test step
+# (which must see that no GPU was used), and a summary naming every step.
+echo "== the GPU check, dry run"
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "no nvcc: the GPU check needs the CUDA toolkit to build; dry run left out"
+  echo "== all tests passed"
+  exit 0
+fi
+"$polyak_root/bench/prepare_device_deps.sh"
+OUT="$polyak_root/build-gpu/dry-run" "$polyak_root/bench/gpu_check.sh" --dry-run --deadline 2400 | tail -20
+for step in configure build gpu-tests racecheck memcheck benchmark vs-torch cpu-tests; do
+  grep -q "^$step " "$polyak_root/build-gpu/dry-run/summary.txt" ||
+    { echo "gpu_check --dry-run: no '$step' in its summary" >&2; exit 1; }
+done
 echo "== all tests passed"
