@@ -351,6 +351,15 @@ POLYAK_API polyak_status polyak_update(polyak_t *p, int64_t step, void *stream);
 POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                            polyak_dtype dst_dtype, void *stream);
 
+/* polyak_get_shadow that knows dst's size: POLYAK_ERR_INVALID_ARG, and
+ * nothing written, when dst_num_bytes cannot hold the tensor's elements
+ * as dst_dtype. The _n read-outs (this, polyak_get_local_shadow_n,
+ * polyak_get_blend_n) are the ones to use; the others trust dst. Note the
+ * order: the shadow (which average), then the tensor (which parameter,
+ * see polyak_find_tensor); errors name both. */
+POLYAK_API polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
+                                             polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
+
 /* The number of non-finite param elements that updates met so far, each
  * counted once per update whatever num_shadows, with or without
  * skip_nonfinite. The CUDA backend waits for the updates enqueued so far.
@@ -362,6 +371,31 @@ POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
 
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
+
+/* What a handle knows of one registered tensor (polyak_tensor_info). */
+#define POLYAK_TENSOR_CALLERS_SHADOW 1 /* flags: shadow 0 is the caller's memory */
+typedef struct {
+  const char *name;               /* as registered; valid until polyak_destroy */
+  polyak_dtype dtype;             /* the param's */
+  int ndim;
+  int64_t shape[POLYAK_MAX_NDIM]; /* [0, ndim) set, the rest 0 */
+  int64_t num_elems;              /* the product of the shape (1 for ndim 0) */
+  polyak_dtype shadow_dtype;      /* shadow 0's: the config's, or the caller's shadow's */
+  int flags;                      /* POLYAK_TENSOR_* bits */
+  int64_t local_first_elem;       /* the elements this rank keeps shadows of: */
+  int64_t local_num_elems;        /* [first, first + num); all of them unless sharded;
+                                     -1 and -1 before polyak_finalize */
+  int64_t reserved_[4];           /* 0: room for later fields */
+} polyak_tensor_info_t;
+
+/* Tensor number `tensor`'s name, dtype, shape, element count and slice
+ * into *info, before or after finalize. POLYAK_ERR_INVALID_ARG for an
+ * index outside 0..num_tensors - 1 or a NULL info. */
+POLYAK_API polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tensor_info_t *info);
+
+/* The number of the tensor registered as `name`, into *tensor: what the
+ * read-outs take. POLYAK_ERR_INVALID_ARG if no tensor has that name. */
+POLYAK_API polyak_status polyak_find_tensor(polyak_t *p, const char *name, int *tensor);
 
 /* ---- Sharding -------------------------------------------------------------
  * With world_size W > 1, rank r keeps only its slice of every shadow: a
@@ -398,6 +432,8 @@ POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *fi
  * range above): no communication, dst gets *num_elems elements. */
 POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                                  polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
+                                                   polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 
 /* ---- Evaluation -------------------------------------------------------------
  * Evaluate with an average, then return to the exact training weights:
@@ -413,13 +449,26 @@ POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int te
 POLYAK_API polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream);
 
 /* Keeps an exact copy of every param (backend-side memory, allocated by the
- * first call and kept until destroy), replacing any earlier copy. Ordered
- * on `stream`. POLYAK_ERR_STATE before finalize; POLYAK_ERR_NO_MEMORY. */
+ * first call and kept until destroy). Ordered on `stream`. The store is then
+ * pending until polyak_restore or polyak_discard_store: meanwhile
+ * polyak_update, polyak_hard_update and polyak_graph_reserve return
+ * POLYAK_ERR_STATE, since the params likely hold an average and training
+ * would silently go on from it, and a second polyak_store is refused too
+ * (it would keep the average). POLYAK_ERR_STATE before finalize, while a
+ * store is pending or while steps are reserved for graph replays;
+ * POLYAK_ERR_NO_MEMORY. */
 POLYAK_API polyak_status polyak_store(polyak_t *p, void *stream);
 
-/* Writes the copy kept by polyak_store back into the params, bit for bit;
- * the copy stays, to restore again. POLYAK_ERR_STATE without a store. */
+/* Writes the copy kept by polyak_store back into the params, bit for bit,
+ * and ends the pending store; the copy stays, to restore again.
+ * POLYAK_ERR_STATE without a copy. */
 POLYAK_API polyak_status polyak_restore(polyak_t *p, void *stream);
+
+/* Ends a pending store without writing the params back: training goes on
+ * from the params as they are (say, an average copied in on purpose). The
+ * copy is dropped (a later polyak_restore has nothing to write).
+ * POLYAK_ERR_STATE without a copy. */
+POLYAK_API polyak_status polyak_discard_store(polyak_t *p);
 
 /* Blends: sum_k weights[k] * shadow_k (each debiased with zero_init), for
  * evaluating with a multi-scale average. weights has num_shadows finite
@@ -442,6 +491,9 @@ POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weigh
  * backend's side), ordered on `stream`. */
 POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
                                           void *dst, polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor,
+                                            void *dst, polyak_dtype dst_dtype, size_t dst_num_bytes,
+                                            void *stream);
 
 /* The gradient norm that grad-norm shadows follow: one float, device memory
  * of the handle's device (CUDA backend) or host memory (CPU backend), read by

@@ -35,7 +35,9 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
                        "polyak_graph_release first",
                        (long long)p->graph_first_step,
                        (long long)(p->graph_first_step + p->graph_num_steps - 1));
-  polyak_status status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
+  polyak_status status = polyak_refuse_pending_store(p, "polyak_graph_reserve");
+  if (status == POLYAK_OK)
+    status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
   if (status == POLYAK_OK)
     status = polyak_check_update_sources(p, "polyak_graph_reserve");
   if (status != POLYAK_OK)

@@ -60,7 +60,8 @@ struct polyak {
   polyak_piece *layouts;     /* [world_size * num_tensors]: every rank's pieces, for gathers
                                 (sharded or with a communicator; else NULL) */
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
-  int stored;                /* polyak_store has kept a copy */
+  int stored;                /* polyak_store has kept a copy (until polyak_discard_store) */
+  int store_pending;         /* ... not yet ended by polyak_restore or polyak_discard_store */
 
   /* step state */
   int64_t last_step;                    /* 0 before the first update */
@@ -335,6 +336,10 @@ polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what
 /* What an update reads besides the params is set: the grad norm, LAWA's
  * gradients or norms. */
 polyak_status polyak_check_update_sources(polyak_t *p, const char *function);
+
+/* POLYAK_ERR_STATE while a polyak_store is pending: for the calls that
+ * fold the params into the shadows (evaluation.c). */
+polyak_status polyak_refuse_pending_store(polyak_t *p, const char *function);
 
 /* POLYAK_ERR_INVALID_ARG for a shadow index outside 0..num_shadows - 1. */
 polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function);

@@ -1,6 +1,7 @@
 /* readout.c: reading averages out: one shadow of one tensor (whole or
  * this rank's piece), every shadow into the params, and blends of
  * shadows; each with zero_init's debias, computed on the host in double. */
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -64,38 +65,57 @@ polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const c
   return status == POLYAK_OK ? debias_scale_of(p, shadow, function, scale) : status;
 }
 
-/* The checks polyak_get_shadow and polyak_get_local_shadow share. */
-static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void *dst,
-                                polyak_dtype dst_dtype, const char *function)
+/* The checks of a read-out of one tensor into dst (dst_num_bytes of it;
+ * SIZE_MAX where the caller did not say), whole or this rank's piece.
+ * BLEND for `shadow`: a blend, which reads them all. (shadow, tensor) are
+ * two ints in a row, easy to swap: the messages name both. */
+#define BLEND INT_MIN
+static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void *dst, polyak_dtype dst_dtype,
+                                size_t dst_num_bytes, int whole, const char *function)
 {
+  char where[96];
+  if (shadow != BLEND)
+    snprintf(where, sizeof where, "%s(shadow = %d, tensor = %d)", function, shadow, tensor);
+  else
+    snprintf(where, sizeof where, "%s(tensor = %d)", function, tensor);
   if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
-  polyak_status status = polyak_check_shadow(p, shadow, function);
-  if (status != POLYAK_OK)
-    return status;
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", where);
+  if (shadow != BLEND && (shadow < 0 || shadow >= p->cfg.num_shadows))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: shadow %d is outside 0..%d, this handle's shadows (the tensor comes next)", where,
+                       shadow, p->cfg.num_shadows - 1);
   if (tensor < 0 || tensor >= p->num_tensors)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor = %d is outside 0..%d", function, tensor,
-                       p->num_tensors - 1);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: tensor %d is outside 0..%d, the registered tensors%s", where, tensor,
+                       p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
   if (!polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", function,
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", where,
                        (int)dst_dtype);
-  if (!dst && p->tensors[tensor].num_elems > 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst is NULL", function);
-  if ((uintptr_t)dst % polyak_dtype_num_bytes(dst_dtype) != 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst %p is not aligned to its %zu-byte elements",
-                       function, dst, polyak_dtype_num_bytes(dst_dtype));
+  int64_t num_elems = whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems;
+  size_t elem_num_bytes = polyak_dtype_num_bytes(dst_dtype);
+  if (!dst && num_elems > 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst is NULL", where);
+  if ((uintptr_t)dst % elem_num_bytes != 0)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst %p is not aligned to its %zu-byte elements", where,
+                       dst, elem_num_bytes);
+  if ((uint64_t)num_elems > dst_num_bytes / elem_num_bytes)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: dst holds %zu bytes; the %lld elements of \"%s\"%s need %llu as %s", where,
+                       dst_num_bytes, (long long)num_elems, p->tensors[tensor].name,
+                       whole ? "" : " kept by this rank", (unsigned long long)num_elems * elem_num_bytes,
+                       polyak_dtype_name(dst_dtype));
   return POLYAK_OK;
 }
 
 /* polyak_get_shadow (whole: the other ranks' pieces gathered where the
  * handle has them) and polyak_get_local_shadow (this rank's piece). */
 static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
-                                 void *stream, int whole, const char *function)
+                                 size_t dst_num_bytes, void *stream, int whole, const char *function)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   double debias_scale = 1.0;
-  polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, function);
+  polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, whole, function);
   if (status == POLYAK_OK &&
       (whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
@@ -114,13 +134,25 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
 polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                 polyak_dtype dst_dtype, void *stream)
 {
-  return read_shadow(p, shadow, tensor, dst, dst_dtype, stream, 1, "polyak_get_shadow");
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, SIZE_MAX, stream, 1, "polyak_get_shadow");
+}
+
+polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                  size_t dst_num_bytes, void *stream)
+{
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, stream, 1, "polyak_get_shadow_n");
 }
 
 polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
                                       polyak_dtype dst_dtype, void *stream)
 {
-  return read_shadow(p, shadow, tensor, dst, dst_dtype, stream, 0, "polyak_get_local_shadow");
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, SIZE_MAX, stream, 0, "polyak_get_local_shadow");
+}
+
+polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                        size_t dst_num_bytes, void *stream)
+{
+  return read_shadow(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, stream, 0, "polyak_get_local_shadow_n");
 }
 
 polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, int64_t *num_elems)
@@ -200,16 +232,28 @@ polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int fla
   return status == POLYAK_OK ? p->ops->blend(p, coefficient, -1, NULL, POLYAK_F32, stream) : status;
 }
 
-polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
-                               polyak_dtype dst_dtype, void *stream)
+static polyak_status get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                               polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream, const char *function)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   float coefficient[POLYAK_MAX_SHADOWS];
-  polyak_status status = blend_coefficients(p, weights, flags, coefficient, stream, "polyak_get_blend");
+  polyak_status status = blend_coefficients(p, weights, flags, coefficient, stream, function);
   if (status == POLYAK_OK)
-    status = check_read(p, 0, tensor, dst, dst_dtype, "polyak_get_blend");
+    status = check_read(p, BLEND, tensor, dst, dst_dtype, dst_num_bytes, 1, function);
   if (status == POLYAK_OK && p->tensors[tensor].num_elems > 0)
-    status = p->ops->check_read_out(p, dst, stream, "polyak_get_blend");
+    status = p->ops->check_read_out(p, dst, stream, function);
   return status == POLYAK_OK ? p->ops->blend(p, coefficient, tensor, dst, dst_dtype, stream) : status;
+}
+
+polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                               polyak_dtype dst_dtype, void *stream)
+{
+  return get_blend(p, weights, flags, tensor, dst, dst_dtype, SIZE_MAX, stream, "polyak_get_blend");
+}
+
+polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                                 polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream)
+{
+  return get_blend(p, weights, flags, tensor, dst, dst_dtype, dst_num_bytes, stream, "polyak_get_blend_n");
 }

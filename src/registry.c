@@ -16,9 +16,16 @@ typedef struct {
   int tensor;
 } param_range;
 
+/* A registered name and its tensor, keyed in name_tree by the name (a
+ * lookup passes a pointer to a `const char *`, which reads the same). */
+typedef struct {
+  const char *name; /* the tensor's own copy */
+  int tensor;
+} name_entry;
+
 static int compare_names(const void *a, const void *b)
 {
-  return strcmp((const char *)a, (const char *)b);
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
 /* Two ranges compare equal when they overlap; disjoint ranges are ordered
@@ -31,11 +38,6 @@ static int compare_ranges(const void *a, const void *b)
   if (y->end <= x->begin)
     return 1;
   return 0;
-}
-
-static void free_nothing(void *key)
-{
-  (void)key;
 }
 
 static polyak_status check_shape(polyak_t *p, const char *where, int ndim, const int64_t *shape,
@@ -160,7 +162,7 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
     return status;
   if (p->num_tensors == INT32_MAX)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %d tensors is the limit", where, INT32_MAX);
-  if (tfind(name, &p->name_tree, compare_names))
+  if (polyak_registry_has(p, name))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: a tensor of that name is registered", where);
 
   /* every check passed: allocate, then publish; undo on any failure */
@@ -174,13 +176,15 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
     p->tensors_capacity = capacity;
   }
   char *name_copy = strdup(name);
+  name_entry *entry = malloc(sizeof *entry);
   param_range *ranges[2] = {NULL, NULL}; /* the param's bytes, the shadow's */
   int num_ranges = num_elems == 0 ? 0 : owned ? 2 : 1, inserted = 0;
   for (int r = 0; r < num_ranges; r++)
     ranges[r] = malloc(sizeof *ranges[r]);
-  if (!name_copy || (num_ranges > 0 && !ranges[0]) || (num_ranges > 1 && !ranges[1]))
+  if (!name_copy || !entry || (num_ranges > 0 && !ranges[0]) || (num_ranges > 1 && !ranges[1]))
     goto no_memory;
-  if (!tsearch(name_copy, &p->name_tree, compare_names))
+  *entry = (name_entry){name_copy, p->num_tensors};
+  if (!tsearch(entry, &p->name_tree, compare_names))
     goto no_memory;
   if (num_ranges > 0)
     *ranges[0] = param_bytes;
@@ -195,7 +199,7 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
   if (inserted < num_ranges) {
     while (inserted-- > 0)
       tdelete(ranges[inserted], &p->range_tree, compare_ranges);
-    tdelete(name_copy, &p->name_tree, compare_names);
+    tdelete(entry, &p->name_tree, compare_names);
     goto no_memory;
   }
   polyak_tensor *t = &p->tensors[p->num_tensors++];
@@ -217,6 +221,7 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
 
 no_memory:
   free(name_copy);
+  free(entry);
   free(ranges[0]);
   free(ranges[1]);
   return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", where);
@@ -265,14 +270,59 @@ uint64_t polyak_layout_hash(const polyak_t *p)
   return XXH3_64bits_digest(&state);
 }
 
+/* The entry of `name`, or NULL. */
+static const name_entry *find_name(const polyak_t *p, const char *name)
+{
+  name_entry *const *hit = tfind(&name, &p->name_tree, compare_names);
+  return hit ? *hit : NULL;
+}
+
 int polyak_registry_has(const polyak_t *p, const char *name)
 {
-  return tfind(name, &p->name_tree, compare_names) != NULL;
+  return find_name(p, name) != NULL;
+}
+
+polyak_status polyak_find_tensor(polyak_t *p, const char *name, int *tensor)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!name || !tensor)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_find_tensor: %s is NULL", name ? "tensor" : "name");
+  const name_entry *entry = find_name(p, name);
+  if (!entry)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_find_tensor: no tensor is named \"%.200s\" (%d registered)",
+                       name, p->num_tensors);
+  *tensor = entry->tensor;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tensor_info_t *info)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (tensor < 0 || tensor >= p->num_tensors)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_tensor_info: tensor %d is outside 0..%d", tensor,
+                       p->num_tensors - 1);
+  if (!info)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_tensor_info: info is NULL");
+  const polyak_tensor *t = &p->tensors[tensor];
+  memset(info, 0, sizeof *info);
+  info->name = t->name;
+  info->dtype = t->dtype;
+  info->ndim = t->ndim;
+  for (int d = 0; d < t->ndim; d++)
+    info->shape[d] = t->shape[d];
+  info->num_elems = t->num_elems;
+  info->shadow_dtype = t->shadow_dtype;
+  info->flags = t->owned ? POLYAK_TENSOR_CALLERS_SHADOW : 0;
+  info->local_first_elem = p->finalized ? p->descs[tensor].local_first_elem : -1;
+  info->local_num_elems = p->finalized ? p->descs[tensor].local_num_elems : -1;
+  return POLYAK_OK;
 }
 
 void polyak_registry_free(polyak_t *p)
 {
-  tdestroy(p->name_tree, free_nothing);
+  tdestroy(p->name_tree, free);
   tdestroy(p->range_tree, free);
   for (int i = 0; i < p->num_tensors; i++)
     free(p->tensors[i].name);

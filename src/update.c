@@ -103,7 +103,9 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
                        "polyak_update: steps %lld.. are reserved for graph replays; call "
                        "polyak_graph_release first",
                        (long long)p->graph_first_step);
-  polyak_status status = polyak_check_next_step(p, step, "polyak_update: step");
+  polyak_status status = polyak_refuse_pending_store(p, "polyak_update");
+  if (status == POLYAK_OK)
+    status = polyak_check_next_step(p, step, "polyak_update: step");
   if (status == POLYAK_OK)
     status = polyak_check_update_sources(p, "polyak_update");
   if (status != POLYAK_OK)
@@ -142,7 +144,9 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_hard_update: steps are reserved for graph replays; call polyak_graph_release "
                        "first");
-  status = polyak_refuse_capture(
+  status = polyak_refuse_pending_store(p, "polyak_hard_update");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_capture(
       p, stream, "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
                  "replay");
   /* a grad-norm shadow's product lives on the backend: reset there first,

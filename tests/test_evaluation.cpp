@@ -82,11 +82,18 @@ TEST(Evaluation, StoreCopyRestoreReturnsTheExactTrainingWeights)
   EXPECT_EQ(m.param_bytes(), before);
 }
 
-TEST(Evaluation, StoreReplacesTheEarlierCopy)
+TEST(Evaluation, ASecondStoreWaitsForTheRestoreThenReplacesTheCopy)
 {
   Trained m;
   m.train(2);
+  auto trained = m.param_bytes();
   ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_OK);
+  // storing now would keep the average in place of the trained weights
+  EXPECT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_ERR_STATE);
+  EXPECT_TRUE(contains(polyak_last_error(m.h.get()), "pending")) << polyak_last_error(m.h.get());
+  ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
+  EXPECT_EQ(m.param_bytes(), trained);
   std::mt19937_64 rng(62); // the optimizer moves the params on
   for (auto &t : m.tensors)
     t.randomize(rng);
@@ -95,6 +102,43 @@ TEST(Evaluation, StoreReplacesTheEarlierCopy)
   ASSERT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
   EXPECT_EQ(m.param_bytes(), now);
+}
+
+TEST(Evaluation, WhileAStoreIsPendingNothingFoldsTheParams)
+{
+  Trained m;
+  m.train(3);
+  ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 1, nullptr), POLYAK_OK); // evaluate with the SWA mean
+  auto evaluated = m.param_bytes();
+  Snapshot shadows = snapshot(m.h.get(), 2, m.tensors);
+  // forgetting polyak_restore: the update would fold the average into itself
+  EXPECT_EQ(polyak_update(m.h.get(), 4, nullptr), POLYAK_ERR_STATE);
+  EXPECT_TRUE(contains(polyak_last_error(m.h.get()), "polyak_restore")) << polyak_last_error(m.h.get());
+  EXPECT_EQ(polyak_hard_update(m.h.get(), 0, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_graph_reserve(m.h.get(), 4, 2, nullptr), POLYAK_ERR_STATE);
+  EXPECT_TRUE(snapshot(m.h.get(), 2, m.tensors) == shadows);
+  EXPECT_EQ(m.param_bytes(), evaluated);
+  int64_t step = -1;
+  ASSERT_EQ(polyak_get_step(m.h.get(), &step), POLYAK_OK);
+  EXPECT_EQ(step, 3);
+  ASSERT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_OK);
+  EXPECT_EQ(polyak_update(m.h.get(), 4, nullptr), POLYAK_OK) << polyak_last_error(m.h.get());
+}
+
+TEST(Evaluation, DiscardingTheStoreGoesOnFromTheParamsAsTheyAre)
+{
+  Trained m;
+  m.train(3);
+  ASSERT_EQ(polyak_store(m.h.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(m.h.get(), 0, nullptr), POLYAK_OK); // continue from the EMA, on purpose
+  auto averaged = m.param_bytes();
+  ASSERT_EQ(polyak_discard_store(m.h.get()), POLYAK_OK);
+  EXPECT_EQ(polyak_restore(m.h.get(), nullptr), POLYAK_ERR_STATE) << "the copy is gone";
+  EXPECT_EQ(polyak_discard_store(m.h.get()), POLYAK_ERR_STATE) << "nothing to discard";
+  EXPECT_EQ(m.param_bytes(), averaged);
+  EXPECT_EQ(polyak_update(m.h.get(), 4, nullptr), POLYAK_OK) << polyak_last_error(m.h.get());
+  EXPECT_EQ(polyak_discard_store(nullptr), POLYAK_ERR_INVALID_ARG);
 }
 
 TEST(Evaluation, MisuseIsRefusedAndChangesNothing)
