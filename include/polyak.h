@@ -295,6 +295,29 @@ POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
 POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
                                     polyak_dtype dtype, int ndim, const int64_t *shape);
 
+/* One named, shaped view of an arena (polyak_add_arena). */
+typedef struct {
+  const char *name;               /* as polyak_add's */
+  int ndim;                       /* 0..POLYAK_MAX_NDIM */
+  int64_t shape[POLYAK_MAX_NDIM];
+} polyak_view;
+
+/* Registers the tensors of one allocation, as C trainers keep them (llm.c's
+ * params_memory): views[0..num_views) laid end to end from `base`, all of
+ * `dtype`, which must cover exactly arena_num_elems elements. Each view is
+ * then a tensor, as polyak_add would register it at its offset. Unless
+ * they tile the arena, nothing is registered and the message says which
+ * view runs past the end (a shape too large) or which elements no view
+ * covers (one too small, or missing). All or nothing, also for the
+ * per-view checks (names, duplicates, overlaps): POLYAK_ERR_INVALID_ARG,
+ * POLYAK_ERR_STATE after finalize, POLYAK_ERR_NO_MEMORY. For example:
+ *   polyak_view views[16];
+ *   for (int i = 0; i < 16; i++)
+ *     views[i] = (polyak_view){names[i], 1, {(int64_t)param_sizes[i]}};
+ *   polyak_add_arena(p, params_memory, POLYAK_F32, num_parameters, views, 16); */
+POLYAK_API polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size_t arena_num_elems,
+                                          const polyak_view *views, int num_views);
+
 /* Registers a tensor as polyak_add does, whose shadow is the caller's own
  * memory `shadow`: its num_elems elements of shadow_dtype (F32, BF16 or
  * F16), aligned, on the params' side, overlapping no param or other shadow

@@ -240,6 +240,86 @@ polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
                     flags);
 }
 
+/* Undoes the last successful add_tensor of a tensor without a shadow of
+ * the caller's (polyak_add_arena's rollback). */
+static void remove_last(polyak_t *p)
+{
+  polyak_tensor *t = &p->tensors[p->num_tensors - 1];
+  const char *name = t->name;
+  name_entry *const *entry = tfind(&name, &p->name_tree, compare_names);
+  name_entry *found = *entry;
+  tdelete(&name, &p->name_tree, compare_names);
+  free(found);
+  if (t->num_elems > 0) {
+    uintptr_t begin = (uintptr_t)t->param;
+    param_range query = {begin, begin + (uintptr_t)t->num_elems * polyak_dtype_num_bytes(t->dtype), 0};
+    param_range *const *range = tfind(&query, &p->range_tree, compare_ranges);
+    param_range *kept = *range;
+    tdelete(&query, &p->range_tree, compare_ranges);
+    free(kept);
+  }
+  p->total_elems -= t->num_elems;
+  free(t->name);
+  p->num_tensors--;
+}
+
+polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size_t arena_num_elems,
+                               const polyak_view *views, int num_views)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_add_arena: the handle is finalized; register every tensor before polyak_finalize");
+  if (num_views < 0 || (num_views > 0 && !views))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: %d views at %p", num_views,
+                       (const void *)views);
+  if (!polyak_dtype_valid(dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: dtype = %d is not a polyak_dtype", (int)dtype);
+  size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
+  if (arena_num_elems > (size_t)INT64_MAX / elem_num_bytes)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: arena_num_elems = %zu is too large",
+                       arena_num_elems);
+  /* the tiling first: each view's elements end to end from base */
+  int64_t arena = (int64_t)arena_num_elems, offset = 0;
+  for (int v = 0; v < num_views; v++) {
+    char where[96];
+    snprintf(where, sizeof where, "polyak_add_arena: view %d (\"%.48s\")", v, views[v].name ? views[v].name : "");
+    int64_t num_elems = 0;
+    polyak_status status = check_shape(p, where, views[v].ndim, views[v].shape, elem_num_bytes, &num_elems);
+    if (status != POLYAK_OK)
+      return status;
+    if (num_elems > arena - offset)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "%s: its %lld elements at element %lld end at %lld, past the arena's %lld elements (is "
+                         "its shape too large, or the arena's size too small?)",
+                         where, (long long)num_elems, (long long)offset, (long long)(offset + num_elems),
+                         (long long)arena);
+    offset += num_elems;
+  }
+  if (offset < arena)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add_arena: the %d views cover %lld of the arena's %lld elements; elements %lld.. "
+                       "are in no view (a view too small, or one missing?)",
+                       num_views, (long long)offset, (long long)arena, (long long)offset);
+  /* then each view as polyak_add would take it; all or nothing */
+  int added = 0;
+  polyak_status status = POLYAK_OK;
+  for (offset = 0; added < num_views; added++) {
+    const polyak_view *view = &views[added];
+    char *param = (char *)base + (size_t)offset * elem_num_bytes;
+    status = add_tensor(p, "polyak_add_arena", view->name, param, dtype, view->ndim, view->shape, 0, NULL,
+                        POLYAK_F32, 0);
+    if (status != POLYAK_OK)
+      break;
+    offset += p->tensors[p->num_tensors - 1].num_elems;
+  }
+  if (status != POLYAK_OK)
+    while (added-- > 0)
+      remove_last(p);
+  return status;
+}
+
 uint64_t polyak_layout_hash(const polyak_t *p)
 {
   XXH3_state_t state;
