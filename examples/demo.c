@@ -507,16 +507,16 @@ int main(int argc, char **argv)
     return 1;
   printf("\nmodes beyond one EMA, same problem (Lookahead: a second run, %.1f s)\n\n",
          (double)(clock() - la_start) / CLOCKS_PER_SEC);
-  printf("%-36s %13s   %s\n", "weights", "|w - w*| end", "variance / raw variance");
-  printf("%-36s %13.5f   %.5f (time average)\n", "blend 0.5 ema 0.99 + 0.5 ema 0.999",
+  printf("%-38s %13s   %s\n", "weights", "|w - w*| end", "variance / raw variance");
+  printf("%-38s %13.5f   %.5f (time average)\n", "blend 0.5 ema 0.99 + 0.5 ema 0.999",
          sqrt(squared_distance(blend, theta_star)), blend_sq / measured / raw_var);
   char swa_label[64];
   snprintf(swa_label, sizeof swa_label, "SWA, %ld snapshots %ld steps apart", swa_snapshots, swa_every);
-  printf("%-36s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
+  printf("%-38s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
          sqrt(squared_distance(swa_mean, theta_star)), squared_distance(swa_mean, theta_star) / raw_var,
          1.0 / (double)swa_snapshots);
   double mean_norm = norm_sum / measured;
-  printf("%-36s %13.5f   %.5f (time average); mean |g| %.2f: beta %.4f\n", "grad-norm beta, c = 0.01",
+  printf("%-38s %13.5f   %.5f (time average); mean |g| %.2f: beta %.4f\n", "grad-norm beta, c = 0.01",
          sqrt(squared_distance(gn_mean, theta_star)), gn_sq / measured / raw_var, mean_norm,
          1.0 - 0.01 / sqrt(1.0 + mean_norm * mean_norm));
   float tracked[DIM], synthesized[DIM];
@@ -528,14 +528,14 @@ int main(int argc, char **argv)
     gap_sq += ((double)synthesized[i] - tracked[i]) * ((double)synthesized[i] - tracked[i]);
   char edm2_label[64];
   snprintf(edm2_label, sizeof edm2_label, "EDM2 sigma_rel 0.07 from %d snapshots", edm2.count);
-  printf("%-36s %13.5f   %.5f (one draw); %.1e from the tracked 0.07\n", edm2_label,
+  printf("%-38s %13.5f   %.5f (one draw); %.1e from the tracked 0.07\n", edm2_label,
          sqrt(squared_distance(synthesized, theta_star)), squared_distance(synthesized, theta_star) / raw_var,
          sqrt(gap_sq));
-  printf("%-36s %13.5f   %.5f (one draw)\n", "EDM2 sigma_rel 0.07 tracked", sqrt(squared_distance(tracked, theta_star)),
+  printf("%-38s %13.5f   %.5f (one draw)\n", "EDM2 sigma_rel 0.07 tracked", sqrt(squared_distance(tracked, theta_star)),
          squared_distance(tracked, theta_star) / raw_var);
-  printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
          la_fast_sq / raw_var);
-  printf("%-36s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
          la_slow_sq / raw_var);
 
   edm2_free(&edm2, &home);
