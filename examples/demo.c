@@ -112,6 +112,22 @@ static void download(const weights_home *home, float *theta)
 #endif
 }
 
+#ifdef POLYAK_DEMO_CUDA
+/* 1 if the CUDA backend can run here; if not, and `say`, why not. */
+static int cuda_usable(int say)
+{
+  polyak_config probe;
+  char reason[512] = "";
+  polyak_config_init(&probe);
+  probe.backend = POLYAK_BACKEND_CUDA;
+  if (polyak_check_config(&probe, reason, sizeof reason) == POLYAK_OK)
+    return 1;
+  if (say)
+    printf("demo: the CUDA backend cannot run here (%s): running on the CPU\n\n", reason);
+  return 0;
+}
+#endif
+
 /* theta (DIM floats) on the backend's side: a device copy for CUDA. */
 static int home_init(weights_home *home, float *theta)
 {
@@ -119,13 +135,7 @@ static int home_init(weights_home *home, float *theta)
   home->param = theta;
   home->scratch = NULL;
 #ifdef POLYAK_DEMO_CUDA
-  polyak_config probe;
-  char reason[512] = "";
-  polyak_config_init(&probe);
-  probe.backend = POLYAK_BACKEND_CUDA;
-  if (polyak_check_config(&probe, reason, sizeof reason) != POLYAK_OK)
-    printf("demo: the CUDA backend cannot run here (%s): running on the CPU\n\n", reason);
-  else {
+  if (cuda_usable(0)) {
     home->backend = POLYAK_BACKEND_CUDA;
     if (cudaMalloc((void **)&home->param, DIM * sizeof(float)) != cudaSuccess ||
         cudaMalloc((void **)&home->scratch, DIM * sizeof(float)) != cudaSuccess)
@@ -370,6 +380,9 @@ int main(int argc, char **argv)
   float theta[DIM] = {0};
   for (int i = 0; i < DIM; i++)
     theta_star[i] = normal();
+#ifdef POLYAK_DEMO_CUDA
+  cuda_usable(1); /* says why not, once */
+#endif
   weights_home home;
   if (home_init(&home, theta) != 0)
     return 1;

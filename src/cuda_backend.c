@@ -288,7 +288,8 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
     err = cudaMemsetAsync(state->graph, 0, sizeof *state->graph, stream);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMemsetAsync(state->shadows[k], 0, arena_num_bytes, stream); /* padding, zero_init */
-  polyak_status status = err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: initializing the shadows");
+  polyak_status status =
+      err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: initializing the shadows");
   if (status == POLYAK_OK && p->cfg.skip_nonfinite && !p->cfg.zero_init)
     status = polyak_cuda_refuse_nonfinite(p, state, state->chunks, p->num_chunks, stream, "polyak_finalize");
   if (status != POLYAK_OK)

@@ -144,7 +144,8 @@ static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, c
   polyak_status status = err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, what);
   const polyak_chunk *chunks = state->store_chunks ? state->store_chunks : state->chunks;
   int64_t num_chunks = state->store_chunks ? state->num_store_chunks : p->num_chunks;
-  if (status == POLYAK_OK && !state->store && (err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16)) != cudaSuccess)
+  if (status == POLYAK_OK && !state->store &&
+      (err = cudaMalloc(&state->store, (size_t)p->store_bytes + 16)) != cudaSuccess)
     status = polyak_cuda_fail(p, err, what);
   if (status == POLYAK_OK && num_chunks > 0) {
     int grid = num_chunks < state->io_grid ? (int)num_chunks : state->io_grid;
