@@ -941,6 +941,71 @@ TEST_F(Gpu, ShardedStoreAndHardUpdateOnANonBlockingStream)
   cudaStreamDestroy(stream);
 }
 
+// A C trainer's arena on the device: views registered all or nothing,
+// sized read-outs refusing a short device buffer with nothing written, and
+// a pending store holding updates back, as on the CPU backend.
+TEST_F(Gpu, ArenaSizedReadOutsAndPendingStoreMatchTheCpuBackend)
+{
+  const int64_t rows = 37, cols = 19; // odd sizes: the views start at odd phases
+  const int64_t shapes[3][2] = {{rows, cols}, {cols, 1}, {rows * 3 + 1, 1}};
+  std::vector<polyak_view> views(3);
+  const char *names[3] = {"w", "b", "tail"};
+  int64_t num_elems = 0;
+  for (int v = 0; v < 3; v++) {
+    views[v].name = names[v];
+    views[v].ndim = 2;
+    views[v].shape[0] = shapes[v][0];
+    views[v].shape[1] = shapes[v][1];
+    num_elems += shapes[v][0] * shapes[v][1];
+  }
+  std::vector<Twin> arena;
+  arena.emplace_back("arena", POLYAK_BF16, num_elems, 2);
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  Handle cpu = make_handle(cfg), gpu = make_handle(cuda_config(cfg));
+  ASSERT_EQ(polyak_add_arena(cpu.get(), arena[0].host.data(), POLYAK_BF16, num_elems, views.data(), 3), POLYAK_OK);
+  ASSERT_EQ(polyak_add_arena(gpu.get(), arena[0].device, POLYAK_BF16, num_elems, views.data(), 3), POLYAK_OK)
+      << polyak_last_error(gpu.get());
+  std::mt19937_64 rng(50);
+  arena[0].host.randomize(rng);
+  arena[0].upload();
+  ASSERT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_finalize(gpu.get(), nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+  for (int64_t step = 1; step <= 3; step++) {
+    arena[0].host.randomize(rng);
+    arena[0].upload();
+    ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK);
+  }
+  // a pending store refuses the update on both
+  ASSERT_EQ(polyak_store(gpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(gpu.get(), 0, nullptr), POLYAK_OK);
+  EXPECT_EQ(polyak_update(gpu.get(), 4, nullptr), POLYAK_ERR_STATE);
+  ASSERT_EQ(polyak_restore(gpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // every view, shadow by shadow, through sized read-outs into device memory
+  for (int k = 0; k < 2; k++)
+    for (int v = 0; v < 3; v++) {
+      int tensor = -1;
+      ASSERT_EQ(polyak_find_tensor(gpu.get(), names[v], &tensor), POLYAK_OK);
+      const size_t n = (size_t)(shapes[v][0] * shapes[v][1]), fit = n * sizeof(float), room = fit + 64;
+      std::vector<unsigned char> want(room, 0xcd), got(room);
+      unsigned char *dst = nullptr;
+      CUDA_OK(cudaMalloc(&dst, room));
+      CUDA_OK(cudaMemset(dst, 0xcd, room));
+      EXPECT_EQ(polyak_get_shadow_n(gpu.get(), k, tensor, dst, POLYAK_F32, fit - 1, nullptr), POLYAK_ERR_INVALID_ARG);
+      ASSERT_EQ(polyak_get_shadow_n(cpu.get(), k, tensor, want.data(), POLYAK_F32, fit, nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_get_shadow_n(gpu.get(), k, tensor, dst, POLYAK_F32, fit, nullptr), POLYAK_OK)
+          << polyak_last_error(gpu.get());
+      CUDA_OK(cudaMemcpy(got.data(), dst, room, cudaMemcpyDeviceToHost));
+      cudaFree(dst);
+      EXPECT_EQ(want, got) << "shadow " << k << " view " << names[v] << " (canaries after it included)";
+    }
+  std::vector<char> params(num_elems * 2);
+  CUDA_OK(cudaMemcpy(params.data(), arena[0].device, params.size(), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(0, std::memcmp(params.data(), arena[0].host.data(), params.size())) << "restored bit for bit";
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());
