@@ -5,7 +5,8 @@
 # update kernel, runs the whole ctest suite (GPU tests must run, not skip),
 # runs compute-sanitizer memcheck and racecheck over the GPU tests (the
 # >2^31-element test left out), runs the benchmark if one is built, and
-# prints a short table last. The full log goes to
+# prints a short table last, then the benchmark's stochastic-rounding
+# ratios. The full log goes to
 #   $OUT/<date>-<card>-gpu_check.txt   ($OUT defaults to bench/results)
 # with the card as nvidia-smi names it. Bounded to about 8 minutes.
 #
@@ -90,7 +91,11 @@ step "compute-sanitizer memcheck" timeout 110 "$sanitizer" --tool memcheck --err
 step "compute-sanitizer racecheck" timeout 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
   "${tests[0]}" --gtest_filter="$race_filter"
 
-step "benchmark (C)" timeout 180 "$build/bench/polyak_bench" --gpu-only --out "$out"
+run_bench() {
+  timeout 180 "$build/bench/polyak_bench" --gpu-only --out "$out" | tee /tmp/polyak_bench.txt
+  return "${PIPESTATUS[0]}"
+}
+step "benchmark (C)" run_bench
 gpu_jsonl=$(ls -t "$out"/*.jsonl 2>/dev/null | head -1)
 if python3 -c "import torch" 2>/dev/null; then
   step "benchmark (vs PyTorch)" timeout 150 python3 bench/vs_torch.py --lib "$build/libpolyak.so" \
@@ -104,6 +109,7 @@ step "demo" timeout 40 "$build/examples/polyak_demo" 50000
 echo
 echo "=== summary: $card, $date, commit $commit (log: $(basename "$log"))"
 printf '%s\n' "${summary[@]}"
+grep "stochastic rounding" /tmp/polyak_bench.txt 2>/dev/null # f32 shadows: the ratio to nearest
 exec 1>&- 2>&-
 wait "$tee_pid" # the log holds the summary before this script ends
 exit $failed
