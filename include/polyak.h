@@ -168,8 +168,9 @@ typedef struct {
  * w * d < 2^-20 |s|, with d how far the params sit from the average (their
  * movement over the averaging window) and |s| the shadow's magnitude:
  * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
- * Shadows take the same memory and moved bytes; the CPU backend spends
- * about as long as on a bf16 shadow (the hash). It applies to f32 shadows,
+ * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
+ * 3.5 times as long as rounding to nearest (the hash, as for a bf16
+ * shadow). It applies to f32 shadows,
  * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
  * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
  * always round stochastically, whatever rounding[k] says (rounded to
