@@ -230,7 +230,7 @@ POLYAK_HD float polyak_f64_to_f32_sr(double x, uint32_t random)
   const uint64_t low = 0x1FFFFFFFull; /* the 29 bits an f32 drops */
   uint64_t bits = polyak_f64_bits(x);
   uint64_t cut = (bits + (random & low)) & ~low;
-  int special = (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; /* a carry would turn NaN to Inf */
+  int special = (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; /* the cut could leave a NaN Inf */
   return (float)polyak_f64_from_bits(special ? bits : cut);
 }
 
