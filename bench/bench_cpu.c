@@ -76,8 +76,10 @@ static double triad_seconds(int64_t n, int iters)
   return median;
 }
 
+/* One row: `rounding` for every shadow (f32 shadows; bf16 ones always
+ * round stochastically). */
 static int measure(bench_output *out, const bench_list *list, polyak_dtype param_dtype,
-                   polyak_dtype shadow_dtype, int num_shadows, int iters, double triad_gbps)
+                   polyak_dtype shadow_dtype, int num_shadows, int rounding, int iters, double triad_gbps)
 {
   size_t params_bytes = bench_params_bytes(list, param_dtype);
   char *params = aligned_alloc(256, params_bytes);
@@ -88,6 +90,8 @@ static int measure(bench_output *out, const bench_list *list, polyak_dtype param
   polyak_config_init(&cfg);
   cfg.num_shadows = num_shadows;
   cfg.shadow_dtype = shadow_dtype;
+  for (int k = 0; k < num_shadows; k++)
+    cfg.rounding[k] = rounding;
   polyak_t *p = NULL;
   double *times = malloc(sizeof(double) * (size_t)iters);
   int failed = polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, list, params, param_dtype) ||
@@ -104,7 +108,8 @@ static int measure(bench_output *out, const bench_list *list, polyak_dtype param
     double seconds = bench_median(times, iters);
     double gbps = bench_required_bytes(list->num_elems, param_dtype, shadow_dtype, num_shadows) / seconds / 1e9;
     bench_record r = {list->name, bench_dtype_name(param_dtype), bench_dtype_name(shadow_dtype), num_shadows,
-                      "polyak_cpu", 1e3 * seconds, gbps, gbps / triad_gbps};
+                      rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic" : "polyak_cpu",
+                      1e3 * seconds, gbps, gbps / triad_gbps};
     bench_emit(out, &r);
   }
   polyak_destroy(p);
@@ -137,8 +142,13 @@ int bench_cpu(const bench_options *options)
     }
     for (int pd = 0; pd < 2 && !failed; pd++)
       for (int sd = 0; sd < 2 && !failed; sd++)
-        for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3)
-          failed = measure(&out, &list, dtypes[pd], dtypes[sd], num_shadows, options->iters, triad_gbps) != 0;
+        for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
+          failed = measure(&out, &list, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, options->iters,
+                           triad_gbps) != 0;
+          if (!failed && dtypes[sd] == POLYAK_F32) /* the same f32 shadows rounded stochastically, next */
+            failed = measure(&out, &list, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC,
+                             options->iters, triad_gbps) != 0;
+        }
     bench_list_free(&list);
   }
   bench_output_close(&out);

@@ -55,9 +55,10 @@ static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
   bench_emit(run->out, &r);
 }
 
-/* A CUDA handle over the run's params; with world_size > 1, rank 0's slice. */
+/* A CUDA handle over the run's params; with world_size > 1, rank 0's
+ * slice; every shadow rounded as `rounding` says. */
 static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
-                                     int world_size)
+                                     int world_size, int rounding)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
@@ -65,8 +66,10 @@ static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dty
   cfg.num_shadows = num_shadows;
   cfg.shadow_dtype = shadow_dtype;
   cfg.world_size = world_size;
-  for (int k = 0; k < num_shadows; k++)
+  for (int k = 0; k < num_shadows; k++) {
     cfg.schedules[k].beta = 0.999 + 0.0001 * k;
+    cfg.rounding[k] = rounding;
+  }
   polyak_t *p = NULL;
   if (polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, run->list, run->params, run->param_dtype) ||
       polyak_finalize(p, NULL) != POLYAK_OK) {
@@ -79,7 +82,7 @@ static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dty
 
 static polyak_t *make_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows)
 {
-  return make_sharded_handle(run, shadow_dtype, num_shadows, 1);
+  return make_sharded_handle(run, shadow_dtype, num_shadows, 1, POLYAK_ROUND_NEAREST);
 }
 
 /* `count` handles updated in turn per timed step (1: the fused pass over
@@ -120,7 +123,7 @@ static int run_sharding(const gpu_run *run)
 {
   const int worlds[] = {1, 8};
   for (int w = 0; w < 2; w++) {
-    polyak_t *h = make_sharded_handle(run, POLYAK_F32, 1, worlds[w]);
+    polyak_t *h = make_sharded_handle(run, POLYAK_F32, 1, worlds[w], POLYAK_ROUND_NEAREST);
     if (!h)
       return -1;
     int64_t kept = 0, first, count;
@@ -141,6 +144,41 @@ static int run_sharding(const gpu_run *run)
     bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), "f32", 1,
                       worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0", ms, gbps, gbps / run->copy_gbps};
     bench_emit(run->out, &r);
+  }
+  return 0;
+}
+
+/* Enough free device memory for `num_bytes` and some slack? */
+static int fits(double num_bytes)
+{
+  size_t free_bytes = 0, total = 0;
+  cudaMemGetInfo(&free_bytes, &total);
+  return num_bytes * 1.02 + (double)(512u << 20) < (double)free_bytes;
+}
+
+/* f32 shadows rounded stochastically against the same shadows rounded to
+ * nearest, same run, K = 1 and 4: the hash and the double arithmetic are
+ * the only extra work, so the update should stay at the memory limit
+ * (target: at least 0.97 of the nearest update's throughput). */
+static int run_rounding(const gpu_run *run)
+{
+  static const char *impl[2] = {"polyak_round_nearest", "polyak_round_stochastic"};
+  for (int num_shadows = 1; num_shadows <= 4; num_shadows += 3) {
+    double ms[2];
+    if (!fits((double)run->list->num_elems * 4.0 * num_shadows))
+      continue;
+    for (int r = 0; r < 2; r++) { /* r is the rounding mode */
+      polyak_t *h = make_sharded_handle(run, POLYAK_F32, num_shadows, 1, r);
+      int failed = !h || time_handles(run, &h, 1);
+      polyak_destroy(h);
+      if (failed)
+        return -1;
+      ms[r] = median_ms(run);
+      emit(run, POLYAK_F32, num_shadows, impl[r], ms[r]);
+    }
+    printf("%-10s %-5s f32   %d stochastic rounding: %.3f ms, nearest %.3f ms: %.3f of nearest's throughput "
+           "(target >= 0.97)\n",
+           run->list->name, bench_dtype_name(run->param_dtype), num_shadows, ms[1], ms[0], ms[0] / ms[1]);
   }
   return 0;
 }
@@ -298,13 +336,6 @@ static double copy_gbps(int iters, cudaEvent_t *events)
   return 2.0 * (double)num_bytes / ms / 1e6;
 }
 
-/* Enough free device memory for `num_bytes` and some slack? */
-static int fits(double num_bytes)
-{
-  size_t free_bytes = 0, total = 0;
-  cudaMemGetInfo(&free_bytes, &total);
-  return num_bytes * 1.02 + (double)(512u << 20) < (double)free_bytes;
-}
 
 int bench_gpu(const bench_options *options)
 {
@@ -355,6 +386,8 @@ int bench_gpu(const bench_options *options)
           (strcmp(list.name, "gpt2-124m") == 0 || strcmp(list.name, "llama2-7b") == 0) &&
           fits((double)list.num_elems * 6.0))
         failed = run_modes(&run);
+      if (!failed && (strcmp(list.name, "gpt2-124m") == 0 || strcmp(list.name, "llama2-7b") == 0))
+        failed = run_rounding(&run);
       for (int sd = 0; sd < 2 && !failed; sd++)
         for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
           double shadows_bytes = (double)list.num_elems * num_shadows * (double)bench_dtype_bytes(dtypes[sd]);

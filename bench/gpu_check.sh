@@ -9,7 +9,8 @@
 # machine's GPU was not used, and nothing after it would prove anything);
 # compute-sanitizer racecheck over the tests that use shared memory and
 # memcheck over those that finish in seconds; the benchmark (short form:
-# 20 iterations over gpt2-124m, llama2-7b and tiny-10k) and the PyTorch
+# 20 iterations over gpt2-124m, llama2-7b and tiny-10k; its stochastic-
+# rounding ratios are repeated after the summary) and the PyTorch
 # comparison on two lists; the CPU tests, if time is left. A step that
 # cannot finish before the deadline is skipped. Each step's verdict and
 # seconds are appended to $OUT/summary.txt the moment it ends, so a run cut
@@ -171,7 +172,8 @@ memcheck() {
 benchmark() {
   local args=(--gpu-only --out "$out")
   [ $full = 0 ] && args+=(--iters 20 --lists gpt2-124m,llama2-7b,tiny-10k)
-  timeout "$1" "$build/bench/polyak_bench" "${args[@]}"
+  timeout "$1" "$build/bench/polyak_bench" "${args[@]}" | tee "$out/benchmark.txt"
+  return "${PIPESTATUS[0]}"
 }
 
 vs_torch() {
@@ -217,6 +219,8 @@ step cpu-tests 30 600 cpu_tests
 echo
 echo "=== summary ($(basename "$summary"); log $(basename "$log"))"
 cat "$summary"
+# f32 shadows, stochastic rounding against nearest, same run
+grep "stochastic rounding" "$out/benchmark.txt" 2>/dev/null
 status=$failed
 if [ $failed = 0 ] && [ -n "$no_gpu" ]; then
   if [ $dry_run = 1 ]; then

@@ -22,7 +22,8 @@ class Config(ctypes.Structure):
                 ("zero_init", ctypes.c_int), ("skip_nonfinite", ctypes.c_int), ("seed", ctypes.c_uint64),
                 ("world_size", ctypes.c_int), ("rank", ctypes.c_int), ("nccl_comm", ctypes.c_void_p),
                 ("count_updates", ctypes.c_int * 8), ("lookahead_every", ctypes.c_int64),
-                ("grad_norm_c", ctypes.c_double * 8), ("layerwise_beta0", ctypes.c_double * 8)]
+                ("grad_norm_c", ctypes.c_double * 8), ("layerwise_beta0", ctypes.c_double * 8),
+                ("rounding", ctypes.c_int * 8)]
 
 
 class Polyak:

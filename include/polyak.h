@@ -145,7 +145,39 @@ typedef struct {
                                              norm (below); 0 (default): its schedule */
   double layerwise_beta0[POLYAK_MAX_SHADOWS]; /* beta0 in (0, 1]: shadow k's beta is per tensor
                                                  from the gradients (LAWA, below); 0: off */
+  /* version 5 */
+  int rounding[POLYAK_MAX_SHADOWS]; /* how f32 shadow k rounds each update: POLYAK_ROUND_NEAREST
+                                       (default) or POLYAK_ROUND_STOCHASTIC (below) */
 } polyak_config;
+
+/* Rounding of f32 shadows (polyak_config.rounding). */
+#define POLYAK_ROUND_NEAREST 0    /* fmaf(w, param - shadow, shadow): nearest even */
+#define POLYAK_ROUND_STOCHASTIC 1 /* the same value computed in double, rounded up or down at random */
+
+/* Stochastic rounding: rounded to nearest, an f32 shadow stops moving
+ * where an update's increment w * (param - shadow) falls under half a unit
+ * in its last place, 2^-25 to 2^-24 of |shadow|: w is 1 - beta for a
+ * constant beta and about (gamma + 1) / t for POWER at step t, so long
+ * horizons stall while the average they should hold moves on. With
+ * POLYAK_ROUND_STOCHASTIC the update is computed in double and rounded to
+ * one of its two f32 neighbours, up with probability (distance to the lower
+ * one) / (the gap between them), so increments of any size count on
+ * average (unbiased). The random bits are those bf16 shadows use, hashed
+ * from (seed, step, shadow, global element index): the same bits on every
+ * backend and shard count, and after a checkpoint resume. Turn it on where
+ * w * d < 2^-20 |s|, with d how far the params sit from the average (their
+ * movement over the averaging window) and |s| the shadow's magnitude:
+ * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
+ * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
+ * 3.5 times as long as rounding to nearest (the hash, as for a bf16
+ * shadow). It applies to f32 shadows,
+ * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
+ * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
+ * always round stochastically, whatever rounding[k] says (rounded to
+ * nearest, a bf16 shadow stalls at beta 0.99 already); a caller's 16-bit
+ * shadow asks for nearest with the flag. Checkpoints record the modes and
+ * load only into a handle with the same ones. polyak_create refuses other
+ * values (POLYAK_ERR_INVALID_ARG). */
 
 /* Layer-wise adaptive decay (LAWA): a shadow with layerwise_beta0[k] =
  * beta0 > 0 decays tensor l by beta_l = beta0 exp(-|g_l| / sum_j |g_j|),
@@ -190,6 +222,7 @@ typedef struct {
 #define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
 #define POLYAK_CONFIG_SIZE_V2 (offsetof(polyak_config, count_updates))
 #define POLYAK_CONFIG_SIZE_V3 (offsetof(polyak_config, lookahead_every))
+#define POLYAK_CONFIG_SIZE_V4 (offsetof(polyak_config, rounding))
 
 /* ---- Errors ------------------------------------------------------------ */
 
@@ -215,8 +248,8 @@ POLYAK_API int polyak_backend_available(polyak_backend b);
  * backend, device 0, one shadow, every schedule CONSTANT with beta 0.999
  * (beta_min 0, inv_gamma 1, power 2/3, gamma 6.94 (sigma_rel 0.10),
  * ramp_steps 1000, start_step 0), F32 shadows, zero_init 0,
- * skip_nonfinite 1, seed 0, world_size 1, rank 0, no communicator. NULL is
- * ignored. */
+ * skip_nonfinite 1, seed 0, world_size 1, rank 0, no communicator, every
+ * shadow rounded to nearest. NULL is ignored. */
 POLYAK_API void polyak_config_init(polyak_config *cfg);
 
 /* Checks `cfg` as polyak_create() does, without creating anything: on
@@ -328,7 +361,8 @@ POLYAK_API polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype 
  * shadows round stochastically (as bf16 shadows do: hashed from seed,
  * step, shadow and element), or to nearest even with flags
  * POLYAK_SHADOW_ROUND_NEAREST (which stalls where an update is below half
- * a unit in the last place, as at beta 0.999 in bf16). Such tensors need
+ * a unit in the last place, as at beta 0.999 in bf16). An f32 one rounds
+ * as rounding[0] says, or to nearest with the flag. Such tensors need
  * num_shadows = 1, zero_init = 0, one rank and no Lookahead
  * (POLYAK_ERR_UNSUPPORTED otherwise; a communicator too). Checkpoints leave
  * their shadows out: they are the caller's model, saved with it; a
@@ -624,7 +658,8 @@ POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
  * The handle must be finalized with the same tensors (names and shapes),
  * the same number of shadows, shadow dtype, schedules, seed and zero_init,
  * the same modes (count_updates, lookahead_every, grad_norm_c,
- * layerwise_beta0) and the same tensors with shadows of the caller's,
+ * layerwise_beta0, rounding; files without rounding were rounded to
+ * nearest) and the same tensors with shadows of the caller's,
  * so that continuing gives the bits an uninterrupted run would (updates at
  * steps up to the saved one are refused afterwards). Everything is checked
  * before anything changes: POLYAK_ERR_IO (missing or unreadable file),

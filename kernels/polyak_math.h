@@ -6,7 +6,7 @@
  *     round-to-nearest-even narrowing);
  *   - the shadow update, a lerp in fp32 with one fmaf;
  *   - the non-finite guard;
- *   - stochastic rounding to bf16 from a counter-based hash of
+ *   - stochastic rounding to bf16, f16 and f32 from a counter-based hash of
  *     (seed, step, shadow, global element index).
  * Compile the host side with -ffp-contract=off and the device side with
  * --fmad=false: the only fused multiply-add is the explicit fmaf().
@@ -36,6 +36,20 @@ POLYAK_HD uint32_t polyak_f32_bits(float x)
 POLYAK_HD float polyak_f32_from_bits(uint32_t bits)
 {
   float x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+POLYAK_HD uint64_t polyak_f64_bits(double x)
+{
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+POLYAK_HD double polyak_f64_from_bits(uint64_t bits)
+{
+  double x;
   memcpy(&x, &bits, sizeof x);
   return x;
 }
@@ -181,16 +195,54 @@ POLYAK_HD uint16_t polyak_f32_to_f16_sr(float x, uint32_t random)
 
 /* ---- the shadow update --------------------------------------------------- */
 
+/* a where pick is 1, else b: chosen by a bit mask, not a branch, so that
+ * CPU loops vectorize. */
+POLYAK_HD float polyak_pick_f32(int pick, float a, float b)
+{
+  uint32_t mask = 0u - (uint32_t)pick; /* all ones at 1 */
+  return polyak_f32_from_bits((polyak_f32_bits(a) & mask) | (polyak_f32_bits(b) & ~mask));
+}
+
+/* param where weight == 1 (a copy, exact), else mixed. Tested on bits
+ * (+1.0f has one encoding), not by a float compare. */
+POLYAK_HD float polyak_copy_at_one(float weight, float param, float mixed)
+{
+  return polyak_pick_f32(polyak_f32_bits(weight) == 0x3F800000u, param, mixed);
+}
+
 /* shadow + weight * (param - shadow), with weight = 1 - B computed on the
  * host in double. The difference form keeps the rounding error of an EMA
- * step at half an ulp of the result, and weight == 1 (a copy) is exact.
- * The copy is chosen by a bit mask (+1.0f has one encoding), not a branch
- * or a float compare, so that CPU loops vectorize. */
+ * step at half an ulp of the result, and weight == 1 (a copy) is exact. */
 POLYAK_HD float polyak_lerp(float shadow, float param, float weight)
 {
-  float mixed = fmaf(weight, param - shadow, shadow);
-  uint32_t copy = 0u - (uint32_t)(polyak_f32_bits(weight) == 0x3F800000u); /* all ones at 1 */
-  return polyak_f32_from_bits((polyak_f32_bits(param) & copy) | (polyak_f32_bits(mixed) & ~copy));
+  return polyak_copy_at_one(weight, param, fmaf(weight, param - shadow, shadow));
+}
+
+/* x rounded to one of its two f32 neighbours, up in magnitude with
+ * probability (distance to the lower one) / (the gap between them), so
+ * E[result] == x: a double carries 29 bits below an f32's last place, and
+ * `random`'s low 29 bits are added there before they are cut off (the bf16
+ * rule, one format up; a carry steps into the next binade). Exact where x
+ * is an f32. Magnitudes below 2^-126 (f32 subnormals) end rounded to
+ * nearest; Inf and NaN pass through. Branch-free, as the bf16 version. */
+POLYAK_HD float polyak_f64_to_f32_sr(double x, uint32_t random)
+{
+  const uint64_t low = 0x1FFFFFFFull; /* the 29 bits an f32 drops */
+  uint64_t bits = polyak_f64_bits(x);
+  uint64_t cut = (bits + (random & low)) & ~low;
+  int special = (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; /* the cut could leave a NaN Inf */
+  return (float)polyak_f64_from_bits(special ? bits : cut);
+}
+
+/* The shadow update of an f32 shadow that rounds stochastically: shadow +
+ * weight * (param - shadow) in double (the difference of two floats is
+ * exact there unless their exponents are 29 apart; the rest rounds 29 bits
+ * below an f32 ulp), then polyak_f64_to_f32_sr. weight == 1 copies, as in
+ * polyak_lerp. */
+POLYAK_HD float polyak_lerp_sr(float shadow, float param, float weight, uint32_t random)
+{
+  double exact = (double)shadow + (double)weight * ((double)param - (double)shadow);
+  return polyak_copy_at_one(weight, param, polyak_f64_to_f32_sr(exact, random));
 }
 
 /* A read-out value: shadow * scale (1, or the zero_init debias factor
@@ -257,19 +309,31 @@ POLYAK_HD uint16_t polyak_next_bf16(uint16_t shadow, float param, float weight, 
   return polyak_f32_to_bf16_sr(mixed, polyak_sr_bits(key, elem));
 }
 
-/* The next value of element i of a caller's shadow (F32, BF16 or F16): the
- * lerp in f32, stored stochastically rounded with the bits of (key, global
- * element index), or rounded to nearest even if round_nearest. A BF16 one
- * gets the bits polyak_next_bf16 gives. */
+/* The next bits of an f32 shadow element that rounds stochastically. */
+POLYAK_HD float polyak_next_f32_sr(float shadow, float param, float weight, uint64_t key, int64_t elem)
+{
+  return polyak_lerp_sr(shadow, param, weight, polyak_sr_bits(key, elem));
+}
+
+/* The next value of element i of a caller's shadow (F32, BF16 or F16),
+ * rounded stochastically with the bits of (key, global element index), or
+ * to nearest even if round_nearest: an F32 one as polyak_next_f32_sr or
+ * polyak_lerp gives it; a 16-bit one from the lerp in f32, a BF16 one with
+ * the bits polyak_next_bf16 gives. */
 POLYAK_HD void polyak_next_owned(void *shadow, int64_t i, int dtype, int round_nearest, float param, float weight,
                                  uint64_t key, int64_t elem)
 {
-  float mixed = polyak_lerp(polyak_load_f32(shadow, i, dtype), param, weight);
-  if (dtype == 0 || round_nearest) {
-    polyak_store_f32(shadow, i, mixed, dtype);
+  float current = polyak_load_f32(shadow, i, dtype);
+  if (round_nearest) {
+    polyak_store_f32(shadow, i, polyak_lerp(current, param, weight), dtype);
     return;
   }
   uint32_t random = polyak_sr_bits(key, elem);
+  if (dtype == 0) {
+    ((float *)shadow)[i] = polyak_lerp_sr(current, param, weight, random);
+    return;
+  }
+  float mixed = polyak_lerp(current, param, weight);
   ((uint16_t *)shadow)[i] = dtype == 1 ? polyak_f32_to_bf16_sr(mixed, random) : polyak_f32_to_f16_sr(mixed, random);
 }
 

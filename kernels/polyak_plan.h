@@ -37,7 +37,7 @@ typedef struct {
   int32_t param_dtype;         /* a polyak_dtype */
   int32_t owned_dtype;         /* owned: its dtype */
   void *owned;                 /* the caller's shadow 0 (no arena space), or NULL */
-  int32_t owned_round_nearest; /* owned 16-bit: round to nearest even, not stochastically */
+  int32_t owned_round_nearest; /* owned: round to nearest even, not stochastically */
   int32_t pad_;
 } polyak_tensor_desc;
 
@@ -54,9 +54,10 @@ typedef struct {
   int32_t num_shadows;
   int32_t skip_nonfinite;
   float weight[POLYAK_MAX_SHADOWS];     /* per shadow: 1 - B, computed in double */
-  uint64_t sr_key[POLYAK_MAX_SHADOWS];  /* per shadow: stochastic-rounding key (bf16 shadows) */
+  uint64_t sr_key[POLYAK_MAX_SHADOWS];  /* per shadow: stochastic-rounding key (bf16 shadows, and f32
+                                           shadows in stochastic_f32) */
   int32_t write_back;                   /* 1: params <- shadow num_shadows - 1 after the fold */
-  int32_t pad_;
+  uint32_t stochastic_f32;              /* bit k: f32 shadow k rounds stochastically */
 } polyak_update_args;
 
 /* Shadow k of tensor t's element i as f32: in the caller's memory for an

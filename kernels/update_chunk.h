@@ -210,7 +210,8 @@ POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void 
   for (int k = 0; k < a.num_shadows; k++) {
     if (SHADOW_DTYPE == POLYAK_F32) {
       float *s = static_cast<float *>(shadows[k]) + slot;
-      *s = polyak_lerp(*s, param, a.weight[k]);
+      *s = (a.stochastic_f32 >> k) & 1u ? polyak_next_f32_sr(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i)
+                                        : polyak_lerp(*s, param, a.weight[k]);
     } else {
       uint16_t *s = static_cast<uint16_t *>(shadows[k]) + slot;
       *s = polyak_next_bf16(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i);
@@ -242,11 +243,23 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
     if (SHADOW_DTYPE == POLYAK_F32) {
       float *s = static_cast<float *>(shadows[k]) + slot;
       polyak_u32x4 lo = polyak_load16(s), hi = polyak_load16(s + 4);
-      for (int j = 0; j < 4; j++) {
-        if (!keep[j])
-          lo.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(lo.v[j]), param[j], a.weight[k]));
-        if (!keep[4 + j])
-          hi.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(hi.v[j]), param[4 + j], a.weight[k]));
+      if ((a.stochastic_f32 >> k) & 1u) { /* uniform across the launch: no divergence */
+        int64_t elem = t.global_offset_elems + i;
+        for (int j = 0; j < 4; j++) {
+          if (!keep[j])
+            lo.v[j] = polyak_f32_bits(
+                polyak_next_f32_sr(polyak_f32_from_bits(lo.v[j]), param[j], a.weight[k], a.sr_key[k], elem + j));
+          if (!keep[4 + j])
+            hi.v[j] = polyak_f32_bits(polyak_next_f32_sr(polyak_f32_from_bits(hi.v[j]), param[4 + j], a.weight[k],
+                                                         a.sr_key[k], elem + 4 + j));
+        }
+      } else {
+        for (int j = 0; j < 4; j++) {
+          if (!keep[j])
+            lo.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(lo.v[j]), param[j], a.weight[k]));
+          if (!keep[4 + j])
+            hi.v[j] = polyak_f32_bits(polyak_lerp(polyak_f32_from_bits(hi.v[j]), param[4 + j], a.weight[k]));
+        }
       }
       polyak_store16(s, lo);
       polyak_store16(s + 4, hi);

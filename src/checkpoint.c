@@ -83,18 +83,22 @@ static int parse_uint64(const char *text, uint64_t *out)
 
 /* ---- the header ------------------------------------------------------------ */
 
+/* The names of polyak_config.rounding's values in checkpoints. */
+static const char *const rounding_names[] = {"nearest", "stochastic"};
+
 static json_t *schedules_json(const polyak_config *cfg)
 {
   json_t *list = json_array();
   for (int k = 0; k < cfg->num_shadows; k++) {
     const polyak_schedule *s = &cfg->schedules[k];
     json_array_append_new(
-        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f, s:f}", "kind",
+        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f, s:f, s:s}", "kind",
                         polyak_schedule_kind_name(s->kind), "beta", s->beta, "beta_min",
                         s->beta_min, "inv_gamma", s->inv_gamma, "power", s->power, "gamma",
                         s->gamma, "ramp_steps", (json_int_t)s->ramp_steps, "start_step",
                         (json_int_t)s->start_step, "count_updates", cfg->count_updates[k],
-                        "grad_norm_c", cfg->grad_norm_c[k], "layerwise_beta0", cfg->layerwise_beta0[k]));
+                        "grad_norm_c", cfg->grad_norm_c[k], "layerwise_beta0", cfg->layerwise_beta0[k],
+                        "rounding", rounding_names[cfg->rounding[k]]));
   }
   return list;
 }
@@ -456,15 +460,30 @@ static polyak_status check_schedules(polyak_t *p, const char *text)
     polyak_schedule s;
     const char *kind = NULL;
     json_int_t ramp = 0, start = 0;
-    /* the modes beyond a schedule: absent from files older than them, and 0 there */
-    int count_updates = 0;
+    /* the modes beyond a schedule: absent from files older than them, and 0 (nearest) there */
+    int count_updates = 0, rounding = -1;
     double grad_norm_c = 0.0, layerwise_beta0 = 0.0;
-    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s?b, s?F, s?F}", "kind",
+    const char *rounding_name = rounding_names[POLYAK_ROUND_NEAREST];
+    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s?b, s?F, s?F, s?s}", "kind",
                     &kind, "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
                     &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start, "count_updates",
-                    &count_updates, "grad_norm_c", &grad_norm_c, "layerwise_beta0", &layerwise_beta0) != 0 ||
+                    &count_updates, "grad_norm_c", &grad_norm_c, "layerwise_beta0", &layerwise_beta0, "rounding",
+                    &rounding_name) != 0 ||
         polyak_schedule_kind_from_name(kind) < 0) {
       status = FORMAT_ERROR("metadata \"schedules\"[%d] is not a schedule", k);
+      break;
+    }
+    for (int r = 0; r < 2; r++)
+      rounding = strcmp(rounding_name, rounding_names[r]) == 0 ? r : rounding;
+    if (rounding < 0) {
+      status = FORMAT_ERROR("metadata \"schedules\"[%d] has rounding \"%s\", not \"nearest\" or \"stochastic\"", k,
+                            rounding_name);
+      break;
+    }
+    if (rounding != p->cfg.rounding[k]) {
+      status = MISMATCH("shadow %d was averaged with %s rounding, this handle has %s rounding (the bits would "
+                        "not continue the same way)",
+                        k, rounding_names[rounding], rounding_names[p->cfg.rounding[k]]);
       break;
     }
     s.kind = (polyak_schedule_kind)polyak_schedule_kind_from_name(kind);

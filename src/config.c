@@ -39,12 +39,15 @@ void polyak_config_init(polyak_config *cfg)
   cfg->rank = 0;
   cfg->nccl_comm = NULL;
   cfg->lookahead_every = 0;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    cfg->rounding[k] = POLYAK_ROUND_NEAREST;
 }
 
 int polyak_config_normalize(const polyak_config *in, polyak_config *out)
 {
-  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V3 &&
-              in->struct_size != POLYAK_CONFIG_SIZE_V2 && in->struct_size != POLYAK_CONFIG_SIZE_V1))
+  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V4 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V3 && in->struct_size != POLYAK_CONFIG_SIZE_V2 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V1))
     return -1;
   polyak_config_init(out);
   memcpy(out, in, in->struct_size); /* fields of later versions keep their defaults */
@@ -177,9 +180,10 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   if (polyak_config_normalize(given, &normalized) != 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
-                          "(earlier versions %zu, %zu, %zu): call polyak_config_init() first",
-                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V3,
-                          (size_t)POLYAK_CONFIG_SIZE_V2, (size_t)POLYAK_CONFIG_SIZE_V1);
+                          "(earlier versions %zu, %zu, %zu, %zu): call polyak_config_init() first",
+                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V4,
+                          (size_t)POLYAK_CONFIG_SIZE_V3, (size_t)POLYAK_CONFIG_SIZE_V2,
+                          (size_t)POLYAK_CONFIG_SIZE_V1);
   const polyak_config *cfg = &normalized;
   if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
@@ -192,6 +196,10 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
     if (cfg->count_updates[k] != 0 && cfg->count_updates[k] != 1)
       return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                             "count_updates[%d] = %d is not 0 or 1", k, cfg->count_updates[k]);
+    if (cfg->rounding[k] != POLYAK_ROUND_NEAREST && cfg->rounding[k] != POLYAK_ROUND_STOCHASTIC)
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                            "rounding[%d] = %d is not POLYAK_ROUND_NEAREST (0) or POLYAK_ROUND_STOCHASTIC (1)", k,
+                            cfg->rounding[k]);
   }
   if (cfg->shadow_dtype != POLYAK_F32 && cfg->shadow_dtype != POLYAK_BF16)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,

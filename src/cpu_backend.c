@@ -52,7 +52,14 @@ ALWAYS_INLINE int64_t update_chunk(const polyak_tensor_desc *t, const polyak_chu
   int64_t slot = t->shadow_offset_elems + first;
   for (int k = 0; k < args->num_shadows; k++) {
     float weight = args->weight[k];
-    if (shadow_dtype == POLYAK_F32) {
+    if (shadow_dtype == POLYAK_F32 && ((args->stochastic_f32 >> k) & 1u)) {
+      float *restrict s = (float *)shadows[k] + slot;
+      uint64_t key = args->sr_key[k];
+      int64_t elem = t->global_offset_elems + first;
+      for (int64_t i = 0; i < n; i++) /* a float select here would stop the vectorizer */
+        s[i] = polyak_pick_f32(guard & !polyak_is_finite(scratch[i]), s[i],
+                               polyak_next_f32_sr(s[i], scratch[i], weight, key, elem + i));
+    } else if (shadow_dtype == POLYAK_F32) {
       float *restrict s = (float *)shadows[k] + slot;
       if (!guard)
         for (int64_t i = 0; i < n; i++)

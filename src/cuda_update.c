@@ -277,6 +277,7 @@ polyak_status polyak_cuda_graph_update(polyak_t *p, void *stream)
   fill_kernel_args(p, state, &args);
   args.step.num_shadows = p->cfg.num_shadows; /* step, weights and keys: from the device */
   args.step.skip_nonfinite = p->cfg.skip_nonfinite;
+  args.step.stochastic_f32 = polyak_stochastic_f32_mask(&p->cfg);
   args.graph = state->graph;
   err = launch_layer_betas(p, state, state->graph, (cudaStream_t)stream);
   if (err == cudaSuccess)

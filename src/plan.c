@@ -91,7 +91,9 @@ polyak_status polyak_plan_build(polyak_t *p)
     descs[i].param_dtype = (int32_t)t->dtype;
     descs[i].owned = t->owned ? t->shadow : NULL;
     descs[i].owned_dtype = (int32_t)t->shadow_dtype;
-    descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0;
+    /* a caller's f32 shadow rounds as shadow 0 does; a 16-bit one by its flag */
+    descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
+                                   (t->shadow_dtype == POLYAK_F32 && p->cfg.rounding[0] != POLYAK_ROUND_STOCHASTIC);
     tensor_chunks[i] = chunk;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {
       int64_t rest = piece->num_elems - done;

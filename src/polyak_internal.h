@@ -211,6 +211,16 @@ static inline int polyak_has_layerwise(const polyak_config *c)
   return 0;
 }
 
+/* Bit k set where shadow k rounds stochastically if it is f32
+ * (polyak_update_args.stochastic_f32). */
+static inline uint32_t polyak_stochastic_f32_mask(const polyak_config *c)
+{
+  uint32_t mask = 0;
+  for (int k = 0; k < c->num_shadows; k++)
+    mask |= (uint32_t)(c->rounding[k] == POLYAK_ROUND_STOCHASTIC) << k;
+  return mask;
+}
+
 /* 1 if any shadow follows the gradient norm. */
 static inline int polyak_has_grad_norm(const polyak_config *c)
 {

@@ -347,6 +347,7 @@ uint64_t polyak_layout_hash(const polyak_t *p)
   XXH3_64bits_update(&state, &c->lookahead_every, sizeof c->lookahead_every);
   XXH3_64bits_update(&state, c->grad_norm_c, sizeof c->grad_norm_c[0] * (size_t)c->num_shadows);
   XXH3_64bits_update(&state, c->layerwise_beta0, sizeof c->layerwise_beta0[0] * (size_t)c->num_shadows);
+  XXH3_64bits_update(&state, c->rounding, sizeof c->rounding[0] * (size_t)c->num_shadows);
   return XXH3_64bits_digest(&state);
 }
 

@@ -20,6 +20,7 @@ void polyak_update_args_init(const polyak_t *p, int64_t step, int64_t gap, const
   args->gap = gap;
   args->num_shadows = p->cfg.num_shadows;
   args->skip_nonfinite = p->cfg.skip_nonfinite;
+  args->stochastic_f32 = polyak_stochastic_f32_mask(&p->cfg);
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     args->weight[k] = weight[k];
     args->sr_key[k] = polyak_sr_key(p->cfg.seed, step, k);

@@ -66,11 +66,14 @@ struct Model {
   std::vector<Tensor> tensors;
   polyak_config cfg;
   Handle h;
-  explicit Model(polyak_dtype shadow_dtype = POLYAK_F32, int zero_init = 0)
+  // stochastic: bit k rounds shadow k stochastically
+  explicit Model(polyak_dtype shadow_dtype = POLYAK_F32, int zero_init = 0, unsigned stochastic = 0)
   {
     cfg = cpu_config(3);
     cfg.shadow_dtype = shadow_dtype;
     cfg.zero_init = zero_init;
+    for (int k = 0; k < 3; k++)
+      cfg.rounding[k] = (stochastic >> k) & 1 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
     cfg.seed = 31;
     cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
     cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
@@ -118,18 +121,21 @@ TEST(Checkpoint, RoundTripRestoresShadowsAndStepExactly)
 
 TEST(Checkpoint, ResumeIsBitIdenticalToAnUninterruptedRun)
 {
-  TempDir dir;
-  Model whole(POLYAK_BF16, 1), resumed(POLYAK_BF16, 1);
-  for (int64_t s : {1, 2, 5})
-    whole.step(s);
-  ASSERT_EQ(polyak_save(whole.h.get(), dir.file("at5").c_str()), POLYAK_OK);
-  for (int64_t s : {6, 9, 10})
-    whole.step(s);
-  ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("at5").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
-  EXPECT_EQ(polyak_update(resumed.h.get(), 5, nullptr), POLYAK_ERR_INVALID_ARG) << "step 5 is done";
-  for (int64_t s : {6, 9, 10})
-    resumed.step(s);
-  EXPECT_TRUE(whole.state() == resumed.state()); // zero_init debias included
+  // bf16 shadows, and f32 shadows of which two round stochastically
+  for (polyak_dtype d : {POLYAK_BF16, POLYAK_F32}) {
+    TempDir dir;
+    Model whole(d, 1, 0b101), resumed(d, 1, 0b101);
+    for (int64_t s : {1, 2, 5})
+      whole.step(s);
+    ASSERT_EQ(polyak_save(whole.h.get(), dir.file("at5").c_str()), POLYAK_OK);
+    for (int64_t s : {6, 9, 10})
+      whole.step(s);
+    ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("at5").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
+    EXPECT_EQ(polyak_update(resumed.h.get(), 5, nullptr), POLYAK_ERR_INVALID_ARG) << "step 5 is done";
+    for (int64_t s : {6, 9, 10})
+      resumed.step(s);
+    EXPECT_TRUE(whole.state() == resumed.state()) << dtype_label(d); // zero_init debias included
+  }
 }
 
 TEST(Checkpoint, TheFileIsSafetensorsThatPyTorchNamesMatch)
@@ -235,6 +241,20 @@ std::vector<char> set_offsets(const std::vector<char> &bytes, const char *name, 
   });
 }
 
+// Sets key of schedule k in the metadata's "schedules" list (value stolen).
+std::vector<char> set_schedule(const std::vector<char> &bytes, int k, const char *key, json_t *value)
+{
+  Parsed f(bytes);
+  json_error_t e;
+  json_t *list = json_loads(json_string_value(json_object_get(f.metadata(), "schedules")), 0, &e);
+  json_object_set_new(json_array_get(list, k), key, value);
+  char *text = json_dumps(list, JSON_COMPACT);
+  json_decref(list);
+  auto out = set_metadata(bytes, "schedules", text);
+  free(text);
+  return out;
+}
+
 std::vector<char> with_length(std::vector<char> bytes, uint64_t n)
 {
   std::memcpy(bytes.data(), &n, 8);
@@ -322,17 +342,11 @@ const Damage kDamages[] = {
     {"OtherSeed", POLYAK_ERR_MISMATCH, "seed", [](auto &b) { return set_metadata(b, "seed", "32"); }},
     {"OtherZeroInit", POLYAK_ERR_MISMATCH, "zero_init", [](auto &b) { return set_metadata(b, "zero_init", "1"); }},
     {"OtherSchedule", POLYAK_ERR_MISMATCH, "another schedule",
-     [](auto &b) {
-       Parsed f(b);
-       json_error_t e;
-       json_t *list = json_loads(json_string_value(json_object_get(f.metadata(), "schedules")), 0, &e);
-       json_object_set_new(json_array_get(list, 0), "beta", json_real(0.95));
-       char *text = json_dumps(list, JSON_COMPACT);
-       json_decref(list);
-       auto out = set_metadata(b, "schedules", text);
-       free(text);
-       return out;
-     }},
+     [](auto &b) { return set_schedule(b, 0, "beta", json_real(0.95)); }},
+    {"OtherRounding", POLYAK_ERR_MISMATCH, "shadow 1 was averaged with stochastic rounding",
+     [](auto &b) { return set_schedule(b, 1, "rounding", json_string("stochastic")); }},
+    {"UnknownRounding", POLYAK_ERR_FORMAT, "rounding \"sideways\"",
+     [](auto &b) { return set_schedule(b, 2, "rounding", json_string("sideways")); }},
 };
 
 void PrintTo(const Damage &d, std::ostream *os) { *os << d.label; }
@@ -367,8 +381,8 @@ INSTANTIATE_TEST_SUITE_P(Checkpoint, DamagedFile, ::testing::ValuesIn(kDamages),
 
 TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
 {
-  // files written before update counting, Lookahead, grad-norm and LAWA
-  // lack their keys; absent means off
+  // files written before update counting, Lookahead, grad-norm, LAWA and
+  // rounding modes lack their keys; absent means off (rounded to nearest)
   TempDir dir;
   Model m;
   m.step(1);
@@ -382,7 +396,7 @@ TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
     json_t *schedule;
     json_array_foreach(schedules, k, schedule)
     {
-      for (const char *key : {"count_updates", "grad_norm_c", "layerwise_beta0"})
+      for (const char *key : {"count_updates", "grad_norm_c", "layerwise_beta0", "rounding"})
         json_object_del(schedule, key);
     }
     char *text = json_dumps(schedules, JSON_COMPACT);
@@ -394,6 +408,9 @@ TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
   Model resumed;
   ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
   EXPECT_TRUE(resumed.state() == m.state());
+  Model stochastic(POLYAK_F32, 0, 0b010);
+  EXPECT_EQ(polyak_load(stochastic.h.get(), dir.file("old").c_str()), POLYAK_ERR_MISMATCH)
+      << "an old file's shadows were rounded to nearest";
 }
 
 TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)

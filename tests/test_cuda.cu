@@ -507,6 +507,46 @@ TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
   both.expect_same();
 }
 
+TEST_F(Gpu, StochasticF32ShadowsMatchTheCpuBackend)
+{
+  // stochastic f32 shadows beside a nearest one: gaps, the guard on and
+  // off, zero_init, graph replays, and a checkpoint each backend resumes
+  // from the other's
+  for (int variant = 0; variant < 2; variant++) {
+    polyak_config cfg = cpu_config(4);
+    cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
+    cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.schedules[3].beta = 0.99999;
+    cfg.rounding[0] = cfg.rounding[1] = cfg.rounding[3] = POLYAK_ROUND_STOCHASTIC;
+    cfg.zero_init = variant;
+    cfg.skip_nonfinite = 1 - variant;
+    cfg.seed = 4242;
+    Both both(cfg, odd_twins());
+    both.randomize(40);
+    both.finalize();
+    for (int64_t step : {1, 2, 5, 9, 40}) {
+      both.randomize(40 + step, 1001);
+      both.update(step);
+    }
+    both.expect_same();
+    both.replay(41, 5, [&](int64_t step) { both.randomize(40 + step); });
+    both.expect_same();
+    TempDir dir;
+    const std::string gpu_path = dir.file("gpu"), cpu_path = dir.file("cpu");
+    ASSERT_EQ(polyak_save(both.gpu.get(), gpu_path.c_str()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    ASSERT_EQ(polyak_save(both.cpu.get(), cpu_path.c_str()), POLYAK_OK);
+    ASSERT_EQ(polyak_load(both.gpu.get(), cpu_path.c_str()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+    ASSERT_EQ(polyak_load(both.cpu.get(), gpu_path.c_str()), POLYAK_OK);
+    for (int64_t step : {50, 52}) {
+      both.randomize(40 + step);
+      both.update(step);
+    }
+    both.expect_same();
+    if (HasFailure())
+      FAIL() << "variant " << variant;
+  }
+}
+
 TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(2);
@@ -655,59 +695,63 @@ TEST_F(Gpu, ShadowsInTheCallersMemoryMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(1, 0.95);
   cfg.seed = 31;
-  std::vector<Twin> params = odd_twins(), shadows;
-  const polyak_dtype dtypes[] = {POLYAK_F16, POLYAK_BF16, POLYAK_F32, POLYAK_F16};
-  Handle cpu = make_handle(cfg), gpu = make_handle(cuda_config(cfg));
-  for (size_t i = 0; i < params.size(); i++) {
-    polyak_dtype d = dtypes[i % 4];
-    shadows.emplace_back("s" + std::to_string(i), d, params[i].host.num_elems, dtype_bytes(d) * (i % 3));
-    int64_t shape[1] = {params[i].host.num_elems};
-    int flags = i % 5 == 0 ? POLYAK_SHADOW_ROUND_NEAREST : 0;
-    const char *name = params[i].host.name.c_str();
-    ASSERT_EQ(polyak_add_with_shadow(cpu.get(), name, params[i].host.data(), params[i].host.dtype, 1, shape,
-                                     shadows[i].host.data(), d, flags),
-              POLYAK_OK);
-    ASSERT_EQ(polyak_add_with_shadow(gpu.get(), name, params[i].device, params[i].host.dtype, 1, shape,
-                                     shadows[i].device, d, flags),
-              POLYAK_OK);
-  }
-  auto randomize = [&](uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    for (auto &tw : params) {
-      tw.host.randomize(rng, 0.25f, 2.0f);
-      tw.upload();
+  for (int rounding : {POLYAK_ROUND_NEAREST, POLYAK_ROUND_STOCHASTIC}) { // the f32 shadows'
+    cfg.rounding[0] = rounding;
+    std::vector<Twin> params = odd_twins(), shadows;
+    const polyak_dtype dtypes[] = {POLYAK_F16, POLYAK_BF16, POLYAK_F32, POLYAK_F16};
+    Handle cpu = make_handle(cfg), gpu = make_handle(cuda_config(cfg));
+    for (size_t i = 0; i < params.size(); i++) {
+      polyak_dtype d = dtypes[i % 4];
+      shadows.emplace_back("s" + std::to_string(i), d, params[i].host.num_elems, dtype_bytes(d) * (i % 3));
+      int64_t shape[1] = {params[i].host.num_elems};
+      int flags = i % 5 == 0 ? POLYAK_SHADOW_ROUND_NEAREST : 0;
+      const char *name = params[i].host.name.c_str();
+      ASSERT_EQ(polyak_add_with_shadow(cpu.get(), name, params[i].host.data(), params[i].host.dtype, 1, shape,
+                                       shadows[i].host.data(), d, flags),
+                POLYAK_OK);
+      ASSERT_EQ(polyak_add_with_shadow(gpu.get(), name, params[i].device, params[i].host.dtype, 1, shape,
+                                       shadows[i].device, d, flags),
+                POLYAK_OK);
     }
-  };
-  auto expect_same = [&](const char *when) {
-    for (auto &tw : shadows) {
-      std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
-      ASSERT_EQ(cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
-      ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name << " " << when;
+    auto randomize = [&](uint64_t seed) {
+      std::mt19937_64 rng(seed);
+      for (auto &tw : params) {
+        tw.host.randomize(rng, 0.25f, 2.0f);
+        tw.upload();
+      }
+    };
+    auto expect_same = [&](const char *when) {
+      for (auto &tw : shadows) {
+        std::vector<char> got(tw.host.num_elems * dtype_bytes(tw.host.dtype));
+        ASSERT_EQ(cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+        ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name << " " << when;
+      }
+    };
+    randomize(120);
+    ASSERT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_finalize(gpu.get(), nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+    expect_same("after finalize");
+    for (int64_t step : {1, 2, 5}) {
+      randomize(120 + step);
+      ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK);
     }
-  };
-  randomize(120);
-  ASSERT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_OK);
-  ASSERT_EQ(polyak_finalize(gpu.get(), nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
-  expect_same("after finalize");
-  for (int64_t step : {1, 2, 5}) {
-    randomize(120 + step);
-    ASSERT_EQ(polyak_update(cpu.get(), step, nullptr), POLYAK_OK);
-    ASSERT_EQ(polyak_update(gpu.get(), step, nullptr), POLYAK_OK);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    expect_same("after updates");
+    randomize(130);
+    ASSERT_EQ(polyak_hard_update(cpu.get(), 0, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_hard_update(gpu.get(), 0, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    expect_same("after a hard update");
   }
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_same("after updates");
-  randomize(130);
-  ASSERT_EQ(polyak_hard_update(cpu.get(), 0, nullptr), POLYAK_OK);
-  ASSERT_EQ(polyak_hard_update(gpu.get(), 0, nullptr), POLYAK_OK) << polyak_last_error(gpu.get());
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  expect_same("after a hard update");
-
   // a host shadow for the CUDA backend is refused at finalize
   Handle wrong = make_handle(cuda_config(cfg));
+  Twin param("w", POLYAK_F32, 8, 0);
+  param.upload(); // zeros: finite
   std::vector<float> host_shadow(8);
   int64_t shape[1] = {8};
-  ASSERT_EQ(polyak_add_with_shadow(wrong.get(), "w", params[16].device, params[16].host.dtype, 1, shape, // f32, 65535
-                                   host_shadow.data(), POLYAK_F32, 0),
+  ASSERT_EQ(polyak_add_with_shadow(wrong.get(), "w", param.device, POLYAK_F32, 1, shape, host_shadow.data(),
+                                   POLYAK_F32, 0),
             POLYAK_OK);
   EXPECT_EQ(polyak_finalize(wrong.get(), nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_TRUE(contains(polyak_last_error(wrong.get()), "shadow")) << polyak_last_error(wrong.get());

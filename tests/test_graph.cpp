@@ -46,20 +46,26 @@ polyak_config mixed_config()
 
 TEST(Graph, ReplaysGiveTheBitsOfDirectUpdates)
 {
-  Pair pair(mixed_config());
-  ASSERT_EQ(polyak_update(pair.direct.get(), 2, nullptr), POLYAK_OK);
-  ASSERT_EQ(polyak_update(pair.graphed.get(), 2, nullptr), POLYAK_OK);
-  // a gap before the first reserved step, then 100 consecutive replays
-  ASSERT_EQ(polyak_graph_reserve(pair.graphed.get(), 6, 100, nullptr), POLYAK_OK);
-  for (int64_t step = 6; step < 106; step++) {
-    pair.perturb((int)step);
-    ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
-    ASSERT_EQ(polyak_graph_update(pair.graphed.get(), nullptr), POLYAK_OK);
+  polyak_config stochastic_f32 = mixed_config(); // stochastic f32 shadows beside a nearest one
+  stochastic_f32.shadow_dtype = POLYAK_F32;
+  stochastic_f32.rounding[0] = stochastic_f32.rounding[2] = POLYAK_ROUND_STOCHASTIC;
+  for (const polyak_config &cfg : {mixed_config(), stochastic_f32}) {
+    Pair pair(cfg);
+    ASSERT_EQ(polyak_update(pair.direct.get(), 2, nullptr), POLYAK_OK);
+    ASSERT_EQ(polyak_update(pair.graphed.get(), 2, nullptr), POLYAK_OK);
+    // a gap before the first reserved step, then 100 consecutive replays
+    ASSERT_EQ(polyak_graph_reserve(pair.graphed.get(), 6, 100, nullptr), POLYAK_OK);
+    for (int64_t step = 6; step < 106; step++) {
+      pair.perturb((int)step);
+      ASSERT_EQ(polyak_update(pair.direct.get(), step, nullptr), POLYAK_OK);
+      ASSERT_EQ(polyak_graph_update(pair.graphed.get(), nullptr), POLYAK_OK);
+    }
+    int64_t done = -1;
+    ASSERT_EQ(polyak_graph_release(pair.graphed.get(), &done), POLYAK_OK);
+    EXPECT_EQ(done, 100);
+    EXPECT_TRUE(snapshot(pair.direct.get(), 3, pair.tensors) == snapshot(pair.graphed.get(), 3, pair.tensors))
+        << "shadow dtype " << cfg.shadow_dtype;
   }
-  int64_t done = -1;
-  ASSERT_EQ(polyak_graph_release(pair.graphed.get(), &done), POLYAK_OK);
-  EXPECT_EQ(done, 100);
-  EXPECT_TRUE(snapshot(pair.direct.get(), 3, pair.tensors) == snapshot(pair.graphed.get(), 3, pair.tensors));
 }
 
 TEST(Graph, ReleaseCatchesTheHostUpWithTheReplays)

@@ -2,8 +2,9 @@
 // (kernels/update_chunk.h), run on the CPU for every block and thread index
 // over a whole plan, must produce the CPU backend's bits exactly: heads,
 // 16-byte vector middles, tails, misaligned starts, every dtype pair,
-// K = 1..8, the guard, stochastic rounding and Lookahead's write-back into
-// the params. This runs without a GPU.
+// K = 1..8, the guard, stochastic rounding (bf16, and f32 shadows that ask
+// for it) and Lookahead's write-back into the params. This runs without a
+// GPU.
 #include "test_util.h"
 
 #include <cstdlib>
@@ -204,6 +205,27 @@ TEST(KernelLogic, MatchesTheCpuBackendOnBf16ShadowsWithStochasticRounding)
   check_case(c, 5, kBlockThreads);
 }
 
+TEST(KernelLogic, MatchesTheCpuBackendOnStochasticF32Shadows)
+{
+  // stochastic and nearest shadows side by side, the guard, gaps, a
+  // grad-norm shadow; then zero_init and start_step
+  Case c{cpu_config(4, 0.99), awkward_tensors(), {1, 2, 5, 6, 30}};
+  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
+  c.cfg.grad_norm_c[3] = 0.5;
+  c.cfg.rounding[0] = c.cfg.rounding[1] = c.cfg.rounding[3] = POLYAK_ROUND_STOCHASTIC;
+  c.cfg.seed = 99;
+  c.poison = true;
+  c.grad_norm = true;
+  check_case(c, 7, kBlockThreads);
+  Case z{cpu_config(2, 0.9), awkward_tensors(), {2, 3, 9}};
+  z.cfg.zero_init = 1;
+  z.cfg.schedules[1].start_step = 2;
+  z.cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  z.cfg.skip_nonfinite = 0;
+  z.poison = true;
+  check_case(z, 5, kBlockThreads);
+}
+
 TEST(KernelLogic, EveryShadowCountFrom1To8)
 {
   for (int num_shadows = 1; num_shadows <= 8; num_shadows++) {
@@ -251,17 +273,23 @@ TEST(KernelLogic, LookaheadWritesTheSlowWeightsBackLikeTheCpuBackend)
     polyak_dtype shadow_dtype;
     bool poison;
     int skip_nonfinite;
-  } variants[] = {{POLYAK_F32, false, 1}, {POLYAK_BF16, false, 1}, {POLYAK_F32, true, 1}, {POLYAK_BF16, true, 0}};
+    int rounding; // the slow weights'
+  } variants[] = {{POLYAK_F32, false, 1, POLYAK_ROUND_NEAREST},
+                  {POLYAK_BF16, false, 1, POLYAK_ROUND_NEAREST},
+                  {POLYAK_F32, true, 1, POLYAK_ROUND_NEAREST},
+                  {POLYAK_BF16, true, 0, POLYAK_ROUND_NEAREST},
+                  {POLYAK_F32, true, 1, POLYAK_ROUND_STOCHASTIC}};
   for (auto v : variants) {
     Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 3, 4, 6, 8, 9}};
     c.cfg.lookahead_every = 2;
     c.cfg.schedules[2].beta = 0.5;
+    c.cfg.rounding[2] = v.rounding;
     c.cfg.shadow_dtype = v.shadow_dtype;
     c.cfg.skip_nonfinite = v.skip_nonfinite;
     c.poison = v.poison;
     check_case(c, 7, kBlockThreads);
     if (HasFailure())
-      FAIL() << "shadow dtype " << v.shadow_dtype << " poison " << v.poison;
+      FAIL() << "shadow dtype " << v.shadow_dtype << " poison " << v.poison << " rounding " << v.rounding;
   }
   Case alone{cpu_config(1, 0.25), awkward_tensors(), {1, 2, 3, 5, 6}}; // no shadow between syncs
   alone.cfg.lookahead_every = 3;
@@ -280,11 +308,13 @@ TEST(KernelLogic, GradNormShadowsTakeTheWeightsTheKernelResolves)
 
 TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
 {
-  for (int poison = 0; poison < 2; poison++) {
+  for (int variant = 0; variant < 3; variant++) { // clean, poisoned, poisoned with stochastic f32 shadows
+    bool poison = variant > 0;
     std::vector<Tensor> params = awkward_tensors(), shadows, emulated;
     const polyak_dtype dtypes[] = {POLYAK_BF16, POLYAK_F16, POLYAK_F32};
     polyak_config cfg = cpu_config(1, 0.9);
     cfg.seed = 5;
+    cfg.rounding[0] = variant == 2 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
     Handle h = make_handle(cfg);
     std::mt19937_64 rng(78);
     for (size_t i = 0; i < params.size(); i++) {
@@ -321,7 +351,7 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
       EXPECT_EQ(nonfinite, after - before);
       for (size_t i = 0; i < shadows.size(); i++)
         ASSERT_EQ(0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
-            << params[i].name << " after step " << step << " poison " << poison;
+            << params[i].name << " after step " << step << " variant " << variant;
     }
   }
 }

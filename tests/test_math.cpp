@@ -239,6 +239,82 @@ TEST(Math, F16StochasticRoundingPicksANeighbourWithExactOdds)
   EXPECT_EQ(polyak_f32_to_f16_sr(0x1p-40f, 0xFFFFFFFFu), 0) << "below 2^-33: zero";
 }
 
+TEST(Math, F32StochasticRoundingPicksANeighbourWithExactOdds)
+{
+  // the result is the upper neighbour (in magnitude) exactly when the low 29
+  // random bits reach a threshold, so over all 2^29 of them it rounds up in
+  // the fraction (|x| - lower) / (upper - lower); the bits above never matter
+  std::mt19937_64 rng(17);
+  std::uniform_int_distribution<uint32_t> any;
+  std::uniform_real_distribution<double> mantissa(1.0, 2.0);
+  std::vector<double> inputs = {1.0 + 0x1p-30, 1.0 + 0x1p-24 + 0x1p-50, 2.0 - 0x1p-40, 3.14159265358979,
+                                0x1p-126 * 1.5 + 0x1p-160, 0x1.fffffffffffffp127 / 2, 1e-3, 12345.678};
+  for (int n = 0; n < 300; n++)
+    inputs.push_back(std::ldexp(mantissa(rng), (int)(any(rng) % 200) - 100));
+  const uint32_t span = 1u << 29;
+  for (double magnitude : inputs)
+    for (double x : {magnitude, -magnitude}) {
+      float below, above;
+      f32_neighbours(std::fabs(x), &below, &above);
+      double odds = below == above ? 0.0 : (std::fabs(x) - below) / ((double)above - below);
+      auto up = [&](uint32_t r) {
+        float got = polyak_f64_to_f32_sr(x, r | (any(rng) << 29)); // bits above the 29 used
+        EXPECT_TRUE(std::fabs(got) == below || std::fabs(got) == above) << x << " gave " << got;
+        EXPECT_EQ(std::signbit(got), std::signbit(x)) << x;
+        return std::fabs(got) == above && below != above;
+      };
+      // the threshold: the first r that rounds up (span if none)
+      uint32_t lo = 0, hi = span;
+      while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (up(mid))
+          hi = mid;
+        else
+          lo = mid + 1;
+      }
+      for (int n = 0; n < 20; n++) { // a threshold indeed: down below it, up from it
+        uint32_t r = any(rng) % span;
+        ASSERT_EQ(up(r), r >= lo) << x << " r " << r;
+      }
+      EXPECT_EQ((double)(span - lo) / span, odds) << x;
+    }
+}
+
+TEST(Math, F32StochasticRoundingKeepsF32ValuesAndSpecials)
+{
+  std::mt19937_64 rng(19);
+  std::uniform_int_distribution<uint32_t> any;
+  for (uint32_t b : sweep_patterns()) {
+    float x = polyak_f32_from_bits(b);
+    if (polyak_is_finite(x)) {
+      ASSERT_EQ(polyak_f32_bits(polyak_f64_to_f32_sr((double)x, any(rng))), b) << std::hex << b;
+    }
+  }
+  EXPECT_EQ(polyak_f64_to_f32_sr(INFINITY, 0xFFFFFFFFu), INFINITY);
+  EXPECT_EQ(polyak_f64_to_f32_sr(-INFINITY, 0x1FFFFFFFu), -INFINITY);
+  EXPECT_TRUE(std::isnan(polyak_f64_to_f32_sr(polyak_f64_from_bits(0x7FF0000000000001ull), 0x1FFFFFFFu)))
+      << "a NaN whose payload is all in the dropped bits stays NaN";
+  EXPECT_EQ(polyak_f32_bits(polyak_f64_to_f32_sr(-0.0, 0x1FFFFFFFu)), 0x80000000u);
+  EXPECT_EQ(polyak_f64_to_f32_sr((double)FLT_MAX, 0x1FFFFFFFu), FLT_MAX) << "never past the largest float";
+}
+
+TEST(Math, StochasticLerpIsTheDoubleValueRoundedToANeighbour)
+{
+  std::mt19937_64 rng(23);
+  std::normal_distribution<float> dist(1.0f, 0.01f);
+  std::uniform_real_distribution<float> weight(0.0f, 1e-3f);
+  for (int i = 0; i < 20000; i++) {
+    float s = dist(rng), p = dist(rng), w = weight(rng), below, above;
+    f32_neighbours((double)s + (double)w * ((double)p - (double)s), &below, &above);
+    float got = polyak_lerp_sr(s, p, w, polyak_sr_bits(polyak_sr_key(1, i, 0), 0));
+    ASSERT_TRUE(got == below || got == above) << s << " " << p << " " << w;
+  }
+  // weight 1 copies exactly, weight 0 keeps, and a NaN param passes through
+  EXPECT_EQ(polyak_lerp_sr(1e30f, 1.0f, 1.0f, 0x1FFFFFFFu), 1.0f);
+  EXPECT_EQ(polyak_lerp_sr(0.1f, 5.0f, 0.0f, 0x1FFFFFFFu), 0.1f);
+  EXPECT_TRUE(std::isnan(polyak_lerp_sr(0.1f, NAN, 0.5f, 7)));
+}
+
 TEST(Math, StochasticRoundingIsUnbiasedAcrossSteps)
 {
   // one element, drawn at 200,000 steps: the mean of the rounded values is x

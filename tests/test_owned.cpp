@@ -85,11 +85,23 @@ std::vector<char> bytes_of(const Tensor &t)
 
 TEST(Owned, ShadowsHaveTheBitsOfLibraryShadowsOfTheirDtype)
 {
-  // f32 shadows: the library's f32 lerp; bf16 ones: its stochastic rounding
-  for (polyak_dtype d : {POLYAK_F32, POLYAK_BF16}) {
+  // f32 shadows: the library's f32 lerp, or its stochastic rounding where
+  // shadow 0 asks for it (unless the flag asks for nearest); bf16 ones: its
+  // stochastic rounding
+  struct {
+    polyak_dtype dtype;
+    int rounding, flags;
+  } variants[] = {{POLYAK_F32, POLYAK_ROUND_NEAREST, 0},
+                  {POLYAK_F32, POLYAK_ROUND_STOCHASTIC, 0},
+                  {POLYAK_F32, POLYAK_ROUND_STOCHASTIC, POLYAK_SHADOW_ROUND_NEAREST},
+                  {POLYAK_BF16, POLYAK_ROUND_NEAREST, 0}};
+  for (auto v : variants) {
+    polyak_dtype d = v.dtype;
     polyak_config cfg = cpu_config(1, 0.95);
     cfg.seed = 77;
-    Model model(cfg, std::vector<polyak_dtype>(5, d));
+    cfg.rounding[0] = v.rounding;
+    Model model(cfg, std::vector<polyak_dtype>(5, d), v.flags);
+    cfg.rounding[0] = v.flags ? POLYAK_ROUND_NEAREST : v.rounding;
     Reference reference(cfg, model, d);
     for (size_t i = 0; i < model.params.size(); i++)
       ASSERT_EQ(bytes_of(model.shadows[i]), reference.shadow((int)i, d)) << "finalize copies the params";

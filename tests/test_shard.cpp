@@ -12,11 +12,15 @@ using namespace polyak_test;
 
 namespace {
 
-polyak_config shard_config(int world_size, int rank)
+polyak_config shard_config(int world_size, int rank, bool stochastic_f32 = false)
 {
   polyak_config cfg = cpu_config(2, 0.9);
   cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16; // stochastic rounding keyed by global element index
+  if (stochastic_f32) {           // keyed the same way
+    cfg.shadow_dtype = POLYAK_F32;
+    cfg.rounding[0] = cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  }
   cfg.seed = 17;
   cfg.world_size = world_size;
   cfg.rank = rank;
@@ -30,7 +34,7 @@ struct World {
   std::vector<Handle> ranks;
   int world_size;
 
-  World(int w, const std::vector<int64_t> &sizes) : world_size(w)
+  World(int w, const std::vector<int64_t> &sizes, bool stochastic_f32 = false) : world_size(w)
   {
     const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16, POLYAK_F16};
     for (size_t i = 0; i < sizes.size(); i++)
@@ -38,11 +42,11 @@ struct World {
     std::mt19937_64 rng(70);
     for (auto &t : tensors)
       t.randomize(rng);
-    whole = make_handle(shard_config(1, 0));
+    whole = make_handle(shard_config(1, 0, stochastic_f32));
     add_all(whole.get(), tensors);
     EXPECT_EQ(polyak_finalize(whole.get(), nullptr), POLYAK_OK);
     for (int r = 0; r < w; r++) {
-      ranks.push_back(make_handle(shard_config(w, r)));
+      ranks.push_back(make_handle(shard_config(w, r, stochastic_f32)));
       add_all(ranks.back().get(), tensors);
       EXPECT_EQ(polyak_finalize(ranks.back().get(), nullptr), POLYAK_OK) << polyak_last_error(ranks.back().get());
     }
@@ -59,15 +63,16 @@ struct World {
     for (auto &h : ranks)
       ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK);
   }
-  // The test-only gather: every rank's local piece into one buffer.
-  std::vector<uint16_t> gathered(int k, int i)
+  // The test-only gather: every rank's local piece into one buffer, as f32
+  // bits (exact for bf16 shadows too).
+  std::vector<uint32_t> gathered(int k, int i)
   {
-    std::vector<uint16_t> full(tensors[i].num_elems + 1, 0xFFFF);
+    std::vector<uint32_t> full(tensors[i].num_elems + 1, 0xFFFFFFFFu);
     std::vector<int> owners(tensors[i].num_elems, 0);
     for (auto &h : ranks) {
       int64_t first = -1, count = -1;
       EXPECT_EQ(polyak_local_range(h.get(), i, &first, &count), POLYAK_OK);
-      EXPECT_EQ(polyak_get_local_shadow(h.get(), k, i, full.data() + first, POLYAK_BF16, nullptr), POLYAK_OK);
+      EXPECT_EQ(polyak_get_local_shadow(h.get(), k, i, full.data() + first, POLYAK_F32, nullptr), POLYAK_OK);
       for (int64_t e = first; e < first + count; e++)
         owners[e]++;
     }
@@ -76,10 +81,10 @@ struct World {
     full.resize(tensors[i].num_elems);
     return full;
   }
-  std::vector<uint16_t> reference(int k, int i)
+  std::vector<uint32_t> reference(int k, int i)
   {
-    std::vector<uint16_t> out(tensors[i].num_elems + 1);
-    EXPECT_EQ(polyak_get_shadow(whole.get(), k, i, out.data(), POLYAK_BF16, nullptr), POLYAK_OK);
+    std::vector<uint32_t> out(tensors[i].num_elems + 1);
+    EXPECT_EQ(polyak_get_shadow(whole.get(), k, i, out.data(), POLYAK_F32, nullptr), POLYAK_OK);
     out.resize(tensors[i].num_elems);
     return out;
   }
@@ -116,6 +121,16 @@ TEST(Shard, RanksTogetherEqualAnUnshardedHandleBitForBit)
       if (HasFailure())
         return;
     }
+}
+
+TEST(Shard, StochasticF32ShadowsOfRanksEqualAnUnshardedHandle)
+{
+  for (int w : {2, 3, 8}) {
+    World world(w, kLists[0], true);
+    for (int64_t step : {1, 2, 5, 6})
+      world.update(step, step == 5);
+    world.expect_equal();
+  }
 }
 
 TEST(Shard, SlicesAreBalancedAndStartOnEightElementBoundaries)

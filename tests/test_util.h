@@ -202,6 +202,15 @@ inline uint32_t float_bits(float x)
   return bits;
 }
 
+// The f32 neighbours of a double: the largest f32 <= x and the smallest >= x
+// (equal where x is an f32).
+inline void f32_neighbours(double x, float *below, float *above)
+{
+  float nearest = (float)x;
+  *below = (double)nearest <= x ? nearest : std::nextafter(nearest, -INFINITY);
+  *above = (double)nearest >= x ? nearest : std::nextafter(nearest, INFINITY);
+}
+
 // The decay schedules written out again from the table in DESIGN.md, as an
 // oracle independent of src/schedule.c.
 inline double oracle_beta(const polyak_schedule &s, int64_t step)

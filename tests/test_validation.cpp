@@ -96,7 +96,8 @@ TEST(Create, RefusesNullPointers)
 TEST(Create, RefusesAWrongStructSize)
 {
   polyak_config cfg = cpu_config();
-  for (size_t size : {size_t(0), sizeof(polyak_config) - 4, sizeof(polyak_config) + 8, POLYAK_CONFIG_SIZE_V3 + 4}) {
+  for (size_t size : {size_t(0), sizeof(polyak_config) - 4, sizeof(polyak_config) + 8, POLYAK_CONFIG_SIZE_V3 + 4,
+                      POLYAK_CONFIG_SIZE_V4 + 4}) {
     cfg.struct_size = size;
     polyak_t *p = nullptr;
     EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG) << size;
@@ -141,6 +142,50 @@ TEST(Create, RefusesFlagsOtherThanZeroOrOne)
   cfg = cpu_config();
   cfg.skip_nonfinite = -1;
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_ERR_INVALID_ARG);
+}
+
+TEST(Create, RefusesRoundingModesOutsideTheTwo)
+{
+  for (int value : {-1, 2, 7}) {
+    polyak_config cfg = cpu_config(3);
+    cfg.rounding[0] = POLYAK_ROUND_STOCHASTIC;
+    cfg.rounding[2] = value;
+    char why[256];
+    EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG) << value;
+    EXPECT_TRUE(contains(why, "rounding[2]")) << why;
+    polyak_t *p = reinterpret_cast<polyak_t *>(0x1);
+    EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG) << value;
+    EXPECT_EQ(p, nullptr) << "nothing created";
+  }
+  polyak_config cfg = cpu_config(2);
+  cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  cfg.rounding[5] = 9; // beyond num_shadows: never read, as the other per-shadow fields
+  EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
+}
+
+TEST(Create, AVersion4ConfigRoundsToNearest)
+{
+  polyak_config cfg = cpu_config(2);
+  EXPECT_EQ(cfg.rounding[0], POLYAK_ROUND_NEAREST);
+  EXPECT_EQ(cfg.rounding[POLYAK_MAX_SHADOWS - 1], POLYAK_ROUND_NEAREST);
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    cfg.rounding[k] = 5; // beyond a version-4 struct: never read
+  cfg.struct_size = POLYAK_CONFIG_SIZE_V4;
+  ASSERT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
+  Handle h = make_handle(cfg);
+  std::vector<Tensor> tensors;
+  tensors.emplace_back("w", POLYAK_F32, 64);
+  std::mt19937_64 rng(8);
+  tensors[0].randomize(rng);
+  add_all(h.get(), tensors);
+  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+  std::vector<float> before = read_shadow(h.get(), 0, 0, 64);
+  tensors[0].randomize(rng);
+  ASSERT_EQ(polyak_update(h.get(), 2, nullptr), POLYAK_OK);
+  std::vector<float> after = read_shadow(h.get(), 0, 0, 64);
+  float w = (float)(1.0 - polyak_beta_product(&cfg.schedules[0], 0, 2));
+  for (int64_t e = 0; e < 64; e++)
+    ASSERT_EQ(float_bits(after[e]), float_bits(polyak_lerp(before[e], tensors[0].get(e), w))) << e;
 }
 
 TEST(Create, CudaBackendWithoutADeviceIsUnsupportedWithTheCause)
