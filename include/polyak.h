@@ -83,8 +83,20 @@ typedef enum { POLYAK_STATUS_LIST(POLYAK_STATUS_ENUM_ITEM) } polyak_status;
 
 typedef struct polyak polyak_t; /* opaque handle; create once, reuse */
 
-/* Element types of params, shadows and read-outs. */
-typedef enum { POLYAK_F32 = 0, POLYAK_BF16 = 1, POLYAK_F16 = 2 } polyak_dtype;
+/* Element types of params, shadows and read-outs. Averaged tensors are
+ * F32, BF16 or F16; copy-only tensors (polyak_add_copy) any of them. */
+typedef enum {
+  POLYAK_F32 = 0,
+  POLYAK_BF16 = 1,
+  POLYAK_F16 = 2,
+  POLYAK_F64 = 3, /* the rest: copy-only tensors */
+  POLYAK_I64 = 4,
+  POLYAK_I32 = 5,
+  POLYAK_I16 = 6,
+  POLYAK_I8 = 7,
+  POLYAK_U8 = 8,
+  POLYAK_BOOL = 9
+} polyak_dtype;
 
 /* Where shadows live and updates run. */
 typedef enum { POLYAK_BACKEND_CPU = 0, POLYAK_BACKEND_CUDA = 1 } polyak_backend;
@@ -328,6 +340,22 @@ POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
 POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
                                     polyak_dtype dtype, int ndim, const int64_t *shape);
 
+/* Registers a tensor that is not averaged but travels with the averages:
+ * a buffer such as BatchNorm's running statistics or a step counter, of
+ * any dtype (F64 and the integer types too). Every shadow of it is one
+ * mirror of the param, set at finalize and at every update in the same
+ * pass (the same launch on CUDA) as the averages, whatever the schedules
+ * (timm's ModelEmaV3 and ema-pytorch copy buffers so by default). Read-outs
+ * give the mirror, in the tensor's dtype (or, for F32/BF16/F16, any of
+ * those three); polyak_copy_to_params and the blends write it back into the
+ * param, polyak_store and polyak_restore keep and restore the param, a hard
+ * update sets the mirror, and checkpoints hold it once, under the
+ * tensor's name in its dtype, as PyTorch's state dicts do. On a sharded
+ * handle every rank keeps the whole mirror. Arguments and errors as
+ * polyak_add's, but any polyak_dtype. */
+POLYAK_API polyak_status polyak_add_copy(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                                         const int64_t *shape);
+
 /* One named, shaped view of an arena (polyak_add_arena). */
 typedef struct {
   const char *name;               /* as polyak_add's */
@@ -431,6 +459,7 @@ POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors)
 
 /* What a handle knows of one registered tensor (polyak_tensor_info). */
 #define POLYAK_TENSOR_CALLERS_SHADOW 1 /* flags: shadow 0 is the caller's memory */
+#define POLYAK_TENSOR_COPY 2           /* flags: copy-only (polyak_add_copy) */
 typedef struct {
   const char *name;               /* as registered; valid until polyak_destroy */
   polyak_dtype dtype;             /* the param's */

@@ -61,6 +61,10 @@ typedef struct {
   const double *layer_beta;
   double layer_beta0[POLYAK_MAX_SHADOWS];
   unsigned long long *nonfinite_count;
+  /* copy-only tensors: each piece's param bytes into its mirror */
+  const polyak_copy_chunk *copy_chunks; /* device */
+  int64_t num_copy_chunks;
+  void *copies;                         /* the mirrors (device) */
 } polyak_update_kernel_args;
 
 /* LAWA's betas for one update (layerwise.h): from the gradients (grads,

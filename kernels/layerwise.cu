@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __threadfence();
   double mine = 0.0;
   for (int64_t l = threadIdx.x; l < a.num_tensors; l += POLYAK_LAYER_THREADS) {
-    double norm = norms ? (double)norms[l] : polyak_tensor_norm(a.chunk_sumsq, a.tensor_chunks[l], a.tensor_chunks[l + 1]);
+    double norm = polyak_layer_norm(&a.descs[l], norms, l, a.chunk_sumsq, a.tensor_chunks[l], a.tensor_chunks[l + 1]);
     a.layer_norm[l] = norm;
     mine += polyak_norm_term(norm);
   }

@@ -67,6 +67,17 @@ POLYAK_HD double polyak_tensor_norm(const float *chunk_sumsq, int64_t first, int
   return sqrt(sum);
 }
 
+/* Step 2 for tensor l: its norm given, or from its chunks' sums [first,
+ * end); 0 for a copy-only tensor, which is not averaged and has no
+ * gradient. */
+POLYAK_HD double polyak_layer_norm(const polyak_tensor_desc *t, const float *norms, int64_t l,
+                                   const float *chunk_sumsq, int64_t first, int64_t end)
+{
+  if (t->copy_only)
+    return 0.0;
+  return norms ? (double)norms[l] : polyak_tensor_norm(chunk_sumsq, first, end);
+}
+
 /* A norm's term in the total: a negative or NaN norm (given to
  * polyak_set_layer_norms) makes the total NaN, so every beta is 1. */
 POLYAK_HD double polyak_norm_term(double norm)

@@ -38,7 +38,7 @@ typedef struct {
   int32_t owned_dtype;         /* owned: its dtype */
   void *owned;                 /* the caller's shadow 0 (no arena space), or NULL */
   int32_t owned_round_nearest; /* owned: round to nearest even, not stochastically */
-  int32_t pad_;
+  int32_t copy_only;           /* a copy-only tensor: no chunks, no gradient norm */
 } polyak_tensor_desc;
 
 typedef struct {
@@ -46,6 +46,17 @@ typedef struct {
   int32_t tensor;     /* index into the tensor table */
   int32_t num_elems;  /* 1..POLYAK_CHUNK_ELEMS */
 } polyak_chunk;
+
+/* Bytes of a copy-only tensor per copy chunk: a multiple of 16, so every
+ * chunk of a param starts at the param's 16-byte phase. */
+#define POLYAK_COPY_CHUNK_BYTES (1 << 20)
+
+/* A piece of a copy-only tensor that the update copies into its mirror. */
+typedef struct {
+  const void *param;           /* the piece's first byte */
+  int64_t mirror_offset_bytes; /* where it goes in the mirrors' allocation (16-byte aligned) */
+  int64_t num_bytes;           /* 1..POLYAK_COPY_CHUNK_BYTES */
+} polyak_copy_chunk;
 
 /* What one update needs, computed on the host and passed by value. */
 typedef struct {

@@ -72,6 +72,19 @@ static __device__ void polyak_finish_step(const polyak_update_kernel_args &a, in
   }
 }
 
+/* A copy-only tensor's piece into its mirror: 16 bytes a thread where the
+ * param is 16-byte aligned (the mirror always is), else bytes. */
+static __device__ void polyak_copy_chunk_block(const polyak_copy_chunk &c, char *copies)
+{
+  const char *src = static_cast<const char *>(c.param);
+  char *dst = copies + c.mirror_offset_bytes;
+  int64_t words = reinterpret_cast<uintptr_t>(src) % 16 == 0 ? c.num_bytes / 16 : 0;
+  for (int64_t w = threadIdx.x; w < words; w += POLYAK_BLOCK_THREADS)
+    __stcg(reinterpret_cast<uint4 *>(dst) + w, __ldg(reinterpret_cast<const uint4 *>(src) + w));
+  for (int64_t b = 16 * words + threadIdx.x; b < c.num_bytes; b += POLYAK_BLOCK_THREADS)
+    dst[b] = src[b];
+}
+
 static __device__ int64_t polyak_block_sum(int64_t value)
 {
   __shared__ int64_t warp_sums[POLYAK_BLOCK_THREADS / 32];
@@ -115,6 +128,8 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
       nonfinite += polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x,
                                                      POLYAK_BLOCK_THREADS);
     }
+    for (int64_t c = blockIdx.x; c < a.num_copy_chunks; c += gridDim.x)
+      polyak_copy_chunk_block(a.copy_chunks[c], static_cast<char *>(a.copies));
   }
   int64_t block_nonfinite = polyak_block_sum(nonfinite);
   if (threadIdx.x == 0) {

@@ -156,8 +156,8 @@ static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
   }
   double total_part[POLYAK_LAYER_THREADS] = {0};
   for (int l = 0; l < p->num_tensors; l++) {
-    s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l]
-                                      : polyak_tensor_norm(s->chunk_sumsq, p->tensor_chunks[l], p->tensor_chunks[l + 1]);
+    s->layer_norm[l] = polyak_layer_norm(&p->descs[l], s->layer_norms, l, s->chunk_sumsq, p->tensor_chunks[l],
+                                         p->tensor_chunks[l + 1]);
     total_part[l % POLYAK_LAYER_THREADS] += polyak_norm_term(s->layer_norm[l]);
   }
   double total = polyak_sum_parts_f64(total_part);
@@ -177,6 +177,7 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
     cpu_layer_betas(p, state);
   state->nonfinite_count +=
       state->walk(p, state->shadows, &resolved, p->layer_source ? state->layer_beta : NULL, state->scratch);
+  polyak_copies_update(p);
   return POLYAK_OK;
 }
 
@@ -294,7 +295,7 @@ static polyak_status find_nonfinite_param(polyak_t *p, int whole, const char *fu
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     const polyak_tensor_desc *d = &p->descs[i];
-    int64_t first = whole ? 0 : d->local_first_elem, end = whole ? t->num_elems : first + d->local_num_elems;
+    int64_t first = whole ? 0 : d->local_first_elem, end = whole ? t->flat_elems : first + d->local_num_elems;
     for (int64_t e = first; e < end; e++) {
       float value = polyak_load_f32(t->param, e, t->dtype);
       if (!polyak_is_finite(value))
@@ -469,6 +470,8 @@ static polyak_status cpu_blend(polyak_t *p, const float *coefficient, int tensor
   int first = tensor < 0 ? 0 : tensor, last = tensor < 0 ? p->num_tensors : tensor + 1;
   for (int i = first; i < last; i++) {
     const polyak_tensor_desc *t = &p->descs[i];
+    if (t->copy_only) /* its mirror goes back separately (copies.c) */
+      continue;
     void *to = tensor < 0 ? p->tensors[i].param : dst;
     polyak_dtype to_dtype = tensor < 0 ? p->tensors[i].dtype : dst_dtype;
     for (int64_t e = 0; e < t->num_elems; e++) {

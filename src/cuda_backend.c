@@ -147,6 +147,7 @@ static void cuda_release(polyak_t *p)
     }
     cudaFree(state->descs);
     cudaFree(state->chunks);
+    cudaFree(state->copy_chunks);
     cudaFree(state->counters);
     cudaFree(state->store);
     cudaFree(state->store_chunks);
@@ -193,6 +194,8 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
     err = cudaMalloc((void **)&state->descs, ((size_t)p->num_tensors + 1) * sizeof *state->descs);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->chunks, ((size_t)p->num_chunks + 1) * sizeof *state->chunks);
+  if (err == cudaSuccess)
+    err = cudaMalloc((void **)&state->copy_chunks, ((size_t)p->num_copy_chunks + 1) * sizeof *state->copy_chunks);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->counters, NUM_COUNTERS * sizeof *state->counters);
   if (err == cudaSuccess)
@@ -279,6 +282,9 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
                                     cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(state->chunks, p->chunks, (size_t)p->num_chunks * sizeof *p->chunks,
+                          cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess)
+    err = cudaMemcpyAsync(state->copy_chunks, p->copy_chunks, (size_t)p->num_copy_chunks * sizeof *p->copy_chunks,
                           cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(state->counters, counters, sizeof counters, cudaMemcpyHostToDevice, stream);

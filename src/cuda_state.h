@@ -26,6 +26,7 @@ typedef struct {
   void *store;                       /* polyak_store's copy of the params */
   polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
   int64_t num_store_chunks;
+  polyak_copy_chunk *copy_chunks;    /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
   int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
   double *products;                  /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
   cublasHandle_t blas;               /* post-hoc synthesis; made at its first use */

@@ -30,6 +30,9 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
     args->layer_beta0[k] = p->cfg.layerwise_beta0[k];
   }
   args->nonfinite_count = &state->counters[COUNT_UPDATES];
+  args->copy_chunks = state->copy_chunks;
+  args->num_copy_chunks = p->num_copy_chunks;
+  args->copies = p->copies;
 }
 
 /* LAWA: this update's betas, one launch ahead of it on the stream. */
@@ -61,8 +64,8 @@ static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state
 
 static int update_grid(const polyak_t *p, const cuda_state *state)
 {
-  return p->num_chunks < state->update_grid ? (p->num_chunks > 0 ? (int)p->num_chunks : 1)
-                                            : state->update_grid;
+  int64_t work = p->num_chunks > p->num_copy_chunks ? p->num_chunks : p->num_copy_chunks;
+  return work < state->update_grid ? (work > 0 ? (int)work : 1) : state->update_grid;
 }
 
 /* 1 if `stream` is being captured into a graph (on the handle's device). */
@@ -89,7 +92,8 @@ polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, vo
                          "polyak_update: the stream is being captured, and a captured update "
                          "would apply step %lld at every replay; capture polyak_graph_update instead",
                          (long long)step->step);
-  } else if (p->num_chunks > 0 || p->grad_norm || p->layer_source) { /* products and betas move regardless */
+  } else if (p->num_chunks > 0 || p->num_copy_chunks > 0 || p->grad_norm ||
+             p->layer_source) { /* products and betas move regardless */
     polyak_update_kernel_args args;
     fill_kernel_args(p, state, &args);
     args.step = *step;
@@ -175,7 +179,8 @@ polyak_status polyak_cuda_set_layer_source(polyak_t *p, void *const *grads, cons
   polyak_status status = norms ? polyak_cuda_check_pointer(p, norms, "polyak_set_layer_norms: norms") : POLYAK_OK;
   for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
     snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
-    status = p->tensors[i].num_elems > 0 ? polyak_cuda_check_pointer(p, grads[i], what) : POLYAK_OK;
+    status = p->tensors[i].num_elems > 0 && !p->tensors[i].copy_only ? polyak_cuda_check_pointer(p, grads[i], what)
+                                                                      : POLYAK_OK;
   }
   if (status != POLYAK_OK)
     return status;

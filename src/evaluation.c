@@ -32,6 +32,8 @@ polyak_status polyak_store(polyak_t *p, void *stream)
                        "hold during the store; call polyak_graph_release first");
   polyak_status status = p->ops->store(p, stream);
   if (status == POLYAK_OK)
+    status = polyak_copies_store(p, 1, stream);
+  if (status == POLYAK_OK)
     p->stored = p->store_pending = 1;
   return status;
 }
@@ -43,6 +45,8 @@ polyak_status polyak_restore(polyak_t *p, void *stream)
   if (!p->stored)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_restore: nothing is stored; call polyak_store first");
   polyak_status status = p->ops->restore(p, stream);
+  if (status == POLYAK_OK)
+    status = polyak_copies_store(p, 0, stream);
   if (status == POLYAK_OK)
     p->store_pending = 0;
   return status;

@@ -30,6 +30,7 @@ void polyak_destroy(polyak_t *p)
 {
   if (!p)
     return;
+  polyak_copies_release(p);
   p->ops->release(p);
   free(p->graph_weights);
   polyak_plan_free(p);

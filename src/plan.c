@@ -13,7 +13,7 @@ int polyak_tensor_of_element(const polyak_t *p, int64_t elem)
   while (lo < hi) {
     int mid = lo + (hi - lo) / 2;
     const polyak_tensor *t = &p->tensors[mid];
-    if (t->global_offset_elems + t->num_elems > elem)
+    if (t->global_offset_elems + t->flat_elems > elem)
       hi = mid;
     else
       lo = mid + 1;
@@ -42,7 +42,7 @@ void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int6
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     int64_t lo = begin > t->global_offset_elems ? begin : t->global_offset_elems;
-    int64_t hi = t->global_offset_elems + t->num_elems;
+    int64_t hi = t->global_offset_elems + t->flat_elems;
     hi = end < hi ? end : hi;
     pieces[i].first_elem = lo < hi ? lo - t->global_offset_elems : 0;
     pieces[i].num_elems = lo < hi ? hi - lo : 0;
@@ -51,6 +51,40 @@ void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int6
       arena += (pieces[i].num_elems + align_elems - 1) / align_elems * align_elems;
   }
   *arena_elems = arena;
+}
+
+/* Copy-only tensors: their mirrors end to end (16-byte aligned) and the
+ * pieces of at most POLYAK_COPY_CHUNK_BYTES the update copies. */
+static polyak_status plan_copies(polyak_t *p)
+{
+  int64_t num_bytes = 0, count = 0;
+  for (int i = 0; i < p->num_tensors; i++) {
+    polyak_tensor *t = &p->tensors[i];
+    if (!t->copy_only)
+      continue;
+    int64_t tensor_bytes = t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype);
+    t->mirror_offset_bytes = num_bytes;
+    num_bytes += (tensor_bytes + 15) / 16 * 16;
+    count += (tensor_bytes + POLYAK_COPY_CHUNK_BYTES - 1) / POLYAK_COPY_CHUNK_BYTES;
+  }
+  polyak_copy_chunk *chunks = malloc(((size_t)count + 1) * sizeof *chunks);
+  if (!chunks)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for the copy plan");
+  int64_t c = 0;
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    int64_t tensor_bytes = t->copy_only ? t->num_elems * (int64_t)polyak_dtype_num_bytes(t->dtype) : 0;
+    for (int64_t done = 0; done < tensor_bytes; done += POLYAK_COPY_CHUNK_BYTES, c++) {
+      int64_t rest = tensor_bytes - done;
+      chunks[c].param = (const char *)t->param + done;
+      chunks[c].mirror_offset_bytes = t->mirror_offset_bytes + done;
+      chunks[c].num_bytes = rest < POLYAK_COPY_CHUNK_BYTES ? rest : POLYAK_COPY_CHUNK_BYTES;
+    }
+  }
+  p->copy_chunks = chunks;
+  p->num_copy_chunks = count;
+  p->copies_num_bytes = num_bytes;
+  return POLYAK_OK;
 }
 
 polyak_status polyak_plan_build(polyak_t *p)
@@ -94,6 +128,7 @@ polyak_status polyak_plan_build(polyak_t *p)
     /* a caller's f32 shadow rounds as shadow 0 does; a 16-bit one by its flag */
     descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
                                    (t->shadow_dtype == POLYAK_F32 && p->cfg.rounding[0] != POLYAK_ROUND_STOCHASTIC);
+    descs[i].copy_only = t->copy_only;
     tensor_chunks[i] = chunk;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {
       int64_t rest = piece->num_elems - done;
@@ -126,6 +161,13 @@ polyak_status polyak_plan_build(polyak_t *p)
     }
   }
   free(pieces);
+  if (plan_copies(p) != POLYAK_OK) {
+    free(layouts);
+    free(descs);
+    free(chunks);
+    free(tensor_chunks);
+    return POLYAK_ERR_NO_MEMORY;
+  }
   p->layouts = layouts;
   p->descs = descs;
   p->chunks = chunks;
@@ -141,14 +183,14 @@ polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *nu
 {
   int64_t count = 0;
   for (int i = 0; i < p->num_tensors; i++)
-    count += (p->tensors[i].num_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
+    count += (p->tensors[i].flat_elems + POLYAK_CHUNK_ELEMS - 1) / POLYAK_CHUNK_ELEMS;
   *chunks = malloc(((size_t)count + 1) * sizeof **chunks);
   if (!*chunks)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "out of host memory for %lld chunks", (long long)count);
   int64_t chunk = 0;
   for (int i = 0; i < p->num_tensors; i++)
-    for (int64_t first = 0; first < p->tensors[i].num_elems; first += POLYAK_CHUNK_ELEMS) {
-      int64_t rest = p->tensors[i].num_elems - first;
+    for (int64_t first = 0; first < p->tensors[i].flat_elems; first += POLYAK_CHUNK_ELEMS) {
+      int64_t rest = p->tensors[i].flat_elems - first;
       (*chunks)[chunk].first_elem = first;
       (*chunks)[chunk].tensor = i;
       (*chunks)[chunk].num_elems = (int32_t)(rest < POLYAK_CHUNK_ELEMS ? rest : POLYAK_CHUNK_ELEMS);
@@ -160,6 +202,10 @@ polyak_status polyak_full_chunks(polyak_t *p, polyak_chunk **chunks, int64_t *nu
 
 void polyak_plan_free(polyak_t *p)
 {
+  free(p->copy_chunks);
+  p->copy_chunks = NULL;
+  p->num_copy_chunks = 0;
+  p->copies_num_bytes = 0;
   free(p->descs);
   free(p->chunks);
   free(p->tensor_chunks);

@@ -26,6 +26,9 @@ typedef struct {
   void *shadow;                /* that shadow (NULL if no elements) */
   polyak_dtype shadow_dtype;   /* its dtype, else the config's */
   int shadow_flags;
+  int copy_only;               /* 1: polyak_add_copy's; its shadows are one mirror of the param */
+  int64_t flat_elems;          /* its elements in the flattened parameter space (0 if copy_only) */
+  int64_t mirror_offset_bytes; /* copy_only: where its mirror sits in p->copies */
 } polyak_tensor;
 
 /* The part of one tensor a rank keeps shadows of, and where in its arenas. */
@@ -45,7 +48,7 @@ struct polyak {
   polyak_tensor *tensors;
   int num_tensors;
   int tensors_capacity;
-  int64_t total_elems; /* all tensors together */
+  int64_t total_elems; /* the flattened parameter space: all averaged tensors together */
   void *name_tree;  /* tsearch tree of tensor names, for duplicates */
   void *range_tree; /* tsearch tree of param byte ranges, for overlaps */
 
@@ -60,6 +63,13 @@ struct polyak {
   polyak_piece *layouts;     /* [world_size * num_tensors]: every rank's pieces, for gathers
                                 (sharded or with a communicator; else NULL) */
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
+  /* copy-only tensors: their mirrors, one each, in one backend allocation
+   * (whole on every rank), and the pieces the update copies */
+  void *copies;                  /* NULL if none */
+  void *copies_stored;           /* polyak_store's copy of their params, made at the first store */
+  int64_t copies_num_bytes;
+  polyak_copy_chunk *copy_chunks; /* [num_copy_chunks], host */
+  int64_t num_copy_chunks;
   int stored;                /* polyak_store has kept a copy (until polyak_discard_store) */
   int store_pending;         /* ... not yet ended by polyak_restore or polyak_discard_store */
 
@@ -275,7 +285,8 @@ int polyak_schedule_kind_from_name(const char *name);
 int polyak_schedule_same(const polyak_schedule *a, const polyak_schedule *b);
 
 size_t polyak_dtype_num_bytes(polyak_dtype dtype); /* 0 for an unknown dtype */
-int polyak_dtype_valid(polyak_dtype dtype);
+int polyak_dtype_valid(polyak_dtype dtype);        /* F32, BF16, F16: what averages read and write */
+int polyak_dtype_copyable(polyak_dtype dtype);     /* any dtype: what copy-only tensors hold */
 const char *polyak_dtype_name(polyak_dtype dtype);
 
 /* Rank `rank`'s pieces of every tensor (pieces[num_tensors]) and its arena
@@ -330,6 +341,27 @@ polyak_status polyak_gather_to_params(polyak_t *p, int shadow, double debias_sca
 
 /* The tensor holding global element `elem` (0 <= elem < total_elems). */
 int polyak_tensor_of_element(const polyak_t *p, int64_t elem);
+
+/* ---- copy-only tensors (copies.c) ---- */
+
+/* At finalize, after the plan: the mirrors' allocation (none without
+ * copy-only tensors), then (after the backend's finalize) their values. */
+polyak_status polyak_copies_allocate(polyak_t *p);
+/* every mirror <- its param: at finalize and for a hard update */
+polyak_status polyak_copies_refresh(polyak_t *p, void *stream);
+void polyak_copies_release(polyak_t *p);
+/* the CPU backend's part of an update: every mirror <- its param */
+void polyak_copies_update(const polyak_t *p);
+/* every param <- its mirror: the copy-only part of writing an average into
+ * the params (polyak_copy_to_params, blends, synthesis) */
+polyak_status polyak_copies_to_params(polyak_t *p, void *stream);
+/* polyak_store (to_store 1) and polyak_restore (0) of their params */
+polyak_status polyak_copies_store(polyak_t *p, int to_store, void *stream);
+/* 1 if a copy-only tensor of tensor_dtype reads out as dst_dtype: itself,
+ * or between F32, BF16 and F16 (rounded to nearest even) */
+int polyak_copy_readable_as(polyak_dtype tensor_dtype, polyak_dtype dst_dtype);
+/* tensor's mirror into dst as dst_dtype (readable as checked) */
+polyak_status polyak_copy_read(polyak_t *p, int tensor, void *dst, polyak_dtype dst_dtype, void *stream);
 
 /* Builds descs/chunks/arena_elems of a handle from its registry. */
 polyak_status polyak_plan_build(polyak_t *p);

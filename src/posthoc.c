@@ -188,5 +188,7 @@ polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, i
   status = polyak_refuse_capture(p, stream, "polyak_synthesize_to_params: cannot be captured into a graph");
   if (status == POLYAK_OK && p->arena_elems > 0)
     status = p->ops->check_read_out(p, snapshots, stream, "polyak_synthesize_to_params");
-  return status == POLYAK_OK ? p->ops->synthesize(p, snapshots, num_snapshots, weights, stream) : status;
+  if (status == POLYAK_OK)
+    status = p->ops->synthesize(p, snapshots, num_snapshots, weights, stream);
+  return status == POLYAK_OK ? polyak_copies_to_params(p, stream) : status;
 }

@@ -88,10 +88,14 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "%s: tensor %d is outside 0..%d, the registered tensors%s", where, tensor,
                        p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
-  if (!polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", where,
-                       (int)dst_dtype);
-  int64_t num_elems = whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems;
+  const polyak_tensor *t = &p->tensors[tensor];
+  if (t->copy_only ? !polyak_dtype_copyable(dst_dtype) : !polyak_dtype_valid(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype%s", where,
+                       (int)dst_dtype, t->copy_only ? "" : " an average reads out as (F32, BF16, F16)");
+  if (t->copy_only && !polyak_copy_readable_as(t->dtype, dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: \"%s\" is a copy of a %s tensor and reads out as %s only",
+                       where, t->name, polyak_dtype_name(t->dtype), polyak_dtype_name(t->dtype));
+  int64_t num_elems = whole || t->copy_only ? t->num_elems : p->descs[tensor].local_num_elems;
   size_t elem_num_bytes = polyak_dtype_num_bytes(dst_dtype);
   if (!dst && num_elems > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst is NULL", where);
@@ -116,9 +120,12 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
     return POLYAK_ERR_INVALID_ARG;
   double debias_scale = 1.0;
   polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, whole, function);
+  int copy_only = status == POLYAK_OK && p->tensors[tensor].copy_only;
   if (status == POLYAK_OK &&
-      (whole ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
+      (whole || copy_only ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
+  if (copy_only) /* its one mirror, not averaged, so not debiased */
+    return status == POLYAK_OK ? polyak_copy_read(p, tensor, dst, dst_dtype, stream) : status;
   if (status == POLYAK_OK)
     status = polyak_debias_scale(p, shadow, stream, function, &debias_scale);
   if (status != POLYAK_OK)
@@ -183,10 +190,12 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
     status = polyak_debias_scale(p, shadow, stream, "polyak_copy_to_params", &debias_scale);
   if (status != POLYAK_OK)
     return status;
-  for (int i = 0; i < p->num_tensors; i++)
-    if (polyak_needs_gather(p, i))
-      return polyak_gather_to_params(p, shadow, debias_scale, stream);
-  return p->ops->copy_to_params(p, shadow, debias_scale, stream);
+  int gather = 0;
+  for (int i = 0; i < p->num_tensors && !gather; i++)
+    gather = polyak_needs_gather(p, i);
+  status = gather ? polyak_gather_to_params(p, shadow, debias_scale, stream)
+                  : p->ops->copy_to_params(p, shadow, debias_scale, stream);
+  return status == POLYAK_OK ? polyak_copies_to_params(p, stream) : status;
 }
 
 /* The checks of a blend and its coefficients: weight * debias, as float. */
@@ -229,7 +238,9 @@ polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int fla
     return POLYAK_ERR_INVALID_ARG;
   float coefficient[POLYAK_MAX_SHADOWS];
   polyak_status status = blend_coefficients(p, weights, flags, coefficient, stream, "polyak_blend_to_params");
-  return status == POLYAK_OK ? p->ops->blend(p, coefficient, -1, NULL, POLYAK_F32, stream) : status;
+  if (status == POLYAK_OK)
+    status = p->ops->blend(p, coefficient, -1, NULL, POLYAK_F32, stream);
+  return status == POLYAK_OK ? polyak_copies_to_params(p, stream) : status;
 }
 
 static polyak_status get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
@@ -243,6 +254,8 @@ static polyak_status get_blend(polyak_t *p, const double *weights, int flags, in
     status = check_read(p, BLEND, tensor, dst, dst_dtype, dst_num_bytes, 1, function);
   if (status == POLYAK_OK && p->tensors[tensor].num_elems > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
+  if (status == POLYAK_OK && p->tensors[tensor].copy_only) /* every shadow is its mirror */
+    return polyak_copy_read(p, tensor, dst, dst_dtype, stream);
   return status == POLYAK_OK ? p->ops->blend(p, coefficient, tensor, dst, dst_dtype, stream) : status;
 }
 

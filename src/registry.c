@@ -121,11 +121,11 @@ static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype sh
   return POLYAK_OK;
 }
 
-/* polyak_add and polyak_add_with_shadow (shadow non-NULL or num_elems 0
- * there: `owned`). */
+/* polyak_add, polyak_add_with_shadow (shadow non-NULL or num_elems 0
+ * there: `owned`) and polyak_add_copy (`copy_only`). */
 static polyak_status add_tensor(polyak_t *p, const char *function, const char *name, void *param,
                                 polyak_dtype dtype, int ndim, const int64_t *shape, int owned, void *shadow,
-                                polyak_dtype shadow_dtype, int flags)
+                                polyak_dtype shadow_dtype, int flags, int copy_only)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
@@ -144,8 +144,12 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
   if (!utf8)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the name is not valid UTF-8", function);
   json_decref(utf8);
-  if (!polyak_dtype_valid(dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dtype = %d is not a polyak_dtype", where, (int)dtype);
+  if (copy_only ? !polyak_dtype_copyable(dtype) : !polyak_dtype_valid(dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       copy_only || !polyak_dtype_copyable(dtype)
+                           ? "%s: dtype = %d is not a polyak_dtype"
+                           : "%s: dtype = %d is not F32, BF16 or F16; register other dtypes with polyak_add_copy",
+                       where, (int)dtype);
   polyak_status status = owned ? check_owned(p, where, shadow_dtype, flags) : POLYAK_OK;
   size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
   int64_t num_elems = 0;
@@ -216,7 +220,9 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
   t->shadow = owned ? shadow : NULL;
   t->shadow_dtype = owned ? shadow_dtype : p->cfg.shadow_dtype;
   t->shadow_flags = owned ? flags : 0;
-  p->total_elems += num_elems;
+  t->copy_only = copy_only;
+  t->flat_elems = copy_only ? 0 : num_elems;
+  p->total_elems += t->flat_elems;
   return POLYAK_OK;
 
 no_memory:
@@ -230,14 +236,20 @@ no_memory:
 polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
                          const int64_t *shape)
 {
-  return add_tensor(p, "polyak_add", name, param, dtype, ndim, shape, 0, NULL, POLYAK_F32, 0);
+  return add_tensor(p, "polyak_add", name, param, dtype, ndim, shape, 0, NULL, POLYAK_F32, 0, 0);
+}
+
+polyak_status polyak_add_copy(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                              const int64_t *shape)
+{
+  return add_tensor(p, "polyak_add_copy", name, param, dtype, ndim, shape, 0, NULL, POLYAK_F32, 0, 1);
 }
 
 polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
                                      const int64_t *shape, void *shadow, polyak_dtype shadow_dtype, int flags)
 {
   return add_tensor(p, "polyak_add_with_shadow", name, param, dtype, ndim, shape, 1, shadow, shadow_dtype,
-                    flags);
+                    flags, 0);
 }
 
 /* Undoes the last successful add_tensor of a tensor without a shadow of
@@ -258,7 +270,7 @@ static void remove_last(polyak_t *p)
     tdelete(&query, &p->range_tree, compare_ranges);
     free(kept);
   }
-  p->total_elems -= t->num_elems;
+  p->total_elems -= t->flat_elems;
   free(t->name);
   p->num_tensors--;
 }
@@ -309,7 +321,7 @@ polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size
     const polyak_view *view = &views[added];
     char *param = (char *)base + (size_t)offset * elem_num_bytes;
     status = add_tensor(p, "polyak_add_arena", view->name, param, dtype, view->ndim, view->shape, 0, NULL,
-                        POLYAK_F32, 0);
+                        POLYAK_F32, 0, 0);
     if (status != POLYAK_OK)
       break;
     offset += p->tensors[p->num_tensors - 1].num_elems;
@@ -332,6 +344,7 @@ uint64_t polyak_layout_hash(const polyak_t *p)
     XXH3_64bits_update(&state, &t->owned, sizeof t->owned);
     XXH3_64bits_update(&state, &t->shadow_dtype, sizeof t->shadow_dtype);
     XXH3_64bits_update(&state, &t->shadow_flags, sizeof t->shadow_flags);
+    XXH3_64bits_update(&state, &t->copy_only, sizeof t->copy_only);
     XXH3_64bits_update(&state, &t->ndim, sizeof t->ndim);
     XXH3_64bits_update(&state, t->shape, sizeof t->shape[0] * (size_t)t->ndim);
   }
@@ -395,9 +408,9 @@ polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tensor_info_t *
     info->shape[d] = t->shape[d];
   info->num_elems = t->num_elems;
   info->shadow_dtype = t->shadow_dtype;
-  info->flags = t->owned ? POLYAK_TENSOR_CALLERS_SHADOW : 0;
-  info->local_first_elem = p->finalized ? p->descs[tensor].local_first_elem : -1;
-  info->local_num_elems = p->finalized ? p->descs[tensor].local_num_elems : -1;
+  info->flags = (t->owned ? POLYAK_TENSOR_CALLERS_SHADOW : 0) | (t->copy_only ? POLYAK_TENSOR_COPY : 0);
+  info->local_first_elem = !p->finalized ? -1 : t->copy_only ? 0 : p->descs[tensor].local_first_elem;
+  info->local_num_elems = !p->finalized ? -1 : t->copy_only ? t->num_elems : p->descs[tensor].local_num_elems;
   return POLYAK_OK;
 }
 

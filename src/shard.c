@@ -18,6 +18,8 @@
 int polyak_needs_gather(const polyak_t *p, int tensor)
 {
   const polyak_tensor_desc *t = &p->descs[tensor];
+  if (t->copy_only) /* every rank keeps the whole mirror */
+    return 0;
   return p->cfg.nccl_comm != NULL || t->local_num_elems != t->num_elems;
 }
 

@@ -60,6 +60,8 @@ polyak_status polyak_set_grads(polyak_t *p, void *const *grads)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grads: grads is NULL");
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
+    if (t->copy_only) /* not averaged: no gradient read */
+      continue;
     if (t->num_elems > 0 && !grads[i])
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grads: grads[%d] (\"%s\") is NULL", i, t->name);
     if ((uintptr_t)grads[i] % polyak_dtype_num_bytes(t->dtype) != 0)

@@ -52,33 +52,34 @@ polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status stat
   return status;
 }
 
+/* Every dtype: its safetensors name and element size. */
+static const struct {
+  const char *name;
+  size_t num_bytes;
+} dtypes[] = {
+    [POLYAK_F32] = {"F32", 4}, [POLYAK_BF16] = {"BF16", 2}, [POLYAK_F16] = {"F16", 2},
+    [POLYAK_F64] = {"F64", 8}, [POLYAK_I64] = {"I64", 8},   [POLYAK_I32] = {"I32", 4},
+    [POLYAK_I16] = {"I16", 2}, [POLYAK_I8] = {"I8", 1},     [POLYAK_U8] = {"U8", 1},
+    [POLYAK_BOOL] = {"BOOL", 1},
+};
+
+int polyak_dtype_copyable(polyak_dtype dtype)
+{
+  return (unsigned)dtype < sizeof dtypes / sizeof dtypes[0];
+}
+
 int polyak_dtype_valid(polyak_dtype dtype)
 {
-  return polyak_dtype_num_bytes(dtype) != 0;
+  return dtype == POLYAK_F32 || dtype == POLYAK_BF16 || dtype == POLYAK_F16;
 }
 
 size_t polyak_dtype_num_bytes(polyak_dtype dtype)
 {
-  switch (dtype) {
-  case POLYAK_F32:
-    return 4;
-  case POLYAK_BF16:
-  case POLYAK_F16:
-    return 2;
-  }
-  return 0;
+  return polyak_dtype_copyable(dtype) ? dtypes[dtype].num_bytes : 0;
 }
 
 /* Also the safetensors names of these dtypes. */
 const char *polyak_dtype_name(polyak_dtype dtype)
 {
-  switch (dtype) {
-  case POLYAK_F32:
-    return "F32";
-  case POLYAK_BF16:
-    return "BF16";
-  case POLYAK_F16:
-    return "F16";
-  }
-  return "unknown dtype";
+  return polyak_dtype_copyable(dtype) ? dtypes[dtype].name : "unknown dtype";
 }

@@ -84,8 +84,15 @@ polyak_status polyak_finalize(polyak_t *p, void *stream)
   polyak_status status = polyak_plan_build(p);
   if (status != POLYAK_OK)
     return status;
-  status = p->ops->finalize(p, stream);
+  /* the copy-only tensors' mirrors first: the backend's finalize waits for
+   * its stream, so they are in place when it returns */
+  status = polyak_copies_allocate(p);
+  if (status == POLYAK_OK)
+    status = polyak_copies_refresh(p, stream);
+  if (status == POLYAK_OK)
+    status = p->ops->finalize(p, stream);
   if (status != POLYAK_OK) {
+    polyak_copies_release(p);
     polyak_plan_free(p);
     return status;
   }
@@ -164,6 +171,8 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
   if (status != POLYAK_OK)
     return status;
   status = p->ops->hard_update(p, shadow, stream);
+  if (status == POLYAK_OK)
+    status = polyak_copies_refresh(p, stream);
   if (status != POLYAK_OK && grad_norm) {
     products[shadow] = kept;
     p->ops->products_write(p, products);

@@ -1050,6 +1050,117 @@ TEST_F(Gpu, ArenaSizedReadOutsAndPendingStoreMatchTheCpuBackend)
   EXPECT_EQ(0, std::memcmp(params.data(), arena[0].host.data(), params.size())) << "restored bit for bit";
 }
 
+// Copy-only tensors on the device: mirrored in the update's own launch
+// (a captured update stays one kernel node), replays included, read out,
+// written back and restored, with the averages' bits those of the CPU.
+TEST_F(Gpu, CopyOnlyTensorsMirrorInTheUpdatesLaunch)
+{
+  struct Raw {
+    const char *name;
+    polyak_dtype dtype;
+    size_t elem_bytes;
+    int64_t num_elems;
+    size_t offset;
+  };
+  const Raw raws[] = {{"steps", POLYAK_I64, 8, 1, 0},
+                      {"mean", POLYAK_F32, 4, 65537, 4},
+                      {"counts", POLYAK_I32, 4, 300001, 0},
+                      {"mask", POLYAK_BOOL, 1, 13, 3}};
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  std::vector<std::vector<unsigned char>> host;
+  std::vector<char *> bases;
+  std::vector<unsigned char *> device;
+  for (const Raw &r : raws) {
+    size_t bytes = r.num_elems * r.elem_bytes;
+    host.emplace_back(bytes + r.offset + 16);
+    char *base = nullptr;
+    CUDA_OK(cudaMalloc(&base, bytes + r.offset + 16));
+    bases.push_back(base);
+    device.push_back(reinterpret_cast<unsigned char *>(base) + r.offset);
+    int64_t shape[1] = {r.num_elems};
+    ASSERT_EQ(polyak_add_copy(both.cpu.get(), r.name, host.back().data() + r.offset, r.dtype, 1, shape), POLYAK_OK);
+    ASSERT_EQ(polyak_add_copy(both.gpu.get(), r.name, device.back(), r.dtype, 1, shape), POLYAK_OK)
+        << polyak_last_error(both.gpu.get());
+  }
+  std::mt19937_64 rng(60);
+  auto new_buffers = [&]() {
+    for (size_t i = 0; i < host.size(); i++) {
+      size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+      for (size_t b = 0; b < bytes; b++)
+        host[i][raws[i].offset + b] = (unsigned char)(raws[i].dtype == POLYAK_BOOL ? rng() & 1 : rng());
+      ASSERT_EQ(cudaMemcpy(device[i], host[i].data() + raws[i].offset, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  };
+  auto expect_mirrors = [&](const char *when) {
+    for (size_t i = 0; i < host.size(); i++) {
+      int tensor = -1;
+      ASSERT_EQ(polyak_find_tensor(both.gpu.get(), raws[i].name, &tensor), POLYAK_OK);
+      size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+      for (int k = 0; k < 2; k++) {
+        unsigned char *dst = nullptr;
+        CUDA_OK(cudaMalloc(&dst, bytes));
+        ASSERT_EQ(polyak_get_shadow_n(both.gpu.get(), k, tensor, dst, raws[i].dtype, bytes, nullptr), POLYAK_OK)
+            << polyak_last_error(both.gpu.get());
+        std::vector<unsigned char> got(bytes);
+        CUDA_OK(cudaMemcpy(got.data(), dst, bytes, cudaMemcpyDeviceToHost));
+        cudaFree(dst);
+        ASSERT_EQ(0, std::memcmp(got.data(), host[i].data() + raws[i].offset, bytes))
+            << raws[i].name << " shadow " << k << " " << when;
+      }
+    }
+  };
+  new_buffers();
+  both.randomize(61);
+  both.finalize();
+  expect_mirrors("after finalize");
+  for (int64_t step : {1, 2}) {
+    new_buffers();
+    both.randomize(61 + step);
+    both.update(step);
+    expect_mirrors("after an update");
+  }
+  // captured: one kernel node still, and each replay mirrors
+  CapturedUpdate captured;
+  captured.capture(both.gpu.get(), 3, 2);
+  size_t num_nodes = 0;
+  CUDA_OK(cudaGraphGetNodes(captured.graph, nullptr, &num_nodes));
+  EXPECT_EQ(num_nodes, 1u);
+  ASSERT_EQ(polyak_graph_reserve(both.cpu.get(), 3, 2, nullptr), POLYAK_OK);
+  for (int replay = 0; replay < 2; replay++) {
+    new_buffers();
+    CUDA_OK(cudaGraphLaunch(captured.exec, captured.stream));
+    CUDA_OK(cudaStreamSynchronize(captured.stream));
+    ASSERT_EQ(polyak_graph_update(both.cpu.get(), nullptr), POLYAK_OK);
+    expect_mirrors("after a replay");
+  }
+  ASSERT_EQ(polyak_graph_release(both.gpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_graph_release(both.cpu.get(), nullptr), POLYAK_OK);
+  both.expect_same(); // the averages, bit for bit, with the copies beside them
+  // evaluation: mirrors into the params, then the params back
+  std::vector<std::vector<unsigned char>> mirrored = host;
+  new_buffers();
+  ASSERT_EQ(polyak_store(both.gpu.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_copy_to_params(both.gpu.get(), 0, nullptr), POLYAK_OK);
+  for (size_t i = 0; i < host.size(); i++) {
+    size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+    std::vector<unsigned char> got(bytes);
+    CUDA_OK(cudaMemcpy(got.data(), device[i], bytes, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(0, std::memcmp(got.data(), mirrored[i].data() + raws[i].offset, bytes)) << raws[i].name;
+  }
+  ASSERT_EQ(polyak_restore(both.gpu.get(), nullptr), POLYAK_OK);
+  for (size_t i = 0; i < host.size(); i++) {
+    size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+    std::vector<unsigned char> got(bytes);
+    CUDA_OK(cudaMemcpy(got.data(), device[i], bytes, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(0, std::memcmp(got.data(), host[i].data() + raws[i].offset, bytes)) << raws[i].name << " restored";
+  }
+  for (char *base : bases)
+    cudaFree(base);
+}
+
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {
   Both both(cpu_config(), odd_twins());
