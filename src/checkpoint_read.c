@@ -1,0 +1,272 @@
+/* checkpoint_read.c: the validating reader. read_checkpoint takes a byte
+ * source and checks everything before anything changes: the framing (the
+ * header length, the JSON header), the metadata against the handle, every
+ * tensor entry (dtype, shape, offsets that tile the data), then the data's
+ * checksum; checkpoint_stage.c then replaces the shadows. polyak_load's
+ * source is a file read with pread. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "checkpoint.h"
+
+#define MAX_HEADER_BYTES 100000000ll /* safetensors' own limit */
+
+#define FORMAT_ERROR(...) polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, function, __VA_ARGS__)
+#define MISMATCH(...) polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
+
+/* Where the checked checkpoint's parts are. */
+typedef struct {
+  polyak_ckpt_state state;
+  int64_t data_start;  /* 8 + the header's length */
+  int64_t data_bytes;
+  int64_t *data_begin; /* [k * num_tensors + i]: data offset of each slice */
+} layout;
+
+static int compare_ranges(const void *a, const void *b)
+{
+  const int64_t *x = a, *y = b;
+  return x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : (x[1] > y[1]) - (x[1] < y[1]);
+}
+
+/* One tensor entry: dtype, shape and offsets as this handle expects. */
+static polyak_status check_entry(polyak_t *p, const char *function, const char *name, json_t *entry, int i,
+                                 int64_t data_bytes, int64_t range[2])
+{
+  const polyak_tensor *t = &p->tensors[i];
+  json_t *dtype = json_object_get(entry, "dtype"), *shape = json_object_get(entry, "shape");
+  json_t *offsets = json_object_get(entry, "data_offsets");
+  if (!json_is_object(entry) || !json_is_string(dtype) || !json_is_array(shape) || !json_is_array(offsets) ||
+      json_array_size(offsets) != 2 || !json_is_integer(json_array_get(offsets, 0)) ||
+      !json_is_integer(json_array_get(offsets, 1)))
+    return FORMAT_ERROR("tensor \"%s\" lacks a dtype, a shape or two data_offsets", name);
+  const char *dtype_name = json_string_value(dtype);
+  const char *known[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
+                         "U16", "U32", "U64", "F8_E4M3", "F8_E5M2"};
+  int is_known = 0;
+  for (size_t n = 0; n < sizeof known / sizeof known[0]; n++)
+    is_known |= strcmp(dtype_name, known[n]) == 0;
+  if (!is_known)
+    return FORMAT_ERROR("tensor \"%s\" has dtype \"%s\", which safetensors does not know", name, dtype_name);
+  if (strcmp(dtype_name, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
+    return MISMATCH("tensor \"%s\" is %s; this handle's shadows are %s", name, dtype_name,
+                    polyak_dtype_name(p->cfg.shadow_dtype));
+  int shape_ok = (int)json_array_size(shape) == t->ndim;
+  for (int d = 0; d < t->ndim && shape_ok; d++) {
+    json_t *dim = json_array_get(shape, d);
+    if (!json_is_integer(dim) || json_integer_value(dim) < 0)
+      return FORMAT_ERROR("tensor \"%s\" has a shape that is not a list of sizes", name);
+    shape_ok = json_integer_value(dim) == t->shape[d];
+  }
+  if (!shape_ok)
+    return MISMATCH("tensor \"%s\" has another shape in the file than the %d-dimensional one "
+                    "registered",
+                    name, t->ndim);
+  range[0] = json_integer_value(json_array_get(offsets, 0));
+  range[1] = json_integer_value(json_array_get(offsets, 1));
+  if (range[0] < 0 || range[1] < range[0] || range[1] > data_bytes)
+    return FORMAT_ERROR("tensor \"%s\" has data_offsets [%lld, %lld] outside the %lld data bytes", name,
+                        (long long)range[0], (long long)range[1], (long long)data_bytes);
+  if (range[1] - range[0] != t->num_elems * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype))
+    return FORMAT_ERROR("tensor \"%s\": data_offsets span %lld bytes, its shape and dtype %lld", name,
+                        (long long)(range[1] - range[0]),
+                        (long long)(t->num_elems * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype)));
+  return POLYAK_OK;
+}
+
+static polyak_status check_tensors(polyak_t *p, const char *function, json_t *root, layout *h)
+{
+  int64_t slots = (int64_t)p->cfg.num_shadows * p->num_tensors, expected = 0;
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    for (int i = 0; i < p->num_tensors; i++)
+      expected += polyak_ckpt_is_saved(p, k, i);
+  int64_t(*ranges)[2] = malloc(((size_t)expected + 1) * sizeof *ranges);
+  h->data_begin = calloc((size_t)slots + 1, sizeof *h->data_begin);
+  if (!ranges || !h->data_begin) {
+    free(ranges);
+    return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+  }
+  polyak_status status = POLYAK_OK;
+  int64_t m = 0; /* entries checked */
+  for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++)
+    for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
+      char *name = polyak_ckpt_saved_name(p, k, i);
+      json_t *entry = name ? json_object_get(root, name) : NULL;
+      if (!name)
+        status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+      else if (!polyak_ckpt_is_saved(p, k, i))
+        status = entry ? MISMATCH("the file has tensor \"%s\", whose shadow is the caller's here", name)
+                       : POLYAK_OK;
+      else if (!entry)
+        status = MISMATCH("tensor \"%s\" is missing from the file", name);
+      else if ((status = check_entry(p, function, name, entry, i, h->data_bytes, ranges[m])) == POLYAK_OK)
+        h->data_begin[(int64_t)k * p->num_tensors + i] = ranges[m++][0];
+      free(name);
+    }
+  if (status == POLYAK_OK && (int64_t)json_object_size(root) - 1 != expected) {
+    const char *key;
+    json_t *value;
+    json_object_foreach(root, key, value)
+    {
+      if (strcmp(key, "__metadata__") == 0)
+        continue;
+      int known = 0; /* every expected name was found, so an unknown key is extra */
+      const char *name = key;
+      long k = 0;
+      if (strncmp(key, POLYAK_CKPT_SHADOW_PREFIX, strlen(POLYAK_CKPT_SHADOW_PREFIX)) == 0) {
+        char *rest;
+        k = strtol(key + strlen(POLYAK_CKPT_SHADOW_PREFIX), &rest, 10);
+        name = *rest == '.' ? rest + 1 : key;
+      }
+      known = k >= 0 && k < p->cfg.num_shadows && polyak_registry_has(p, name);
+      if (!known) {
+        status = MISMATCH("the file has a tensor \"%s\" this handle does not register", key);
+        break;
+      }
+    }
+  }
+  if (status == POLYAK_OK) { /* the slices tile the data buffer: no overlap, no hole */
+    qsort(ranges, (size_t)expected, sizeof *ranges, compare_ranges);
+    int64_t covered = 0;
+    for (int64_t n = 0; n < expected && status == POLYAK_OK; n++) {
+      if (ranges[n][0] < covered)
+        status = FORMAT_ERROR("data_offsets overlap at byte %lld", (long long)ranges[n][0]);
+      else if (ranges[n][0] > covered)
+        status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered,
+                              (long long)ranges[n][0]);
+      covered = ranges[n][1];
+    }
+    if (status == POLYAK_OK && covered != h->data_bytes)
+      status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered,
+                            (long long)h->data_bytes);
+  }
+  free(ranges);
+  return status;
+}
+
+
+static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const layout *h, void *buffer,
+                                     size_t buffer_bytes)
+{
+  const char *function = src->function;
+  XXH3_state_t *hash = XXH3_createState();
+  if (!hash)
+    return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+  XXH3_64bits_reset(hash);
+  polyak_status status = POLYAK_OK;
+  for (int64_t done = 0; done < h->data_bytes && status == POLYAK_OK;) {
+    size_t n = h->data_bytes - done < (int64_t)buffer_bytes ? (size_t)(h->data_bytes - done) : buffer_bytes;
+    status = src->read_at(src, p, buffer, n, h->data_start + done);
+    XXH3_64bits_update(hash, buffer, n);
+    done += (int64_t)n;
+  }
+  if (status == POLYAK_OK && XXH3_64bits_digest(hash) != h->state.checksum)
+    status = FORMAT_ERROR("the data's checksum is not the one recorded: the file is corrupt");
+  XXH3_freeState(hash);
+  return status;
+}
+
+/* Checks the checkpoint in `src` (num_bytes long) against the handle,
+ * then stages it. */
+static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64_t num_bytes)
+{
+  const char *function = src->function;
+  if (num_bytes < 8)
+    return FORMAT_ERROR("a file of %lld bytes is too short to be safetensors", (long long)num_bytes);
+  uint8_t length[8];
+  polyak_status status = src->read_at(src, p, length, 8, 0);
+  if (status != POLYAK_OK)
+    return status;
+  uint64_t header_bytes = 0;
+  for (int b = 0; b < 8; b++)
+    header_bytes |= (uint64_t)length[b] << (8 * b);
+  if (header_bytes > (uint64_t)MAX_HEADER_BYTES)
+    return FORMAT_ERROR("a header of %llu bytes is absurdly large (the limit is %lld)",
+                        (unsigned long long)header_bytes, MAX_HEADER_BYTES);
+  if (header_bytes > (uint64_t)(num_bytes - 8))
+    return FORMAT_ERROR("the header length %llu runs past the end of the %lld-byte file",
+                        (unsigned long long)header_bytes, (long long)num_bytes);
+  char *text = malloc(header_bytes + 1);
+  if (!text)
+    return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+  status = src->read_at(src, p, text, header_bytes, 8);
+  json_error_t error;
+  json_t *root = status == POLYAK_OK ? json_loadb(text, header_bytes, JSON_REJECT_DUPLICATES, &error) : NULL;
+  free(text);
+  if (status != POLYAK_OK)
+    return status;
+  if (!json_is_object(root)) {
+    json_decref(root);
+    return root ? FORMAT_ERROR("the header is not a JSON object")
+                : FORMAT_ERROR("the header is not JSON: %s (line %d, column %d)", error.text, error.line,
+                               error.column);
+  }
+  layout h = {.data_start = 8 + (int64_t)header_bytes, .data_bytes = num_bytes - 8 - (int64_t)header_bytes};
+  status = polyak_ckpt_check_metadata(p, json_object_get(root, "__metadata__"), &h.state, function);
+  if (status == POLYAK_OK)
+    status = check_tensors(p, function, root, &h);
+  json_decref(root);
+  size_t buffer_bytes = polyak_ckpt_block_bytes(p, h.data_bytes);
+  void *buffer = status == POLYAK_OK ? p->ops->host_buffer(p, buffer_bytes) : NULL;
+  if (status == POLYAK_OK && !buffer)
+    status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+  if (status == POLYAK_OK)
+    status = verify_checksum(p, src, &h, buffer, buffer_bytes);
+  if (status == POLYAK_OK)
+    status = polyak_ckpt_stage(p, src, h.data_start, h.data_begin, &h.state, buffer, buffer_bytes);
+  if (buffer)
+    p->ops->free_host_buffer(p, buffer);
+  free(h.data_begin);
+  return status;
+}
+
+/* ---- polyak_load: a file ------------------------------------------------------ */
+
+typedef struct {
+  polyak_ckpt_source base;
+  int fd;
+} fd_source;
+
+static polyak_status fd_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset)
+{
+  const fd_source *s = (const fd_source *)src;
+  char *to = dst;
+  for (size_t done = 0; done < num_bytes;) {
+    ssize_t got = pread(s->fd, to + done, num_bytes - done, (off_t)(offset + (int64_t)done));
+    if (got < 0 && errno == EINTR)
+      continue;
+    if (got <= 0)
+      return polyak_ckpt_fail(p, POLYAK_ERR_IO, src->function, "cannot read bytes %lld..%lld: %s",
+                              (long long)offset, (long long)(offset + (int64_t)num_bytes),
+                              got < 0 ? strerror(errno) : "unexpected end of file");
+    done += (size_t)got;
+  }
+  return POLYAK_OK;
+}
+
+polyak_status polyak_load_fd(polyak_t *p, int fd)
+{
+  struct stat st;
+  if (fstat(fd, &st) != 0)
+    return polyak_fail(p, POLYAK_ERR_IO, "polyak_load: cannot stat the file: %s", strerror(errno));
+  fd_source src = {{fd_read_at, "polyak_load"}, fd};
+  return read_checkpoint(p, &src.base, (int64_t)st.st_size);
+}
+
+polyak_status polyak_load(polyak_t *p, const char *path)
+{
+  polyak_status status = polyak_ckpt_check_path(p, path, "polyak_load");
+  if (status != POLYAK_OK)
+    return status;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return polyak_fail(p, POLYAK_ERR_IO, "polyak_load: cannot open %s: %s", path, strerror(errno));
+  status = polyak_load_fd(p, fd);
+  close(fd);
+  return status;
+}
