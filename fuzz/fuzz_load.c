@@ -9,7 +9,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "checkpoint.h"
 #include "fuzz_model.h"
 
 typedef struct {
@@ -36,13 +35,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   static polyak_t *handle;
   if (!handle && !(handle = fuzz_model_create(&params, POLYAK_F32)))
     abort();
-  int fd = memfd_create("polyak-fuzz", MFD_CLOEXEC);
-  if (fd < 0 || (size > 0 && write(fd, data, size) != (ssize_t)size))
-    abort();
   observed before, after;
   observe(handle, &before);
-  polyak_status status = polyak_load_fd(handle, fd);
-  close(fd);
+  polyak_status status = polyak_load_from_memory(handle, data, size);
   observe(handle, &after);
   switch (status) {
   case POLYAK_OK:

@@ -41,6 +41,12 @@ polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function);
 /* The same, and a path that is not NULL or empty. */
 polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *function);
 
+/* *offset = fd's offset if the checkpoint can be read from there (writing
+ * 0) or written there at positions (writing 1): fd open that way, seekable,
+ * and not O_APPEND (where Linux's pwrite ignores the position).
+ * POLYAK_ERR_IO, saying why, otherwise. */
+polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *offset, const char *function);
+
 /* ---- the header (checkpoint_meta.c) ---- */
 
 /* 1 if shadow k of tensor i is saved: all but the caller's own shadows,
@@ -52,6 +58,10 @@ char *polyak_ckpt_saved_name(const polyak_t *p, int k, int i);
 
 /* Bytes of the data buffer. */
 int64_t polyak_ckpt_data_bytes(const polyak_t *p);
+
+/* A state whose header is the longest any state's can be: the step and
+ * counts as the longest int64 text, the products as the longest double. */
+void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state);
 
 /* The header text for `state`, padded with spaces to a multiple of 8
  * bytes (malloc'd; NULL: no memory). Data: shadow by shadow, each in
@@ -68,7 +78,10 @@ typedef struct polyak_ckpt_source polyak_ckpt_source;
 struct polyak_ckpt_source {
   /* num_bytes at `offset` from the checkpoint's first byte into dst */
   polyak_status (*read_at)(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset);
+  int64_t num_bytes; /* from the checkpoint's first byte to the end of the file or buffer; -1: unknown */
+  int whole;         /* 1: the checkpoint fills them exactly; 0: it ends where its header says */
   const char *function; /* the public call, for messages */
+  char extent[96];      /* those bytes in words: "the 4096-byte file" */
 };
 
 /* ---- moving shadow bytes (checkpoint_stage.c) ---- */
@@ -98,9 +111,5 @@ static inline int polyak_ckpt_slice_in_block(const polyak_tensor_desc *t, int64_
  * through `buffer` (host_buffer memory of buffer_bytes). */
 polyak_status polyak_ckpt_stage(polyak_t *p, polyak_ckpt_source *src, int64_t data_start, const int64_t *data_begin,
                                 const polyak_ckpt_state *state, void *buffer, size_t buffer_bytes);
-
-/* polyak_load on an open, readable file descriptor (read from offset 0,
- * not closed). */
-polyak_status polyak_load_fd(polyak_t *p, int fd);
 
 #endif /* POLYAK_CHECKPOINT_H */

@@ -3,11 +3,14 @@
  * its metadata. Every metadata key is written by build_metadata and checked
  * by polyak_ckpt_check_metadata, both here: a new key goes into both. */
 #include <errno.h>
+#include <fcntl.h>
+#include <float.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "checkpoint.h"
 
@@ -44,6 +47,28 @@ polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *
   if (p && (!path || !path[0]))
     return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "path is %s", path ? "empty" : "NULL");
   return polyak_ckpt_check_handle(p, function);
+}
+
+polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *offset, const char *function)
+{
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d: %s", fd, strerror(errno));
+  int mode = flags & O_ACCMODE;
+  if (writing ? mode == O_RDONLY : mode == O_WRONLY)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d is not open for %s", fd,
+                            writing ? "writing" : "reading");
+  if (writing && (flags & O_APPEND))
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                            "fd %d is open with O_APPEND, which writes only at the end: the header "
+                            "cannot be completed after the data",
+                            fd);
+  off_t at = lseek(fd, 0, SEEK_CUR);
+  if (at < 0)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d has no offset (a pipe or a socket?): %s", fd,
+                            strerror(errno));
+  *offset = (int64_t)at;
+  return POLYAK_OK;
 }
 
 /* ---- names and small conversions ----------------------------------------- */
@@ -171,6 +196,16 @@ static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
     return NULL;
   }
   return metadata;
+}
+
+void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
+{
+  state->step = state->nonfinite = INT64_MIN;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    state->beta_prod[k] = -DBL_MIN; /* "-2.2250738585072014e-308": no double's text is longer */
+    state->updates_counted[k] = INT64_MIN;
+  }
+  state->checksum = 0; /* always 16 hex digits */
 }
 
 char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes)

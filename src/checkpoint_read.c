@@ -2,10 +2,13 @@
  * source and checks everything before anything changes: the framing (the
  * header length, the JSON header), the metadata against the handle, every
  * tensor entry (dtype, shape, offsets that tile the data), then the data's
- * checksum; checkpoint_stage.c then replaces the shadows. polyak_load's
- * source is a file read with pread. */
+ * checksum; checkpoint_stage.c then replaces the shadows. Its sources: a
+ * file read with pread (polyak_load from offset 0 to the end,
+ * polyak_load_fd from the fd's offset to where the header says the
+ * checkpoint ends) and a caller's buffer (polyak_load_from_memory). */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -79,8 +82,9 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
   return POLYAK_OK;
 }
 
-static polyak_status check_tensors(polyak_t *p, const char *function, json_t *root, layout *h)
+static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t *root, layout *h)
 {
+  const char *function = src->function;
   int64_t slots = (int64_t)p->cfg.num_shadows * p->num_tensors, expected = 0;
   for (int k = 0; k < p->cfg.num_shadows; k++)
     for (int i = 0; i < p->num_tensors; i++)
@@ -141,9 +145,10 @@ static polyak_status check_tensors(polyak_t *p, const char *function, json_t *ro
                               (long long)ranges[n][0]);
       covered = ranges[n][1];
     }
-    if (status == POLYAK_OK && covered != h->data_bytes)
+    if (status == POLYAK_OK && src->whole && covered != h->data_bytes)
       status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered,
                             (long long)h->data_bytes);
+    h->data_bytes = covered; /* the end of a checkpoint inside a file */
   }
   free(ranges);
   return status;
@@ -171,13 +176,14 @@ static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const
   return status;
 }
 
-/* Checks the checkpoint in `src` (num_bytes long) against the handle,
- * then stages it. */
-static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64_t num_bytes)
+/* Checks the checkpoint in `src` against the handle, then stages it;
+ * *checkpoint_bytes gets its size. */
+static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64_t *checkpoint_bytes)
 {
   const char *function = src->function;
-  if (num_bytes < 8)
-    return FORMAT_ERROR("a file of %lld bytes is too short to be safetensors", (long long)num_bytes);
+  int64_t limit = src->num_bytes < 0 ? INT64_MAX : src->num_bytes;
+  if (limit < 8)
+    return FORMAT_ERROR("%s is too short to be safetensors", src->extent);
   uint8_t length[8];
   polyak_status status = src->read_at(src, p, length, 8, 0);
   if (status != POLYAK_OK)
@@ -188,9 +194,9 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   if (header_bytes > (uint64_t)MAX_HEADER_BYTES)
     return FORMAT_ERROR("a header of %llu bytes is absurdly large (the limit is %lld)",
                         (unsigned long long)header_bytes, MAX_HEADER_BYTES);
-  if (header_bytes > (uint64_t)(num_bytes - 8))
-    return FORMAT_ERROR("the header length %llu runs past the end of the %lld-byte file",
-                        (unsigned long long)header_bytes, (long long)num_bytes);
+  if (header_bytes > (uint64_t)(limit - 8))
+    return FORMAT_ERROR("the header length %llu runs past the end of %s", (unsigned long long)header_bytes,
+                        src->extent);
   char *text = malloc(header_bytes + 1);
   if (!text)
     return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
@@ -206,10 +212,10 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
                 : FORMAT_ERROR("the header is not JSON: %s (line %d, column %d)", error.text, error.line,
                                error.column);
   }
-  layout h = {.data_start = 8 + (int64_t)header_bytes, .data_bytes = num_bytes - 8 - (int64_t)header_bytes};
+  layout h = {.data_start = 8 + (int64_t)header_bytes, .data_bytes = limit - 8 - (int64_t)header_bytes};
   status = polyak_ckpt_check_metadata(p, json_object_get(root, "__metadata__"), &h.state, function);
   if (status == POLYAK_OK)
-    status = check_tensors(p, function, root, &h);
+    status = check_tensors(p, src, root, &h);
   json_decref(root);
   size_t buffer_bytes = polyak_ckpt_block_bytes(p, h.data_bytes);
   void *buffer = status == POLYAK_OK ? p->ops->host_buffer(p, buffer_bytes) : NULL;
@@ -222,14 +228,16 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   if (buffer)
     p->ops->free_host_buffer(p, buffer);
   free(h.data_begin);
+  *checkpoint_bytes = h.data_start + h.data_bytes;
   return status;
 }
 
-/* ---- polyak_load: a file ------------------------------------------------------ */
+/* ---- sources: a file descriptor, a buffer ------------------------------------- */
 
 typedef struct {
   polyak_ckpt_source base;
   int fd;
+  int64_t offset; /* of the checkpoint's first byte */
 } fd_source;
 
 static polyak_status fd_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset)
@@ -237,25 +245,48 @@ static polyak_status fd_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst,
   const fd_source *s = (const fd_source *)src;
   char *to = dst;
   for (size_t done = 0; done < num_bytes;) {
-    ssize_t got = pread(s->fd, to + done, num_bytes - done, (off_t)(offset + (int64_t)done));
+    ssize_t got = pread(s->fd, to + done, num_bytes - done, (off_t)(s->offset + offset + (int64_t)done));
     if (got < 0 && errno == EINTR)
       continue;
     if (got <= 0)
-      return polyak_ckpt_fail(p, POLYAK_ERR_IO, src->function, "cannot read bytes %lld..%lld: %s",
-                              (long long)offset, (long long)(offset + (int64_t)num_bytes),
+      return polyak_ckpt_fail(p, POLYAK_ERR_IO, src->function, "cannot read bytes %lld..%lld of %s: %s",
+                              (long long)offset, (long long)(offset + (int64_t)num_bytes), src->extent,
                               got < 0 ? strerror(errno) : "unexpected end of file");
     done += (size_t)got;
   }
   return POLYAK_OK;
 }
 
-polyak_status polyak_load_fd(polyak_t *p, int fd)
+/* The checkpoint at fd's offset: the whole file from offset 0 for
+ * polyak_load; else what follows the offset, up to where the checkpoint's
+ * header says it ends, after which the offset is moved. */
+static polyak_status load_fd(polyak_t *p, int fd, int whole, const char *function)
 {
+  fd_source src = {{fd_read_at, -1, whole, function, ""}, fd, 0};
+  polyak_status status = whole ? POLYAK_OK : polyak_ckpt_check_fd(p, fd, 0, &src.offset, function);
   struct stat st;
-  if (fstat(fd, &st) != 0)
-    return polyak_fail(p, POLYAK_ERR_IO, "polyak_load: cannot stat the file: %s", strerror(errno));
-  fd_source src = {{fd_read_at, "polyak_load"}, fd};
-  return read_checkpoint(p, &src.base, (int64_t)st.st_size);
+  if (status == POLYAK_OK && fstat(fd, &st) != 0)
+    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "cannot stat fd %d: %s", fd, strerror(errno));
+  if (status != POLYAK_OK)
+    return status;
+  if (S_ISREG(st.st_mode)) /* else (a device, say) reads find the end */
+    src.base.num_bytes = st.st_size > src.offset ? (int64_t)st.st_size - src.offset : 0;
+  if (whole)
+    snprintf(src.base.extent, sizeof src.base.extent, "the %lld-byte file", (long long)src.base.num_bytes);
+  else
+    snprintf(src.base.extent, sizeof src.base.extent, "the file after offset %lld of fd %d", (long long)src.offset,
+             fd);
+  if (!whole && src.base.num_bytes == 0)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                            "fd %d is at the end of its file (offset %lld): no checkpoint follows", fd,
+                            (long long)src.offset);
+  int64_t checkpoint_bytes = 0;
+  status = read_checkpoint(p, &src.base, &checkpoint_bytes);
+  if (status == POLYAK_OK && !whole && lseek(fd, (off_t)(src.offset + checkpoint_bytes), SEEK_SET) < 0)
+    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                              "loaded, but cannot move the offset of fd %d past the checkpoint: %s", fd,
+                              strerror(errno));
+  return status;
 }
 
 polyak_status polyak_load(polyak_t *p, const char *path)
@@ -266,7 +297,42 @@ polyak_status polyak_load(polyak_t *p, const char *path)
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
     return polyak_fail(p, POLYAK_ERR_IO, "polyak_load: cannot open %s: %s", path, strerror(errno));
-  status = polyak_load_fd(p, fd);
+  status = load_fd(p, fd, 1, "polyak_load");
   close(fd);
   return status;
+}
+
+polyak_status polyak_load_fd(polyak_t *p, int fd)
+{
+  polyak_status status = polyak_ckpt_check_handle(p, "polyak_load_fd");
+  return status == POLYAK_OK ? load_fd(p, fd, 0, "polyak_load_fd") : status;
+}
+
+typedef struct {
+  polyak_ckpt_source base;
+  const char *bytes;
+} memory_source;
+
+static polyak_status memory_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes,
+                                    int64_t offset)
+{
+  if (offset + (int64_t)num_bytes > src->num_bytes) /* the reader checks first: never */
+    return polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, src->function, "%s ends before byte %lld", src->extent,
+                            (long long)(offset + (int64_t)num_bytes));
+  memcpy(dst, ((const memory_source *)src)->bytes + offset, num_bytes);
+  return POLYAK_OK;
+}
+
+polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes)
+{
+  const char *function = "polyak_load_from_memory";
+  polyak_status status = polyak_ckpt_check_handle(p, function);
+  if (status != POLYAK_OK)
+    return status;
+  if (!src && src_num_bytes > 0)
+    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "src is NULL and src_num_bytes %zu", src_num_bytes);
+  memory_source source = {{memory_read_at, (int64_t)src_num_bytes, 1, function, ""}, src};
+  snprintf(source.base.extent, sizeof source.base.extent, "the %zu-byte buffer", src_num_bytes);
+  int64_t checkpoint_bytes = 0;
+  return read_checkpoint(p, &source.base, &checkpoint_bytes);
 }

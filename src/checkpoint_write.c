@@ -2,11 +2,15 @@
  * handle's shadows and state into checkpoint bytes for a sink: the header
  * (with a checksum placeholder), the data copied out of the arenas block by
  * block (or, sharded, gathered and written by rank 0), then the header
- * again with the data's checksum, which has the same length. polyak_save's
- * sink is a file replaced crash-safely (safe_file.c). */
+ * again with the data's checksum, which has the same length. Its sinks: a
+ * file replaced crash-safely (polyak_save, through safe_file.c), an open
+ * file at its offset (polyak_save_fd) and a caller's buffer
+ * (polyak_save_to_memory). */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -277,4 +281,124 @@ polyak_status polyak_save(polyak_t *p, const char *path)
   status = write_checkpoint(p, &f->base, NULL);
   free(f);
   return status;
+}
+
+/* ---- polyak_save_fd: an open file at its offset ------------------------------- */
+
+typedef struct {
+  sink base;
+  int fd;
+  int64_t offset, num_bytes; /* where the checkpoint starts, and its size */
+} fd_sink;
+
+static polyak_status fd_begin(sink *out, polyak_t *p, int64_t num_bytes)
+{
+  fd_sink *f = (fd_sink *)out;
+  f->num_bytes = num_bytes;
+  return polyak_ckpt_check_fd(p, f->fd, 1, &f->offset, out->function);
+}
+
+static polyak_status fd_write_at(sink *out, polyak_t *p, const void *data, size_t num_bytes, int64_t offset)
+{
+  const fd_sink *f = (const fd_sink *)out;
+  const char *from = data;
+  for (size_t done = 0; done < num_bytes;) {
+    ssize_t written = pwrite(f->fd, from + done, num_bytes - done, (off_t)(f->offset + offset + (int64_t)done));
+    if (written < 0 && errno == EINTR)
+      continue;
+    if (written <= 0)
+      return polyak_ckpt_fail(p, POLYAK_ERR_IO, out->function, "cannot write to fd %d at offset %lld: %s", f->fd,
+                              (long long)(f->offset + offset + (int64_t)done),
+                              written < 0 ? strerror(errno) : "nothing written");
+    done += (size_t)written;
+  }
+  return POLYAK_OK;
+}
+
+/* Written: the offset moves past the checkpoint. Not: it stays. */
+static polyak_status fd_end(sink *out, polyak_t *p, int ok)
+{
+  const fd_sink *f = (const fd_sink *)out;
+  if (ok && lseek(f->fd, (off_t)(f->offset + f->num_bytes), SEEK_SET) < 0)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, out->function, "cannot move the offset of fd %d: %s", f->fd,
+                            strerror(errno));
+  return POLYAK_OK;
+}
+
+polyak_status polyak_save_fd(polyak_t *p, int fd)
+{
+  polyak_status status = polyak_ckpt_check_handle(p, "polyak_save_fd");
+  if (status != POLYAK_OK)
+    return status;
+  fd_sink f = {{fd_begin, fd_write_at, fd_end, "polyak_save_fd"}, fd, 0, 0};
+  return write_checkpoint(p, &f.base, NULL);
+}
+
+/* ---- polyak_save_to_memory: a caller's buffer ---------------------------------- */
+
+typedef struct {
+  sink base;
+  char *bytes;
+  size_t capacity;
+} memory_sink;
+
+static polyak_status memory_begin(sink *out, polyak_t *p, int64_t num_bytes)
+{
+  const memory_sink *m = (const memory_sink *)out;
+  if (!m->bytes)
+    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, out->function, "dst is NULL");
+  if ((uint64_t)num_bytes > (uint64_t)m->capacity)
+    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, out->function,
+                            "dst_num_bytes is %zu; this checkpoint takes %lld bytes (polyak_save_size says "
+                            "how many always suffice)",
+                            m->capacity, (long long)num_bytes);
+  return POLYAK_OK;
+}
+
+static polyak_status memory_write_at(sink *out, polyak_t *p, const void *data, size_t num_bytes, int64_t offset)
+{
+  (void)p; /* begin checked the size */
+  memcpy(((memory_sink *)out)->bytes + offset, data, num_bytes);
+  return POLYAK_OK;
+}
+
+static polyak_status memory_end(sink *out, polyak_t *p, int ok)
+{
+  (void)out, (void)p, (void)ok;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t dst_num_bytes, size_t *num_bytes_written)
+{
+  const char *function = "polyak_save_to_memory";
+  polyak_status status = polyak_ckpt_check_handle(p, function);
+  if (status != POLYAK_OK)
+    return status;
+  if (!num_bytes_written)
+    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "num_bytes_written is NULL");
+  memory_sink m = {{memory_begin, memory_write_at, memory_end, function}, dst, dst_num_bytes};
+  int64_t written = 0;
+  status = write_checkpoint(p, &m.base, &written);
+  if (status == POLYAK_OK)
+    *num_bytes_written = (size_t)written;
+  return status;
+}
+
+polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!num_bytes)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_save_size: num_bytes is NULL");
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_save_size: call polyak_finalize first");
+  polyak_ckpt_state widest;
+  polyak_ckpt_widest_state(p, &widest);
+  size_t header_bytes = 0;
+  char *header = polyak_ckpt_header(p, &widest, &header_bytes);
+  if (!header)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save_size: out of host memory");
+  free(header);
+  *num_bytes = 8 + header_bytes + (size_t)polyak_ckpt_data_bytes(p);
+  return POLYAK_OK;
 }
