@@ -559,7 +559,10 @@ POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
  * before anything changes: POLYAK_ERR_IO (missing or unreadable file),
  * POLYAK_ERR_FORMAT (not a valid polyak safetensors file, or a checksum
  * mismatch), POLYAK_ERR_MISMATCH (a different handle), each with a message
- * naming the problem; then the handle is as it was and still works. The
+ * naming the problem (the model is compared first: another model's file
+ * names the first tensor missing and the first extra one, and counts the
+ * rest; a shape mismatch shows both shapes; a file that is not safetensors
+ * says so); then the handle is as it was and still works. The
  * CUDA backend stages through pinned host memory into new device arenas,
  * which need the shadows' memory once more while loading. */
 POLYAK_API polyak_status polyak_load(polyak_t *p, const char *path);

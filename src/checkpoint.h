@@ -8,7 +8,8 @@
  * "__metadata__" (string values only, as safetensors requires) holds the
  * step state, the config to continue with, and the XXH3-64 of the data.
  *
- *   checkpoint_meta.c   the header: saved names, metadata written and checked
+ *   checkpoint_meta.c   the header: saved names, metadata written and checked;
+ *                       the checks every save and load starts with
  *   checkpoint_write.c  the writer: shadows (gathered when sharded) to a sink
  *   checkpoint_read.c   the validating reader of a byte source
  *   checkpoint_stage.c  staging the checked data into fresh arenas; the commit */
@@ -68,9 +69,14 @@ void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state);
  * registration order. */
 char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes);
 
-/* The metadata against this handle; *state gets the file's state. */
-polyak_status polyak_ckpt_check_metadata(polyak_t *p, json_t *metadata, polyak_ckpt_state *state,
-                                         const char *function);
+/* The metadata's form: an object of strings, a polyak file of a version
+ * this library reads, every required key there (POLYAK_ERR_FORMAT). */
+polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char *function);
+
+/* The metadata's values: the config against this handle's
+ * (POLYAK_ERR_MISMATCH), the state parsed into *state. */
+polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *state,
+                                       const char *function);
 
 /* ---- where a load reads from (checkpoint_read.c makes them) ---- */
 

@@ -1,7 +1,7 @@
 /* checkpoint_meta.c: the checkpoint's header, both ways: the names shadows
- * are saved under, the header the writer writes, and the reader's checks of
- * its metadata. Every metadata key is written by build_metadata and checked
- * by polyak_ckpt_check_metadata, both here: a new key goes into both. */
+ * are saved under, the metadata the writer writes and the reader checks
+ * (every key in one place, below), the header text; and the checks of the
+ * handle, path or fd that every save and load starts with. */
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -124,34 +124,86 @@ static int parse_uint64(const char *text, uint64_t *out)
   return 0;
 }
 
-/* ---- writing ------------------------------------------------------------------ */
+/* ---- the metadata -------------------------------------------------------------
+ * Every key is written by build_metadata and read by polyak_ckpt_check_format
+ * (which must be there) and polyak_ckpt_check_config (their values against
+ * the handle), all below; a new key goes into both, read as its default
+ * when absent, so older files still load. Doubles are written with the
+ * fewest digits that read back exactly (0.999, not 0.99899999999999999);
+ * files from before that hold 17 digits, which read back to the same
+ * doubles. */
 
-static json_t *schedules_json(const polyak_config *cfg)
+/* Text built piece by piece; `failed` once out of memory. */
+typedef struct {
+  char *text;
+  size_t length, capacity;
+  int failed;
+} text_builder;
+
+static void append(text_builder *b, const char *format, ...) __attribute__((format(printf, 2, 3)));
+static void append(text_builder *b, const char *format, ...)
 {
-  json_t *list = json_array();
-  for (int k = 0; k < cfg->num_shadows; k++) {
-    const polyak_schedule *s = &cfg->schedules[k];
-    json_array_append_new(
-        list, json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:b, s:f, s:f}", "kind",
-                        polyak_schedule_kind_name(s->kind), "beta", s->beta, "beta_min",
-                        s->beta_min, "inv_gamma", s->inv_gamma, "power", s->power, "gamma",
-                        s->gamma, "ramp_steps", (json_int_t)s->ramp_steps, "start_step",
-                        (json_int_t)s->start_step, "count_updates", cfg->count_updates[k],
-                        "grad_norm_c", cfg->grad_norm_c[k], "layerwise_beta0", cfg->layerwise_beta0[k]));
+  va_list args;
+  va_start(args, format);
+  int n = vsnprintf(NULL, 0, format, args);
+  va_end(args);
+  if (b->failed || n < 0)
+    return;
+  if (b->length + (size_t)n + 1 > b->capacity) {
+    size_t capacity = 2 * (b->length + (size_t)n + 1);
+    char *text = realloc(b->text, capacity);
+    if (!text) {
+      b->failed = 1;
+      return;
+    }
+    b->text = text;
+    b->capacity = capacity;
   }
-  return list;
+  va_start(args, format);
+  vsnprintf(b->text + b->length, (size_t)n + 1, format, args);
+  va_end(args);
+  b->length += (size_t)n;
 }
 
-/* Adds key = the compact JSON text of `value` (stolen) to `metadata`. */
-static int set_json_text(json_t *metadata, const char *key, json_t *value)
+/* Adds key = the text `b` built (freed) to `metadata`. */
+static int set_built(json_t *metadata, const char *key, text_builder *b)
 {
-  char *text = json_dumps(value, JSON_COMPACT | JSON_PRESERVE_ORDER);
-  json_decref(value);
-  if (!text)
-    return -1;
-  int rc = json_object_set_new(metadata, key, json_string(text));
-  free(text);
+  int rc = b->failed || !b->text || json_object_set_new(metadata, key, json_string(b->text));
+  free(b->text);
   return rc;
+}
+
+#define D(x) polyak_format_double(x).text
+
+static int set_schedules(json_t *metadata, const polyak_config *cfg)
+{
+  text_builder b = {0};
+  for (int k = 0; k < cfg->num_shadows; k++) {
+    const polyak_schedule *s = &cfg->schedules[k];
+    append(&b,
+           "%s{\"kind\":\"%s\",\"beta\":%s,\"beta_min\":%s,\"inv_gamma\":%s,\"power\":%s,\"gamma\":%s,"
+           "\"ramp_steps\":%" PRId64 ",\"start_step\":%" PRId64 ",\"count_updates\":%s,\"grad_norm_c\":%s,"
+           "\"layerwise_beta0\":%s}",
+           k ? "," : "[", polyak_schedule_kind_name(s->kind), D(s->beta), D(s->beta_min), D(s->inv_gamma),
+           D(s->power), D(s->gamma), s->ramp_steps, s->start_step, cfg->count_updates[k] ? "true" : "false",
+           D(cfg->grad_norm_c[k]), D(cfg->layerwise_beta0[k]));
+  }
+  append(&b, "]");
+  return set_built(metadata, "schedules", &b);
+}
+
+/* "[a,b,...]" of shadow k's double or int64 for k < num_shadows. */
+static int set_list(json_t *metadata, const char *key, int num_shadows, const double *doubles, const int64_t *ints)
+{
+  text_builder b = {0};
+  for (int k = 0; k < num_shadows; k++) {
+    if (doubles)
+      append(&b, "%s%s", k ? "," : "[", D(doubles[k]));
+    else
+      append(&b, "%s%" PRId64, k ? "," : "[", ints[k]);
+  }
+  append(&b, "]");
+  return set_built(metadata, key, &b);
 }
 
 static int set_text(json_t *metadata, const char *key, const char *format, ...)
@@ -168,14 +220,10 @@ static int set_text(json_t *metadata, const char *key, const char *format, ...)
 
 static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
 {
-  json_t *metadata = json_object(), *products = json_array(), *counts = json_array();
-  for (int k = 0; k < p->cfg.num_shadows; k++) {
-    json_array_append_new(products, json_real(state->beta_prod[k]));
-    json_array_append_new(counts, json_integer(state->updates_counted[k]));
-  }
+  json_t *metadata = json_object();
   char checksum_text[32];
   snprintf(checksum_text, sizeof checksum_text, CHECKSUM_PREFIX "%016" PRIx64, state->checksum);
-  int failed = json_object_set_new(metadata, "format", json_string("polyak")) ||
+  int failed = !metadata || json_object_set_new(metadata, "format", json_string("polyak")) ||
                set_text(metadata, "format_version", "%d", FORMAT_VERSION) ||
                json_object_set_new(metadata, "library_version", json_string(polyak_version_string())) ||
                set_text(metadata, "step", "%" PRId64, state->step) ||
@@ -187,9 +235,9 @@ static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
                set_text(metadata, "skip_nonfinite", "%d", p->cfg.skip_nonfinite) ||
                set_text(metadata, "lookahead_every", "%" PRId64, p->cfg.lookahead_every) ||
                set_text(metadata, "nonfinite_count", "%" PRId64, state->nonfinite) ||
-               set_json_text(metadata, "beta_products", products) ||
-               set_json_text(metadata, "update_counts", counts) ||
-               set_json_text(metadata, "schedules", schedules_json(&p->cfg)) ||
+               set_list(metadata, "beta_products", p->cfg.num_shadows, state->beta_prod, NULL) ||
+               set_list(metadata, "update_counts", p->cfg.num_shadows, NULL, state->updates_counted) ||
+               set_schedules(metadata, &p->cfg) ||
                json_object_set_new(metadata, "checksum", json_string(checksum_text));
   if (failed) {
     json_decref(metadata);
@@ -198,59 +246,35 @@ static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
   return metadata;
 }
 
-void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
-{
-  state->step = state->nonfinite = INT64_MIN;
-  for (int k = 0; k < p->cfg.num_shadows; k++) {
-    state->beta_prod[k] = -DBL_MIN; /* "-2.2250738585072014e-308": no double's text is longer */
-    state->updates_counted[k] = INT64_MIN;
-  }
-  state->checksum = 0; /* always 16 hex digits */
-}
-
-char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes)
-{
-  json_t *root = json_object();
-  json_t *metadata = build_metadata(p, state);
-  int failed = !root || !metadata || json_object_set_new(root, "__metadata__", metadata);
-  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int64_t offset = 0;
-  for (int k = 0; k < p->cfg.num_shadows && !failed; k++)
-    for (int i = 0; i < p->num_tensors && !failed; i++) {
-      const polyak_tensor *t = &p->tensors[i];
-      if (!polyak_ckpt_is_saved(p, k, i))
-        continue;
-      json_t *shape = json_array();
-      for (int d = 0; d < t->ndim; d++)
-        json_array_append_new(shape, json_integer(t->shape[d]));
-      int64_t end = offset + t->num_elems * (int64_t)elem_bytes;
-      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(p->cfg.shadow_dtype),
-                                "shape", shape, "data_offsets", (json_int_t)offset, (json_int_t)end);
-      char *name = polyak_ckpt_saved_name(p, k, i);
-      failed = !entry || !name || json_object_set_new(root, name, entry);
-      free(name);
-      offset = end;
-    }
-  char *text = failed ? NULL : json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
-  json_decref(root);
-  if (!text)
-    return NULL;
-  size_t length = strlen(text), padded = (length + 7) / 8 * 8;
-  char *out = realloc(text, padded + 1);
-  if (!out) {
-    free(text);
-    return NULL;
-  }
-  memset(out + length, ' ', padded - length);
-  out[padded] = '\0';
-  *num_bytes = padded;
-  return out;
-}
-/* ---- checking ------------------------------------------------------------------ */
-
 static const char *metadata_text(json_t *metadata, const char *key)
 {
   return json_string_value(json_object_get(metadata, key));
+}
+
+/* A schedule as "WARMUP (beta 0.9999, beta_min 0.0, inv_gamma 1.0, power
+ * 0.75, start_step 0)": the fields its kind uses. */
+static void describe_schedule(const polyak_schedule *s, char *out, size_t out_num_bytes)
+{
+  const char *kind = polyak_schedule_kind_name(s->kind);
+  switch (s->kind) {
+  case POLYAK_SCHEDULE_WARMUP:
+    snprintf(out, out_num_bytes, "%s (beta %s, beta_min %s, inv_gamma %s, power %s, start_step %" PRId64 ")", kind,
+             D(s->beta), D(s->beta_min), D(s->inv_gamma), D(s->power), s->start_step);
+    break;
+  case POLYAK_SCHEDULE_LINEAR:
+  case POLYAK_SCHEDULE_COSINE:
+    snprintf(out, out_num_bytes, "%s (beta %s, beta_min %s, ramp_steps %" PRId64 ", start_step %" PRId64 ")", kind,
+             D(s->beta), D(s->beta_min), s->ramp_steps, s->start_step);
+    break;
+  case POLYAK_SCHEDULE_EQUAL:
+    snprintf(out, out_num_bytes, "%s (start_step %" PRId64 ")", kind, s->start_step);
+    break;
+  case POLYAK_SCHEDULE_POWER:
+    snprintf(out, out_num_bytes, "%s (gamma %s, start_step %" PRId64 ")", kind, D(s->gamma), s->start_step);
+    break;
+  default: /* CONSTANT, TF */
+    snprintf(out, out_num_bytes, "%s (beta %s, start_step %" PRId64 ")", kind, D(s->beta), s->start_step);
+  }
 }
 
 static polyak_status check_schedules(polyak_t *p, const char *text, const char *function)
@@ -284,23 +308,30 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
       break;
     }
     if (grad_norm_c != p->cfg.grad_norm_c[k] || layerwise_beta0 != p->cfg.layerwise_beta0[k]) {
-      status = MISMATCH("shadow %d was averaged with grad_norm_c = %.17g, layerwise_beta0 = %.17g; this handle "
-                        "has %.17g, %.17g",
-                        k, grad_norm_c, layerwise_beta0, p->cfg.grad_norm_c[k], p->cfg.layerwise_beta0[k]);
+      status = MISMATCH("shadow %d was averaged with grad_norm_c = %s, layerwise_beta0 = %s; this handle "
+                        "has %s, %s",
+                        k, D(grad_norm_c), D(layerwise_beta0), D(p->cfg.grad_norm_c[k]),
+                        D(p->cfg.layerwise_beta0[k]));
       break;
     }
-    if (!polyak_schedule_same(&s, &p->cfg.schedules[k]))
-      status = MISMATCH("shadow %d was averaged with another schedule (the file's: %s, beta %.17g, "
-                        "start_step %lld; this handle's: %s, beta %.17g, start_step %lld)",
-                        k, kind, s.beta, (long long)s.start_step,
-                        polyak_schedule_kind_name(p->cfg.schedules[k].kind), p->cfg.schedules[k].beta,
-                        (long long)p->cfg.schedules[k].start_step);
+    if (!polyak_schedule_same(&s, &p->cfg.schedules[k])) {
+      char file[224], here[224];
+      describe_schedule(&s, file, sizeof file);
+      describe_schedule(&p->cfg.schedules[k], here, sizeof here);
+      status = MISMATCH("shadow %d was averaged with another schedule: the file's is %s, this handle's %s", k,
+                        file, here);
+    }
   }
   json_decref(list);
   return status;
 }
 
-polyak_status polyak_ckpt_check_metadata(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
+/* Metadata keys every polyak file has; "lookahead_every" and
+ * "update_counts" are newer (absent: 0). */
+static const char *const kRequired[] = {"step",          "num_shadows", "shadow_dtype", "seed",    "zero_init",
+                                        "nonfinite_count", "beta_products", "schedules", "checksum"};
+
+polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char *function)
 {
   if (!json_is_object(metadata))
     return FORMAT_ERROR("no \"__metadata__\" object: not a polyak checkpoint");
@@ -318,12 +349,14 @@ polyak_status polyak_ckpt_check_metadata(polyak_t *p, json_t *metadata, polyak_c
   if (!version || strcmp(version, "1") != 0)
     return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)",
                         version ? version : "(missing)");
-  /* required; "lookahead_every" and "update_counts" are newer: absent, 0 */
-  const char *names[] = {"step",          "num_shadows", "shadow_dtype", "seed",    "zero_init",
-                         "nonfinite_count", "beta_products", "schedules", "checksum"};
-  for (size_t n = 0; n < sizeof names / sizeof names[0]; n++)
-    if (!metadata_text(metadata, names[n]))
-      return FORMAT_ERROR("metadata \"%s\" is missing", names[n]);
+  for (size_t n = 0; n < sizeof kRequired / sizeof kRequired[0]; n++)
+    if (!metadata_text(metadata, kRequired[n]))
+      return FORMAT_ERROR("metadata \"%s\" is missing", kRequired[n]);
+  return POLYAK_OK;
+}
+
+polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
+{
   int64_t num_shadows, zero_init, lookahead_every;
   uint64_t seed;
   if (parse_int64(metadata_text(metadata, "step"), &h->step) != 0 || h->step < 0)
@@ -389,4 +422,55 @@ polyak_status polyak_ckpt_check_metadata(polyak_t *p, json_t *metadata, polyak_c
   if (*end)
     return FORMAT_ERROR("metadata \"checksum\" is not " CHECKSUM_PREFIX "<16 hex digits>");
   return check_schedules(p, metadata_text(metadata, "schedules"), function);
+}
+
+/* ---- the header: metadata and tensor entries ------------------------------------- */
+
+void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
+{
+  state->step = state->nonfinite = INT64_MIN;
+  for (int k = 0; k < p->cfg.num_shadows; k++) {
+    state->beta_prod[k] = -DBL_MIN; /* "-2.2250738585072014e-308": no double's text is longer */
+    state->updates_counted[k] = INT64_MIN;
+  }
+  state->checksum = 0; /* always 16 hex digits */
+}
+
+char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes)
+{
+  json_t *root = json_object();
+  json_t *metadata = build_metadata(p, state);
+  int failed = !root || !metadata || json_object_set_new(root, "__metadata__", metadata);
+  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int64_t offset = 0;
+  for (int k = 0; k < p->cfg.num_shadows && !failed; k++)
+    for (int i = 0; i < p->num_tensors && !failed; i++) {
+      const polyak_tensor *t = &p->tensors[i];
+      if (!polyak_ckpt_is_saved(p, k, i))
+        continue;
+      json_t *shape = json_array();
+      for (int d = 0; d < t->ndim; d++)
+        json_array_append_new(shape, json_integer(t->shape[d]));
+      int64_t end = offset + t->num_elems * (int64_t)elem_bytes;
+      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(p->cfg.shadow_dtype),
+                                "shape", shape, "data_offsets", (json_int_t)offset, (json_int_t)end);
+      char *name = polyak_ckpt_saved_name(p, k, i);
+      failed = !entry || !name || json_object_set_new(root, name, entry);
+      free(name);
+      offset = end;
+    }
+  char *text = failed ? NULL : json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  json_decref(root);
+  if (!text)
+    return NULL;
+  size_t length = strlen(text), padded = (length + 7) / 8 * 8;
+  char *out = realloc(text, padded + 1);
+  if (!out) {
+    free(text);
+    return NULL;
+  }
+  memset(out + length, ' ', padded - length);
+  out[padded] = '\0';
+  *num_bytes = padded;
+  return out;
 }

@@ -1,8 +1,9 @@
 /* checkpoint_read.c: the validating reader. read_checkpoint takes a byte
  * source and checks everything before anything changes: the framing (the
- * header length, the JSON header), the metadata against the handle, every
- * tensor entry (dtype, shape, offsets that tile the data), then the data's
- * checksum; checkpoint_stage.c then replaces the shadows. Its sources: a
+ * header length, the JSON header), the metadata's form, the model (tensor
+ * names and shapes: another model's file says which tensors differ), the
+ * config against the handle's, every tensor entry (dtype, shape, offsets
+ * that tile the data), then the data's checksum; checkpoint_stage.c then replaces the shadows. Its sources: a
  * file read with pread (polyak_load from offset 0 to the end,
  * polyak_load_fd from the fd's offset to where the header says the
  * checkpoint ends) and a caller's buffer (polyak_load_from_memory). */
@@ -37,6 +38,138 @@ static int compare_ranges(const void *a, const void *b)
   return x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : (x[1] > y[1]) - (x[1] < y[1]);
 }
 
+/* The tensor a saved name stands for: the key itself if registered, else
+ * <name> of "polyak.shadow.<k>.<name>" with *k (else 0). */
+static const char *tensor_of_key(const polyak_t *p, const char *key, long *k)
+{
+  size_t prefix = strlen(POLYAK_CKPT_SHADOW_PREFIX);
+  *k = 0;
+  if (!polyak_registry_has(p, key) && strncmp(key, POLYAK_CKPT_SHADOW_PREFIX, prefix) == 0) {
+    char *rest;
+    long shadow = strtol(key + prefix, &rest, 10);
+    if (rest != key + prefix && *rest == '.') {
+      *k = shadow;
+      return rest + 1;
+    }
+  }
+  return key;
+}
+
+/* "[768, 2304]": `ndim` sizes from a JSON list or from dims. */
+static void shape_text(json_t *list, const int64_t *dims, size_t ndim, char *out, size_t out_num_bytes)
+{
+  size_t used = (size_t)snprintf(out, out_num_bytes, "[");
+  for (size_t d = 0; d < ndim && used < out_num_bytes; d++)
+    used += (size_t)snprintf(out + used, out_num_bytes - used, "%s%lld", d ? ", " : "",
+                             (long long)(list ? json_integer_value(json_array_get(list, d)) : dims[d]));
+  if (used < out_num_bytes)
+    snprintf(out + used, out_num_bytes - used, "]");
+}
+
+/* The shape of entry `name` (a JSON list) is tensor i's. */
+static polyak_status check_shape(polyak_t *p, const char *function, const char *name, json_t *shape, int i)
+{
+  const polyak_tensor *t = &p->tensors[i];
+  size_t ndim = json_array_size(shape);
+  int same = ndim == (size_t)t->ndim;
+  for (size_t d = 0; d < ndim; d++) {
+    json_t *dim = json_array_get(shape, d);
+    if (!json_is_integer(dim) || json_integer_value(dim) < 0)
+      return FORMAT_ERROR("tensor \"%s\" has a shape that is not a list of sizes", name);
+    same = same && json_integer_value(dim) == t->shape[d];
+  }
+  if (same)
+    return POLYAK_OK;
+  char file[128], here[128];
+  shape_text(shape, NULL, ndim, file, sizeof file);
+  shape_text(NULL, t->shape, (size_t)t->ndim, here, sizeof here);
+  return MISMATCH("tensor \"%s\" is %s in the file and %s here", name, file, here);
+}
+
+static int compare_names(const void *a, const void *b)
+{
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Tensor i's first entry in the file (shadow 0, else the lowest k), or
+ * NULL; *expected = 1 if this handle saves a shadow of it. */
+static polyak_status find_entry(polyak_t *p, const char *function, json_t *root, int i, json_t **entry, int *expected)
+{
+  *entry = NULL;
+  *expected = 0;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS && !*entry; k++) {
+    char *name = polyak_ckpt_saved_name(p, k, i);
+    if (!name)
+      return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+    *expected |= k < p->cfg.num_shadows && polyak_ckpt_is_saved(p, k, i);
+    *entry = json_object_get(root, name);
+    free(name);
+  }
+  return POLYAK_OK;
+}
+
+/* The model the checkpoint was saved from against this handle's, before
+ * anything about the averaging: every tensor with saved shadows here is in
+ * the file (as itself or as a shadow k >= 1) and every tensor in the file
+ * is registered here, then their shapes agree. The message names the first
+ * tensor missing (registration order) and the first extra one (by name),
+ * and counts the others. */
+static polyak_status check_model(polyak_t *p, const char *function, json_t *root)
+{
+  int num_missing = 0, expected;
+  const char *missing = NULL;
+  json_t *entry;
+  for (int i = 0; i < p->num_tensors; i++) {
+    polyak_status status = find_entry(p, function, root, i, &entry, &expected);
+    if (status != POLYAK_OK)
+      return status;
+    if (!entry && expected && num_missing++ == 0)
+      missing = p->tensors[i].name;
+  }
+  const char **extra = malloc(sizeof *extra * (json_object_size(root) + 1));
+  if (!extra)
+    return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
+  size_t num_keys = 0;
+  const char *key;
+  json_t *value;
+  json_object_foreach(root, key, value)
+  {
+    long k;
+    const char *name = tensor_of_key(p, key, &k);
+    if (strcmp(key, "__metadata__") != 0 && !polyak_registry_has(p, name))
+      extra[num_keys++] = name;
+  }
+  qsort(extra, num_keys, sizeof *extra, compare_names);
+  int num_extra = 0; /* tensors, not keys: a model's shadows share a name */
+  for (size_t n = 0; n < num_keys; n++)
+    num_extra += n == 0 || strcmp(extra[n], extra[n - 1]) != 0;
+  char missing_text[320] = "", extra_text[320] = "", more[40] = "";
+  if (num_missing > 1)
+    snprintf(more, sizeof more, " (and %d more)", num_missing - 1);
+  if (num_missing)
+    snprintf(missing_text, sizeof missing_text, "tensor \"%.200s\" is missing from the file%s", missing, more);
+  more[0] = '\0';
+  if (num_extra > 1)
+    snprintf(more, sizeof more, " (and %d more)", num_extra - 1);
+  if (num_extra)
+    snprintf(extra_text, sizeof extra_text, "the file has a tensor \"%.200s\" that this handle does not register%s",
+             extra[0], more);
+  free(extra);
+  if (num_missing && num_extra)
+    return MISMATCH("the checkpoint is of another model: %s; %s", missing_text, extra_text);
+  if (num_missing || num_extra)
+    return MISMATCH("%s", num_missing ? missing_text : extra_text);
+  for (int i = 0; i < p->num_tensors; i++) {
+    polyak_status status = find_entry(p, function, root, i, &entry, &expected);
+    json_t *shape = json_object_get(entry, "shape"); /* not a list: check_tensors says so */
+    if (status == POLYAK_OK && json_is_array(shape))
+      status = check_shape(p, function, p->tensors[i].name, shape, i);
+    if (status != POLYAK_OK)
+      return status;
+  }
+  return POLYAK_OK;
+}
+
 /* One tensor entry: dtype, shape and offsets as this handle expects. */
 static polyak_status check_entry(polyak_t *p, const char *function, const char *name, json_t *entry, int i,
                                  int64_t data_bytes, int64_t range[2])
@@ -59,17 +192,9 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
   if (strcmp(dtype_name, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
     return MISMATCH("tensor \"%s\" is %s; this handle's shadows are %s", name, dtype_name,
                     polyak_dtype_name(p->cfg.shadow_dtype));
-  int shape_ok = (int)json_array_size(shape) == t->ndim;
-  for (int d = 0; d < t->ndim && shape_ok; d++) {
-    json_t *dim = json_array_get(shape, d);
-    if (!json_is_integer(dim) || json_integer_value(dim) < 0)
-      return FORMAT_ERROR("tensor \"%s\" has a shape that is not a list of sizes", name);
-    shape_ok = json_integer_value(dim) == t->shape[d];
-  }
-  if (!shape_ok)
-    return MISMATCH("tensor \"%s\" has another shape in the file than the %d-dimensional one "
-                    "registered",
-                    name, t->ndim);
+  polyak_status status = check_shape(p, function, name, shape, i);
+  if (status != POLYAK_OK)
+    return status;
   range[0] = json_integer_value(json_array_get(offsets, 0));
   range[1] = json_integer_value(json_array_get(offsets, 1));
   if (range[0] < 0 || range[1] < range[0] || range[1] > data_bytes)
@@ -119,16 +244,9 @@ static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t 
     {
       if (strcmp(key, "__metadata__") == 0)
         continue;
-      int known = 0; /* every expected name was found, so an unknown key is extra */
-      const char *name = key;
-      long k = 0;
-      if (strncmp(key, POLYAK_CKPT_SHADOW_PREFIX, strlen(POLYAK_CKPT_SHADOW_PREFIX)) == 0) {
-        char *rest;
-        k = strtol(key + strlen(POLYAK_CKPT_SHADOW_PREFIX), &rest, 10);
-        name = *rest == '.' ? rest + 1 : key;
-      }
-      known = k >= 0 && k < p->cfg.num_shadows && polyak_registry_has(p, name);
-      if (!known) {
+      long k; /* every expected name was found, so an unknown key is extra */
+      const char *name = tensor_of_key(p, key, &k);
+      if (!(k >= 0 && k < p->cfg.num_shadows && polyak_registry_has(p, name))) {
         status = MISMATCH("the file has a tensor \"%s\" this handle does not register", key);
         break;
       }
@@ -182,15 +300,27 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
 {
   const char *function = src->function;
   int64_t limit = src->num_bytes < 0 ? INT64_MAX : src->num_bytes;
-  if (limit < 8)
+  if (limit < 10) /* a length and "{}" at the least */
     return FORMAT_ERROR("%s is too short to be safetensors", src->extent);
-  uint8_t length[8];
-  polyak_status status = src->read_at(src, p, length, 8, 0);
+  uint8_t first[9]; /* the header length and the header's first byte */
+  polyak_status status = src->read_at(src, p, first, sizeof first, 0);
   if (status != POLYAK_OK)
     return status;
+  if (first[8] != '{') { /* what any other file is told apart by */
+    char shown[4 * sizeof first + 1];
+    size_t used = 0;
+    for (size_t b = 0; b < sizeof first; b++)
+      used += (size_t)snprintf(shown + used, sizeof shown - used,
+                               first[b] >= 0x20 && first[b] < 0x7f && first[b] != '"' && first[b] != '\\' ? "%c"
+                                                                                                   : "\\x%02x",
+                               first[b]);
+    return FORMAT_ERROR("%s is not safetensors: it begins \"%s\", where safetensors has an 8-byte header "
+                        "length, then '{'",
+                        src->extent, shown);
+  }
   uint64_t header_bytes = 0;
   for (int b = 0; b < 8; b++)
-    header_bytes |= (uint64_t)length[b] << (8 * b);
+    header_bytes |= (uint64_t)first[b] << (8 * b);
   if (header_bytes > (uint64_t)MAX_HEADER_BYTES)
     return FORMAT_ERROR("a header of %llu bytes is absurdly large (the limit is %lld)",
                         (unsigned long long)header_bytes, MAX_HEADER_BYTES);
@@ -206,14 +336,15 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   free(text);
   if (status != POLYAK_OK)
     return status;
-  if (!json_is_object(root)) {
-    json_decref(root);
-    return root ? FORMAT_ERROR("the header is not a JSON object")
-                : FORMAT_ERROR("the header is not JSON: %s (line %d, column %d)", error.text, error.line,
-                               error.column);
-  }
+  if (!root) /* else an object: it begins with '{' */
+    return FORMAT_ERROR("the header is not JSON: %s (line %d, column %d)", error.text, error.line, error.column);
   layout h = {.data_start = 8 + (int64_t)header_bytes, .data_bytes = limit - 8 - (int64_t)header_bytes};
-  status = polyak_ckpt_check_metadata(p, json_object_get(root, "__metadata__"), &h.state, function);
+  json_t *metadata = json_object_get(root, "__metadata__");
+  status = polyak_ckpt_check_format(p, metadata, function);
+  if (status == POLYAK_OK) /* the model first: another model's file says so */
+    status = check_model(p, function, root);
+  if (status == POLYAK_OK)
+    status = polyak_ckpt_check_config(p, metadata, &h.state, function);
   if (status == POLYAK_OK)
     status = check_tensors(p, src, root, &h);
   json_decref(root);

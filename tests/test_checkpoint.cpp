@@ -4,6 +4,8 @@
 // crash safety under SIGKILL at random points of a save.
 #include "test_util.h"
 
+#include <cfloat>
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -17,6 +19,8 @@
 #include <functional>
 #include <set>
 #include <thread>
+
+#include "polyak_internal.h" // polyak_format_double
 
 using namespace polyak_test;
 
@@ -529,6 +533,20 @@ std::vector<char> set_offsets(const std::vector<char> &bytes, const char *name, 
   });
 }
 
+// Schedule k's `key` in the metadata set to `value` (stolen).
+std::vector<char> set_schedule_field(const std::vector<char> &bytes, int k, const char *key, json_t *value)
+{
+  Parsed f(bytes);
+  json_error_t e;
+  json_t *list = json_loads(json_string_value(json_object_get(f.metadata(), "schedules")), 0, &e);
+  json_object_set_new(json_array_get(list, k), key, value);
+  char *text = json_dumps(list, JSON_COMPACT);
+  json_decref(list);
+  auto out = set_metadata(bytes, "schedules", text);
+  free(text);
+  return out;
+}
+
 std::vector<char> with_length(std::vector<char> bytes, uint64_t n)
 {
   std::memcpy(bytes.data(), &n, 8);
@@ -546,15 +564,27 @@ const Damage kDamages[] = {
      [](auto &b) { return with_length(b, b.size()); }},
     {"HeaderLengthAbsurd", POLYAK_ERR_FORMAT, "absurdly large",
      [](auto &b) { return with_length(b, uint64_t(1) << 60); }},
-    {"HeaderNotJson", POLYAK_ERR_FORMAT, "not JSON",
+    {"HeaderNotJson", POLYAK_ERR_FORMAT, "the header is not JSON",
      [](auto &b) {
        auto out = b;
-       out[8] = '[';
-       out[9] = '!';
+       out[9] = '!'; // after the '{'
        return out;
      }},
-    {"HeaderNotAnObject", POLYAK_ERR_FORMAT, "not a JSON object",
+    {"HeaderNotAnObject", POLYAK_ERR_FORMAT,
+     "is not safetensors: it begins \"\\x08\\x00\\x00\\x00\\x00\\x00\\x00\\x00[\", where "
+     "safetensors has an 8-byte header length, then '{'",
      [](auto &) { return assemble("[1,2]   ", {}); }},
+    {"TextFile", POLYAK_ERR_FORMAT, "is not safetensors: it begins \"# config \"",
+     [](auto &) {
+       std::string text = "# config for run 7\nlr = 3e-4\n";
+       return std::vector<char>(text.begin(), text.end());
+     }},
+    {"PyTorchZipFile", POLYAK_ERR_FORMAT, "is not safetensors: it begins \"PK\\x03\\x04\\x00\\x00\\x08\\x00\\x00\"",
+     [](auto &) {
+       std::vector<char> zip = {'P', 'K', 3, 4, 0, 0, 8, 0, 0, 0, 0, 0};
+       zip.resize(4096, 0);
+       return zip;
+     }},
     {"NoMetadata", POLYAK_ERR_FORMAT, "__metadata__",
      [](auto &b) { return edit_header(b, [](Parsed &f) { json_object_del(f.header, "__metadata__"); }); }},
     {"MetadataNotString", POLYAK_ERR_FORMAT, "not a string",
@@ -596,7 +626,7 @@ const Damage kDamages[] = {
          json_object_set_new(json_object_get(f.header, "head.bias"), "dtype", json_string("F16"));
        });
      }},
-    {"OtherShape", POLYAK_ERR_MISMATCH, "another shape",
+    {"OtherShape", POLYAK_ERR_MISMATCH, "tensor \"head.bias\" is [1, 3] in the file and [3] here",
      [](auto &b) {
        return edit_header(b, [](Parsed &f) {
          json_object_set_new(json_object_get(f.header, "head.bias"), "shape", json_pack("[I,I]", 1, 3));
@@ -615,18 +645,13 @@ const Damage kDamages[] = {
     {"OtherShadowDtype", POLYAK_ERR_MISMATCH, "BF16", [](auto &b) { return set_metadata(b, "shadow_dtype", "BF16"); }},
     {"OtherSeed", POLYAK_ERR_MISMATCH, "seed", [](auto &b) { return set_metadata(b, "seed", "32"); }},
     {"OtherZeroInit", POLYAK_ERR_MISMATCH, "zero_init", [](auto &b) { return set_metadata(b, "zero_init", "1"); }},
-    {"OtherSchedule", POLYAK_ERR_MISMATCH, "another schedule",
-     [](auto &b) {
-       Parsed f(b);
-       json_error_t e;
-       json_t *list = json_loads(json_string_value(json_object_get(f.metadata(), "schedules")), 0, &e);
-       json_object_set_new(json_array_get(list, 0), "beta", json_real(0.95));
-       char *text = json_dumps(list, JSON_COMPACT);
-       json_decref(list);
-       auto out = set_metadata(b, "schedules", text);
-       free(text);
-       return out;
-     }},
+    {"OtherSchedule", POLYAK_ERR_MISMATCH,
+     "shadow 0 was averaged with another schedule: the file's is CONSTANT (beta 0.95, start_step 0), this "
+     "handle's CONSTANT (beta 0.9, start_step 0)",
+     [](auto &b) { return set_schedule_field(b, 0, "beta", json_real(0.95)); }},
+    {"OtherGradNormC", POLYAK_ERR_MISMATCH,
+     "shadow 1 was averaged with grad_norm_c = 0.25, layerwise_beta0 = 0.0; this handle has 0.0, 0.0",
+     [](auto &b) { return set_schedule_field(b, 1, "grad_norm_c", json_real(0.25)); }},
 };
 
 void PrintTo(const Damage &d, std::ostream *os) { *os << d.label; }
@@ -662,6 +687,156 @@ TEST_P(DamagedFile, IsRefusedWithNothingChanged)
 
 INSTANTIATE_TEST_SUITE_P(Checkpoint, DamagedFile, ::testing::ValuesIn(kDamages),
                          [](const auto &info) { return std::string(info.param.label); });
+
+// A file of another model with other averaging: the tensors are compared first.
+TEST(Checkpoint, AnotherModelsFileNamesTheTensorsThatDiffer)
+{
+  TempDir dir;
+  std::vector<Tensor> tensors;
+  for (const char *name : {"tok.weight", "head.bias", "ln.g", "ln.b"})
+    tensors.emplace_back(name, POLYAK_F32, name[0] == 'h' ? 3 : 10);
+  std::mt19937_64 rng(8);
+  for (auto &t : tensors)
+    t.randomize(rng);
+  polyak_config cfg = cpu_config(2, 0.5);
+  cfg.seed = 99;
+  Handle other = make_handle(cfg);
+  add_all(other.get(), tensors);
+  ASSERT_EQ(polyak_finalize(other.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_save(other.get(), dir.file("other").c_str()), POLYAK_OK);
+  Model m;
+  m.step(1);
+  Snapshot before = m.state();
+  EXPECT_EQ(polyak_load(m.h.get(), dir.file("other").c_str()), POLYAK_ERR_MISMATCH);
+  EXPECT_STREQ(polyak_last_error(m.h.get()),
+               "polyak_load: the checkpoint is of another model: tensor \"embed.weight\" is missing from the file "
+               "(and 2 more); the file has a tensor \"ln.b\" that this handle does not register (and 2 more)");
+  // the same names, other shapes: the shapes, before the seed and schedules
+  std::vector<Tensor> same_names;
+  for (const char *name : {"embed.weight", "head.bias", "norm.scale", "unused"})
+    same_names.emplace_back(name, POLYAK_F32, name[0] == 'e' ? 4 : 1);
+  Handle resized = make_handle(cfg);
+  add_all(resized.get(), same_names);
+  ASSERT_EQ(polyak_finalize(resized.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_save(resized.get(), dir.file("resized").c_str()), POLYAK_OK);
+  EXPECT_EQ(polyak_load(m.h.get(), dir.file("resized").c_str()), POLYAK_ERR_MISMATCH);
+  EXPECT_STREQ(polyak_last_error(m.h.get()),
+               "polyak_load: tensor \"embed.weight\" is [4] in the file and [1, 65537] here");
+  EXPECT_TRUE(m.state() == before);
+}
+
+TEST(Checkpoint, ALoadAtAnotherOffsetSaysWhatItFound)
+{
+  TempDir dir;
+  Model source, target;
+  source.step(2);
+  std::vector<char> bytes = save_to_memory(source.h.get());
+  Fd state(open(dir.file("state").c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  write_all(state.fd, "step=12;", 8);
+  write_all(state.fd, bytes.data(), bytes.size());
+  ASSERT_EQ(lseek(state.fd, 0, SEEK_SET), 0); // forgot to read the trainer's own state first
+  EXPECT_EQ(polyak_load_fd(target.h.get(), state.fd), POLYAK_ERR_FORMAT);
+  EXPECT_TRUE(contains(polyak_last_error(target.h.get()),
+                       "polyak_load_fd: the file after offset 0 of fd " + std::to_string(state.fd) +
+                           " is not safetensors: it begins \"step=12;"))
+      << polyak_last_error(target.h.get());
+  EXPECT_EQ(offset_of(state.fd), 0);
+  ASSERT_EQ(lseek(state.fd, 8, SEEK_SET), 8);
+  ASSERT_EQ(polyak_load_fd(target.h.get(), state.fd), POLYAK_OK) << polyak_last_error(target.h.get());
+  EXPECT_TRUE(target.state() == source.state());
+}
+
+// ---- numbers in messages and metadata ---------------------------------------------
+
+TEST(Checkpoint, DoublesAreWrittenWithTheFewestDigitsThatReadBack)
+{
+  const std::pair<double, const char *> cases[] = {
+      {0.99, "0.99"}, {0.999, "0.999"}, {0.9999, "0.9999"}, {0.1 + 0.2, "0.30000000000000004"}, {1.0, "1.0"},
+      {0.0, "0.0"},   {-0.0, "-0.0"},   {1e-5, "1e-05"},    {2.0 / 3.0, "0.6666666666666666"}, {5e-324, "5e-324"},
+      {1e300, "1e+300"}, {-DBL_MIN, "-2.2250738585072014e-308"}, {DBL_MAX, "1.7976931348623157e+308"}};
+  for (const auto &[value, text] : cases)
+    EXPECT_STREQ(polyak_format_double(value).text, text) << text;
+  std::mt19937_64 rng(12);
+  for (int n = 0; n < 100000; n++) { // any finite double reads back to its bits
+    uint64_t bits = rng();
+    double value;
+    std::memcpy(&value, &bits, 8);
+    if (!std::isfinite(value))
+      continue;
+    double back = std::strtod(polyak_format_double(value).text, nullptr);
+    ASSERT_EQ(std::memcmp(&back, &value, 8), 0) << polyak_format_double(value).text;
+  }
+}
+
+TEST(Checkpoint, MetadataHoldsShortDoublesAndOldSeventeenDigitFilesStillLoad)
+{
+  TempDir dir;
+  Model m;
+  for (int64_t s : {1, 2, 7})
+    m.step(s);
+  ASSERT_EQ(polyak_save(m.h.get(), dir.file("new").c_str()), POLYAK_OK);
+  const std::vector<char> new_bytes = read_bytes(dir.file("new"));
+  Parsed file(new_bytes);
+  const std::string schedules = json_string_value(json_object_get(file.metadata(), "schedules"));
+  EXPECT_TRUE(contains(schedules, "\"beta\":0.9,")) << schedules;
+  EXPECT_TRUE(contains(schedules, "\"power\":0.6666666666666666,")) << schedules;
+  EXPECT_FALSE(contains(schedules, "0.90000000000000002")) << schedules;
+  // the writer before: jansson's 17 significant digits, in the same keys
+  auto old = edit_header(new_bytes, [](Parsed &f) {
+    for (const char *key : {"schedules", "beta_products"}) {
+      json_error_t error;
+      json_t *value = json_loads(json_string_value(json_object_get(f.metadata(), key)), 0, &error);
+      char *text = json_dumps(value, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
+      json_object_set_new(f.metadata(), key, json_string(text));
+      free(text);
+      json_decref(value);
+    }
+  });
+  EXPECT_TRUE(contains(std::string(old.begin(), old.end()), "0.90000000000000002")) << "really the old form";
+  write_bytes(dir.file("old"), old);
+  Model resumed;
+  ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
+  EXPECT_TRUE(resumed.state() == m.state());
+  ASSERT_EQ(polyak_save(resumed.h.get(), dir.file("again").c_str()), POLYAK_OK);
+  EXPECT_TRUE(read_bytes(dir.file("again")) == new_bytes) << "the same doubles, the same bytes";
+}
+
+TEST(Checkpoint, AwkwardBetasAndProductsReadBackBitExactly)
+{
+  // schedules compare exactly on load, and the products feed zero_init's
+  // debias: any rounding in the text would refuse the file or move a bit
+  polyak_config cfg = cpu_config(3);
+  cfg.zero_init = 1;
+  cfg.schedules[0].beta = std::nextafter(0.9999, 0.0);
+  cfg.schedules[1].beta = 1.0 - std::ldexp(1.0, -53);
+  cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.schedules[2].power = 2.0 / 3.0;
+  cfg.schedules[2].inv_gamma = 0.1 + 0.2;
+  std::vector<Tensor> tensors;
+  tensors.emplace_back("w", POLYAK_F32, 257);
+  std::mt19937_64 rng(4);
+  auto make = [&]() {
+    Handle h = make_handle(cfg);
+    add_all(h.get(), tensors);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
+    return h;
+  };
+  tensors[0].randomize(rng);
+  Handle a = make(), b = make();
+  for (int64_t s : {1, 2, 3, 50}) {
+    tensors[0].randomize(rng);
+    ASSERT_EQ(polyak_update(a.get(), s, nullptr), POLYAK_OK);
+  }
+  std::vector<char> bytes = save_to_memory(a.get());
+  ASSERT_EQ(polyak_load_from_memory(b.get(), bytes.data(), bytes.size()), POLYAK_OK) << polyak_last_error(b.get());
+  for (int k = 0; k < 3; k++) {
+    double pa, pb;
+    ASSERT_EQ(polyak_get_beta_product(a.get(), k, &pa), POLYAK_OK);
+    ASSERT_EQ(polyak_get_beta_product(b.get(), k, &pb), POLYAK_OK);
+    EXPECT_EQ(std::memcmp(&pa, &pb, 8), 0) << "shadow " << k << ": " << pa << " vs " << pb;
+  }
+  EXPECT_TRUE(snapshot(a.get(), 3, tensors) == snapshot(b.get(), 3, tensors));
+}
 
 // ---- crash safety ------------------------------------------------------------------
 
