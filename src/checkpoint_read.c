@@ -400,9 +400,13 @@ static polyak_status load_fd(polyak_t *p, int fd, int whole, const char *functio
     status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "cannot stat fd %d: %s", fd, strerror(errno));
   if (status != POLYAK_OK)
     return status;
-  if (S_ISREG(st.st_mode)) /* else (a device, say) reads find the end */
+  if (S_ISREG(st.st_mode))
     src.base.num_bytes = st.st_size > src.offset ? (int64_t)st.st_size - src.offset : 0;
-  if (whole)
+  else /* a device, say: the checkpoint ends where its header says; reads find the end */
+    src.base.whole = 0;
+  if (src.base.num_bytes < 0)
+    snprintf(src.base.extent, sizeof src.base.extent, "the file");
+  else if (whole)
     snprintf(src.base.extent, sizeof src.base.extent, "the %lld-byte file", (long long)src.base.num_bytes);
   else
     snprintf(src.base.extent, sizeof src.base.extent, "the file after offset %lld of fd %d", (long long)src.offset,
