@@ -3,10 +3,11 @@
  * header length, the JSON header), the metadata's form, the model (tensor
  * names and shapes: another model's file says which tensors differ), the
  * config against the handle's, every tensor entry (dtype, shape, offsets
- * that tile the data), then the data's checksum; checkpoint_stage.c then replaces the shadows. Its sources: a
- * file read with pread (polyak_load from offset 0 to the end,
- * polyak_load_fd from the fd's offset to where the header says the
- * checkpoint ends) and a caller's buffer (polyak_load_from_memory). */
+ * that tile the data), then the data's checksum; checkpoint_stage.c then
+ * replaces the shadows. Its sources: a file read with pread (polyak_load
+ * from offset 0 to the end, polyak_load_fd from the fd's offset to where
+ * the header says the checkpoint ends) and a caller's buffer
+ * (polyak_load_from_memory). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -289,7 +290,7 @@ static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const
     done += (int64_t)n;
   }
   if (status == POLYAK_OK && XXH3_64bits_digest(hash) != h->state.checksum)
-    status = FORMAT_ERROR("the data's checksum is not the one recorded: the file is corrupt");
+    status = FORMAT_ERROR("the data's checksum is not the one recorded: the checkpoint is corrupt");
   XXH3_freeState(hash);
   return status;
 }
@@ -309,11 +310,10 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   if (first[8] != '{') { /* what any other file is told apart by */
     char shown[4 * sizeof first + 1];
     size_t used = 0;
-    for (size_t b = 0; b < sizeof first; b++)
-      used += (size_t)snprintf(shown + used, sizeof shown - used,
-                               first[b] >= 0x20 && first[b] < 0x7f && first[b] != '"' && first[b] != '\\' ? "%c"
-                                                                                                   : "\\x%02x",
-                               first[b]);
+    for (size_t b = 0; b < sizeof first; b++) {
+      int plain = first[b] >= 0x20 && first[b] < 0x7f && first[b] != '"' && first[b] != '\\';
+      used += (size_t)snprintf(shown + used, sizeof shown - used, plain ? "%c" : "\\x%02x", first[b]);
+    }
     return FORMAT_ERROR("%s is not safetensors: it begins \"%s\", where safetensors has an 8-byte header "
                         "length, then '{'",
                         src->extent, shown);
