@@ -1,6 +1,12 @@
-/* fuzz_load.c: libFuzzer target for the checkpoint loader. Any input must
- * give a status, never a crash; a failing load must leave the handle's
- * shadows, step and count exactly as they were; the handle must keep
+/* fuzz_load.c: libFuzzer target for the checkpoint loader, through both of
+ * its sources. Each input is loaded from memory (the input is the whole
+ * checkpoint: polyak_load_from_memory), then from a file at an offset,
+ * behind a few bytes of a trainer's own state (the checkpoint ends where its
+ * header says: polyak_load_fd; polyak_load reads files the same way).
+ * Any input must give a status, never a crash; a failing load must leave
+ * the handle's shadows, step and count exactly as they were, and the fd's
+ * offset where it was; what loads from memory must load from the file too,
+ * to the same state, leaving the offset just past it; the handle must keep
  * working afterwards. A broken invariant aborts, which libFuzzer reports. */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -9,8 +15,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "checkpoint.h"
 #include "fuzz_model.h"
+
+#define PREFIX "run"
 
 typedef struct {
   float shadows[2][15 + 7 + 1];
@@ -30,38 +37,54 @@ static void observe(polyak_t *p, observed *o)
     abort();
 }
 
+static void expect(int ok, const char *what, polyak_t *p)
+{
+  if (!ok) {
+    fprintf(stderr, "%s (last error: %s)\n", what, polyak_last_error(p));
+    abort();
+  }
+}
+
+/* The load that gave `status` changed the handle from `before` to `after`. */
+static void check(polyak_t *p, polyak_status status, int from_fd, const observed *before, const observed *after)
+{
+  int refused = status == POLYAK_ERR_FORMAT || status == POLYAK_ERR_MISMATCH || status == POLYAK_ERR_NO_MEMORY ||
+                (from_fd && status == POLYAK_ERR_IO);
+  expect(status == POLYAK_OK || refused, "an unexpected status", p);
+  expect(status == POLYAK_OK || memcmp(before, after, sizeof *before) == 0, "a failing load changed the handle", p);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
   static fuzz_params params;
   static polyak_t *handle;
+  static int fd = -1;
   if (!handle && !(handle = fuzz_model_create(&params, POLYAK_F32)))
     abort();
-  int fd = memfd_create("polyak-fuzz", MFD_CLOEXEC);
-  if (fd < 0 || (size > 0 && write(fd, data, size) != (ssize_t)size))
+  if (fd < 0 && (fd = memfd_create("polyak-fuzz", MFD_CLOEXEC)) < 0)
     abort();
-  observed before, after;
+  observed before, from_memory, from_fd;
   observe(handle, &before);
-  polyak_status status = polyak_load_fd(handle, fd);
-  close(fd);
-  observe(handle, &after);
-  switch (status) {
-  case POLYAK_OK:
-    break;
-  case POLYAK_ERR_FORMAT:
-  case POLYAK_ERR_MISMATCH:
-  case POLYAK_ERR_IO:
-  case POLYAK_ERR_NO_MEMORY:
-    if (memcmp(&before, &after, sizeof before) != 0) {
-      fprintf(stderr, "a failing load (%s: %s) changed the handle\n", polyak_status_name(status),
-              polyak_last_error(handle));
-      abort();
-    }
-    break;
-  default:
-    fprintf(stderr, "unexpected status %s\n", polyak_status_name(status));
+  polyak_status memory_status = polyak_load_from_memory(handle, data, size);
+  observe(handle, &from_memory);
+  check(handle, memory_status, 0, &before, &from_memory);
+
+  const off_t start = (off_t)strlen(PREFIX);
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, PREFIX, (size_t)start, 0) != start ||
+      (size > 0 && pwrite(fd, data, size, start) != (ssize_t)size) || lseek(fd, start, SEEK_SET) != start)
     abort();
+  polyak_status fd_status = polyak_load_fd(handle, fd);
+  observe(handle, &from_fd);
+  check(handle, fd_status, 1, &from_memory, &from_fd);
+  off_t offset = lseek(fd, 0, SEEK_CUR);
+  expect(fd_status == POLYAK_OK ? offset > start && offset <= start + (off_t)size : offset == start,
+         "the fd's offset is not where the load should leave it", handle);
+  if (memory_status == POLYAK_OK) { /* the file holds exactly the same checkpoint */
+    expect(fd_status == POLYAK_OK, "what loads from memory fails from a file", handle);
+    expect(offset == start + (off_t)size, "the fd load did not stop at the checkpoint's end", handle);
+    expect(memcmp(&from_memory, &from_fd, sizeof from_fd) == 0, "memory and fd loads disagree", handle);
   }
-  if (after.step < INT64_MAX && polyak_update(handle, after.step + 1, NULL) != POLYAK_OK)
+  if (from_fd.step < INT64_MAX && polyak_update(handle, from_fd.step + 1, NULL) != POLYAK_OK)
     abort(); /* the handle still works */
   return 0;
 }

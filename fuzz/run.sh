@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # fuzz/run.sh [SECONDS]: builds the loader fuzzer with clang (libFuzzer,
 # AddressSanitizer, UndefinedBehaviorSanitizer), writes a seed corpus of
-# valid and broken checkpoints, and fuzzes polyak_load for SECONDS
-# (default 60). Fails on any crash, leak, sanitizer report or broken
+# valid and broken checkpoints, and fuzzes the checkpoint loader for SECONDS
+# (default 60): every input from memory and from a file at an offset
+# (fuzz_load.c). Fails on any crash, leak, sanitizer report or broken
 # invariant; prints executions and coverage.
 set -euo pipefail
 seconds=${1:-60}
@@ -19,7 +20,7 @@ corpus="$build/corpus"
 rm -rf "$corpus" "$build/artifacts"
 mkdir -p "$corpus" "$build/artifacts"
 "$build/fuzz/polyak_fuzz_corpus" "$corpus"
-echo "fuzz: seed corpus of $(ls "$corpus" | wc -l) files; fuzzing polyak_load for $seconds s"
+echo "fuzz: seed corpus of $(ls "$corpus" | wc -l) files; fuzzing polyak_load_from_memory and polyak_load_fd for $seconds s"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 "$build/fuzz/polyak_fuzz_load" -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \

@@ -673,7 +673,11 @@ POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *s
  * safetensors.torch.load_file(path) gives a PyTorch model its averaged
  * weights; shadow k >= 1 under "polyak.shadow.<k>.<name>"; and the full
  * state (step, products of applied betas, schedules, seed, non-finite
- * count, an XXH3-64 checksum of the data) in "__metadata__". */
+ * count, an XXH3-64 checksum of the data) in "__metadata__". The same
+ * bytes go to a path (polyak_save, crash-safe), into an open file at its
+ * offset (polyak_save_fd, for a checkpoint inside the trainer's own state
+ * file) or into memory (polyak_save_to_memory); every load checks them
+ * the same way. */
 
 /* Writes every shadow and the step state to `path`, crash-safely: a new
  * file in the same directory is fsynced and renamed over `path`, then the
@@ -694,10 +698,56 @@ POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
  * before anything changes: POLYAK_ERR_IO (missing or unreadable file),
  * POLYAK_ERR_FORMAT (not a valid polyak safetensors file, or a checksum
  * mismatch), POLYAK_ERR_MISMATCH (a different handle), each with a message
- * naming the problem; then the handle is as it was and still works. The
+ * naming the problem (the model is compared first: another model's file
+ * names the first tensor missing and the first extra one, and counts the
+ * rest; a shape mismatch shows both shapes; a file that is not safetensors
+ * says so); then the handle is as it was and still works. The
  * CUDA backend stages through pinned host memory into new device arenas,
  * which need the shadows' memory once more while loading. */
 POLYAK_API polyak_status polyak_load(polyak_t *p, const char *path);
+
+/* A checkpoint inside the trainer's own state file: the same bytes as
+ * polyak_save writes, at fd's current offset (pwrite from there), after
+ * which the offset is moved just past them, so the trainer writes its own
+ * state next. fd: open for writing, seekable (a regular file), not
+ * O_APPEND. Not atomic and not fsynced: make the whole state file
+ * crash-safe as polyak_save does (write a new file, fsync it, rename it
+ * over the old one). On failure the offset stays where it was, and bytes
+ * after it may have been written. POLYAK_ERR_IO for an fd it cannot use
+ * (closed, read-only, O_APPEND, a pipe) or a failing write; otherwise as
+ * polyak_save. Sharded: a collective like polyak_save; rank 0 writes, the
+ * other ranks' fd is not used (-1 will do). */
+POLYAK_API polyak_status polyak_save_fd(polyak_t *p, int fd);
+
+/* Reads the checkpoint that starts at fd's current offset (its header says
+ * where it ends; what follows is left alone) and moves the offset just
+ * past it, so the trainer reads its own state next. Checks and effects as
+ * polyak_load; on failure the offset stays where it was. POLYAK_ERR_IO for
+ * an fd it cannot use (closed, write-only, a pipe) or one at the end of its
+ * file. Sharded: each rank reads its slice from its own fd. */
+POLYAK_API polyak_status polyak_load_fd(polyak_t *p, int fd);
+
+/* *num_bytes = the size of a buffer that always holds this handle's
+ * checkpoint: the header with the widest step, counts and products (they
+ * are decimal text, so a save writes a few bytes less) plus the data. The
+ * same for the handle's whole life, on every rank; no device work.
+ * POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes);
+
+/* The checkpoint polyak_save writes, byte for byte, into dst (host memory
+ * of dst_num_bytes, whatever the backend); *num_bytes_written = its size,
+ * which polyak_load_from_memory takes. POLYAK_ERR_INVALID_ARG, with
+ * nothing written, for a NULL dst or one too short (polyak_save_size's
+ * answer always suffices). Sharded: a collective like polyak_save; rank 0
+ * writes, the other ranks' dst is not used (NULL will do) and they get 0. */
+POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t dst_num_bytes,
+                                               size_t *num_bytes_written);
+
+/* polyak_load from src (host memory): exactly one checkpoint of
+ * src_num_bytes, as polyak_save_to_memory wrote it. The same checks, the
+ * same effects; a failing load changes nothing. Sharded: each rank reads
+ * its slice from its own copy. */
+POLYAK_API polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes);
 
 /* ---- CUDA graphs ---------------------------------------------------------
  * A captured kernel cannot take a new step number from the host at each

@@ -187,6 +187,16 @@ polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format,
 polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
                              const char *format, ...) __attribute__((format(printf, 4, 5)));
 
+/* The shortest text that reads back as `value`: "%.*g" with the fewest
+ * digits (1 to 17) that strtod returns to the same double, '.' as the
+ * decimal point whatever the locale, ".0" added where it would read as an
+ * integer: 0.99, not 0.98999999999999999; 1.0, not 1. For messages and
+ * checkpoint metadata: polyak_format_double(beta).text. */
+typedef struct {
+  char text[32];
+} polyak_double_text;
+polyak_double_text polyak_format_double(double value);
+
 /* `in` (any accepted struct_size) as a current polyak_config, later fields
  * at their defaults. -1 for an unknown struct_size. */
 int polyak_config_normalize(const polyak_config *in, polyak_config *out);

@@ -72,14 +72,6 @@ int polyak_safe_file_open(polyak_safe_file *f, const char *path)
   return -1;
 }
 
-int polyak_safe_file_write(polyak_safe_file *f, const void *data, size_t num_bytes)
-{
-  if (polyak_safe_file_pwrite(f, data, num_bytes, f->position) != 0)
-    return -1;
-  f->position += (long long)num_bytes;
-  return 0;
-}
-
 int polyak_safe_file_pwrite(polyak_safe_file *f, const void *data, size_t num_bytes, long long offset)
 {
   const char *p = data;

@@ -1,6 +1,10 @@
 /* status.c: status names, error text, dtype facts. */
+#include <locale.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "polyak_internal.h"
 
@@ -50,6 +54,26 @@ polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status stat
     va_end(args);
   }
   return status;
+}
+
+polyak_double_text polyak_format_double(double value)
+{
+  polyak_double_text out;
+  for (int digits = 1; digits <= 17; digits++) { /* 17 always reads back */
+    snprintf(out.text, sizeof out.text, "%.*g", digits, value);
+    if (strtod(out.text, NULL) == value || isnan(value))
+      break;
+  }
+  /* printf and strtod use the locale's decimal point; JSON and messages '.' */
+  const char *point = localeconv()->decimal_point;
+  char *at = strcmp(point, ".") != 0 ? strstr(out.text, point) : NULL;
+  if (at) {
+    *at = '.';
+    memmove(at + 1, at + strlen(point), strlen(at + strlen(point)) + 1);
+  }
+  if (isfinite(value) && !strpbrk(out.text, ".e"))
+    strcat(out.text, ".0");
+  return out;
 }
 
 /* Every dtype: its safetensors name and element size. */

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -545,6 +546,52 @@ TEST_F(Gpu, StochasticF32ShadowsMatchTheCpuBackend)
     if (HasFailure())
       FAIL() << "variant " << variant;
   }
+}
+
+TEST_F(Gpu, MemoryAndFdCheckpointsAreTheFileBytesAndLoadExactly)
+{
+  polyak_config cfg = cpu_config(2);
+  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadow_dtype = POLYAK_BF16;
+  Both both(cfg, odd_twins());
+  both.train(21, {1, 3, 4});
+  TempDir dir;
+  const std::string path = dir.file("gpu"), state = dir.file("state");
+  ASSERT_EQ(polyak_save(both.gpu.get(), path.c_str()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  const std::vector<char> file = read_bytes(path);
+  size_t bound = 0, written = 0;
+  ASSERT_EQ(polyak_save_size(both.gpu.get(), &bound), POLYAK_OK);
+  std::vector<char> gpu_bytes(bound), cpu_bytes(bound);
+  ASSERT_EQ(polyak_save_to_memory(both.gpu.get(), gpu_bytes.data(), bound, &written), POLYAK_OK)
+      << polyak_last_error(both.gpu.get());
+  gpu_bytes.resize(written);
+  ASSERT_EQ(polyak_save_to_memory(both.cpu.get(), cpu_bytes.data(), bound, &written), POLYAK_OK);
+  cpu_bytes.resize(written);
+  EXPECT_TRUE(gpu_bytes == file);
+  EXPECT_TRUE(cpu_bytes == file);
+  int fd = open(state.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(write(fd, "head", 4), 4);
+  ASSERT_EQ(polyak_save_fd(both.gpu.get(), fd), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(write(fd, "tail", 4), 4);
+  for (int64_t step : {5, 6}) { // both drift away from the checkpoint
+    both.randomize(30 + step);
+    both.update(step);
+  }
+  std::vector<char> bad = gpu_bytes;
+  bad[bad.size() - 2] ^= 1;
+  EXPECT_EQ(polyak_load_from_memory(both.gpu.get(), bad.data(), bad.size()), POLYAK_ERR_FORMAT);
+  both.expect_same(); // the failed load changed nothing on the device
+  ASSERT_EQ(lseek(fd, 4, SEEK_SET), 4);
+  ASSERT_EQ(polyak_load_fd(both.gpu.get(), fd), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  EXPECT_EQ(lseek(fd, 0, SEEK_CUR), (off_t)(4 + file.size()));
+  close(fd);
+  ASSERT_EQ(polyak_load_from_memory(both.cpu.get(), gpu_bytes.data(), gpu_bytes.size()), POLYAK_OK);
+  for (int64_t step : {7, 9}) {
+    both.randomize(40 + step);
+    both.update(step);
+  }
+  both.expect_same();
 }
 
 TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)

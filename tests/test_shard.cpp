@@ -4,6 +4,7 @@
 // rebuild whole shadows from arenas gathered by hand; files reshard on load.
 #include "test_util.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "polyak_internal.h"
@@ -207,6 +208,15 @@ TEST(Shard, WithoutACommunicatorGathersAreRefusedAndLocalReadsWork)
   TempDir dir;
   EXPECT_EQ(polyak_save(rank0, dir.file("ema").c_str()), POLYAK_ERR_STATE);
   EXPECT_TRUE(dir.entries().empty());
+  std::vector<char> buffer(1 << 20, 'x');
+  size_t written = 0;
+  EXPECT_EQ(polyak_save_to_memory(rank0, buffer.data(), buffer.size(), &written), POLYAK_ERR_STATE);
+  EXPECT_NE(std::string(polyak_last_error(rank0)).find("nccl_comm"), std::string::npos) << polyak_last_error(rank0);
+  EXPECT_EQ(buffer, std::vector<char>(1 << 20, 'x'));
+  int fd = open(dir.file("state").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  EXPECT_EQ(polyak_save_fd(rank0, fd), POLYAK_ERR_STATE);
+  EXPECT_EQ(lseek(fd, 0, SEEK_END), 0);
+  close(fd);
   EXPECT_TRUE(snapshot(rank0, 2, world.tensors) == before);
   world.update(2); // the slices keep updating
   world.expect_equal();
@@ -230,6 +240,49 @@ TEST(Shard, FilesWrittenUnshardedLoadAtAnyWorldSize)
     for (int64_t step : {5, 9})
       world.update(step);
     world.expect_equal(); // the non-finite count too: rank 0 carries the file's
+  }
+}
+
+TEST(Shard, MemoryAndFdCheckpointsLoadAtAnyWorldSize)
+{
+  TempDir dir;
+  for (int w : {2, 3}) {
+    World world(w, {0, 1, 3, 65537, 130001, 5, 7});
+    for (int64_t step : {1, 2, 4})
+      world.update(step, step == 2);
+    size_t bound = 0, rank_bound = 0, written = 0;
+    ASSERT_EQ(polyak_save_size(world.whole.get(), &bound), POLYAK_OK);
+    ASSERT_EQ(polyak_save_size(world.ranks[w - 1].get(), &rank_bound), POLYAK_OK);
+    EXPECT_EQ(rank_bound, bound) << "every rank can size the buffer";
+    std::vector<char> bytes(bound);
+    ASSERT_EQ(polyak_save_to_memory(world.whole.get(), bytes.data(), bytes.size(), &written), POLYAK_OK);
+    bytes.resize(written);
+    const std::string path = dir.file("state" + std::to_string(w));
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ASSERT_EQ(write(fd, "head", 4), 4);
+    ASSERT_EQ(polyak_save_fd(world.whole.get(), fd), POLYAK_OK) << polyak_last_error(world.whole.get());
+    ASSERT_EQ(write(fd, "tail", 4), 4);
+    close(fd);
+    for (int64_t step : {5, 6})
+      world.update(step); // the ranks drift away from the checkpoints ...
+    for (auto &h : world.ranks) // ... each reads its slice of the buffer ...
+      ASSERT_EQ(polyak_load_from_memory(h.get(), bytes.data(), bytes.size()), POLYAK_OK) << polyak_last_error(h.get());
+    ASSERT_EQ(polyak_load_from_memory(world.whole.get(), bytes.data(), bytes.size()), POLYAK_OK);
+    for (int64_t step : {5, 9})
+      world.update(step);
+    world.expect_equal();
+    for (auto &h : world.ranks) { // ... or of the file, from its own fd
+      fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      ASSERT_EQ(lseek(fd, 4, SEEK_SET), 4);
+      ASSERT_EQ(polyak_load_fd(h.get(), fd), POLYAK_OK) << polyak_last_error(h.get());
+      char tail[5] = "";
+      EXPECT_EQ(read(fd, tail, 4), 4);
+      EXPECT_STREQ(tail, "tail");
+      close(fd);
+    }
+    ASSERT_EQ(polyak_load_from_memory(world.whole.get(), bytes.data(), bytes.size()), POLYAK_OK);
+    world.update(7);
+    world.expect_equal();
   }
 }
 
