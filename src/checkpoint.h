@@ -5,6 +5,8 @@
  * buffer with no holes. Shadow 0 of each tensor is stored under the
  * tensor's own name and shape in the shadow dtype, so PyTorch loads it
  * straight into a model; shadow k >= 1 as "polyak.shadow.<k>.<name>".
+ * A copy-only tensor's one mirror is saved once, under its name in its own
+ * dtype, after every shadow's data.
  * "__metadata__" (string values only, as safetensors requires) holds the
  * step state, the config to continue with, and the XXH3-64 of the data.
  *
@@ -51,8 +53,20 @@ polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *of
 /* ---- the header (checkpoint_meta.c) ---- */
 
 /* 1 if shadow k of tensor i is saved: all but the caller's own shadows,
- * which are their model's weights, saved with it. */
+ * which are their model's weights, saved with it, and but a copy-only
+ * tensor's shadows k >= 1 (its one mirror is saved as shadow 0). */
 int polyak_ckpt_is_saved(const polyak_t *p, int k, int i);
+
+/* The data buffer's order: each shadow's section (k = 0 .. num_shadows-1:
+ * its saved slices of the averaged tensors), then the copy-only tensors'
+ * mirrors (k = num_shadows), each in registration order. 1 if tensor i
+ * has data in section k. */
+int polyak_ckpt_in_data_order(const polyak_t *p, int k, int i);
+
+/* One saved entry of tensor i: its dtype (the shadows', or a copy-only
+ * tensor's own) and its bytes. */
+polyak_dtype polyak_ckpt_entry_dtype(const polyak_t *p, int i);
+int64_t polyak_ckpt_entry_bytes(const polyak_t *p, int i);
 
 /* The name shadow k of tensor i is saved under (malloc'd; NULL: no memory). */
 char *polyak_ckpt_saved_name(const polyak_t *p, int k, int i);

@@ -75,7 +75,24 @@ polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *of
 
 int polyak_ckpt_is_saved(const polyak_t *p, int k, int i)
 {
-  return !(k == 0 && p->tensors[i].owned);
+  const polyak_tensor *t = &p->tensors[i];
+  return t->copy_only ? k == 0 : !(k == 0 && t->owned);
+}
+
+int polyak_ckpt_in_data_order(const polyak_t *p, int k, int i)
+{
+  const polyak_tensor *t = &p->tensors[i];
+  return k == p->cfg.num_shadows ? t->copy_only : !t->copy_only && polyak_ckpt_is_saved(p, k, i);
+}
+
+polyak_dtype polyak_ckpt_entry_dtype(const polyak_t *p, int i)
+{
+  return p->tensors[i].copy_only ? p->tensors[i].dtype : p->cfg.shadow_dtype;
+}
+
+int64_t polyak_ckpt_entry_bytes(const polyak_t *p, int i)
+{
+  return p->tensors[i].num_elems * (int64_t)polyak_dtype_num_bytes(polyak_ckpt_entry_dtype(p, i));
 }
 
 char *polyak_ckpt_saved_name(const polyak_t *p, int k, int i)
@@ -96,7 +113,7 @@ int64_t polyak_ckpt_data_bytes(const polyak_t *p)
   for (int k = 0; k < p->cfg.num_shadows; k++)
     for (int i = 0; i < p->num_tensors; i++)
       if (polyak_ckpt_is_saved(p, k, i))
-        num_bytes += p->tensors[i].num_elems * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+        num_bytes += polyak_ckpt_entry_bytes(p, i);
   return num_bytes;
 }
 
@@ -221,6 +238,48 @@ static int set_text(json_t *metadata, const char *key, const char *format, ...)
   return json_object_set_new(metadata, key, json_string(text));
 }
 
+/* "copies": the names of the copy-only tensors, a JSON list (only where
+ * there are some: files without them stay what older versions read). */
+static int set_copies(json_t *metadata, const polyak_t *p)
+{
+  json_t *names = json_array();
+  for (int i = 0; i < p->num_tensors && names; i++)
+    if (p->tensors[i].copy_only && json_array_append_new(names, json_string(p->tensors[i].name)))
+      json_decref(names), names = NULL;
+  char *text = names && json_array_size(names) > 0 ? json_dumps(names, JSON_COMPACT) : NULL;
+  int failed = !names || (json_array_size(names) > 0 && (!text || json_object_set_new(metadata, "copies",
+                                                                                      json_string(text))));
+  free(text);
+  json_decref(names);
+  return failed;
+}
+
+/* The file's copy-only tensors are this handle's: a tensor averaged in one
+ * and copied in the other would load the wrong numbers. */
+static polyak_status check_copies(polyak_t *p, const char *text, const char *function)
+{
+  json_error_t error;
+  json_t *names = text ? json_loads(text, 0, &error) : json_array(), *name;
+  polyak_status status = json_is_array(names) ? POLYAK_OK : FORMAT_ERROR("metadata \"copies\" is not a list of names");
+  size_t n;
+  json_array_foreach(names, n, name)
+  {
+    int i = polyak_registry_find(p, json_string_value(name) ? json_string_value(name) : "");
+    if (status == POLYAK_OK && !json_is_string(name))
+      status = FORMAT_ERROR("metadata \"copies\" is not a list of names");
+    else if (status == POLYAK_OK && i >= 0 && !p->tensors[i].copy_only)
+      status = MISMATCH("tensor \"%s\" is copy-only in the file and averaged here", p->tensors[i].name);
+  }
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
+    int listed = 0;
+    json_array_foreach(names, n, name) listed |= strcmp(json_string_value(name), p->tensors[i].name) == 0;
+    if (p->tensors[i].copy_only && !listed)
+      status = MISMATCH("tensor \"%s\" is averaged in the file and copy-only here", p->tensors[i].name);
+  }
+  json_decref(names);
+  return status;
+}
+
 static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
 {
   json_t *metadata = json_object();
@@ -240,7 +299,7 @@ static json_t *build_metadata(const polyak_t *p, const polyak_ckpt_state *state)
                set_text(metadata, "nonfinite_count", "%" PRId64, state->nonfinite) ||
                set_list(metadata, "beta_products", p->cfg.num_shadows, state->beta_prod, NULL) ||
                set_list(metadata, "update_counts", p->cfg.num_shadows, NULL, state->updates_counted) ||
-               set_schedules(metadata, &p->cfg) ||
+               set_schedules(metadata, &p->cfg) || set_copies(metadata, p) ||
                json_object_set_new(metadata, "checksum", json_string(checksum_text));
   if (failed) {
     json_decref(metadata);
@@ -439,7 +498,8 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
   h->checksum = strtoull(checksum + strlen(CHECKSUM_PREFIX), &end, 16);
   if (*end)
     return FORMAT_ERROR("metadata \"checksum\" is not " CHECKSUM_PREFIX "<16 hex digits>");
-  return check_schedules(p, metadata_text(metadata, "schedules"), function);
+  polyak_status status = check_copies(p, metadata_text(metadata, "copies"), function);
+  return status == POLYAK_OK ? check_schedules(p, metadata_text(metadata, "schedules"), function) : status;
 }
 
 /* ---- the header: metadata and tensor entries ------------------------------------- */
@@ -459,20 +519,19 @@ char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size
   json_t *root = json_object();
   json_t *metadata = build_metadata(p, state);
   int failed = !root || !metadata || json_object_set_new(root, "__metadata__", metadata);
-  size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   int64_t offset = 0;
-  for (int k = 0; k < p->cfg.num_shadows && !failed; k++)
+  for (int k = 0; k <= p->cfg.num_shadows && !failed; k++) /* in data order */
     for (int i = 0; i < p->num_tensors && !failed; i++) {
       const polyak_tensor *t = &p->tensors[i];
-      if (!polyak_ckpt_is_saved(p, k, i))
+      if (!polyak_ckpt_in_data_order(p, k, i))
         continue;
       json_t *shape = json_array();
       for (int d = 0; d < t->ndim; d++)
         json_array_append_new(shape, json_integer(t->shape[d]));
-      int64_t end = offset + t->num_elems * (int64_t)elem_bytes;
-      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(p->cfg.shadow_dtype),
+      int64_t end = offset + polyak_ckpt_entry_bytes(p, i);
+      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(polyak_ckpt_entry_dtype(p, i)),
                                 "shape", shape, "data_offsets", (json_int_t)offset, (json_int_t)end);
-      char *name = polyak_ckpt_saved_name(p, k, i);
+      char *name = polyak_ckpt_saved_name(p, k == p->cfg.num_shadows ? 0 : k, i);
       failed = !entry || !name || json_object_set_new(root, name, entry);
       free(name);
       offset = end;

@@ -190,9 +190,11 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
     is_known |= strcmp(dtype_name, known[n]) == 0;
   if (!is_known)
     return FORMAT_ERROR("tensor \"%s\" has dtype \"%s\", which safetensors does not know", name, dtype_name);
-  if (strcmp(dtype_name, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
-    return MISMATCH("tensor \"%s\" is %s; this handle's shadows are %s", name, dtype_name,
-                    polyak_dtype_name(p->cfg.shadow_dtype));
+  polyak_dtype want = polyak_ckpt_entry_dtype(p, i);
+  if (strcmp(dtype_name, polyak_dtype_name(want)) != 0)
+    return MISMATCH(t->copy_only ? "tensor \"%s\" is %s; this handle's copy of it is %s"
+                                 : "tensor \"%s\" is %s; this handle's shadows are %s",
+                    name, dtype_name, polyak_dtype_name(want));
   polyak_status status = check_shape(p, function, name, shape, i);
   if (status != POLYAK_OK)
     return status;
@@ -201,10 +203,9 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
   if (range[0] < 0 || range[1] < range[0] || range[1] > data_bytes)
     return FORMAT_ERROR("tensor \"%s\" has data_offsets [%lld, %lld] outside the %lld data bytes", name,
                         (long long)range[0], (long long)range[1], (long long)data_bytes);
-  if (range[1] - range[0] != t->num_elems * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype))
+  if (range[1] - range[0] != polyak_ckpt_entry_bytes(p, i))
     return FORMAT_ERROR("tensor \"%s\": data_offsets span %lld bytes, its shape and dtype %lld", name,
-                        (long long)(range[1] - range[0]),
-                        (long long)(t->num_elems * (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype)));
+                        (long long)(range[1] - range[0]), (long long)polyak_ckpt_entry_bytes(p, i));
   return POLYAK_OK;
 }
 
@@ -246,8 +247,8 @@ static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t 
       if (strcmp(key, "__metadata__") == 0)
         continue;
       long k; /* every expected name was found, so an unknown key is extra */
-      const char *name = tensor_of_key(p, key, &k);
-      if (!(k >= 0 && k < p->cfg.num_shadows && polyak_registry_has(p, name))) {
+      int i = polyak_registry_find(p, tensor_of_key(p, key, &k));
+      if (!(k >= 0 && k < p->cfg.num_shadows && i >= 0 && polyak_ckpt_is_saved(p, (int)k, i))) {
         status = MISMATCH("the file has a tensor \"%s\" this handle does not register", key);
         break;
       }

@@ -3,6 +3,7 @@
  * (the backend's staging), and only then do they replace the shadows,
  * together with the beta products and the step state. Nothing changes if
  * any part fails. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "checkpoint.h"
@@ -54,12 +55,36 @@ static polyak_status stage_data(polyak_t *p, polyak_ckpt_source *src, int64_t da
   return POLYAK_OK;
 }
 
+/* The copy-only tensors' mirrors, read whole into host memory (*copies,
+ * copies_num_bytes; NULL without copies) before anything changes. */
+static polyak_status stage_copies(polyak_t *p, polyak_ckpt_source *src, int64_t data_start, const int64_t *data_begin,
+                                  void **copies)
+{
+  *copies = NULL;
+  if (p->copies_num_bytes == 0)
+    return POLYAK_OK;
+  *copies = calloc(1, (size_t)p->copies_num_bytes); /* padding included */
+  if (!*copies)
+    return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, src->function, "out of host memory for the copy-only tensors");
+  polyak_status status = POLYAK_OK;
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++)
+    if (p->tensors[i].copy_only)
+      status = src->read_at(src, p, (char *)*copies + p->tensors[i].mirror_offset_bytes,
+                            (size_t)polyak_ckpt_entry_bytes(p, i), data_start + data_begin[i]);
+  return status;
+}
+
 polyak_status polyak_ckpt_stage(polyak_t *p, polyak_ckpt_source *src, int64_t data_start, const int64_t *data_begin,
                                 const polyak_ckpt_state *state, void *buffer, size_t buffer_bytes)
 {
-  polyak_status status = p->ops->staging_begin(p);
-  if (status != POLYAK_OK)
+  void *copies = NULL;
+  polyak_status status = stage_copies(p, src, data_start, data_begin, &copies);
+  if (status == POLYAK_OK)
+    status = p->ops->staging_begin(p);
+  if (status != POLYAK_OK) {
+    free(copies);
     return status;
+  }
   status = stage_data(p, src, data_start, data_begin, buffer, buffer_bytes);
   double products_before[POLYAK_MAX_SHADOWS];
   int products_written = 0;
@@ -75,6 +100,9 @@ polyak_status polyak_ckpt_stage(polyak_t *p, polyak_ckpt_source *src, int64_t da
     p->ops->staging_abort(p);
   if (status != POLYAK_OK && products_written)
     p->ops->products_write(p, products_before);
+  if (status == POLYAK_OK && copies) /* after the commit: small, and whole on every rank */
+    status = p->ops->copy_from_host(p, p->copies, copies, (size_t)p->copies_num_bytes);
+  free(copies);
   if (status != POLYAK_OK)
     return status;
   p->last_step = state->step;

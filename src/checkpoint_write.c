@@ -47,6 +47,28 @@ static polyak_status emit(writer *w, const void *data, size_t num_bytes)
   return status;
 }
 
+/* The copy-only tensors' mirrors, after the shadows: whole on every rank,
+ * so the writing rank's own, through the host buffer. */
+static polyak_status write_copies(writer *w)
+{
+  polyak_t *p = w->p;
+  polyak_status status = POLYAK_OK;
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
+    if (!p->tensors[i].copy_only)
+      continue;
+    const char *mirror = (const char *)p->copies + p->tensors[i].mirror_offset_bytes;
+    size_t tensor_bytes = (size_t)polyak_ckpt_entry_bytes(p, i);
+    for (size_t done = 0; done < tensor_bytes && status == POLYAK_OK;) {
+      size_t n = tensor_bytes - done < w->buffer_bytes ? tensor_bytes - done : w->buffer_bytes;
+      status = p->ops->copy_to_host(p, w->buffer, mirror + done, n);
+      if (status == POLYAK_OK)
+        status = emit(w, w->buffer, n);
+      done += n;
+    }
+  }
+  return status;
+}
+
 /* This rank's whole shadows, in file order, block by block. */
 static polyak_status write_data(writer *w)
 {
@@ -77,7 +99,7 @@ static polyak_status write_data(writer *w)
       }
     }
   }
-  return POLYAK_OK;
+  return write_copies(w);
 }
 
 /* Sharded: every rank gathers each shadow (one all-gather each) and rank 0
@@ -101,6 +123,8 @@ static polyak_status write_gathered(writer *w, polyak_status status)
     if (status == POLYAK_OK)
       status = gathered_status;
     for (int i = 0; i < p->num_tensors && w->out && status == POLYAK_OK; i++) {
+      if (p->tensors[i].copy_only) /* after the shadows */
+        continue;
       status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors, 1.0,
                                whole, p->cfg.shadow_dtype, NULL);
       size_t tensor_bytes = (size_t)p->tensors[i].num_elems * elem_bytes;
@@ -117,7 +141,7 @@ static polyak_status write_gathered(writer *w, polyak_status status)
   }
   if (whole)
     p->ops->scratch_free(p, whole);
-  return status;
+  return status == POLYAK_OK && w->out ? write_copies(w) : status;
 }
 
 /* This rank's non-finite count summed over all ranks (through the same

@@ -412,6 +412,9 @@ uint64_t polyak_layout_hash(const polyak_t *p);
 /* 1 if a tensor of that name is registered. */
 int polyak_registry_has(const polyak_t *p, const char *name);
 
+/* The number of the tensor named `name`, or -1. */
+int polyak_registry_find(const polyak_t *p, const char *name);
+
 /* Frees the registry (names, trees, tensor table). */
 void polyak_registry_free(polyak_t *p);
 

@@ -376,6 +376,12 @@ int polyak_registry_has(const polyak_t *p, const char *name)
   return find_name(p, name) != NULL;
 }
 
+int polyak_registry_find(const polyak_t *p, const char *name)
+{
+  const name_entry *entry = find_name(p, name);
+  return entry ? entry->tensor : -1;
+}
+
 polyak_status polyak_find_tensor(polyak_t *p, const char *name, int *tensor)
 {
   if (!p)

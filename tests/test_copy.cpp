@@ -46,6 +46,19 @@ std::vector<Buffer> buffers()
   return out;
 }
 
+// Shadow k of copy-only tensor `tensor` read out of p (whole, or with
+// polyak_get_local_shadow_n) in its dtype: `want`'s bytes.
+void expect_copy(polyak_t *p, int tensor, const Buffer &c, int k, const std::vector<unsigned char> &want,
+                 bool local = false)
+{
+  std::vector<unsigned char> got(c.num_bytes() + 8, 0xee);
+  polyak_status status = local ? polyak_get_local_shadow_n(p, k, tensor, got.data(), c.dtype, got.size(), nullptr)
+                               : polyak_get_shadow_n(p, k, tensor, got.data(), c.dtype, got.size(), nullptr);
+  ASSERT_EQ(status, POLYAK_OK) << polyak_last_error(p);
+  got.resize(c.num_bytes());
+  EXPECT_EQ(got, want) << c.name << " shadow " << k;
+}
+
 polyak_config mixed_config()
 {
   polyak_config cfg = cpu_config(3, 0.9);
@@ -112,14 +125,8 @@ struct WithCopies {
   void expect_mirrors()
   {
     for (auto &c : copies)
-      for (int k = 0; k < 3; k++) {
-        std::vector<unsigned char> got(c.num_bytes() + 8, 0xee);
-        ASSERT_EQ(polyak_get_shadow_n(with.get(), k, number(c.name), got.data(), c.dtype, got.size(), nullptr),
-                  POLYAK_OK)
-            << polyak_last_error(with.get());
-        got.resize(c.num_bytes());
-        EXPECT_EQ(got, c.bytes()) << c.name << " shadow " << k;
-      }
+      for (int k = 0; k < 3; k++)
+        expect_copy(with.get(), number(c.name), c, k, c.bytes());
   }
   // The averaged tensors have the bits of the handle without copies.
   void expect_averages_unchanged()
@@ -243,14 +250,8 @@ TEST(CopyOnly, EveryRankKeepsTheWholeMirrorAndTheSameSlices)
     WithCopies h(cfg);
     h.finalize();
     h.step(1, 11);
-    for (auto &c : h.copies) {
-      std::vector<unsigned char> got(c.num_bytes() + 1);
-      ASSERT_EQ(polyak_get_local_shadow_n(h.with.get(), 0, h.number(c.name), got.data(), c.dtype, got.size(), nullptr),
-                POLYAK_OK)
-          << polyak_last_error(h.with.get());
-      got.resize(c.num_bytes());
-      EXPECT_EQ(got, c.bytes()) << c.name << " on rank " << rank;
-    }
+    for (auto &c : h.copies)
+      expect_copy(h.with.get(), h.number(c.name), c, 0, c.bytes(), true);
     for (size_t i = 0; i < h.tensors.size(); i++) { // the copies take no part in the slicing
       int64_t a0 = -1, an = -1, b0 = -2, bn = -2;
       ASSERT_EQ(polyak_local_range(h.with.get(), h.number(h.tensors[i].name), &a0, &an), POLYAK_OK);
@@ -292,6 +293,97 @@ TEST(CopyOnly, LayerwiseShadowsIgnoreCopies)
   ASSERT_EQ(polyak_get_layer_betas(h.without.get(), 0, without_betas.data()), POLYAK_OK);
   for (size_t i = 0; i < h.tensors.size(); i++)
     EXPECT_EQ(with_betas[h.number(h.tensors[i].name)], without_betas[i]) << h.tensors[i].name;
+}
+
+TEST(CopyOnly, CheckpointsHoldEachMirrorOnceAndResumeExactly)
+{
+  TempDir dir;
+  const std::string path = dir.file("with_copies");
+  WithCopies run(mixed_config()), resumed(mixed_config());
+  run.finalize();
+  resumed.finalize();
+  for (int64_t step : {1, 2})
+    run.step(step, 200 + (uint64_t)step);
+  ASSERT_EQ(polyak_save(run.with.get(), path.c_str()), POLYAK_OK) << polyak_last_error(run.with.get());
+  size_t num_bytes = 0;
+  ASSERT_EQ(polyak_save_size(run.with.get(), &num_bytes), POLYAK_OK);
+  std::vector<char> memory(num_bytes);
+  ASSERT_EQ(polyak_save_to_memory(run.with.get(), memory.data(), memory.size(), &num_bytes), POLYAK_OK);
+  memory.resize(num_bytes);
+  EXPECT_EQ(memory, read_bytes(path)) << "the same bytes in memory and in the file";
+  // the resumed run's own buffers differ until its first update
+  ASSERT_EQ(polyak_load(resumed.with.get(), path.c_str()), POLYAK_OK) << polyak_last_error(resumed.with.get());
+  ASSERT_EQ(polyak_load(resumed.without.get(), path.c_str()), POLYAK_ERR_MISMATCH) << "another model";
+  for (auto &c : run.copies) // the saved mirrors
+    expect_copy(resumed.with.get(), resumed.number(c.name), c, 2, c.bytes());
+  ASSERT_EQ(polyak_load_from_memory(resumed.with.get(), memory.data(), memory.size()), POLYAK_OK);
+  // both go on from step 2 with the same params: the same bits
+  for (int64_t step : {3, 7}) {
+    run.step(step, 300 + (uint64_t)step);
+    std::mt19937_64 rng(300 + (uint64_t)step);
+    for (auto &t : resumed.tensors)
+      t.randomize(rng);
+    for (auto &c : resumed.copies)
+      c.randomize(rng);
+    ASSERT_EQ(polyak_update(resumed.with.get(), step, nullptr), POLYAK_OK);
+  }
+  std::vector<Tensor> all; // every tensor of the handle, for the snapshot's element counts
+  int num = 0;
+  ASSERT_EQ(polyak_num_tensors(run.with.get(), &num), POLYAK_OK);
+  for (int i = 0; i < num; i++) {
+    polyak_tensor_info_t info;
+    ASSERT_EQ(polyak_tensor_info(run.with.get(), i, &info), POLYAK_OK);
+    if (!(info.flags & POLYAK_TENSOR_COPY))
+      all.emplace_back(info.name, POLYAK_F32, info.num_elems);
+  }
+  for (int k = 0; k < 3; k++)
+    for (auto &t : all) {
+      int i = run.number(t.name);
+      EXPECT_EQ(read_shadow(run.with.get(), k, i, t.num_elems), read_shadow(resumed.with.get(), k, i, t.num_elems))
+          << t.name << " shadow " << k;
+    }
+}
+
+TEST(CopyOnly, ALoadRefusesATensorCopiedInOneAndAveragedInTheOther)
+{
+  TempDir dir;
+  polyak_config cfg = cpu_config(1, 0.9); // one f32 shadow: an F32 copy and an average look alike
+  Tensor stats("stats", POLYAK_F32, 9);
+  std::mt19937_64 rng(5);
+  stats.randomize(rng);
+  int64_t shape[1] = {9};
+  Handle copied = make_handle(cfg), averaged = make_handle(cfg);
+  ASSERT_EQ(polyak_add_copy(copied.get(), "stats", stats.data(), POLYAK_F32, 1, shape), POLYAK_OK);
+  ASSERT_EQ(polyak_add(averaged.get(), "stats", stats.data(), POLYAK_F32, 1, shape), POLYAK_OK);
+  ASSERT_EQ(polyak_finalize(copied.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_finalize(averaged.get(), nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_save(copied.get(), dir.file("copied").c_str()), POLYAK_OK);
+  ASSERT_EQ(polyak_save(averaged.get(), dir.file("averaged").c_str()), POLYAK_OK);
+  EXPECT_EQ(polyak_load(averaged.get(), dir.file("copied").c_str()), POLYAK_ERR_MISMATCH);
+  EXPECT_TRUE(contains(polyak_last_error(averaged.get()), "\"stats\" is copy-only in the file and averaged here"))
+      << polyak_last_error(averaged.get());
+  EXPECT_EQ(polyak_load(copied.get(), dir.file("averaged").c_str()), POLYAK_ERR_MISMATCH);
+  EXPECT_TRUE(contains(polyak_last_error(copied.get()), "\"stats\" is averaged in the file and copy-only here"))
+      << polyak_last_error(copied.get());
+}
+
+TEST(CopyOnly, ShardedRanksLoadTheWholeMirror)
+{
+  TempDir dir;
+  WithCopies whole(mixed_config());
+  whole.finalize();
+  whole.step(1, 400);
+  ASSERT_EQ(polyak_save(whole.with.get(), dir.file("whole").c_str()), POLYAK_OK);
+  polyak_config cfg = mixed_config();
+  cfg.world_size = 3;
+  for (int rank = 0; rank < 3; rank++) {
+    cfg.rank = rank;
+    WithCopies part(cfg);
+    part.finalize();
+    ASSERT_EQ(polyak_load(part.with.get(), dir.file("whole").c_str()), POLYAK_OK) << polyak_last_error(part.with.get());
+    for (auto &c : whole.copies)
+      expect_copy(part.with.get(), part.number(c.name), c, 1, c.bytes(), true);
+  }
 }
 
 TEST(CopyOnly, BadArgumentsAreRefusedAndChangeNothing)

@@ -1204,6 +1204,20 @@ TEST_F(Gpu, CopyOnlyTensorsMirrorInTheUpdatesLaunch)
     CUDA_OK(cudaMemcpy(got.data(), device[i], bytes, cudaMemcpyDeviceToHost));
     EXPECT_EQ(0, std::memcmp(got.data(), host[i].data() + raws[i].offset, bytes)) << raws[i].name << " restored";
   }
+  // a checkpoint of the device's mirrors loads into the CPU handle
+  TempDir dir;
+  const std::string path = dir.file("gpu");
+  ASSERT_EQ(polyak_save(both.gpu.get(), path.c_str()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  ASSERT_EQ(polyak_load(both.cpu.get(), path.c_str()), POLYAK_OK) << polyak_last_error(both.cpu.get());
+  for (size_t i = 0; i < host.size(); i++) {
+    int tensor = -1;
+    ASSERT_EQ(polyak_find_tensor(both.cpu.get(), raws[i].name, &tensor), POLYAK_OK);
+    size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+    std::vector<unsigned char> got(bytes);
+    ASSERT_EQ(polyak_get_shadow_n(both.cpu.get(), 1, tensor, got.data(), raws[i].dtype, bytes, nullptr), POLYAK_OK);
+    EXPECT_EQ(0, std::memcmp(got.data(), mirrored[i].data() + raws[i].offset, bytes)) << raws[i].name << " loaded";
+  }
+  both.expect_same();
   for (char *base : bases)
     cudaFree(base);
 }

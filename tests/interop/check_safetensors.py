@@ -14,6 +14,7 @@ import sys
 
 SKIP = 77
 NAMES = {"layer.weight": (3, 5), "layer.bias": (3,), "embed.weight": (1000, 67), "scale": ()}
+COPIES = {"bn.num_batches_tracked": ((), "I64", "<i8"), "bn.running_var": ((3,), "F32", "<f4")}
 
 try:
     import numpy as np
@@ -42,7 +43,7 @@ def bf16_to_f32(raw):
 def check_file(directory, dtype):
     path = os.path.join(directory, dtype + ".safetensors")
     with safe_open(path, framework="np") as f:
-        assert set(f.keys()) == {n for n, _ in saved_names()}, sorted(f.keys())
+        assert set(f.keys()) == {n for n, _ in saved_names()} | set(COPIES), sorted(f.keys())
         meta = f.metadata()
         assert meta["format"] == "polyak" and meta["step"] == "4", meta
         assert meta["shadow_dtype"] == dtype.upper(), meta
@@ -51,6 +52,12 @@ def check_file(directory, dtype):
             s = f.get_slice(name)
             assert tuple(s.get_shape()) == shape, (name, s.get_shape())
             assert s.get_dtype() == dtype.upper(), (name, s.get_dtype())
+        for name, (shape, st_dtype, np_dtype) in COPIES.items():  # in their own dtypes, once
+            s = f.get_slice(name)
+            assert tuple(s.get_shape()) == shape and s.get_dtype() == st_dtype, (name, s.get_shape(), s.get_dtype())
+            got = f.get_tensor(name)
+            want = np.fromfile(os.path.join(directory, dtype, name + ".raw"), dtype=np_dtype).reshape(shape)
+            assert got.tobytes() == want.tobytes(), (name, got, want)
     if dtype == "f32":
         tensors = load_file(path)
         for name, shape in saved_names():
@@ -67,7 +74,7 @@ def check_file(directory, dtype):
             begin, end = header[name]["data_offsets"]
             got = bf16_to_f32(np.frombuffer(data[begin:end], dtype="<u2"))
             assert np.array_equal(got.view(np.uint32), expected(directory, dtype, name).view(np.uint32)), name
-    print(f"{dtype}: {len(NAMES) * 2} tensors read with safetensors {safetensors.__version__}: "
+    print(f"{dtype}: {len(NAMES) * 2 + len(COPIES)} tensors read with safetensors {safetensors.__version__}: "
           "names, shapes, dtypes, metadata and values exact")
 
 

@@ -2,7 +2,9 @@
  * check_safetensors.py: DIR/f32.safetensors and DIR/bf16.safetensors (f32
  * and bf16 shadows, two shadows each), and for every saved tensor the
  * values polyak_get_shadow reads, as raw little-endian f32 in
- * DIR/<dtype>/<saved name>.f32. Usage: write_checkpoint DIR */
+ * DIR/<dtype>/<saved name>.f32; beside them two copy-only buffers, an I64
+ * step counter and F32 statistics, whose bytes go to DIR/<dtype>/<name>.raw.
+ * Usage: write_checkpoint DIR */
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -14,6 +16,21 @@ static const char *kNames[NUM_TENSORS] = {"layer.weight", "layer.bias", "embed.w
 static const int kNdims[NUM_TENSORS] = {2, 1, 2, 0};
 static const int64_t kShapes[NUM_TENSORS][2] = {{3, 5}, {3, 0}, {1000, 67}, {0, 0}};
 static const int64_t kNumElems[NUM_TENSORS] = {15, 3, 67000, 1};
+
+/* The copy-only buffers: a BatchNorm-like module's. */
+static int64_t num_batches_tracked;
+static float running_var[3];
+
+static int dump_raw(const char *dir, const char *dtype, const char *name, const void *data, size_t num_bytes)
+{
+  char path[4096];
+  snprintf(path, sizeof path, "%s/%s/%s.raw", dir, dtype, name);
+  FILE *out = fopen(path, "wb");
+  int failed = !out || fwrite(data, 1, num_bytes, out) != num_bytes;
+  if (out)
+    fclose(out);
+  return failed ? -1 : 0;
+}
 
 static int dump(polyak_t *p, const char *dir, const char *dtype)
 {
@@ -33,7 +50,10 @@ static int dump(polyak_t *p, const char *dir, const char *dtype)
       fclose(out);
     }
   free(values);
-  return 0;
+  return dump_raw(dir, dtype, "bn.num_batches_tracked", &num_batches_tracked, sizeof num_batches_tracked) ||
+                 dump_raw(dir, dtype, "bn.running_var", running_var, sizeof running_var)
+             ? -1
+             : 0;
 }
 
 static int write_one(const char *dir, polyak_dtype shadow_dtype, const char *dtype)
@@ -57,11 +77,17 @@ static int write_one(const char *dir, polyak_dtype shadow_dtype, const char *dty
       return -1;
     next += kNumElems[i];
   }
-  if (polyak_finalize(p, NULL) != POLYAK_OK)
+  const int64_t three[1] = {3};
+  if (polyak_add_copy(p, "bn.num_batches_tracked", &num_batches_tracked, POLYAK_I64, 0, NULL) != POLYAK_OK ||
+      polyak_add_copy(p, "bn.running_var", running_var, POLYAK_F32, 1, three) != POLYAK_OK ||
+      polyak_finalize(p, NULL) != POLYAK_OK)
     return -1;
   for (int64_t step = 1; step <= 4; step++) {
     for (int e = 0; e < 15 + 3 + 67000 + 1; e++)
       params[e] += 0.01f * (float)step;
+    num_batches_tracked = step;
+    for (int e = 0; e < 3; e++)
+      running_var[e] = 1.0f + 0.25f * (float)(step * (e + 1));
     if (polyak_update(p, step, NULL) != POLYAK_OK)
       return -1;
   }
