@@ -2,11 +2,12 @@
  * polyak.h: averaged copies ("shadows") of a network's parameters, updated
  * in one pass per optimizer step.
  *
- * A tour of the API
- * -----------------
+ * A tour of the core
+ * ------------------
  *   polyak_config cfg;
  *   polyak_config_init(&cfg);                  // CPU, 1 shadow, EMA beta 0.999
  *   cfg.backend = POLYAK_BACKEND_CUDA;         // shadows live on the GPU
+ *   cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;     // from scratch: warm up
  *   polyak_t *p;
  *   polyak_create(&p, &cfg);                   // create once, reuse for the whole run
  *   polyak_add(p, "wte", wte, POLYAK_BF16, 2, shape);   // every tensor, once
@@ -15,8 +16,19 @@
  *     optimizer_step(...);
  *     polyak_update(p, step, stream);          // one fused pass over every shadow
  *   }
- *   polyak_get_shadow(p, 0, 0, dst, POLYAK_F32, stream);  // read an average
+ *   polyak_get_shadow_n(p, 0, 0, dst, POLYAK_F32, dst_num_bytes, stream); // shadow 0, tensor 0
+ *   polyak_save(p, "ema.safetensors");
  *   polyak_destroy(p);
+ *
+ * The header in layers, each building on the ones before it:
+ *   1. the core: errors, configuration, registration, the update, read-outs,
+ *      checkpoints, schedules
+ *   2. evaluating with an average and returning to the trained weights
+ *   3. averaging modes beyond one EMA: stochastic rounding of f32 shadows,
+ *      shadows in the caller's memory and hard updates, Lookahead, grad-norm
+ *      and layer-wise (LAWA) decay, EDM2 post-hoc averages
+ *   4. CUDA graphs
+ *   5. shadows sharded across ranks
  *
  * Step semantics: `step` counts the trainer's optimizer steps, 1 for the
  * first. An update at `step` folds the current params into every shadow as
@@ -28,18 +40,22 @@
  * -----------
  * - Every function that can fail returns a polyak_status. A failing call
  *   changes nothing (no shadow, no step counter, no registration) and sets
- *   the handle's polyak_last_error() text.
+ *   the handle's polyak_last_error() text; a successful one leaves that text
+ *   as it was.
  * - `stream` is a cudaStream_t passed as void * (NULL: the default stream).
  *   Calls on the CUDA backend return once their work is enqueued on it; the
  *   CPU backend ignores it and returns when the work is done.
  * - Pointers handed to a handle are on the backend's side: host memory for
  *   POLYAK_BACKEND_CPU, device memory for POLYAK_BACKEND_CUDA.
  * - Element counts are int64: a tensor may exceed 2^31 elements.
+ * - Read-outs take the shadow (which average) before the tensor (which
+ *   parameter: numbered in registration order, see polyak_find_tensor).
  * - A handle is not thread-safe; distinct handles never interfere.
  *
  * Stability: the names in this file are a stable contract. New fields are
  * only ever appended to polyak_config, whose struct_size tells versions apart.
  */
+
 #ifndef POLYAK_H
 #define POLYAK_H
 
@@ -162,73 +178,6 @@ typedef struct {
                                        (default) or POLYAK_ROUND_STOCHASTIC (below) */
 } polyak_config;
 
-/* Rounding of f32 shadows (polyak_config.rounding). */
-#define POLYAK_ROUND_NEAREST 0    /* fmaf(w, param - shadow, shadow): nearest even */
-#define POLYAK_ROUND_STOCHASTIC 1 /* the same value computed in double, rounded up or down at random */
-
-/* Stochastic rounding: rounded to nearest, an f32 shadow stops moving
- * where an update's increment w * (param - shadow) falls under half a unit
- * in its last place, 2^-25 to 2^-24 of |shadow|: w is 1 - beta for a
- * constant beta and about (gamma + 1) / t for POWER at step t, so long
- * horizons stall while the average they should hold moves on. With
- * POLYAK_ROUND_STOCHASTIC the update is computed in double and rounded to
- * one of its two f32 neighbours, up with probability (distance to the lower
- * one) / (the gap between them), so increments of any size count on
- * average (unbiased). The random bits are those bf16 shadows use, hashed
- * from (seed, step, shadow, global element index): the same bits on every
- * backend and shard count, and after a checkpoint resume. Turn it on where
- * w * d < 2^-20 |s|, with d how far the params sit from the average (their
- * movement over the averaging window) and |s| the shadow's magnitude:
- * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
- * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
- * 3.5 times as long as rounding to nearest (the hash, as for a bf16
- * shadow). It applies to f32 shadows,
- * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
- * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
- * always round stochastically, whatever rounding[k] says (rounded to
- * nearest, a bf16 shadow stalls at beta 0.99 already); a caller's 16-bit
- * shadow asks for nearest with the flag. Checkpoints record the modes and
- * load only into a handle with the same ones. polyak_create refuses other
- * values (POLYAK_ERR_INVALID_ARG). */
-
-/* Layer-wise adaptive decay (LAWA): a shadow with layerwise_beta0[k] =
- * beta0 > 0 decays tensor l by beta_l = beta0 exp(-|g_l| / sum_j |g_j|),
- * from the L2 norms of the step's gradients: a layer that takes a large
- * share of the gradient averages over a shorter window. The norms come
- * from the gradients registered with polyak_set_grads (one extra launch
- * per update computes all of them, a fixed reduction order: the same
- * gradients give the same bits on every run and backend) or from a
- * per-tensor array given to polyak_set_layer_norms. beta and beta^gap for a
- * gap are computed in double the same way on every backend. A non-finite
- * gradient norm leaves these shadows as they were for the update. Such a
- * shadow's schedule is not used; it needs start_step 0, count_updates 0,
- * grad_norm_c 0, zero_init 0, one rank, and is not Lookahead's shadow. */
-
-/* Grad-norm adaptive decay: a shadow with grad_norm_c[k] = c > 0 takes, at
- * each update, beta = 1 - c / sqrt(1 + g^2) from the gradient norm g the
- * trainer computed (for clipping, say), read from the float registered with
- * polyak_set_grad_norm when the update runs on the device. Large gradients
- * (a fast-moving model) give beta near 1 (average longer); small ones
- * average faster. A gap of n steps applies beta^n (the norm at hand stands
- * for the steps skipped). B and 1 - B are computed in double the same way on
- * every backend: sqrt, division and the squarings of beta^n are correctly
- * rounded, so the CPU and CUDA backends agree bit for bit. A non-finite g
- * leaves such shadows as they were (beta = 1). The product of the applied
- * betas is kept next to the shadows, used for zero_init's debias, and read
- * with polyak_get_beta_product. The schedule's kind is not used; its
- * start_step must be 0 and count_updates[k] 0; not on Lookahead's shadow. */
-
-/* Lookahead (Zhang et al. 2019): with lookahead_every = k, the last shadow
- * (num_shadows - 1) holds the slow weights. It is left alone except at
- * updates whose step is a multiple of k (the syncs), where in the same pass
- * as the other shadows slow <- slow + alpha (params - slow) and then params
- * <- slow, rounded to nearest even into each param's dtype. alpha = 1 - beta
- * of that shadow's schedule, whose t counts the syncs after its start_step
- * (CONSTANT with beta = 0.5 is the paper's alpha = 0.5). The other shadows
- * fold the params as they were before the sync. An update whose step skips
- * a multiple of k is refused. Needs zero_init = 0, one rank, and a schedule
- * whose beta is below 1 (alpha > 0). Params must be writable. */
-
 /* struct_size of earlier versions of polyak_config, still accepted; the
  * fields they lack keep their defaults. */
 #define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
@@ -236,15 +185,22 @@ typedef struct {
 #define POLYAK_CONFIG_SIZE_V3 (offsetof(polyak_config, lookahead_every))
 #define POLYAK_CONFIG_SIZE_V4 (offsetof(polyak_config, rounding))
 
+/* ======================================================================
+ * 1. The core
+ * ====================================================================== */
+
 /* ---- Errors ------------------------------------------------------------ */
 
 /* The enum name of `s` ("POLYAK_OK", ...); "POLYAK_UNKNOWN_STATUS" for a
  * value outside the enum. Never NULL. */
 POLYAK_API const char *polyak_status_name(polyak_status s);
 
-/* The detail of the last failing call on `p` ("" if none failed yet, or if
- * `p` is NULL). A later success does not clear it. Valid until the next
- * call on `p`. */
+/* The detail of the most recent failing call on `p`, naming the call and
+ * the argument at fault; "" if no call on `p` has failed. A successful call
+ * does not clear it: read it after a failing status, not to learn whether
+ * a call failed. A failed polyak_create leaves no handle: polyak_last_error
+ * (NULL) is "", and polyak_check_config(cfg, msg, n) gives the reason.
+ * Valid until the next call on `p`. */
 POLYAK_API const char *polyak_last_error(const polyak_t *p);
 
 /* ---- Configuration ----------------------------------------------------- */
@@ -274,52 +230,7 @@ POLYAK_API void polyak_config_init(polyak_config *cfg);
 POLYAK_API polyak_status polyak_check_config(const polyak_config *cfg, char *msg,
                                              size_t msg_num_bytes);
 
-/* ---- Schedules (pure host functions, double precision) ----------------- */
-
-/* beta(step) of schedule `s`: 0 for step <= start_step; otherwise, with
- * t = step - start_step - 1 (0, 1, 2, ...):
- *   CONSTANT  beta
- *   TF        min(beta, (1+t)/(10+t))
- *   WARMUP    t == 0 ? 0 : clamp(1 - (1 + t/inv_gamma)^-power, beta_min, beta)
- *   LINEAR    min(beta, beta_min + (t/ramp_steps)(beta - beta_min))
- *   COSINE    beta - (beta - beta_min)(1 + cos(pi min(t, ramp_steps)/ramp_steps))/2
- *   EQUAL     t/(t+1)
- *   POWER     (t/(t+1))^(gamma+1)
- * Returns NaN if `s` is NULL or fails the checks polyak_create() makes. */
-POLYAK_API double polyak_beta_at(const polyak_schedule *s, int64_t step);
-
-/* The decay an update applies when it follows one at `last_step`:
- * prod_{s = last_step+1 .. step} beta(s), 1 for step == last_step.
- * Closed forms where they exist; WARMUP, LINEAR and COSINE multiply the
- * steps before their ceiling one by one. Returns NaN for a bad schedule or
- * for step < last_step or last_step < 0. */
-POLYAK_API double polyak_beta_product(const polyak_schedule *s, int64_t last_step,
-                                      int64_t step);
-
-/* Half-life in steps of an EMA with decay beta: ln 2 / ln(1/beta), and back:
- * beta = 2^(-1/half_life). NaN outside (0, 1) and (0, inf). */
-POLYAK_API double polyak_half_life_from_beta(double beta);
-POLYAK_API double polyak_beta_from_half_life(double half_life_steps);
-
-/* Effective averaging window in steps: 1/(1 - beta), and back:
- * beta = 1 - 1/window. NaN outside [0, 1) and [1, inf). */
-POLYAK_API double polyak_window_from_beta(double beta);
-POLYAK_API double polyak_beta_from_window(double window_steps);
-
-/* The decay for averaging over a horizon of T steps by the heuristic
- * beta = 1 - 2/sqrt(T). NaN for T < 4 (beta would be negative). */
-POLYAK_API double polyak_beta_from_horizon(double horizon_steps);
-
-/* EDM2's relative standard deviation of the power-function EMA profile:
- * sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3))) for gamma > -1, and
- * back: gamma = the largest real root of
- * gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2).
- * sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94. sigma_rel peaks at
- * 0.30028 (gamma = -0.382); NaN outside gamma > -1 and 0 < sigma_rel <= peak. */
-POLYAK_API double polyak_sigma_rel_from_gamma(double gamma);
-POLYAK_API double polyak_gamma_from_sigma_rel(double sigma_rel);
-
-/* ---- Lifecycle --------------------------------------------------------- */
+/* ---- Registering and finalizing ----------------------------------------- */
 
 /* Creates a handle from `cfg` (copied; `cfg` may be freed afterwards).
  * On success *out holds the handle; on failure *out is NULL and the status
@@ -339,22 +250,6 @@ POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
  * finalize; POLYAK_ERR_NO_MEMORY. */
 POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
                                     polyak_dtype dtype, int ndim, const int64_t *shape);
-
-/* Registers a tensor that is not averaged but travels with the averages:
- * a buffer such as BatchNorm's running statistics or a step counter, of
- * any dtype (F64 and the integer types too). Every shadow of it is one
- * mirror of the param, set at finalize and at every update in the same
- * pass (the same launch on CUDA) as the averages, whatever the schedules
- * (timm's ModelEmaV3 and ema-pytorch copy buffers so by default). Read-outs
- * give the mirror, in the tensor's dtype (or, for F32/BF16/F16, any of
- * those three); polyak_copy_to_params and the blends write it back into the
- * param, polyak_store and polyak_restore keep and restore the param, a hard
- * update sets the mirror, and checkpoints hold it once, under the
- * tensor's name in its dtype, as PyTorch's state dicts do. On a sharded
- * handle every rank keeps the whole mirror. Arguments and errors as
- * polyak_add's, but any polyak_dtype. */
-POLYAK_API polyak_status polyak_add_copy(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
-                                         const int64_t *shape);
 
 /* One named, shaped view of an arena (polyak_add_arena). */
 typedef struct {
@@ -379,27 +274,21 @@ typedef struct {
 POLYAK_API polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size_t arena_num_elems,
                                           const polyak_view *views, int num_views);
 
-/* Registers a tensor as polyak_add does, whose shadow is the caller's own
- * memory `shadow`: its num_elems elements of shadow_dtype (F32, BF16 or
- * F16), aligned, on the params' side, overlapping no param or other shadow
- * (e.g. the weights of a teacher, target or G_ema model that runs forward
- * passes). polyak_finalize copies the param into it (rounded to nearest
- * even), and every update folds the param into it in place, in the same
- * launch as everything else, so the model is usable with no copy. 16-bit
- * shadows round stochastically (as bf16 shadows do: hashed from seed,
- * step, shadow and element), or to nearest even with flags
- * POLYAK_SHADOW_ROUND_NEAREST (which stalls where an update is below half
- * a unit in the last place, as at beta 0.999 in bf16). An f32 one rounds
- * as rounding[0] says, or to nearest with the flag. Such tensors need
- * num_shadows = 1, zero_init = 0, one rank and no Lookahead
- * (POLYAK_ERR_UNSUPPORTED otherwise; a communicator too). Checkpoints leave
- * their shadows out: they are the caller's model, saved with it; a
- * checkpoint saved with them loads only into a handle where the same
- * tensors have shadows of the caller's. */
-#define POLYAK_SHADOW_ROUND_NEAREST 1
-POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
-                                                polyak_dtype dtype, int ndim, const int64_t *shape,
-                                                void *shadow, polyak_dtype shadow_dtype, int flags);
+/* Registers a tensor that is not averaged but travels with the averages:
+ * a buffer such as BatchNorm's running statistics or a step counter, of
+ * any dtype (F64 and the integer types too). Every shadow of it is one
+ * mirror of the param, set at finalize and at every update in the same
+ * pass (the same launch on CUDA) as the averages, whatever the schedules
+ * (timm's ModelEmaV3 and ema-pytorch copy buffers so by default). Read-outs
+ * give the mirror, in the tensor's dtype (or, for F32/BF16/F16, any of
+ * those three); polyak_copy_to_params and the blends write it back into the
+ * param, polyak_store and polyak_restore keep and restore the param, a hard
+ * update sets the mirror, and checkpoints hold it once, under the
+ * tensor's name in its dtype, as PyTorch's state dicts do. On a sharded
+ * handle every rank keeps the whole mirror. Arguments and errors as
+ * polyak_add's, but any polyak_dtype. */
+POLYAK_API polyak_status polyak_add_copy(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                                         const int64_t *shape);
 
 /* Ends registration: allocates the shadows, builds the plan, and sets the
  * shadows to a copy of the params (or to 0 with zero_init). With
@@ -410,15 +299,12 @@ POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, v
  * POLYAK_ERR_CUDA. A handle without tensors is valid and does nothing. */
 POLYAK_API polyak_status polyak_finalize(polyak_t *p, void *stream);
 
-/* Hard update: shadow `shadow` of every tensor <- its param (rounded to
- * nearest even into a 16-bit shadow), e.g. a DQN target network every N
- * steps. Its beta product becomes 0 (zero_init's debias is then 1); the
- * step and the schedule's counts stay. Ordered on `stream`; not while
- * steps are reserved for graph replays, nor captured (POLYAK_ERR_STATE).
- * With skip_nonfinite a NaN/Inf param is refused (POLYAK_ERR_INVALID_ARG,
- * nothing written), since the shadow could never recover; the CUDA backend
- * scans first and so waits for the stream. */
-POLYAK_API polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream);
+/* Frees the handle and its shadows (the params stay the caller's). On the
+ * CUDA backend it first waits for the handle's enqueued work. NULL is a
+ * no-op. */
+POLYAK_API void polyak_destroy(polyak_t *p);
+
+/* ---- The update ---------------------------------------------------------- */
 
 /* Folds the current params into every shadow as the average after `step`
  * optimizer steps (see the step semantics above). `step` must be >= 1 and
@@ -426,24 +312,6 @@ POLYAK_API polyak_status polyak_hard_update(polyak_t *p, int shadow, void *strea
  * nothing changes. POLYAK_ERR_STATE before finalize. The CUDA backend
  * returns once the work is enqueued on `stream`. */
 POLYAK_API polyak_status polyak_update(polyak_t *p, int64_t step, void *stream);
-
-/* Copies shadow `shadow` of tensor `tensor` into `dst` (num_elems elements
- * of `dst_dtype`, on the backend's side), debiased with zero_init, rounded
- * to nearest even for BF16/F16. Ordered on `stream` for the CUDA backend.
- * Returns POLYAK_ERR_INVALID_ARG for an index out of range, a NULL dst or a
- * bad dtype; POLYAK_ERR_STATE before finalize, or with zero_init while the
- * average is undefined (no update yet, or every applied beta was 1). */
-POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                           polyak_dtype dst_dtype, void *stream);
-
-/* polyak_get_shadow that knows dst's size: POLYAK_ERR_INVALID_ARG, and
- * nothing written, when dst_num_bytes cannot hold the tensor's elements
- * as dst_dtype. The _n read-outs (this, polyak_get_local_shadow_n,
- * polyak_get_blend_n) are the ones to use; the others trust dst. Note the
- * order: the shadow (which average), then the tensor (which parameter,
- * see polyak_find_tensor); errors name both. */
-POLYAK_API polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
-                                             polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 
 /* The number of non-finite param elements that updates met so far, each
  * counted once per update whatever num_shadows, with or without
@@ -453,6 +321,8 @@ POLYAK_API polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count);
 
 /* The step of the last update (0 before the first). */
 POLYAK_API polyak_status polyak_get_step(const polyak_t *p, int64_t *step);
+
+/* ---- Reading averages out ----------------------------------------------- */
 
 /* The number of registered tensors. */
 POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors);
@@ -483,189 +353,23 @@ POLYAK_API polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tens
  * read-outs take. POLYAK_ERR_INVALID_ARG if no tensor has that name. */
 POLYAK_API polyak_status polyak_find_tensor(polyak_t *p, const char *name, int *tensor);
 
-/* ---- Sharding -------------------------------------------------------------
- * With world_size W > 1, rank r keeps only its slice of every shadow: a
- * contiguous, element-balanced range of the flattened parameter space
- * (tensors in registration order; each boundary at a multiple of 8
- * elements of the tensor it falls in, so 16-byte aligned), and its update
- * touches only that slice (one launch). Every rank registers the full
- * params, as data-parallel training holds them. With nccl_comm set,
- * polyak_get_shadow, polyak_copy_to_params and polyak_save gather the
- * slices: one ncclAllGather of the shadow arenas (or of one tensor's pieces)
- * on nccl_comm and the caller's stream, then local read-outs. These calls
- * (and polyak_finalize) are collective: every rank makes them in the same
- * order with the same arguments (a path on every rank; rank 0 writes it),
- * from one process or thread per rank, on a blocking communicator (NCCL's
- * default), outside graph capture. The ranks agree before each gather, so a
- * rank that fails locally makes all of them return an error rather than
- * wait; finalize also checks that every rank registered the same tensors
- * and config. Gathers need device memory for the whole shadow once more
- * while they run. Without a communicator, reads of pieces held elsewhere,
- * polyak_copy_to_params and polyak_save return POLYAK_ERR_STATE. Loads need
- * no communicator: each rank reads its slice of the file.
- * polyak_nonfinite_count counts this rank's slice (after a load, rank 0
- * starts from the file's total, the others from 0; files hold the sum).
- * Params that are already sharded (FSDP, ZeRO-3): register the local shards
- * with world_size = 1; the shadows then shard the same way. */
+/* Copies shadow `shadow` of tensor `tensor` into `dst` (num_elems elements
+ * of `dst_dtype`, on the backend's side), debiased with zero_init, rounded
+ * to nearest even for BF16/F16. Ordered on `stream` for the CUDA backend.
+ * Returns POLYAK_ERR_INVALID_ARG for an index out of range, a NULL dst or a
+ * bad dtype; POLYAK_ERR_STATE before finalize, or with zero_init while the
+ * average is undefined (no update yet, or every applied beta was 1). */
+POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                           polyak_dtype dst_dtype, void *stream);
 
-/* The elements of tensor `tensor` whose shadows this handle keeps:
- * [*first_elem, *first_elem + *num_elems) of the tensor (all of it without
- * sharding; *num_elems may be 0). POLYAK_ERR_STATE before finalize. */
-POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem,
-                                            int64_t *num_elems);
-
-/* Like polyak_get_shadow for this rank's part of the tensor only (the
- * range above): no communication, dst gets *num_elems elements. */
-POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                                 polyak_dtype dst_dtype, void *stream);
-POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
-                                                   polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
-
-/* ---- Evaluation -------------------------------------------------------------
- * Evaluate with an average, then return to the exact training weights:
- *   polyak_store(p, stream);               // keep the params
- *   polyak_copy_to_params(p, 0, stream);   // the params are now shadow 0
- *   evaluate(...);
- *   polyak_restore(p, stream);             // the params as they were, bit for bit */
-
-/* Writes shadow `shadow` (debiased with zero_init) into every param, in the
- * param's dtype (round to nearest even). Ordered on `stream`. The params'
- * values are lost unless polyak_store kept them. POLYAK_ERR_INVALID_ARG for
- * a shadow out of range; POLYAK_ERR_STATE as polyak_get_shadow. */
-POLYAK_API polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream);
-
-/* Keeps an exact copy of every param (backend-side memory, allocated by the
- * first call and kept until destroy). Ordered on `stream`. The store is then
- * pending until polyak_restore or polyak_discard_store: meanwhile
- * polyak_update, polyak_hard_update and polyak_graph_reserve return
- * POLYAK_ERR_STATE, since the params likely hold an average and training
- * would silently go on from it, and a second polyak_store is refused too
- * (it would keep the average). POLYAK_ERR_STATE before finalize, while a
- * store is pending or while steps are reserved for graph replays;
- * POLYAK_ERR_NO_MEMORY. */
-POLYAK_API polyak_status polyak_store(polyak_t *p, void *stream);
-
-/* Writes the copy kept by polyak_store back into the params, bit for bit,
- * and ends the pending store; the copy stays, to restore again.
- * POLYAK_ERR_STATE without a copy. */
-POLYAK_API polyak_status polyak_restore(polyak_t *p, void *stream);
-
-/* Ends a pending store without writing the params back: training goes on
- * from the params as they are (say, an average copied in on purpose). The
- * copy is dropped (a later polyak_restore has nothing to write).
- * POLYAK_ERR_STATE without a copy. */
-POLYAK_API polyak_status polyak_discard_store(polyak_t *p);
-
-/* Blends: sum_k weights[k] * shadow_k (each debiased with zero_init), for
- * evaluating with a multi-scale average. weights has num_shadows finite
- * values summing to 1 within 1e-6, unless flags has
- * POLYAK_BLEND_ANY_WEIGHTS. The arithmetic, the same on every backend:
- * c_k = weights[k] * debias_k in double, rounded to float once; then per
- * element acc = fmaf(c_k, shadow_k, acc) for k = 0, 1, ... from acc = 0;
- * the result rounded to nearest even into the destination's dtype.
- * Shadows with weight 0 are not read. POLYAK_ERR_INVALID_ARG for bad
- * weights, POLYAK_ERR_STATE as polyak_get_shadow, POLYAK_ERR_UNSUPPORTED on
- * a sharded handle (world_size > 1). */
-#define POLYAK_BLEND_ANY_WEIGHTS 1
-
-/* The blend into every param, in their dtypes: one launch on CUDA, ordered
- * on `stream`. polyak_store first to come back with polyak_restore. */
-POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags,
-                                                void *stream);
-
-/* The blend of tensor `tensor` into dst (num_elems of dst_dtype, on the
- * backend's side), ordered on `stream`. */
-POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
-                                          void *dst, polyak_dtype dst_dtype, void *stream);
-POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor,
-                                            void *dst, polyak_dtype dst_dtype, size_t dst_num_bytes,
-                                            void *stream);
-
-/* The gradient norm that grad-norm shadows follow: one float, device memory
- * of the handle's device (CUDA backend) or host memory (CPU backend), read by
- * every later update (and graph replay) when it runs, so the trainer writes
- * it in place each step, ordered before polyak_update on the stream. The
- * pointer is borrowed. Graph replays read the pointer set when their steps
- * were reserved, so while steps are reserved this call (like
- * polyak_set_grads and polyak_set_layer_norms) returns POLYAK_ERR_STATE.
- * POLYAK_ERR_INVALID_ARG for a NULL, misaligned or wrong-side pointer,
- * POLYAK_ERR_STATE for a handle without grad-norm shadows. polyak_update
- * refuses (POLYAK_ERR_STATE) until it is set. */
-POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
-
-/* LAWA's gradients: grads[i] is tensor i's gradient (num_elems of the
- * param's dtype, contiguous, aligned, backend memory; NULL only for an
- * empty tensor), read by every later update when it runs. The table is
- * copied (uploaded once for CUDA); the memory is borrowed. After
- * polyak_finalize; replaces polyak_set_layer_norms. POLYAK_ERR_STATE on a
- * handle without LAWA shadows, before finalize or while steps are
- * reserved for graph replays; POLYAK_ERR_INVALID_ARG for a bad pointer. */
-POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
-
-/* ... or the norms themselves: num_tensors floats (backend memory), tensor
- * i's gradient norm at [i], read by every later update when it runs
- * (graph replays: the pointer set when their steps were reserved). */
-POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
-
-/* Shadow `shadow`'s beta for each tensor at the last update (num_tensors
- * doubles into host memory; beta 1 before any), for inspection; waits for
- * the device. POLYAK_ERR_INVALID_ARG unless the shadow is a LAWA one;
- * POLYAK_ERR_STATE before polyak_set_grads or polyak_set_layer_norms. */
-POLYAK_API polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas);
-
-/* The product of the betas applied to shadow k so far (1 before any
- * update), in double: what zero_init's debias divides by 1 - of. For a
- * grad-norm shadow it is kept on the backend's side and this call waits for
- * the device. */
-POLYAK_API polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_product);
-
-/* ---- EDM2 post-hoc averages ------------------------------------------------
- * Track POWER shadows at two sigma_rel (say 0.05 and 0.10), snapshot them
- * every N steps, and afterwards synthesize the average for any sigma_rel
- * (Karras et al. 2024, "Analyzing and improving the training dynamics of
- * diffusion models"). A POWER EMA read at step t weighs the params of step
- * tau by the profile (gamma + 1) tau^gamma / t^(gamma + 1); the synthesis
- * is the combination of snapshots whose profile is nearest the wanted one
- * in L2. */
-#define POLYAK_MAX_SNAPSHOTS 1024
-
-/* The combination: coefficients[i] for snapshot i (taken at step
- * snapshot_steps[i] of a POWER shadow with snapshot_sigma_rels[i]) whose
- * profile is nearest in L2 that of sigma_rel read at `step`: the normal
- * equations solved directly (Gaussian elimination with partial pivoting,
- * in double), then scaled to sum to 1. Pure host code; no handle.
- * POLYAK_ERR_INVALID_ARG for bad inputs (num_snapshots outside
- * 1..POLYAK_MAX_SNAPSHOTS, a step below 1, a sigma_rel outside (0, 0.30028],
- * the peak of sigma_rel(gamma))
- * or two snapshots with the same profile (a singular system). */
-POLYAK_API polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snapshot_steps,
-                                                     const double *snapshot_sigma_rels, int64_t step,
-                                                     double sigma_rel, double *coefficients);
-
-/* Floats in one snapshot of this handle: its shadow arena, padding
- * included. Snapshots need a finalized handle of one rank with no shadows
- * in the caller's memory (POLYAK_ERR_UNSUPPORTED). */
-POLYAK_API polyak_status polyak_snapshot_elems(polyak_t *p, int64_t *num_elems);
-
-/* Shadow `shadow` (debiased with zero_init) as f32 into dst, one snapshot
- * (polyak_snapshot_elems floats, backend memory: device memory for CUDA),
- * in one pass, ordered on `stream`. Stack snapshots one after another to
- * synthesize from them. Keep them on the host by copying them there, or as
- * files: polyak_save, then polyak_load each into a second handle of the same
- * layout and snapshot from it. */
-POLYAK_API polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, void *stream);
-
-/* Every param <- sum_i coefficients[i] * snapshot i (in the param's dtype,
- * rounded to nearest even), from num_snapshots snapshots stored one after
- * another at `snapshots` (backend memory). CPU: fmaf accumulation in
- * snapshot order with the coefficients rounded to float; CUDA: one cuBLAS
- * SGEMV over the snapshots as the columns of a matrix (its own summation
- * order: equal to the CPU's within float rounding), then one kernel into
- * the params; it allocates an arena of scratch and waits for the stream,
- * so it cannot be captured (POLYAK_ERR_STATE). polyak_store first to come
- * back with polyak_restore. */
-POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, int num_snapshots,
-                                                     const double *coefficients, void *stream);
+/* polyak_get_shadow that knows dst's size: POLYAK_ERR_INVALID_ARG, and
+ * nothing written, when dst_num_bytes cannot hold the tensor's elements
+ * as dst_dtype. The _n read-outs (this, polyak_get_local_shadow_n,
+ * polyak_get_blend_n) are the ones to use; the others trust dst. Note the
+ * order: the shadow (which average), then the tensor (which parameter,
+ * see polyak_find_tensor); errors name both. */
+POLYAK_API polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
+                                             polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the
@@ -749,6 +453,318 @@ POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t ds
  * its slice from its own copy. */
 POLYAK_API polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes);
 
+/* ---- Schedules (pure host functions, double precision) ----------------- */
+
+/* beta(step) of schedule `s`: 0 for step <= start_step; otherwise, with
+ * t = step - start_step - 1 (0, 1, 2, ...):
+ *   CONSTANT  beta
+ *   TF        min(beta, (1+t)/(10+t))
+ *   WARMUP    t == 0 ? 0 : clamp(1 - (1 + t/inv_gamma)^-power, beta_min, beta)
+ *   LINEAR    min(beta, beta_min + (t/ramp_steps)(beta - beta_min))
+ *   COSINE    beta - (beta - beta_min)(1 + cos(pi min(t, ramp_steps)/ramp_steps))/2
+ *   EQUAL     t/(t+1)
+ *   POWER     (t/(t+1))^(gamma+1)
+ * Returns NaN if `s` is NULL or fails the checks polyak_create() makes. */
+POLYAK_API double polyak_beta_at(const polyak_schedule *s, int64_t step);
+
+/* The decay an update applies when it follows one at `last_step`:
+ * prod_{s = last_step+1 .. step} beta(s), 1 for step == last_step.
+ * Closed forms where they exist; WARMUP, LINEAR and COSINE multiply the
+ * steps before their ceiling one by one. Returns NaN for a bad schedule or
+ * for step < last_step or last_step < 0. */
+POLYAK_API double polyak_beta_product(const polyak_schedule *s, int64_t last_step,
+                                      int64_t step);
+
+/* Half-life in steps of an EMA with decay beta: ln 2 / ln(1/beta), and back:
+ * beta = 2^(-1/half_life). NaN outside (0, 1) and (0, inf). */
+POLYAK_API double polyak_half_life_from_beta(double beta);
+POLYAK_API double polyak_beta_from_half_life(double half_life_steps);
+
+/* Effective averaging window in steps: 1/(1 - beta), and back:
+ * beta = 1 - 1/window. NaN outside [0, 1) and [1, inf). */
+POLYAK_API double polyak_window_from_beta(double beta);
+POLYAK_API double polyak_beta_from_window(double window_steps);
+
+/* The decay for averaging over a horizon of T steps by the heuristic
+ * beta = 1 - 2/sqrt(T). NaN for T < 4 (beta would be negative). */
+POLYAK_API double polyak_beta_from_horizon(double horizon_steps);
+
+/* EDM2's relative standard deviation of the power-function EMA profile:
+ * sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3))) for gamma > -1, and
+ * back: gamma = the largest real root of
+ * gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2).
+ * sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94. sigma_rel peaks at
+ * 0.30028 (gamma = -0.382); NaN outside gamma > -1 and 0 < sigma_rel <= peak. */
+POLYAK_API double polyak_sigma_rel_from_gamma(double gamma);
+POLYAK_API double polyak_gamma_from_sigma_rel(double sigma_rel);
+
+/* ======================================================================
+ * 2. Evaluating with an average
+ * ====================================================================== */
+
+/* ---- Evaluation -------------------------------------------------------------
+ * Evaluate with an average, then return to the exact training weights:
+ *   polyak_store(p, stream);               // keep the params
+ *   polyak_copy_to_params(p, 0, stream);   // the params are now shadow 0
+ *   evaluate(...);
+ *   polyak_restore(p, stream);             // the params as they were, bit for bit */
+
+/* Writes shadow `shadow` (debiased with zero_init) into every param, in the
+ * param's dtype (round to nearest even). Ordered on `stream`. The params'
+ * values are lost unless polyak_store kept them. POLYAK_ERR_INVALID_ARG for
+ * a shadow out of range; POLYAK_ERR_STATE as polyak_get_shadow. */
+POLYAK_API polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream);
+
+/* Keeps an exact copy of every param (backend-side memory, allocated by the
+ * first call and kept until destroy). Ordered on `stream`. The store is then
+ * pending until polyak_restore or polyak_discard_store: meanwhile
+ * polyak_update, polyak_hard_update and polyak_graph_reserve return
+ * POLYAK_ERR_STATE, since the params likely hold an average and training
+ * would silently go on from it, and a second polyak_store is refused too
+ * (it would keep the average). POLYAK_ERR_STATE before finalize, while a
+ * store is pending or while steps are reserved for graph replays;
+ * POLYAK_ERR_NO_MEMORY. */
+POLYAK_API polyak_status polyak_store(polyak_t *p, void *stream);
+
+/* Writes the copy kept by polyak_store back into the params, bit for bit,
+ * and ends the pending store; the copy stays, to restore again.
+ * POLYAK_ERR_STATE without a copy. */
+POLYAK_API polyak_status polyak_restore(polyak_t *p, void *stream);
+
+/* Ends a pending store without writing the params back: training goes on
+ * from the params as they are (say, an average copied in on purpose). The
+ * copy is dropped (a later polyak_restore has nothing to write).
+ * POLYAK_ERR_STATE without a copy. */
+POLYAK_API polyak_status polyak_discard_store(polyak_t *p);
+
+/* Blends: sum_k weights[k] * shadow_k (each debiased with zero_init), for
+ * evaluating with a multi-scale average. weights has num_shadows finite
+ * values summing to 1 within 1e-6, unless flags has
+ * POLYAK_BLEND_ANY_WEIGHTS. The arithmetic, the same on every backend:
+ * c_k = weights[k] * debias_k in double, rounded to float once; then per
+ * element acc = fmaf(c_k, shadow_k, acc) for k = 0, 1, ... from acc = 0;
+ * the result rounded to nearest even into the destination's dtype.
+ * Shadows with weight 0 are not read. POLYAK_ERR_INVALID_ARG for bad
+ * weights, POLYAK_ERR_STATE as polyak_get_shadow, POLYAK_ERR_UNSUPPORTED on
+ * a sharded handle (world_size > 1). */
+#define POLYAK_BLEND_ANY_WEIGHTS 1
+
+/* The blend into every param, in their dtypes: one launch on CUDA, ordered
+ * on `stream`. polyak_store first to come back with polyak_restore. */
+POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags,
+                                                void *stream);
+
+/* The blend of tensor `tensor` into dst (num_elems of dst_dtype, on the
+ * backend's side), ordered on `stream`. */
+POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
+                                          void *dst, polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor,
+                                            void *dst, polyak_dtype dst_dtype, size_t dst_num_bytes,
+                                            void *stream);
+
+/* ======================================================================
+ * 3. Averaging modes beyond one EMA
+ * ====================================================================== */
+
+/* ---- Stochastic rounding of f32 shadows ---------------------------------- */
+
+/* Rounding of f32 shadows (polyak_config.rounding). */
+#define POLYAK_ROUND_NEAREST 0    /* fmaf(w, param - shadow, shadow): nearest even */
+#define POLYAK_ROUND_STOCHASTIC 1 /* the same value computed in double, rounded up or down at random */
+
+/* Stochastic rounding: rounded to nearest, an f32 shadow stops moving
+ * where an update's increment w * (param - shadow) falls under half a unit
+ * in its last place, 2^-25 to 2^-24 of |shadow|: w is 1 - beta for a
+ * constant beta and about (gamma + 1) / t for POWER at step t, so long
+ * horizons stall while the average they should hold moves on. With
+ * POLYAK_ROUND_STOCHASTIC the update is computed in double and rounded to
+ * one of its two f32 neighbours, up with probability (distance to the lower
+ * one) / (the gap between them), so increments of any size count on
+ * average (unbiased). The random bits are those bf16 shadows use, hashed
+ * from (seed, step, shadow, global element index): the same bits on every
+ * backend and shard count, and after a checkpoint resume. Turn it on where
+ * w * d < 2^-20 |s|, with d how far the params sit from the average (their
+ * movement over the averaging window) and |s| the shadow's magnitude:
+ * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
+ * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
+ * 3.5 times as long as rounding to nearest (the hash, as for a bf16
+ * shadow). It applies to f32 shadows,
+ * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
+ * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
+ * always round stochastically, whatever rounding[k] says (rounded to
+ * nearest, a bf16 shadow stalls at beta 0.99 already); a caller's 16-bit
+ * shadow asks for nearest with the flag. Checkpoints record the modes and
+ * load only into a handle with the same ones. polyak_create refuses other
+ * values (POLYAK_ERR_INVALID_ARG). */
+
+/* ---- Shadows in the caller's memory; hard updates ----------------------- */
+
+/* Registers a tensor as polyak_add does, whose shadow is the caller's own
+ * memory `shadow`: its num_elems elements of shadow_dtype (F32, BF16 or
+ * F16), aligned, on the params' side, overlapping no param or other shadow
+ * (e.g. the weights of a teacher, target or G_ema model that runs forward
+ * passes). polyak_finalize copies the param into it (rounded to nearest
+ * even), and every update folds the param into it in place, in the same
+ * launch as everything else, so the model is usable with no copy. 16-bit
+ * shadows round stochastically (as bf16 shadows do: hashed from seed,
+ * step, shadow and element), or to nearest even with flags
+ * POLYAK_SHADOW_ROUND_NEAREST (which stalls where an update is below half
+ * a unit in the last place, as at beta 0.999 in bf16). An f32 one rounds
+ * as rounding[0] says, or to nearest with the flag. Such tensors need
+ * num_shadows = 1, zero_init = 0, one rank and no Lookahead
+ * (POLYAK_ERR_UNSUPPORTED otherwise; a communicator too). Checkpoints leave
+ * their shadows out: they are the caller's model, saved with it; a
+ * checkpoint saved with them loads only into a handle where the same
+ * tensors have shadows of the caller's. */
+#define POLYAK_SHADOW_ROUND_NEAREST 1
+POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
+                                                polyak_dtype dtype, int ndim, const int64_t *shape,
+                                                void *shadow, polyak_dtype shadow_dtype, int flags);
+
+/* Hard update: shadow `shadow` of every tensor <- its param (rounded to
+ * nearest even into a 16-bit shadow), e.g. a DQN target network every N
+ * steps. Its beta product becomes 0 (zero_init's debias is then 1); the
+ * step and the schedule's counts stay. Ordered on `stream`; not while
+ * steps are reserved for graph replays, nor captured (POLYAK_ERR_STATE).
+ * With skip_nonfinite a NaN/Inf param is refused (POLYAK_ERR_INVALID_ARG,
+ * nothing written), since the shadow could never recover; the CUDA backend
+ * scans first and so waits for the stream. */
+POLYAK_API polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream);
+
+/* ---- Lookahead ------------------------------------------------------------ */
+
+/* Lookahead (Zhang et al. 2019): with lookahead_every = k, the last shadow
+ * (num_shadows - 1) holds the slow weights. It is left alone except at
+ * updates whose step is a multiple of k (the syncs), where in the same pass
+ * as the other shadows slow <- slow + alpha (params - slow) and then params
+ * <- slow, rounded to nearest even into each param's dtype. alpha = 1 - beta
+ * of that shadow's schedule, whose t counts the syncs after its start_step
+ * (CONSTANT with beta = 0.5 is the paper's alpha = 0.5). The other shadows
+ * fold the params as they were before the sync. An update whose step skips
+ * a multiple of k is refused. Needs zero_init = 0, one rank, and a schedule
+ * whose beta is below 1 (alpha > 0). Params must be writable. */
+
+/* ---- Grad-norm adaptive decay --------------------------------------------- */
+
+/* Grad-norm adaptive decay: a shadow with grad_norm_c[k] = c > 0 takes, at
+ * each update, beta = 1 - c / sqrt(1 + g^2) from the gradient norm g the
+ * trainer computed (for clipping, say), read from the float registered with
+ * polyak_set_grad_norm when the update runs on the device. Large gradients
+ * (a fast-moving model) give beta near 1 (average longer); small ones
+ * average faster. A gap of n steps applies beta^n (the norm at hand stands
+ * for the steps skipped). B and 1 - B are computed in double the same way on
+ * every backend: sqrt, division and the squarings of beta^n are correctly
+ * rounded, so the CPU and CUDA backends agree bit for bit. A non-finite g
+ * leaves such shadows as they were (beta = 1). The product of the applied
+ * betas is kept next to the shadows, used for zero_init's debias, and read
+ * with polyak_get_beta_product. The schedule's kind is not used; its
+ * start_step must be 0 and count_updates[k] 0; not on Lookahead's shadow. */
+
+/* The gradient norm that grad-norm shadows follow: one float, device memory
+ * of the handle's device (CUDA backend) or host memory (CPU backend), read by
+ * every later update (and graph replay) when it runs, so the trainer writes
+ * it in place each step, ordered before polyak_update on the stream. The
+ * pointer is borrowed. Graph replays read the pointer set when their steps
+ * were reserved, so while steps are reserved this call (like
+ * polyak_set_grads and polyak_set_layer_norms) returns POLYAK_ERR_STATE.
+ * POLYAK_ERR_INVALID_ARG for a NULL, misaligned or wrong-side pointer,
+ * POLYAK_ERR_STATE for a handle without grad-norm shadows. polyak_update
+ * refuses (POLYAK_ERR_STATE) until it is set. */
+POLYAK_API polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm);
+
+/* The product of the betas applied to shadow k so far (1 before any
+ * update), in double: what zero_init's debias divides by 1 - of. For a
+ * grad-norm shadow it is kept on the backend's side and this call waits for
+ * the device. */
+POLYAK_API polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_product);
+
+/* ---- Layer-wise adaptive decay (LAWA) ------------------------------------- */
+
+/* Layer-wise adaptive decay (LAWA): a shadow with layerwise_beta0[k] =
+ * beta0 > 0 decays tensor l by beta_l = beta0 exp(-|g_l| / sum_j |g_j|),
+ * from the L2 norms of the step's gradients: a layer that takes a large
+ * share of the gradient averages over a shorter window. The norms come
+ * from the gradients registered with polyak_set_grads (one extra launch
+ * per update computes all of them, a fixed reduction order: the same
+ * gradients give the same bits on every run and backend) or from a
+ * per-tensor array given to polyak_set_layer_norms. beta and beta^gap for a
+ * gap are computed in double the same way on every backend. A non-finite
+ * gradient norm leaves these shadows as they were for the update. Such a
+ * shadow's schedule is not used; it needs start_step 0, count_updates 0,
+ * grad_norm_c 0, zero_init 0, one rank, and is not Lookahead's shadow. */
+
+/* LAWA's gradients: grads[i] is tensor i's gradient (num_elems of the
+ * param's dtype, contiguous, aligned, backend memory; NULL only for an
+ * empty tensor), read by every later update when it runs. The table is
+ * copied (uploaded once for CUDA); the memory is borrowed. After
+ * polyak_finalize; replaces polyak_set_layer_norms. POLYAK_ERR_STATE on a
+ * handle without LAWA shadows, before finalize or while steps are
+ * reserved for graph replays; POLYAK_ERR_INVALID_ARG for a bad pointer. */
+POLYAK_API polyak_status polyak_set_grads(polyak_t *p, void *const *grads);
+
+/* ... or the norms themselves: num_tensors floats (backend memory), tensor
+ * i's gradient norm at [i], read by every later update when it runs
+ * (graph replays: the pointer set when their steps were reserved). */
+POLYAK_API polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms);
+
+/* Shadow `shadow`'s beta for each tensor at the last update (num_tensors
+ * doubles into host memory; beta 1 before any), for inspection; waits for
+ * the device. POLYAK_ERR_INVALID_ARG unless the shadow is a LAWA one;
+ * POLYAK_ERR_STATE before polyak_set_grads or polyak_set_layer_norms. */
+POLYAK_API polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas);
+
+/* ---- EDM2 post-hoc averages ------------------------------------------------
+ * Track POWER shadows at two sigma_rel (say 0.05 and 0.10), snapshot them
+ * every N steps, and afterwards synthesize the average for any sigma_rel
+ * (Karras et al. 2024, "Analyzing and improving the training dynamics of
+ * diffusion models"). A POWER EMA read at step t weighs the params of step
+ * tau by the profile (gamma + 1) tau^gamma / t^(gamma + 1); the synthesis
+ * is the combination of snapshots whose profile is nearest the wanted one
+ * in L2. */
+#define POLYAK_MAX_SNAPSHOTS 1024
+
+/* The combination: coefficients[i] for snapshot i (taken at step
+ * snapshot_steps[i] of a POWER shadow with snapshot_sigma_rels[i]) whose
+ * profile is nearest in L2 that of sigma_rel read at `step`: the normal
+ * equations solved directly (Gaussian elimination with partial pivoting,
+ * in double), then scaled to sum to 1. Pure host code; no handle.
+ * POLYAK_ERR_INVALID_ARG for bad inputs (num_snapshots outside
+ * 1..POLYAK_MAX_SNAPSHOTS, a step below 1, a sigma_rel outside (0, 0.30028],
+ * the peak of sigma_rel(gamma))
+ * or two snapshots with the same profile (a singular system). */
+POLYAK_API polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snapshot_steps,
+                                                     const double *snapshot_sigma_rels, int64_t step,
+                                                     double sigma_rel, double *coefficients);
+
+/* Floats in one snapshot of this handle: its shadow arena, padding
+ * included. Snapshots need a finalized handle of one rank with no shadows
+ * in the caller's memory (POLYAK_ERR_UNSUPPORTED). */
+POLYAK_API polyak_status polyak_snapshot_elems(polyak_t *p, int64_t *num_elems);
+
+/* Shadow `shadow` (debiased with zero_init) as f32 into dst, one snapshot
+ * (polyak_snapshot_elems floats, backend memory: device memory for CUDA),
+ * in one pass, ordered on `stream`. Stack snapshots one after another to
+ * synthesize from them. Keep them on the host by copying them there, or as
+ * files: polyak_save, then polyak_load each into a second handle of the same
+ * layout and snapshot from it. */
+POLYAK_API polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, void *stream);
+
+/* Every param <- sum_i coefficients[i] * snapshot i (in the param's dtype,
+ * rounded to nearest even), from num_snapshots snapshots stored one after
+ * another at `snapshots` (backend memory). CPU: fmaf accumulation in
+ * snapshot order with the coefficients rounded to float; CUDA: one cuBLAS
+ * SGEMV over the snapshots as the columns of a matrix (its own summation
+ * order: equal to the CPU's within float rounding), then one kernel into
+ * the params; it allocates an arena of scratch and waits for the stream,
+ * so it cannot be captured (POLYAK_ERR_STATE). polyak_store first to come
+ * back with polyak_restore. */
+POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, int num_snapshots,
+                                                     const double *coefficients, void *stream);
+
+/* ======================================================================
+ * 4. CUDA graphs
+ * ====================================================================== */
+
 /* ---- CUDA graphs ---------------------------------------------------------
  * A captured kernel cannot take a new step number from the host at each
  * replay, so the host reserves the coming steps first; each replay of a
@@ -791,10 +807,47 @@ POLYAK_API polyak_status polyak_graph_update(polyak_t *p, void *stream);
  * saying how many were dropped. */
 POLYAK_API polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done);
 
-/* Frees the handle and its shadows (the params stay the caller's). On the
- * CUDA backend it first waits for the handle's enqueued work. NULL is a
- * no-op. */
-POLYAK_API void polyak_destroy(polyak_t *p);
+/* ======================================================================
+ * 5. Shadows sharded across ranks
+ * ====================================================================== */
+
+/* ---- Sharding -------------------------------------------------------------
+ * With world_size W > 1, rank r keeps only its slice of every shadow: a
+ * contiguous, element-balanced range of the flattened parameter space
+ * (tensors in registration order; each boundary at a multiple of 8
+ * elements of the tensor it falls in, so 16-byte aligned), and its update
+ * touches only that slice (one launch). Every rank registers the full
+ * params, as data-parallel training holds them. With nccl_comm set,
+ * polyak_get_shadow, polyak_copy_to_params and polyak_save gather the
+ * slices: one ncclAllGather of the shadow arenas (or of one tensor's pieces)
+ * on nccl_comm and the caller's stream, then local read-outs. These calls
+ * (and polyak_finalize) are collective: every rank makes them in the same
+ * order with the same arguments (a path on every rank; rank 0 writes it),
+ * from one process or thread per rank, on a blocking communicator (NCCL's
+ * default), outside graph capture. The ranks agree before each gather, so a
+ * rank that fails locally makes all of them return an error rather than
+ * wait; finalize also checks that every rank registered the same tensors
+ * and config. Gathers need device memory for the whole shadow once more
+ * while they run. Without a communicator, reads of pieces held elsewhere,
+ * polyak_copy_to_params and polyak_save return POLYAK_ERR_STATE. Loads need
+ * no communicator: each rank reads its slice of the file.
+ * polyak_nonfinite_count counts this rank's slice (after a load, rank 0
+ * starts from the file's total, the others from 0; files hold the sum).
+ * Params that are already sharded (FSDP, ZeRO-3): register the local shards
+ * with world_size = 1; the shadows then shard the same way. */
+
+/* The elements of tensor `tensor` whose shadows this handle keeps:
+ * [*first_elem, *first_elem + *num_elems) of the tensor (all of it without
+ * sharding; *num_elems may be 0). POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem,
+                                            int64_t *num_elems);
+
+/* Like polyak_get_shadow for this rank's part of the tensor only (the
+ * range above): no communication, dst gets *num_elems elements. */
+POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
+                                                 polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
+                                                   polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 
 #ifdef __cplusplus
 }
