@@ -10,8 +10,9 @@
  * "__metadata__" (string values only, as safetensors requires) holds the
  * step state, the config to continue with, and the XXH3-64 of the data.
  *
- *   checkpoint_meta.c   the header: saved names, metadata written and checked;
- *                       the checks every save and load starts with
+ *   checkpoint_meta.c   the layout: saved names, dtypes, data order, the header
+ *                       text; the checks every save and load starts with
+ *   checkpoint_keys.c   the metadata: every key written and checked
  *   checkpoint_write.c  the writer: shadows (gathered when sharded) to a sink
  *   checkpoint_read.c   the validating reader of a byte source
  *   checkpoint_stage.c  staging the checked data into fresh arenas; the commit */
@@ -82,6 +83,11 @@ void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state);
  * bytes (malloc'd; NULL: no memory). Data: shadow by shadow, each in
  * registration order. */
 char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes);
+
+/* ---- the metadata (checkpoint_keys.c) ---- */
+
+/* The metadata object of a checkpoint of p in `state` (NULL: no memory). */
+json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state);
 
 /* The metadata's form: an object of strings, a polyak file of a version
  * this library reads, every required key there (POLYAK_ERR_FORMAT). */
