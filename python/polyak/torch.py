@@ -95,7 +95,7 @@ def _saved_name(shadow, name):
 
 class _Source:
     """One registered tensor: where it lives in the model and the memory the library reads."""
-    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr")
+    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr", "shape", "dtype")
 
     def __init__(self, name, module, attr, kind, tensor):
         self.name, self.module, self.attr, self.kind, self.tensor = name, module, attr, kind, tensor
@@ -104,6 +104,7 @@ class _Source:
         # valid (if stale) memory until the check below refuses the update
         self.alias = self.local.detach()
         self.ptr = _data_ptr(self.local)
+        self.shape, self.dtype = self.local.shape, self.local.dtype  # as registered
 
 
 class EMA:
@@ -244,9 +245,14 @@ class EMA:
         self._hooks = [torch_module.register_module_parameter_registration_hook(hook),
                        torch_module.register_module_buffer_registration_hook(hook)]
 
-    def _check_live(self):
+    def _check_open(self):
+        """For calls that read only the shadows: fine on a stale registration too."""
         if self._handle is None or self._handle.closed:
             raise StateError("the EMA is closed")
+
+    def _check_live(self):
+        """For calls that read or write the params."""
+        self._check_open()
         if self._stale is None and self._check_stale and tuple(map(_data_ptr, self._sources)) != self._ptrs:
             moved = [s.name for s, ptr in zip(self._averaged + self._copied, self._ptrs)
                      if _data_ptr(s.local) != ptr]
@@ -340,18 +346,19 @@ class EMA:
         padded[:flat.numel()] = flat
         pieces = [torch.empty_like(padded) for _ in self._ranges]
         dist.all_gather(pieces, padded, group=self._group)
-        out = [torch.empty(s.local.numel(), dtype=dtype, device=self.device) for s in self._averaged]
+        out = [torch.empty(s.shape.numel(), dtype=dtype, device=self.device) for s in self._averaged]
         for rank, ranges in enumerate(self._ranges):
             offset = 0
             for i, (first, count) in enumerate(ranges):
                 out[i][first:first + count] = pieces[rank][offset:offset + count]
                 offset += count
-        return [t.view(s.local.shape) for t, s in zip(out, self._averaged)]
+        return [t.view(s.shape) for t, s in zip(out, self._averaged)]
 
-    def _read(self, shadow, i, like):
-        """Shadow `shadow` of averaged tensor i into a new tensor shaped and typed like `like`."""
-        out = torch.empty(like.shape, dtype=like.dtype, device=self.device)
-        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[like.dtype], self._stream())
+    def _read(self, shadow, i):
+        """Shadow `shadow` of averaged tensor i in a new tensor of its registered shape and dtype."""
+        source = self._averaged[i]
+        out = torch.empty(source.shape, dtype=source.dtype, device=self.device)
+        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[source.dtype], self._stream())
         return out
 
     def _write_params(self, shadow):
@@ -367,14 +374,14 @@ class EMA:
         """The average as the model's state dict: {name: tensor in its dtype} of every registered
         param and buffer (copied buffers as of the last update), for model.load_state_dict.
         DTensor params give DTensors with the same placements."""
-        self._check_live()
+        self._check_open()
         if not 0 <= shadow < self._handle.num_shadows:
             raise InvalidArgError(f"shadow {shadow} of {self._handle.num_shadows}")
         out = {}
         if self._sharded():
-            values = [v.to(s.local.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
+            values = [v.to(s.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
         else:
-            values = [self._read(shadow, i, s.local) for i, s in enumerate(self._averaged)]
+            values = [self._read(shadow, i) for i in range(len(self._averaged))]
         for s, value in zip(self._averaged, values):
             out[s.name] = self._as_model_tensor(s, value)
         for s, value in zip(self._copied, self._copies):
@@ -434,7 +441,7 @@ class EMA:
     # ---- EDM2 post-hoc, adaptive decay ------------------------------------------------
     def snapshot(self, shadow: int) -> torch.Tensor:
         """Shadow `shadow` as one flat float32 tensor on the EMA's device, to stack for synthesis."""
-        self._check_live()
+        self._check_open()
         h = self._handle
         out = torch.empty(h.snapshot_elems(), dtype=torch.float32, device=self.device)
         h.snapshot(shadow, _data_ptr(out), self._stream())
@@ -506,7 +513,7 @@ class EMA:
         load_file gives a model its averaged weights; copied buffers are not in it), the other
         shadows and the whole state as the library writes it, crash-safely. Sharded EMAs write
         the gathered averages from rank 0 (every rank calls)."""
-        self._check_live()
+        self._check_open()
         if not self._sharded():
             self._handle.save(path)
             return
@@ -520,7 +527,7 @@ class EMA:
         {name: tensor} per shadow, in the shadow dtype], "buffers": {name: tensor}}. The tensors
         are the shadows' exact bits (DTensors for DTensor params); load_state_dict restores them,
         and continuing gives the bits an uninterrupted run gives."""
-        self._check_live()
+        self._check_open()
         h = self._handle
         with _scratch_dir() as scratch:
             if self._sharded():
@@ -586,7 +593,7 @@ class EMA:
                 if self._sharded() and _is_dtensor(value):
                     value = value.full_tensor()
                 value = _local(value).detach()
-                want = s.local.shape
+                want = s.shape
                 if value.shape != want or value.dtype != self.shadow_dtype:
                     raise MismatchError(f"the state's {s.name!r} (shadow {k}) is {tuple(value.shape)} "
                                         f"{value.dtype}; this EMA keeps {tuple(want)} {self.shadow_dtype}")
