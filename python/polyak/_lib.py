@@ -11,6 +11,8 @@ POLYAK_LIBRARY (a build tree's libpolyak.so, say).
 import ctypes
 import glob
 import os
+import re
+import sys
 
 MAX_SHADOWS = 8
 MAX_NDIM = 8
@@ -132,8 +134,25 @@ def config_defaults(library):
     return cfg
 
 
+def _preload_environment_cuda(path):
+    """A process holds one library per soname, the first loaded. If this Python environment ships
+    the CUDA libraries libpolyak needs (NVIDIA's wheels, which PyTorch depends on), load those
+    first, so that libpolyak and torch share them whichever is imported first; otherwise torch,
+    imported after, would find libpolyak's (the toolkit's, perhaps older) in their place."""
+    with open(path, "rb") as f:
+        needed = set(re.findall(rb"lib(?:cudart|cublasLt|cublas)\.so\.[0-9]+", f.read()))
+    order = {b"cudart": 0, b"cublasLt": 1, b"cublas": 2}  # each before what depends on it
+    for soname in sorted(needed, key=lambda n: order[n[3:].split(b".")[0]]):
+        for entry in sys.path:
+            found = glob.glob(os.path.join(entry or ".", "nvidia", "*", "lib", soname.decode()))
+            if found:
+                ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+                break
+
+
 def _load():
     path = library_path()
+    _preload_environment_cuda(path)
     library = ctypes.CDLL(path)
     for name, (restype, argtypes) in FUNCTIONS.items():
         fn = getattr(library, name)

@@ -35,6 +35,19 @@ def test_the_installed_package_carries_its_library():
     assert os.path.basename(os.path.dirname(path)) == "polyak" and version == polyak.__version__
 
 
+def test_torch_imports_after_the_installed_polyak():
+    """The package's library must not take the place of a CUDA library torch needs (one per soname
+    in a process): the wheel leaves NCCL out and binds the environment's CUDA libraries."""
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("POLYAK_LIBRARY", "PYTHONPATH")}
+    code = "import polyak, torch; print(float(torch.ones(3).sum()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    if out.returncode and "no libpolyak next to" in out.stderr:
+        pytest.skip("polyak is imported from the source tree, not installed")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "3.0"
+
+
 @pytest.mark.parametrize("t", [0, 1, 2, 7, 100, 12345])
 def test_schedules_evaluate_the_published_formulas(t):
     step = t + 1  # start_step 0: t = step - 1
