@@ -24,14 +24,18 @@ def test_import_polyak_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_the_installed_package_carries_its_library():
+def run_installed(code):
+    """Runs `code` in a new interpreter on the installed package with its own library; its output."""
     env = {k: v for k, v in os.environ.items() if k not in ("POLYAK_LIBRARY", "PYTHONPATH")}
-    code = "import polyak; print(polyak.library_path()); print(polyak.version())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
     if out.returncode and "no libpolyak next to" in out.stderr:
         pytest.skip("polyak is imported from the source tree, not installed")
     assert out.returncode == 0, out.stderr
-    path, version = out.stdout.split()
+    return out.stdout
+
+
+def test_the_installed_package_carries_its_library():
+    path, version = run_installed("import polyak; print(polyak.library_path()); print(polyak.version())").split()
     assert os.path.basename(os.path.dirname(path)) == "polyak" and version == polyak.__version__
 
 
@@ -39,13 +43,7 @@ def test_torch_imports_after_the_installed_polyak():
     """The package's library must not take the place of a CUDA library torch needs (one per soname
     in a process): the wheel leaves NCCL out and binds the environment's CUDA libraries."""
     pytest.importorskip("torch")
-    env = {k: v for k, v in os.environ.items() if k not in ("POLYAK_LIBRARY", "PYTHONPATH")}
-    code = "import polyak, torch; print(float(torch.ones(3).sum()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
-    if out.returncode and "no libpolyak next to" in out.stderr:
-        pytest.skip("polyak is imported from the source tree, not installed")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == "3.0"
+    assert run_installed("import polyak, torch; print(float(torch.ones(3).sum()))").split()[-1] == "3.0"
 
 
 @pytest.mark.parametrize("t", [0, 1, 2, 7, 100, 12345])
