@@ -276,3 +276,18 @@ def test_timm_v3_takes_a_bf16_model_with_an_f32_ema_in_two_passes():
     assert calls == ["_foreach_mul_", "_foreach_add_"]
     ours = EMA(small_model().to(torch.bfloat16), decay=0.9)
     assert {v.dtype for v in ours.state_dict()["shadows"][0].values()} == {torch.float32}
+
+
+def test_timm_loads_the_saved_average(tmp_path):
+    """ema.save(path) is a checkpoint timm's own loader takes, strictly, into a fresh model."""
+    pytest.importorskip("safetensors")
+    model = make_model("test_resnet")
+    ema = EMA.like_timm(model, decay=0.9)
+    train(model, 3, ema.update)
+    path = str(tmp_path / "ema.safetensors")
+    ema.save(path)
+    fresh = make_model("test_resnet")
+    timm.models.load_checkpoint(fresh, path, strict=True)
+    average = ema.model_state_dict()
+    for name in ema.names:
+        assert torch.equal(fresh.state_dict()[name], average[name]), name
