@@ -147,6 +147,7 @@ class EMA:
         if shadow_dtype not in (torch.float32, torch.bfloat16):
             raise InvalidArgError(f"shadow_dtype {shadow_dtype}: torch.float32 or torch.bfloat16")
         self._check_stale = bool(check_stale)
+        self._swapped_in = None  # what the params hold inside average_parameters / posthoc_parameters
         self._only_steps = None  # (every, offset): update(step) acts where step % every == offset
         self._copy_at_step = None  # after the update at this step, shadows <- params (a copy)
 
@@ -262,6 +263,22 @@ class EMA:
                              "(model.to(), load_state_dict(assign=True), an optimizer that swaps storage?). "
                              "Create the EMA after such changes; the shadows are untouched")
 
+    def _check_not_swapped(self, what):
+        if self._swapped_in is not None:
+            raise StateError(f"{what} inside {self._swapped_in}: the params hold an average there, not the "
+                             "trained weights")
+
+    @contextlib.contextmanager
+    def _params_swapped(self, what):
+        """Marks the params as holding an average (updates refused) for the body."""
+        self._check_live()
+        self._check_not_swapped(what)
+        self._swapped_in = what
+        try:
+            yield
+        finally:
+            self._swapped_in = None
+
     def _stream(self):
         if not self._cuda:
             return None
@@ -275,6 +292,7 @@ class EMA:
         if self._only_steps is not None and step % self._only_steps[0] != self._only_steps[1]:
             return
         self._check_live()
+        self._check_not_swapped("update")
         h = self._handle
         status = _c.polyak_update(h._ptr, step, self._stream())
         if status:
@@ -416,11 +434,15 @@ class EMA:
     @contextlib.contextmanager
     def average_parameters(self, shadow: int = 0, weights: Optional[Sequence[float]] = None):
         """Inside: the model's params hold shadow `shadow` (or the blend sum_k weights[k] shadow_k)
-        and copied buffers their values at the last update; on exit, the exact values they had."""
-        self._check_live()
-        h, stream = self._handle, self._stream()
+        and copied buffers their values at the last update; on exit, the exact values they had.
+        Updates inside raise polyak.StateError."""
         if weights is not None and self._sharded():
             raise UnsupportedError("blends of sharded shadows: the library blends whole shadows only")
+        with self._params_swapped("average_parameters()"):
+            yield from self._swap_average(shadow, weights)
+
+    def _swap_average(self, shadow, weights):
+        h, stream = self._handle, self._stream()
         h.store(stream)
         kept = [s.local.clone() for s in self._copied]
         try:
@@ -451,7 +473,10 @@ class EMA:
     def posthoc_parameters(self, snapshots: torch.Tensor, coefficients: Sequence[float]):
         """Inside: the params are sum_i coefficients[i] * snapshots[i] (EDM2's post-hoc average;
         polyak.posthoc_coefficients gives the coefficients); on exit, as they were."""
-        self._check_live()
+        with self._params_swapped("posthoc_parameters()"):
+            yield from self._swap_posthoc(snapshots, coefficients)
+
+    def _swap_posthoc(self, snapshots, coefficients):
         h, stream = self._handle, self._stream()
         snapshots = snapshots.reshape(len(coefficients), -1)
         if snapshots.device != self.device or snapshots.dtype != torch.float32 or \
@@ -499,6 +524,7 @@ class EMA:
     def graph_update(self):
         """The update to capture in torch.cuda.graph(...) (one kernel node; copied buffers too)."""
         self._check_live()
+        self._check_not_swapped("graph_update")
         self._handle.graph_update(self._stream())
         if self._copies:
             torch._foreach_copy_(self._copies, self._sources[len(self._averaged):])

@@ -123,7 +123,13 @@ def test_average_parameters_evaluates_the_average_and_restores_every_bit(gen):
     before, average = snapshot(model), ema.model_state_dict()
     with ema.average_parameters():
         assert_same(snapshot(model), average)
+        with pytest.raises(polyak.StateError, match="average_parameters"):
+            ema.update(5)  # it would fold the average into itself
+        with pytest.raises(polyak.StateError):
+            with ema.average_parameters(shadow=0):
+                pass
     assert_same(snapshot(model), before)
+    assert ema.step == 4 and torch.equal(ema.model_state_dict()["a.weight"], average["a.weight"])
     with pytest.raises(RuntimeError, match="inside"):
         with ema.average_parameters():
             raise RuntimeError("inside")
