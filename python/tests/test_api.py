@@ -179,3 +179,43 @@ def test_config_mirror_has_the_c_layout():
     cfg = _lib.config_defaults(_lib.lib)
     assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
     assert cfg.world_size == 1 and cfg.schedules[7].beta == 0.999 and cfg.skip_nonfinite == 1
+
+
+def test_a_shadow_in_the_callers_memory_is_updated_in_place(rng):
+    param, param_ptr = buffer([rng.uniform(-1, 1) for _ in range(13)])
+    teacher, teacher_ptr = buffer([0.0] * 13)
+    with polyak.Handle([polyak.Constant(0.75)]) as h:
+        h.add_with_shadow("w", param_ptr, "f32", (13,), teacher_ptr, "f32")
+        h.finalize()
+        assert list(teacher) == list(param)  # finalize copies the param in
+        ref = [float(x) for x in param]
+        for j in range(13):
+            param[j] += rng.uniform(0.5, 1.5)
+        h.update(1)
+        ref = [0.75 * r + 0.25 * float(p) for r, p in zip(ref, param)]
+        assert max(abs(t - r) for t, r in zip(teacher, ref)) < 1e-6
+
+
+def test_graph_reservations_apply_the_steps_of_direct_updates_on_the_cpu(rng):
+    values = [rng.uniform(-1, 1) for _ in range(21)]
+    arrays = [buffer(values) for _ in range(2)]
+    handles = [polyak.Handle([polyak.Warmup(beta=0.99), polyak.Equal()]) for _ in range(2)]
+    for h, (_, ptr) in zip(handles, arrays):
+        h.add("w", ptr, "f32", (21,))
+        h.finalize()
+    graphed, direct = handles
+    graphed.graph_reserve(4, 3)  # steps 4, 5, 6
+    for step in (4, 5, 6):
+        for a, _ in arrays:
+            for j in range(21):
+                a[j] += 0.5
+        graphed.graph_update()
+        direct.update(step)
+    assert graphed.graph_release() == 3 and graphed.step == 6
+    for k in range(2):
+        outs = [buffer([0.0] * 21) for _ in range(2)]
+        for h, (_, ptr) in zip(handles, outs):
+            h.get_shadow(k, 0, ptr)
+        assert list(outs[0][0]) == list(outs[1][0])
+    with pytest.raises(polyak.StateError):
+        graphed.graph_update()  # nothing reserved
