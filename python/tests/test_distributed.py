@@ -3,7 +3,6 @@ keeps 1/W), several processes on the CPU with gloo. One test: 2 ranks train, che
 torch.distributed.checkpoint; then 3 ranks check the same things and load the 2-rank checkpoint
 resharded."""
 import os
-import socket
 
 import pytest
 
@@ -21,12 +20,6 @@ import polyak  # noqa: E402
 from polyak.torch import EMA  # noqa: E402
 
 STEPS = 5
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(torch.nn.Module):
@@ -154,9 +147,12 @@ def run_ddp_sharded(rank, world_size, directory):
             assert torch.equal(got[k], average[k])
 
 
-def worker(rank, world_size, port, directory):
+def worker(rank, world_size, directory):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the host's name resolves to
+    # a file store: no port to pick (and lose to another process)
+    store = os.path.join(directory, f"store-{world_size}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         model = run_fsdp2(rank, world_size, directory)
         if world_size == 3:
@@ -168,4 +164,4 @@ def worker(rank, world_size, port, directory):
 
 def test_fsdp2_and_ddp_sharded_on_2_then_3_ranks(tmp_path):
     for world_size in (2, 3):
-        mp.spawn(worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+        mp.spawn(worker, args=(world_size, str(tmp_path)), nprocs=world_size, join=True)
