@@ -62,6 +62,28 @@ polyak_python_env() {
   echo "$venv/bin/python"
 }
 
+# Prints a python that also has PyTorch (PyPI's wheel), timm, ema-pytorch,
+# diffusers, scikit-learn, matplotlib and pytest, and this package installed
+# from the work tree with `pip install .` (CPU only, which is quick: the
+# tests load the build tree's libpolyak through POLYAK_LIBRARY, with CUDA
+# where it was built). Fails quietly, so the PyTorch tests report skipped,
+# when the registry is unreachable.
+polyak_torch_env() {
+  local venv="$polyak_root/.venv" python log="$polyak_root/.venv/polyak-install.log"
+  python=$(polyak_python_env) || return 1
+  if ! "$python" -c "import torch, timm, ema_pytorch, diffusers, sklearn, matplotlib, pytest, xxhash, scikit_build_core" \
+      >/dev/null 2>&1; then
+    echo "setup: installing PyTorch and the libraries the Python tests compare with into .venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check torch timm ema-pytorch diffusers scikit-learn \
+      matplotlib pytest xxhash "scikit-build-core>=0.10" >"$log" 2>&1 ||
+      { echo "setup: no PyTorch (no package registry?): the Python tests will skip" >&2; return 1; }
+  fi
+  POLYAK_WITH_CUDA=OFF "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    "$polyak_root" >"$log" 2>&1 ||
+    { echo "setup: pip install . failed (see $log): the Python tests will skip" >&2; return 1; }
+  echo "$python"
+}
+
 polyak_build() {
   local dir=$1
   shift

@@ -9,11 +9,14 @@ source "$(dirname "$0")/setup.sh"
 polyak_install_dependencies fuzz
 jobs=$(nproc)
 
-# numpy and safetensors for the checkpoint interop test, in a local venv;
-# without a package registry the test reports itself skipped
-python_args=()
-if polyak_python=$(polyak_python_env); then
-  python_args=(-DPOLYAK_PYTHON="$polyak_python")
+# a local venv: numpy and safetensors for the checkpoint interop test,
+# PyTorch and the rest for the Python package's tests; without a package
+# registry those tests report themselves skipped
+python_args=(-DPOLYAK_TORCH_PYTHON=)
+if polyak_python=$(polyak_torch_env); then
+  python_args=(-DPOLYAK_PYTHON="$polyak_python" -DPOLYAK_TORCH_PYTHON="$polyak_python")
+elif polyak_python=$(polyak_python_env); then
+  python_args+=(-DPOLYAK_PYTHON="$polyak_python")
 fi
 
 echo "== build: default configuration"

@@ -1,0 +1,593 @@
+"""polyak: averaged copies ("shadows") of a network's parameters, updated in one pass.
+
+A thin layer over libpolyak's C API (include/polyak.h) through ctypes:
+
+    import polyak
+    h = polyak.Handle([polyak.Constant(0.999), polyak.Power(sigma_rel=0.05)])
+    h.add("w", ptr, "f32", (1024, 1024))      # a pointer to the param's memory
+    h.finalize()
+    h.update(step)                            # every shadow of every tensor
+
+`import polyak` needs no third-party package and imports no torch;
+`polyak.torch` has `EMA(model)` for PyTorch modules. Every failing C call
+raises the PolyakError subclass of its status, with polyak_last_error()'s
+text; nothing here computes an average itself.
+"""
+import ctypes
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from . import _lib
+from ._lib import lib as _c
+
+__version__ = "0.1.0"
+__all__ = [
+    "PolyakError", "InvalidArgError", "StateError", "NoMemoryError", "UnsupportedError", "CudaError",
+    "NcclError", "FileIOError", "FormatError", "MismatchError",
+    "Schedule", "Constant", "TF", "Warmup", "Linear", "Cosine", "Equal", "Power", "GradNorm", "Layerwise",
+    "Lookahead", "Handle", "version", "library_path", "backend_available", "status_name",
+    "half_life_from_beta", "beta_from_half_life", "window_from_beta", "beta_from_window",
+    "beta_from_horizon", "sigma_rel_from_gamma", "gamma_from_sigma_rel", "posthoc_coefficients",
+    "MAX_SHADOWS", "MAX_SNAPSHOTS",
+]
+
+MAX_SHADOWS = _lib.MAX_SHADOWS
+MAX_SNAPSHOTS = _lib.MAX_SNAPSHOTS
+DTYPES = {"f32": _lib.F32, "bf16": _lib.BF16, "f16": _lib.F16}
+BACKENDS = {"cpu": _lib.BACKEND_CPU, "cuda": _lib.BACKEND_CUDA}
+
+
+# ---- errors ------------------------------------------------------------------
+
+class PolyakError(Exception):
+    """A failing polyak call; `status` is the C status value, `status_name` its enum name."""
+    status = None
+
+    @property
+    def status_name(self):
+        return status_name(self.status) if self.status is not None else None
+
+
+class InvalidArgError(PolyakError, ValueError):
+    status = 1
+
+
+class StateError(PolyakError, RuntimeError):
+    status = 2
+
+
+class NoMemoryError(PolyakError, MemoryError):
+    status = 3
+
+
+class UnsupportedError(PolyakError, NotImplementedError):
+    status = 4
+
+
+class CudaError(PolyakError, RuntimeError):
+    status = 5
+
+
+class NcclError(PolyakError, RuntimeError):
+    status = 6
+
+
+class FileIOError(PolyakError, OSError):
+    status = 7
+
+
+class FormatError(PolyakError, ValueError):
+    status = 8
+
+
+class MismatchError(PolyakError, ValueError):
+    status = 9
+
+
+_ERRORS = {cls.status: cls for cls in (InvalidArgError, StateError, NoMemoryError, UnsupportedError, CudaError,
+                                       NcclError, FileIOError, FormatError, MismatchError)}
+
+
+def _raise(status, message):
+    cls = _ERRORS.get(status)
+    if cls is None:
+        error = PolyakError(message)
+        error.status = status
+        raise error
+    raise cls(message)
+
+
+def _check(status, handle, what):
+    """Raises the status's error with the handle's last-error text (or the status name)."""
+    if status:
+        detail = _c.polyak_last_error(handle).decode("utf-8", "replace") if handle else ""
+        _raise(status, detail or f"{what}: {status_name(status)}")
+
+
+# ---- library -------------------------------------------------------------------
+
+def version():
+    """The loaded libpolyak's version ("0.1.0")."""
+    return _c.polyak_version_string().decode()
+
+
+def library_path():
+    """The path of the loaded libpolyak."""
+    return _lib.path
+
+
+def status_name(status):
+    return _c.polyak_status_name(int(status)).decode()
+
+
+def backend_available(backend):
+    """True if this build has `backend` ("cpu" or "cuda") and it can run here."""
+    return bool(_c.polyak_backend_available(_backend(backend)))
+
+
+def _backend(backend):
+    if backend not in BACKENDS:
+        raise InvalidArgError(f"backend {backend!r} is not one of {sorted(BACKENDS)}")
+    return BACKENDS[backend]
+
+
+def _dtype(dtype):
+    if dtype not in DTYPES:
+        raise InvalidArgError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _finite_or_raise(value, what):
+    if math.isnan(value):
+        raise InvalidArgError(f"{what} is outside its domain")
+    return value
+
+
+def half_life_from_beta(beta):
+    """Steps for an EMA with decay beta to halve a weight: ln 2 / ln(1/beta)."""
+    return _finite_or_raise(_c.polyak_half_life_from_beta(beta), f"beta {beta!r}")
+
+
+def beta_from_half_life(half_life_steps):
+    return _finite_or_raise(_c.polyak_beta_from_half_life(half_life_steps), f"half-life {half_life_steps!r}")
+
+
+def window_from_beta(beta):
+    """The effective averaging window 1/(1 - beta), in steps."""
+    return _finite_or_raise(_c.polyak_window_from_beta(beta), f"beta {beta!r}")
+
+
+def beta_from_window(window_steps):
+    return _finite_or_raise(_c.polyak_beta_from_window(window_steps), f"window {window_steps!r}")
+
+
+def beta_from_horizon(horizon_steps):
+    """The rule-of-thumb decay for averaging over about T steps: 1 - 2/sqrt(T)."""
+    return _finite_or_raise(_c.polyak_beta_from_horizon(horizon_steps), f"horizon {horizon_steps!r}")
+
+
+def sigma_rel_from_gamma(gamma):
+    """EDM2's relative width of a power-function EMA profile with exponent gamma."""
+    return _finite_or_raise(_c.polyak_sigma_rel_from_gamma(gamma), f"gamma {gamma!r}")
+
+
+def gamma_from_sigma_rel(sigma_rel):
+    return _finite_or_raise(_c.polyak_gamma_from_sigma_rel(sigma_rel), f"sigma_rel {sigma_rel!r}")
+
+
+def posthoc_coefficients(snapshot_steps: Sequence[int], snapshot_sigma_rels: Sequence[float], step: int,
+                         sigma_rel: float):
+    """EDM2 post-hoc synthesis: the weight of each snapshot (taken at snapshot_steps[i] from a Power
+    shadow of snapshot_sigma_rels[i]) for the average of `sigma_rel` read at `step`."""
+    count = len(snapshot_steps)
+    if count != len(snapshot_sigma_rels):
+        raise InvalidArgError(f"{count} snapshot steps but {len(snapshot_sigma_rels)} sigma_rels")
+    steps = (ctypes.c_int64 * max(count, 1))(*snapshot_steps)
+    sigmas = (ctypes.c_double * max(count, 1))(*snapshot_sigma_rels)
+    out = (ctypes.c_double * max(count, 1))()
+    status = _c.polyak_posthoc_coefficients(count, steps, sigmas, step, sigma_rel, out)
+    if status:
+        _raise(status, "polyak_posthoc_coefficients: bad snapshots (count outside 1..1024, a step below 1, a "
+                       "sigma_rel outside (0, 0.30028]) or two snapshots with the same profile")
+    return list(out)[:count]
+
+
+# ---- schedules -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """One shadow's decay. start_step: up to it the shadow copies the params (beta = 0);
+    count_updates: t counts updates after start_step instead of steps (no gap compensation)."""
+    start_step: int = field(default=0, kw_only=True)
+    count_updates: bool = field(default=False, kw_only=True)
+
+    _kind = _lib.SCHEDULE_CONSTANT
+
+    def _c_fields(self):
+        return {}
+
+    def _c(self):
+        s = _lib.config_defaults(_c).schedules[0]
+        s.kind = self._kind
+        for name, value in self._c_fields().items():
+            setattr(s, name, value)
+        s.start_step = self.start_step
+        return s
+
+    def _apply(self, cfg, k):
+        """Writes this schedule into shadow k of a polyak_config."""
+        cfg.schedules[k] = self._c()
+        cfg.count_updates[k] = int(bool(self.count_updates))
+
+    def __post_init__(self):
+        cfg = _lib.config_defaults(_c)
+        self._apply(cfg, 0)
+        _check_config(cfg)
+
+    def beta_at(self, step):
+        """beta(step), as the library computes it (double precision)."""
+        return _c.polyak_beta_at(ctypes.byref(self._c()), step)
+
+    def beta_product(self, last_step, step):
+        """The decay an update at `step` applies after one at `last_step`."""
+        value = _c.polyak_beta_product(ctypes.byref(self._c()), last_step, step)
+        return _finite_or_raise(value, f"the steps ({last_step}, {step}]")
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """beta."""
+    beta: float = 0.999
+
+    def _c_fields(self):
+        return {"beta": self.beta}
+
+
+@dataclass(frozen=True)
+class TF(Schedule):
+    """min(beta, (1+t)/(10+t)): TensorFlow's num_updates rule."""
+    beta: float = 0.9999
+    _kind = _lib.SCHEDULE_TF
+
+    def _c_fields(self):
+        return {"beta": self.beta}
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    """t == 0 ? 0 : clamp(1 - (1 + t/inv_gamma)^-power, beta_min, beta): timm, diffusers, ema-pytorch."""
+    beta: float = 0.9999
+    beta_min: float = 0.0
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    _kind = _lib.SCHEDULE_WARMUP
+
+    def _c_fields(self):
+        return {"beta": self.beta, "beta_min": self.beta_min, "inv_gamma": self.inv_gamma, "power": self.power}
+
+
+@dataclass(frozen=True)
+class Linear(Schedule):
+    """min(beta, beta_min + (t/ramp_steps)(beta - beta_min))."""
+    beta: float = 0.999
+    beta_min: float = 0.0
+    ramp_steps: int = 1000
+    _kind = _lib.SCHEDULE_LINEAR
+
+    def _c_fields(self):
+        return {"beta": self.beta, "beta_min": self.beta_min, "ramp_steps": self.ramp_steps}
+
+
+@dataclass(frozen=True)
+class Cosine(Linear):
+    """From beta_min up to beta over ramp_steps along a half cosine."""
+    _kind = _lib.SCHEDULE_COSINE
+
+
+@dataclass(frozen=True)
+class Equal(Schedule):
+    """t/(t+1): the running mean of all updates (Polyak averaging, SWA)."""
+    _kind = _lib.SCHEDULE_EQUAL
+
+
+@dataclass(frozen=True)
+class Power(Schedule):
+    """(t/(t+1))^(gamma+1): EDM2's power-function EMA. Give gamma or sigma_rel."""
+    gamma: Optional[float] = None
+    sigma_rel: Optional[float] = None
+    _kind = _lib.SCHEDULE_POWER
+
+    def __post_init__(self):
+        if (self.gamma is None) == (self.sigma_rel is None):
+            raise InvalidArgError("Power: give exactly one of gamma and sigma_rel")
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", gamma_from_sigma_rel(self.sigma_rel))
+        else:
+            object.__setattr__(self, "sigma_rel", sigma_rel_from_gamma(self.gamma))
+        super().__post_init__()
+
+    def _c_fields(self):
+        return {"gamma": self.gamma}
+
+
+@dataclass(frozen=True)
+class GradNorm(Schedule):
+    """beta = 1 - c / sqrt(1 + g^2) from a gradient norm g the trainer writes on the device."""
+    c: float = 0.1
+
+    def _apply(self, cfg, k):
+        super()._apply(cfg, k)
+        cfg.grad_norm_c[k] = self.c
+
+
+@dataclass(frozen=True)
+class Layerwise(Schedule):
+    """LAWA: tensor l decays by beta0 * exp(-|g_l| / sum_j |g_j|) from the step's gradients."""
+    beta0: float = 0.999
+
+    def _apply(self, cfg, k):
+        super()._apply(cfg, k)
+        cfg.layerwise_beta0[k] = self.beta0
+
+
+@dataclass(frozen=True)
+class Lookahead(Schedule):
+    """Lookahead's slow weights: every `every` steps slow += alpha (params - slow), then
+    params <- slow. Only as the last schedule of a handle."""
+    alpha: float = 0.5
+    every: int = 5
+
+    def _c_fields(self):
+        return {"beta": 1.0 - self.alpha}
+
+    def _apply(self, cfg, k):
+        super()._apply(cfg, k)
+        cfg.lookahead_every = self.every
+
+
+def _check_config(cfg):
+    message = ctypes.create_string_buffer(512)
+    status = _c.polyak_check_config(ctypes.byref(cfg), message, len(message))
+    if status:
+        _raise(status, message.value.decode("utf-8", "replace"))
+
+
+# ---- handles ---------------------------------------------------------------------------
+
+def _shape_array(shape):
+    shape = tuple(int(d) for d in shape)
+    return len(shape), (ctypes.c_int64 * max(len(shape), 1))(*shape)
+
+
+class Handle:
+    """One polyak_t: shadows of registered tensors, all updated by one call.
+
+    Pointers are ints (a tensor's data_ptr()) on the backend's side: host
+    memory for backend "cpu", device memory for "cuda"; `stream` is a
+    cudaStream_t as an int, or None for the default stream. See
+    include/polyak.h for each call's rules; a failing call raises and
+    changes nothing."""
+
+    def __init__(self, schedules: Sequence[Schedule] = (Constant(0.999),), *, backend="cpu", device=0,
+                 shadow_dtype="f32", zero_init=False, skip_nonfinite=True, seed=0, world_size=1, rank=0,
+                 nccl_comm=None):
+        self._ptr = None
+        schedules = list(schedules)
+        if not 1 <= len(schedules) <= MAX_SHADOWS:
+            raise InvalidArgError(f"{len(schedules)} schedules: a handle has 1..{MAX_SHADOWS} shadows")
+        for k, s in enumerate(schedules):
+            if not isinstance(s, Schedule):
+                raise InvalidArgError(f"schedules[{k}] is {type(s).__name__}, not a polyak.Schedule")
+            if isinstance(s, Lookahead) and k != len(schedules) - 1:
+                raise InvalidArgError("Lookahead must be the last schedule (its shadow holds the slow weights)")
+        cfg = _lib.config_defaults(_c)
+        cfg.backend = _backend(backend)
+        cfg.device = int(device)
+        cfg.num_shadows = len(schedules)
+        for k, s in enumerate(schedules):
+            s._apply(cfg, k)
+        if shadow_dtype not in ("f32", "bf16"):
+            raise InvalidArgError(f"shadow_dtype {shadow_dtype!r}: library-kept shadows are 'f32' or 'bf16'")
+        cfg.shadow_dtype = DTYPES[shadow_dtype]
+        cfg.zero_init = int(bool(zero_init))
+        cfg.skip_nonfinite = int(bool(skip_nonfinite))
+        cfg.seed = int(seed)
+        cfg.world_size = int(world_size)
+        cfg.rank = int(rank)
+        cfg.nccl_comm = nccl_comm
+        _check_config(cfg)
+        ptr = ctypes.c_void_p()
+        status = _c.polyak_create(ctypes.byref(ptr), ctypes.byref(cfg))
+        if status:
+            _check_config(cfg)  # says why, if it can
+            _raise(status, f"polyak_create: {status_name(status)}")
+        self._ptr = ptr.value
+        self.schedules = tuple(schedules)
+        self.backend = backend
+        self.shadow_dtype = shadow_dtype
+        self.num_shadows = len(schedules)
+        self.world_size = cfg.world_size
+        self.rank = cfg.rank
+        self.config = cfg
+
+    # -- lifecycle
+    def _h(self):
+        if self._ptr is None:
+            raise StateError("the polyak handle is closed")
+        return self._ptr
+
+    def close(self):
+        """Frees the handle and its shadows (waits for its device work). Idempotent."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            _c.polyak_destroy(ptr)
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None and _c is not None:
+            self.close()
+
+    @property
+    def last_error(self):
+        return _c.polyak_last_error(self._h()).decode("utf-8", "replace")
+
+    def _call(self, name, *args):
+        h = self._h()
+        _check(getattr(_c, name)(h, *args), h, name)
+
+    # -- registration
+    def add(self, name: str, param: int, dtype: str, shape: Sequence[int]):
+        """Registers a tensor: `param` points at its contiguous elements. Returns its number."""
+        ndim, dims = _shape_array(shape)
+        self._call("polyak_add", name.encode(), param, _dtype(dtype), ndim, dims)
+        return self.num_tensors - 1
+
+    def add_with_shadow(self, name: str, param: int, dtype: str, shape: Sequence[int], shadow: int,
+                        shadow_dtype: str, round_nearest=False):
+        """Registers a tensor whose (only) shadow is the caller's memory `shadow`, updated in place."""
+        ndim, dims = _shape_array(shape)
+        self._call("polyak_add_with_shadow", name.encode(), param, _dtype(dtype), ndim, dims, shadow,
+                   _dtype(shadow_dtype), _lib.SHADOW_ROUND_NEAREST if round_nearest else 0)
+        return self.num_tensors - 1
+
+    def finalize(self, stream=None):
+        self._call("polyak_finalize", stream)
+
+    # -- the hot path
+    def update(self, step: int, stream=None):
+        """Folds the params into every shadow as the average after `step` optimizer steps."""
+        h = self._ptr
+        if h is None:
+            self._h()
+        status = _c.polyak_update(h, step, stream)
+        if status:
+            _check(status, h, "polyak_update")
+
+    def hard_update(self, shadow: int, stream=None):
+        self._call("polyak_hard_update", shadow, stream)
+
+    # -- read-outs and evaluation
+    def get_shadow(self, shadow: int, tensor: int, dst: int, dst_dtype="f32", stream=None):
+        self._call("polyak_get_shadow", shadow, tensor, dst, _dtype(dst_dtype), stream)
+
+    def get_local_shadow(self, shadow: int, tensor: int, dst: int, dst_dtype="f32", stream=None):
+        self._call("polyak_get_local_shadow", shadow, tensor, dst, _dtype(dst_dtype), stream)
+
+    def local_range(self, tensor: int):
+        """(first_elem, num_elems) of the tensor's elements whose shadows this rank keeps."""
+        first, count = ctypes.c_int64(), ctypes.c_int64()
+        self._call("polyak_local_range", tensor, ctypes.byref(first), ctypes.byref(count))
+        return first.value, count.value
+
+    def copy_to_params(self, shadow=0, stream=None):
+        self._call("polyak_copy_to_params", shadow, stream)
+
+    def store(self, stream=None):
+        self._call("polyak_store", stream)
+
+    def restore(self, stream=None):
+        self._call("polyak_restore", stream)
+
+    def _weights(self, weights):
+        if len(weights) != self.num_shadows:
+            raise InvalidArgError(f"{len(weights)} blend weights for {self.num_shadows} shadows")
+        return (ctypes.c_double * self.num_shadows)(*weights)
+
+    def blend_to_params(self, weights: Sequence[float], any_weights=False, stream=None):
+        self._call("polyak_blend_to_params", self._weights(weights),
+                   _lib.BLEND_ANY_WEIGHTS if any_weights else 0, stream)
+
+    def get_blend(self, weights: Sequence[float], tensor: int, dst: int, dst_dtype="f32", any_weights=False,
+                  stream=None):
+        self._call("polyak_get_blend", self._weights(weights), _lib.BLEND_ANY_WEIGHTS if any_weights else 0,
+                   tensor, dst, _dtype(dst_dtype), stream)
+
+    # -- state
+    @property
+    def step(self):
+        """The step of the last update (0 before the first)."""
+        out = ctypes.c_int64()
+        self._call("polyak_get_step", ctypes.byref(out))
+        return out.value
+
+    @property
+    def num_tensors(self):
+        out = ctypes.c_int()
+        self._call("polyak_num_tensors", ctypes.byref(out))
+        return out.value
+
+    def nonfinite_count(self):
+        """Non-finite param elements met by the updates so far (waits for the device)."""
+        out = ctypes.c_int64()
+        self._call("polyak_nonfinite_count", ctypes.byref(out))
+        return out.value
+
+    def beta_product(self, shadow: int):
+        """The product of the betas applied to `shadow` so far."""
+        out = ctypes.c_double()
+        self._call("polyak_get_beta_product", shadow, ctypes.byref(out))
+        return out.value
+
+    # -- adaptive modes
+    def set_grad_norm(self, grad_norm: int):
+        """The float (backend memory) that GradNorm shadows read at every update."""
+        self._call("polyak_set_grad_norm", grad_norm)
+
+    def set_grads(self, grads: Sequence[int]):
+        """Tensor i's gradient pointer at [i], read by Layerwise shadows at every update."""
+        table = (ctypes.c_void_p * max(len(grads), 1))(*grads)
+        self._call("polyak_set_grads", table)
+
+    def set_layer_norms(self, norms: int):
+        self._call("polyak_set_layer_norms", norms)
+
+    def layer_betas(self, shadow: int):
+        out = (ctypes.c_double * max(self.num_tensors, 1))()
+        self._call("polyak_get_layer_betas", shadow, out)
+        return list(out)[:self.num_tensors]
+
+    # -- EDM2 post-hoc
+    def snapshot_elems(self):
+        out = ctypes.c_int64()
+        self._call("polyak_snapshot_elems", ctypes.byref(out))
+        return out.value
+
+    def snapshot(self, shadow: int, dst: int, stream=None):
+        self._call("polyak_snapshot", shadow, dst, stream)
+
+    def synthesize_to_params(self, snapshots: int, coefficients: Sequence[float], stream=None):
+        count = len(coefficients)
+        array = (ctypes.c_double * max(count, 1))(*coefficients)
+        self._call("polyak_synthesize_to_params", snapshots, count, array, stream)
+
+    # -- checkpoints
+    def save(self, path):
+        self._call("polyak_save", str(path).encode())
+
+    def load(self, path):
+        self._call("polyak_load", str(path).encode())
+
+    # -- CUDA graphs
+    def graph_reserve(self, first_step: int, num_steps: int, stream=None):
+        self._call("polyak_graph_reserve", first_step, num_steps, stream)
+
+    def graph_update(self, stream=None):
+        self._call("polyak_graph_update", stream)
+
+    def graph_release(self):
+        """Ends a reservation; returns the number of steps the replays applied."""
+        done = ctypes.c_int64()
+        h = self._h()
+        status = _c.polyak_graph_release(h, ctypes.byref(done))
+        _check(status, h, "polyak_graph_release")
+        return done.value

@@ -1,0 +1,165 @@
+"""_lib: the ctypes mirror of include/polyak.h, in one place.
+
+Every C declaration Python uses is here: the two structs (field for field,
+checked against the library's own sizeof at load) and the signature of each
+function. Adding a C call is one line in FUNCTIONS.
+
+The library is the one bundled with the package (installed next to this file
+by `pip install .`), or the file named by the environment variable
+POLYAK_LIBRARY (a build tree's libpolyak.so, say).
+"""
+import ctypes
+import glob
+import os
+import re
+import sys
+
+MAX_SHADOWS = 8
+MAX_NDIM = 8
+
+# polyak_dtype, polyak_backend, polyak_schedule_kind: values pinned by the header
+F32, BF16, F16 = 0, 1, 2
+BACKEND_CPU, BACKEND_CUDA = 0, 1
+SCHEDULE_CONSTANT, SCHEDULE_TF, SCHEDULE_WARMUP, SCHEDULE_LINEAR = 0, 1, 2, 3
+SCHEDULE_COSINE, SCHEDULE_EQUAL, SCHEDULE_POWER = 4, 5, 6
+BLEND_ANY_WEIGHTS = 1
+SHADOW_ROUND_NEAREST = 1
+MAX_SNAPSHOTS = 1024
+
+
+class Schedule(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("beta", ctypes.c_double), ("beta_min", ctypes.c_double),
+                ("inv_gamma", ctypes.c_double), ("power", ctypes.c_double), ("gamma", ctypes.c_double),
+                ("ramp_steps", ctypes.c_int64), ("start_step", ctypes.c_int64)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_int), ("device", ctypes.c_int),
+                ("num_shadows", ctypes.c_int), ("schedules", Schedule * MAX_SHADOWS),
+                ("shadow_dtype", ctypes.c_int), ("zero_init", ctypes.c_int), ("skip_nonfinite", ctypes.c_int),
+                ("seed", ctypes.c_uint64),
+                # version 2: sharding
+                ("world_size", ctypes.c_int), ("rank", ctypes.c_int), ("nccl_comm", ctypes.c_void_p),
+                # version 3
+                ("count_updates", ctypes.c_int * MAX_SHADOWS),
+                # version 4
+                ("lookahead_every", ctypes.c_int64), ("grad_norm_c", ctypes.c_double * MAX_SHADOWS),
+                ("layerwise_beta0", ctypes.c_double * MAX_SHADOWS)]
+
+
+_vp, _i64, _int, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_P = ctypes.POINTER
+_status = ctypes.c_int
+
+# name: (restype, argtypes), in the header's order
+FUNCTIONS = {
+    "polyak_status_name": (ctypes.c_char_p, [_int]),
+    "polyak_last_error": (ctypes.c_char_p, [_vp]),
+    "polyak_version_string": (ctypes.c_char_p, []),
+    "polyak_backend_available": (_int, [_int]),
+    "polyak_config_init": (None, [_P(Config)]),
+    "polyak_check_config": (_status, [_P(Config), ctypes.c_char_p, ctypes.c_size_t]),
+    "polyak_beta_at": (_dbl, [_P(Schedule), _i64]),
+    "polyak_beta_product": (_dbl, [_P(Schedule), _i64, _i64]),
+    "polyak_half_life_from_beta": (_dbl, [_dbl]),
+    "polyak_beta_from_half_life": (_dbl, [_dbl]),
+    "polyak_window_from_beta": (_dbl, [_dbl]),
+    "polyak_beta_from_window": (_dbl, [_dbl]),
+    "polyak_beta_from_horizon": (_dbl, [_dbl]),
+    "polyak_sigma_rel_from_gamma": (_dbl, [_dbl]),
+    "polyak_gamma_from_sigma_rel": (_dbl, [_dbl]),
+    "polyak_create": (_status, [_P(_vp), _P(Config)]),
+    "polyak_add": (_status, [_vp, ctypes.c_char_p, _vp, _int, _int, _P(_i64)]),
+    "polyak_add_with_shadow": (_status, [_vp, ctypes.c_char_p, _vp, _int, _int, _P(_i64), _vp, _int, _int]),
+    "polyak_finalize": (_status, [_vp, _vp]),
+    "polyak_hard_update": (_status, [_vp, _int, _vp]),
+    "polyak_update": (_status, [_vp, _i64, _vp]),
+    "polyak_get_shadow": (_status, [_vp, _int, _int, _vp, _int, _vp]),
+    "polyak_nonfinite_count": (_status, [_vp, _P(_i64)]),
+    "polyak_get_step": (_status, [_vp, _P(_i64)]),
+    "polyak_num_tensors": (_status, [_vp, _P(_int)]),
+    "polyak_local_range": (_status, [_vp, _int, _P(_i64), _P(_i64)]),
+    "polyak_get_local_shadow": (_status, [_vp, _int, _int, _vp, _int, _vp]),
+    "polyak_copy_to_params": (_status, [_vp, _int, _vp]),
+    "polyak_store": (_status, [_vp, _vp]),
+    "polyak_restore": (_status, [_vp, _vp]),
+    "polyak_blend_to_params": (_status, [_vp, _P(_dbl), _int, _vp]),
+    "polyak_get_blend": (_status, [_vp, _P(_dbl), _int, _int, _vp, _int, _vp]),
+    "polyak_set_grad_norm": (_status, [_vp, _vp]),
+    "polyak_set_grads": (_status, [_vp, _P(_vp)]),
+    "polyak_set_layer_norms": (_status, [_vp, _vp]),
+    "polyak_get_layer_betas": (_status, [_vp, _int, _P(_dbl)]),
+    "polyak_get_beta_product": (_status, [_vp, _int, _P(_dbl)]),
+    "polyak_posthoc_coefficients": (_status, [_int, _P(_i64), _P(_dbl), _i64, _dbl, _P(_dbl)]),
+    "polyak_snapshot_elems": (_status, [_vp, _P(_i64)]),
+    "polyak_snapshot": (_status, [_vp, _int, _vp, _vp]),
+    "polyak_synthesize_to_params": (_status, [_vp, _vp, _int, _P(_dbl), _vp]),
+    "polyak_save": (_status, [_vp, ctypes.c_char_p]),
+    "polyak_load": (_status, [_vp, ctypes.c_char_p]),
+    "polyak_graph_reserve": (_status, [_vp, _i64, _i64, _vp]),
+    "polyak_graph_update": (_status, [_vp, _vp]),
+    "polyak_graph_release": (_status, [_vp, _P(_i64)]),
+    "polyak_destroy": (None, [_vp]),
+}
+
+
+def library_path():
+    """The libpolyak this process loads: $POLYAK_LIBRARY, else the bundled one."""
+    path = os.environ.get("POLYAK_LIBRARY")
+    if path:
+        return path
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "libpolyak.so*")) + glob.glob(os.path.join(here, "libpolyak.dylib")))
+    if not found:
+        raise ImportError(f"polyak: no libpolyak next to {here} (install the package with `pip install .`, "
+                          "or set POLYAK_LIBRARY to a built libpolyak.so)")
+    return found[0]
+
+
+def config_defaults(library):
+    """polyak_config_init's defaults in this package's mirror of the struct.
+
+    The library may be newer, with fields appended: its polyak_config_init
+    writes into a buffer big enough for that, and the mirror keeps the prefix
+    it knows, with struct_size saying so (polyak_create accepts the sizes of
+    earlier versions, the fields they lack at their defaults)."""
+    buffer = (ctypes.c_char * 4096)()
+    library.polyak_config_init(ctypes.cast(buffer, ctypes.POINTER(Config)))
+    c_size = ctypes.c_size_t.from_buffer(buffer).value
+    if c_size < ctypes.sizeof(Config) or c_size > len(buffer):
+        raise ImportError(f"polyak: the library's polyak_config has {c_size} bytes, this package's mirror "
+                          f"{ctypes.sizeof(Config)}: the library is older than the package")
+    cfg = Config.from_buffer_copy(bytes(buffer)[:ctypes.sizeof(Config)])
+    cfg.struct_size = ctypes.sizeof(Config)
+    return cfg
+
+
+def _preload_environment_cuda(path):
+    """A process holds one library per soname, the first loaded. If this Python environment ships
+    the CUDA libraries libpolyak needs (NVIDIA's wheels, which PyTorch depends on), load those
+    first, so that libpolyak and torch share them whichever is imported first; otherwise torch,
+    imported after, would find libpolyak's (the toolkit's, perhaps older) in their place."""
+    with open(path, "rb") as f:
+        needed = set(re.findall(rb"lib(?:cudart|cublasLt|cublas)\.so\.[0-9]+", f.read()))
+    order = {b"cudart": 0, b"cublasLt": 1, b"cublas": 2}  # each before what depends on it
+    for soname in sorted(needed, key=lambda n: order[n[3:].split(b".")[0]]):
+        for entry in sys.path:
+            found = glob.glob(os.path.join(entry or ".", "nvidia", "*", "lib", soname.decode()))
+            if found:
+                ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+                break
+
+
+def _load():
+    path = library_path()
+    _preload_environment_cuda(path)
+    library = ctypes.CDLL(path)
+    for name, (restype, argtypes) in FUNCTIONS.items():
+        fn = getattr(library, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    config_defaults(library)  # checks the mirror against the library
+    return library, path
+
+
+lib, path = _load()

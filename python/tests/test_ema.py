@@ -1,0 +1,359 @@
+"""polyak.torch.EMA on the CPU: averages against float64, buffers, evaluation, checkpoints, bad input."""
+import io
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import polyak  # noqa: E402
+from polyak.torch import EMA  # noqa: E402
+
+
+class Mixed(torch.nn.Module):
+    """Params of three dtypes and odd sizes, and a BatchNorm for buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 13)
+        self.norm = torch.nn.BatchNorm1d(13)
+        self.b = torch.nn.Linear(13, 5).to(torch.bfloat16)
+        self.c = torch.nn.Parameter(torch.randn(33, dtype=torch.float16))
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)).to(torch.bfloat16)).float().sum() + self.c.float().sum()
+
+
+def perturb(model, gen):
+    """What an optimizer step does: every param moves in place (random, never zero)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((torch.rand(p.shape, generator=gen) + 0.5).to(p.dtype))
+
+
+def train_step(model, gen):
+    """A forward pass in train mode (moves BatchNorm's statistics), then perturb."""
+    model.train()
+    model(torch.randn(6, 7, generator=gen))
+    perturb(model, gen)
+
+
+def shadows(ema, k=0):
+    """Shadow k of every averaged tensor, exact bits (the state's tensors)."""
+    return ema.state_dict()["shadows"][k]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def gen():
+    torch.manual_seed(11)
+    return torch.Generator().manual_seed(11)
+
+
+def test_every_shadow_follows_its_float64_average_across_dtypes_and_gaps(gen):
+    model = Mixed()
+    ema = EMA(model, schedules=[polyak.Constant(0.9), polyak.Warmup(beta=0.99), polyak.Equal()])
+    names = ema.names
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    ref = [{n: params[n].detach().double().clone() for n in names} for _ in range(3)]
+    last = 0
+    for step in (1, 2, 3, 6, 7, 12):
+        train_step(model, gen)
+        ema.update(step)
+        for k in range(3):
+            decay = 1.0
+            for s in range(last + 1, step + 1):
+                t = s - 1
+                decay *= [0.9, 0.0 if t == 0 else min(0.99, 1 - (1 + t) ** (-2 / 3)), t / (t + 1)][k]
+            for n in names:
+                ref[k][n] = decay * ref[k][n] + (1 - decay) * params[n].detach().double()
+        last = step
+    for k in range(3):
+        got = shadows(ema, k)
+        for n in names:
+            scale = ref[k][n].abs().max().item() + 1
+            assert (got[n].double() - ref[k][n]).abs().max().item() < 1e-6 * scale, (k, n)
+    assert ema.step == 12 and ema.nonfinite_count() == 0
+
+
+def test_floating_buffers_are_averaged_and_the_others_copied(gen):
+    model = Mixed()
+    ema = EMA(model, decay=0.5)
+    assert "norm.running_mean" in ema.names and "norm.num_batches_tracked" not in ema.names
+    mean = model.norm.running_mean.double().clone()
+    for step in (1, 2, 3):
+        train_step(model, gen)
+        ema.update(step)
+        mean = 0.5 * mean + 0.5 * model.norm.running_mean.double()
+    train_step(model, gen)  # after the last update: not in the average
+    avg = ema.model_state_dict()
+    assert (avg["norm.running_mean"].double() - mean).abs().max() < 1e-6
+    assert int(avg["norm.num_batches_tracked"]) == 3 and int(model.norm.num_batches_tracked) == 4
+
+
+def test_buffers_copy_and_ignore(gen):
+    model = Mixed()
+    copying = EMA(model, decay=0.5, buffers="copy")
+    ignoring = EMA(model, decay=0.5, buffers="ignore")
+    train_step(model, gen)
+    copying.update(1)
+    ignoring.update(1)
+    avg = copying.model_state_dict()
+    assert torch.equal(avg["norm.running_var"], model.norm.running_var)
+    assert not any(n.startswith("norm.running") for n in ignoring.names)
+    assert "norm.running_var" not in ignoring.model_state_dict()
+
+
+def test_average_parameters_evaluates_the_average_and_restores_every_bit(gen):
+    model = Mixed()
+    ema = EMA(model, decay=0.7)
+    for step in range(1, 5):
+        train_step(model, gen)
+        ema.update(step)
+    train_step(model, gen)
+    before, average = snapshot(model), ema.model_state_dict()
+    with ema.average_parameters():
+        assert_same(snapshot(model), average)
+        with pytest.raises(polyak.StateError, match="average_parameters"):
+            ema.update(5)  # it would fold the average into itself
+        with pytest.raises(polyak.StateError):
+            with ema.average_parameters(shadow=0):
+                pass
+    assert_same(snapshot(model), before)
+    assert ema.step == 4 and torch.equal(ema.model_state_dict()["a.weight"], average["a.weight"])
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.average_parameters():
+            raise RuntimeError("inside")
+    assert_same(snapshot(model), before)
+    ema.update(6)  # the store is over: updates go on
+
+
+def test_copy_to_writes_the_average_into_another_model(gen):
+    model, other = Mixed(), Mixed()
+    ema = EMA(model, decay=0.7)
+    train_step(model, gen)
+    ema.update(1)
+    ema.copy_to(other)
+    assert_same(snapshot(other), ema.model_state_dict())
+    with pytest.raises(polyak.MismatchError):
+        ema.copy_to(torch.nn.Linear(7, 13))
+
+
+@pytest.mark.parametrize("shadow_dtype,zero_init", [(torch.float32, False), (torch.bfloat16, False),
+                                                    (torch.float32, True)])
+def test_state_dict_round_trips_through_torch_save_bit_exactly(gen, shadow_dtype, zero_init):
+    model = Mixed()
+    options = dict(schedules=[polyak.Constant(0.99), polyak.Power(sigma_rel=0.1)], shadow_dtype=shadow_dtype,
+                   zero_init=zero_init, seed=5)
+    first = EMA(model, **options)
+    for step in (1, 2, 4):
+        train_step(model, gen)
+        first.update(step)
+    blob = io.BytesIO()
+    torch.save({"ema": first.state_dict()}, blob)
+    blob.seek(0)
+    second = EMA(model, **options)  # starts from the current params
+    second.load_state_dict(torch.load(blob)["ema"])
+    assert second.step == 4
+    for step in (5, 9):  # both go on: the same bits
+        train_step(model, gen)
+        first.update(step)
+        second.update(step)
+    a, b = first.state_dict(), second.state_dict()
+    assert a["metadata"] == b["metadata"]
+    for k in range(2):
+        assert_same(a["shadows"][k], b["shadows"][k])
+    assert a["shadows"][0]["a.weight"].dtype == shadow_dtype
+
+
+def test_a_mismatching_state_is_refused_and_changes_nothing(gen):
+    model = Mixed()
+    ema = EMA(model, decay=0.9)
+    train_step(model, gen)
+    ema.update(1)
+    before = ema.state_dict()
+    other = EMA(model, decay=0.99)
+    other.update(2)
+    with pytest.raises(polyak.MismatchError, match="schedule"):
+        ema.load_state_dict(other.state_dict())
+    bad = other.state_dict()
+    bad["shadows"][0]["a.weight"] = bad["shadows"][0]["a.weight"][:3]
+    with pytest.raises(polyak.MismatchError, match="a.weight"):
+        ema.load_state_dict(bad)
+    del bad["shadows"][0]["a.weight"]
+    with pytest.raises(polyak.MismatchError, match="lacks"):
+        ema.load_state_dict(bad)
+    with pytest.raises(polyak.FormatError):
+        ema.load_state_dict({"shadows": []})
+    after = ema.state_dict()
+    assert after["metadata"] == before["metadata"]
+    assert_same(after["shadows"][0], before["shadows"][0])
+
+
+def test_save_gives_a_file_safetensors_loads_into_the_model(gen, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = Mixed()
+    ema = EMA(model, decay=0.8)
+    for step in (1, 2):
+        train_step(model, gen)
+        ema.update(step)
+    path = tmp_path / "ema.safetensors"
+    ema.save(path)
+    fresh = Mixed()
+    fresh.load_state_dict(safetensors_torch.load_file(path))  # strict: BatchNorm fills num_batches_tracked
+    average = ema.model_state_dict()
+    for name in ema.names:  # f32 in the file, the param's dtype in the model
+        assert torch.equal(fresh.state_dict()[name], average[name])
+    again = EMA(model, decay=0.8)
+    again.handle.load(str(path))  # the library's own checkpoint: the exact state
+    assert_same(shadows(again), shadows(ema))
+
+
+def test_a_reallocated_param_is_refused_before_anything_changes(gen):
+    model = Mixed()
+    ema = EMA(model, decay=0.9)
+    train_step(model, gen)
+    ema.update(1)
+    before = shadows(ema)
+    model.a.weight.data = model.a.weight.data.clone()  # same values, new memory
+    with pytest.raises(polyak.StateError, match="a.weight"):
+        ema.update(2)
+    assert_same(shadows(ema), before) and ema.step == 1
+
+
+@pytest.mark.parametrize("change", ["assign", "to", "buffer"])
+def test_every_kind_of_reallocation_is_noticed(gen, change):
+    model = Mixed()
+    ema = EMA(model, decay=0.9)
+    if change == "assign":
+        model.load_state_dict(Mixed().state_dict(), assign=True)
+    elif change == "to":
+        model.a.to(torch.float64)
+    else:
+        model.norm.running_mean = torch.zeros(13)
+    with pytest.raises(polyak.StateError, match="stale"):
+        ema.update(1)
+    with pytest.raises(polyak.StateError, match="stale"):
+        with ema.average_parameters():
+            pass
+    ema.model_state_dict()  # the shadows themselves can still be read and saved
+
+
+def test_bad_input_raises_the_right_exception():
+    model = Mixed()
+    with pytest.raises(polyak.InvalidArgError, match="contiguous"):
+        bad = torch.nn.Linear(4, 6)
+        bad.weight = torch.nn.Parameter(torch.randn(4, 6).t())
+        EMA(bad)
+    with pytest.raises(polyak.InvalidArgError, match="devices"):
+        two = torch.nn.Module()
+        two.x = torch.nn.Parameter(torch.randn(3))
+        two.y = torch.nn.Parameter(torch.randn(3, device="meta"))
+        EMA(two)
+    with pytest.raises(polyak.UnsupportedError, match="float64"):
+        EMA(torch.nn.Linear(3, 3).double())
+    with pytest.raises(polyak.InvalidArgError):
+        EMA(model, buffers="average-all")
+    with pytest.raises(polyak.InvalidArgError):
+        EMA(model, decay=0.9, schedules=[polyak.Constant(0.9)])
+    with pytest.raises(polyak.InvalidArgError):
+        EMA([torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(polyak.InvalidArgError):
+        EMA(model, shadow_dtype=torch.float16)
+    ema = EMA(model, decay=0.9)
+    ema.update(5)
+    before = shadows(ema)
+    with pytest.raises(polyak.InvalidArgError, match="step"):
+        ema.update(5)  # not after the last
+    with pytest.raises(polyak.InvalidArgError):
+        ema.model_state_dict(shadow=1)
+    assert_same(shadows(ema), before) and ema.step == 5
+    ema.close()
+    with pytest.raises(polyak.StateError, match="closed"):
+        ema.update(6)
+
+
+def test_a_nonfinite_param_leaves_its_shadow_and_is_counted(gen):
+    model = Mixed()
+    ema = EMA(model, decay=0.5)
+    before = shadows(ema)["a.bias"].clone()
+    perturb(model, gen)
+    with torch.no_grad():
+        model.a.bias[3] = float("nan")
+    ema.update(1)
+    after = shadows(ema)["a.bias"]
+    assert after[3] == before[3] and ema.nonfinite_count() == 1
+    assert not torch.equal(after[:3], before[:3])
+
+
+def test_lookahead_writes_the_slow_weights_into_the_params(gen):
+    model = torch.nn.Linear(5, 3)
+    start = {k: v.double().clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, schedules=[polyak.Constant(0.9), polyak.Lookahead(alpha=0.5, every=2)])
+    perturb(model, gen)
+    ema.update(1)  # no sync
+    perturb(model, gen)
+    fast = {k: v.double().clone() for k, v in model.state_dict().items()}
+    ema.update(2)  # a sync: slow += 0.5 (fast - slow); params <- slow
+    for k, v in model.state_dict().items():
+        assert (v.double() - (start[k] + 0.5 * (fast[k] - start[k]))).abs().max() < 1e-6
+
+
+def test_grad_norm_decay_reads_the_norm_tensor(gen):
+    model = torch.nn.Linear(5, 3)
+    start = {k: v.double().clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, schedules=[polyak.GradNorm(c=0.5)])
+    norm = torch.tensor([3.0])
+    ema.set_grad_norm(norm)
+    perturb(model, gen)
+    ema.update(1)
+    beta = 1 - 0.5 / math.sqrt(1 + 9.0)
+    for k, v in shadows(ema).items():
+        ref = beta * start[k] + (1 - beta) * model.state_dict()[k].double()
+        assert (v.double() - ref).abs().max() < 1e-6
+    with pytest.raises(polyak.InvalidArgError):
+        ema.set_grad_norm(torch.tensor([3.0], dtype=torch.float64))
+
+
+def test_layerwise_decay_follows_each_tensors_gradient_share(gen):
+    model = torch.nn.Linear(5, 3)
+    start = {k: v.double().clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, schedules=[polyak.Layerwise(beta0=0.9)])
+    model(torch.randn(4, 5, generator=gen)).pow(2).sum().backward()
+    ema.set_grads()
+    norms = {k: p.grad.double().norm().item() for k, p in model.named_parameters()}
+    perturb(model, gen)
+    ema.update(1)
+    for k, v in shadows(ema).items():
+        beta = 0.9 * math.exp(-norms[k] / sum(norms.values()))
+        ref = beta * start[k] + (1 - beta) * model.state_dict()[k].double()
+        assert (v.double() - ref).abs().max() < 1e-6
+
+
+def test_blends_and_posthoc_synthesis_through_torch(gen):
+    model = Mixed()
+    ema = EMA(model, schedules=[polyak.Power(sigma_rel=0.05), polyak.Power(sigma_rel=0.10)])
+    for step in range(1, 6):
+        train_step(model, gen)
+        ema.update(step)
+    s0, s1 = shadows(ema, 0), shadows(ema, 1)
+    with ema.average_parameters(weights=[0.25, 0.75]):
+        for n in ["a.weight", "c"]:
+            got = dict(model.named_parameters())[n].double()
+            ref = (0.25 * s0[n].double() + 0.75 * s1[n].double()).to(got.dtype if n != "c" else torch.float16)
+            assert (got - ref.double()).abs().max() < 2e-3 if n == "c" else 1e-6
+    stack = torch.stack([ema.snapshot(0), ema.snapshot(1)])
+    with ema.posthoc_parameters(stack, [1.0, 0.0]):
+        assert torch.equal(model.a.weight.detach(), s0["a.weight"])
+    with pytest.raises(polyak.InvalidArgError):
+        with ema.posthoc_parameters(stack[:, :5], [1.0, 0.0]):
+            pass
