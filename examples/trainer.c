@@ -189,11 +189,12 @@ static double train_step(trainer *tr, const unsigned char *text)
 
 #define STATE_MAGIC "TRAINER1"
 
-static int write_all(int fd, const void *data, size_t num_bytes)
+/* All num_bytes written from data (writing) or read into it: 0, else -1. */
+static int transfer_all(int fd, void *data, size_t num_bytes, int writing)
 {
-  const char *at = data;
+  char *at = data;
   while (num_bytes > 0) {
-    ssize_t done = write(fd, at, num_bytes);
+    ssize_t done = writing ? write(fd, at, num_bytes) : read(fd, at, num_bytes);
     if (done < 0 && errno == EINTR)
       continue;
     if (done <= 0)
@@ -203,19 +204,8 @@ static int write_all(int fd, const void *data, size_t num_bytes)
   return 0;
 }
 
-static int read_all(int fd, void *data, size_t num_bytes)
-{
-  char *at = data;
-  while (num_bytes > 0) {
-    ssize_t done = read(fd, at, num_bytes);
-    if (done < 0 && errno == EINTR)
-      continue;
-    if (done <= 0)
-      return -1;
-    at += done, num_bytes -= (size_t)done;
-  }
-  return 0;
-}
+static int write_all(int fd, const void *data, size_t num_bytes) { return transfer_all(fd, (void *)data, num_bytes, 1); }
+static int read_all(int fd, void *data, size_t num_bytes) { return transfer_all(fd, data, num_bytes, 0); }
 
 /* magic, step, sampler, params, m, v, the EMA (polyak's own format, at the
  * file's offset), magic again; written to path.tmp, then renamed over path */

@@ -315,7 +315,6 @@ polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
   return POLYAK_OK;
 }
 
-
 polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   cuda_state *state = p->backend;
