@@ -356,8 +356,8 @@ class EMA:
         offset = 0
         for i, (_, count) in enumerate(mine):
             if count:
-                h.get_local_shadow(shadow, i, _data_ptr(flat) + offset * flat.element_size(),
-                                   _DTYPE_NAMES[dtype], self._stream())
+                h.get_local_shadow(shadow, i, _data_ptr(flat) + offset * flat.element_size(), _DTYPE_NAMES[dtype],
+                                   self._stream(), dst_num_bytes=count * flat.element_size())
             offset += count
         longest = max(sum(n for _, n in r) for r in self._ranges)
         padded = torch.zeros(longest, dtype=dtype, device=self.device)
@@ -376,7 +376,8 @@ class EMA:
         """Shadow `shadow` of averaged tensor i in a new tensor of its registered shape and dtype."""
         source = self._averaged[i]
         out = torch.empty(source.shape, dtype=source.dtype, device=self.device)
-        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[source.dtype], self._stream())
+        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[source.dtype], self._stream(),
+                               dst_num_bytes=out.numel() * out.element_size())
         return out
 
     def _write_params(self, shadow):
