@@ -140,6 +140,9 @@ def run_ddp_sharded(rank, world_size, directory):
     again.load_state_dict(state)
     whole = EMA(net, decay=0.7)
     whole.load_state_dict(state)
+    from_file = EMA(net, decay=0.7)
+    from_file.handle.load(path)  # the saved file is the library's checkpoint of the whole model
+    assert torch.equal(from_file.state_dict()["checkpoint"], whole.state_dict()["checkpoint"])
     for other in (again, whole):
         assert other.step == STEPS
         got = other.model_state_dict()

@@ -38,8 +38,9 @@ def train_step(model, gen):
 
 
 def shadows(ema, k=0):
-    """Shadow k of every averaged tensor, exact bits (the state's tensors)."""
-    return ema.state_dict()["shadows"][k]
+    """Shadow k of every averaged tensor in the shadow dtype: the shadows' bits (debiased with zero_init)."""
+    average = ema.model_state_dict(k, dtype=ema.shadow_dtype)
+    return {name: average[name] for name in ema.names}
 
 
 def snapshot(model):
@@ -168,11 +169,9 @@ def test_state_dict_round_trips_through_torch_save_bit_exactly(gen, shadow_dtype
         train_step(model, gen)
         first.update(step)
         second.update(step)
-    a, b = first.state_dict(), second.state_dict()
-    assert a["metadata"] == b["metadata"]
-    for k in range(2):
-        assert_same(a["shadows"][k], b["shadows"][k])
-    assert a["shadows"][0]["a.weight"].dtype == shadow_dtype
+    # the library's checkpoints of both, byte for byte: every shadow's bits and the step state
+    assert torch.equal(first.state_dict()["checkpoint"], second.state_dict()["checkpoint"])
+    assert shadows(second)["a.weight"].dtype == shadow_dtype
 
 
 def test_a_mismatching_state_is_refused_and_changes_nothing(gen):
@@ -185,18 +184,45 @@ def test_a_mismatching_state_is_refused_and_changes_nothing(gen):
     other.update(2)
     with pytest.raises(polyak.MismatchError, match="schedule"):
         ema.load_state_dict(other.state_dict())
-    bad = other.state_dict()
-    bad["shadows"][0]["a.weight"] = bad["shadows"][0]["a.weight"][:3]
+    with pytest.raises(polyak.MismatchError, match=r"norm\."):
+        ema.load_state_dict(EMA(torch.nn.Linear(7, 13), decay=0.9).state_dict())  # another model
+    corrupt = ema.state_dict()
+    corrupt["checkpoint"] = corrupt["checkpoint"].clone()
+    corrupt["checkpoint"][-1] ^= 1
+    with pytest.raises(polyak.FormatError, match="checksum"):
+        ema.load_state_dict(corrupt)
+    for bad in ({"shadows": []}, {"checkpoint": torch.zeros(8), "buffers": {}}, [1, 2]):
+        with pytest.raises(polyak.FormatError):
+            ema.load_state_dict(bad)
+    # the form FSDP2 EMAs give (the shadows as tensors), made here without processes
+    parts = dict(other._parts(), buffers=other.state_dict()["buffers"])
+    parts["shadows"][0]["a.weight"] = parts["shadows"][0]["a.weight"][:3]
     with pytest.raises(polyak.MismatchError, match="a.weight"):
-        ema.load_state_dict(bad)
-    del bad["shadows"][0]["a.weight"]
+        ema.load_state_dict(parts)
+    del parts["shadows"][0]["a.weight"]
     with pytest.raises(polyak.MismatchError, match="lacks"):
-        ema.load_state_dict(bad)
-    with pytest.raises(polyak.FormatError):
-        ema.load_state_dict({"shadows": []})
-    after = ema.state_dict()
-    assert after["metadata"] == before["metadata"]
-    assert_same(after["shadows"][0], before["shadows"][0])
+        ema.load_state_dict(parts)
+    assert torch.equal(ema.state_dict()["checkpoint"], before["checkpoint"])
+
+
+def test_a_state_as_tensors_loads_through_the_librarys_checks(gen):
+    """The tensor form of the state (FSDP2's, so that torch.distributed.checkpoint can reshard
+    it) is checked by the library too: its metadata against this EMA's configuration."""
+    model = Mixed()
+    options = dict(schedules=[polyak.Constant(0.9), polyak.Power(gamma=7.0, rounding="stochastic")], seed=4)
+    ema = EMA(model, **options)
+    for step in (1, 3):
+        train_step(model, gen)
+        ema.update(step)
+    parts = dict(ema._parts(), buffers=ema.state_dict()["buffers"])
+    assert parts["shadows"][1]["a.weight"].dtype == torch.float32 and "checksum" not in parts["metadata"]
+    again = EMA(model, **options)
+    again.load_state_dict(parts)
+    assert torch.equal(again.state_dict()["checkpoint"], ema.state_dict()["checkpoint"])
+    nearest = EMA(model, schedules=[polyak.Constant(0.9), polyak.Power(gamma=7.0)], seed=4)
+    with pytest.raises(polyak.MismatchError, match="rounding"):
+        nearest.load_state_dict(parts)
+    assert nearest.step == 0
 
 
 def test_save_gives_a_file_safetensors_loads_into_the_model(gen, tmp_path):
