@@ -11,10 +11,10 @@
 
 The library reads the params where they live (CPU memory or a CUDA device)
 through their data pointers; nothing here computes an average. Buffers: the
-floating ones (BatchNorm's running statistics) are averaged like params by
-default, the others (num_batches_tracked) copied at each update with a torch
-copy on the same stream; buffers="copy" copies all of them, "ignore" leaves
-them out.
+f32/bf16/f16 ones (BatchNorm's running statistics) are averaged like params by
+default, the others (num_batches_tracked, float64 ones) registered as the
+library's copy-only tensors, mirrored by the same update call; buffers="copy"
+copies all of them, "ignore" leaves them out.
 """
 import contextlib
 import ctypes
@@ -31,7 +31,9 @@ from polyak._lib import lib as _c
 
 __all__ = ["EMA"]
 
-_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # averaged
+_COPY_DTYPE_NAMES = {**_DTYPE_NAMES, torch.float64: "f64", torch.int64: "i64", torch.int32: "i32",
+                     torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}  # copied
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -89,16 +91,20 @@ class _Source:
 
 
 class EMA:
-    """Averages of a model's params (and floating buffers) kept by libpolyak.
+    """Averages of a model's params (and buffers) kept by libpolyak.
 
     decay, warmup: one shadow, Constant(decay) or, with warmup, timm's warm-up
     schedule Warmup(beta=decay); `schedules` instead gives up to 8 shadows of
     any polyak schedule (Constant, TF, Warmup, Linear, Cosine, Equal, Power,
     GradNorm, Layerwise, and Lookahead last), all updated by one call.
-    start_step applies to decay/warmup: beta is 0 (the shadow copies the
-    params) up to that step. shadow_dtype: torch.float32 (default) or
-    torch.bfloat16 (stochastic rounding). buffers: "average" (floating ones
-    averaged, the others copied), "copy" or "ignore". shard: with DDP, True
+    start_step and rounding apply to decay/warmup (schedules carry their own):
+    beta is 0 (the shadow copies the params) up to start_step; rounding
+    "stochastic" rounds the f32 shadow stochastically (long horizons: beta >=
+    0.9999). shadow_dtype: torch.float32 (default) or torch.bfloat16
+    (stochastic rounding). buffers: "average" (f32, bf16 and f16 ones averaged,
+    the others copied), "copy" (all copied) or "ignore"; a copied buffer is the
+    library's copy-only tensor: mirrored by every update in the same call,
+    written back with the average, saved in checkpoints. shard: with DDP, True
     (the default process group) or a group: each rank keeps 1/W of every
     shadow; reads gather with torch.distributed. check_stale: before every
     update, check that no registered param was re-allocated (measured cost:
@@ -110,7 +116,7 @@ class EMA:
     """
 
     def __init__(self, model: torch.nn.Module, decay: Optional[float] = None, warmup: bool = False, *,
-                 schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0,
+                 schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0, rounding: str = "nearest",
                  shadow_dtype=torch.float32, buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True):
         self._handle = None
@@ -119,10 +125,10 @@ class EMA:
             raise InvalidArgError(f"EMA needs a torch.nn.Module, got {type(model).__name__}")
         if schedules is None:
             decay = 0.9999 if decay is None else decay
-            schedules = [Warmup(beta=decay, start_step=start_step) if warmup else
-                         Constant(decay, start_step=start_step)]
-        elif decay is not None or warmup or start_step:
-            raise InvalidArgError("give either schedules or decay/warmup/start_step, not both")
+            schedules = [Warmup(beta=decay, start_step=start_step, rounding=rounding) if warmup else
+                         Constant(decay, start_step=start_step, rounding=rounding)]
+        elif decay is not None or warmup or start_step or rounding != "nearest":
+            raise InvalidArgError("give either schedules or decay/warmup/start_step/rounding, not both")
         if buffers not in ("average", "copy", "ignore"):
             raise InvalidArgError(f"buffers={buffers!r}: one of 'average', 'copy', 'ignore'")
         if shadow_dtype not in (torch.float32, torch.bfloat16):
@@ -144,8 +150,11 @@ class EMA:
         for s in averaged:
             if s.local.dtype not in _DTYPE_NAMES:
                 raise UnsupportedError(f"{s.kind} {s.name!r} is {s.local.dtype}: polyak averages float32, "
-                                       "bfloat16 and float16 tensors" +
-                                       (" (buffers='copy' copies buffers instead)" if s.kind == "buffer" else ""))
+                                       "bfloat16 and float16 tensors")
+        for s in copied:
+            if s.local.dtype not in _COPY_DTYPE_NAMES:
+                raise UnsupportedError(f"buffer {s.name!r} is {s.local.dtype}, which polyak does not copy "
+                                       "(buffers='ignore' leaves buffers out)")
         for s in averaged + copied:
             if not s.local.is_contiguous():
                 raise InvalidArgError(f"{s.kind} {s.name!r} is not contiguous (strides {s.local.stride()}): "
@@ -170,8 +179,10 @@ class EMA:
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
                                world_size=world_size, rank=rank)
         try:
-            for s in averaged:
+            for s in averaged:  # tensor i is averaged[i], then the copies
                 handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.local.shape)
+            for s in copied:
+                handle.add_copy(s.name, _data_ptr(s.local), _COPY_DTYPE_NAMES[s.local.dtype], s.local.shape)
             handle.finalize(self._stream())
         except BaseException:
             handle.close()
@@ -181,8 +192,6 @@ class EMA:
         self.shadow_dtype = shadow_dtype
         self._averaged = averaged
         self._copied = copied
-        # the copied buffers' values as of the last update: torch copies on the update's stream
-        self._copies = [s.local.detach().clone() for s in copied]
         self._sources = [s.local for s in averaged + copied]
         self._ptrs = tuple(s.ptr for s in averaged + copied)
         self._stale = None
@@ -209,7 +218,7 @@ class EMA:
         if buffers != "ignore":
             for name, b in model.named_buffers():
                 source = _Source(name, *owners[id(b)], "buffer", b)
-                (averaged if buffers == "average" and b.is_floating_point() else copied).append(source)
+                (averaged if buffers == "average" and b.dtype in _DTYPE_NAMES else copied).append(source)
         return averaged, copied
 
     def _watch(self, sources):
@@ -278,8 +287,6 @@ class EMA:
         status = _c.polyak_update(h._ptr, step, self._stream())
         if status:
             polyak._check(status, h._ptr, "polyak_update")
-        if self._copies:
-            torch._foreach_copy_(self._copies, self._sources[len(self._averaged):])
         if step == self._copy_at_step:
             for k in range(h.num_shadows):
                 h.hard_update(k, self._stream())
@@ -360,14 +367,25 @@ class EMA:
                                dst_num_bytes=out.numel() * out.element_size())
         return out
 
+    def _read_copy(self, j, dst=None):
+        """Copied buffer j as of the last update (its mirror), into dst or a new tensor."""
+        s = self._copied[j]
+        out = torch.empty(s.shape, dtype=s.dtype, device=self.device) if dst is None else dst
+        self.handle.get_shadow(0, len(self._averaged) + j, _data_ptr(out), _COPY_DTYPE_NAMES[s.dtype],
+                               self._stream(), dst_num_bytes=out.numel() * out.element_size())
+        return out
+
     def _write_params(self, shadow):
-        """The params <- shadow `shadow` (sharded: gathered, then a torch copy per tensor)."""
+        """The params <- shadow `shadow`, the copied buffers <- their mirrors (sharded: the averages
+        gathered, then a torch copy per tensor)."""
         if not self._sharded():
             self._handle.copy_to_params(shadow, self._stream())
             return
         with torch.no_grad():
             for s, value in zip(self._averaged, self._gathered(shadow)):
                 s.local.copy_(value)
+        for j, s in enumerate(self._copied):
+            self._read_copy(j, dst=s.local)
 
     def model_state_dict(self, shadow: int = 0, dtype: Optional[torch.dtype] = None):
         """The average as the model's state dict: {name: tensor} of every registered param and
@@ -387,8 +405,8 @@ class EMA:
             values = [self._read(shadow, i, dtype or s.dtype) for i, s in enumerate(self._averaged)]
         for s, value in zip(self._averaged, values):
             out[s.name] = self._as_model_tensor(s, value)
-        for s, value in zip(self._copied, self._copies):
-            out[s.name] = self._as_model_tensor(s, value.clone())
+        for j, s in enumerate(self._copied):
+            out[s.name] = self._as_model_tensor(s, self._read_copy(j))
         return out
 
     @staticmethod
@@ -428,22 +446,15 @@ class EMA:
 
     def _swap_average(self, shadow, weights):
         h, stream = self._handle, self._stream()
-        h.store(stream)
-        kept = [s.local.clone() for s in self._copied]
+        h.store(stream)  # the params and the copied buffers, restored bit for bit on exit
         try:
             if weights is not None:
                 h.blend_to_params(list(weights), stream=stream)
             else:
                 self._write_params(shadow)
-            with torch.no_grad():
-                for s, value in zip(self._copied, self._copies):
-                    s.local.copy_(value)
             yield self
         finally:
             h.restore(stream)
-            with torch.no_grad():
-                for s, value in zip(self._copied, kept):
-                    s.local.copy_(value)
 
     # ---- EDM2 post-hoc, adaptive decay ------------------------------------------------
     def snapshot(self, shadow: int) -> torch.Tensor:
@@ -507,12 +518,10 @@ class EMA:
         self._handle.graph_reserve(first_step, num_steps, self._stream())
 
     def graph_update(self):
-        """The update to capture in torch.cuda.graph(...) (one kernel node; copied buffers too)."""
+        """The update to capture in torch.cuda.graph(...): one kernel node, copied buffers included."""
         self._check_live()
         self._check_not_swapped("graph_update")
         self._handle.graph_update(self._stream())
-        if self._copies:
-            torch._foreach_copy_(self._copies, self._sources[len(self._averaged):])
 
     def graph_release(self):
         """Ends the reservation (waits for the device); returns the number of steps applied."""
@@ -535,20 +544,18 @@ class EMA:
         self._whole_checkpoint(path)
 
     def state_dict(self):
-        """The whole state, exact: {"checkpoint": the library's checkpoint (the bytes save() writes)
-        as a uint8 CPU tensor, "buffers": {name: tensor}}. load_state_dict restores it, and
-        continuing gives the bits an uninterrupted run gives. Sharded EMAs gather (collective) and
-        give the checkpoint of the whole model, which unsharded EMAs load too. With DTensor params
-        (FSDP2) the shadows stay tensors so that torch.distributed.checkpoint can reshard them:
-        {"metadata": the checkpoint's metadata (strings), "shadows": [one {name: DTensor} per
-        shadow, the shadows' exact bits in the shadow dtype], "buffers": ...}."""
+        """The whole state, exact: {"checkpoint": the library's checkpoint (the bytes save() writes:
+        every shadow, the copied buffers, the step state) as a uint8 CPU tensor}. load_state_dict
+        restores it, and continuing gives the bits an uninterrupted run gives. Sharded EMAs gather
+        (collective) and give the checkpoint of the whole model, which unsharded EMAs load too.
+        With DTensor params (FSDP2) the shadows stay tensors so that torch.distributed.checkpoint
+        can reshard them: {"metadata": the checkpoint's metadata (strings), "shadows": [one
+        {name: DTensor} per shadow, the shadows' exact bits in the shadow dtype], "copies":
+        {name: tensor} of the copied buffers}."""
         self._check_open()
         if self._dtensor_params():
-            state = self._parts()
-        else:
-            state = {"checkpoint": self._whole_checkpoint() if self._sharded() else _checkpoint_of(self._handle)}
-        state["buffers"] = {s.name: v.clone() for s, v in zip(self._copied, self._copies)}
-        return state
+            return self._parts()
+        return {"checkpoint": self._whole_checkpoint() if self._sharded() else _checkpoint_of(self._handle)}
 
     def _dtensor_params(self):
         return bool(self._averaged) and _is_dtensor(self._averaged[0].tensor)
@@ -567,7 +574,8 @@ class EMA:
             shadows.append({s.name: self._as_model_tensor(s, _entry(header, data, _saved_name(k, s.name),
                                                                     self.shadow_dtype).to(self.device))
                             for s in self._averaged})
-        return {"metadata": metadata, "shadows": shadows}
+        copies = {s.name: _entry(header, data, s.name, s.dtype).to(self.device) for s in self._copied}
+        return {"metadata": metadata, "shadows": shadows, "copies": copies}
 
     def _whole_checkpoint(self, path=None):
         """Sharded: the checkpoint of an unsharded EMA in this one's state (collective: the
@@ -579,24 +587,29 @@ class EMA:
         shadows = [[t.cpu() for t in self._gathered(k)] for k in range(h.num_shadows)]
         if path is not None and dist.get_rank(self._group) != 0:
             return None
+        copies = [self._read_copy(j).cpu() for j in range(len(self._copied))]  # whole on every rank
 
         def step_state(metadata):  # the scratch handle's configuration is this one's
             return dict(metadata, step=str(h.step), nonfinite_count=str(int(count)),
                         beta_products=json.dumps([h.beta_product(k) for k in range(h.num_shadows)]))
-        return self._assembled(shadows, step_state, path)
+        return self._assembled(shadows, copies, step_state, path)
 
-    def _assembled(self, shadows, metadata_of, path=None):
+    def _assembled(self, shadows, copies, metadata_of, path=None):
         """The library's checkpoint of an unsharded handle like this one whose shadow k of averaged
-        tensor i holds shadows[k][i] exactly, with metadata_of(its metadata) as the metadata (the
-        checksum kept: it covers the data only). A scratch handle of this configuration on the CPU
-        takes the shadows by hard updates (shadow <- param, exact) and writes the checkpoint; with
-        `path` it loads the result and saves it there, crash-safely."""
+        tensor i holds shadows[k][i] exactly and whose copied buffer j holds copies[j], with
+        metadata_of(its metadata) as the metadata (the checksum kept: it covers the data only). A
+        scratch handle of this configuration on the CPU takes the shadows by hard updates
+        (shadow <- param, exact) and writes the checkpoint; with `path` it loads the result and
+        saves it there, crash-safely."""
         h = self._handle
         params = [torch.zeros(s.shape, dtype=self.shadow_dtype) for s in self._averaged]
+        copies = [value.cpu().contiguous() for value in copies]
         with polyak.Handle(self.schedules, shadow_dtype=h.shadow_dtype, zero_init=bool(h.config.zero_init),
                            skip_nonfinite=bool(h.config.skip_nonfinite), seed=h.config.seed) as scratch:
             for s, param in zip(self._averaged, params):
                 scratch.add(s.name, _data_ptr(param), h.shadow_dtype, s.shape)
+            for s, value in zip(self._copied, copies):
+                scratch.add_copy(s.name, _data_ptr(value), _COPY_DTYPE_NAMES[s.dtype], s.shape)
             scratch.finalize()
             for k, values in enumerate(shadows):
                 with torch.no_grad():
@@ -618,28 +631,20 @@ class EMA:
         checks a checkpoint file): a mismatch raises polyak.MismatchError or FormatError and
         changes nothing."""
         self._check_live()
-        if not isinstance(state, dict) or "buffers" not in state or \
-                "checkpoint" not in state and not {"metadata", "shadows"} <= set(state):
-            raise FormatError("a polyak EMA state has 'checkpoint' (or 'metadata' and 'shadows') and 'buffers'")
-        checkpoint = state.get("checkpoint")
-        if checkpoint is not None and (not isinstance(checkpoint, torch.Tensor) or checkpoint.dtype != torch.uint8
-                                       or checkpoint.dim() != 1):
-            raise FormatError("the state's 'checkpoint' is not the uint8 tensor of a polyak checkpoint")
-        buffers = state["buffers"]
-        for s, copy in zip(self._copied, self._copies):
-            if s.name not in buffers or buffers[s.name].shape != copy.shape:
-                raise MismatchError(f"the state lacks buffer {s.name!r} shaped {tuple(copy.shape)}")
-        if checkpoint is not None:
+        if not isinstance(state, dict) or "checkpoint" not in state and not {"metadata", "shadows"} <= set(state):
+            raise FormatError("a polyak EMA state has 'checkpoint' (or 'metadata' and 'shadows')")
+        if "checkpoint" in state:
+            checkpoint = state["checkpoint"]
+            if not isinstance(checkpoint, torch.Tensor) or checkpoint.dtype != torch.uint8 or checkpoint.dim() != 1:
+                raise FormatError("the state's 'checkpoint' is not the uint8 tensor of a polyak checkpoint")
             checkpoint = checkpoint.detach().cpu().contiguous()
         else:
             checkpoint = self._assembled_state(state)
         self._handle.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
-        with torch.no_grad():
-            for s, copy in zip(self._copied, self._copies):
-                copy.copy_(buffers[s.name])
 
     def _assembled_state(self, state):
-        """The checkpoint of a state as tensors ("metadata", "shadows"), checked against this EMA."""
+        """The checkpoint of a state as tensors ("metadata", "shadows", "copies"), checked against
+        this EMA's tensors (the library checks the rest)."""
         h = self._handle
         shadows, metadata = state["shadows"], state["metadata"]
         if len(shadows) != h.num_shadows:
@@ -662,10 +667,20 @@ class EMA:
                     raise MismatchError(f"the state's {s.name!r} (shadow {k}) is {tuple(value.shape)} "
                                         f"{value.dtype}; this EMA keeps {tuple(s.shape)} {self.shadow_dtype}")
                 tensors[k].append(value.cpu())
+        given = state.get("copies", {})
+        extra = set(given) - {s.name for s in self._copied}
+        if extra:
+            raise MismatchError(f"the state copies {sorted(extra)[0]!r}, which this EMA does not copy")
+        copies = []
+        for s in self._copied:
+            value = given.get(s.name)
+            if value is None or value.shape != s.shape or value.dtype != s.dtype:
+                raise MismatchError(f"the state lacks the copied buffer {s.name!r} ({tuple(s.shape)} {s.dtype})")
+            copies.append(value.detach())
         metadata = {str(key): str(value) for key, value in metadata.items()}
         if self._dtensor_params() and torch.distributed.get_rank():
             metadata["nonfinite_count"] = "0"  # rank 0 carries the total
-        return self._assembled(tensors, lambda _: metadata)
+        return self._assembled(tensors, copies, lambda _: metadata)
 
     # ---- presets: other libraries' defaults, mapped exactly ------------------------------
     @classmethod

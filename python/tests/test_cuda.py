@@ -58,11 +58,13 @@ def test_cuda_graph_replays_equal_direct_updates():
     with torch.cuda.graph(graph, stream=stream):
         with torch.no_grad():
             torch._foreach_add_(list(model.parameters()), deltas)  # the captured "optimizer step"
+            model[1].num_batches_tracked.add_(1)  # a buffer the kernel node mirrors
         graphed.graph_update()
     for step in range(1, replays + 1):
         graph.replay()
         direct.update(step)
     assert graphed.graph_release() == replays
+    assert int(graphed.model_state_dict()["1.num_batches_tracked"]) == replays
     # the library's checkpoints, byte for byte: every shadow, the mirrored buffers, the step state
     assert torch.equal(graphed.state_dict()["checkpoint"], direct.state_dict()["checkpoint"])
 
