@@ -34,6 +34,7 @@ __all__ = ["EMA"]
 _DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # averaged
 _COPY_DTYPE_NAMES = {**_DTYPE_NAMES, torch.float64: "f64", torch.int64: "i64", torch.int32: "i32",
                      torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}  # copied
+_TORCH_DTYPES = {name: dtype for dtype, name in _COPY_DTYPE_NAMES.items()}
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -77,8 +78,9 @@ def _saved_name(shadow, name):
 
 
 class _Source:
-    """One registered tensor: where it lives in the model and the memory the library reads."""
-    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr", "shape", "dtype")
+    """One registered tensor: where it lives in the model and the memory the library reads; what
+    the library registered (its number, shape, dtype, this rank's slice) is `info`."""
+    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr", "info")
 
     def __init__(self, name, module, attr, kind, tensor):
         self.name, self.module, self.attr, self.kind, self.tensor = name, module, attr, kind, tensor
@@ -87,7 +89,15 @@ class _Source:
         # valid (if stale) memory until the check below refuses the update
         self.alias = self.local.detach()
         self.ptr = _data_ptr(self.local)
-        self.shape, self.dtype = self.local.shape, self.local.dtype  # as registered
+        self.info = None  # polyak.TensorInfo, once registered
+
+    @property
+    def shape(self):  # as registered, whatever became of the tensor since
+        return torch.Size(self.info.shape)
+
+    @property
+    def dtype(self):
+        return _TORCH_DTYPES[self.info.dtype]
 
 
 class EMA:
@@ -179,11 +189,13 @@ class EMA:
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
                                world_size=world_size, rank=rank)
         try:
-            for s in averaged:  # tensor i is averaged[i], then the copies
+            for s in averaged:
                 handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.local.shape)
             for s in copied:
                 handle.add_copy(s.name, _data_ptr(s.local), _COPY_DTYPE_NAMES[s.local.dtype], s.local.shape)
             handle.finalize(self._stream())
+            for s in averaged + copied:
+                s.info = handle.tensor_info(handle.find_tensor(s.name))
         except BaseException:
             handle.close()
             raise
@@ -298,7 +310,8 @@ class EMA:
 
     @property
     def handle(self):
-        """The polyak.Handle underneath (tensor i is the i-th name in `names`)."""
+        """The polyak.Handle underneath: the averaged tensors (`names`, in that order), then the copied
+        buffers; handle.find_tensor(name) and handle.tensor_info(i) say which is which."""
         if self._handle is None or self._handle.closed:
             raise StateError("the EMA is closed")
         return self._handle
@@ -329,7 +342,7 @@ class EMA:
 
     def _all_ranges(self):
         import torch.distributed as dist
-        local = [self._handle.local_range(i) for i in range(len(self._averaged))]
+        local = [s.info.local_range for s in self._averaged]
         ranges = [None] * dist.get_world_size(self._group)
         dist.all_gather_object(ranges, local, group=self._group)
         return ranges  # [rank][tensor] = (first_elem, num_elems)
@@ -342,10 +355,10 @@ class EMA:
         mine = self._ranges[h.rank]
         flat = torch.empty(sum(n for _, n in mine), dtype=dtype, device=self.device)
         offset = 0
-        for i, (_, count) in enumerate(mine):
+        for s, (_, count) in zip(self._averaged, mine):
             if count:
-                h.get_local_shadow(shadow, i, _data_ptr(flat) + offset * flat.element_size(), _DTYPE_NAMES[dtype],
-                                   self._stream(), dst_num_bytes=count * flat.element_size())
+                h.get_local_shadow(shadow, s.info.index, _data_ptr(flat) + offset * flat.element_size(),
+                                   _DTYPE_NAMES[dtype], self._stream(), dst_num_bytes=count * flat.element_size())
             offset += count
         longest = max(sum(n for _, n in r) for r in self._ranges)
         padded = torch.zeros(longest, dtype=dtype, device=self.device)
@@ -360,10 +373,10 @@ class EMA:
                 offset += count
         return [t.view(s.shape) for t, s in zip(out, self._averaged)]
 
-    def _read(self, shadow, i, dtype):
-        """Shadow `shadow` of averaged tensor i in a new tensor of its registered shape, as dtype."""
-        out = torch.empty(self._averaged[i].shape, dtype=dtype, device=self.device)
-        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[dtype], self._stream(),
+    def _read(self, shadow, s, dtype):
+        """Shadow `shadow` of averaged tensor s in a new tensor of its registered shape, as dtype."""
+        out = torch.empty(s.shape, dtype=dtype, device=self.device)
+        self.handle.get_shadow(shadow, s.info.index, _data_ptr(out), _DTYPE_NAMES[dtype], self._stream(),
                                dst_num_bytes=out.numel() * out.element_size())
         return out
 
@@ -371,7 +384,7 @@ class EMA:
         """Copied buffer j as of the last update (its mirror), into dst or a new tensor."""
         s = self._copied[j]
         out = torch.empty(s.shape, dtype=s.dtype, device=self.device) if dst is None else dst
-        self.handle.get_shadow(0, len(self._averaged) + j, _data_ptr(out), _COPY_DTYPE_NAMES[s.dtype],
+        self.handle.get_shadow(0, s.info.index, _data_ptr(out), _COPY_DTYPE_NAMES[s.dtype],
                                self._stream(), dst_num_bytes=out.numel() * out.element_size())
         return out
 
@@ -402,7 +415,7 @@ class EMA:
         if self._sharded():
             values = [v.to(dtype or s.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
         else:
-            values = [self._read(shadow, i, dtype or s.dtype) for i, s in enumerate(self._averaged)]
+            values = [self._read(shadow, s, dtype or s.dtype) for s in self._averaged]
         for s, value in zip(self._averaged, values):
             out[s.name] = self._as_model_tensor(s, value)
         for j, s in enumerate(self._copied):
