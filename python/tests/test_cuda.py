@@ -69,11 +69,12 @@ def test_cuda_graph_replays_equal_direct_updates():
     assert torch.equal(graphed.state_dict()["checkpoint"], direct.state_dict()["checkpoint"])
 
 
-@pytest.mark.parametrize("shadow_dtype", [torch.float32, torch.bfloat16])
-def test_cuda_and_cpu_give_the_same_bits(shadow_dtype):
+@pytest.mark.parametrize("shadow_dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
+                                                   (torch.float32, "stochastic")])
+def test_cuda_and_cpu_give_the_same_bits(shadow_dtype, rounding):
     models = {d: make_model(d) for d in ("cpu", "cuda")}
-    options = dict(schedules=[polyak.Constant(0.999), polyak.Power(sigma_rel=0.1)], shadow_dtype=shadow_dtype,
-                   seed=9)
+    options = dict(schedules=[polyak.Constant(0.999, rounding=rounding), polyak.Power(sigma_rel=0.1)],
+                   shadow_dtype=shadow_dtype, seed=9)
     emas = {d: EMA(m, **options) for d, m in models.items()}
     gen = torch.Generator().manual_seed(2)
     for step in (1, 2, 5):
