@@ -17,7 +17,6 @@ library's copy-only tensors, mirrored by the same update call; buffers="copy"
 copies all of them, "ignore" leaves them out.
 """
 import contextlib
-import ctypes
 import json
 import weakref
 from typing import Optional, Sequence
