@@ -149,7 +149,7 @@ def run_list(name, iters, device, copy, emit):
             got = {}
             for i in checked:
                 got[i] = torch.empty(sizes[i], device=device, dtype=torch.float32)
-                ema.handle.get_shadow(0, i, got[i].data_ptr(), "f32", ema._stream())
+                ema.handle.get_shadow(0, i, got[i].data_ptr(), "f32", ema._stream(), dst_num_bytes=4 * sizes[i])
             check.verify(impl, got, params, weight)
             got = None
             step = [1]

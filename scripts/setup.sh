@@ -71,11 +71,11 @@ polyak_python_env() {
 polyak_torch_env() {
   local venv="$polyak_root/.venv" python log="$polyak_root/.venv/polyak-install.log"
   python=$(polyak_python_env) || return 1
-  if ! "$python" -c "import torch, timm, ema_pytorch, diffusers, sklearn, matplotlib, pytest, xxhash, scikit_build_core" \
+  if ! "$python" -c "import torch, timm, ema_pytorch, diffusers, sklearn, matplotlib, pytest, scikit_build_core" \
       >/dev/null 2>&1; then
     echo "setup: installing PyTorch and the libraries the Python tests compare with into .venv" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check torch timm ema-pytorch diffusers scikit-learn \
-      matplotlib pytest xxhash "scikit-build-core>=0.10" >"$log" 2>&1 ||
+      matplotlib pytest "scikit-build-core>=0.10" >"$log" 2>&1 ||
       { echo "setup: no PyTorch (no package registry?): the Python tests will skip" >&2; return 1; }
   fi
   POLYAK_WITH_CUDA=OFF "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \

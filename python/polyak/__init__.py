@@ -13,8 +13,11 @@ A thin layer over libpolyak's C API (include/polyak.h) through ctypes:
 raises the PolyakError subclass of its status, with polyak_last_error()'s
 text; nothing here computes an average itself.
 """
+import contextlib
 import ctypes
+import io
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -26,7 +29,7 @@ __all__ = [
     "PolyakError", "InvalidArgError", "StateError", "NoMemoryError", "UnsupportedError", "CudaError",
     "NcclError", "FileIOError", "FormatError", "MismatchError",
     "Schedule", "Constant", "TF", "Warmup", "Linear", "Cosine", "Equal", "Power", "GradNorm", "Layerwise",
-    "Lookahead", "Handle", "version", "library_path", "backend_available", "status_name",
+    "Lookahead", "Handle", "TensorInfo", "version", "library_path", "backend_available", "status_name",
     "half_life_from_beta", "beta_from_half_life", "window_from_beta", "beta_from_window",
     "beta_from_horizon", "sigma_rel_from_gamma", "gamma_from_sigma_rel", "posthoc_coefficients",
     "MAX_SHADOWS", "MAX_SNAPSHOTS",
@@ -34,7 +37,12 @@ __all__ = [
 
 MAX_SHADOWS = _lib.MAX_SHADOWS
 MAX_SNAPSHOTS = _lib.MAX_SNAPSHOTS
-DTYPES = {"f32": _lib.F32, "bf16": _lib.BF16, "f16": _lib.F16}
+DTYPES = {"f32": _lib.F32, "bf16": _lib.BF16, "f16": _lib.F16,  # averaged tensors and read-outs
+          # copy-only tensors (Handle.add_copy) may be any of these as well
+          "f64": _lib.F64, "i64": _lib.I64, "i32": _lib.I32, "i16": _lib.I16, "i8": _lib.I8, "u8": _lib.U8,
+          "bool": _lib.BOOL}
+DTYPE_NAMES = {value: name for name, value in DTYPES.items()}
+ROUNDINGS = {"nearest": _lib.ROUND_NEAREST, "stochastic": _lib.ROUND_STOCHASTIC}
 BACKENDS = {"cpu": _lib.BACKEND_CPU, "cuda": _lib.BACKEND_CUDA}
 
 
@@ -198,9 +206,14 @@ def posthoc_coefficients(snapshot_steps: Sequence[int], snapshot_sigma_rels: Seq
 @dataclass(frozen=True)
 class Schedule:
     """One shadow's decay. start_step: up to it the shadow copies the params (beta = 0);
-    count_updates: t counts updates after start_step instead of steps (no gap compensation)."""
+    count_updates: t counts updates after start_step instead of steps (no gap compensation);
+    rounding: how an f32 shadow rounds each update, "nearest" (the default) or "stochastic"
+    (computed in double, rounded up or down at random so increments under half an ulp still
+    count: long horizons, beta >= 0.9999 or Power past ~10^5 steps; docs/stochastic-rounding.md).
+    bf16 shadows always round stochastically."""
     start_step: int = field(default=0, kw_only=True)
     count_updates: bool = field(default=False, kw_only=True)
+    rounding: str = field(default="nearest", kw_only=True)
 
     _kind = _lib.SCHEDULE_CONSTANT
 
@@ -219,8 +232,11 @@ class Schedule:
         """Writes this schedule into shadow k of a polyak_config."""
         cfg.schedules[k] = self._c()
         cfg.count_updates[k] = int(bool(self.count_updates))
+        cfg.rounding[k] = ROUNDINGS[self.rounding]
 
     def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise InvalidArgError(f"rounding={self.rounding!r}: one of {sorted(ROUNDINGS)}")
         cfg = _lib.config_defaults(_c)
         self._apply(cfg, 0)
         _check_config(cfg)
@@ -360,6 +376,83 @@ def _shape_array(shape):
     return len(shape), (ctypes.c_int64 * max(len(shape), 1))(*shape)
 
 
+def _memory(buffer, num_bytes, what, writable):
+    """(address, num_bytes, keep) of memory a call reads or writes: a buffer (bytes, bytearray,
+    array.array, a numpy array, a memoryview: its own size), or an int address with num_bytes,
+    the bytes there. `keep` holds what the address lives in until the call is made."""
+    if isinstance(buffer, int):
+        if num_bytes is None:
+            raise InvalidArgError(f"{what} is an address: give {what}_num_bytes, the bytes it holds")
+        return buffer, int(num_bytes), None
+    if num_bytes is not None:
+        raise InvalidArgError(f"{what} is a buffer, which has its own size: leave {what}_num_bytes out")
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise InvalidArgError(f"{what} is {type(buffer).__name__}: an int address or a buffer") from None
+    if not view.c_contiguous:
+        raise InvalidArgError(f"{what} is not contiguous memory")
+    if view.nbytes == 0:
+        return None, 0, None
+    if view.readonly:
+        if writable:
+            raise InvalidArgError(f"{what} is read-only")
+        keep = view.tobytes() if not isinstance(buffer, bytes) else buffer  # ctypes passes bytes as is
+        return ctypes.cast(ctypes.c_char_p(keep), ctypes.c_void_p).value, view.nbytes, keep
+    keep = (ctypes.c_char * view.nbytes).from_buffer(view)
+    return ctypes.addressof(keep), view.nbytes, keep
+
+
+@contextlib.contextmanager
+def _file_descriptor(file):
+    """The fd of `file` (an int fd, or a binary file object) at the file's offset for the body,
+    which moves the offset; a file object's buffer then follows it there."""
+    if isinstance(file, int):
+        yield file
+        return
+    if isinstance(file, io.TextIOBase) or not hasattr(file, "fileno"):
+        raise InvalidArgError(f"file is {type(file).__name__}: an int fd or a file object opened in binary mode")
+    fd = file.fileno()
+    if file.writable():
+        file.flush()
+    os.lseek(fd, file.tell(), os.SEEK_SET)  # a buffered reader may have read ahead
+    try:
+        yield fd
+    finally:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+        file.seek(0, os.SEEK_END)  # drops what the buffer holds (a seek within it would keep it)
+        file.seek(offset)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a handle knows of one registered tensor (polyak_tensor_info).
+
+    index: its number (registration order), what read-outs take. dtype: the param's;
+    shadow_dtype: what shadow 0 keeps it in (the handle's shadow dtype, the caller's shadow's,
+    or for a copy-only tensor its own dtype). local_range: (first_elem, num_elems) of the
+    elements this rank keeps shadows of, all of them unless sharded (copy-only tensors: all on
+    every rank); None before finalize."""
+    index: int
+    name: str
+    dtype: str
+    shape: tuple
+    num_elems: int
+    shadow_dtype: str
+    copy_only: bool
+    callers_shadow: bool
+    local_range: Optional[tuple]
+
+    @property
+    def num_bytes(self):
+        """The bytes of the param: num_elems of its dtype."""
+        return self.num_elems * _DTYPE_BYTES[self.dtype]
+
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1,
+                "bool": 1}
+
+
 class Handle:
     """One polyak_t: shadows of registered tensors, all updated by one call.
 
@@ -452,6 +545,36 @@ class Handle:
         self._call("polyak_add", name.encode(), param, _dtype(dtype), ndim, dims)
         return self.num_tensors - 1
 
+    def add_copy(self, name: str, param: int, dtype: str, shape: Sequence[int]):
+        """Registers a tensor that is not averaged but travels with the averages (a buffer such as
+        BatchNorm's running statistics or a step counter), of any dtype in DTYPES: every shadow of
+        it is one mirror of the param, set at finalize and by every update in the same pass, read
+        out in its dtype, written back by copy_to_params and blends, kept by store/restore, saved
+        once in checkpoints. Returns its number."""
+        ndim, dims = _shape_array(shape)
+        self._call("polyak_add_copy", name.encode(), param, _dtype(dtype), ndim, dims)
+        return self.num_tensors - 1
+
+    def add_arena(self, base: int, dtype: str, arena_num_elems: int, views: Sequence[tuple]):
+        """Registers the tensors of one allocation: views [(name, shape), ...] laid end to end from
+        `base`, all of `dtype`, which must cover exactly arena_num_elems elements (else nothing is
+        registered and the error says which view is too large, or which elements no view covers).
+        Returns their numbers."""
+        views = [(str(name).encode(), tuple(int(d) for d in shape)) for name, shape in views]
+        for name, shape in views:
+            if len(shape) > _lib.MAX_NDIM:
+                raise InvalidArgError(f"add_arena: view {name.decode()!r} has {len(shape)} dimensions, "
+                                      f"at most {_lib.MAX_NDIM}")
+        table = (_lib.View * max(len(views), 1))()
+        for entry, (name, shape) in zip(table, views):
+            entry.name, entry.ndim = name, len(shape)
+            entry.shape[:len(shape)] = shape
+        first = self.num_tensors
+        if arena_num_elems < 0:
+            raise InvalidArgError(f"add_arena: arena_num_elems = {arena_num_elems}")
+        self._call("polyak_add_arena", base, _dtype(dtype), int(arena_num_elems), table, len(views))
+        return list(range(first, self.num_tensors))
+
     def add_with_shadow(self, name: str, param: int, dtype: str, shape: Sequence[int], shadow: int,
                         shadow_dtype: str, round_nearest=False):
         """Registers a tensor whose (only) shadow is the caller's memory `shadow`, updated in place."""
@@ -477,11 +600,20 @@ class Handle:
         self._call("polyak_hard_update", shadow, stream)
 
     # -- read-outs and evaluation
-    def get_shadow(self, shadow: int, tensor: int, dst: int, dst_dtype="f32", stream=None):
-        self._call("polyak_get_shadow", shadow, tensor, dst, _dtype(dst_dtype), stream)
+    # dst: a writable buffer on the host (array.array, bytearray, a numpy array: its own size), or an
+    # int address on the backend's side with dst_num_bytes; a dst too short is refused with nothing
+    # written (polyak_get_shadow_n and the other _n read-outs)
+    def get_shadow(self, shadow: int, tensor: int, dst, dst_dtype="f32", stream=None, *, dst_num_bytes=None):
+        """Shadow `shadow` (which average) of tensor `tensor` (which parameter) into dst, debiased
+        with zero_init; a copy-only tensor's mirror in its dtype."""
+        address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
+        self._call("polyak_get_shadow_n", shadow, tensor, address, _dtype(dst_dtype), num_bytes, stream)
 
-    def get_local_shadow(self, shadow: int, tensor: int, dst: int, dst_dtype="f32", stream=None):
-        self._call("polyak_get_local_shadow", shadow, tensor, dst, _dtype(dst_dtype), stream)
+    def get_local_shadow(self, shadow: int, tensor: int, dst, dst_dtype="f32", stream=None, *,
+                         dst_num_bytes=None):
+        """Like get_shadow for this rank's piece of the tensor only (local_range): no communication."""
+        address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
+        self._call("polyak_get_local_shadow_n", shadow, tensor, address, _dtype(dst_dtype), num_bytes, stream)
 
     def local_range(self, tensor: int):
         """(first_elem, num_elems) of the tensor's elements whose shadows this rank keeps."""
@@ -498,6 +630,11 @@ class Handle:
     def restore(self, stream=None):
         self._call("polyak_restore", stream)
 
+    def discard_store(self):
+        """Ends a pending store without writing the params back (training goes on from the params
+        as they are); the kept copy is dropped."""
+        self._call("polyak_discard_store")
+
     def _weights(self, weights):
         if len(weights) != self.num_shadows:
             raise InvalidArgError(f"{len(weights)} blend weights for {self.num_shadows} shadows")
@@ -507,10 +644,11 @@ class Handle:
         self._call("polyak_blend_to_params", self._weights(weights),
                    _lib.BLEND_ANY_WEIGHTS if any_weights else 0, stream)
 
-    def get_blend(self, weights: Sequence[float], tensor: int, dst: int, dst_dtype="f32", any_weights=False,
-                  stream=None):
-        self._call("polyak_get_blend", self._weights(weights), _lib.BLEND_ANY_WEIGHTS if any_weights else 0,
-                   tensor, dst, _dtype(dst_dtype), stream)
+    def get_blend(self, weights: Sequence[float], tensor: int, dst, dst_dtype="f32", any_weights=False,
+                  stream=None, *, dst_num_bytes=None):
+        address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
+        self._call("polyak_get_blend_n", self._weights(weights), _lib.BLEND_ANY_WEIGHTS if any_weights else 0,
+                   tensor, address, _dtype(dst_dtype), num_bytes, stream)
 
     # -- state
     @property
@@ -525,6 +663,28 @@ class Handle:
         out = ctypes.c_int()
         self._call("polyak_num_tensors", ctypes.byref(out))
         return out.value
+
+    def tensor_info(self, tensor: int) -> TensorInfo:
+        """Tensor number `tensor`'s name, dtypes, shape and slice."""
+        info = _lib.TensorInfo()
+        self._call("polyak_tensor_info", tensor, ctypes.byref(info))
+        local = None if info.local_num_elems < 0 else (info.local_first_elem, info.local_num_elems)
+        copy_only = bool(info.flags & _lib.TENSOR_COPY)
+        return TensorInfo(index=tensor, name=info.name.decode("utf-8"), dtype=DTYPE_NAMES[info.dtype],
+                          shape=tuple(info.shape[:info.ndim]), num_elems=info.num_elems,
+                          shadow_dtype=DTYPE_NAMES[info.dtype if copy_only else info.shadow_dtype],
+                          copy_only=copy_only,
+                          callers_shadow=bool(info.flags & _lib.TENSOR_CALLERS_SHADOW), local_range=local)
+
+    def find_tensor(self, name: str) -> int:
+        """The number of the tensor registered as `name` (InvalidArgError if none is)."""
+        out = ctypes.c_int()
+        self._call("polyak_find_tensor", name.encode(), ctypes.byref(out))
+        return out.value
+
+    def tensors(self):
+        """Every registered tensor's TensorInfo, in registration order."""
+        return [self.tensor_info(i) for i in range(self.num_tensors)]
 
     def nonfinite_count(self):
         """Non-finite param elements met by the updates so far (waits for the device)."""
@@ -570,12 +730,55 @@ class Handle:
         array = (ctypes.c_double * max(count, 1))(*coefficients)
         self._call("polyak_synthesize_to_params", snapshots, count, array, stream)
 
-    # -- checkpoints
+    # -- checkpoints: the same bytes to a path, an open file or memory; every load checks them alike
     def save(self, path):
+        """A safetensors file at `path`, written crash-safely (a new file renamed over it)."""
         self._call("polyak_save", str(path).encode())
 
     def load(self, path):
+        """Replaces every shadow and the step state with those saved; everything is checked first."""
         self._call("polyak_load", str(path).encode())
+
+    def save_size(self):
+        """A size in bytes that always holds this handle's checkpoint (a save writes a few less)."""
+        out = ctypes.c_size_t()
+        self._call("polyak_save_size", ctypes.byref(out))
+        return out.value
+
+    def save_to_memory(self, dst, *, dst_num_bytes=None):
+        """The checkpoint into dst (host memory: a writable buffer, or an int address with
+        dst_num_bytes); returns the bytes written. A dst shorter than needed is refused with nothing
+        written (save_size() always suffices)."""
+        address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
+        written = ctypes.c_size_t()
+        self._call("polyak_save_to_memory", address, num_bytes, ctypes.byref(written))
+        return written.value
+
+    def save_bytes(self) -> bytes:
+        """The checkpoint as bytes: what save() writes to a file, byte for byte."""
+        buffer = bytearray(self.save_size())
+        del buffer[self.save_to_memory(buffer):]
+        return bytes(buffer)
+
+    def load_bytes(self, src, *, src_num_bytes=None):
+        """Loads one checkpoint from host memory: bytes or another buffer holding exactly it, or an
+        int address with src_num_bytes. Checks and effects as load()."""
+        address, num_bytes, keep = _memory(src, src_num_bytes, "src", writable=False)
+        self._call("polyak_load_from_memory", address, num_bytes)
+
+    def save_fd(self, file):
+        """The checkpoint at the current offset of an open file (an int fd, or a file object, which
+        is flushed first), leaving the offset just past it for what the caller writes next. Not
+        atomic and not fsynced: make the whole file crash-safe as save() does."""
+        with _file_descriptor(file) as fd:
+            self._call("polyak_save_fd", fd)
+
+    def load_fd(self, file):
+        """Loads the checkpoint that starts at the current offset of an open file (an int fd or a
+        file object) and leaves the offset just past it. Checks and effects as load(); on failure
+        the offset stays."""
+        with _file_descriptor(file) as fd:
+            self._call("polyak_load_fd", fd)
 
     # -- CUDA graphs
     def graph_reserve(self, first_step: int, num_steps: int, stream=None):

@@ -1,6 +1,6 @@
 """_lib: the ctypes mirror of include/polyak.h, in one place.
 
-Every C declaration Python uses is here: the two structs (field for field,
+Every C declaration Python uses is here: the structs (polyak_config field for field,
 checked against the library's own sizeof at load) and the signature of each
 function. Adding a C call is one line in FUNCTIONS.
 
@@ -19,11 +19,14 @@ MAX_NDIM = 8
 
 # polyak_dtype, polyak_backend, polyak_schedule_kind: values pinned by the header
 F32, BF16, F16 = 0, 1, 2
+F64, I64, I32, I16, I8, U8, BOOL = 3, 4, 5, 6, 7, 8, 9  # copy-only tensors (polyak_add_copy)
 BACKEND_CPU, BACKEND_CUDA = 0, 1
 SCHEDULE_CONSTANT, SCHEDULE_TF, SCHEDULE_WARMUP, SCHEDULE_LINEAR = 0, 1, 2, 3
 SCHEDULE_COSINE, SCHEDULE_EQUAL, SCHEDULE_POWER = 4, 5, 6
 BLEND_ANY_WEIGHTS = 1
 SHADOW_ROUND_NEAREST = 1
+ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
+TENSOR_CALLERS_SHADOW, TENSOR_COPY = 1, 2
 MAX_SNAPSHOTS = 1024
 
 
@@ -44,10 +47,26 @@ class Config(ctypes.Structure):
                 ("count_updates", ctypes.c_int * MAX_SHADOWS),
                 # version 4
                 ("lookahead_every", ctypes.c_int64), ("grad_norm_c", ctypes.c_double * MAX_SHADOWS),
-                ("layerwise_beta0", ctypes.c_double * MAX_SHADOWS)]
+                ("layerwise_beta0", ctypes.c_double * MAX_SHADOWS),
+                # version 5
+                ("rounding", ctypes.c_int * MAX_SHADOWS)]
+                # version 6 (cpu_threads) is appended here once the library has it
 
 
-_vp, _i64, _int, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+class TensorInfo(ctypes.Structure):
+    """polyak_tensor_info_t."""
+    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("shape", ctypes.c_int64 * MAX_NDIM), ("num_elems", ctypes.c_int64), ("shadow_dtype", ctypes.c_int),
+                ("flags", ctypes.c_int), ("local_first_elem", ctypes.c_int64), ("local_num_elems", ctypes.c_int64),
+                ("reserved_", ctypes.c_int64 * 4)]
+
+
+class View(ctypes.Structure):
+    """polyak_view: one named, shaped view of an arena."""
+    _fields_ = [("name", ctypes.c_char_p), ("ndim", ctypes.c_int), ("shape", ctypes.c_int64 * MAX_NDIM)]
+
+
+_vp, _i64, _int, _dbl, _size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_size_t
 _P = ctypes.POINTER
 _status = ctypes.c_int
 
@@ -70,21 +89,26 @@ FUNCTIONS = {
     "polyak_gamma_from_sigma_rel": (_dbl, [_dbl]),
     "polyak_create": (_status, [_P(_vp), _P(Config)]),
     "polyak_add": (_status, [_vp, ctypes.c_char_p, _vp, _int, _int, _P(_i64)]),
+    "polyak_add_arena": (_status, [_vp, _vp, _int, _size, _P(View), _int]),
+    "polyak_add_copy": (_status, [_vp, ctypes.c_char_p, _vp, _int, _int, _P(_i64)]),
     "polyak_add_with_shadow": (_status, [_vp, ctypes.c_char_p, _vp, _int, _int, _P(_i64), _vp, _int, _int]),
     "polyak_finalize": (_status, [_vp, _vp]),
     "polyak_hard_update": (_status, [_vp, _int, _vp]),
     "polyak_update": (_status, [_vp, _i64, _vp]),
-    "polyak_get_shadow": (_status, [_vp, _int, _int, _vp, _int, _vp]),
+    "polyak_get_shadow_n": (_status, [_vp, _int, _int, _vp, _int, _size, _vp]),
     "polyak_nonfinite_count": (_status, [_vp, _P(_i64)]),
     "polyak_get_step": (_status, [_vp, _P(_i64)]),
     "polyak_num_tensors": (_status, [_vp, _P(_int)]),
+    "polyak_tensor_info": (_status, [_vp, _int, _P(TensorInfo)]),
+    "polyak_find_tensor": (_status, [_vp, ctypes.c_char_p, _P(_int)]),
     "polyak_local_range": (_status, [_vp, _int, _P(_i64), _P(_i64)]),
-    "polyak_get_local_shadow": (_status, [_vp, _int, _int, _vp, _int, _vp]),
+    "polyak_get_local_shadow_n": (_status, [_vp, _int, _int, _vp, _int, _size, _vp]),
     "polyak_copy_to_params": (_status, [_vp, _int, _vp]),
     "polyak_store": (_status, [_vp, _vp]),
     "polyak_restore": (_status, [_vp, _vp]),
+    "polyak_discard_store": (_status, [_vp]),
     "polyak_blend_to_params": (_status, [_vp, _P(_dbl), _int, _vp]),
-    "polyak_get_blend": (_status, [_vp, _P(_dbl), _int, _int, _vp, _int, _vp]),
+    "polyak_get_blend_n": (_status, [_vp, _P(_dbl), _int, _int, _vp, _int, _size, _vp]),
     "polyak_set_grad_norm": (_status, [_vp, _vp]),
     "polyak_set_grads": (_status, [_vp, _P(_vp)]),
     "polyak_set_layer_norms": (_status, [_vp, _vp]),
@@ -96,6 +120,11 @@ FUNCTIONS = {
     "polyak_synthesize_to_params": (_status, [_vp, _vp, _int, _P(_dbl), _vp]),
     "polyak_save": (_status, [_vp, ctypes.c_char_p]),
     "polyak_load": (_status, [_vp, ctypes.c_char_p]),
+    "polyak_save_fd": (_status, [_vp, _int]),
+    "polyak_load_fd": (_status, [_vp, _int]),
+    "polyak_save_size": (_status, [_vp, _P(_size)]),
+    "polyak_save_to_memory": (_status, [_vp, _vp, _size, _P(_size)]),
+    "polyak_load_from_memory": (_status, [_vp, _vp, _size]),
     "polyak_graph_reserve": (_status, [_vp, _i64, _i64, _vp]),
     "polyak_graph_update": (_status, [_vp, _vp]),
     "polyak_graph_release": (_status, [_vp, _P(_i64)]),

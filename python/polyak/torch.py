@@ -11,16 +11,13 @@
 
 The library reads the params where they live (CPU memory or a CUDA device)
 through their data pointers; nothing here computes an average. Buffers: the
-floating ones (BatchNorm's running statistics) are averaged like params by
-default, the others (num_batches_tracked) copied at each update with a torch
-copy on the same stream; buffers="copy" copies all of them, "ignore" leaves
-them out.
+f32/bf16/f16 ones (BatchNorm's running statistics) are averaged like params by
+default, the others (num_batches_tracked, float64 ones) registered as the
+library's copy-only tensors, mirrored by the same update call; buffers="copy"
+copies all of them, "ignore" leaves them out.
 """
 import contextlib
-import ctypes
 import json
-import os
-import tempfile
 import weakref
 from typing import Optional, Sequence
 
@@ -33,8 +30,10 @@ from polyak._lib import lib as _c
 
 __all__ = ["EMA"]
 
-_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # averaged
+_COPY_DTYPE_NAMES = {**_DTYPE_NAMES, torch.float64: "f64", torch.int64: "i64", torch.int32: "i32",
+                     torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}  # copied
+_TORCH_DTYPES = {name: dtype for dtype, name in _COPY_DTYPE_NAMES.items()}
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -47,46 +46,30 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _scratch_dir():
-    return tempfile.TemporaryDirectory(prefix="polyak-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+def _checkpoint_of(handle):
+    """The handle's checkpoint (polyak_save_to_memory) as a uint8 CPU tensor."""
+    out = torch.empty(handle.save_size(), dtype=torch.uint8)
+    return out[:handle.save_to_memory(_data_ptr(out), dst_num_bytes=out.numel())]
 
 
-def _read_safetensors(path):
-    """(metadata, {name: CPU tensor}) of a safetensors file, tensors in file order."""
-    with open(path, "rb") as f:
-        blob = bytearray(f.read())
-    header_bytes = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + header_bytes])
-    metadata = header.pop("__metadata__", {})
-    data = memoryview(blob)[8 + header_bytes:]
-    tensors = {}
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        begin, end = entry["data_offsets"]
-        dtype = _FILE_DTYPES[entry["dtype"]]
-        flat = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(entry["shape"]).clone()
-    return metadata, tensors
+def _split(checkpoint):
+    """(header, data) of a checkpoint: the safetensors container only (an 8-byte length, then the
+    JSON header, then the data, which stays the library's)."""
+    header_bytes = int.from_bytes(checkpoint[:8].numpy().tobytes(), "little")
+    return json.loads(checkpoint[8:8 + header_bytes].numpy().tobytes()), checkpoint[8 + header_bytes:]
 
 
-def _write_safetensors(path, metadata, tensors):
-    """A safetensors file of CPU tensors (in the given order) whose metadata "checksum" is the
-    XXH3-64 of the data buffer, as polyak_load checks it."""
-    import xxhash
-
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        t = t.contiguous()
-        data = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
-        header[name] = {"dtype": {v: k for k, v in _FILE_DTYPES.items()}[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    data = b"".join(chunks)
-    metadata = dict(metadata, checksum="xxh3-64:%016x" % xxhash.xxh3_64_intdigest(data))
-    text = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+def _join(header, data):
+    text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + data)
+    head = torch.frombuffer(bytearray(len(text).to_bytes(8, "little") + text), dtype=torch.uint8)
+    return torch.cat([head, data])
+
+
+def _entry(header, data, name, dtype):
+    """The tensor saved under `name`, as `dtype`: a copy of its bytes."""
+    begin, end = header[name]["data_offsets"]
+    return data[begin:end].clone().view(dtype).reshape(header[name]["shape"])
 
 
 def _saved_name(shadow, name):
@@ -94,8 +77,9 @@ def _saved_name(shadow, name):
 
 
 class _Source:
-    """One registered tensor: where it lives in the model and the memory the library reads."""
-    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr", "shape", "dtype")
+    """One registered tensor: where it lives in the model and the memory the library reads; what
+    the library registered (its number, shape, dtype, this rank's slice) is `info`."""
+    __slots__ = ("name", "module", "attr", "kind", "tensor", "local", "alias", "ptr", "info")
 
     def __init__(self, name, module, attr, kind, tensor):
         self.name, self.module, self.attr, self.kind, self.tensor = name, module, attr, kind, tensor
@@ -104,20 +88,32 @@ class _Source:
         # valid (if stale) memory until the check below refuses the update
         self.alias = self.local.detach()
         self.ptr = _data_ptr(self.local)
-        self.shape, self.dtype = self.local.shape, self.local.dtype  # as registered
+        self.info = None  # polyak.TensorInfo, once registered
+
+    @property
+    def shape(self):  # as registered, whatever became of the tensor since
+        return torch.Size(self.info.shape)
+
+    @property
+    def dtype(self):
+        return _TORCH_DTYPES[self.info.dtype]
 
 
 class EMA:
-    """Averages of a model's params (and floating buffers) kept by libpolyak.
+    """Averages of a model's params (and buffers) kept by libpolyak.
 
     decay, warmup: one shadow, Constant(decay) or, with warmup, timm's warm-up
     schedule Warmup(beta=decay); `schedules` instead gives up to 8 shadows of
     any polyak schedule (Constant, TF, Warmup, Linear, Cosine, Equal, Power,
     GradNorm, Layerwise, and Lookahead last), all updated by one call.
-    start_step applies to decay/warmup: beta is 0 (the shadow copies the
-    params) up to that step. shadow_dtype: torch.float32 (default) or
-    torch.bfloat16 (stochastic rounding). buffers: "average" (floating ones
-    averaged, the others copied), "copy" or "ignore". shard: with DDP, True
+    start_step and rounding apply to decay/warmup (schedules carry their own):
+    beta is 0 (the shadow copies the params) up to start_step; rounding
+    "stochastic" rounds the f32 shadow stochastically (long horizons: beta >=
+    0.9999). shadow_dtype: torch.float32 (default) or torch.bfloat16
+    (stochastic rounding). buffers: "average" (f32, bf16 and f16 ones averaged,
+    the others copied), "copy" (all copied) or "ignore"; a copied buffer is the
+    library's copy-only tensor: mirrored by every update in the same call,
+    written back with the average, saved in checkpoints. shard: with DDP, True
     (the default process group) or a group: each rank keeps 1/W of every
     shadow; reads gather with torch.distributed. check_stale: before every
     update, check that no registered param was re-allocated (measured cost:
@@ -129,7 +125,7 @@ class EMA:
     """
 
     def __init__(self, model: torch.nn.Module, decay: Optional[float] = None, warmup: bool = False, *,
-                 schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0,
+                 schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0, rounding: str = "nearest",
                  shadow_dtype=torch.float32, buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True):
         self._handle = None
@@ -138,10 +134,10 @@ class EMA:
             raise InvalidArgError(f"EMA needs a torch.nn.Module, got {type(model).__name__}")
         if schedules is None:
             decay = 0.9999 if decay is None else decay
-            schedules = [Warmup(beta=decay, start_step=start_step) if warmup else
-                         Constant(decay, start_step=start_step)]
-        elif decay is not None or warmup or start_step:
-            raise InvalidArgError("give either schedules or decay/warmup/start_step, not both")
+            schedules = [Warmup(beta=decay, start_step=start_step, rounding=rounding) if warmup else
+                         Constant(decay, start_step=start_step, rounding=rounding)]
+        elif decay is not None or warmup or start_step or rounding != "nearest":
+            raise InvalidArgError("give either schedules or decay/warmup/start_step/rounding, not both")
         if buffers not in ("average", "copy", "ignore"):
             raise InvalidArgError(f"buffers={buffers!r}: one of 'average', 'copy', 'ignore'")
         if shadow_dtype not in (torch.float32, torch.bfloat16):
@@ -163,8 +159,11 @@ class EMA:
         for s in averaged:
             if s.local.dtype not in _DTYPE_NAMES:
                 raise UnsupportedError(f"{s.kind} {s.name!r} is {s.local.dtype}: polyak averages float32, "
-                                       "bfloat16 and float16 tensors" +
-                                       (" (buffers='copy' copies buffers instead)" if s.kind == "buffer" else ""))
+                                       "bfloat16 and float16 tensors")
+        for s in copied:
+            if s.local.dtype not in _COPY_DTYPE_NAMES:
+                raise UnsupportedError(f"buffer {s.name!r} is {s.local.dtype}, which polyak does not copy "
+                                       "(buffers='ignore' leaves buffers out)")
         for s in averaged + copied:
             if not s.local.is_contiguous():
                 raise InvalidArgError(f"{s.kind} {s.name!r} is not contiguous (strides {s.local.stride()}): "
@@ -191,7 +190,11 @@ class EMA:
         try:
             for s in averaged:
                 handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.local.shape)
+            for s in copied:
+                handle.add_copy(s.name, _data_ptr(s.local), _COPY_DTYPE_NAMES[s.local.dtype], s.local.shape)
             handle.finalize(self._stream())
+            for s in averaged + copied:
+                s.info = handle.tensor_info(handle.find_tensor(s.name))
         except BaseException:
             handle.close()
             raise
@@ -200,8 +203,6 @@ class EMA:
         self.shadow_dtype = shadow_dtype
         self._averaged = averaged
         self._copied = copied
-        # the copied buffers' values as of the last update: torch copies on the update's stream
-        self._copies = [s.local.detach().clone() for s in copied]
         self._sources = [s.local for s in averaged + copied]
         self._ptrs = tuple(s.ptr for s in averaged + copied)
         self._stale = None
@@ -228,7 +229,7 @@ class EMA:
         if buffers != "ignore":
             for name, b in model.named_buffers():
                 source = _Source(name, *owners[id(b)], "buffer", b)
-                (averaged if buffers == "average" and b.is_floating_point() else copied).append(source)
+                (averaged if buffers == "average" and b.dtype in _DTYPE_NAMES else copied).append(source)
         return averaged, copied
 
     def _watch(self, sources):
@@ -297,8 +298,6 @@ class EMA:
         status = _c.polyak_update(h._ptr, step, self._stream())
         if status:
             polyak._check(status, h._ptr, "polyak_update")
-        if self._copies:
-            torch._foreach_copy_(self._copies, self._sources[len(self._averaged):])
         if step == self._copy_at_step:
             for k in range(h.num_shadows):
                 h.hard_update(k, self._stream())
@@ -310,7 +309,8 @@ class EMA:
 
     @property
     def handle(self):
-        """The polyak.Handle underneath (tensor i is the i-th name in `names`)."""
+        """The polyak.Handle underneath: the averaged tensors (`names`, in that order), then the copied
+        buffers; handle.find_tensor(name) and handle.tensor_info(i) say which is which."""
         if self._handle is None or self._handle.closed:
             raise StateError("the EMA is closed")
         return self._handle
@@ -341,7 +341,7 @@ class EMA:
 
     def _all_ranges(self):
         import torch.distributed as dist
-        local = [self._handle.local_range(i) for i in range(len(self._averaged))]
+        local = [s.info.local_range for s in self._averaged]
         ranges = [None] * dist.get_world_size(self._group)
         dist.all_gather_object(ranges, local, group=self._group)
         return ranges  # [rank][tensor] = (first_elem, num_elems)
@@ -354,10 +354,10 @@ class EMA:
         mine = self._ranges[h.rank]
         flat = torch.empty(sum(n for _, n in mine), dtype=dtype, device=self.device)
         offset = 0
-        for i, (_, count) in enumerate(mine):
+        for s, (_, count) in zip(self._averaged, mine):
             if count:
-                h.get_local_shadow(shadow, i, _data_ptr(flat) + offset * flat.element_size(),
-                                   _DTYPE_NAMES[dtype], self._stream())
+                h.get_local_shadow(shadow, s.info.index, _data_ptr(flat) + offset * flat.element_size(),
+                                   _DTYPE_NAMES[dtype], self._stream(), dst_num_bytes=count * flat.element_size())
             offset += count
         longest = max(sum(n for _, n in r) for r in self._ranges)
         padded = torch.zeros(longest, dtype=dtype, device=self.device)
@@ -372,38 +372,53 @@ class EMA:
                 offset += count
         return [t.view(s.shape) for t, s in zip(out, self._averaged)]
 
-    def _read(self, shadow, i):
-        """Shadow `shadow` of averaged tensor i in a new tensor of its registered shape and dtype."""
-        source = self._averaged[i]
-        out = torch.empty(source.shape, dtype=source.dtype, device=self.device)
-        self.handle.get_shadow(shadow, i, _data_ptr(out), _DTYPE_NAMES[source.dtype], self._stream())
+    def _read(self, shadow, s, dtype):
+        """Shadow `shadow` of averaged tensor s in a new tensor of its registered shape, as dtype."""
+        out = torch.empty(s.shape, dtype=dtype, device=self.device)
+        self.handle.get_shadow(shadow, s.info.index, _data_ptr(out), _DTYPE_NAMES[dtype], self._stream(),
+                               dst_num_bytes=out.numel() * out.element_size())
+        return out
+
+    def _read_copy(self, j, dst=None):
+        """Copied buffer j as of the last update (its mirror), into dst or a new tensor."""
+        s = self._copied[j]
+        out = torch.empty(s.shape, dtype=s.dtype, device=self.device) if dst is None else dst
+        self.handle.get_shadow(0, s.info.index, _data_ptr(out), _COPY_DTYPE_NAMES[s.dtype],
+                               self._stream(), dst_num_bytes=out.numel() * out.element_size())
         return out
 
     def _write_params(self, shadow):
-        """The params <- shadow `shadow` (sharded: gathered, then a torch copy per tensor)."""
+        """The params <- shadow `shadow`, the copied buffers <- their mirrors (sharded: the averages
+        gathered, then a torch copy per tensor)."""
         if not self._sharded():
             self._handle.copy_to_params(shadow, self._stream())
             return
         with torch.no_grad():
             for s, value in zip(self._averaged, self._gathered(shadow)):
                 s.local.copy_(value)
+        for j, s in enumerate(self._copied):
+            self._read_copy(j, dst=s.local)
 
-    def model_state_dict(self, shadow: int = 0):
-        """The average as the model's state dict: {name: tensor in its dtype} of every registered
-        param and buffer (copied buffers as of the last update), for model.load_state_dict.
-        DTensor params give DTensors with the same placements."""
+    def model_state_dict(self, shadow: int = 0, dtype: Optional[torch.dtype] = None):
+        """The average as the model's state dict: {name: tensor} of every registered param and
+        buffer (copied buffers as of the last update), for model.load_state_dict. The averages
+        are in each tensor's dtype, or in `dtype` (torch.float32, bfloat16 or float16: say, the
+        f32 shadows of a bf16 model exactly). DTensor params give DTensors with the same
+        placements."""
         self._check_open()
         if not 0 <= shadow < self._handle.num_shadows:
             raise InvalidArgError(f"shadow {shadow} of {self._handle.num_shadows}")
+        if dtype is not None and dtype not in _DTYPE_NAMES:
+            raise InvalidArgError(f"dtype {dtype}: averages read out as torch.float32, bfloat16 or float16")
         out = {}
         if self._sharded():
-            values = [v.to(s.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
+            values = [v.to(dtype or s.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
         else:
-            values = [self._read(shadow, i) for i in range(len(self._averaged))]
+            values = [self._read(shadow, s, dtype or s.dtype) for s in self._averaged]
         for s, value in zip(self._averaged, values):
             out[s.name] = self._as_model_tensor(s, value)
-        for s, value in zip(self._copied, self._copies):
-            out[s.name] = self._as_model_tensor(s, value.clone())
+        for j, s in enumerate(self._copied):
+            out[s.name] = self._as_model_tensor(s, self._read_copy(j))
         return out
 
     @staticmethod
@@ -443,22 +458,15 @@ class EMA:
 
     def _swap_average(self, shadow, weights):
         h, stream = self._handle, self._stream()
-        h.store(stream)
-        kept = [s.local.clone() for s in self._copied]
+        h.store(stream)  # the params and the copied buffers, restored bit for bit on exit
         try:
             if weights is not None:
                 h.blend_to_params(list(weights), stream=stream)
             else:
                 self._write_params(shadow)
-            with torch.no_grad():
-                for s, value in zip(self._copied, self._copies):
-                    s.local.copy_(value)
             yield self
         finally:
             h.restore(stream)
-            with torch.no_grad():
-                for s, value in zip(self._copied, kept):
-                    s.local.copy_(value)
 
     # ---- EDM2 post-hoc, adaptive decay ------------------------------------------------
     def snapshot(self, shadow: int) -> torch.Tensor:
@@ -522,77 +530,112 @@ class EMA:
         self._handle.graph_reserve(first_step, num_steps, self._stream())
 
     def graph_update(self):
-        """The update to capture in torch.cuda.graph(...) (one kernel node; copied buffers too)."""
+        """The update to capture in torch.cuda.graph(...): one kernel node, copied buffers included."""
         self._check_live()
         self._check_not_swapped("graph_update")
         self._handle.graph_update(self._stream())
-        if self._copies:
-            torch._foreach_copy_(self._copies, self._sources[len(self._averaged):])
 
     def graph_release(self):
         """Ends the reservation (waits for the device); returns the number of steps applied."""
         return self.handle.graph_release()
 
     # ---- checkpoints ---------------------------------------------------------------------
+    # The state is the library's checkpoint: its bytes (polyak_save_to_memory), loaded as they are
+    # (polyak_load_from_memory), which checks everything before it changes anything. Only
+    # DTensor params (FSDP2) keep it as tensors, which torch.distributed.checkpoint reshards; the
+    # library then writes the checkpoint from them again (_assembled).
     def save(self, path):
-        """A safetensors file: shadow 0 of every averaged tensor under its name (safetensors'
-        load_file gives a model its averaged weights; copied buffers are not in it), the other
-        shadows and the whole state as the library writes it, crash-safely. Sharded EMAs write
-        the gathered averages from rank 0 (every rank calls)."""
+        """The library's safetensors checkpoint, written crash-safely: shadow 0 of every averaged
+        tensor under its name (safetensors' load_file gives a model its averaged weights), the
+        other shadows and the whole state. Sharded EMAs gather the shadows and rank 0 writes the
+        checkpoint of the whole model (every rank calls)."""
         self._check_open()
         if not self._sharded():
             self._handle.save(path)
             return
-        import torch.distributed as dist
-        tensors = {s.name: t.cpu() for s, t in zip(self._averaged, self._gathered(0))}
-        if dist.get_rank(self._group) == 0:
-            _write_safetensors(path, {"format": "polyak-averages"}, tensors)
+        self._whole_checkpoint(path)
 
     def state_dict(self):
-        """The whole state: {"metadata": the checkpoint's metadata (strings), "shadows": [one
-        {name: tensor} per shadow, in the shadow dtype], "buffers": {name: tensor}}. The tensors
-        are the shadows' exact bits (DTensors for DTensor params); load_state_dict restores them,
-        and continuing gives the bits an uninterrupted run gives."""
+        """The whole state, exact: {"checkpoint": the library's checkpoint (the bytes save() writes:
+        every shadow, the copied buffers, the step state) as a uint8 CPU tensor}. load_state_dict
+        restores it, and continuing gives the bits an uninterrupted run gives. Sharded EMAs gather
+        (collective) and give the checkpoint of the whole model, which unsharded EMAs load too.
+        With DTensor params (FSDP2) the shadows stay tensors so that torch.distributed.checkpoint
+        can reshard them: {"metadata": the checkpoint's metadata (strings), "shadows": [one
+        {name: DTensor} per shadow, the shadows' exact bits in the shadow dtype], "copies":
+        {name: tensor} of the copied buffers}."""
         self._check_open()
-        h = self._handle
-        with _scratch_dir() as scratch:
-            if self._sharded():
-                metadata, files = self._sharded_metadata(scratch), None
-            else:
-                path = os.path.join(scratch, "state.safetensors")
-                h.save(path)
-                metadata, files = _read_safetensors(path)
-        metadata.pop("checksum", None)
-        if self._averaged and _is_dtensor(self._averaged[0].tensor) and torch.distributed.is_initialized():
+        if self._dtensor_params():
+            return self._parts()
+        return {"checkpoint": self._whole_checkpoint() if self._sharded() else _checkpoint_of(self._handle)}
+
+    def _dtensor_params(self):
+        return bool(self._averaged) and _is_dtensor(self._averaged[0].tensor)
+
+    def _parts(self):
+        """The checkpoint's metadata and shadows as tensors (DTensors with the params' placements)."""
+        header, data = _split(_checkpoint_of(self._handle))
+        metadata = dict(header["__metadata__"])
+        metadata.pop("checksum")
+        if torch.distributed.is_initialized():
             total = torch.tensor([int(metadata["nonfinite_count"])], dtype=torch.int64)
             torch.distributed.all_reduce(total)  # the ranks' counts, summed, so they agree
             metadata["nonfinite_count"] = str(int(total))
         shadows = []
-        for k in range(h.num_shadows):
-            values = self._gathered(k) if files is None else \
-                [files[_saved_name(k, s.name)].to(self.device) for s in self._averaged]
-            shadows.append({s.name: self._as_model_tensor(s, v) for s, v in zip(self._averaged, values)})
-        return {"metadata": metadata, "shadows": shadows,
-                "buffers": {s.name: v.clone() for s, v in zip(self._copied, self._copies)}}
+        for k in range(self._handle.num_shadows):
+            shadows.append({s.name: self._as_model_tensor(s, _entry(header, data, _saved_name(k, s.name),
+                                                                    self.shadow_dtype).to(self.device))
+                            for s in self._averaged})
+        copies = {s.name: _entry(header, data, s.name, s.dtype).to(self.device) for s in self._copied}
+        return {"metadata": metadata, "shadows": shadows, "copies": copies}
 
-    def _sharded_metadata(self, scratch):
-        """The metadata of an unsharded handle like this one (a one-element stand-in), with this
-        handle's step state: the whole-layout file every rank loads its slice from."""
+    def _whole_checkpoint(self, path=None):
+        """Sharded: the checkpoint of an unsharded EMA in this one's state (collective: the
+        shadows are gathered on every rank), or with `path` rank 0 saves it there."""
         import torch.distributed as dist
         h = self._handle
-        stand_in = torch.ones(1)
-        with polyak.Handle(self.schedules, shadow_dtype=h.shadow_dtype, seed=h.config.seed,
-                           skip_nonfinite=bool(h.config.skip_nonfinite)) as template:
-            template.add("stand-in", _data_ptr(stand_in), "f32", (1,))
-            template.finalize()
-            path = os.path.join(scratch, "template.safetensors")
-            template.save(path)
-            metadata, _ = _read_safetensors(path)
         count = torch.tensor([h.nonfinite_count()], dtype=torch.int64)
-        dist.all_reduce(count, group=self._group)
-        metadata.update(step=str(h.step), nonfinite_count=str(int(count)),
+        dist.all_reduce(count, group=self._group)  # files hold the ranks' sum
+        shadows = [[t.cpu() for t in self._gathered(k)] for k in range(h.num_shadows)]
+        if path is not None and dist.get_rank(self._group) != 0:
+            return None
+        copies = [self._read_copy(j).cpu() for j in range(len(self._copied))]  # whole on every rank
+
+        def step_state(metadata):  # the scratch handle's configuration is this one's
+            return dict(metadata, step=str(h.step), nonfinite_count=str(int(count)),
                         beta_products=json.dumps([h.beta_product(k) for k in range(h.num_shadows)]))
-        return metadata
+        return self._assembled(shadows, copies, step_state, path)
+
+    def _assembled(self, shadows, copies, metadata_of, path=None):
+        """The library's checkpoint of an unsharded handle like this one whose shadow k of averaged
+        tensor i holds shadows[k][i] exactly and whose copied buffer j holds copies[j], with
+        metadata_of(its metadata) as the metadata (the checksum kept: it covers the data only). A
+        scratch handle of this configuration on the CPU takes the shadows by hard updates
+        (shadow <- param, exact) and writes the checkpoint; with `path` it loads the result and
+        saves it there, crash-safely."""
+        h = self._handle
+        params = [torch.zeros(s.shape, dtype=self.shadow_dtype) for s in self._averaged]
+        copies = [value.cpu().contiguous() for value in copies]
+        with polyak.Handle(self.schedules, shadow_dtype=h.shadow_dtype, zero_init=bool(h.config.zero_init),
+                           skip_nonfinite=bool(h.config.skip_nonfinite), seed=h.config.seed) as scratch:
+            for s, param in zip(self._averaged, params):
+                scratch.add(s.name, _data_ptr(param), h.shadow_dtype, s.shape)
+            for s, value in zip(self._copied, copies):
+                scratch.add_copy(s.name, _data_ptr(value), _COPY_DTYPE_NAMES[s.dtype], s.shape)
+            scratch.finalize()
+            for k, values in enumerate(shadows):
+                with torch.no_grad():
+                    for param, value in zip(params, values):
+                        param.copy_(value)
+                scratch.hard_update(k)
+            header, data = _split(_checkpoint_of(scratch))
+            written = header["__metadata__"]
+            header["__metadata__"] = dict(metadata_of(written), checksum=written["checksum"])
+            checkpoint = _join(header, data)
+            if path is not None:
+                scratch.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
+                scratch.save(path)
+        return checkpoint
 
     def load_state_dict(self, state):
         """Restores a state_dict() of an EMA over the same tensors with the same schedules, shadow
@@ -600,18 +643,31 @@ class EMA:
         checks a checkpoint file): a mismatch raises polyak.MismatchError or FormatError and
         changes nothing."""
         self._check_live()
+        if not isinstance(state, dict) or "checkpoint" not in state and not {"metadata", "shadows"} <= set(state):
+            raise FormatError("a polyak EMA state has 'checkpoint' (or 'metadata' and 'shadows')")
+        if "checkpoint" in state:
+            checkpoint = state["checkpoint"]
+            if not isinstance(checkpoint, torch.Tensor) or checkpoint.dtype != torch.uint8 or checkpoint.dim() != 1:
+                raise FormatError("the state's 'checkpoint' is not the uint8 tensor of a polyak checkpoint")
+            checkpoint = checkpoint.detach().cpu().contiguous()
+        else:
+            checkpoint = self._assembled_state(state)
+        self._handle.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
+
+    def _assembled_state(self, state):
+        """The checkpoint of a state as tensors ("metadata", "shadows", "copies"), checked against
+        this EMA's tensors (the library checks the rest)."""
         h = self._handle
-        if not isinstance(state, dict) or not {"metadata", "shadows", "buffers"} <= set(state):
-            raise FormatError("a polyak EMA state has 'metadata', 'shadows' and 'buffers'")
         shadows, metadata = state["shadows"], state["metadata"]
         if len(shadows) != h.num_shadows:
             raise MismatchError(f"the state has {len(shadows)} shadows, this EMA {h.num_shadows}")
-        tensors = {}
+        tensors = []
         for k, values in enumerate(shadows):
             extra = set(values) - {s.name for s in self._averaged}
             if extra:
                 raise MismatchError(f"the state's shadow {k} has {sorted(extra)[0]!r}, which this EMA does "
                                     "not average")
+            tensors.append([])
             for s in self._averaged:
                 if s.name not in values:
                     raise MismatchError(f"the state's shadow {k} lacks {s.name!r}")
@@ -619,25 +675,24 @@ class EMA:
                 if self._sharded() and _is_dtensor(value):
                     value = value.full_tensor()
                 value = _local(value).detach()
-                want = s.shape
-                if value.shape != want or value.dtype != self.shadow_dtype:
+                if value.shape != s.shape or value.dtype != self.shadow_dtype:
                     raise MismatchError(f"the state's {s.name!r} (shadow {k}) is {tuple(value.shape)} "
-                                        f"{value.dtype}; this EMA keeps {tuple(want)} {self.shadow_dtype}")
-                tensors[_saved_name(k, s.name)] = value.cpu()
-        buffers = state["buffers"]
-        for s, copy in zip(self._copied, self._copies):
-            if s.name not in buffers or buffers[s.name].shape != copy.shape:
-                raise MismatchError(f"the state lacks buffer {s.name!r} shaped {tuple(copy.shape)}")
-        metadata = dict(metadata)
-        if _is_dtensor(self._averaged[0].tensor if self._averaged else None) and torch.distributed.get_rank():
+                                        f"{value.dtype}; this EMA keeps {tuple(s.shape)} {self.shadow_dtype}")
+                tensors[k].append(value.cpu())
+        given = state.get("copies", {})
+        extra = set(given) - {s.name for s in self._copied}
+        if extra:
+            raise MismatchError(f"the state copies {sorted(extra)[0]!r}, which this EMA does not copy")
+        copies = []
+        for s in self._copied:
+            value = given.get(s.name)
+            if value is None or value.shape != s.shape or value.dtype != s.dtype:
+                raise MismatchError(f"the state lacks the copied buffer {s.name!r} ({tuple(s.shape)} {s.dtype})")
+            copies.append(value.detach())
+        metadata = {str(key): str(value) for key, value in metadata.items()}
+        if self._dtensor_params() and torch.distributed.get_rank():
             metadata["nonfinite_count"] = "0"  # rank 0 carries the total
-        with _scratch_dir() as scratch:
-            path = os.path.join(scratch, "state.safetensors")
-            _write_safetensors(path, {str(k): str(v) for k, v in metadata.items()}, tensors)
-            h.load(path)
-        with torch.no_grad():
-            for s, copy in zip(self._copied, self._copies):
-                copy.copy_(buffers[s.name])
+        return self._assembled(tensors, copies, lambda _: metadata)
 
     # ---- presets: other libraries' defaults, mapped exactly ------------------------------
     @classmethod

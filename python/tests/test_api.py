@@ -3,6 +3,7 @@ import array
 import ctypes
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -132,8 +133,8 @@ def test_handle_updates_every_shadow_with_the_compensated_decay(rng):
         assert h.step == 11 and h.num_tensors == 4
         for k in range(len(schedules)):
             for i, n in enumerate(sizes):
-                out, ptr = buffer([0.0] * n)
-                h.get_shadow(k, i, ptr)
+                out, _ = buffer([0.0] * n)
+                h.get_shadow(k, i, out)
                 assert max(abs(o - r) for o, r in zip(out, shadows[k][i])) < 2e-6
 
 
@@ -148,17 +149,17 @@ def test_a_failing_call_raises_its_class_and_changes_nothing(rng):
     h.finalize()
     h.update(3)
     before, out = buffer([0.0] * 9), buffer([0.0] * 9)
-    h.get_shadow(0, 0, before[1])
+    h.get_shadow(0, 0, before[0])
     a[0] = 100.0
     with pytest.raises(polyak.InvalidArgError, match="step"):
         h.update(2)  # backwards
     with pytest.raises(polyak.InvalidArgError):
-        h.get_shadow(1, 0, out[1])  # no shadow 1
+        h.get_shadow(1, 0, out[0])  # no shadow 1
     with pytest.raises(polyak.InvalidArgError):
-        h.get_shadow(0, 0, out[1], dst_dtype="f64")
+        h.get_shadow(0, 0, out[0], dst_dtype="f64")
     with pytest.raises(polyak.FileIOError):
         h.load("/nonexistent/dir/ema.safetensors")
-    h.get_shadow(0, 0, out[1])
+    h.get_shadow(0, 0, out[0])
     assert list(out[0]) == list(before[0]) and h.step == 3
     h.close()
     h.close()  # idempotent
@@ -179,6 +180,10 @@ def test_config_mirror_has_the_c_layout():
     cfg = _lib.config_defaults(_lib.lib)
     assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
     assert cfg.world_size == 1 and cfg.schedules[7].beta == 0.999 and cfg.skip_nonfinite == 1
+    assert list(cfg.rounding) == [0] * 8
+    big = (ctypes.c_char * 4096)()  # the library's own struct: the mirror is a prefix of it (a newer
+    _lib.lib.polyak_config_init(ctypes.cast(big, ctypes.POINTER(_lib.Config)))  # library appends fields)
+    assert ctypes.c_size_t.from_buffer(big).value >= ctypes.sizeof(_lib.Config)
 
 
 def test_a_shadow_in_the_callers_memory_is_updated_in_place(rng):
@@ -214,8 +219,327 @@ def test_graph_reservations_apply_the_steps_of_direct_updates_on_the_cpu(rng):
     assert graphed.graph_release() == 3 and graphed.step == 6
     for k in range(2):
         outs = [buffer([0.0] * 21) for _ in range(2)]
-        for h, (_, ptr) in zip(handles, outs):
-            h.get_shadow(k, 0, ptr)
+        for h, (out, _) in zip(handles, outs):
+            h.get_shadow(k, 0, out)
         assert list(outs[0][0]) == list(outs[1][0])
     with pytest.raises(polyak.StateError):
         graphed.graph_update()  # nothing reserved
+
+
+# ---- tensor lookup, sized read-outs, copy-only tensors, arenas ------------------------------------
+
+def test_tensor_info_and_find_tensor_describe_each_registration():
+    w, w_ptr = buffer([1.0] * 6)
+    count, count_ptr = buffer([3], "q")
+    with polyak.Handle([polyak.Constant(0.9)], shadow_dtype="bf16") as h:
+        assert h.add("w", w_ptr, "f32", (2, 3)) == 0
+        assert h.add_copy("count", count_ptr, "i64", ()) == 1
+        before = h.tensor_info(0)
+        assert (before.name, before.dtype, before.shape, before.num_elems, before.num_bytes) == ("w", "f32", (2, 3),
+                                                                                             6, 24)
+        assert before.shadow_dtype == "bf16" and not before.copy_only and before.local_range is None
+        h.finalize()
+        assert h.tensor_info(0).local_range == (0, 6)
+        info = h.tensor_info(1)
+        assert (info.name, info.dtype, info.shape, info.num_elems, info.copy_only, info.shadow_dtype) == \
+            ("count", "i64", (), 1, True, "i64")
+        assert [t.name for t in h.tensors()] == ["w", "count"]
+        assert h.find_tensor("count") == 1 and h.find_tensor("w") == 0
+        with pytest.raises(polyak.InvalidArgError, match="nope"):
+            h.find_tensor("nope")
+        for bad in (2, -1):
+            with pytest.raises(polyak.InvalidArgError):
+                h.tensor_info(bad)
+
+
+def test_read_outs_refuse_a_short_destination_and_write_nothing():
+    w, w_ptr = buffer([0.25 * i for i in range(10)])
+    with polyak.Handle([polyak.Constant(0.5), polyak.Equal()]) as h:
+        h.add("w", w_ptr, "f32", (10,))
+        h.finalize()
+        canary = array.array("f", [-7.0] * 16)  # 10 elements' room, then the canary
+        address = canary.buffer_info()[0]
+        calls = [lambda **kw: h.get_shadow(0, 0, address, **kw),
+                 lambda **kw: h.get_local_shadow(1, 0, address, **kw),
+                 lambda **kw: h.get_blend([0.5, 0.5], 0, address, **kw)]
+        for call in calls:
+            with pytest.raises(polyak.InvalidArgError, match="holds 36 bytes"):
+                call(dst_num_bytes=36)
+            assert list(canary) == [-7.0] * 16
+            with pytest.raises(polyak.InvalidArgError, match="dst_num_bytes"):
+                call()  # an address alone: its size unknown
+            call(dst_num_bytes=40)
+            assert list(canary[:10]) == list(w) and list(canary[10:]) == [-7.0] * 6
+            canary[:10] = array.array("f", [-7.0] * 10)
+        short = array.array("f", [-7.0] * 9)  # a buffer carries its size
+        with pytest.raises(polyak.InvalidArgError, match=r"\"w\""):
+            h.get_shadow(0, 0, short)
+        assert list(short) == [-7.0] * 9
+        with pytest.raises(polyak.InvalidArgError, match="read-only"):
+            h.get_shadow(0, 0, bytes(40))
+
+
+def test_unknown_dtypes_are_refused_with_nothing_registered():
+    w, w_ptr = buffer([1.0] * 4)
+    with polyak.Handle() as h:
+        for call in (lambda: h.add("w", w_ptr, "f8", (4,)), lambda: h.add_copy("w", w_ptr, "complex64", (4,)),
+                     lambda: h.add_copy("w", w_ptr, 3, (4,))):
+            with pytest.raises(polyak.InvalidArgError, match="dtype"):
+                call()
+        assert h.num_tensors == 0
+        h.add("w", w_ptr, "f32", (4,))
+        h.finalize()
+        out = array.array("q", [0] * 4)
+        with pytest.raises(polyak.InvalidArgError, match="dst_dtype"):
+            h.get_shadow(0, 0, out, "i64")  # an average reads out as f32, bf16 or f16 only
+        assert list(out) == [0] * 4
+
+
+@pytest.mark.parametrize("dtype,typecode,values", [("i64", "q", [5, -3]), ("i32", "i", [1 << 30, -1]),
+                                                   ("i16", "h", [7, -7]), ("i8", "b", [1, -128]),
+                                                   ("u8", "B", [255, 0]), ("bool", "B", [1, 0]),
+                                                   ("f64", "d", [1e300, -2.5])])
+def test_copy_only_tensors_mirror_the_param_at_every_update(dtype, typecode, values):
+    w, w_ptr = buffer([1.0, 2.0])
+    buf, buf_ptr = buffer(values, typecode)
+    with polyak.Handle([polyak.Constant(0.5), polyak.Equal()]) as h:
+        h.add("w", w_ptr, "f32", (2,))
+        h.add_copy("buf", buf_ptr, dtype, (2,))
+        h.finalize()
+        for step in (1, 3):
+            buf[0], buf[1] = buf[1], buf[0]  # new values; the mirror follows in the same update
+            w[0] += 1.0
+            h.update(step)
+            for k in range(2):
+                out = array.array(typecode, [0, 0])
+                h.get_shadow(k, 1, out, dtype)
+                assert list(out) == list(buf)
+        saved = list(buf)
+        blob = h.save_bytes()
+        buf[0] = buf[1] = 0
+        h.store()
+        h.copy_to_params(1)  # the mirror back into the param
+        assert list(buf) == saved
+        h.restore()
+        assert list(buf) == [0, 0]
+        again_buf, again_ptr = buffer([0, 0], typecode)
+        with polyak.Handle([polyak.Constant(0.5), polyak.Equal()]) as again:
+            again.add("w", buffer([0.0, 0.0])[1], "f32", (2,))
+            again.add_copy("buf", again_ptr, dtype, (2,))
+            again.finalize()
+            again.load_bytes(blob)
+            out = array.array(typecode, [0, 0])
+            again.get_shadow(0, 1, out, dtype)
+            assert list(out) == saved and again.save_bytes() == blob
+
+
+def test_an_arena_of_views_registers_its_tensors_or_nothing():
+    arena, base = buffer([float(i) for i in range(10)])
+    with polyak.Handle() as h:
+        with pytest.raises(polyak.InvalidArgError, match="view 1"):
+            h.add_arena(base, "f32", 10, [("a", (2, 3)), ("b", (5,))])  # runs past the end
+        with pytest.raises(polyak.InvalidArgError, match="elements 9"):
+            h.add_arena(base, "f32", 10, [("a", (2, 3)), ("b", (3,))])  # the last element in no view
+        with pytest.raises(polyak.InvalidArgError, match="dimensions"):
+            h.add_arena(base, "f32", 10, [("a", (1,) * 9)])
+        assert h.num_tensors == 0
+        assert h.add_arena(base, "f32", 10, [("a", (2, 3)), ("b", (4,))]) == [0, 1]
+        h.finalize()
+        assert [(t.name, t.shape) for t in h.tensors()] == [("a", (2, 3)), ("b", (4,))]
+        out = array.array("f", [0.0] * 4)
+        h.get_shadow(0, h.find_tensor("b"), out)
+        assert list(out) == [6.0, 7.0, 8.0, 9.0]
+
+
+# ---- a pending store ------------------------------------------------------------------------------
+
+def test_a_pending_store_refuses_updates_until_restore_or_discard():
+    w, w_ptr = buffer([1.0, 2.0, 3.0])
+    with polyak.Handle([polyak.Constant(0.5)]) as h:
+        h.add("w", w_ptr, "f32", (3,))
+        h.finalize()
+        h.update(1)
+        before = h.save_bytes()
+        h.store()
+        h.copy_to_params()
+        for call in (lambda: h.update(2), lambda: h.hard_update(0), lambda: h.graph_reserve(2, 4), h.store):
+            with pytest.raises(polyak.StateError, match="polyak_restore"):
+                call()
+        assert h.save_bytes() == before and h.step == 1
+        h.restore()
+        h.update(2)
+        w[0] = 10.0
+        h.store()
+        w[0] = 20.0  # say, an average copied in on purpose
+        h.discard_store()
+        assert w[0] == 20.0
+        with pytest.raises(polyak.StateError):
+            h.restore()  # the copy was dropped
+        with pytest.raises(polyak.StateError):
+            h.discard_store()  # nothing pending
+        h.update(3)
+
+
+# ---- checkpoints in memory and in open files --------------------------------------------------------
+
+def make_checkpointed(rng, schedules=(polyak.Constant(0.9), polyak.Power(sigma_rel=0.1)), seed=1):
+    w, w_ptr = buffer([rng.uniform(-1, 1) for _ in range(37)])
+    count, count_ptr = buffer([0], "q")
+    h = polyak.Handle(list(schedules), seed=seed)
+    h.add("w", w_ptr, "f32", (37,))
+    h.add_copy("count", count_ptr, "i64", ())
+    h.finalize()
+    return h, w, count
+
+
+def test_checkpoints_in_memory_are_the_files_bytes_and_resume_exactly(rng, tmp_path):
+    h, w, count = make_checkpointed(rng)
+    for step in (1, 2, 5):
+        w[step] += 0.5
+        count[0] = step
+        h.update(step)
+    blob = h.save_bytes()
+    h.save(tmp_path / "ema.safetensors")
+    assert (tmp_path / "ema.safetensors").read_bytes() == blob
+    assert len(blob) <= h.save_size()
+    again, w2, count2 = make_checkpointed(rng)
+    again.load_bytes(bytearray(blob))
+    assert again.step == 5 and again.save_bytes() == blob
+    w2[:], count2[:] = w, count
+    for handle in (h, again):
+        handle.update(9)
+    assert again.save_bytes() == h.save_bytes()
+    h.close(), again.close()
+
+
+def test_a_bad_checkpoint_or_buffer_is_refused_with_nothing_changed(rng):
+    h, w, _ = make_checkpointed(rng)
+    h.update(1)
+    blob = h.save_bytes()
+    short = bytearray(len(blob) - 1)
+    with pytest.raises(polyak.InvalidArgError):
+        h.save_to_memory(short)
+    assert short == bytearray(len(blob) - 1)  # nothing written
+    w[0] += 1.0
+    h.update(2)
+    state = h.save_bytes()
+    corrupt = bytearray(blob)
+    corrupt[-1] ^= 1
+    with pytest.raises(polyak.FormatError, match="checksum"):
+        h.load_bytes(corrupt)
+    with pytest.raises(polyak.FormatError):
+        h.load_bytes(b"not a checkpoint at all")
+    with pytest.raises(polyak.FormatError):
+        h.load_bytes(blob[:-8])
+    other, _, _ = make_checkpointed(rng, schedules=[polyak.Constant(0.9), polyak.Power(sigma_rel=0.05)])
+    with pytest.raises(polyak.MismatchError, match="shadow 1"):
+        h.load_bytes(other.save_bytes())
+    assert h.save_bytes() == state and h.step == 2
+    h.load_bytes(blob)
+    assert h.step == 1
+
+
+def test_checkpoints_inside_an_open_file_between_the_trainers_own_bytes(rng, tmp_path):
+    h, w, _ = make_checkpointed(rng)
+    h.update(3)
+    path = tmp_path / "trainer.state"
+    with open(path, "wb") as f:
+        f.write(b"trainer header")
+        h.save_fd(f)  # a file object: flushed, then its offset moves past the checkpoint
+        f.write(b"optimizer state")
+    data = path.read_bytes()
+    blob = h.save_bytes()
+    assert data == b"trainer header" + blob + b"optimizer state"
+    again, _, _ = make_checkpointed(rng)
+    with open(path, "rb") as f:
+        assert f.read(14) == b"trainer header"
+        again.load_fd(f)
+        assert f.read() == b"optimizer state"
+        with pytest.raises(polyak.FileIOError):
+            again.load_fd(f)  # at the end of the file
+        assert f.read() == b""
+        with pytest.raises(polyak.FileIOError, match="writing"):
+            h.save_fd(f.fileno())  # an int fd, open for reading only
+    assert again.save_bytes() == blob
+    h.close(), again.close()
+
+
+# ---- stochastic rounding of f32 shadows ------------------------------------------------------------
+
+def f32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def f32_neighbours(x):
+    """The two f32 values around the double x (equal if x is one)."""
+    nearest = f32(x)
+    if nearest == x:
+        return nearest, nearest
+    bits = struct.unpack("I", struct.pack("f", nearest))[0]
+    away = struct.unpack("f", struct.pack("I", bits + (1 if (nearest < x) == (nearest > 0) else -1)))[0]
+    return min(nearest, away), max(nearest, away)
+
+
+def test_rounding_is_a_keyword_of_every_schedule():
+    assert polyak.Constant(0.9).rounding == "nearest"
+    assert polyak.Power(gamma=7.0, rounding="stochastic").rounding == "stochastic"
+    with pytest.raises(polyak.InvalidArgError, match="rounding"):
+        polyak.Constant(0.9, rounding="up")
+    h = polyak.Handle([polyak.Constant(0.9), polyak.Equal(rounding="stochastic")])
+    assert list(h.config.rounding)[:2] == [0, 1]
+
+
+def test_stochastic_rounding_moves_where_nearest_stalls_and_lands_on_a_neighbour():
+    """Params 128 ulps above shadows at 1.0, beta 0.9999: every increment (0.013 of an ulp) rounds
+    away to nearest, while stochastic shadows land on one of the two f32 values around the exact
+    update each time and move by the float64 average's amount on average."""
+    num_elems, steps, beta = 1000, 500, 0.9999
+    ones, ptr = buffer([1.0] * num_elems)
+    h = polyak.Handle([polyak.Constant(beta), polyak.Constant(beta, rounding="stochastic")], seed=7)
+    h.add("w", ptr, "f32", (num_elems,))
+    h.finalize()
+    for j in range(num_elems):
+        ones[j] = 1.0 + 2.0 ** -16
+    shadows = [array.array("f", [1.0] * num_elems) for _ in range(2)]
+    w = 1.0 - beta
+    for step in range(1, steps + 1):
+        before = array.array("f", shadows[1])
+        h.update(step)
+        for k in range(2):
+            h.get_shadow(k, 0, shadows[k])
+        if step % 50 == 1:  # every element on a neighbour of s + w (p - s), computed in double
+            for j in range(num_elems):
+                below, above = f32_neighbours(before[j] + w * (ones[j] - before[j]))
+                assert shadows[1][j] in (below, above)
+    assert set(shadows[0]) == {1.0}  # nearest: stalled
+    moved = sum(shadows[1]) / num_elems - 1.0
+    want = 2.0 ** -16 * (1.0 - beta ** steps)  # the float64 average's movement, about 6 ulps
+    assert abs(moved - want) < 0.1 * want
+
+
+def test_stochastic_shadows_resume_bit_exactly_and_refuse_another_rounding(rng):
+    values = [1.0 + rng.uniform(0, 1e-4) for _ in range(301)]
+    handles, arrays = [], []
+    for _ in range(2):
+        a, ptr = buffer(values)
+        h = polyak.Handle([polyak.Power(gamma=6.94, rounding="stochastic")], seed=3)
+        h.add("w", ptr, "f32", (301,))
+        h.finalize()
+        handles.append(h), arrays.append(a)
+    first, second = handles
+    for step in range(1, 201):
+        for a in arrays:
+            a[step] += 1e-6
+        first.update(step)
+        if step == 100:
+            second.load_bytes(first.save_bytes())
+        elif step > 100:
+            second.update(step)
+    assert second.save_bytes() == first.save_bytes()
+    nearest, ptr = buffer(values)
+    with polyak.Handle([polyak.Power(gamma=6.94)], seed=3) as other:
+        other.add("w", ptr, "f32", (301,))
+        other.finalize()
+        with pytest.raises(polyak.MismatchError, match="rounding"):
+            other.load_bytes(first.save_bytes())
+        assert other.step == 0

@@ -23,7 +23,8 @@ STEPS = 5
 
 
 class Net(torch.nn.Module):
-    """Odd sizes: shards of unequal length, and a tensor smaller than the world (empty shards)."""
+    """Odd sizes: shards of unequal length, and a tensor smaller than the world (empty shards);
+    an integer buffer, which the library copies (whole on every rank)."""
 
     def __init__(self):
         super().__init__()
@@ -31,8 +32,10 @@ class Net(torch.nn.Module):
         self.a = torch.nn.Linear(9, 13)
         self.b = torch.nn.Linear(13, 5)
         self.tiny = torch.nn.Parameter(torch.randn(2, 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x):
+        self.calls.add_(1)
         return self.b(torch.tanh(self.a(x))).sum() + self.tiny.sum()
 
 
@@ -82,7 +85,9 @@ def run_fsdp2(rank, world_size, directory):
         assert type(average["a.weight"]).__name__ == "DTensor"
         assert average["a.weight"].placements == model.a.weight.placements
         check_close(average, ref[k], f"fsdp2 shadow {k}")
+        assert int(average["calls"]) == STEPS
     state = ema.state_dict()
+    assert int(state["copies"]["calls"]) == STEPS
     assert state["shadows"][0]["b.weight"].placements == model.b.weight.placements
     dcp.save(state, checkpoint_id=os.path.join(directory, f"fsdp2-{world_size}"))
     whole = {k: {n: full(v) for n, v in shadow.items()} for k, shadow in enumerate(state["shadows"])}
@@ -93,6 +98,7 @@ def run_fsdp2(rank, world_size, directory):
 
 def load_resharded(model, directory, saved_world_size):
     """A DCP checkpoint of an EMA on another number of ranks loads into this one, exactly."""
+    model.calls.zero_()
     ema = EMA(model, schedules=[polyak.Constant(0.8), polyak.Equal()])
     state = ema.state_dict()
     dcp.load(state, checkpoint_id=os.path.join(directory, f"fsdp2-{saved_world_size}"))
@@ -102,6 +108,7 @@ def load_resharded(model, directory, saved_world_size):
     for k, shadow in enumerate(ema.state_dict()["shadows"]):
         for name, value in shadow.items():
             assert torch.equal(full(value), saved[k][name]), (k, name)
+    assert int(ema.model_state_dict()["calls"]) == STEPS  # the copied buffer, as saved
 
 
 def run_ddp_sharded(rank, world_size, directory):
@@ -122,24 +129,34 @@ def run_ddp_sharded(rank, world_size, directory):
 
     train(model, torch.optim.SGD(model.parameters(), lr=0.1), ema, rank, reference)
     average = ema.model_state_dict()
+    assert int(average["calls"]) == STEPS
     check_close(average, ref, "ddp sharded")
     before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    net.calls.fill_(-1)
     with ema.average_parameters():
         for k, p in net.named_parameters():
             assert torch.equal(p, average[k])
+        assert int(net.calls) == STEPS  # the mirror written back, restored after
     for k, p in net.named_parameters():
         assert torch.equal(p, before[k])
+    assert int(net.calls) == -1
     path = os.path.join(directory, f"ddp-{world_size}.safetensors")
     ema.save(path)
     dist.barrier()
     from safetensors.torch import load_file
-    for k, v in load_file(path).items():
+    saved = load_file(path)
+    assert int(saved.pop("calls")) == STEPS
+    for k, v in saved.items():
         assert torch.equal(v, average[k].float())
     state = ema.state_dict()  # whole shadows on every rank: the format of an unsharded EMA
+    net.calls.zero_()  # the loads below bring the state's back
     again = EMA(net, decay=0.7, shard=True)
     again.load_state_dict(state)
     whole = EMA(net, decay=0.7)
     whole.load_state_dict(state)
+    from_file = EMA(net, decay=0.7)
+    from_file.handle.load(path)  # the saved file is the library's checkpoint of the whole model
+    assert torch.equal(from_file.state_dict()["checkpoint"], whole.state_dict()["checkpoint"])
     for other in (again, whole):
         assert other.step == STEPS
         got = other.model_state_dict()

@@ -38,8 +38,9 @@ def train_step(model, gen):
 
 
 def shadows(ema, k=0):
-    """Shadow k of every averaged tensor, exact bits (the state's tensors)."""
-    return ema.state_dict()["shadows"][k]
+    """Shadow k of every averaged tensor in the shadow dtype: the shadows' bits (debiased with zero_init)."""
+    average = ema.model_state_dict(k, dtype=ema.shadow_dtype)
+    return {name: average[name] for name in ema.names}
 
 
 def snapshot(model):
@@ -113,6 +114,62 @@ def test_buffers_copy_and_ignore(gen):
     assert "norm.running_var" not in ignoring.model_state_dict()
 
 
+def test_buffers_are_mirrored_by_the_library_in_the_update_call(gen):
+    """num_batches_tracked is the library's copy-only tensor: the update call itself mirrors it
+    (also a CPU graph replay), read out in its dtype; float64 buffers are copied too."""
+    model = Mixed()
+    model.register_buffer("scale", torch.tensor([0.1, 0.2], dtype=torch.float64))
+    ema = EMA(model, decay=0.5)
+    h = ema.handle
+    info = h.tensor_info(h.find_tensor("norm.num_batches_tracked"))
+    assert info.copy_only and (info.dtype, info.shape) == ("i64", ())
+    assert h.tensor_info(h.find_tensor("scale")).copy_only and "scale" not in ema.names
+    assert not h.tensor_info(h.find_tensor("norm.running_var")).copy_only
+    train_step(model, gen)
+    ema.update(1)
+    out = torch.zeros((), dtype=torch.int64)
+    h.get_shadow(0, info.index, out.data_ptr(), "i64", dst_num_bytes=8)
+    assert int(out) == 1
+    ema.graph_reserve(2, 2)
+    for _ in range(2):
+        train_step(model, gen)
+        with torch.no_grad():
+            model.scale.add_(1)
+        ema.graph_update()
+    assert ema.graph_release() == 2
+    average = ema.model_state_dict()
+    assert int(average["norm.num_batches_tracked"]) == 3 and average["scale"].dtype == torch.float64
+    assert torch.equal(average["scale"], model.scale)
+
+
+def test_a_batchnorm_model_through_state_dict_and_save(gen, tmp_path):
+    """BatchNorm's buffers travel in the library's checkpoint: a state_dict restored into a new EMA
+    gives the mirrors back (average_parameters writes them into the model), and both EMAs go on
+    with the same bits, buffers included."""
+    model = Mixed()
+    first = EMA(model, decay=0.8)
+    for step in (1, 2):
+        train_step(model, gen)
+        first.update(step)
+    blob = io.BytesIO()
+    torch.save(first.state_dict(), blob)
+    train_step(model, gen)  # the model's buffers move on; the state holds those of step 2
+    second = EMA(model, decay=0.8)
+    blob.seek(0)
+    second.load_state_dict(torch.load(blob))
+    with second.average_parameters():
+        assert int(model.norm.num_batches_tracked) == 2
+    assert int(model.norm.num_batches_tracked) == 3
+    for ema in (first, second):
+        ema.update(3)
+    assert torch.equal(first.state_dict()["checkpoint"], second.state_dict()["checkpoint"])
+    path = tmp_path / "ema.safetensors"
+    second.save(path)
+    third = EMA(model, decay=0.8)
+    third.handle.load(str(path))
+    assert int(third.model_state_dict()["norm.num_batches_tracked"]) == 3
+
+
 def test_average_parameters_evaluates_the_average_and_restores_every_bit(gen):
     model = Mixed()
     ema = EMA(model, decay=0.7)
@@ -168,11 +225,9 @@ def test_state_dict_round_trips_through_torch_save_bit_exactly(gen, shadow_dtype
         train_step(model, gen)
         first.update(step)
         second.update(step)
-    a, b = first.state_dict(), second.state_dict()
-    assert a["metadata"] == b["metadata"]
-    for k in range(2):
-        assert_same(a["shadows"][k], b["shadows"][k])
-    assert a["shadows"][0]["a.weight"].dtype == shadow_dtype
+    # the library's checkpoints of both, byte for byte: every shadow's bits and the step state
+    assert torch.equal(first.state_dict()["checkpoint"], second.state_dict()["checkpoint"])
+    assert shadows(second)["a.weight"].dtype == shadow_dtype
 
 
 def test_a_mismatching_state_is_refused_and_changes_nothing(gen):
@@ -185,18 +240,49 @@ def test_a_mismatching_state_is_refused_and_changes_nothing(gen):
     other.update(2)
     with pytest.raises(polyak.MismatchError, match="schedule"):
         ema.load_state_dict(other.state_dict())
-    bad = other.state_dict()
-    bad["shadows"][0]["a.weight"] = bad["shadows"][0]["a.weight"][:3]
+    with pytest.raises(polyak.MismatchError, match="missing"):
+        ema.load_state_dict(EMA(torch.nn.Linear(7, 13), decay=0.9).state_dict())  # another model
+    corrupt = ema.state_dict()
+    corrupt["checkpoint"] = corrupt["checkpoint"].clone()
+    corrupt["checkpoint"][-1] ^= 1
+    with pytest.raises(polyak.FormatError, match="checksum"):
+        ema.load_state_dict(corrupt)
+    for bad in ({"shadows": []}, {"checkpoint": torch.zeros(8)}, [1, 2]):
+        with pytest.raises(polyak.FormatError):
+            ema.load_state_dict(bad)
+    # the form FSDP2 EMAs give (the shadows as tensors), made here without processes
+    parts = other._parts()
+    parts["shadows"][0]["a.weight"] = parts["shadows"][0]["a.weight"][:3]
     with pytest.raises(polyak.MismatchError, match="a.weight"):
-        ema.load_state_dict(bad)
-    del bad["shadows"][0]["a.weight"]
+        ema.load_state_dict(parts)
+    del parts["shadows"][0]["a.weight"]
     with pytest.raises(polyak.MismatchError, match="lacks"):
-        ema.load_state_dict(bad)
-    with pytest.raises(polyak.FormatError):
-        ema.load_state_dict({"shadows": []})
-    after = ema.state_dict()
-    assert after["metadata"] == before["metadata"]
-    assert_same(after["shadows"][0], before["shadows"][0])
+        ema.load_state_dict(parts)
+    assert torch.equal(ema.state_dict()["checkpoint"], before["checkpoint"])
+
+
+def test_a_state_as_tensors_loads_through_the_librarys_checks(gen):
+    """The tensor form of the state (FSDP2's, so that torch.distributed.checkpoint can reshard
+    it) is checked by the library too: its metadata against this EMA's configuration."""
+    model = Mixed()
+    options = dict(schedules=[polyak.Constant(0.9), polyak.Power(gamma=7.0, rounding="stochastic")], seed=4)
+    ema = EMA(model, **options)
+    for step in (1, 3):
+        train_step(model, gen)
+        ema.update(step)
+    parts = ema._parts()
+    assert parts["shadows"][1]["a.weight"].dtype == torch.float32 and "checksum" not in parts["metadata"]
+    assert int(parts["copies"]["norm.num_batches_tracked"]) == 2
+    again = EMA(model, **options)
+    again.load_state_dict(parts)
+    assert torch.equal(again.state_dict()["checkpoint"], ema.state_dict()["checkpoint"])
+    nearest = EMA(model, schedules=[polyak.Constant(0.9), polyak.Power(gamma=7.0)], seed=4)
+    with pytest.raises(polyak.MismatchError, match="rounding"):
+        nearest.load_state_dict(parts)
+    del parts["copies"]["norm.num_batches_tracked"]
+    with pytest.raises(polyak.MismatchError, match="num_batches_tracked"):
+        again.load_state_dict(parts)
+    assert nearest.step == 0 and torch.equal(again.state_dict()["checkpoint"], ema.state_dict()["checkpoint"])
 
 
 def test_save_gives_a_file_safetensors_loads_into_the_model(gen, tmp_path):
@@ -208,11 +294,14 @@ def test_save_gives_a_file_safetensors_loads_into_the_model(gen, tmp_path):
         ema.update(step)
     path = tmp_path / "ema.safetensors"
     ema.save(path)
+    saved = safetensors_torch.load_file(path)
+    assert saved["norm.num_batches_tracked"].dtype == torch.int64  # the copied buffer, in its dtype
     fresh = Mixed()
-    fresh.load_state_dict(safetensors_torch.load_file(path))  # strict: BatchNorm fills num_batches_tracked
+    fresh.load_state_dict(saved)  # strict: every param and buffer
     average = ema.model_state_dict()
-    for name in ema.names:  # f32 in the file, the param's dtype in the model
-        assert torch.equal(fresh.state_dict()[name], average[name])
+    assert int(average["norm.num_batches_tracked"]) == 2
+    for name, value in average.items():  # averages f32 in the file, the param's dtype in the model
+        assert torch.equal(fresh.state_dict()[name], value), name
     again = EMA(model, decay=0.8)
     again.handle.load(str(path))  # the library's own checkpoint: the exact state
     assert_same(shadows(again), shadows(ema))
@@ -260,7 +349,14 @@ def test_bad_input_raises_the_right_exception():
         two.y = torch.nn.Parameter(torch.randn(3, device="meta"))
         EMA(two)
     with pytest.raises(polyak.UnsupportedError, match="float64"):
-        EMA(torch.nn.Linear(3, 3).double())
+        EMA(torch.nn.Linear(3, 3).double())  # params are averaged, never copied
+    odd = torch.nn.Linear(3, 3)
+    odd.register_buffer("phase", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(polyak.UnsupportedError, match="phase"):
+        EMA(odd)
+    assert EMA(odd, buffers="ignore").names == ["weight", "bias"]
+    with pytest.raises(polyak.InvalidArgError):
+        EMA(model, schedules=[polyak.Constant(0.9)], rounding="stochastic")
     with pytest.raises(polyak.InvalidArgError):
         EMA(model, buffers="average-all")
     with pytest.raises(polyak.InvalidArgError):

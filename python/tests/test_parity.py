@@ -275,11 +275,12 @@ def test_timm_v3_takes_a_bf16_model_with_an_f32_ema_in_two_passes():
             setattr(torch, name, fn)
     assert calls == ["_foreach_mul_", "_foreach_add_"]
     ours = EMA(small_model().to(torch.bfloat16), decay=0.9)
-    assert {v.dtype for v in ours.state_dict()["shadows"][0].values()} == {torch.float32}
+    assert {ours.handle.tensor_info(i).shadow_dtype for i in range(len(ours.names))} == {"f32"}
 
 
 def test_timm_loads_the_saved_average(tmp_path):
-    """ema.save(path) is a checkpoint timm's own loader takes, strictly, into a fresh model."""
+    """ema.save(path) is a checkpoint timm's own loader takes, strictly, into a fresh model: the
+    averaged params and running statistics, and num_batches_tracked as the library mirrored it."""
     pytest.importorskip("safetensors")
     model = make_model("test_resnet")
     ema = EMA.like_timm(model, decay=0.9)
@@ -289,5 +290,6 @@ def test_timm_loads_the_saved_average(tmp_path):
     fresh = make_model("test_resnet")
     timm.models.load_checkpoint(fresh, path, strict=True)
     average = ema.model_state_dict()
-    for name in ema.names:
-        assert torch.equal(fresh.state_dict()[name], average[name]), name
+    assert int(average["bn1.num_batches_tracked"]) == 3  # the buffers too, mirrored at each update
+    for name, value in average.items():
+        assert torch.equal(fresh.state_dict()[name], value), name
