@@ -336,7 +336,8 @@ typedef struct {
   int ndim;
   int64_t shape[POLYAK_MAX_NDIM]; /* [0, ndim) set, the rest 0 */
   int64_t num_elems;              /* the product of the shape (1 for ndim 0) */
-  polyak_dtype shadow_dtype;      /* shadow 0's: the config's, or the caller's shadow's */
+  polyak_dtype shadow_dtype;      /* shadow 0's: the config's, the caller's shadow's, or a
+                                     copy-only tensor's own */
   int flags;                      /* POLYAK_TENSOR_* bits */
   int64_t local_first_elem;       /* the elements this rank keeps shadows of: */
   int64_t local_num_elems;        /* [first, first + num); all of them unless sharded;

@@ -218,7 +218,7 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
   t->global_offset_elems = p->total_elems;
   t->owned = owned;
   t->shadow = owned ? shadow : NULL;
-  t->shadow_dtype = owned ? shadow_dtype : p->cfg.shadow_dtype;
+  t->shadow_dtype = owned ? shadow_dtype : copy_only ? dtype : p->cfg.shadow_dtype; /* a mirror's own */
   t->shadow_flags = owned ? flags : 0;
   t->copy_only = copy_only;
   t->flat_elems = copy_only ? 0 : num_elems;

@@ -155,6 +155,7 @@ TEST(CopyOnly, EveryShadowMirrorsTheParamAtEveryUpdate)
   ASSERT_EQ(polyak_tensor_info(h.with.get(), h.number("counts"), &info), POLYAK_OK);
   EXPECT_EQ(info.flags, POLYAK_TENSOR_COPY);
   EXPECT_EQ(info.dtype, POLYAK_I32);
+  EXPECT_EQ(info.shadow_dtype, POLYAK_I32) << "the mirror's dtype";
   EXPECT_EQ(info.local_num_elems, 300001);
   int64_t count = -1;
   ASSERT_EQ(polyak_nonfinite_count(h.with.get(), &count), POLYAK_OK);
