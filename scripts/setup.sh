@@ -66,8 +66,9 @@ polyak_python_env() {
 # diffusers, scikit-learn, matplotlib and pytest, and this package installed
 # from the work tree with `pip install .` (CPU only, which is quick: the
 # tests load the build tree's libpolyak through POLYAK_LIBRARY, with CUDA
-# where it was built). Fails quietly, so the PyTorch tests report skipped,
-# when the registry is unreachable.
+# where it was built). Returns 1, quietly, when the registry is unreachable
+# (the PyTorch tests then report skipped), and 2 when the package's own
+# build fails (a failure).
 polyak_torch_env() {
   local venv="$polyak_root/.venv" python log="$polyak_root/.venv/polyak-install.log"
   python=$(polyak_python_env) || return 1
@@ -78,9 +79,10 @@ polyak_torch_env() {
       matplotlib pytest "scikit-build-core>=0.10" >"$log" 2>&1 ||
       { echo "setup: no PyTorch (no package registry?): the Python tests will skip" >&2; return 1; }
   fi
+  # the package's own build is a test: its failure is not a missing registry
   POLYAK_WITH_CUDA=OFF "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \
     "$polyak_root" >"$log" 2>&1 ||
-    { echo "setup: pip install . failed (see $log): the Python tests will skip" >&2; return 1; }
+    { echo "setup: pip install . failed:" >&2; tail -30 "$log" >&2; return 2; }
   echo "$python"
 }
 

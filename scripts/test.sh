@@ -13,8 +13,12 @@ jobs=$(nproc)
 # PyTorch and the rest for the Python package's tests; without a package
 # registry those tests report themselves skipped
 python_args=(-DPOLYAK_TORCH_PYTHON=)
-if polyak_python=$(polyak_torch_env); then
+torch_env=0
+polyak_python=$(polyak_torch_env) || torch_env=$?
+if [ $torch_env = 0 ]; then
   python_args=(-DPOLYAK_PYTHON="$polyak_python" -DPOLYAK_TORCH_PYTHON="$polyak_python")
+elif [ $torch_env = 2 ]; then
+  exit 1 # the package did not build: a failure, not a skip
 elif polyak_python=$(polyak_python_env); then
   python_args+=(-DPOLYAK_PYTHON="$polyak_python")
 fi
