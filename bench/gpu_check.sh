@@ -11,8 +11,9 @@
 # memcheck over those that finish in seconds; the benchmark (short form:
 # 20 iterations over gpt2-124m, llama2-7b and tiny-10k; its stochastic-
 # rounding ratios are repeated after the summary) and the PyTorch
-# comparison on two lists; the CPU tests, if time is left. A step that
-# cannot finish before the deadline is skipped. Each step's verdict and
+# comparison on two lists; the Python package's GPU tests; the CPU tests,
+# if time is left. A step that cannot finish before the deadline is
+# skipped. Each step's verdict and
 # seconds are appended to $OUT/summary.txt the moment it ends, so a run cut
 # short keeps what it did. --full adds the compile report, the whole
 # benchmark, the plot and the demo (a longer run: raise --deadline).
@@ -184,6 +185,21 @@ vs_torch() {
   POLYAK_COMMIT=$commit timeout "$1" python3 bench/vs_torch.py "${args[@]}"
 }
 
+# the Python package's GPU tests (no host sync, graph replays, CPU bits) on
+# this build's library; on a GPU machine a skip is a failure
+python_gpu() {
+  local output="$out/python_gpu.txt"
+  POLYAK_LIBRARY="$root/$build/libpolyak.so" PYTHONPATH="$root/python" PYTHONDONTWRITEBYTECODE=1 \
+    timeout "$1" python3 -m pytest -q -rs "$root/python/tests/test_cuda.py" >"$output" 2>&1
+  local rc=$?
+  tail -15 "$output"
+  if grep -q "SKIPPED" "$output"; then
+    echo "the Python GPU tests skipped: see $output"
+    return 1
+  fi
+  return $rc
+}
+
 cpu_tests() { (cd "$build" && timeout "$1" ctest -E '^Gpu\.' --parallel "$(nproc)" --timeout 120 --output-on-failure | tail -25); }
 compile_report() { timeout "$1" bench/compile_report.sh sm_90; }
 plot() { timeout "$1" python3 bench/plot.py "$out/$date-$card_file.jsonl"; }
@@ -214,6 +230,7 @@ else
   step benchmark 60 150 benchmark
   step vs-torch 40 100 vs_torch
 fi
+step python-gpu 30 120 python_gpu
 step cpu-tests 30 600 cpu_tests
 
 echo
