@@ -23,7 +23,7 @@ class Config(ctypes.Structure):
                 ("world_size", ctypes.c_int), ("rank", ctypes.c_int), ("nccl_comm", ctypes.c_void_p),
                 ("count_updates", ctypes.c_int * 8), ("lookahead_every", ctypes.c_int64),
                 ("grad_norm_c", ctypes.c_double * 8), ("layerwise_beta0", ctypes.c_double * 8),
-                ("rounding", ctypes.c_int * 8)]
+                ("rounding", ctypes.c_int * 8), ("cpu_threads", ctypes.c_int)]
 
 
 class Polyak:
