@@ -1,0 +1,420 @@
+/* cpu_backend.c: the CPU reference path: its state from finalize to
+ * release, the update (the plan's chunks across the handle's threads, each
+ * through cpu_update.c), LAWA's norms, graph mode, and the backend's table.
+ * It walks the same plan as the CUDA kernel with the same per-element
+ * functions (polyak_math.h), so its results are the bits the GPU must
+ * reproduce, whatever the number of threads: chunks are independent and the
+ * non-finite count is a sum of integers. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_backend.h"
+#include "layerwise.h"
+
+#ifdef POLYAK_HAVE_CUDA
+#include "cuda_check.h"
+#endif
+
+/* ---- parallel walks ---------------------------------------------------------- */
+
+typedef struct {
+  const polyak_t *p;
+  cpu_chunk_visit visit;
+  void *arg;
+} chunks_job;
+
+static int64_t visit_item(void *arg, int64_t item)
+{
+  const chunks_job *job = arg;
+  const cpu_state *state = job->p->backend;
+  int64_t sum = 0;
+  for (int64_t c = state->item_chunks[item]; c < state->item_chunks[item + 1]; c++)
+    sum += job->visit(job->p, &job->p->chunks[c], job->arg);
+  return sum;
+}
+
+int64_t polyak_cpu_for_chunks(const polyak_t *p, cpu_chunk_visit visit, void *arg)
+{
+  const cpu_state *state = p->backend;
+  chunks_job job = {p, visit, arg};
+  return cpu_pool_run(state->pool, state->num_items, visit_item, &job);
+}
+
+typedef struct {
+  cpu_range_visit visit;
+  void *arg;
+  int64_t num_elems;
+} range_job;
+
+static int64_t visit_range(void *arg, int64_t item)
+{
+  const range_job *job = arg;
+  int64_t first = item * CPU_ITEM_ELEMS, rest = job->num_elems - first;
+  job->visit(job->arg, first, rest < CPU_ITEM_ELEMS ? rest : CPU_ITEM_ELEMS);
+  return 0;
+}
+
+void polyak_cpu_for_range(const polyak_t *p, int64_t num_elems, cpu_range_visit visit, void *arg)
+{
+  range_job job = {visit, arg, num_elems};
+  cpu_pool_run(((const cpu_state *)p->backend)->pool, (num_elems + CPU_ITEM_ELEMS - 1) / CPU_ITEM_ELEMS,
+               visit_range, &job);
+}
+
+/* Work items: runs of consecutive chunks of at least CPU_ITEM_ELEMS
+ * elements (the last may have fewer), so that lists of many small tensors
+ * cost few hand-outs. */
+static int build_items(const polyak_t *p, cpu_state *state)
+{
+  state->item_chunks = malloc(((size_t)p->num_chunks + 2) * sizeof *state->item_chunks);
+  if (!state->item_chunks)
+    return -1;
+  int64_t items = 0, elems = 0;
+  state->item_chunks[0] = 0;
+  for (int64_t c = 0; c < p->num_chunks; c++) {
+    elems += p->chunks[c].num_elems;
+    if (elems >= CPU_ITEM_ELEMS || c == p->num_chunks - 1) {
+      state->item_chunks[++items] = c + 1;
+      elems = 0;
+    }
+  }
+  state->num_items = items;
+  return 0;
+}
+
+/* ---- the update ---------------------------------------------------------------- */
+
+typedef struct {
+  const cpu_state *state;
+  polyak_dtype shadow_dtype;
+  const polyak_update_args *args;
+  const double *layer_beta; /* LAWA's betas (tensor-major), or NULL */
+  const double *layerwise_beta0;
+} update_job;
+
+static int64_t update_visit(const polyak_t *p, const polyak_chunk *chunk, void *arg)
+{
+  const update_job *job = arg;
+  polyak_update_args layer;
+  const polyak_update_args *args = job->args;
+  if (job->layer_beta) { /* each chunk resolves its tensor's weights, as the kernel does */
+    layer = *job->args;
+    polyak_resolve_layerwise(&layer, job->layerwise_beta0, job->layer_beta + (int64_t)chunk->tensor * POLYAK_MAX_SHADOWS);
+    args = &layer;
+  }
+  return polyak_cpu_update_chunk(job->state->kernels, &p->descs[chunk->tensor], chunk, job->state->shadows,
+                                 job->shadow_dtype, args);
+}
+
+typedef struct {
+  const cpu_state *state;
+  void *const *grads;
+  float *chunk_sumsq;
+} sumsq_job;
+
+static int64_t sumsq_visit(const polyak_t *p, const polyak_chunk *chunk, void *arg)
+{
+  const sumsq_job *job = arg;
+  job->chunk_sumsq[chunk - p->chunks] = polyak_cpu_chunk_sumsq(job->state->kernels, job->grads[chunk->tensor],
+                                                               p->descs[chunk->tensor].param_dtype, chunk);
+  return 0;
+}
+
+/* LAWA's betas from this step's gradients or norms, in the order
+ * layerwise.h fixes (the kernel's: POLYAK_LAYER_THREADS threads); the
+ * chunks' sums of squares across the handle's threads. */
+static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
+{
+  if (s->layer_grads) {
+    sumsq_job job = {s, s->layer_grads, s->chunk_sumsq};
+    polyak_cpu_for_chunks(p, sumsq_visit, &job);
+  }
+  double total_part[POLYAK_LAYER_THREADS] = {0};
+  for (int l = 0; l < p->num_tensors; l++) {
+    s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l]
+                                      : polyak_tensor_norm(s->chunk_sumsq, p->tensor_chunks[l], p->tensor_chunks[l + 1]);
+    total_part[l % POLYAK_LAYER_THREADS] += polyak_norm_term(s->layer_norm[l]);
+  }
+  double total = polyak_sum_parts_f64(total_part);
+  for (int l = 0; l < p->num_tensors; l++)
+    polyak_layer_betas(s->layer_norm[l], total, p->cfg.layerwise_beta0, p->cfg.num_shadows,
+                       s->layer_beta + (int64_t)l * POLYAK_MAX_SHADOWS);
+}
+
+static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, void *stream)
+{
+  (void)stream;
+  cpu_state *state = p->backend;
+  polyak_update_args resolved = *args;
+  if (p->grad_norm)
+    polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, state->products);
+  if (p->layer_source)
+    cpu_layer_betas(p, state);
+  update_job job = {state, p->cfg.shadow_dtype, &resolved, p->layer_source ? state->layer_beta : NULL,
+                    p->cfg.layerwise_beta0};
+  state->nonfinite_count += polyak_cpu_for_chunks(p, update_visit, &job);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_products_read(polyak_t *p, double *products)
+{
+  const cpu_state *state = p->backend;
+  memcpy(products, state->products, sizeof state->products);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_products_write(polyak_t *p, const double *products)
+{
+  cpu_state *state = p->backend;
+  memcpy(state->products, products, sizeof state->products);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_nonfinite_count(polyak_t *p, int64_t *count)
+{
+  *count = ((const cpu_state *)p->backend)->nonfinite_count;
+  return POLYAK_OK;
+}
+
+/* ---- graph mode -------------------------------------------------------------------- */
+
+static polyak_status cpu_graph_reserve(polyak_t *p, void *stream)
+{
+  (void)stream;
+  cpu_state *state = p->backend;
+  state->graph_consumed = state->graph_dropped = 0;
+  return POLYAK_OK;
+}
+
+/* A "replay" on the CPU: the next reserved step, applied at once. */
+static polyak_status cpu_graph_update(polyak_t *p, void *stream)
+{
+  cpu_state *state = p->backend;
+  int64_t row = state->graph_consumed;
+  if (row >= p->graph_num_steps) {
+    state->graph_dropped++;
+    return POLYAK_OK;
+  }
+  polyak_update_args args;
+  polyak_update_args_init(p, p->graph_first_step + row, row == 0 ? p->graph_first_step - p->last_step : 1,
+                          p->graph_weights + row * p->cfg.num_shadows, &args);
+  polyak_status status = cpu_update(p, &args, stream);
+  if (status == POLYAK_OK)
+    state->graph_consumed++;
+  return status;
+}
+
+static polyak_status cpu_graph_release(polyak_t *p, int64_t *consumed, int64_t *dropped)
+{
+  const cpu_state *state = p->backend;
+  *consumed = state->graph_consumed;
+  *dropped = state->graph_dropped;
+  return POLYAK_OK;
+}
+
+/* ---- what updates read besides the params -------------------------------------------- */
+
+/* Host memory, or the reads would crash. */
+static polyak_status refuse_device_memory(polyak_t *p, const void *memory, const char *what)
+{
+  (void)p, (void)memory, (void)what;
+#ifdef POLYAK_HAVE_CUDA
+  if (memory && polyak_cuda_is_device_memory(memory))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s %p is CUDA device memory; the CPU backend reads host memory",
+                       what, memory);
+#endif
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_set_layer_source(polyak_t *p, void *const *grads, const float *norms)
+{
+  cpu_state *s = p->backend;
+  char what[64];
+  polyak_status status = refuse_device_memory(p, norms, "polyak_set_layer_norms: norms");
+  for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
+    snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
+    status = p->tensors[i].num_elems > 0 ? refuse_device_memory(p, grads[i], what) : POLYAK_OK;
+  }
+  if (status != POLYAK_OK)
+    return status;
+  size_t n = (size_t)p->num_tensors, k = POLYAK_MAX_SHADOWS;
+  int first = !s->layer_beta; /* the per-update arrays: all at the first call, or none */
+  void **table = grads ? malloc((n + 1) * sizeof *table) : NULL;
+  float *chunk_sumsq = first ? malloc(((size_t)p->num_chunks + 1) * sizeof *chunk_sumsq) : s->chunk_sumsq;
+  double *layer_norm = first ? malloc((n + 1) * sizeof *layer_norm) : s->layer_norm;
+  double *layer_beta = first ? malloc((n * k + 1) * sizeof *layer_beta) : s->layer_beta;
+  if ((grads && !table) || !chunk_sumsq || !layer_norm || !layer_beta) {
+    free(table);
+    if (first) {
+      free(chunk_sumsq);
+      free(layer_norm);
+      free(layer_beta);
+    }
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory",
+                       grads ? "polyak_set_grads" : "polyak_set_layer_norms");
+  }
+  for (size_t j = 0; first && j < n * k; j++)
+    layer_beta[j] = 1.0;
+  s->chunk_sumsq = chunk_sumsq, s->layer_norm = layer_norm, s->layer_beta = layer_beta;
+  if (grads)
+    memcpy(table, grads, n * sizeof *table);
+  free(s->layer_grads);
+  s->layer_grads = table;
+  s->layer_norms = norms;
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_layer_betas_read(polyak_t *p, double *betas)
+{
+  const cpu_state *s = p->backend;
+  memcpy(betas, s->layer_beta, (size_t)p->num_tensors * POLYAK_MAX_SHADOWS * sizeof *betas);
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
+{
+  (void)p, (void)grad_norm;
+#ifdef POLYAK_HAVE_CUDA
+  if (polyak_cuda_is_device_memory(grad_norm))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_set_grad_norm: %p is CUDA device memory; the CPU backend reads host "
+                       "memory",
+                       (const void *)grad_norm);
+#endif
+  return POLYAK_OK;
+}
+
+/* ---- finalize and release -------------------------------------------------------------- */
+
+#ifdef POLYAK_HAVE_CUDA
+/* Device memory handed to the CPU backend would crash the first read. */
+static polyak_status refuse_device_params(polyak_t *p)
+{
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    const void *on_device = t->num_elems == 0                          ? NULL
+                            : polyak_cuda_is_device_memory(t->param)      ? t->param
+                            : t->owned && polyak_cuda_is_device_memory(t->shadow) ? t->shadow
+                                                                                  : NULL;
+    if (on_device)
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                         "polyak_finalize: tensor %d (\"%s\") %s %p is CUDA device memory; "
+                         "the CPU backend needs host memory (or use POLYAK_BACKEND_CUDA)",
+                         i, t->name, on_device == t->param ? "param" : "shadow", on_device);
+  }
+  return POLYAK_OK;
+}
+#endif
+
+static void cpu_release(polyak_t *p)
+{
+  cpu_state *state = p->backend;
+  if (!state)
+    return;
+  cpu_pool_destroy(state->pool);
+  polyak_cpu_free_arenas(state->shadows);
+  polyak_cpu_free_arenas(state->staging);
+  free(state->store);
+  free(state->layer_grads);
+  free(state->chunk_sumsq);
+  free(state->layer_norm);
+  free(state->layer_beta);
+  free(state->item_chunks);
+  free(state);
+  p->backend = NULL;
+}
+
+static polyak_status cpu_finalize(polyak_t *p, void *stream)
+{
+  (void)stream;
+#ifdef POLYAK_HAVE_CUDA
+  polyak_status refused = refuse_device_params(p);
+  if (refused != POLYAK_OK)
+    return refused;
+#endif
+  if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
+    polyak_status status = polyak_cpu_find_nonfinite_param(p, 0, "polyak_finalize");
+    if (status != POLYAK_OK)
+      return status;
+  }
+  cpu_state *state = calloc(1, sizeof *state);
+  if (!state)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
+  p->backend = state;
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    state->products[k] = 1.0;
+  state->kernels = polyak_cpu_avx2_kernels();
+  if (!state->kernels)
+    state->kernels = &polyak_cpu_portable_kernels;
+  char why[POLYAK_ERROR_BYTES] = "out of host memory";
+  int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
+  polyak_status status = build_items(p, state) != 0 ? POLYAK_ERR_NO_MEMORY
+                                                    : cpu_pool_create(&state->pool, threads, why, sizeof why);
+  if (status != POLYAK_OK) {
+    cpu_release(p);
+    return polyak_fail(p, status, "polyak_finalize: %s", why);
+  }
+  if (polyak_cpu_alloc_arenas(p, state->shadows) != 0) {
+    cpu_release(p);
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
+                       "polyak_finalize: out of host memory for %d shadows of %lld elements",
+                       p->cfg.num_shadows, (long long)p->arena_elems);
+  }
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    polyak_cpu_init_shadow(p, state->shadows[k], k);
+  return POLYAK_OK;
+}
+
+/* One rank per process without NCCL: agreeing is knowing. */
+static polyak_status cpu_agree(polyak_t *p, int local_ok, int *all_ok)
+{
+  (void)p;
+  *all_ok = local_ok;
+  return POLYAK_OK;
+}
+
+static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
+{
+  (void)p, (void)stream;
+  *capturing = 0;
+  return POLYAK_OK;
+}
+
+const polyak_backend_ops polyak_cpu_ops = {
+    .finalize = cpu_finalize,
+    .update = cpu_update,
+    .arena = polyak_cpu_arena,
+    .read_out = polyak_cpu_read_out,
+    .check_read_out = polyak_cpu_check_read_out,
+    .nonfinite_count = cpu_nonfinite_count,
+    .release = cpu_release,
+    .graph_reserve = cpu_graph_reserve,
+    .graph_update = cpu_graph_update,
+    .graph_release = cpu_graph_release,
+    .host_buffer = polyak_cpu_host_buffer,
+    .free_host_buffer = polyak_cpu_free_host_buffer,
+    .copy_to_host = polyak_cpu_copy_to_host,
+    .copy_from_host = polyak_cpu_copy_from_host,
+    .staging_begin = polyak_cpu_staging_begin,
+    .staging_write = polyak_cpu_staging_write,
+    .staging_commit = polyak_cpu_staging_commit,
+    .staging_abort = polyak_cpu_staging_abort,
+    .copy_to_params = polyak_cpu_copy_to_params,
+    .blend = polyak_cpu_blend,
+    .hard_update = polyak_cpu_hard_update,
+    .set_layer_source = cpu_set_layer_source,
+    .layer_betas = cpu_layer_betas_read,
+    .synthesize = polyak_cpu_synthesize,
+    .products_read = cpu_products_read,
+    .products_write = cpu_products_write,
+    .check_grad_norm = cpu_check_grad_norm,
+    .store = polyak_cpu_store,
+    .restore = polyak_cpu_restore,
+    .scratch_alloc = polyak_cpu_scratch_alloc,
+    .scratch_free = polyak_cpu_scratch_free,
+    .copy_bytes = polyak_cpu_copy_bytes,
+    .all_gather = NULL, /* NCCL needs device memory */
+    .agree = cpu_agree,
+    .capturing = cpu_capturing,
+};
