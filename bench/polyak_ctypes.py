@@ -57,11 +57,13 @@ class Polyak:
             detail = self.lib.polyak_last_error(handle).decode() if handle else ""
             raise RuntimeError(f"{what}: status {status}: {detail}")
 
-    def handle(self, params, backend, stream, beta):
+    def handle(self, params, backend, stream, beta, shadow_dtype=F32, cpu_threads=1):
         """A finalized one-shadow handle (CONSTANT beta) over the torch tensors `params`."""
         cfg = self.config()
         cfg.backend = backend
         cfg.schedules[0].beta = beta
+        cfg.shadow_dtype = shadow_dtype
+        cfg.cpu_threads = cpu_threads
         h = ctypes.c_void_p()
         self.check(self.lib.polyak_create(ctypes.byref(h), ctypes.byref(cfg)), None, "polyak_create")
         for i, p in enumerate(params):

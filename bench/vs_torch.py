@@ -1,18 +1,25 @@
 """polyak against what PyTorch users run today, on the same tensor lists, card and run.
 
-Implementations (K = 1 shadow, decay 0.999):
+Implementations (K = 1 shadow, decay 0.999), f32 shadows unless named:
   polyak                 libpolyak through ctypes on the tensors' data_ptr()
+  polyak_bf16_shadows    the same with bf16 shadows (stochastic rounding), bf16 params
   torch_foreach_lerp     torch._foreach_lerp_ (timm ModelEmaV3, AveragedModel): f32 params and shadows
   torch_cast_then_lerp   bf16 params cast to f32, then _foreach_lerp_ into f32 shadows
-  timm_v3                timm.utils.ModelEmaV3.update on a module holding the list (if timm imports)
+  timm_v3                timm.utils.ModelEmaV3.update on a module holding the list (if timm imports):
+                         f32 params; bf16 params with dtype=torch.float32 (its mixed-dtype path,
+                         _foreach_mul_ then _foreach_add_); timm_v3_bf16_sr: bf16 params and a
+                         bf16 EMA, its stochastic rounding
   torch_loop             per tensor shadow.mul_(beta).add_(param, alpha=1-beta)
 Before timing, each implementation's result after one update is checked against
 float64. Every update is timed between CUDA events (median of --iters); the host
-wall time per call is reported too. Results are appended to --out as JSON lines
-in the C benchmark's format, with "host_ms_median" added.
+wall time per call is reported too. On the CPU (--device cpu) both are the wall
+time, at each of --threads (torch.set_num_threads and polyak's cpu_threads alike),
+and "of copy" is of the same run's torch copy_ at that thread count. The ratios the
+project aims at are printed after each list. Results are appended to --out as JSON
+lines in the C benchmark's format, with "host_ms_median" (and "threads") added.
 
 Usage: vs_torch.py --lib build/libpolyak.so [--out FILE.jsonl] [--lists a,b] [--iters N]
-                   [--device cpu]   (cpu: the glue and checks only, with the CPU backend)
+                   [--device cpu] [--threads 1,2]
 """
 import argparse
 import datetime
@@ -24,7 +31,7 @@ import time
 
 import torch
 
-from polyak_ctypes import BACKEND_CPU, BACKEND_CUDA, F32, Polyak
+from polyak_ctypes import BACKEND_CPU, BACKEND_CUDA, BF16, F32, Polyak
 
 BETA = 0.999
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,12 +76,18 @@ def timed(fn, iters, device):
 
 
 def copy_gbps(iters, device):
-    if device == "cpu":
-        return float("nan")
-    src = torch.rand(1 << 29, device=device)  # 2 GiB
+    src = torch.rand(1 << (29 if device == "cuda" else 26), device=device)  # 2 GiB, 256 MiB on the CPU
     dst = torch.empty_like(src)
     ms, _ = timed(lambda: dst.copy_(src), iters, device)
     return 2 * src.numel() * 4 / ms / 1e6
+
+
+def cpu_name():
+    """The CPU's model name, as the C benchmark names its results."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "cpu"
 
 
 def sample(sizes):
@@ -93,14 +106,15 @@ class Check:
         self.indices = indices
         self.start = {i: shadows[i].detach().double().clone() for i in indices}
 
-    def verify(self, impl, shadows, params, weight):
+    def verify(self, impl, shadows, params, weight, tolerance=1e-6):
+        """tolerance: relative, 1e-6 for f32 shadows; a bf16 shadow may land a whole ulp (2^-7) away."""
         worst = 0.0
         for i in self.indices:
             ref = self.start[i] + weight * (params[i].double() - self.start[i])
             got = shadows[i].detach().double()
             if ref.numel():
                 worst = max(worst, ((got - ref).abs() / (ref.abs() + 1e-30)).max().item())
-        if worst > 1e-6:
+        if worst > tolerance:
             raise AssertionError(f"{impl}: relative error {worst:.2e} against float64")
 
 
@@ -110,7 +124,7 @@ def move(params):
         p.add_(0.0625)
 
 
-def run_list(lib, name, iters, device, copy, emit):
+def run_list(lib, name, iters, device, threads, copy, emit):
     sizes = tensor_sizes(name)
     checked = sample(sizes)
     backend = BACKEND_CUDA if device == "cuda" else BACKEND_CPU
@@ -119,33 +133,19 @@ def run_list(lib, name, iters, device, copy, emit):
     for param_dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator(device=device).manual_seed(1)
         params = [(1.0 + 0.1 * torch.randn(n, device=device, generator=gen)).to(param_dtype) for n in sizes]
-        required = sum(sizes) * (params[0].element_size() + 2 * 4)
 
-        def record(impl, device_ms, host_ms):
+        def record(impl, device_ms, host_ms, shadow_dtype=torch.float32):
+            required = sum(sizes) * (params[0].element_size() + 2 * (4 if shadow_dtype == torch.float32 else 2))
             gbps = required / device_ms / 1e6
             emit({"list": name, "param_dtype": "f32" if param_dtype == torch.float32 else "bf16",
-                  "shadow_dtype": "f32", "num_shadows": 1, "impl": impl, "ms_median": device_ms, "gbps": gbps,
-                  "frac_of_copy": gbps / copy, "host_ms_median": host_ms})
+                  "shadow_dtype": "f32" if shadow_dtype == torch.float32 else "bf16", "num_shadows": 1,
+                  "impl": impl, "ms_median": device_ms, "gbps": gbps, "frac_of_copy": gbps / copy,
+                  "host_ms_median": host_ms, **({"threads": threads} if device == "cpu" else {})})
 
-        # polyak: its shadows start as the params
-        h = lib.handle(params, backend, stream, BETA)
-        check = Check(checked, params)
-        move(params)
-        lib.check(lib.lib.polyak_update(h, 1, stream), h, "polyak_update")
-        got = {}
-        for i in checked:
-            got[i] = torch.empty(sizes[i], device=device, dtype=torch.float32)
-            lib.check(lib.lib.polyak_get_shadow(h, 0, i, got[i].data_ptr(), F32, stream), h, "polyak_get_shadow")
-        check.verify("polyak", got, params, weight)
-        got = None
-        step = [1]
-
-        def polyak_step():
-            step[0] += 1
-            lib.check(lib.lib.polyak_update(h, step[0], stream), h, "polyak_update")
-
-        record("polyak", *timed(polyak_step, iters, device))
-        lib.lib.polyak_destroy(h)
+        run_polyak(lib, "polyak", params, F32, backend, stream, threads, checked, sizes, iters, device, record)
+        if param_dtype == torch.bfloat16:
+            run_polyak(lib, "polyak_bf16_shadows", params, BF16, backend, stream, threads, checked, sizes, iters,
+                       device, record)
 
         # the PyTorch ways, checked the same way
         torch_impls = {"torch_loop": lambda s: [x.mul_(BETA).add_(p, alpha=weight) for x, p in zip(s, params)]}
@@ -161,29 +161,70 @@ def run_list(lib, name, iters, device, copy, emit):
             check.verify(impl, shadows, params, weight)
             record(impl, *timed(lambda: update(shadows), iters, device))
             shadows = None  # free before the next implementation
-        if param_dtype == torch.float32:
-            run_timm(name, params, checked, weight, iters, device, record)
+        run_timm("timm_v3", params, checked, weight, iters, device, record, torch.float32)
+        if param_dtype == torch.bfloat16:
+            run_timm("timm_v3_bf16_sr", params, checked, weight, iters, device, record, torch.bfloat16)
         params = None
         if device == "cuda":
             torch.cuda.empty_cache()
 
 
-def run_timm(name, params, checked, weight, iters, device, record):
+def run_polyak(lib, impl, params, shadow_dtype, backend, stream, threads, checked, sizes, iters, device, record):
+    """One handle over `params` (its shadows start as the params), checked after one update, then timed."""
+    h = lib.handle(params, backend, stream, BETA, shadow_dtype=shadow_dtype, cpu_threads=threads)
+    check = Check(checked, params)
+    move(params)
+    lib.check(lib.lib.polyak_update(h, 1, stream), h, "polyak_update")
+    got = {}
+    for i in checked:
+        got[i] = torch.empty(sizes[i], device=params[0].device, dtype=torch.float32)
+        lib.check(lib.lib.polyak_get_shadow(h, 0, i, got[i].data_ptr(), F32, stream), h, "polyak_get_shadow")
+    check.verify(impl, got, params, 1.0 - BETA, 1e-6 if shadow_dtype == F32 else 2.0 ** -7)
+    got = None
+    step = [1]
+
+    def polyak_step():
+        step[0] += 1
+        lib.check(lib.lib.polyak_update(h, step[0], stream), h, "polyak_update")
+
+    record(impl, *timed(polyak_step, iters, device), torch.float32 if shadow_dtype == F32 else torch.bfloat16)
+    lib.lib.polyak_destroy(h)
+
+
+def run_timm(impl, params, checked, weight, iters, device, record, ema_dtype):
+    """timm's ModelEmaV3 over a module holding `params`, its EMA in ema_dtype: the params' own (f32: one
+    _foreach_lerp_; bf16: its stochastic rounding) or f32 for bf16 params (its mixed-dtype path)."""
     try:
         from timm.utils import ModelEmaV3
     except ImportError:
-        print(f"{name}: timm not importable, timm_v3 left out")
+        print(f"timm not importable, {impl} left out")
         return
     model = torch.nn.Module()
     model.weights = torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in params])
-    ema = ModelEmaV3(model, decay=BETA)  # update() without a step uses the decay itself
+    mixed = ema_dtype != params[0].dtype
+    ema = ModelEmaV3(model, decay=BETA, dtype=ema_dtype if mixed else None)  # update() without a step: the decay
     shadows = list(ema.module.weights)
     check = Check(checked, shadows)
     move(params)
     ema.update(model)
-    check.verify("timm_v3", shadows, params, weight)
-    record("timm_v3", *timed(lambda: ema.update(model), iters, device))
+    check.verify(impl, shadows, params, weight, 1e-6 if ema_dtype == torch.float32 else 2.0 ** -7)
+    record(impl, *timed(lambda: ema.update(model), iters, device), ema_dtype)
     ema = model = None
+
+
+def print_targets(rows):
+    """polyak's speed over the baselines it aims to beat, from one list's rows at one thread count."""
+    ms = {(r["impl"], r["param_dtype"], r["shadow_dtype"]): r["ms_median"] for r in rows}
+    pairs = [("f32 params, f32 shadows: over torch._foreach_lerp_", ("torch_foreach_lerp", "f32", "f32"),
+              ("polyak", "f32", "f32"), 1.0),
+             ("bf16 params, f32 shadows: over timm ModelEmaV3 (two passes)", ("timm_v3", "bf16", "f32"),
+              ("polyak", "bf16", "f32"), 1.5),
+             ("bf16 params, bf16 shadows: over timm's stochastic rounding", ("timm_v3_bf16_sr", "bf16", "bf16"),
+              ("polyak_bf16_shadows", "bf16", "bf16"), 1.2)]
+    for what, baseline, ours, target in pairs:
+        if baseline in ms and ours in ms:
+            print(f"targets {rows[0]['list']}{', %d threads' % rows[0]['threads'] if 'threads' in rows[0] else ''}: "
+                  f"{what} {ms[baseline] / ms[ours]:.2f}x (target {target})")
 
 
 def main():
@@ -193,33 +234,44 @@ def main():
     parser.add_argument("--lists", default="gpt2-124m,gpt2-xl,llama2-7b,vit-b16,resnet50,tiny-10k")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--threads", default="1,2", help="CPU: thread counts, each for torch and polyak alike")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("vs_torch: no CUDA device (use --device cpu to check the glue)")
     lib = Polyak(args.lib)
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    card = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     commit = os.environ.get("POLYAK_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    copy = copy_gbps(args.iters, args.device)
     out = open(args.out, "a") if args.out else None
-    print(f"\nPyTorch {torch.__version__} on {card}: copy bandwidth {copy:.0f} GB/s")
-    print(f"{'list':10} {'param':5} {'impl':22} {'ms median':>10} {'GB/s':>8} {'of copy':>8} {'host ms':>8}")
+    rows = []
 
     def emit(row):
         row = {"card": card, "date": date, "commit": commit, **row}
-        print(f"{row['list']:10} {row['param_dtype']:5} {row['impl']:22} {row['ms_median']:10.4f} "
-              f"{row['gbps']:8.1f} {row['frac_of_copy']:8.3f} {row['host_ms_median']:8.3f}", flush=True)
+        rows.append(row)
+        print(f"{row['list']:10} {row['param_dtype']:5} {row['shadow_dtype']:5} {row['impl']:22} "
+              f"{row['ms_median']:10.4f} {row['gbps']:8.1f} {row['frac_of_copy']:8.3f} {row['host_ms_median']:8.3f}",
+              flush=True)
         if out:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
-    for name in args.lists.split(","):
-        try:
-            run_list(lib, name, args.iters, args.device, copy, emit)
-        except torch.cuda.OutOfMemoryError:
-            print(f"{name}: out of device memory, left out")
-            torch.cuda.empty_cache()
+    for threads in [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]:
+        if threads:
+            torch.set_num_threads(threads)
+        copy = copy_gbps(args.iters, args.device)
+        print(f"\nPyTorch {torch.__version__} on {card}{f', {threads} threads' if threads else ''}: "
+              f"copy bandwidth {copy:.0f} GB/s")
+        print(f"{'list':10} {'param':5} {'shadw':5} {'impl':22} {'ms median':>10} {'GB/s':>8} {'of copy':>8} "
+              f"{'host ms':>8}")
+        for name in args.lists.split(","):
+            rows.clear()
+            try:
+                run_list(lib, name, args.iters, args.device, threads, copy, emit)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name}: out of device memory, left out")
+                torch.cuda.empty_cache()
+            print_targets(rows)
 
 
 if __name__ == "__main__":
