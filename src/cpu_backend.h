@@ -39,6 +39,8 @@ typedef struct {
                             uint64_t key, int64_t first_elem);
   int64_t (*bf16_stochastic)(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                              uint64_t key, int64_t first_elem);
+  int64_t (*f16_stochastic)(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
+                            uint64_t key, int64_t first_elem); /* a caller's f16 shadow */
   int64_t (*count_nonfinite)(const float *param, int64_t num_elems);
   /* conversions: exact widening, round-to-nearest-even narrowing */
   void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t num_elems);
@@ -171,6 +173,20 @@ static inline int64_t cpu_bf16_stochastic_loop(uint16_t *shadow, const float *pa
     int bad = !polyak_is_finite(param[i]);
     nonfinite += bad;
     uint16_t next = polyak_next_bf16(shadow[i], param[i], weight, key, first_elem + i);
+    shadow[i] = (bad & guard) ? shadow[i] : next;
+  }
+  return nonfinite;
+}
+
+static inline int64_t cpu_f16_stochastic_loop(uint16_t *shadow, const float *param, int64_t begin, int64_t end,
+                                              float weight, int guard, uint64_t key, int64_t first_elem)
+{
+  int64_t nonfinite = 0;
+  for (int64_t i = begin; i < end; i++) {
+    int bad = !polyak_is_finite(param[i]);
+    nonfinite += bad;
+    float mixed = polyak_lerp(polyak_f16_to_f32(shadow[i]), param[i], weight);
+    uint16_t next = polyak_f32_to_f16_sr(mixed, polyak_sr_bits(key, first_elem + i));
     shadow[i] = (bad & guard) ? shadow[i] : next;
   }
   return nonfinite;

@@ -30,6 +30,12 @@ static int64_t bf16_stochastic(uint16_t *shadow, const float *param, int64_t num
   return cpu_bf16_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem);
 }
 
+static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
+                              uint64_t key, int64_t first_elem)
+{
+  return cpu_f16_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem);
+}
+
 static int64_t count_nonfinite(const float *param, int64_t num_elems)
 {
   int64_t nonfinite = 0;
@@ -66,6 +72,7 @@ const cpu_kernels polyak_cpu_portable_kernels = {
     .f32_nearest = f32_nearest,
     .f32_stochastic = f32_stochastic,
     .bf16_stochastic = bf16_stochastic,
+    .f16_stochastic = f16_stochastic,
     .count_nonfinite = count_nonfinite,
     .bf16_to_f32 = bf16_to_f32,
     .f16_to_f32 = f16_to_f32,
@@ -147,7 +154,9 @@ static int64_t update_owned_chunk(const cpu_kernels *kernels, const polyak_tenso
       nonfinite += fold(kernels, (float *)t->owned + first, POLYAK_F32, !nearest, param, n, weight, guard, key, elem);
     else if (t->owned_dtype == POLYAK_BF16 && !nearest)
       nonfinite += fold(kernels, (uint16_t *)t->owned + first, POLYAK_BF16, 1, param, n, weight, guard, key, elem);
-    else
+    else if (t->owned_dtype == POLYAK_F16 && !nearest)
+      nonfinite += kernels->f16_stochastic((uint16_t *)t->owned + first, param, n, weight, guard, key, elem);
+    else /* 16-bit shadows rounded to nearest: rare enough to go element by element */
       for (int64_t i = 0; i < n; i++) {
         int bad = !polyak_is_finite(param[i]);
         nonfinite += bad;

@@ -153,8 +153,9 @@ AVX2_INLINE int64_t bf16_stochastic_loop(uint16_t *shadow, const float *param, i
     __m256i bits = _mm256_castps_si256(mixed);
     __m256i random = _mm256_and_si256(sr_bits8(&counter, key_low), random_bits);
     __m256i next = _mm256_srli_epi32(_mm256_add_epi32(bits, random), 16);
-    __m256i bad = nonfinite_lanes(p), special = nonfinite_lanes(mixed), rare = _mm256_or_si256(bad, special);
-    if (!_mm256_testz_si256(rare, rare)) { /* Inf, and NaN quieted, pass uncut; the guard; the count */
+    __m256i special = nonfinite_lanes(mixed); /* as is every lane whose param is not finite */
+    if (!_mm256_testz_si256(special, special)) { /* Inf, and NaN quieted, pass uncut; the guard; the count */
+      __m256i bad = nonfinite_lanes(p);
       nonfinite += count_lanes(bad);
       __m256i payload = _mm256_cmpeq_epi32(_mm256_and_si256(bits, set1(0x007FFFFFu)), _mm256_setzero_si256());
       __m256i passed = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_andnot_si256(payload, set1(0x0040u)));
@@ -196,27 +197,71 @@ AVX2 static void bf16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
     dst[i] = polyak_bf16_to_f32(src[i]);
 }
 
-/* polyak_f16_to_f32 in lanes: a subnormal half is its mantissa times 2^-24,
- * which a float holds exactly (the loop there normalizes to the same
- * value); NaN payloads are kept, not quieted (unlike vcvtph2ps). */
+/* polyak_f16_to_f32 in lanes (halves zero-extended to 32 bits): a
+ * subnormal half is its mantissa times 2^-24, which a float holds exactly
+ * (the loop there normalizes to the same value); NaN payloads are kept, not
+ * quieted (unlike vcvtph2ps). */
+AVX2_INLINE __m256 f16_lanes(__m256i h)
+{
+  const __m256i top = set1(0x1Fu);
+  __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, set1(0x8000u)), 16);
+  __m256i exponent = _mm256_and_si256(_mm256_srli_epi32(h, 10), top);
+  __m256i mantissa = _mm256_and_si256(h, set1(0x3FFu)), shifted = _mm256_slli_epi32(mantissa, 13);
+  __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(exponent, set1(112u)), 23), shifted);
+  __m256i special = _mm256_or_si256(set1(0x7F800000u), shifted);
+  __m256i tiny = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mantissa), _mm256_set1_ps(0x1p-24f)));
+  __m256i magnitude = _mm256_blendv_epi8(normal, special, _mm256_cmpeq_epi32(exponent, top));
+  magnitude = _mm256_blendv_epi8(magnitude, tiny, _mm256_cmpeq_epi32(exponent, _mm256_setzero_si256()));
+  return _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign));
+}
+
 AVX2 static void f16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
 {
-  const __m256i top = set1(0x1Fu), zero = _mm256_setzero_si256();
   int64_t i = 0;
-  for (; i + 8 <= num_elems; i += 8) {
-    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
-    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, set1(0x8000u)), 16);
-    __m256i exponent = _mm256_and_si256(_mm256_srli_epi32(h, 10), top);
-    __m256i mantissa = _mm256_and_si256(h, set1(0x3FFu)), shifted = _mm256_slli_epi32(mantissa, 13);
-    __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(exponent, set1(112u)), 23), shifted);
-    __m256i special = _mm256_or_si256(set1(0x7F800000u), shifted);
-    __m256i tiny = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mantissa), _mm256_set1_ps(0x1p-24f)));
-    __m256i magnitude = _mm256_blendv_epi8(normal, special, _mm256_cmpeq_epi32(exponent, top));
-    magnitude = _mm256_blendv_epi8(magnitude, tiny, _mm256_cmpeq_epi32(exponent, zero));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign)));
-  }
+  for (; i + 8 <= num_elems; i += 8)
+    _mm256_storeu_ps(dst + i, f16_lanes(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)))));
   for (; i < num_elems; i++)
     dst[i] = polyak_f16_to_f32(src[i]);
+}
+
+/* An f16 shadow (the caller's): polyak_f32_to_f16_sr's normal-range rule
+ * in lanes; a group with a non-finite param or a result outside [2^-14,
+ * 65536) (zero, subnormal, overflow, Inf, NaN) takes the scalar loop. */
+AVX2_INLINE int64_t f16_stochastic_loop(uint16_t *shadow, const float *param, int64_t num_elems, float weight,
+                                        int guard, uint64_t key, int64_t first_elem, int copy)
+{
+  const __m256 w = _mm256_set1_ps(weight);
+  const __m256i key_low = set1((uint32_t)key), step = set1(8u), random_bits = set1(0x1FFFu);
+  const __m256i smallest = set1(0x38800000u), largest = set1(0x477FFFFFu), abs = set1(0x7FFFFFFFu);
+  counter8 counter = counter_start(key, first_elem);
+  int64_t nonfinite = 0, i = 0;
+  for (; i + 8 <= num_elems; i += 8, counter.low = _mm256_add_epi32(counter.low, step)) {
+    __m256 s = f16_lanes(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(shadow + i))));
+    __m256 p = _mm256_loadu_ps(param + i);
+    __m256i bits = _mm256_castps_si256(copy ? p : _mm256_fmadd_ps(w, _mm256_sub_ps(p, s), s));
+    __m256i magnitude = _mm256_and_si256(bits, abs);
+    __m256i rare = _mm256_or_si256(nonfinite_lanes(p), _mm256_cmpgt_epi32(smallest, magnitude));
+    rare = _mm256_or_si256(rare, _mm256_cmpgt_epi32(magnitude, largest));
+    if (!_mm256_testz_si256(rare, rare)) {
+      nonfinite += cpu_f16_stochastic_loop(shadow, param, i, i + 8, weight, guard, key, first_elem);
+      continue;
+    }
+    __m256i random = _mm256_and_si256(sr_bits8(&counter, key_low), random_bits);
+    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 16), set1(0x8000u));
+    __m256i rounded = _mm256_srli_epi32(_mm256_sub_epi32(_mm256_add_epi32(magnitude, random), set1(0x38000000u)), 13);
+    __m256i next = _mm256_or_si256(sign, rounded);
+    _mm_storeu_si128((__m128i *)(shadow + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(next), _mm256_extracti128_si256(next, 1)));
+  }
+  return nonfinite + cpu_f16_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem);
+}
+
+AVX2 static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
+                                   uint64_t key, int64_t first_elem)
+{
+  return cpu_weight_is_one(weight)
+             ? f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 1)
+             : f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
 AVX2 static void f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems)
@@ -251,6 +296,7 @@ static const cpu_kernels avx2_kernels = {
     .f32_nearest = f32_nearest,
     .f32_stochastic = f32_stochastic,
     .bf16_stochastic = bf16_stochastic,
+    .f16_stochastic = f16_stochastic,
     .count_nonfinite = count_nonfinite,
     .bf16_to_f32 = bf16_to_f32,
     .f16_to_f32 = f16_to_f32,

@@ -49,7 +49,8 @@ float awkward_value(std::mt19937_64 &rng)
   }
 }
 
-// Values that may not be NaN (`finite`: nor Inf) fill shadows: where a NaN
+// Runs of 64 ordinary values (the kernels' fast paths) alternate with runs
+// of awkward ones. Values that may not be NaN (`finite`: nor Inf) fill shadows: where a NaN
 // shadow meets a NaN param, which payload an operation keeps is the
 // compiler's choice of operand order (and GPUs return their canonical
 // NaN), so only NaN-ness is defined there; every other case has its bits.
@@ -57,7 +58,9 @@ void fill(void *base, polyak_dtype dtype, int64_t num_elems, std::mt19937_64 &rn
 {
   for (int64_t i = 0; i < num_elems; i++)
     do {
-      if (dtype != POLYAK_F32 && rng() % 8 == 0) // any half bits: subnormals, NaN payloads
+      if ((i / 64) % 2 == 0)
+        store_as(dtype, base, i, std::uniform_real_distribution<float>(0.25f, 2.0f)(rng) * (rng() % 2 ? 1 : -1));
+      else if (dtype != POLYAK_F32 && rng() % 8 == 0) // any half bits: subnormals, NaN payloads
         static_cast<uint16_t *>(base)[i] = (uint16_t)rng();
       else
         store_as(dtype, base, i, awkward_value(rng));
