@@ -100,7 +100,8 @@ static int64_t update_visit(const polyak_t *p, const polyak_chunk *chunk, void *
   const polyak_update_args *args = job->args;
   if (job->layer_beta) { /* each chunk resolves its tensor's weights, as the kernel does */
     layer = *job->args;
-    polyak_resolve_layerwise(&layer, job->layerwise_beta0, job->layer_beta + (int64_t)chunk->tensor * POLYAK_MAX_SHADOWS);
+    const double *beta = job->layer_beta + (int64_t)chunk->tensor * POLYAK_MAX_SHADOWS;
+    polyak_resolve_layerwise(&layer, job->layerwise_beta0, beta);
     args = &layer;
   }
   return polyak_cpu_update_chunk(job->state->kernels, &p->descs[chunk->tensor], chunk, job->state->shadows,
@@ -132,8 +133,8 @@ static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
   }
   double total_part[POLYAK_LAYER_THREADS] = {0};
   for (int l = 0; l < p->num_tensors; l++) {
-    s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l]
-                                      : polyak_tensor_norm(s->chunk_sumsq, p->tensor_chunks[l], p->tensor_chunks[l + 1]);
+    int64_t first = p->tensor_chunks[l], end = p->tensor_chunks[l + 1];
+    s->layer_norm[l] = s->layer_norms ? (double)s->layer_norms[l] : polyak_tensor_norm(s->chunk_sumsq, first, end);
     total_part[l % POLYAK_LAYER_THREADS] += polyak_norm_term(s->layer_norm[l]);
   }
   double total = polyak_sum_parts_f64(total_part);

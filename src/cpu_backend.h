@@ -165,28 +165,18 @@ static inline int64_t cpu_f32_stochastic_loop(float *shadow, const float *param,
   return nonfinite;
 }
 
-static inline int64_t cpu_bf16_stochastic_loop(uint16_t *shadow, const float *param, int64_t begin, int64_t end,
-                                               float weight, int guard, uint64_t key, int64_t first_elem)
+/* A 16-bit shadow (dtype POLYAK_BF16 or POLYAK_F16), rounded stochastically. */
+static inline int64_t cpu_half_stochastic_loop(uint16_t *shadow, const float *param, int64_t begin, int64_t end,
+                                              float weight, int guard, uint64_t key, int64_t first_elem, int dtype)
 {
   int64_t nonfinite = 0;
   for (int64_t i = begin; i < end; i++) {
     int bad = !polyak_is_finite(param[i]);
     nonfinite += bad;
-    uint16_t next = polyak_next_bf16(shadow[i], param[i], weight, key, first_elem + i);
-    shadow[i] = (bad & guard) ? shadow[i] : next;
-  }
-  return nonfinite;
-}
-
-static inline int64_t cpu_f16_stochastic_loop(uint16_t *shadow, const float *param, int64_t begin, int64_t end,
-                                              float weight, int guard, uint64_t key, int64_t first_elem)
-{
-  int64_t nonfinite = 0;
-  for (int64_t i = begin; i < end; i++) {
-    int bad = !polyak_is_finite(param[i]);
-    nonfinite += bad;
-    float mixed = polyak_lerp(polyak_f16_to_f32(shadow[i]), param[i], weight);
-    uint16_t next = polyak_f32_to_f16_sr(mixed, polyak_sr_bits(key, first_elem + i));
+    uint16_t next = dtype == POLYAK_BF16
+                        ? polyak_next_bf16(shadow[i], param[i], weight, key, first_elem + i)
+                        : polyak_f32_to_f16_sr(polyak_lerp(polyak_f16_to_f32(shadow[i]), param[i], weight),
+                                               polyak_sr_bits(key, first_elem + i));
     shadow[i] = (bad & guard) ? shadow[i] : next;
   }
   return nonfinite;

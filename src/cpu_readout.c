@@ -136,10 +136,10 @@ static int64_t copy_to_params_visit(const polyak_t *p, const polyak_chunk *chunk
   const copy_to_params_job *job = arg;
   const polyak_tensor_desc *t = &p->descs[chunk->tensor];
   const void *arena = ((const cpu_state *)p->backend)->shadows[job->shadow];
-  for (int64_t e = chunk->first_elem; e < chunk->first_elem + chunk->num_elems; e++)
-    polyak_store_f32((void *)t->param, e,
-                     polyak_debias(polyak_shadow_load(t, arena, p->cfg.shadow_dtype, job->shadow, e), job->debias_scale),
-                     t->param_dtype);
+  for (int64_t e = chunk->first_elem; e < chunk->first_elem + chunk->num_elems; e++) {
+    float value = polyak_shadow_load(t, arena, p->cfg.shadow_dtype, job->shadow, e);
+    polyak_store_f32((void *)t->param, e, polyak_debias(value, job->debias_scale), t->param_dtype);
+  }
   return 0;
 }
 
@@ -166,12 +166,13 @@ static void blend_range(void *arg, int64_t first, int64_t num_elems)
 {
   const blend_job *job = arg;
   const polyak_t *p = job->p;
+  const cpu_state *state = p->backend;
   for (int64_t e = first; e < first + num_elems; e++) {
     float acc = 0.0f;
     for (int k = 0; k < p->cfg.num_shadows; k++)
       if (job->coefficient[k] != 0.0f)
         acc = polyak_blend_step(acc, job->coefficient[k],
-                                polyak_shadow_load(job->t, polyak_cpu_arena((polyak_t *)p, k), p->cfg.shadow_dtype, k, e));
+                                polyak_shadow_load(job->t, state->shadows[k], p->cfg.shadow_dtype, k, e));
     polyak_store_f32(job->dst, e, acc, job->dst_dtype);
   }
 }

@@ -27,13 +27,13 @@ static int64_t f32_stochastic(float *shadow, const float *param, int64_t num_ele
 static int64_t bf16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                                uint64_t key, int64_t first_elem)
 {
-  return cpu_bf16_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem);
+  return cpu_half_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem, POLYAK_BF16);
 }
 
 static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                               uint64_t key, int64_t first_elem)
 {
-  return cpu_f16_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem);
+  return cpu_half_stochastic_loop(shadow, param, 0, num_elems, weight, guard, key, first_elem, POLYAK_F16);
 }
 
 static int64_t count_nonfinite(const float *param, int64_t num_elems)

@@ -165,7 +165,7 @@ AVX2_INLINE int64_t bf16_stochastic_loop(uint16_t *shadow, const float *param, i
     __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(next), _mm256_extracti128_si256(next, 1));
     _mm_storeu_si128((__m128i *)(shadow + i), packed);
   }
-  return nonfinite + cpu_bf16_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem);
+  return nonfinite + cpu_half_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem, POLYAK_BF16);
 }
 
 AVX2 static int64_t bf16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
@@ -243,7 +243,7 @@ AVX2_INLINE int64_t f16_stochastic_loop(uint16_t *shadow, const float *param, in
     __m256i rare = _mm256_or_si256(nonfinite_lanes(p), _mm256_cmpgt_epi32(smallest, magnitude));
     rare = _mm256_or_si256(rare, _mm256_cmpgt_epi32(magnitude, largest));
     if (!_mm256_testz_si256(rare, rare)) {
-      nonfinite += cpu_f16_stochastic_loop(shadow, param, i, i + 8, weight, guard, key, first_elem);
+      nonfinite += cpu_half_stochastic_loop(shadow, param, i, i + 8, weight, guard, key, first_elem, POLYAK_F16);
       continue;
     }
     __m256i random = _mm256_and_si256(sr_bits8(&counter, key_low), random_bits);
@@ -253,7 +253,7 @@ AVX2_INLINE int64_t f16_stochastic_loop(uint16_t *shadow, const float *param, in
     _mm_storeu_si128((__m128i *)(shadow + i),
                      _mm_packus_epi32(_mm256_castsi256_si128(next), _mm256_extracti128_si256(next, 1)));
   }
-  return nonfinite + cpu_f16_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem);
+  return nonfinite + cpu_half_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem, POLYAK_F16);
 }
 
 AVX2 static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
