@@ -45,12 +45,17 @@ typedef struct {
   __m256i low, high;
 } counter8;
 
-AVX2_INLINE counter8 counter_start(uint64_t key, int64_t first_elem)
+/* Lane j holds element first_elem + lanes[j]. */
+AVX2_INLINE counter8 counter_at(uint64_t key, int64_t first_elem, __m256i lanes)
 {
   uint64_t e = (uint64_t)first_elem;
-  counter8 c = {_mm256_add_epi32(set1((uint32_t)e), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-                set1((uint32_t)(e >> 32) ^ (uint32_t)(key >> 32))};
+  counter8 c = {_mm256_add_epi32(set1((uint32_t)e), lanes), set1((uint32_t)(e >> 32) ^ (uint32_t)(key >> 32))};
   return c;
+}
+
+AVX2_INLINE counter8 counter_start(uint64_t key, int64_t first_elem)
+{
+  return counter_at(key, first_elem, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 /* polyak_sr_bits(key, element) in each lane. */
@@ -154,32 +159,50 @@ AVX2 static int64_t f32_stochastic(float *shadow, const float *param, int64_t nu
                                    : f32_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
+/* Eight lanes of a bf16 shadow (`s`, as f32) updated with params `p`:
+ * polyak_next_bf16's lerp, then polyak_f32_to_bf16_sr with the hash's
+ * bits; the new bits in the low halves of the lanes. */
+AVX2_INLINE __m256i bf16_next8(__m256 s, __m256 p, __m256 w, __m256i random, int guard, int copy, int64_t *nonfinite)
+{
+  __m256 mixed = copy ? p : _mm256_fmadd_ps(w, _mm256_sub_ps(p, s), s);
+  __m256i bits = _mm256_castps_si256(mixed);
+  __m256i next = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_and_si256(random, set1(0xFFFFu))), 16);
+  __m256i special = nonfinite_lanes(mixed); /* as is every lane whose param is not finite */
+  if (!_mm256_testz_si256(special, special)) { /* Inf, and NaN quieted, pass uncut; the guard; the count */
+    __m256i bad = nonfinite_lanes(p);
+    *nonfinite += count_lanes(bad);
+    __m256i payload = _mm256_cmpeq_epi32(_mm256_and_si256(bits, set1(0x007FFFFFu)), _mm256_setzero_si256());
+    __m256i passed = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_andnot_si256(payload, set1(0x0040u)));
+    next = _mm256_blendv_epi8(next, passed, special);
+    next = _mm256_blendv_epi8(next, _mm256_srli_epi32(_mm256_castps_si256(s), 16), kept_lanes(bad, guard));
+  }
+  return next;
+}
+
+/* Sixteen elements a step: interleaving the shadow's halves with zeros
+ * widens them in place, lanes 0-3, 8-11 and 4-7, 12-15; the params and the
+ * hash's counters take the same order, and packing the two results
+ * restores the elements' order. */
 AVX2_INLINE int64_t bf16_stochastic_loop(uint16_t *shadow, const float *param, int64_t num_elems, float weight,
                                          int guard, uint64_t key, int64_t first_elem, int copy)
 {
   const __m256 w = _mm256_set1_ps(weight);
-  const __m256i key_low = set1((uint32_t)key), step = set1(8u), random_bits = set1(0xFFFFu);
-  counter8 counter = counter_start(key, first_elem);
+  const __m256i key_low = set1((uint32_t)key), step = set1(16u), zero = _mm256_setzero_si256();
+  counter8 low = counter_at(key, first_elem, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
+  counter8 high = counter_at(key, first_elem, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15));
   int64_t nonfinite = 0, i = 0;
-  for (; i + 8 <= num_elems; i += 8, counter.low = _mm256_add_epi32(counter.low, step)) {
-    __m256i old = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(shadow + i)));
-    __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(old, 16)), p = _mm256_loadu_ps(param + i);
-    __m256 mixed = copy ? p : _mm256_fmadd_ps(w, _mm256_sub_ps(p, s), s);
-    /* polyak_f32_to_bf16_sr: 16 random bits added below the cut */
-    __m256i bits = _mm256_castps_si256(mixed);
-    __m256i random = _mm256_and_si256(sr_bits8(&counter, key_low), random_bits);
-    __m256i next = _mm256_srli_epi32(_mm256_add_epi32(bits, random), 16);
-    __m256i special = nonfinite_lanes(mixed); /* as is every lane whose param is not finite */
-    if (!_mm256_testz_si256(special, special)) { /* Inf, and NaN quieted, pass uncut; the guard; the count */
-      __m256i bad = nonfinite_lanes(p);
-      nonfinite += count_lanes(bad);
-      __m256i payload = _mm256_cmpeq_epi32(_mm256_and_si256(bits, set1(0x007FFFFFu)), _mm256_setzero_si256());
-      __m256i passed = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_andnot_si256(payload, set1(0x0040u)));
-      next = _mm256_blendv_epi8(next, passed, special);
-      next = _mm256_blendv_epi8(next, old, kept_lanes(bad, guard));
-    }
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(next), _mm256_extracti128_si256(next, 1));
-    _mm_storeu_si128((__m128i *)(shadow + i), packed);
+  for (; i + 16 <= num_elems; i += 16) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)(shadow + i));
+    __m256 p0 = _mm256_loadu_ps(param + i), p1 = _mm256_loadu_ps(param + i + 8);
+    __m256i next_low = bf16_next8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
+                                  _mm256_permute2f128_ps(p0, p1, 0x20), w, sr_bits8(&low, key_low), guard, copy,
+                                  &nonfinite);
+    __m256i next_high = bf16_next8(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
+                                   _mm256_permute2f128_ps(p0, p1, 0x31), w, sr_bits8(&high, key_low), guard, copy,
+                                   &nonfinite);
+    _mm256_storeu_si256((__m256i *)(shadow + i), _mm256_packus_epi32(next_low, next_high));
+    low.low = _mm256_add_epi32(low.low, step);
+    high.low = _mm256_add_epi32(high.low, step);
   }
   return nonfinite + cpu_half_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem, POLYAK_BF16);
 }
