@@ -1,10 +1,12 @@
 /* bench_cpu.c: the CPU backend against the in-place guarded loop
- * (inplace_loop.c) over as many elements as the list has, in the same run
- * and on as many threads: the loop sets what this machine's memory allows,
- * so "of loop" (its time over a row's) is the row's element rate as a
- * fraction of it. Rows: each param and shadow dtype, K = 1 and 4, f32
- * shadows rounded to nearest and stochastically, and K = 4 as four
- * one-shadow handles updated in turn; then the targets, computed from them. */
+ * (inplace_loop.c) over as many elements as the list has, on as many
+ * threads, each timed update followed by one timed pass of the loop: the
+ * loop sets what this machine's memory allows at that moment (a shared
+ * machine's bandwidth drifts from second to second), so "of loop" (the
+ * loop's median over the row's) is the row's element rate as a fraction of
+ * it. Rows: each param and shadow dtype, K = 1 and 4, f32 shadows rounded to
+ * nearest and stochastically, and K = 4 as four one-shadow handles updated
+ * in turn; then the targets, computed from them. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,46 +92,50 @@ static void *loop_worker_main(void *arg)
   }
 }
 
-/* Median seconds of the loop over num_elems elements. */
-static double loop_seconds(int64_t num_elems, int threads, int iters)
+/* The loop's arrays and threads, started once per list and thread count. */
+static loop_team *loop_start(int64_t num_elems, int threads, pthread_t *ids, loop_worker *workers)
 {
-  loop_team team = {.shadow = aligned_alloc(64, align_up((size_t)num_elems * 4, 64)), .num_elems = num_elems,
-                    .threads = threads};
+  loop_team *team = calloc(1, sizeof *team);
   float *param = aligned_alloc(64, align_up((size_t)num_elems * 4, 64));
-  double *times = malloc(sizeof(double) * (size_t)iters);
+  team->shadow = aligned_alloc(64, align_up((size_t)num_elems * 4, 64));
   fill_host((char *)param, (size_t)num_elems * 4, POLYAK_F32);
-  memcpy(team.shadow, param, (size_t)num_elems * 4);
-  team.param = param;
-  pthread_barrier_init(&team.start, NULL, (unsigned)threads);
-  pthread_barrier_init(&team.done, NULL, (unsigned)threads);
-  pthread_t ids[64];
-  loop_worker workers[64];
+  memcpy(team->shadow, param, (size_t)num_elems * 4);
+  team->param = param;
+  team->num_elems = num_elems;
+  team->threads = threads;
+  pthread_barrier_init(&team->start, NULL, (unsigned)threads);
+  pthread_barrier_init(&team->done, NULL, (unsigned)threads);
   for (int t = 1; t < threads; t++) {
-    workers[t] = (loop_worker){&team, t};
+    workers[t] = (loop_worker){team, t};
     pthread_create(&ids[t], NULL, loop_worker_main, &workers[t]);
   }
-  for (int it = -WARMUP; it < iters; it++) {
-    double start = bench_seconds();
-    if (threads > 1)
-      pthread_barrier_wait(&team.start);
-    run_slice(&team, 0);
-    if (threads > 1)
-      pthread_barrier_wait(&team.done);
-    if (it >= 0)
-      times[it] = bench_seconds() - start;
-  }
-  team.stop = 1;
-  if (threads > 1)
-    pthread_barrier_wait(&team.start);
-  for (int t = 1; t < threads; t++)
+  return team;
+}
+
+/* Seconds of one pass of the loop over all its elements. */
+static double loop_pass(loop_team *team)
+{
+  double start = bench_seconds();
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->start);
+  run_slice(team, 0);
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->done);
+  return bench_seconds() - start;
+}
+
+static void loop_stop(loop_team *team, pthread_t *ids)
+{
+  team->stop = 1;
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->start);
+  for (int t = 1; t < team->threads; t++)
     pthread_join(ids[t], NULL);
-  pthread_barrier_destroy(&team.start);
-  pthread_barrier_destroy(&team.done);
-  double median = bench_median(times, iters);
-  free(team.shadow);
-  free(param);
-  free(times);
-  return median;
+  pthread_barrier_destroy(&team->start);
+  pthread_barrier_destroy(&team->done);
+  free(team->shadow);
+  free((void *)team->param);
+  free(team);
 }
 
 /* ---- polyak's rows -------------------------------------------------------------- */
@@ -139,14 +145,19 @@ typedef struct {
   const bench_list *list;
   char *params[3]; /* by param dtype */
   int threads, iters;
-  double loop_ms;
+  loop_team *loop;
 } cpu_run;
 
 /* One row: K shadows of `shadow_dtype` rounded by `rounding` (bf16 ones
  * always round stochastically), in one handle or (separate) K handles of
- * one shadow updated in turn. Returns the median ms, or -1. */
-static double measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype shadow_dtype, int num_shadows,
-                      int rounding, int separate)
+ * one shadow updated in turn, each update followed by a pass of the loop.
+ * Returns the median ms and the loop's beside it, or ms -1. */
+typedef struct {
+  double ms, loop_ms;
+} cpu_row;
+
+static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype shadow_dtype, int num_shadows,
+                       int rounding, int separate)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
@@ -157,7 +168,7 @@ static double measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype
     cfg.rounding[k] = rounding;
   polyak_t *handles[POLYAK_MAX_SHADOWS] = {0};
   int count = separate ? num_shadows : 1, failed = 0, culprit = 0;
-  double *times = malloc(sizeof(double) * (size_t)run->iters);
+  double *times = malloc(sizeof(double) * (size_t)run->iters), *loop_times = malloc(sizeof(double) * (size_t)run->iters);
   for (int h = 0; h < count && !failed; h++) {
     culprit = h;
     failed = polyak_create(&handles[h], &cfg) != POLYAK_OK ||
@@ -172,78 +183,97 @@ static double measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype
     }
     if (it >= 0)
       times[it] = bench_seconds() - start;
+    double loop_seconds = loop_pass(run->loop);
+    if (it >= 0)
+      loop_times[it] = loop_seconds;
   }
-  double ms = -1.0;
+  double ms = -1.0, loop_ms = 0.0;
   if (failed) {
     fprintf(stderr, "bench: %s: %s\n", run->list->name, polyak_last_error(handles[culprit]));
   } else {
     ms = 1e3 * bench_median(times, run->iters);
+    loop_ms = 1e3 * bench_median(loop_times, run->iters);
     double gbps = bench_required_bytes(run->list->num_elems, param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
-    double loop_gbps = 12.0 * (double)run->list->num_elems / run->loop_ms / 1e6;
+    double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
     const char *impl = separate                              ? "polyak_cpu_separate_passes"
                        : rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic"
                                                              : "polyak_cpu";
     bench_record r = {run->list->name, bench_dtype_name(param_dtype), bench_dtype_name(shadow_dtype), num_shadows,
-                      impl, ms, gbps, gbps / loop_gbps, run->threads, run->loop_ms / ms};
+                      impl, ms, gbps, gbps / loop_gbps, run->threads, loop_ms / ms};
     bench_emit(run->out, &r);
   }
   for (int h = 0; h < count; h++)
     polyak_destroy(handles[h]);
   free(times);
-  return ms;
+  free(loop_times);
+  return (cpu_row){ms, loop_ms};
 }
 
-/* Medians of one list at one thread count, for the targets. */
+/* One list at one thread count, for the targets. */
 typedef struct {
-  double loop, f32_k1, f32_k4, f32_separate, bf16_sr_k1;
+  cpu_row f32_k1, f32_k4, f32_separate, bf16_sr_k1;
 } cpu_times;
 
 static int run_threads(cpu_run *run, cpu_times *t)
 {
   const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16};
-  run->loop_ms = 1e3 * loop_seconds(run->list->num_elems, run->threads, run->iters);
-  t->loop = run->loop_ms;
-  double loop_gbps = 12.0 * (double)run->list->num_elems / run->loop_ms / 1e6;
-  bench_record loop = {run->list->name, "f32", "f32", 1, "inplace_loop", run->loop_ms, loop_gbps, 1.0, run->threads,
-                       1.0};
+  double *times = malloc(sizeof(double) * (size_t)run->iters);
+  for (int it = -WARMUP; it < run->iters; it++) {
+    double seconds = loop_pass(run->loop);
+    if (it >= 0)
+      times[it] = seconds;
+  }
+  double loop_ms = 1e3 * bench_median(times, run->iters);
+  free(times);
+  double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
+  bench_record loop = {run->list->name, "f32", "f32", 1, "inplace_loop", loop_ms, loop_gbps, 1.0, run->threads, 1.0};
   bench_emit(run->out, &loop);
   for (int pd = 0; pd < 2; pd++)
     for (int sd = 0; sd < 2; sd++)
       for (int num_shadows = 1; num_shadows <= 4; num_shadows += 3) {
-        double ms = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 0);
-        if (ms < 0)
+        cpu_row row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 0);
+        if (row.ms < 0)
           return -1;
         if (pd == 0 && sd == 0)
-          *(num_shadows == 1 ? &t->f32_k1 : &t->f32_k4) = ms;
+          *(num_shadows == 1 ? &t->f32_k1 : &t->f32_k4) = row;
         if (pd == 0 && sd == 1 && num_shadows == 1)
-          t->bf16_sr_k1 = ms;
+          t->bf16_sr_k1 = row;
         int stochastic = dtypes[sd] == POLYAK_F32; /* the same f32 shadows rounded stochastically, next */
-        if (stochastic && measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC, 0) < 0)
+        if (stochastic && measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC, 0).ms < 0)
           return -1;
         if (dtypes[sd] == POLYAK_F32 && num_shadows == 4) {
-          ms = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 1);
-          if (ms < 0)
+          row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 1);
+          if (row.ms < 0)
             return -1;
           if (pd == 0)
-            t->f32_separate = ms;
+            t->f32_separate = row;
         }
       }
   return 0;
 }
 
-/* The targets from one list's medians; times[i] at threads[i]. */
-static void print_targets(const char *list, const cpu_times *times, const int *threads, int num_counts)
+/* The ratios the CPU path aims at, from one list's rows; times[i] at
+ * threads[i]. Against the loop, each row's loop passes beside it; K = 4
+ * against four passes as time over time of the loop; the thread counts as
+ * plain medians, beside the loop's own speed-up. */
+static void print_targets(const bench_list *list, const cpu_times *times, const int *threads, int num_counts)
 {
   for (int i = 0; i < num_counts; i++) {
     const cpu_times *t = &times[i];
     printf("targets %s, %d thread%s: f32 K=1 %.2f of the loop (0.9); K=4 %.2fx four K=1 passes (1.5; bytes allow "
            "1.33); bf16 shadows %.2f of the loop's element rate (0.7)\n",
-           list, threads[i], threads[i] > 1 ? "s" : "", t->loop / t->f32_k1, t->f32_separate / t->f32_k4,
-           t->loop / t->bf16_sr_k1);
-    if (threads[i] == 2 && threads[0] == 1)
-      printf("targets %s, 2 threads against 1: polyak f32 K=1 %.2fx, bf16 shadows %.2fx (1.6 where memory allows); "
-             "the loop %.2fx\n",
-             list, times[0].f32_k1 / t->f32_k1, times[0].bf16_sr_k1 / t->bf16_sr_k1, times[0].loop / t->loop);
+           list->name, threads[i], threads[i] > 1 ? "s" : "", t->f32_k1.loop_ms / t->f32_k1.ms,
+           (t->f32_separate.ms / t->f32_separate.loop_ms) / (t->f32_k4.ms / t->f32_k4.loop_ms),
+           t->bf16_sr_k1.loop_ms / t->bf16_sr_k1.ms);
+    if (threads[i] == 2 && threads[0] == 1) {
+      const cpu_times *one = &times[0];
+      double bytes = 12.0 * (double)list->num_elems;
+      printf("targets %s, 2 threads against 1: polyak f32 K=1 %.2fx, bf16 shadows %.2fx (1.6 where memory "
+             "allows); the loop beside them %.2fx (%.0f -> %.0f GB/s)\n",
+             list->name, one->f32_k1.ms / t->f32_k1.ms, one->bf16_sr_k1.ms / t->bf16_sr_k1.ms,
+             one->f32_k1.loop_ms / t->f32_k1.loop_ms, bytes / one->f32_k1.loop_ms / 1e6,
+             bytes / t->f32_k1.loop_ms / 1e6);
+    }
   }
 }
 
@@ -263,20 +293,24 @@ int bench_cpu(const bench_options *options)
       failed = 1;
       break;
     }
-    cpu_run run = {&out, &list, {NULL, NULL, NULL}, 1, options->iters, 0.0};
+    cpu_run run = {&out, &list, {NULL, NULL, NULL}, 1, options->iters, NULL};
     for (int pd = 0; pd < 2 && !failed; pd++) {
       size_t num_bytes = bench_params_bytes(&list, (polyak_dtype)pd);
       failed = !(run.params[pd] = aligned_alloc(256, num_bytes));
       if (!failed)
         fill_host(run.params[pd], num_bytes, (polyak_dtype)pd);
     }
-    cpu_times times[8] = {{0}}; /* main takes at most 8 counts */
+    cpu_times times[8]; /* main takes at most 8 counts */
     for (int i = 0; i < options->num_cpu_threads && !failed; i++) {
+      pthread_t ids[64];
+      loop_worker workers[64];
       run.threads = options->cpu_threads[i];
+      run.loop = loop_start(list.num_elems, run.threads, ids, workers);
       failed = run_threads(&run, &times[i]) != 0;
+      loop_stop(run.loop, ids);
     }
     if (!failed)
-      print_targets(list.name, times, options->cpu_threads, options->num_cpu_threads);
+      print_targets(&list, times, options->cpu_threads, options->num_cpu_threads);
     free(run.params[0]);
     free(run.params[1]);
     bench_list_free(&list);
