@@ -14,7 +14,9 @@ Before timing, each implementation's result after one update is checked against
 float64. Every update is timed between CUDA events (median of --iters); the host
 wall time per call is reported too. On the CPU (--device cpu) both are the wall
 time, at each of --threads (torch.set_num_threads and polyak's cpu_threads alike),
-and "of copy" is of the same run's torch copy_ at that thread count. The ratios the
+the implementations of a list and param dtype taking turns, one update each, so
+that the machine's drifting bandwidth affects them alike; "of copy" is of the
+same run's torch copy_ at that thread count. The ratios the
 project aims at are printed after each list. Results are appended to --out as JSON
 lines in the C benchmark's format, with "host_ms_median" (and "threads") added.
 
@@ -73,6 +75,45 @@ def timed(fn, iters, device):
     torch.cuda.synchronize()
     device_ms = [events[i].elapsed_time(events[i + 1]) for i in range(iters)]
     return statistics.median(device_ms), statistics.median(host)
+
+
+def timed_in_turns(fns, iters):
+    """CPU: median ms of each of fns, called in turns (5 warm-up turns, then iters): a shared machine's
+    bandwidth drifts over a run, and turns expose every implementation to it alike."""
+    for _ in range(5):
+        for fn in fns:
+            fn()
+    ms = [[] for _ in fns]
+    for _ in range(iters):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            ms[k].append(1e3 * (time.perf_counter() - start))
+    return [statistics.median(m) for m in ms]
+
+
+class Timer:
+    """Times the implementations of one list and param dtype: on a GPU each as it comes (then frees it),
+    on the CPU all together in turns once every one is set up and checked."""
+
+    def __init__(self, iters, device, record):
+        self.iters, self.device, self.record, self.pending = iters, device, record, []
+
+    def add(self, impl, fn, shadow_dtype, cleanup=None):
+        if self.device == "cuda":
+            self.record(impl, *timed(fn, self.iters, self.device), shadow_dtype)
+            if cleanup:
+                cleanup()
+        else:
+            self.pending.append((impl, fn, shadow_dtype, cleanup))
+
+    def finish(self):
+        medians = timed_in_turns([p[1] for p in self.pending], self.iters) if self.pending else []
+        for (impl, _, shadow_dtype, cleanup), ms in zip(self.pending, medians):
+            self.record(impl, ms, ms, shadow_dtype)
+            if cleanup:
+                cleanup()
+        self.pending = []
 
 
 def copy_gbps(iters, device):
@@ -142,10 +183,10 @@ def run_list(lib, name, iters, device, threads, copy, emit):
                   "impl": impl, "ms_median": device_ms, "gbps": gbps, "frac_of_copy": gbps / copy,
                   "host_ms_median": host_ms, **({"threads": threads} if device == "cpu" else {})})
 
-        run_polyak(lib, "polyak", params, F32, backend, stream, threads, checked, sizes, iters, device, record)
+        timer = Timer(iters, device, record)
+        run_polyak(lib, "polyak", params, F32, backend, stream, threads, checked, sizes, timer)
         if param_dtype == torch.bfloat16:
-            run_polyak(lib, "polyak_bf16_shadows", params, BF16, backend, stream, threads, checked, sizes, iters,
-                       device, record)
+            run_polyak(lib, "polyak_bf16_shadows", params, BF16, backend, stream, threads, checked, sizes, timer)
 
         # the PyTorch ways, checked the same way
         torch_impls = {"torch_loop": lambda s: [x.mul_(BETA).add_(p, alpha=weight) for x, p in zip(s, params)]}
@@ -159,17 +200,18 @@ def run_list(lib, name, iters, device, threads, copy, emit):
             move(params)
             update(shadows)
             check.verify(impl, shadows, params, weight)
-            record(impl, *timed(lambda: update(shadows), iters, device))
-            shadows = None  # free before the next implementation
-        run_timm("timm_v3", params, checked, weight, iters, device, record, torch.float32)
+            timer.add(impl, lambda update=update, shadows=shadows: update(shadows), torch.float32)
+            shadows = None  # on a GPU, freed before the next implementation
+        run_timm("timm_v3", params, checked, weight, timer, torch.float32)
         if param_dtype == torch.bfloat16:
-            run_timm("timm_v3_bf16_sr", params, checked, weight, iters, device, record, torch.bfloat16)
-        params = None
+            run_timm("timm_v3_bf16_sr", params, checked, weight, timer, torch.bfloat16)
+        timer.finish()
+        params = timer = None
         if device == "cuda":
             torch.cuda.empty_cache()
 
 
-def run_polyak(lib, impl, params, shadow_dtype, backend, stream, threads, checked, sizes, iters, device, record):
+def run_polyak(lib, impl, params, shadow_dtype, backend, stream, threads, checked, sizes, timer):
     """One handle over `params` (its shadows start as the params), checked after one update, then timed."""
     h = lib.handle(params, backend, stream, BETA, shadow_dtype=shadow_dtype, cpu_threads=threads)
     check = Check(checked, params)
@@ -187,11 +229,11 @@ def run_polyak(lib, impl, params, shadow_dtype, backend, stream, threads, checke
         step[0] += 1
         lib.check(lib.lib.polyak_update(h, step[0], stream), h, "polyak_update")
 
-    record(impl, *timed(polyak_step, iters, device), torch.float32 if shadow_dtype == F32 else torch.bfloat16)
-    lib.lib.polyak_destroy(h)
+    timer.add(impl, polyak_step, torch.float32 if shadow_dtype == F32 else torch.bfloat16,
+              lambda: lib.lib.polyak_destroy(h))
 
 
-def run_timm(impl, params, checked, weight, iters, device, record, ema_dtype):
+def run_timm(impl, params, checked, weight, timer, ema_dtype):
     """timm's ModelEmaV3 over a module holding `params`, its EMA in ema_dtype: the params' own (f32: one
     _foreach_lerp_; bf16: its stochastic rounding) or f32 for bf16 params (its mixed-dtype path)."""
     try:
@@ -208,7 +250,7 @@ def run_timm(impl, params, checked, weight, iters, device, record, ema_dtype):
     move(params)
     ema.update(model)
     check.verify(impl, shadows, params, weight, 1e-6 if ema_dtype == torch.float32 else 2.0 ** -7)
-    record(impl, *timed(lambda: ema.update(model), iters, device), ema_dtype)
+    timer.add(impl, lambda ema=ema, model=model: ema.update(model), ema_dtype)
     ema = model = None
 
 
