@@ -77,18 +77,22 @@ def timed(fn, iters, device):
     return statistics.median(device_ms), statistics.median(host)
 
 
-def timed_in_turns(fns, iters):
-    """CPU: median ms of each of fns, called in turns (5 warm-up turns, then iters): a shared machine's
-    bandwidth drifts over a run, and turns expose every implementation to it alike."""
+def timed_in_turns(fns, iters, per_turn=3):
+    """CPU: median ms of each of fns, called in turns (5 warm-up turns, then turns of one untimed call and
+    per_turn timed ones until each has iters): a shared machine's bandwidth drifts over a run, and turns
+    expose every implementation to it alike. The untimed call takes the switch: PyTorch's OpenMP threads
+    spin for a while after its ops, on the cores the next implementation's threads want."""
     for _ in range(5):
         for fn in fns:
             fn()
     ms = [[] for _ in fns]
-    for _ in range(iters):
+    while len(ms[0]) < iters:
         for k, fn in enumerate(fns):
-            start = time.perf_counter()
             fn()
-            ms[k].append(1e3 * (time.perf_counter() - start))
+            for _ in range(per_turn):
+                start = time.perf_counter()
+                fn()
+                ms[k].append(1e3 * (time.perf_counter() - start))
     return [statistics.median(m) for m in ms]
 
 
