@@ -84,7 +84,7 @@ def main():
     panels = collections.OrderedDict()
     for r in rows:
         panels.setdefault((r["param_dtype"], r["shadow_dtype"], r["num_shadows"]), []).append(r)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 3.2 * len(panels)), squeeze=False)
     for ax, ((param, shadow, k), items) in zip(axes[:, 0], panels.items()):
         lists = list(dict.fromkeys(r["list"] for r in items))
         impls = list(dict.fromkeys(label(r) for r in items))
@@ -92,14 +92,15 @@ def main():
         for n, impl in enumerate(impls):
             values = {r["list"]: value(r, cpu) for r in items if label(r) == impl}
             xs = [i + n * width for i, name in enumerate(lists) if name in values]
-            ax.bar(xs, [values[name] for name in lists if name in values], width, label=impl)
+            ax.bar(xs, [values[name] for name in lists if name in values], width, label=impl,
+                   color=plt.cm.tab20(n % 20))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(lists))])
         ax.set_xticklabels(lists)
         ax.set_ylabel("billion elements / s" if cpu else "of copy bandwidth")
         ax.set_title(f"params {param}, shadows {shadow}, K = {k}")
         if not cpu:
             ax.axhline(1.0, color="gray", linewidth=0.5)
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     first = rows[0]
     fig.suptitle(f"polyak update: {first['card']}, {first['date']}, commit {first['commit']}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))

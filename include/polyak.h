@@ -172,9 +172,9 @@ typedef struct {
  * w * d < 2^-20 |s|, with d how far the params sit from the average (their
  * movement over the averaging window) and |s| the shadow's magnitude:
  * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
- * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
- * 3.5 times as long as rounding to nearest (the hash, as for a bf16
- * shadow). It applies to f32 shadows,
+ * Shadows take the same memory and moved bytes; the CPU backend takes 1.2
+ * to 3.1 times as long as rounding to nearest on one thread (the hash and
+ * the double arithmetic, where nearest is bound by memory). It applies to f32 shadows,
  * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
  * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
  * always round stochastically, whatever rounding[k] says (rounded to
@@ -198,7 +198,9 @@ typedef struct {
  * call at a time), but handles used on different threads each run their own
  * workers, so K handles updated at once with N threads each keep K * N
  * threads busy: keep that at most the cores, or oversubscribed threads wait
- * for each other. The workers block every signal (handlers run on the
+ * for each other (as they wait for a runtime's spinning threads: PyTorch's
+ * OpenMP threads spin after each op unless OMP_WAIT_POLICY=PASSIVE). The
+ * workers block every signal (handlers run on the
  * caller's threads) and are not inherited by fork(): a child process must
  * not use a handle whose cpu_threads exceeded 1. A handle with N = 1 (the
  * default) starts no thread and runs on the caller's alone.
