@@ -35,7 +35,8 @@
  * - Pointers handed to a handle are on the backend's side: host memory for
  *   POLYAK_BACKEND_CPU, device memory for POLYAK_BACKEND_CUDA.
  * - Element counts are int64: a tensor may exceed 2^31 elements.
- * - A handle is not thread-safe; distinct handles never interfere.
+ * - A handle is not thread-safe; distinct handles never interfere. A CPU
+ *   handle may run its own worker threads (polyak_config.cpu_threads).
  *
  * Stability: the names in this file are a stable contract. New fields are
  * only ever appended to polyak_config, whose struct_size tells versions apart.
@@ -200,13 +201,12 @@ typedef struct {
  * threads busy: keep that at most the cores, or oversubscribed threads wait
  * for each other (as they wait for a runtime's spinning threads: PyTorch's
  * OpenMP threads spin after each op unless OMP_WAIT_POLICY=PASSIVE). The
- * workers block every signal (handlers run on the
- * caller's threads) and are not inherited by fork(): a child process must
- * not use a handle whose cpu_threads exceeded 1. A handle with N = 1 (the
- * default) starts no thread and runs on the caller's alone.
- * polyak_create refuses a negative or larger value
- * (POLYAK_ERR_INVALID_ARG); polyak_finalize returns POLYAK_ERR_NO_MEMORY if
- * a thread cannot be started. */
+ * workers block every signal (handlers run on the caller's threads) and are
+ * not inherited by fork(): a child process must not use a handle whose
+ * cpu_threads exceeded 1. A handle with N = 1 (the default) starts no thread
+ * and runs on the caller's alone. polyak_create refuses a negative or
+ * larger value (POLYAK_ERR_INVALID_ARG); polyak_finalize returns
+ * POLYAK_ERR_NO_MEMORY if a thread cannot be started. */
 
 /* Layer-wise adaptive decay (LAWA): a shadow with layerwise_beta0[k] =
  * beta0 > 0 decays tensor l by beta_l = beta0 exp(-|g_l| / sum_j |g_j|),
