@@ -1,5 +1,5 @@
 /* cpu_update_avx2.c: the update's kernels (cpu_backend.h) for x86-64 CPUs
- * with AVX2 and FMA, eight elements a step, picked at run time. Each is the
+ * with AVX2 and FMA, eight or sixteen elements a step, picked at run time. Each is the
  * portable kernel's element math written in vector instructions that round
  * the same way: vfmadd for fmaf, the double path of an f32 stochastic
  * rounding in double lanes, the hash in 32-bit lanes. Scalar loops over
