@@ -1,11 +1,19 @@
-/* bench_cpu.c: the CPU backend against the machine's memory bandwidth,
- * measured in the same run by a triad loop (a = b + s*c: two reads and a
- * write per element, like an update's param read and shadow read+write),
- * both on one thread. */
+/* bench_cpu.c: the CPU backend against the in-place guarded loop
+ * (inplace_loop.c) over as many elements as the list has, on as many
+ * threads, each timed update followed by one timed pass of the loop: the
+ * loop sets what this machine's memory allows at that moment (a shared
+ * machine's bandwidth drifts from second to second), so "of loop" (the
+ * loop's median over the row's) is the row's element rate as a fraction of
+ * it. Rows: each param and shadow dtype, K = 1 and 4, f32 shadows rounded to
+ * nearest and stochastically, and K = 4 as four one-shadow handles updated
+ * in turn; then the targets, computed from them. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bench_sections.h"
+
+#define WARMUP 2
 
 static size_t align_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -48,74 +56,225 @@ static void fill_host(char *params, size_t num_bytes, polyak_dtype dtype)
   }
 }
 
-/* Median seconds of a triad over n floats. */
-static double triad_seconds(int64_t n, int iters)
+/* ---- the in-place loop on `threads` threads ------------------------------------ */
+
+/* The caller and threads - 1 workers, started once and released per timed
+ * run by a barrier, each on a contiguous slice. */
+typedef struct {
+  float *shadow;
+  const float *param;
+  int64_t num_elems;
+  int threads, stop;
+  pthread_barrier_t start, done;
+} loop_team;
+
+typedef struct {
+  loop_team *team;
+  int index;
+} loop_worker;
+
+static void run_slice(const loop_team *team, int index)
 {
-  float *a = aligned_alloc(64, (size_t)n * 4), *b = aligned_alloc(64, (size_t)n * 4),
-        *c = aligned_alloc(64, (size_t)n * 4);
-  double *times = malloc(sizeof(double) * (size_t)iters);
-  for (int64_t i = 0; i < n; i++) {
-    b[i] = 1.0f + (float)(i % 7);
-    c[i] = 2.0f + (float)(i % 5);
-    a[i] = 0.0f;
-  }
-  for (int it = -2; it < iters; it++) {
-    double start = bench_seconds();
-    for (int64_t i = 0; i < n; i++)
-      a[i] = b[i] + 0.5f * c[i];
-    if (it >= 0)
-      times[it] = bench_seconds() - start;
-  }
-  volatile float sink = a[n / 3];
-  (void)sink;
-  double median = bench_median(times, iters);
-  free(a);
-  free(b);
-  free(c);
-  free(times);
-  return median;
+  int64_t first = team->num_elems * index / team->threads / 16 * 16;
+  int64_t end = index + 1 == team->threads ? team->num_elems : team->num_elems * (index + 1) / team->threads / 16 * 16;
+  bench_inplace_loop(team->shadow + first, team->param + first, end - first, 0.001f);
 }
 
-/* One row: `rounding` for every shadow (f32 shadows; bf16 ones always
- * round stochastically). */
-static int measure(bench_output *out, const bench_list *list, polyak_dtype param_dtype,
-                   polyak_dtype shadow_dtype, int num_shadows, int rounding, int iters, double triad_gbps)
+static void *loop_worker_main(void *arg)
 {
-  size_t params_bytes = bench_params_bytes(list, param_dtype);
-  char *params = aligned_alloc(256, params_bytes);
-  if (!params)
-    return -1;
-  fill_host(params, params_bytes, param_dtype);
+  const loop_worker *w = arg;
+  for (;;) {
+    pthread_barrier_wait(&w->team->start);
+    if (w->team->stop)
+      return NULL;
+    run_slice(w->team, w->index);
+    pthread_barrier_wait(&w->team->done);
+  }
+}
+
+/* The loop's arrays and threads, started once per list and thread count. */
+static loop_team *loop_start(int64_t num_elems, int threads, pthread_t *ids, loop_worker *workers)
+{
+  loop_team *team = calloc(1, sizeof *team);
+  float *param = aligned_alloc(64, align_up((size_t)num_elems * 4, 64));
+  team->shadow = aligned_alloc(64, align_up((size_t)num_elems * 4, 64));
+  fill_host((char *)param, (size_t)num_elems * 4, POLYAK_F32);
+  memcpy(team->shadow, param, (size_t)num_elems * 4);
+  team->param = param;
+  team->num_elems = num_elems;
+  team->threads = threads;
+  pthread_barrier_init(&team->start, NULL, (unsigned)threads);
+  pthread_barrier_init(&team->done, NULL, (unsigned)threads);
+  for (int t = 1; t < threads; t++) {
+    workers[t] = (loop_worker){team, t};
+    pthread_create(&ids[t], NULL, loop_worker_main, &workers[t]);
+  }
+  return team;
+}
+
+/* Seconds of one pass of the loop over all its elements. */
+static double loop_pass(loop_team *team)
+{
+  double start = bench_seconds();
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->start);
+  run_slice(team, 0);
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->done);
+  return bench_seconds() - start;
+}
+
+static void loop_stop(loop_team *team, pthread_t *ids)
+{
+  team->stop = 1;
+  if (team->threads > 1)
+    pthread_barrier_wait(&team->start);
+  for (int t = 1; t < team->threads; t++)
+    pthread_join(ids[t], NULL);
+  pthread_barrier_destroy(&team->start);
+  pthread_barrier_destroy(&team->done);
+  free(team->shadow);
+  free((void *)team->param);
+  free(team);
+}
+
+/* ---- polyak's rows -------------------------------------------------------------- */
+
+typedef struct {
+  bench_output *out;
+  const bench_list *list;
+  char *params[3]; /* by param dtype */
+  int threads, iters;
+  loop_team *loop;
+} cpu_run;
+
+/* One row: K shadows of `shadow_dtype` rounded by `rounding` (bf16 ones
+ * always round stochastically), in one handle or (separate) K handles of
+ * one shadow updated in turn, each update followed by a pass of the loop.
+ * Returns the median ms and the loop's beside it, or ms -1. */
+typedef struct {
+  double ms, loop_ms;
+} cpu_row;
+
+static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype shadow_dtype, int num_shadows,
+                       int rounding, int separate)
+{
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.num_shadows = num_shadows;
+  cfg.num_shadows = separate ? 1 : num_shadows;
   cfg.shadow_dtype = shadow_dtype;
+  cfg.cpu_threads = run->threads;
   for (int k = 0; k < num_shadows; k++)
     cfg.rounding[k] = rounding;
-  polyak_t *p = NULL;
-  double *times = malloc(sizeof(double) * (size_t)iters);
-  int failed = polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, list, params, param_dtype) ||
-               polyak_finalize(p, NULL) != POLYAK_OK;
-  for (int it = -2; it < iters && !failed; it++) {
+  polyak_t *handles[POLYAK_MAX_SHADOWS] = {0};
+  int count = separate ? num_shadows : 1, failed = 0, culprit = 0;
+  double *times = malloc(sizeof(double) * (size_t)run->iters), *loop_times = malloc(sizeof(double) * (size_t)run->iters);
+  for (int h = 0; h < count && !failed; h++) {
+    culprit = h;
+    failed = polyak_create(&handles[h], &cfg) != POLYAK_OK ||
+             bench_register(handles[h], run->list, run->params[param_dtype], param_dtype) != POLYAK_OK ||
+             polyak_finalize(handles[h], NULL) != POLYAK_OK;
+  }
+  for (int it = -WARMUP; it < run->iters && !failed; it++) {
     double start = bench_seconds();
-    failed = polyak_update(p, it + 3, NULL) != POLYAK_OK;
+    for (int h = 0; h < count && !failed; h++) {
+      culprit = h;
+      failed = polyak_update(handles[h], it + WARMUP + 1, NULL) != POLYAK_OK;
+    }
     if (it >= 0)
       times[it] = bench_seconds() - start;
+    double loop_seconds = loop_pass(run->loop);
+    if (it >= 0)
+      loop_times[it] = loop_seconds;
   }
+  double ms = -1.0, loop_ms = 0.0;
   if (failed) {
-    fprintf(stderr, "bench: %s: %s\n", list->name, polyak_last_error(p));
+    fprintf(stderr, "bench: %s: %s\n", run->list->name, polyak_last_error(handles[culprit]));
   } else {
-    double seconds = bench_median(times, iters);
-    double gbps = bench_required_bytes(list->num_elems, param_dtype, shadow_dtype, num_shadows) / seconds / 1e9;
-    bench_record r = {list->name, bench_dtype_name(param_dtype), bench_dtype_name(shadow_dtype), num_shadows,
-                      rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic" : "polyak_cpu",
-                      1e3 * seconds, gbps, gbps / triad_gbps};
-    bench_emit(out, &r);
+    ms = 1e3 * bench_median(times, run->iters);
+    loop_ms = 1e3 * bench_median(loop_times, run->iters);
+    double gbps = bench_required_bytes(run->list->num_elems, param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
+    double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
+    const char *impl = separate                              ? "polyak_cpu_separate_passes"
+                       : rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic"
+                                                             : "polyak_cpu";
+    bench_record r = {run->list->name, bench_dtype_name(param_dtype), bench_dtype_name(shadow_dtype), num_shadows,
+                      impl, ms, gbps, gbps / loop_gbps, run->threads, loop_ms / ms};
+    bench_emit(run->out, &r);
   }
-  polyak_destroy(p);
+  for (int h = 0; h < count; h++)
+    polyak_destroy(handles[h]);
   free(times);
-  free(params);
-  return failed ? -1 : 0;
+  free(loop_times);
+  return (cpu_row){ms, loop_ms};
+}
+
+/* One list at one thread count, for the targets. */
+typedef struct {
+  cpu_row f32_k1, f32_k4, f32_separate, bf16_sr_k1;
+} cpu_times;
+
+static int run_threads(cpu_run *run, cpu_times *t)
+{
+  const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16};
+  double *times = malloc(sizeof(double) * (size_t)run->iters);
+  for (int it = -WARMUP; it < run->iters; it++) {
+    double seconds = loop_pass(run->loop);
+    if (it >= 0)
+      times[it] = seconds;
+  }
+  double loop_ms = 1e3 * bench_median(times, run->iters);
+  free(times);
+  double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
+  bench_record loop = {run->list->name, "f32", "f32", 1, "inplace_loop", loop_ms, loop_gbps, 1.0, run->threads, 1.0};
+  bench_emit(run->out, &loop);
+  for (int pd = 0; pd < 2; pd++)
+    for (int sd = 0; sd < 2; sd++)
+      for (int num_shadows = 1; num_shadows <= 4; num_shadows += 3) {
+        cpu_row row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 0);
+        if (row.ms < 0)
+          return -1;
+        if (pd == 0 && sd == 0)
+          *(num_shadows == 1 ? &t->f32_k1 : &t->f32_k4) = row;
+        if (pd == 0 && sd == 1 && num_shadows == 1)
+          t->bf16_sr_k1 = row;
+        int stochastic = dtypes[sd] == POLYAK_F32; /* the same f32 shadows rounded stochastically, next */
+        if (stochastic && measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC, 0).ms < 0)
+          return -1;
+        if (dtypes[sd] == POLYAK_F32 && num_shadows == 4) {
+          row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 1);
+          if (row.ms < 0)
+            return -1;
+          if (pd == 0)
+            t->f32_separate = row;
+        }
+      }
+  return 0;
+}
+
+/* The ratios the CPU path aims at, from one list's rows; times[i] at
+ * threads[i]. Against the loop, each row's loop passes beside it; K = 4
+ * against four passes as time over time of the loop; the thread counts as
+ * plain medians, beside the loop's own speed-up. */
+static void print_targets(const bench_list *list, const cpu_times *times, const int *threads, int num_counts)
+{
+  for (int i = 0; i < num_counts; i++) {
+    const cpu_times *t = &times[i];
+    printf("targets %s, %d thread%s: f32 K=1 %.2f of the loop (0.9); K=4 %.2fx four K=1 passes (1.5; bytes allow "
+           "1.33); bf16 shadows %.2f of the loop's element rate (0.7)\n",
+           list->name, threads[i], threads[i] > 1 ? "s" : "", t->f32_k1.loop_ms / t->f32_k1.ms,
+           (t->f32_separate.ms / t->f32_separate.loop_ms) / (t->f32_k4.ms / t->f32_k4.loop_ms),
+           t->bf16_sr_k1.loop_ms / t->bf16_sr_k1.ms);
+    if (threads[i] == 2 && threads[0] == 1) {
+      const cpu_times *one = &times[0];
+      double bytes = 12.0 * (double)list->num_elems;
+      printf("targets %s, 2 threads against 1: polyak f32 K=1 %.2fx, bf16 shadows %.2fx (1.6 where memory "
+             "allows); the loop beside them %.2fx (%.0f -> %.0f GB/s)\n",
+             list->name, one->f32_k1.ms / t->f32_k1.ms, one->bf16_sr_k1.ms / t->bf16_sr_k1.ms,
+             one->f32_k1.loop_ms / t->f32_k1.loop_ms, bytes / one->f32_k1.loop_ms / 1e6,
+             bytes / t->f32_k1.loop_ms / 1e6);
+    }
+  }
 }
 
 int bench_cpu(const bench_options *options)
@@ -125,30 +284,35 @@ int bench_cpu(const bench_options *options)
   bench_output out;
   if (bench_output_open(&out, name, options->out_dir) != 0)
     return -1;
-  printf("\nCPU backend on %s (one thread), date %s, commit %s\n", name, out.date, out.commit);
-  const int64_t triad_elems = (int64_t)1 << 25; /* 3 x 128 MiB: far beyond the caches */
-  double triad_gbps = 12.0 * (double)triad_elems / triad_seconds(triad_elems, options->iters) / 1e9;
-  bench_table_header("of copy = of the triad loop's bandwidth");
-  bench_record triad = {"triad", "f32", "f32", 1, "cpu_triad", 0.0, triad_gbps, 1.0};
-  triad.ms_median = 12.0 * (double)triad_elems / triad_gbps / 1e6;
-  bench_emit(&out, &triad);
+  printf("\nCPU backend on %s, date %s, commit %s\n", name, out.date, out.commit);
+  bench_cpu_table_header("of loop = the in-place loop's time over this row's, same list and threads (element rate)");
   int failed = 0;
-  const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16};
   for (int l = 0; l < options->num_lists && !failed; l++) {
     bench_list list;
     if (bench_list_load(&list, options->lists[l], options->models_dir) != 0) {
       failed = 1;
       break;
     }
-    for (int pd = 0; pd < 2 && !failed; pd++)
-      for (int sd = 0; sd < 2 && !failed; sd++)
-        for (int num_shadows = 1; num_shadows <= 4 && !failed; num_shadows += 3) {
-          failed = measure(&out, &list, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, options->iters,
-                           triad_gbps) != 0;
-          if (!failed && dtypes[sd] == POLYAK_F32) /* the same f32 shadows rounded stochastically, next */
-            failed = measure(&out, &list, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC,
-                             options->iters, triad_gbps) != 0;
-        }
+    cpu_run run = {&out, &list, {NULL, NULL, NULL}, 1, options->iters, NULL};
+    for (int pd = 0; pd < 2 && !failed; pd++) {
+      size_t num_bytes = bench_params_bytes(&list, (polyak_dtype)pd);
+      failed = !(run.params[pd] = aligned_alloc(256, num_bytes));
+      if (!failed)
+        fill_host(run.params[pd], num_bytes, (polyak_dtype)pd);
+    }
+    cpu_times times[8]; /* main takes at most 8 counts */
+    for (int i = 0; i < options->num_cpu_threads && !failed; i++) {
+      pthread_t ids[64];
+      loop_worker workers[64];
+      run.threads = options->cpu_threads[i];
+      run.loop = loop_start(list.num_elems, run.threads, ids, workers);
+      failed = run_threads(&run, &times[i]) != 0;
+      loop_stop(run.loop, ids);
+    }
+    if (!failed)
+      print_targets(&list, times, options->cpu_threads, options->num_cpu_threads);
+    free(run.params[0]);
+    free(run.params[1]);
     bench_list_free(&list);
   }
   bench_output_close(&out);

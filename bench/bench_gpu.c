@@ -51,7 +51,7 @@ static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
 {
   double gbps = bench_required_bytes(run->list->num_elems, run->param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
   bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), bench_dtype_name(shadow_dtype),
-                    num_shadows, impl, ms, gbps, gbps / run->copy_gbps};
+                    num_shadows, impl, ms, gbps, gbps / run->copy_gbps, 0, 0.0};
   bench_emit(run->out, &r);
 }
 
@@ -142,7 +142,7 @@ static int run_sharding(const gpu_run *run)
            run->list->name, bench_dtype_name(run->param_dtype), worlds[w], (long long)kept, kept * 4.0 / 1e9, ms,
            gbps, gbps / run->copy_gbps);
     bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), "f32", 1,
-                      worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0", ms, gbps, gbps / run->copy_gbps};
+                      worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0", ms, gbps, gbps / run->copy_gbps, 0, 0.0};
     bench_emit(run->out, &r);
   }
   return 0;

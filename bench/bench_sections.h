@@ -12,10 +12,16 @@ typedef struct {
   const char **lists;
   int num_lists;
   int iters;           /* timed updates per measurement */
+  const int *cpu_threads; /* the CPU section's thread counts, each 1..64 */
+  int num_cpu_threads;
 } bench_options;
 
-/* The CPU backend against a same-run triad loop (single thread each). */
+/* The CPU backend against the same run's in-place loop, at each thread count. */
 int bench_cpu(const bench_options *options);
+
+/* The CPU reference: shadow = isfinite(param) ? fmaf(weight, param - shadow,
+ * shadow) : shadow, in place (inplace_loop.c). */
+void bench_inplace_loop(float *restrict shadow, const float *restrict param, int64_t num_elems, float weight);
 
 /* polyak's CUDA update against cudaMemcpy bandwidth and the baselines;
  * without a usable device it says why and returns 0 (main refuses

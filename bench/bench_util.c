@@ -112,10 +112,20 @@ void bench_table_header(const char *title)
          "ms median", "GB/s", "of copy");
 }
 
+void bench_cpu_table_header(const char *title)
+{
+  printf("\n%s\n%-10s %-5s %-5s %2s %-28s %10s %9s %8s %3s %8s\n", title, "list", "param", "shadw", "K", "impl",
+         "ms median", "GB/s", "of copy", "thr", "of loop");
+}
+
 void bench_emit(bench_output *out, const bench_record *r)
 {
-  printf("%-10s %-5s %-5s %2d %-24s %10.4f %9.1f %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
-         r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy);
+  if (r->threads > 0)
+    printf("%-10s %-5s %-5s %2d %-28s %10.4f %9.1f %8.3f %3d %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
+           r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy, r->threads, r->of_loop);
+  else
+    printf("%-10s %-5s %-5s %2d %-24s %10.4f %9.1f %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
+           r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy);
   fflush(stdout);
   if (!out->jsonl)
     return;
@@ -123,6 +133,10 @@ void bench_emit(bench_output *out, const bench_record *r)
                            out->date, "commit", out->commit, "list", r->list, "param_dtype", r->param_dtype,
                            "shadow_dtype", r->shadow_dtype, "num_shadows", r->num_shadows, "impl", r->impl,
                            "ms_median", r->ms_median, "gbps", r->gbps, "frac_of_copy", r->frac_of_copy);
+  if (r->threads > 0) {
+    json_object_set_new(line, "threads", json_integer(r->threads));
+    json_object_set_new(line, "of_loop", json_real(r->of_loop));
+  }
   char *text = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER);
   if (text)
     fprintf(out->jsonl, "%s\n", text);

@@ -15,7 +15,9 @@ typedef struct {
   const char *impl;
   double ms_median;
   double gbps;         /* required bytes / median time */
-  double frac_of_copy; /* gbps / the same run's copy (or triad) bandwidth */
+  double frac_of_copy; /* gbps / the same run's copy bandwidth (CPU: the in-place loop's) */
+  int threads;         /* CPU rows: threads of the update; 0 elsewhere */
+  double of_loop;      /* CPU rows: the same run's in-place loop's time over this row's */
 } bench_record;
 
 typedef struct {
@@ -28,6 +30,7 @@ int bench_output_open(bench_output *out, const char *card, const char *out_dir);
 void bench_output_close(bench_output *out);
 void bench_emit(bench_output *out, const bench_record *r);
 void bench_table_header(const char *title);
+void bench_cpu_table_header(const char *title); /* with the CPU rows' columns */
 
 double bench_seconds(void); /* a monotonic clock */
 double bench_median(double *values, int count); /* sorts values */

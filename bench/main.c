@@ -2,10 +2,11 @@
  * limit, on real model shapes, against the baselines.
  *
  *   polyak_bench [--out DIR] [--iters N] [--lists a,b,...] [--cpu-lists a,b,...]
- *                [--cpu-only] [--gpu-only]
+ *                [--cpu-threads 1,2,...] [--cpu-only] [--gpu-only]
  *
  * Lists: gpt2-124m gpt2-xl llama2-7b vit-b16 resnet50 (the TSVs in bench/models)
- * and tiny-10k. Results go to stdout and, with --out, to
+ * and tiny-10k. The CPU section runs at each of --cpu-threads (default 1,2).
+ * Results go to stdout and, with --out, to
  * DIR/<date>-<card>.jsonl (one JSON object per measurement). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,8 +30,10 @@ int main(int argc, char **argv)
 {
   static char gpu_text[512] = "gpt2-124m,gpt2-xl,llama2-7b,vit-b16,resnet50,tiny-10k";
   static char cpu_text[512] = "resnet50,tiny-10k,gpt2-124m";
-  const char *gpu_lists[16], *cpu_lists[16];
-  bench_options options = {POLYAK_BENCH_MODELS_DIR, NULL, NULL, 0, 50};
+  char threads_text[128] = "1,2";
+  const char *gpu_lists[16], *cpu_lists[16], *thread_items[8];
+  int cpu_threads[8];
+  bench_options options = {POLYAK_BENCH_MODELS_DIR, NULL, NULL, 0, 50, cpu_threads, 0};
   int cpu = 1, gpu = 1;
   for (int a = 1; a < argc; a++) {
     if (strcmp(argv[a], "--out") == 0 && a + 1 < argc)
@@ -41,6 +44,8 @@ int main(int argc, char **argv)
       snprintf(gpu_text, sizeof gpu_text, "%s", argv[++a]);
     else if (strcmp(argv[a], "--cpu-lists") == 0 && a + 1 < argc)
       snprintf(cpu_text, sizeof cpu_text, "%s", argv[++a]);
+    else if (strcmp(argv[a], "--cpu-threads") == 0 && a + 1 < argc)
+      snprintf(threads_text, sizeof threads_text, "%s", argv[++a]);
     else if (strcmp(argv[a], "--models") == 0 && a + 1 < argc)
       options.models_dir = argv[++a];
     else if (strcmp(argv[a], "--cpu-only") == 0)
@@ -48,8 +53,8 @@ int main(int argc, char **argv)
     else if (strcmp(argv[a], "--gpu-only") == 0)
       cpu = 0;
     else {
-      fprintf(stderr, "usage: %s [--out DIR] [--iters N] [--lists a,b] [--cpu-lists a,b] [--models DIR] "
-                      "[--cpu-only] [--gpu-only]\n",
+      fprintf(stderr, "usage: %s [--out DIR] [--iters N] [--lists a,b] [--cpu-lists a,b] [--cpu-threads 1,2] "
+                      "[--models DIR] [--cpu-only] [--gpu-only]\n",
               argv[0]);
       return 2;
     }
@@ -58,6 +63,12 @@ int main(int argc, char **argv)
     fprintf(stderr, "bench: --iters must be at least 3\n");
     return 2;
   }
+  options.num_cpu_threads = split(threads_text, thread_items, 8);
+  for (int i = 0; i < options.num_cpu_threads; i++)
+    if ((cpu_threads[i] = atoi(thread_items[i])) < 1 || cpu_threads[i] > 64) {
+      fprintf(stderr, "bench: --cpu-threads takes counts from 1 to 64\n");
+      return 2;
+    }
   int failed = 0;
   if (!cpu && !polyak_backend_available(POLYAK_BACKEND_CUDA)) {
     /* asked for the GPU alone: without one there is nothing to measure */

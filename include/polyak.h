@@ -50,7 +50,8 @@
  * - Element counts are int64: a tensor may exceed 2^31 elements.
  * - Read-outs take the shadow (which average) before the tensor (which
  *   parameter: numbered in registration order, see polyak_find_tensor).
- * - A handle is not thread-safe; distinct handles never interfere.
+ * - A handle is not thread-safe; distinct handles never interfere. A CPU
+ *   handle may run its own worker threads (polyak_config.cpu_threads).
  *
  * Stability: the names in this file are a stable contract. New fields are
  * only ever appended to polyak_config, whose struct_size tells versions apart.
@@ -78,6 +79,7 @@ extern "C" {
 
 #define POLYAK_MAX_SHADOWS 8 /* shadows per handle */
 #define POLYAK_MAX_NDIM 8    /* dimensions per tensor */
+#define POLYAK_MAX_CPU_THREADS 256 /* polyak_config.cpu_threads */
 
 /* Status codes; the values are pinned. One list feeds the enum and
  * polyak_status_name(), so the two never drift. */
@@ -176,6 +178,9 @@ typedef struct {
   /* version 5 */
   int rounding[POLYAK_MAX_SHADOWS]; /* how f32 shadow k rounds each update: POLYAK_ROUND_NEAREST
                                        (default) or POLYAK_ROUND_STOCHASTIC (below) */
+  /* version 6 */
+  int cpu_threads;                /* CPU backend: threads per update, the caller's included (below);
+                                     1 (default): the caller alone; 0: one per core it may use */
 } polyak_config;
 
 /* struct_size of earlier versions of polyak_config, still accepted; the
@@ -184,6 +189,31 @@ typedef struct {
 #define POLYAK_CONFIG_SIZE_V2 (offsetof(polyak_config, count_updates))
 #define POLYAK_CONFIG_SIZE_V3 (offsetof(polyak_config, lookahead_every))
 #define POLYAK_CONFIG_SIZE_V4 (offsetof(polyak_config, rounding))
+#define POLYAK_CONFIG_SIZE_V5 (offsetof(polyak_config, cpu_threads))
+
+/* Threads of the CPU backend (cpu_threads, 0..POLYAK_MAX_CPU_THREADS; the
+ * CUDA backend ignores it). With N > 1, polyak_finalize starts N - 1 worker
+ * threads for the handle (0: one per core in the process's CPU affinity
+ * mask, counting the caller), and every later call that walks the shadows
+ * (updates and graph replays with their Lookahead write-backs and LAWA
+ * norms, read-outs, blends, hard updates, copies to the params, the
+ * post-hoc synthesis) splits the plan's chunks between the calling thread
+ * and them; the call returns when all are done. No thread is started per
+ * call; between calls the workers sleep (no CPU time), and polyak_destroy
+ * joins them. Results are the same bits for every N, the non-finite count
+ * included: each element is computed alone, and counts are integer sums.
+ * With the caller's own threads: a handle is still not thread-safe (one
+ * call at a time), but handles used on different threads each run their own
+ * workers, so K handles updated at once with N threads each keep K * N
+ * threads busy: keep that at most the cores, or oversubscribed threads wait
+ * for each other (as they wait for a runtime's spinning threads: PyTorch's
+ * OpenMP threads spin after each op unless OMP_WAIT_POLICY=PASSIVE). The
+ * workers block every signal (handlers run on the caller's threads) and are
+ * not inherited by fork(): a child process must not use a handle whose
+ * cpu_threads exceeded 1. A handle with N = 1 (the default) starts no thread
+ * and runs on the caller's alone. polyak_create refuses a negative or
+ * larger value (POLYAK_ERR_INVALID_ARG); polyak_finalize returns
+ * POLYAK_ERR_NO_MEMORY if a thread cannot be started. */
 
 /* ======================================================================
  * 1. The core
@@ -217,7 +247,7 @@ POLYAK_API int polyak_backend_available(polyak_backend b);
  * (beta_min 0, inv_gamma 1, power 2/3, gamma 6.94 (sigma_rel 0.10),
  * ramp_steps 1000, start_step 0), F32 shadows, zero_init 0,
  * skip_nonfinite 1, seed 0, world_size 1, rank 0, no communicator, every
- * shadow rounded to nearest. NULL is ignored. */
+ * shadow rounded to nearest, cpu_threads 1. NULL is ignored. */
 POLYAK_API void polyak_config_init(polyak_config *cfg);
 
 /* Checks `cfg` as polyak_create() does, without creating anything: on
@@ -587,9 +617,10 @@ POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, 
  * w * d < 2^-20 |s|, with d how far the params sit from the average (their
  * movement over the averaging window) and |s| the shadow's magnitude:
  * horizons of beta >= 0.9999, POWER schedules past about 10^5 steps.
- * Shadows take the same memory and moved bytes; the CPU backend takes 2 to
- * 3.5 times as long as rounding to nearest (the hash, as for a bf16
- * shadow). It applies to f32 shadows,
+ * Shadows take the same memory and moved bytes; the CPU backend takes 1.2
+ * to 3.1 times as long as rounding to nearest on one thread (the hash and
+ * the double arithmetic, where nearest is bound by memory). It applies to
+ * f32 shadows,
  * the library's and a caller's f32 shadow 0 (polyak_add_with_shadow; the
  * flag POLYAK_SHADOW_ROUND_NEAREST keeps that one nearest). 16-bit shadows
  * always round stochastically, whatever rounding[k] says (rounded to

@@ -41,11 +41,13 @@ void polyak_config_init(polyak_config *cfg)
   cfg->lookahead_every = 0;
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
     cfg->rounding[k] = POLYAK_ROUND_NEAREST;
+  cfg->cpu_threads = 1;
 }
 
 int polyak_config_normalize(const polyak_config *in, polyak_config *out)
 {
-  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V4 &&
+  if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V5 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V4 &&
               in->struct_size != POLYAK_CONFIG_SIZE_V3 && in->struct_size != POLYAK_CONFIG_SIZE_V2 &&
               in->struct_size != POLYAK_CONFIG_SIZE_V1))
     return -1;
@@ -180,8 +182,9 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   if (polyak_config_normalize(given, &normalized) != 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
-                          "(earlier versions %zu, %zu, %zu, %zu): call polyak_config_init() first",
-                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V4,
+                          "(earlier versions %zu, %zu, %zu, %zu, %zu): call polyak_config_init() first",
+                          given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V5,
+                          (size_t)POLYAK_CONFIG_SIZE_V4,
                           (size_t)POLYAK_CONFIG_SIZE_V3, (size_t)POLYAK_CONFIG_SIZE_V2,
                           (size_t)POLYAK_CONFIG_SIZE_V1);
   const polyak_config *cfg = &normalized;
@@ -211,6 +214,10 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   if (cfg->skip_nonfinite != 0 && cfg->skip_nonfinite != 1)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "skip_nonfinite = %d is not 0 or 1", cfg->skip_nonfinite);
+  if (cfg->cpu_threads < 0 || cfg->cpu_threads > POLYAK_MAX_CPU_THREADS)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "cpu_threads = %d is outside 0..%d (0: one per core)", cfg->cpu_threads,
+                          POLYAK_MAX_CPU_THREADS);
   polyak_status status = check_backend(cfg, msg, msg_num_bytes);
   if (status == POLYAK_OK)
     status = check_sharding(cfg, msg, msg_num_bytes);
