@@ -13,7 +13,7 @@ import json
 import sys
 
 ORDER = ["inplace_loop", "polyak_cpu", "polyak_cpu_round_stochastic", "polyak_cpu_separate_passes", "polyak",
-         "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor", "torch_foreach_lerp",
+         "polyak_unchecked", "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor", "torch_foreach_lerp",
          "torch_cast_then_lerp", "timm_v3", "timm_v3_bf16_sr", "torch_loop"]
 
 
@@ -41,12 +41,14 @@ def tables(paths):
         if r["impl"].startswith("polyak_cpu") or r["impl"] == "inplace_loop":
             key = (r["list"], r["param_dtype"], r["shadow_dtype"], r["num_shadows"], r["impl"])
             cells.setdefault(key, {})[r["threads"]] = r
-    head = " | ".join(f"{t} thr ms | of loop" for t in counts)
-    print(f"| list | params | shadows | K | impl | {head} |")
-    print("|---|---|---|---|---|" + "---|---|" * len(counts))
-    for (name, param, shadow, k, impl), by in cells.items():
-        values = " | ".join(f"{by[t]['ms_median']:.1f} | {by[t]['of_loop']:.2f}" if t in by else " | " for t in counts)
-        print(f"| {name} | {param} | {shadow} | {k} | {impl} | {values} |")
+    if cells:  # the C benchmark's rows (vs_torch's files have none)
+        head = " | ".join(f"{t} thr ms | of loop" for t in counts)
+        print(f"| list | params | shadows | K | impl | {head} |")
+        print("|---|---|---|---|---|" + "---|---|" * len(counts))
+        for (name, param, shadow, k, impl), by in cells.items():
+            values = " | ".join(f"{by[t]['ms_median']:.1f} | {by[t]['of_loop']:.2f}" if t in by else " | "
+                                for t in counts)
+            print(f"| {name} | {param} | {shadow} | {k} | {impl} | {values} |")
     pairs = [("torch_foreach_lerp", "polyak", "f32", "f32"), ("timm_v3", "polyak", "bf16", "f32"),
              ("torch_cast_then_lerp", "polyak", "bf16", "f32"),
              ("timm_v3_bf16_sr", "polyak_bf16_shadows", "bf16", "bf16")]
@@ -54,7 +56,8 @@ def tables(paths):
           for r in rows if "host_ms_median" in r}
     if not ms:
         return
-    print()
+    if cells:
+        print()
     head = " | ".join(f"{t} thr: polyak ms | theirs ms | speed-up" for t in counts)
     print(f"| list | params | shadows | baseline | {head} |")
     print("|---|---|---|---|" + "---|---|---|" * len(counts))

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import io
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -32,11 +33,12 @@ __all__ = [
     "Lookahead", "Handle", "TensorInfo", "version", "library_path", "backend_available", "status_name",
     "half_life_from_beta", "beta_from_half_life", "window_from_beta", "beta_from_window",
     "beta_from_horizon", "sigma_rel_from_gamma", "gamma_from_sigma_rel", "posthoc_coefficients",
-    "MAX_SHADOWS", "MAX_SNAPSHOTS",
+    "MAX_SHADOWS", "MAX_SNAPSHOTS", "MAX_CPU_THREADS",
 ]
 
 MAX_SHADOWS = _lib.MAX_SHADOWS
 MAX_SNAPSHOTS = _lib.MAX_SNAPSHOTS
+MAX_CPU_THREADS = _lib.MAX_CPU_THREADS
 DTYPES = {"f32": _lib.F32, "bf16": _lib.BF16, "f16": _lib.F16,  # averaged tensors and read-outs
           # copy-only tensors (Handle.add_copy) may be any of these as well
           "f64": _lib.F64, "i64": _lib.I64, "i32": _lib.I32, "i16": _lib.I16, "i8": _lib.I8, "u8": _lib.U8,
@@ -144,6 +146,17 @@ def _dtype(dtype):
     if dtype not in DTYPES:
         raise InvalidArgError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def _c_int(value, what):
+    """value as a C int: an integer that fits one, else InvalidArgError (ctypes would truncate it)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InvalidArgError(f"{what} = {value!r} is not an integer") from None
+    if not -2 ** 31 <= value < 2 ** 31:
+        raise InvalidArgError(f"{what} = {value} does not fit a C int")
+    return value
 
 
 def _finite_or_raise(value, what):
@@ -458,13 +471,17 @@ class Handle:
 
     Pointers are ints (a tensor's data_ptr()) on the backend's side: host
     memory for backend "cpu", device memory for "cuda"; `stream` is a
-    cudaStream_t as an int, or None for the default stream. See
-    include/polyak.h for each call's rules; a failing call raises and
-    changes nothing."""
+    cudaStream_t as an int, or None for the default stream. cpu_threads:
+    the CPU backend's threads per call, the caller's included (1, the
+    default: the caller alone; 0: one per core this process may run on; at
+    most MAX_CPU_THREADS; the workers start at finalize and are joined by
+    close; the same bits for every count; docs/cpu-threads.md); the CUDA
+    backend ignores it. See include/polyak.h for each call's rules; a
+    failing call raises and changes nothing."""
 
     def __init__(self, schedules: Sequence[Schedule] = (Constant(0.999),), *, backend="cpu", device=0,
                  shadow_dtype="f32", zero_init=False, skip_nonfinite=True, seed=0, world_size=1, rank=0,
-                 nccl_comm=None):
+                 nccl_comm=None, cpu_threads=1):
         self._ptr = None
         schedules = list(schedules)
         if not 1 <= len(schedules) <= MAX_SHADOWS:
@@ -489,6 +506,7 @@ class Handle:
         cfg.world_size = int(world_size)
         cfg.rank = int(rank)
         cfg.nccl_comm = nccl_comm
+        cfg.cpu_threads = _c_int(cpu_threads, "cpu_threads")
         _check_config(cfg)
         ptr = ctypes.c_void_p()
         status = _c.polyak_create(ctypes.byref(ptr), ctypes.byref(cfg))

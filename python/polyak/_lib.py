@@ -28,6 +28,7 @@ SHADOW_ROUND_NEAREST = 1
 ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
 TENSOR_CALLERS_SHADOW, TENSOR_COPY = 1, 2
 MAX_SNAPSHOTS = 1024
+MAX_CPU_THREADS = 256  # polyak_config.cpu_threads: 0..this
 
 
 class Schedule(ctypes.Structure):
@@ -49,8 +50,9 @@ class Config(ctypes.Structure):
                 ("lookahead_every", ctypes.c_int64), ("grad_norm_c", ctypes.c_double * MAX_SHADOWS),
                 ("layerwise_beta0", ctypes.c_double * MAX_SHADOWS),
                 # version 5
-                ("rounding", ctypes.c_int * MAX_SHADOWS)]
-                # version 6 (cpu_threads) is appended here once the library has it
+                ("rounding", ctypes.c_int * MAX_SHADOWS),
+                # version 6: threads of the CPU backend (0: one per core)
+                ("cpu_threads", ctypes.c_int)]
 
 
 class TensorInfo(ctypes.Structure):

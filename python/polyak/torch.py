@@ -117,7 +117,11 @@ class EMA:
     (the default process group) or a group: each rank keeps 1/W of every
     shadow; reads gather with torch.distributed. check_stale: before every
     update, check that no registered param was re-allocated (measured cost:
-    README); False skips that.
+    README); False skips that. cpu_threads: on the CPU, the library's
+    threads per call (updates, read-outs, copies), this one's included: 1
+    (the default) runs on the caller alone, 0 one per core this process may
+    run on, N > 1 starts N - 1 workers held until close(); the same bits
+    for every count (docs/cpu-threads.md). A CUDA EMA ignores it.
 
     The params must be contiguous, on one device (CPU or one CUDA device),
     f32, bf16 or f16. Every call raises a polyak.PolyakError subclass on
@@ -127,7 +131,8 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: Optional[float] = None, warmup: bool = False, *,
                  schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0, rounding: str = "nearest",
                  shadow_dtype=torch.float32, buffers: str = "average", zero_init: bool = False,
-                 skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True):
+                 skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True,
+                 cpu_threads: int = 1):
         self._handle = None
         self._hooks = []
         if not isinstance(model, torch.nn.Module):
@@ -186,7 +191,7 @@ class EMA:
         handle = polyak.Handle(schedules, backend="cuda" if self._cuda else "cpu",
                                device=self._device_index or 0, shadow_dtype=_DTYPE_NAMES[shadow_dtype],
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
-                               world_size=world_size, rank=rank)
+                               world_size=world_size, rank=rank, cpu_threads=cpu_threads)
         try:
             for s in averaged:
                 handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.local.shape)
@@ -617,7 +622,8 @@ class EMA:
         params = [torch.zeros(s.shape, dtype=self.shadow_dtype) for s in self._averaged]
         copies = [value.cpu().contiguous() for value in copies]
         with polyak.Handle(self.schedules, shadow_dtype=h.shadow_dtype, zero_init=bool(h.config.zero_init),
-                           skip_nonfinite=bool(h.config.skip_nonfinite), seed=h.config.seed) as scratch:
+                           skip_nonfinite=bool(h.config.skip_nonfinite), seed=h.config.seed,
+                           cpu_threads=h.config.cpu_threads) as scratch:
             for s, param in zip(self._averaged, params):
                 scratch.add(s.name, _data_ptr(param), h.shadow_dtype, s.shape)
             for s, value in zip(self._copied, copies):

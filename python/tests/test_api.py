@@ -180,7 +180,7 @@ def test_config_mirror_has_the_c_layout():
     cfg = _lib.config_defaults(_lib.lib)
     assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
     assert cfg.world_size == 1 and cfg.schedules[7].beta == 0.999 and cfg.skip_nonfinite == 1
-    assert list(cfg.rounding) == [0] * 8
+    assert list(cfg.rounding) == [0] * 8 and cfg.cpu_threads == 1  # version 6, the last field
     big = (ctypes.c_char * 4096)()  # the library's own struct: the mirror is a prefix of it (a newer
     _lib.lib.polyak_config_init(ctypes.cast(big, ctypes.POINTER(_lib.Config)))  # library appends fields)
     assert ctypes.c_size_t.from_buffer(big).value >= ctypes.sizeof(_lib.Config)

@@ -1,6 +1,7 @@
 """polyak.torch.EMA on the CPU: averages against float64, buffers, evaluation, checkpoints, bad input."""
 import io
 import math
+import os
 
 import pytest
 
@@ -453,3 +454,70 @@ def test_blends_and_posthoc_synthesis_through_torch(gen):
     with pytest.raises(polyak.InvalidArgError):
         with ema.posthoc_parameters(stack[:, :5], [1.0, 0.0]):
             pass
+
+
+def wide_model():
+    """Mixed, and tensors of several of the CPU backend's work items (65,536 elements each) in each
+    param dtype, so that threads share every walk; a float64 buffer, copied."""
+    torch.manual_seed(3)
+    model = Mixed()
+    model.wide = torch.nn.Linear(512, 300)
+    model.wide_bf16 = torch.nn.Parameter(torch.randn(3 * 65536 + 17, dtype=torch.bfloat16))
+    model.wide_f16 = torch.nn.Parameter(torch.randn(2 * 65536 + 5, dtype=torch.float16))
+    model.register_buffer("scale", torch.tensor([0.1, 0.2], dtype=torch.float64))
+    return model
+
+
+def threads_now():
+    """The threads of this process (the library's workers among them)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("shadow_dtype", [torch.float32, torch.bfloat16])
+def test_every_cpu_thread_count_gives_the_same_bits(shadow_dtype):
+    """cpu_threads 1, 2 and 0 (one per core): the same checkpoint bytes (every shadow, the copied
+    buffers, the step state), read-outs and blends written into the model, after updates with gaps,
+    a non-finite param and stochastic rounding."""
+    results = []
+    for threads in (1, 2, 0):
+        model = wide_model()
+        gen = torch.Generator().manual_seed(5)
+        ema = EMA(model, schedules=[polyak.Constant(0.9), polyak.Power(sigma_rel=0.1, rounding="stochastic")],
+                  shadow_dtype=shadow_dtype, seed=7, cpu_threads=threads)
+        for step in (1, 2, 5, 9):
+            train_step(model, gen)
+            with torch.no_grad():
+                model.scale.add_(step)
+                model.wide.weight[3, step] = float("nan")
+            ema.update(step)
+        with ema.average_parameters(weights=[0.25, 0.75]):
+            blend = snapshot(model)
+        results.append((ema.state_dict()["checkpoint"], ema.model_state_dict(1), blend, ema.nonfinite_count()))
+        ema.close()
+    (checkpoint, average, blend, count), others = results[0], results[1:]
+    assert count == 1 + 2 + 3 + 4 and int(average["norm.num_batches_tracked"]) == 4  # NaNs stay NaN
+    for other in others:
+        assert torch.equal(other[0], checkpoint)
+        assert_same(other[1], average)
+        assert_same(other[2], blend)
+        assert other[3] == count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_cpu_threads_start_workers_until_close_and_bad_counts_create_nothing():
+    model = wide_model()
+    model(torch.randn(6, 7))  # torch's own threads, if any, start before the counts
+    before = threads_now()
+    for bad in (-1, -(2 ** 31), polyak.MAX_CPU_THREADS + 1, 2 ** 32, 1.5, "2"):
+        with pytest.raises(polyak.InvalidArgError, match="cpu_threads"):
+            EMA(model, cpu_threads=bad)
+        with pytest.raises(polyak.InvalidArgError, match="cpu_threads"):
+            polyak.Handle(cpu_threads=bad)
+    assert threads_now() == before
+    cores = len(os.sched_getaffinity(0))
+    for threads, workers in ((1, 0), (3, 2), (0, min(cores, polyak.MAX_CPU_THREADS) - 1)):
+        ema = EMA(model, cpu_threads=threads)
+        assert ema.handle.config.cpu_threads == threads and threads_now() == before + workers
+        ema.update(1)
+        ema.close()
+        assert threads_now() == before
