@@ -95,13 +95,11 @@ polyak_status polyak_ckpt_stage(polyak_t *p, polyak_ckpt_source *src, int64_t da
     products_written = status == POLYAK_OK;
   }
   if (status == POLYAK_OK) /* sums over ranks keep the file's count */
-    status = p->ops->staging_commit(p, p->cfg.rank == 0 ? state->nonfinite : 0);
+    status = p->ops->staging_commit(p, p->cfg.rank == 0 ? state->nonfinite : 0, copies);
   else
     p->ops->staging_abort(p);
   if (status != POLYAK_OK && products_written)
     p->ops->products_write(p, products_before);
-  if (status == POLYAK_OK && copies) /* after the commit: small, and whole on every rank */
-    status = p->ops->copy_from_host(p, p->copies, copies, (size_t)p->copies_num_bytes);
   free(copies);
   if (status != POLYAK_OK)
     return status;

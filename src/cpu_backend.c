@@ -327,14 +327,19 @@ static void cpu_release(polyak_t *p)
   p->backend = NULL;
 }
 
+static polyak_status cpu_check_params(polyak_t *p)
+{
+#ifdef POLYAK_HAVE_CUDA
+  return refuse_device_params(p);
+#else
+  (void)p;
+  return POLYAK_OK;
+#endif
+}
+
 static polyak_status cpu_finalize(polyak_t *p, void *stream)
 {
   (void)stream;
-#ifdef POLYAK_HAVE_CUDA
-  polyak_status refused = refuse_device_params(p);
-  if (refused != POLYAK_OK)
-    return refused;
-#endif
   if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
     polyak_status status = polyak_cpu_find_nonfinite_param(p, 0, "polyak_finalize");
     if (status != POLYAK_OK)
@@ -384,6 +389,7 @@ static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
 }
 
 const polyak_backend_ops polyak_cpu_ops = {
+    .check_params = cpu_check_params,
     .finalize = cpu_finalize,
     .update = cpu_update,
     .arena = polyak_cpu_arena,

@@ -303,12 +303,14 @@ polyak_status polyak_cpu_staging_write(polyak_t *p, int shadow, int64_t first_el
 
 /* Copied into the live arenas (as on the GPU, where graphs hold their
  * addresses), so shadow memory never moves during a handle's life. */
-polyak_status polyak_cpu_staging_commit(polyak_t *p, int64_t nonfinite_count)
+polyak_status polyak_cpu_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies)
 {
   cpu_state *state = p->backend;
   size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   for (int k = 0; k < p->cfg.num_shadows && arena_num_bytes > 0; k++)
     memcpy(state->shadows[k], state->staging[k], arena_num_bytes);
+  if (copies)
+    memcpy(p->copies, copies, (size_t)p->copies_num_bytes);
   polyak_cpu_free_arenas(state->staging);
   state->nonfinite_count = nonfinite_count;
   return POLYAK_OK;

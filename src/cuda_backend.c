@@ -167,21 +167,25 @@ static void cuda_release(polyak_t *p)
 
 static polyak_status check_params(polyak_t *p)
 {
+  int previous;
+  cudaError_t err = polyak_cuda_enter(p, &previous);
+  if (err != cudaSuccess)
+    return polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+  polyak_status status = POLYAK_OK;
   char what[POLYAK_ERROR_BYTES];
-  for (int i = 0; i < p->num_tensors; i++) {
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
     const polyak_tensor *t = &p->tensors[i];
     if (t->num_elems == 0)
       continue;
     snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") param", i, t->name);
-    polyak_status status = polyak_cuda_check_pointer(p, t->param, what);
+    status = polyak_cuda_check_pointer(p, t->param, what);
     if (status == POLYAK_OK && t->owned) {
       snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") shadow", i, t->name);
       status = polyak_cuda_check_pointer(p, t->shadow, what);
     }
-    if (status != POLYAK_OK)
-      return status;
   }
-  return POLYAK_OK;
+  polyak_cuda_leave(p, previous);
+  return status;
 }
 
 static polyak_status allocate(polyak_t *p, cuda_state *state)
@@ -341,13 +345,10 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream)
   cudaError_t err = polyak_cuda_enter(p, &previous);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
-  polyak_status status = check_params(p);
-  cuda_state *state = NULL;
-  if (status == POLYAK_OK) {
-    state = calloc(1, sizeof *state);
-    if (!state)
-      status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
-  }
+  polyak_status status = POLYAK_OK;
+  cuda_state *state = calloc(1, sizeof *state);
+  if (!state)
+    status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   if (status == POLYAK_OK) {
     p->backend = state;
     int sms = 0;
@@ -372,6 +373,7 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream)
 }
 
 const polyak_backend_ops polyak_cuda_ops = {
+    .check_params = check_params,
     .finalize = cuda_finalize,
     .update = polyak_cuda_update,
     .arena = polyak_cuda_arena,

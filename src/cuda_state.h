@@ -134,7 +134,7 @@ polyak_status polyak_cuda_staging_begin(polyak_t *p);
 polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem,
                                         int64_t num_elems, const void *host);
 
-polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count);
+polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies);
 
 void polyak_cuda_staging_abort(polyak_t *p);
 

@@ -40,6 +40,8 @@ static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t 
   cudaError_t err = polyak_cuda_enter(p, &previous);
   if (err == cudaSuccess)
     err = cudaMemcpy(dst, src, num_bytes, kind);
+  if (err == cudaSuccess && kind == cudaMemcpyHostToDevice) /* from pageable memory it may land later */
+    err = cudaStreamSynchronize(0);
   polyak_cuda_leave(p, previous);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, what);
 }
@@ -93,7 +95,7 @@ polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_e
                     "polyak_load: copying a shadow to the device");
 }
 
-polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count)
+polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies)
 {
   cuda_state *state = p->backend;
   unsigned long long count = (unsigned long long)nonfinite_count;
@@ -105,9 +107,11 @@ polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count)
   size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMemcpy(state->shadows[k], state->staging[k], arena_num_bytes, cudaMemcpyDeviceToDevice);
+  if (err == cudaSuccess && copies)
+    err = cudaMemcpy(p->copies, copies, (size_t)p->copies_num_bytes, cudaMemcpyHostToDevice);
   if (err == cudaSuccess)
     err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
-  if (err == cudaSuccess) /* a pageable copy may land after it returns */
+  if (err == cudaSuccess) /* pageable copies may land after they return */
     err = cudaDeviceSynchronize();
   polyak_cuda_leave(p, previous);
   free_staging(p, state);

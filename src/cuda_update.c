@@ -252,6 +252,8 @@ polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream)
   int previous;
   float *weights = NULL;
   cudaError_t err = polyak_cuda_enter(p, &previous);
+  if (err == cudaSuccess) /* a dropped replay may still run on another stream */
+    err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&weights, num_bytes);
   graph.weights = weights;
@@ -318,8 +320,6 @@ polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
 polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   cuda_state *state = p->backend;
-  if (p->num_chunks == 0)
-    return POLYAK_OK;
   int previous;
   cudaError_t err = polyak_cuda_enter(p, &previous);
   if (err != cudaSuccess)
@@ -330,7 +330,7 @@ polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
     status = polyak_cuda_refuse_nonfinite(p, state, whole ? state->store_chunks : state->chunks,
                                           whole ? state->num_store_chunks : p->num_chunks, (cudaStream_t)stream,
                                           "polyak_hard_update");
-  if (status == POLYAK_OK)
+  if (status == POLYAK_OK && p->num_chunks > 0) /* a rank's slice may be empty */
     err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1,
                              p->cfg.shadow_dtype, NULL, NULL, polyak_cuda_io_grid(p, state), (cudaStream_t)stream);
   polyak_cuda_leave(p, previous);

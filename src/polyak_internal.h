@@ -94,6 +94,9 @@ struct polyak {
  * is called only after the front end (update.c) validated everything; a
  * failing one leaves the shadows as they were. */
 struct polyak_backend_ops {
+  /* refuses a param (copy-only ones included) or caller's shadow in memory
+   * the backend cannot use; first at finalize, before anything reads them */
+  polyak_status (*check_params)(polyak_t *p);
   /* allocate the shadows and initialize them from the params */
   polyak_status (*finalize)(polyak_t *p, void *stream);
   polyak_status (*update)(polyak_t *p, const polyak_update_args *args, void *stream);
@@ -127,7 +130,10 @@ struct polyak_backend_ops {
   polyak_status (*staging_begin)(polyak_t *p); /* fresh arenas (stage_data fills them whole) */
   polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
                                  const void *host);
-  polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count);
+  /* the staged arenas into the live ones, and `copies` (host memory,
+   * copies_num_bytes; NULL: none) into the copy-only tensors' mirrors; done
+   * when it returns */
+  polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count, const void *copies);
   void (*staging_abort)(polyak_t *p);
 
   /* blends (coefficient[k] = weight * debias as float, 0: not read) of

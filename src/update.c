@@ -81,7 +81,9 @@ polyak_status polyak_finalize(polyak_t *p, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: the handle is already finalized");
-  polyak_status status = polyak_plan_build(p);
+  polyak_status status = p->ops->check_params(p);
+  if (status == POLYAK_OK)
+    status = polyak_plan_build(p);
   if (status != POLYAK_OK)
     return status;
   /* the copy-only tensors' mirrors first: the backend's finalize waits for
@@ -171,15 +173,17 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
   if (status != POLYAK_OK)
     return status;
   status = p->ops->hard_update(p, shadow, stream);
-  if (status == POLYAK_OK)
-    status = polyak_copies_refresh(p, stream);
-  if (status != POLYAK_OK && grad_norm) {
-    products[shadow] = kept;
-    p->ops->products_write(p, products);
+  if (status != POLYAK_OK) {
+    if (grad_norm) {
+      products[shadow] = kept;
+      p->ops->products_write(p, products);
+    }
+    return status;
   }
-  if (status == POLYAK_OK)
-    p->beta_prod[shadow] = 0.0;
-  return status;
+  /* the shadow is the params now, whatever the mirrors' copy reports (it
+   * fails only with a CUDA error that every later call reports too) */
+  p->beta_prod[shadow] = 0.0;
+  return polyak_copies_refresh(p, stream);
 }
 
 polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)

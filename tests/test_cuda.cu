@@ -1032,6 +1032,30 @@ TEST_F(Gpu, ShardedStoreAndHardUpdateOnANonBlockingStream)
   cudaStreamDestroy(stream);
 }
 
+// A rank whose slice is empty still scans the whole params before a hard
+// update, so every rank refuses a non-finite param alike, as on the CPU.
+TEST_F(Gpu, AHardUpdateOnAnEmptySliceRefusesNonFiniteParams)
+{
+  polyak_config cfg = cpu_config(1, 0.9);
+  cfg.skip_nonfinite = 1;
+  cfg.world_size = 4;
+  cfg.rank = 3;
+  std::vector<Twin> twins;
+  twins.emplace_back("three", POLYAK_F32, 3, 0);
+  Both both(cfg, std::move(twins));
+  both.randomize(50);
+  both.finalize();
+  int64_t first = -1, count = -1;
+  ASSERT_EQ(polyak_local_range(both.gpu.get(), 0, &first, &count), POLYAK_OK);
+  ASSERT_EQ(count, 0);
+  both.twins[0].host.set(1, NAN);
+  both.twins[0].upload();
+  EXPECT_EQ(polyak_hard_update(both.cpu.get(), 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_hard_update(both.gpu.get(), 0, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_NE(std::string(polyak_last_error(both.gpu.get())).find("\"three\""), std::string::npos)
+      << polyak_last_error(both.gpu.get());
+}
+
 // A C trainer's arena on the device: views registered all or nothing,
 // sized read-outs refusing a short device buffer with nothing written, and
 // a pending store holding updates back, as on the CPU backend.
@@ -1218,6 +1242,28 @@ TEST_F(Gpu, CopyOnlyTensorsMirrorInTheUpdatesLaunch)
     EXPECT_EQ(0, std::memcmp(got.data(), mirrored[i].data() + raws[i].offset, bytes)) << raws[i].name << " loaded";
   }
   both.expect_same();
+  // and back into the device handle after an update moved its mirrors on:
+  // in place when the load returns, for a read on a non-blocking stream
+  new_buffers();
+  both.randomize(70);
+  both.update(5);
+  ASSERT_EQ(polyak_load(both.gpu.get(), path.c_str()), POLYAK_OK) << polyak_last_error(both.gpu.get());
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (size_t i = 0; i < host.size(); i++) {
+    int tensor = -1;
+    ASSERT_EQ(polyak_find_tensor(both.gpu.get(), raws[i].name, &tensor), POLYAK_OK);
+    size_t bytes = raws[i].num_elems * raws[i].elem_bytes;
+    unsigned char *dst = nullptr;
+    CUDA_OK(cudaMalloc(&dst, bytes));
+    ASSERT_EQ(polyak_get_shadow_n(both.gpu.get(), 0, tensor, dst, raws[i].dtype, bytes, stream), POLYAK_OK);
+    std::vector<unsigned char> got(bytes);
+    CUDA_OK(cudaMemcpyAsync(got.data(), dst, bytes, cudaMemcpyDeviceToHost, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    cudaFree(dst);
+    EXPECT_EQ(0, std::memcmp(got.data(), mirrored[i].data() + raws[i].offset, bytes)) << raws[i].name << " reloaded";
+  }
+  cudaStreamDestroy(stream);
   for (char *base : bases)
     cudaFree(base);
 }
@@ -1260,6 +1306,20 @@ TEST_F(Gpu, HostPointersAreRefused)
   EXPECT_EQ(polyak_finalize(cpu.get(), nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_NE(std::string(polyak_last_error(cpu.get())).find("device memory"), std::string::npos)
       << polyak_last_error(cpu.get());
+
+  // copy-only tensors alike, refused before their mirrors are filled from them
+  Handle gpu_copy = make_handle(cuda_config(cpu_config()));
+  ASSERT_EQ(polyak_add(gpu_copy.get(), "averaged", device, POLYAK_F32, 1, shape), POLYAK_OK);
+  ASSERT_EQ(polyak_add_copy(gpu_copy.get(), "host_buffer", host.data(), POLYAK_F32, 1, shape), POLYAK_OK);
+  EXPECT_EQ(polyak_finalize(gpu_copy.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_NE(std::string(polyak_last_error(gpu_copy.get())).find("\"host_buffer\") param"), std::string::npos)
+      << polyak_last_error(gpu_copy.get());
+  Handle cpu_copy = make_handle(cpu_config());
+  ASSERT_EQ(polyak_add(cpu_copy.get(), "averaged", host.data(), POLYAK_F32, 1, shape), POLYAK_OK);
+  ASSERT_EQ(polyak_add_copy(cpu_copy.get(), "device_buffer", device, POLYAK_F32, 1, shape), POLYAK_OK);
+  EXPECT_EQ(polyak_finalize(cpu_copy.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_NE(std::string(polyak_last_error(cpu_copy.get())).find("device memory"), std::string::npos)
+      << polyak_last_error(cpu_copy.get());
   cudaFree(device);
 
   Both both(cpu_config(), odd_twins());
