@@ -37,6 +37,13 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$polyak_root/build-sanitize" && ctest --output-on-failure --parallel "$jobs")
 
+echo "== build: CPU only, -fsanitize=thread: the CPU backend's worker pool"
+mkdir -p "$polyak_root/build-tsan"
+polyak_build "$polyak_root/build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF
+# a race report fails the test (TSan exits 66 after reporting)
+(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels)\.' --output-on-failure --parallel "$jobs")
+
 echo "== fuzz: the checkpoint loader, 60 s"
 "$polyak_root/fuzz/run.sh" 60
 
