@@ -21,8 +21,16 @@
 # the ones that failed.
 #
 # Without a device the run stops after the GPU tests, saying why. With
-# --dry-run (what CI runs) that is success, exit 0; a plain run exits 3.
-# Any failed step makes the exit status 1.
+# --dry-run (what CI runs) that is success, exit 0, once the cpu-tests step
+# has run the tests that are programs beside the unit tests (the demo, the
+# trainer, the install, the interop writer: each needs its own target
+# built); a plain run exits 3. Any failed step makes the exit status 1. A
+# step cut by the deadline (it got less than its own limit) is reported
+# so, not as a failure.
+#
+# The commit named in the results: git's where there is a .git, else
+# .deps/commit (bench/prepare_device_deps.sh writes it), else
+# $POLYAK_COMMIT.
 #
 # Output, in $OUT (default bench/results; build-gpu/dry-run for a dry run):
 #   summary.txt                       the steps, verdicts and seconds
@@ -57,9 +65,13 @@ mkdir -p "$out"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 card=${card:-no-gpu}
 card_file=$(echo "$card" | tr -c 'A-Za-z0-9._\n-' '-' | tr -s '-')
-date=$(date +%F)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit+changes"
+date=$(date -u +%F) # UTC, as the benchmark names its file
+if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+  [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit+changes"
+else # the device gets the working tree without .git
+  commit=$(cat .deps/commit 2>/dev/null || echo "${POLYAK_COMMIT:-unknown}")
+fi
+export POLYAK_COMMIT=$commit # the benchmark's and vs_torch.py's rows
 log="$out/$date-$card_file-gpu_check.txt"
 summary="$out/summary.txt"
 exec > >(tee "$log") 2>&1
@@ -77,11 +89,12 @@ record() { # NAME VERDICT SECONDS
 
 # step NAME NEEDED_SECONDS MAX_SECONDS FUNCTION...: runs FUNCTION under
 # `timeout` (the smaller of MAX and what is left), unless fewer than NEEDED
-# seconds are left, --only leaves it out, or the GPU went unused.
+# seconds are left, --only leaves it out, or the GPU went unused (a dry run
+# still runs the steps that need no GPU).
 step() {
   local name=$1 needed=$2 max=$3
   shift 3
-  if [ -n "$halted" ]; then
+  if [ -n "$halted" ] && ! { [ $dry_run = 1 ] && [ -n "$no_gpu" ] && [ "$name" = cpu-tests ]; }; then
     record "$name" "not run: $halted" 0
     return 0
   fi
@@ -94,7 +107,8 @@ step() {
     record "$name" "skipped: ${budget} s left, needs ${needed}" 0
     return 0
   fi
-  [ "$budget" -gt "$max" ] && budget=$max
+  local cut=0 # the deadline, not the step's own limit, sets its time
+  if [ "$budget" -gt "$max" ]; then budget=$max; else cut=1; fi
   echo
   echo "=== $name (up to $budget s)"
   local begin=$SECONDS
@@ -104,6 +118,8 @@ step() {
   if [ -n "$no_gpu" ] && [ -z "$halted" ]; then
     verdict="GPU not used: $no_gpu"
     halted="no GPU"
+  elif { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ $cut = 1 ]; then
+    verdict="cut by the deadline after $budget s"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     verdict="timeout"
     failed=1
@@ -131,10 +147,13 @@ configure() {
     "${deps[@]}"
 }
 
+# every target: ctest's programs beside the unit tests need theirs; then
+# whether the CUDA libraries resolve (a missing one fails every test)
 build_targets() {
-  local targets=(polyak polyak_tests polyak_bench)
-  [ $full = 1 ] && targets+=(polyak_demo)
-  timeout "$1" cmake --build "$build" --parallel "$(nproc)" --target "${targets[@]}"
+  timeout "$1" cmake --build "$build" --parallel "$(nproc)" || return
+  local missing
+  missing=$(ldd "$build/tests/polyak_tests" "$build/libpolyak.so" | grep 'not found' | sort -u)
+  [ -z "$missing" ] || { echo "libraries not found:"; echo "$missing"; return 1; }
 }
 
 gpu_tests() {
@@ -157,9 +176,18 @@ gpu_tests() {
 }
 
 sanitize() { # TOOL FILTER BUDGET
-  local sanitizer
+  local sanitizer output="$out/$1.txt"
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/compute-sanitizer/compute-sanitizer)
-  timeout "$3" "$sanitizer" --tool "$1" --error-exitcode 1 "$build/tests/polyak_tests" --gtest_filter="$2"
+  timeout "$3" "$sanitizer" --tool "$1" --error-exitcode 1 "$build/tests/polyak_tests" --gtest_filter="$2" \
+    >"$output" 2>&1
+  local rc=$?
+  tail -25 "$output"
+  # some sandboxed runtimes refuse the sanitizer: say so, it is no finding
+  if grep -q 'Device not supported' "$output"; then
+    echo "compute-sanitizer cannot attach to this machine's GPU (\"Device not supported\"): $1 unavailable"
+    return 0
+  fi
+  return $rc
 }
 
 # racecheck: the update kernel's per-block step broadcast and block sums,
@@ -200,7 +228,14 @@ python_gpu() {
   return $rc
 }
 
-cpu_tests() { (cd "$build" && timeout "$1" ctest -E '^Gpu\.' --parallel "$(nproc)" --timeout 120 --output-on-failure | tail -25); }
+# the CPU tests on this machine's cores; in a dry run only the programs
+# beside the unit tests (names without a dot), which the unit-test run of
+# the default build does not prove built here
+cpu_tests() {
+  local filter='^Gpu\.'
+  [ $dry_run = 1 ] && filter='\.'
+  (cd "$build" && timeout "$1" ctest -E "$filter" --parallel "$(nproc)" --timeout 120 --output-on-failure | tail -25)
+}
 compile_report() { timeout "$1" bench/compile_report.sh sm_90; }
 plot() { timeout "$1" python3 bench/plot.py "$out/$date-$card_file.jsonl"; }
 demo() { timeout "$1" "$build/examples/polyak_demo" 50000; }
@@ -241,7 +276,7 @@ grep "stochastic rounding" "$out/benchmark.txt" 2>/dev/null
 status=$failed
 if [ $failed = 0 ] && [ -n "$no_gpu" ]; then
   if [ $dry_run = 1 ]; then
-    echo "dry run: everything up to the GPU tests worked, and they saw no GPU ($no_gpu)"
+    echo "dry run: everything up to the GPU tests and the CPU programs worked; the GPU tests saw no GPU ($no_gpu)"
   else
     echo "no GPU was used ($no_gpu): this run proves nothing about the CUDA backend"
     status=3

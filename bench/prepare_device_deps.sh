@@ -2,7 +2,7 @@
 # bench/prepare_device_deps.sh: run on a Debian machine with apt before a
 # GPU check on a machine that cannot install packages. Fills .deps/ (git
 # ignores it) with GoogleTest's sources and the jansson and xxHash packages
-# unpacked; pass ".deps" in the device call's carry list. bench/gpu_check.sh
+# unpacked, and the commit; pass ".deps" in the device call's carry list. bench/gpu_check.sh
 # then builds from .deps alone (POLYAK_DEPS_ONLY), and scripts/test.sh runs
 # this script and a dry run of that check, so the tree it makes is tested.
 set -euo pipefail
@@ -22,4 +22,6 @@ if ! download; then
 fi
 for deb in "$deps"/debs/*.deb; do dpkg -x "$deb" "$deps/root"; done
 rm -rf "$deps/debs"
+# the device gets the working tree without .git: the results name this
+git -C "$root" describe --always --dirty=+changes >"$deps/commit" 2>/dev/null || rm -f "$deps/commit"
 du -sh "$deps"

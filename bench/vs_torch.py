@@ -32,6 +32,7 @@ its own library (python/ where none is installed).
 import argparse
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -64,9 +65,16 @@ def tensor_sizes(name):
 
 
 def timed(fn, iters, device):
-    """Median device ms per call (CUDA events between back-to-back calls) and median host ms."""
-    for _ in range(5):
+    """Median device ms per call (CUDA events between back-to-back calls) and median host ms, after at
+    least 5 calls and 100 ms of warm-up (an idle GPU's clocks take a while to rise)."""
+    calls, warm_until = 0, time.perf_counter() + 0.1
+    while calls < 5 or time.perf_counter() < warm_until:
         fn()
+        calls += 1
+        if device != "cpu" and calls % 5 == 0:
+            torch.cuda.synchronize()  # the warm-up's time is the device's, not the queue's
+    if device != "cpu":
+        torch.cuda.synchronize()
     host = []
     if device == "cpu":
         for _ in range(iters):
@@ -273,13 +281,29 @@ def run_timm(impl, module, params, checked, weight, timer, ema_dtype):
         print(f"timm not importable, {impl} left out")
         return
     mixed = ema_dtype != params[0].dtype
-    ema = ModelEmaV3(module, decay=BETA, dtype=ema_dtype if mixed else None)  # update() without a step: the decay
+    # timm before 1.0.31 has neither the mixed-dtype path nor bf16 stochastic rounding: its bf16 EMA would be
+    # a plain lerp, timed under a name that says otherwise
+    accepts = inspect.signature(ModelEmaV3.__init__).parameters
+    needs = "dtype" if mixed else "stochastic_rounding" if ema_dtype == torch.bfloat16 else None
+    if needs and needs not in accepts:
+        print(f"timm {timm_version()}'s ModelEmaV3 has no {needs}= argument: {impl} left out")
+        return
+    mixed_dtype = {"dtype": ema_dtype} if mixed else {}
+    ema = ModelEmaV3(module, decay=BETA, **mixed_dtype)  # update() without a step: the decay
     shadows = list(ema.module.weights)
     check = Check(checked, shadows)
     move(params)
     ema.update(module)
     check.verify(impl, shadows, params, weight, ema_dtype)
     timer.add(impl, lambda: ema.update(module), ema_dtype)
+
+
+def timm_version():
+    try:
+        from importlib.metadata import version
+        return version("timm")
+    except Exception:
+        return "(version unknown)"
 
 
 def print_targets(rows):
