@@ -23,14 +23,15 @@
 # Without a device the run stops after the GPU tests, saying why. With
 # --dry-run (what CI runs) that is success, exit 0, once the cpu-tests step
 # has run the tests that are programs beside the unit tests (the demo, the
-# trainer, the install, the interop writer: each needs its own target
-# built); a plain run exits 3. Any failed step makes the exit status 1. A
-# step cut by the deadline (it got less than its own limit) is reported
-# so, not as a failure.
+# trainer, the install, the interop writer, the benchmark's CPU section:
+# each needs its own target built); a plain run exits 3. Any failed step
+# makes the exit status 1. A step cut by the deadline (it got less than its
+# own limit) is reported so, not as a failure, and makes the exit status 4
+# if nothing failed (rerun it with --only and a longer --deadline).
 #
-# The commit named in the results: git's where there is a .git, else
-# .deps/commit (bench/prepare_device_deps.sh writes it), else
-# $POLYAK_COMMIT.
+# The commit named in the results: $POLYAK_COMMIT if set, else git's where
+# there is a .git, else .deps/commit (bench/prepare_device_deps.sh writes
+# it), else "unknown".
 #
 # Output, in $OUT (default bench/results; build-gpu/dry-run for a dry run):
 #   summary.txt                       the steps, verdicts and seconds
@@ -66,10 +67,12 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 card=${card:-no-gpu}
 card_file=$(echo "$card" | tr -c 'A-Za-z0-9._\n-' '-' | tr -s '-')
 date=$(date -u +%F) # UTC, as the benchmark names its file
-if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+if [ -n "${POLYAK_COMMIT:-}" ]; then
+  commit=$POLYAK_COMMIT
+elif commit=$(git rev-parse --short HEAD 2>/dev/null); then
   [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit+changes"
 else # the device gets the working tree without .git
-  commit=$(cat .deps/commit 2>/dev/null || echo "${POLYAK_COMMIT:-unknown}")
+  commit=$(cat .deps/commit 2>/dev/null || echo unknown)
 fi
 export POLYAK_COMMIT=$commit # the benchmark's and vs_torch.py's rows
 log="$out/$date-$card_file-gpu_check.txt"
@@ -78,6 +81,8 @@ exec > >(tee "$log") 2>&1
 tee_pid=$!
 
 failed=0
+incomplete=0 # a step the deadline cut short
+unavailable="" # set by a step whose tool cannot run on this machine
 no_gpu=""  # why the GPU went unused, once the GPU tests said so
 halted="" # why the steps left are not run
 start=$SECONDS
@@ -108,18 +113,22 @@ step() {
     return 0
   fi
   local cut=0 # the deadline, not the step's own limit, sets its time
-  if [ "$budget" -gt "$max" ]; then budget=$max; else cut=1; fi
+  if [ "$budget" -ge "$max" ]; then budget=$max; else cut=1; fi
   echo
   echo "=== $name (up to $budget s)"
   local begin=$SECONDS
   "$@" "$budget"
   local rc=$?
   local verdict=pass
-  if [ -n "$no_gpu" ] && [ -z "$halted" ]; then
+  if [ -n "$unavailable" ]; then
+    verdict="unavailable: $unavailable"
+    unavailable=""
+  elif [ -n "$no_gpu" ] && [ -z "$halted" ]; then
     verdict="GPU not used: $no_gpu"
     halted="no GPU"
   elif { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ $cut = 1 ]; then
     verdict="cut by the deadline after $budget s"
+    incomplete=1
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     verdict="timeout"
     failed=1
@@ -184,7 +193,8 @@ sanitize() { # TOOL FILTER BUDGET
   tail -25 "$output"
   # some sandboxed runtimes refuse the sanitizer: say so, it is no finding
   if grep -q 'Device not supported' "$output"; then
-    echo "compute-sanitizer cannot attach to this machine's GPU (\"Device not supported\"): $1 unavailable"
+    unavailable="compute-sanitizer says \"Device not supported\" here"
+    echo "$1: $unavailable"
     return 0
   fi
   return $rc
@@ -228,13 +238,15 @@ python_gpu() {
   return $rc
 }
 
-# the CPU tests on this machine's cores; in a dry run only the programs
-# beside the unit tests (names without a dot), which the unit-test run of
-# the default build does not prove built here
+# the CPU tests on this machine's cores; in a dry run only those that are
+# not unit tests (names without a dot: the programs beside them, the
+# Python tests' stubs, the compile report), which the default build's run
+# does not prove built here
 cpu_tests() {
   local filter='^Gpu\.'
   [ $dry_run = 1 ] && filter='\.'
-  (cd "$build" && timeout "$1" ctest -E "$filter" --parallel "$(nproc)" --timeout 120 --output-on-failure | tail -25)
+  (cd "$build" && timeout "$1" ctest -E "$filter" --no-tests=error --parallel "$(nproc)" --timeout 120 \
+    --output-on-failure | tail -25)
 }
 compile_report() { timeout "$1" bench/compile_report.sh sm_90; }
 plot() { timeout "$1" python3 bench/plot.py "$out/$date-$card_file.jsonl"; }
@@ -250,8 +262,8 @@ echo "polyak gpu_check: card '$card', date $date, commit $commit ($mode, deadlin
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 nvcc --version 2>/dev/null | tail -2
 
-step configure 20 90 configure || halted="configure failed"
-step build 60 1200 build_targets || halted=${halted:-build failed}
+step configure 20 90 configure || halted="configure did not finish"
+step build 60 1200 build_targets || halted=${halted:-"build did not finish"}
 step gpu-tests 30 200 gpu_tests
 step racecheck 20 90 racecheck
 step memcheck 30 150 memcheck
@@ -284,6 +296,9 @@ if [ $failed = 0 ] && [ -n "$no_gpu" ]; then
 elif [ $failed = 0 ] && [ $dry_run = 1 ] && [ "$card" = no-gpu ]; then
   echo "dry run: the GPU tests did not run to say whether a GPU was used"
   status=1
+elif [ $failed = 0 ] && [ $incomplete = 1 ]; then
+  echo "the deadline cut steps short: rerun them with --only and a longer --deadline"
+  status=4
 fi
 exec 1>&- 2>&-
 wait "$tee_pid" # the log holds the summary before this script ends

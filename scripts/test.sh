@@ -42,7 +42,7 @@ mkdir -p "$polyak_root/build-tsan"
 polyak_build "$polyak_root/build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF
 # a race report fails the test (TSan exits 66 after reporting)
-(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels)\.' --output-on-failure --parallel "$jobs")
+(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels)\.' --no-tests=error --output-on-failure --parallel "$jobs")
 
 echo "== fuzz: the checkpoint loader, 60 s"
 "$polyak_root/fuzz/run.sh" 60

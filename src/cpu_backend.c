@@ -337,9 +337,11 @@ static polyak_status cpu_check_params(polyak_t *p)
 #endif
 }
 
-static polyak_status cpu_finalize(polyak_t *p, void *stream)
+static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior)
 {
   (void)stream;
+  if (prior != POLYAK_OK) /* no communicator on the CPU */
+    return prior;
   if (p->cfg.skip_nonfinite && !p->cfg.zero_init) {
     polyak_status status = polyak_cpu_find_nonfinite_param(p, 0, "polyak_finalize");
     if (status != POLYAK_OK)

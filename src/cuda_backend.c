@@ -339,15 +339,15 @@ static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
 }
 #endif
 
-static polyak_status cuda_finalize(polyak_t *p, void *stream)
+static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prior)
 {
   int previous;
   cudaError_t err = polyak_cuda_enter(p, &previous);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
-  polyak_status status = POLYAK_OK;
-  cuda_state *state = calloc(1, sizeof *state);
-  if (!state)
+    return prior != POLYAK_OK ? prior : polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+  polyak_status status = prior;
+  cuda_state *state = NULL;
+  if (status == POLYAK_OK && !(state = calloc(1, sizeof *state)))
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   if (status == POLYAK_OK) {
     p->backend = state;

@@ -97,8 +97,10 @@ struct polyak_backend_ops {
   /* refuses a param (copy-only ones included) or caller's shadow in memory
    * the backend cannot use; first at finalize, before anything reads them */
   polyak_status (*check_params)(polyak_t *p);
-  /* allocate the shadows and initialize them from the params */
-  polyak_status (*finalize)(polyak_t *p, void *stream);
+  /* allocate the shadows and initialize them from the params; given a
+   * failure of the steps before it (`prior`), only take part in the ranks'
+   * agreement where there is one, and return it */
+  polyak_status (*finalize)(polyak_t *p, void *stream, polyak_status prior);
   polyak_status (*update)(polyak_t *p, const polyak_update_args *args, void *stream);
   /* the base of shadow `shadow`'s arena (backend memory) */
   void *(*arena)(polyak_t *p, int shadow);

@@ -81,18 +81,19 @@ polyak_status polyak_finalize(polyak_t *p, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: the handle is already finalized");
-  polyak_status status = p->ops->check_params(p);
-  if (status == POLYAK_OK)
-    status = polyak_plan_build(p);
+  polyak_status status = polyak_plan_build(p);
   if (status != POLYAK_OK)
     return status;
-  /* the copy-only tensors' mirrors first: the backend's finalize waits for
-   * its stream, so they are in place when it returns */
-  status = polyak_copies_allocate(p);
+  /* the params checked, then the copy-only tensors' mirrors filled (the
+   * backend's finalize waits for its stream, so they are in place when it
+   * returns); the backend's finalize is called whatever happened here, so
+   * that with a communicator every rank learns of a rank's failure */
+  status = p->ops->check_params(p);
+  if (status == POLYAK_OK)
+    status = polyak_copies_allocate(p);
   if (status == POLYAK_OK)
     status = polyak_copies_refresh(p, stream);
-  if (status == POLYAK_OK)
-    status = p->ops->finalize(p, stream);
+  status = p->ops->finalize(p, stream, status);
   if (status != POLYAK_OK) {
     polyak_copies_release(p);
     polyak_plan_free(p);
