@@ -289,10 +289,12 @@ static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 
 /* ---- finalize and release -------------------------------------------------------------- */
 
-#ifdef POLYAK_HAVE_CUDA
 /* Device memory handed to the CPU backend would crash the first read. */
-static polyak_status refuse_device_params(polyak_t *p)
+static polyak_status cpu_check_params(polyak_t *p)
 {
+#ifndef POLYAK_HAVE_CUDA
+  (void)p; /* no device memory to be handed */
+#else
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     const void *on_device = t->num_elems == 0                          ? NULL
@@ -305,9 +307,9 @@ static polyak_status refuse_device_params(polyak_t *p)
                          "the CPU backend needs host memory (or use POLYAK_BACKEND_CUDA)",
                          i, t->name, on_device == t->param ? "param" : "shadow", on_device);
   }
+#endif
   return POLYAK_OK;
 }
-#endif
 
 static void cpu_release(polyak_t *p)
 {
@@ -325,16 +327,6 @@ static void cpu_release(polyak_t *p)
   free(state->item_chunks);
   free(state);
   p->backend = NULL;
-}
-
-static polyak_status cpu_check_params(polyak_t *p)
-{
-#ifdef POLYAK_HAVE_CUDA
-  return refuse_device_params(p);
-#else
-  (void)p;
-  return POLYAK_OK;
-#endif
 }
 
 static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior)
