@@ -1,6 +1,6 @@
 /*
  * launch.h: the CUDA kernels' arguments and their launchers, called from
- * src/cuda_backend.c. C, so the host side stays C; the kernels are in
+ * src/cuda/cuda_backend.c. C, so the host side stays C; the kernels are in
  * update.cu (the fused update) and shadow_io.cu (initialization, read-out).
  * Each launcher enqueues on `stream` and returns that launch's status.
  */

@@ -5,10 +5,10 @@
 #include "polyak_internal.h"
 
 #ifdef POLYAK_HAVE_CUDA
-#include "cuda_check.h"
+#include "cuda/cuda_check.h"
 #endif
 #ifdef POLYAK_HAVE_NCCL
-#include "nccl_comm.h"
+#include "cuda/nccl_comm.h"
 #endif
 
 void polyak_config_init(polyak_config *cfg)

@@ -1,4 +1,4 @@
-// test_cpu_kernels.cpp: the CPU update's chunk code (src/cpu_update.c) with
+// test_cpu_kernels.cpp: the CPU update's chunk code (src/cpu/cpu_update.c) with
 // each kernel table, portable C and AVX2 where the CPU has it, against the
 // GPU kernel's own per-chunk code (kernels/update_chunk.h) run on the CPU:
 // the same bits on every dtype pair and rounding, on values chosen to hit
@@ -10,7 +10,7 @@
 
 #include <cstdlib>
 
-#include "cpu_backend.h"
+#include "cpu/cpu_backend.h"
 #include "layerwise.h"
 #include "update_chunk.h"
 

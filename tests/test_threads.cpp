@@ -13,7 +13,7 @@
 
 #include <mutex>
 
-#include "cpu_pool.h"
+#include "cpu/cpu_pool.h"
 
 using namespace polyak_test;
 

@@ -13,7 +13,7 @@
 #include "layerwise.h"
 
 #ifdef POLYAK_HAVE_CUDA
-#include "cuda_check.h"
+#include "cuda/cuda_check.h"
 #endif
 
 /* ---- parallel walks ---------------------------------------------------------- */
