@@ -89,8 +89,7 @@ static polyak_status read_average(polyak_t *p, const weights_home *home, int k, 
 /* The blend sum_k weights[k] * shadow_k into host memory. */
 static polyak_status read_blend(polyak_t *p, const weights_home *home, const double *weights, float *host)
 {
-  return fetch(home, polyak_get_blend(p, weights, 0, 0, readout_buffer(home, host), POLYAK_F32, NULL),
-               host);
+  return fetch(home, polyak_get_blend(p, weights, 0, 0, readout_buffer(home, host), POLYAK_F32, NULL), host);
 }
 
 /* theta into polyak's copy (CUDA), and back after polyak wrote it (Lookahead). */
@@ -332,8 +331,7 @@ static void edm2_free(edm2_run *e, const weights_home *home)
 /* Lookahead in a run of its own (it writes the weights back): the time
  * averages of |w - w*|^2 over the steps after burn_in, of the fast weights
  * (what SGD steps from) and of the slow ones. */
-static int lookahead_run(long steps, long burn_in, const double *theta_star, double *fast_sq,
-                         double *slow_sq)
+static int lookahead_run(long steps, long burn_in, const double *theta_star, double *fast_sq, double *slow_sq)
 {
   float theta[DIM] = {0}, slow[DIM];
   weights_home home;
@@ -341,8 +339,8 @@ static int lookahead_run(long steps, long burn_in, const double *theta_star, dou
     return 1;
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.lookahead_every = 5;       /* k */
-  cfg.schedules[0].beta = 0.5;   /* alpha = 1 - beta */
+  cfg.lookahead_every = 5;     /* k */
+  cfg.schedules[0].beta = 0.5; /* alpha = 1 - beta */
   polyak_t *p = averages_of(&home, &cfg);
   if (!p)
     return 1;
@@ -392,8 +390,7 @@ int main(int argc, char **argv)
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.num_shadows = NUM_SHADOWS;
-  const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)",
-                                     "equal (tail)"};
+  const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)", "equal (tail)"};
   cfg.schedules[0].beta = 0.9;
   cfg.schedules[1].beta = 0.99;
   cfg.schedules[2].beta = 0.999;
@@ -486,13 +483,13 @@ int main(int argc, char **argv)
          "(%s backend, %.1f s)\n",
          polyak_version_string(), DIM, BATCH, kLearningRate, steps,
          home.backend == POLYAK_BACKEND_CUDA ? "CUDA" : "CPU", seconds);
-  printf("statistics over steps %ld..%ld; SGD noise lag-1 correlation rho = %.3f (1 - lr = %.3f)\n\n",
-         burn_in + 1, steps, rho, 1.0 - kLearningRate);
-  printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "weights", "beta", "|w - w*| end",
-         "variance / raw variance:", "iid", "AR(1)");
+  printf("statistics over steps %ld..%ld; SGD noise lag-1 correlation rho = %.3f (1 - lr = %.3f)\n\n", burn_in + 1,
+         steps, rho, 1.0 - kLearningRate);
+  printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "weights", "beta", "|w - w*| end", "variance / raw variance:", "iid",
+         "AR(1)");
   printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "", "", "", "measured", "theory", "theory");
-  printf("%-15s %9s %13.5f   %-27.5f %-10s %-10s\n", "raw SGD", "-",
-         sqrt(squared_distance(theta, theta_star)), 1.0, "1", "1");
+  printf("%-15s %9s %13.5f   %-27.5f %-10s %-10s\n", "raw SGD", "-", sqrt(squared_distance(theta, theta_star)), 1.0,
+         "1", "1");
   for (int k = 0; k < NUM_SHADOWS; k++) {
     double beta = polyak_beta_at(&cfg.schedules[k], steps);
     double measured_ratio, iid, ar1;
@@ -525,9 +522,8 @@ int main(int argc, char **argv)
          sqrt(squared_distance(blend, theta_star)), blend_sq / measured / raw_var);
   char swa_label[64];
   snprintf(swa_label, sizeof swa_label, "SWA, %ld snapshots %ld steps apart", swa_snapshots, swa_every);
-  printf("%-38s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
-         sqrt(squared_distance(swa_mean, theta_star)), squared_distance(swa_mean, theta_star) / raw_var,
-         1.0 / (double)swa_snapshots);
+  printf("%-38s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label, sqrt(squared_distance(swa_mean, theta_star)),
+         squared_distance(swa_mean, theta_star) / raw_var, 1.0 / (double)swa_snapshots);
   double mean_norm = norm_sum / measured;
   printf("%-38s %13.5f   %.5f (time average); mean |g| %.2f: beta %.4f\n", "grad-norm beta, c = 0.01",
          sqrt(squared_distance(gn_mean, theta_star)), gn_sq / measured / raw_var, mean_norm,
@@ -546,10 +542,8 @@ int main(int argc, char **argv)
          sqrt(gap_sq));
   printf("%-38s %13.5f   %.5f (one draw)\n", "EDM2 sigma_rel 0.07 tracked", sqrt(squared_distance(tracked, theta_star)),
          squared_distance(tracked, theta_star) / raw_var);
-  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
-         la_fast_sq / raw_var);
-  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
-         la_slow_sq / raw_var);
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "", la_fast_sq / raw_var);
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "", la_slow_sq / raw_var);
 
   edm2_free(&edm2, &home);
   polyak_destroy(gn);

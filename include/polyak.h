@@ -77,22 +77,22 @@ extern "C" {
 #define POLYAK_VERSION_MINOR 1
 #define POLYAK_VERSION_PATCH 0
 
-#define POLYAK_MAX_SHADOWS 8 /* shadows per handle */
-#define POLYAK_MAX_NDIM 8    /* dimensions per tensor */
+#define POLYAK_MAX_SHADOWS     8   /* shadows per handle */
+#define POLYAK_MAX_NDIM        8   /* dimensions per tensor */
 #define POLYAK_MAX_CPU_THREADS 256 /* polyak_config.cpu_threads */
 
 /* Status codes; the values are pinned. One list feeds the enum and
  * polyak_status_name(), so the two never drift. */
-#define POLYAK_STATUS_LIST(X) \
-  X(POLYAK_OK, 0)             \
+#define POLYAK_STATUS_LIST(X)  \
+  X(POLYAK_OK, 0)              \
   X(POLYAK_ERR_INVALID_ARG, 1) \
-  X(POLYAK_ERR_STATE, 2)      \
-  X(POLYAK_ERR_NO_MEMORY, 3)  \
+  X(POLYAK_ERR_STATE, 2)       \
+  X(POLYAK_ERR_NO_MEMORY, 3)   \
   X(POLYAK_ERR_UNSUPPORTED, 4) \
-  X(POLYAK_ERR_CUDA, 5)       \
-  X(POLYAK_ERR_NCCL, 6)       \
-  X(POLYAK_ERR_IO, 7)         \
-  X(POLYAK_ERR_FORMAT, 8)     \
+  X(POLYAK_ERR_CUDA, 5)        \
+  X(POLYAK_ERR_NCCL, 6)        \
+  X(POLYAK_ERR_IO, 7)          \
+  X(POLYAK_ERR_FORMAT, 8)      \
   X(POLYAK_ERR_MISMATCH, 9)
 
 #define POLYAK_STATUS_ENUM_ITEM(name, value) name = value,
@@ -142,36 +142,36 @@ typedef enum {
  * start_step >= 0. */
 typedef struct {
   polyak_schedule_kind kind;
-  double beta;         /* the decay (the ceiling for TF, WARMUP, LINEAR, COSINE) */
-  double beta_min;     /* the floor (WARMUP) or starting decay (LINEAR, COSINE) */
-  double inv_gamma;    /* WARMUP: steps scale of the warm-up */
-  double power;        /* WARMUP: exponent of the warm-up */
-  double gamma;        /* POWER: EDM2 exponent; see polyak_gamma_from_sigma_rel() */
-  int64_t ramp_steps;  /* LINEAR, COSINE: steps to go from beta_min to beta */
-  int64_t start_step;  /* beta = 0 (the shadow copies the params) up to this step */
+  double beta;        /* the decay (the ceiling for TF, WARMUP, LINEAR, COSINE) */
+  double beta_min;    /* the floor (WARMUP) or starting decay (LINEAR, COSINE) */
+  double inv_gamma;   /* WARMUP: steps scale of the warm-up */
+  double power;       /* WARMUP: exponent of the warm-up */
+  double gamma;       /* POWER: EDM2 exponent; see polyak_gamma_from_sigma_rel() */
+  int64_t ramp_steps; /* LINEAR, COSINE: steps to go from beta_min to beta */
+  int64_t start_step; /* beta = 0 (the shadow copies the params) up to this step */
 } polyak_schedule;
 
 typedef struct {
-  size_t struct_size;             /* set by polyak_config_init; checked by create */
+  size_t struct_size; /* set by polyak_config_init; checked by create */
   polyak_backend backend;
-  int device;                     /* CUDA device ordinal */
-  int num_shadows;                /* 1..POLYAK_MAX_SHADOWS */
+  int device;      /* CUDA device ordinal */
+  int num_shadows; /* 1..POLYAK_MAX_SHADOWS */
   polyak_schedule schedules[POLYAK_MAX_SHADOWS];
-  polyak_dtype shadow_dtype;      /* POLYAK_F32 (default) or POLYAK_BF16 (stochastic rounding) */
-  int zero_init;                  /* 0 (default): shadows start as params */
-  int skip_nonfinite;             /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
-  uint64_t seed;                  /* stochastic rounding */
+  polyak_dtype shadow_dtype; /* POLYAK_F32 (default) or POLYAK_BF16 (stochastic rounding) */
+  int zero_init;             /* 0 (default): shadows start as params */
+  int skip_nonfinite;        /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
+  uint64_t seed;             /* stochastic rounding */
   /* sharding (version 2 of this struct; a version-1 struct_size means 1 rank) */
-  int world_size;                 /* 1 (default): whole shadows; W: this handle holds 1/W */
-  int rank;                       /* 0..world_size-1: which slice this handle holds */
-  void *nccl_comm;                /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
+  int world_size;  /* 1 (default): whole shadows; W: this handle holds 1/W */
+  int rank;        /* 0..world_size-1: which slice this handle holds */
+  void *nccl_comm; /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
   /* version 3 */
   int count_updates[POLYAK_MAX_SHADOWS]; /* 1: shadow k's schedule counts updates, not steps
                                             (no gap compensation); 0 (default): steps */
   /* version 4 */
-  int64_t lookahead_every;        /* k > 0: the last shadow is Lookahead's slow weights (below);
+  int64_t lookahead_every;                    /* k > 0: the last shadow is Lookahead's slow weights (below);
                                      0 (default): none */
-  double grad_norm_c[POLYAK_MAX_SHADOWS]; /* c in (0, 1]: shadow k's beta follows the gradient
+  double grad_norm_c[POLYAK_MAX_SHADOWS];     /* c in (0, 1]: shadow k's beta follows the gradient
                                              norm (below); 0 (default): its schedule */
   double layerwise_beta0[POLYAK_MAX_SHADOWS]; /* beta0 in (0, 1]: shadow k's beta is per tensor
                                                  from the gradients (LAWA, below); 0: off */
@@ -179,7 +179,7 @@ typedef struct {
   int rounding[POLYAK_MAX_SHADOWS]; /* how f32 shadow k rounds each update: POLYAK_ROUND_NEAREST
                                        (default) or POLYAK_ROUND_STOCHASTIC (below) */
   /* version 6 */
-  int cpu_threads;                /* CPU backend: threads per update, the caller's included (below);
+  int cpu_threads; /* CPU backend: threads per update, the caller's included (below);
                                      1 (default): the caller alone; 0: one per core it may use */
 } polyak_config;
 
@@ -257,8 +257,7 @@ POLYAK_API void polyak_config_init(polyak_config *cfg);
  * Returns POLYAK_ERR_INVALID_ARG for a bad field, POLYAK_ERR_UNSUPPORTED
  * for a backend this build or machine lacks, POLYAK_ERR_CUDA if the CUDA
  * runtime fails while checking the device. */
-POLYAK_API polyak_status polyak_check_config(const polyak_config *cfg, char *msg,
-                                             size_t msg_num_bytes);
+POLYAK_API polyak_status polyak_check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes);
 
 /* ---- Registering and finalizing ----------------------------------------- */
 
@@ -278,13 +277,13 @@ POLYAK_API polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
  * POLYAK_ERR_INVALID_ARG for a bad argument, a duplicate name, or param
  * memory overlapping an earlier tensor's; POLYAK_ERR_STATE after
  * finalize; POLYAK_ERR_NO_MEMORY. */
-POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param,
-                                    polyak_dtype dtype, int ndim, const int64_t *shape);
+POLYAK_API polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
+                                    const int64_t *shape);
 
 /* One named, shaped view of an arena (polyak_add_arena). */
 typedef struct {
-  const char *name;               /* as polyak_add's */
-  int ndim;                       /* 0..POLYAK_MAX_NDIM */
+  const char *name; /* as polyak_add's */
+  int ndim;         /* 0..POLYAK_MAX_NDIM */
   int64_t shape[POLYAK_MAX_NDIM];
 } polyak_view;
 
@@ -359,10 +358,10 @@ POLYAK_API polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors)
 
 /* What a handle knows of one registered tensor (polyak_tensor_info). */
 #define POLYAK_TENSOR_CALLERS_SHADOW 1 /* flags: shadow 0 is the caller's memory */
-#define POLYAK_TENSOR_COPY 2           /* flags: copy-only (polyak_add_copy) */
+#define POLYAK_TENSOR_COPY           2 /* flags: copy-only (polyak_add_copy) */
 typedef struct {
-  const char *name;               /* as registered; valid until polyak_destroy */
-  polyak_dtype dtype;             /* the param's */
+  const char *name;   /* as registered; valid until polyak_destroy */
+  polyak_dtype dtype; /* the param's */
   int ndim;
   int64_t shape[POLYAK_MAX_NDIM]; /* [0, ndim) set, the rest 0 */
   int64_t num_elems;              /* the product of the shape (1 for ndim 0) */
@@ -390,8 +389,8 @@ POLYAK_API polyak_status polyak_find_tensor(polyak_t *p, const char *name, int *
  * Returns POLYAK_ERR_INVALID_ARG for an index out of range, a NULL dst or a
  * bad dtype; POLYAK_ERR_STATE before finalize, or with zero_init while the
  * average is undefined (no update yet, or every applied beta was 1). */
-POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                           polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                           void *stream);
 
 /* polyak_get_shadow that knows dst's size: POLYAK_ERR_INVALID_ARG, and
  * nothing written, when dst_num_bytes cannot hold the tensor's elements
@@ -399,8 +398,8 @@ POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, 
  * polyak_get_blend_n) are the ones to use; the others trust dst. Note the
  * order: the shadow (which average), then the tensor (which parameter,
  * see polyak_find_tensor); errors name both. */
-POLYAK_API polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
-                                             polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
+POLYAK_API polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                             size_t dst_num_bytes, void *stream);
 
 /* ---- Checkpoints -----------------------------------------------------------
  * A checkpoint is a safetensors file: shadow 0 of each tensor under the
@@ -475,8 +474,7 @@ POLYAK_API polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes);
  * nothing written, for a NULL dst or one too short (polyak_save_size's
  * answer always suffices). Sharded: a collective like polyak_save; rank 0
  * writes, the other ranks' dst is not used (NULL will do) and they get 0. */
-POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t dst_num_bytes,
-                                               size_t *num_bytes_written);
+POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t dst_num_bytes, size_t *num_bytes_written);
 
 /* polyak_load from src (host memory): exactly one checkpoint of
  * src_num_bytes, as polyak_save_to_memory wrote it. The same checks, the
@@ -503,8 +501,7 @@ POLYAK_API double polyak_beta_at(const polyak_schedule *s, int64_t step);
  * Closed forms where they exist; WARMUP, LINEAR and COSINE multiply the
  * steps before their ceiling one by one. Returns NaN for a bad schedule or
  * for step < last_step or last_step < 0. */
-POLYAK_API double polyak_beta_product(const polyak_schedule *s, int64_t last_step,
-                                      int64_t step);
+POLYAK_API double polyak_beta_product(const polyak_schedule *s, int64_t last_step, int64_t step);
 
 /* Half-life in steps of an EMA with decay beta: ln 2 / ln(1/beta), and back:
  * beta = 2^(-1/half_life). NaN outside (0, 1) and (0, inf). */
@@ -582,16 +579,14 @@ POLYAK_API polyak_status polyak_discard_store(polyak_t *p);
 
 /* The blend into every param, in their dtypes: one launch on CUDA, ordered
  * on `stream`. polyak_store first to come back with polyak_restore. */
-POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags,
-                                                void *stream);
+POLYAK_API polyak_status polyak_blend_to_params(polyak_t *p, const double *weights, int flags, void *stream);
 
 /* The blend of tensor `tensor` into dst (num_elems of dst_dtype, on the
  * backend's side), ordered on `stream`. */
-POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor,
-                                          void *dst, polyak_dtype dst_dtype, void *stream);
-POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor,
-                                            void *dst, polyak_dtype dst_dtype, size_t dst_num_bytes,
-                                            void *stream);
+POLYAK_API polyak_status polyak_get_blend(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                                          polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, int flags, int tensor, void *dst,
+                                            polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 
 /* ======================================================================
  * 3. Averaging modes beyond one EMA
@@ -600,7 +595,7 @@ POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, 
 /* ---- Stochastic rounding of f32 shadows ---------------------------------- */
 
 /* Rounding of f32 shadows (polyak_config.rounding). */
-#define POLYAK_ROUND_NEAREST 0    /* fmaf(w, param - shadow, shadow): nearest even */
+#define POLYAK_ROUND_NEAREST    0 /* fmaf(w, param - shadow, shadow): nearest even */
 #define POLYAK_ROUND_STOCHASTIC 1 /* the same value computed in double, rounded up or down at random */
 
 /* Stochastic rounding: rounded to nearest, an f32 shadow stops moving
@@ -649,9 +644,9 @@ POLYAK_API polyak_status polyak_get_blend_n(polyak_t *p, const double *weights, 
  * checkpoint saved with them loads only into a handle where the same
  * tensors have shadows of the caller's. */
 #define POLYAK_SHADOW_ROUND_NEAREST 1
-POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param,
-                                                polyak_dtype dtype, int ndim, const int64_t *shape,
-                                                void *shadow, polyak_dtype shadow_dtype, int flags);
+POLYAK_API polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param, polyak_dtype dtype,
+                                                int ndim, const int64_t *shape, void *shadow, polyak_dtype shadow_dtype,
+                                                int flags);
 
 /* Hard update: shadow `shadow` of every tensor <- its param (rounded to
  * nearest even into a 16-bit shadow), e.g. a DQN target network every N
@@ -765,8 +760,8 @@ POLYAK_API polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double 
  * the peak of sigma_rel(gamma))
  * or two snapshots with the same profile (a singular system). */
 POLYAK_API polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snapshot_steps,
-                                                     const double *snapshot_sigma_rels, int64_t step,
-                                                     double sigma_rel, double *coefficients);
+                                                     const double *snapshot_sigma_rels, int64_t step, double sigma_rel,
+                                                     double *coefficients);
 
 /* Floats in one snapshot of this handle: its shadow arena, padding
  * included. Snapshots need a finalized handle of one rank with no shadows
@@ -823,8 +818,7 @@ POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *s
  * usual). Computes their weights on the host and uploads them, then waits
  * for `stream`. POLYAK_ERR_STATE if steps are reserved already or before
  * finalize; POLYAK_ERR_INVALID_ARG for bad steps; POLYAK_ERR_NO_MEMORY. */
-POLYAK_API polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,
-                                              void *stream);
+POLYAK_API polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps, void *stream);
 
 /* Enqueues one update whose step is the next reserved one, read on the
  * device: capture it into a CUDA graph (one kernel node) and replay. Past
@@ -871,13 +865,12 @@ POLYAK_API polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_do
 /* The elements of tensor `tensor` whose shadows this handle keeps:
  * [*first_elem, *first_elem + *num_elems) of the tensor (all of it without
  * sharding; *num_elems may be 0). POLYAK_ERR_STATE before finalize. */
-POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem,
-                                            int64_t *num_elems);
+POLYAK_API polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, int64_t *num_elems);
 
 /* Like polyak_get_shadow for this rank's part of the tensor only (the
  * range above): no communication, dst gets *num_elems elements. */
-POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                                 polyak_dtype dst_dtype, void *stream);
+POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                                 void *stream);
 POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, void *dst,
                                                    polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 

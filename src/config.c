@@ -47,9 +47,8 @@ void polyak_config_init(polyak_config *cfg)
 int polyak_config_normalize(const polyak_config *in, polyak_config *out)
 {
   if (!in || (in->struct_size != sizeof(polyak_config) && in->struct_size != POLYAK_CONFIG_SIZE_V5 &&
-              in->struct_size != POLYAK_CONFIG_SIZE_V4 &&
-              in->struct_size != POLYAK_CONFIG_SIZE_V3 && in->struct_size != POLYAK_CONFIG_SIZE_V2 &&
-              in->struct_size != POLYAK_CONFIG_SIZE_V1))
+              in->struct_size != POLYAK_CONFIG_SIZE_V4 && in->struct_size != POLYAK_CONFIG_SIZE_V3 &&
+              in->struct_size != POLYAK_CONFIG_SIZE_V2 && in->struct_size != POLYAK_CONFIG_SIZE_V1))
     return -1;
   polyak_config_init(out);
   memcpy(out, in, in->struct_size); /* fields of later versions keep their defaults */
@@ -86,19 +85,18 @@ static polyak_status check_backend(const polyak_config *cfg, char *msg, size_t m
                           "with POLYAK_WITH_CUDA=OFF or without a CUDA compiler)");
 #endif
   }
-  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                        "backend = %d is not a polyak_backend", (int)cfg->backend);
+  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "backend = %d is not a polyak_backend",
+                        (int)cfg->backend);
 }
 
 static polyak_status check_sharding(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
 {
   if (cfg->world_size < 1)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "world_size = %d; it counts ranks, at least 1", cfg->world_size);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "world_size = %d; it counts ranks, at least 1",
+                          cfg->world_size);
   if (cfg->rank < 0 || cfg->rank >= cfg->world_size)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "rank = %d is outside 0..%d (world_size %d)", cfg->rank,
-                          cfg->world_size - 1, cfg->world_size);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "rank = %d is outside 0..%d (world_size %d)",
+                          cfg->rank, cfg->world_size - 1, cfg->world_size);
   if (!cfg->nccl_comm)
     return POLYAK_OK;
   if (cfg->backend != POLYAK_BACKEND_CUDA)
@@ -155,16 +153,16 @@ static polyak_status check_adaptive(const polyak_config *cfg, const char *field,
                             value[k]);
     if (value[k] == 0.0)
       continue;
-    const char *conflict = cfg->schedules[k].start_step != 0                      ? "a start_step"
-                           : cfg->count_updates[k]                                ? "count_updates"
+    const char *conflict = cfg->schedules[k].start_step != 0                       ? "a start_step"
+                           : cfg->count_updates[k]                                 ? "count_updates"
                            : cfg->lookahead_every > 0 && k == cfg->num_shadows - 1 ? "Lookahead"
-                           : layerwise && cfg->grad_norm_c[k] != 0.0              ? "grad_norm_c"
-                           : layerwise && cfg->zero_init                          ? "zero_init"
-                                                                                  : NULL;
+                           : layerwise && cfg->grad_norm_c[k] != 0.0               ? "grad_norm_c"
+                           : layerwise && cfg->zero_init                           ? "zero_init"
+                                                                                   : NULL;
     if (conflict)
       return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                            "shadow %d takes its beta from gradients (%s[%d] = %g) and cannot also have %s", k,
-                            field, k, value[k], conflict);
+                            "shadow %d takes its beta from gradients (%s[%d] = %g) and cannot also have %s", k, field,
+                            k, value[k], conflict);
     if (layerwise && cfg->world_size > 1)
       return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
                             "layer-wise shadows need every gradient on one rank (world_size %d)", cfg->world_size);
@@ -184,21 +182,19 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
                           "cfg->struct_size = %zu, this library's polyak_config has %zu bytes "
                           "(earlier versions %zu, %zu, %zu, %zu, %zu): call polyak_config_init() first",
                           given->struct_size, sizeof(polyak_config), (size_t)POLYAK_CONFIG_SIZE_V5,
-                          (size_t)POLYAK_CONFIG_SIZE_V4,
-                          (size_t)POLYAK_CONFIG_SIZE_V3, (size_t)POLYAK_CONFIG_SIZE_V2,
+                          (size_t)POLYAK_CONFIG_SIZE_V4, (size_t)POLYAK_CONFIG_SIZE_V3, (size_t)POLYAK_CONFIG_SIZE_V2,
                           (size_t)POLYAK_CONFIG_SIZE_V1);
   const polyak_config *cfg = &normalized;
   if (cfg->num_shadows < 1 || cfg->num_shadows > POLYAK_MAX_SHADOWS)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "num_shadows = %d is outside 1..%d", cfg->num_shadows,
-                          POLYAK_MAX_SHADOWS);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "num_shadows = %d is outside 1..%d",
+                          cfg->num_shadows, POLYAK_MAX_SHADOWS);
   for (int k = 0; k < cfg->num_shadows; k++) {
     polyak_status status = polyak_schedule_check(&cfg->schedules[k], reason, sizeof reason);
     if (status != POLYAK_OK)
       return polyak_message(msg, msg_num_bytes, status, "schedules[%d]: %s", k, reason);
     if (cfg->count_updates[k] != 0 && cfg->count_updates[k] != 1)
-      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                            "count_updates[%d] = %d is not 0 or 1", k, cfg->count_updates[k]);
+      return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "count_updates[%d] = %d is not 0 or 1", k,
+                            cfg->count_updates[k]);
     if (cfg->rounding[k] != POLYAK_ROUND_NEAREST && cfg->rounding[k] != POLYAK_ROUND_STOCHASTIC)
       return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                             "rounding[%d] = %d is not POLYAK_ROUND_NEAREST (0) or POLYAK_ROUND_STOCHASTIC (1)", k,
@@ -206,14 +202,12 @@ polyak_status polyak_check_config(const polyak_config *given, char *msg, size_t 
   }
   if (cfg->shadow_dtype != POLYAK_F32 && cfg->shadow_dtype != POLYAK_BF16)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "shadow_dtype = %d: shadows are POLYAK_F32 or POLYAK_BF16",
-                          (int)cfg->shadow_dtype);
+                          "shadow_dtype = %d: shadows are POLYAK_F32 or POLYAK_BF16", (int)cfg->shadow_dtype);
   if (cfg->zero_init != 0 && cfg->zero_init != 1)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "zero_init = %d is not 0 or 1", cfg->zero_init);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "zero_init = %d is not 0 or 1", cfg->zero_init);
   if (cfg->skip_nonfinite != 0 && cfg->skip_nonfinite != 1)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "skip_nonfinite = %d is not 0 or 1", cfg->skip_nonfinite);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "skip_nonfinite = %d is not 0 or 1",
+                          cfg->skip_nonfinite);
   if (cfg->cpu_threads < 0 || cfg->cpu_threads > POLYAK_MAX_CPU_THREADS)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "cpu_threads = %d is outside 0..%d (0: one per core)", cfg->cpu_threads,

@@ -36,8 +36,7 @@ static int64_t shard_begin(const polyak_t *p, int rank)
 
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems)
 {
-  int64_t align_elems =
-      POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int64_t align_elems = POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   int64_t begin = shard_begin(p, rank), end = shard_begin(p, rank + 1), arena = 0;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
@@ -107,8 +106,7 @@ polyak_status polyak_plan_build(polyak_t *p)
     free(descs);
     free(chunks);
     free(tensor_chunks);
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
-                       "polyak_finalize: out of host memory for a plan of %lld chunks",
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for a plan of %lld chunks",
                        (long long)num_chunks);
   }
   int64_t chunk = 0;

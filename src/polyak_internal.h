@@ -49,8 +49,8 @@ struct polyak {
   int num_tensors;
   int tensors_capacity;
   int64_t total_elems; /* the flattened parameter space: all averaged tensors together */
-  void *name_tree;  /* tsearch tree of tensor names, for duplicates */
-  void *range_tree; /* tsearch tree of param byte ranges, for overlaps */
+  void *name_tree;     /* tsearch tree of tensor names, for duplicates */
+  void *range_tree;    /* tsearch tree of param byte ranges, for overlaps */
 
   /* plan, built at finalize */
   int finalized;
@@ -65,21 +65,21 @@ struct polyak {
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
   /* copy-only tensors: their mirrors, one each, in one backend allocation
    * (whole on every rank), and the pieces the update copies */
-  void *copies;                  /* NULL if none */
-  void *copies_stored;           /* polyak_store's copy of their params, made at the first store */
+  void *copies;        /* NULL if none */
+  void *copies_stored; /* polyak_store's copy of their params, made at the first store */
   int64_t copies_num_bytes;
   polyak_copy_chunk *copy_chunks; /* [num_copy_chunks], host */
   int64_t num_copy_chunks;
-  int stored;                /* polyak_store has kept a copy (until polyak_discard_store) */
-  int store_pending;         /* ... not yet ended by polyak_restore or polyak_discard_store */
+  int stored;        /* polyak_store has kept a copy (until polyak_discard_store) */
+  int store_pending; /* ... not yet ended by polyak_restore or polyak_discard_store */
 
   /* step state */
-  int64_t last_step;                    /* 0 before the first update */
-  double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias (grad-norm
+  int64_t last_step;                           /* 0 before the first update */
+  double beta_prod[POLYAK_MAX_SHADOWS];        /* prod_{s=1..last_step} beta_k(s), for debias (grad-norm
                                            shadows': the backend's, fetched when needed) */
   int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
-  const float *grad_norm;               /* polyak_set_grad_norm's scalar (backend memory) */
-  int layer_source;                     /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
+  const float *grad_norm;                      /* polyak_set_grad_norm's scalar (backend memory) */
+  int layer_source;                            /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -130,8 +130,7 @@ struct polyak_backend_ops {
   polyak_status (*copy_to_host)(polyak_t *p, void *host, const void *src, size_t num_bytes);
   polyak_status (*copy_from_host)(polyak_t *p, void *dst, const void *host, size_t num_bytes);
   polyak_status (*staging_begin)(polyak_t *p); /* fresh arenas (stage_data fills them whole) */
-  polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
-                                 const void *host);
+  polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems, const void *host);
   /* the staged arenas into the live ones, and `copies` (host memory,
    * copies_num_bytes; NULL: none) into the copy-only tensors' mirrors; done
    * when it returns */
@@ -140,8 +139,8 @@ struct polyak_backend_ops {
 
   /* blends (coefficient[k] = weight * debias as float, 0: not read) of
    * tensor `tensor` into dst, or with tensor -1 into every param */
-  polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
-                         polyak_dtype dst_dtype, void *stream);
+  polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
+                         void *stream);
 
   /* every param <- sum_i weight[i] * snapshot i (snapshots stacked, each
    * arena_elems floats, backend memory) */
@@ -192,8 +191,8 @@ polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format,
     __attribute__((format(printf, 3, 4)));
 
 /* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
-polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
-                             const char *format, ...) __attribute__((format(printf, 4, 5)));
+polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status, const char *format, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* The shortest text that reads back as `value`: "%.*g" with the fewest
  * digits (1 to 17) that strtod returns to the same double, '.' as the
@@ -340,9 +339,9 @@ int polyak_needs_gather(const polyak_t *p, int tensor);
  * shadow times debias_scale into dst as dst_dtype (backend memory). Rank
  * r's piece is pieces[r * piece_stride] (p->layouts + tensor with stride
  * num_tensors, or one piece per rank with stride 1). */
-polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
-                              const polyak_piece *pieces, size_t piece_stride, double debias_scale,
-                              void *dst, polyak_dtype dst_dtype, void *stream);
+polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems, const polyak_piece *pieces,
+                              size_t piece_stride, double debias_scale, void *dst, polyak_dtype dst_dtype,
+                              void *stream);
 
 /* The ranks agree that every one is ready (a collective); if one is not,
  * every rank fails with `status_if_not` and a message about `what`. */

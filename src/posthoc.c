@@ -115,8 +115,8 @@ static polyak_status check_posthoc(polyak_t *p, const char *function)
   for (int i = 0; i < p->num_tensors; i++)
     if (p->tensors[i].owned)
       return polyak_fail(p, POLYAK_ERR_UNSUPPORTED,
-                         "%s: tensor %d (\"%s\") has its shadow in the caller's memory, outside snapshots",
-                         function, i, p->tensors[i].name);
+                         "%s: tensor %d (\"%s\") has its shadow in the caller's memory, outside snapshots", function, i,
+                         p->tensors[i].name);
   return POLYAK_OK;
 }
 

@@ -66,8 +66,8 @@ polyak_status polyak_set_grads(polyak_t *p, void *const *grads)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grads: grads[%d] (\"%s\") is NULL", i, t->name);
     if ((uintptr_t)grads[i] % polyak_dtype_num_bytes(t->dtype) != 0)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_set_grads: grads[%d] (\"%s\") %p is not aligned to its %zu-byte elements", i,
-                         t->name, grads[i], polyak_dtype_num_bytes(t->dtype));
+                         "polyak_set_grads: grads[%d] (\"%s\") %p is not aligned to its %zu-byte elements", i, t->name,
+                         grads[i], polyak_dtype_num_bytes(t->dtype));
   }
   status = p->ops->set_layer_source(p, grads, NULL);
   if (status == POLYAK_OK)

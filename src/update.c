@@ -33,8 +33,8 @@ polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what
   if (step < 1)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld; steps count from 1", what, (long long)step);
   if (step <= p->last_step)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld does not follow the last update (step %lld)",
-                       what, (long long)step, (long long)p->last_step);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld does not follow the last update (step %lld)", what,
+                       (long long)step, (long long)p->last_step);
   int64_t sync = polyak_next_sync(&p->cfg, p->last_step);
   if (sync < step)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
@@ -158,8 +158,9 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
   status = polyak_refuse_pending_store(p, "polyak_hard_update");
   if (status == POLYAK_OK)
     status = polyak_refuse_capture(
-      p, stream, "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
-                 "replay");
+        p, stream,
+        "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
+        "replay");
   /* a grad-norm shadow's product lives on the backend: reset there first,
    * put back if the copy fails */
   double products[POLYAK_MAX_SHADOWS], kept = 1.0;

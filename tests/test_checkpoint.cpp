@@ -36,7 +36,10 @@ void write_bytes(const std::string &path, const std::vector<char> &bytes)
 // An open file descriptor, closed at the end of its scope.
 struct Fd {
   int fd;
-  explicit Fd(int f) : fd(f) { EXPECT_GE(f, 0) << strerror(errno); }
+  explicit Fd(int f) : fd(f)
+  {
+    EXPECT_GE(f, 0) << strerror(errno);
+  }
   ~Fd()
   {
     if (fd >= 0)
@@ -44,7 +47,10 @@ struct Fd {
   }
 };
 
-off_t offset_of(int fd) { return lseek(fd, 0, SEEK_CUR); }
+off_t offset_of(int fd)
+{
+  return lseek(fd, 0, SEEK_CUR);
+}
 
 void write_all(int fd, const void *data, size_t num_bytes)
 {
@@ -84,7 +90,10 @@ struct Parsed {
     header = json_loadb(bytes.data() + 8, header_bytes, 0, &error);
     data.assign(bytes.begin() + 8 + (long)header_bytes, bytes.end());
   }
-  ~Parsed() { json_decref(header); }
+  ~Parsed()
+  {
+    json_decref(header);
+  }
   // Re-serializes the (edited) header in front of the same data.
   std::vector<char> bytes() const
   {
@@ -93,7 +102,10 @@ struct Parsed {
     free(text);
     return assemble(h, data);
   }
-  json_t *metadata() const { return json_object_get(header, "__metadata__"); }
+  json_t *metadata() const
+  {
+    return json_object_get(header, "__metadata__");
+  }
 };
 
 // A handle in a known state: three shadows, odd sizes, a scalar, an empty tensor.
@@ -135,7 +147,10 @@ struct Model {
     tensors[0].set(5, NAN); // the count travels too
     ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK);
   }
-  Snapshot state() { return snapshot(h.get(), 3, tensors); }
+  Snapshot state()
+  {
+    return snapshot(h.get(), 3, tensors);
+  }
 };
 
 TEST(Checkpoint, RoundTripRestoresShadowsAndStepExactly)
@@ -211,8 +226,8 @@ TEST(Checkpoint, TheFileIsSafetensorsThatPyTorchNamesMatch)
   {
     EXPECT_TRUE(json_is_string(value)) << key;
   }
-  for (const char *name : {"format", "format_version", "step", "beta_products", "schedules", "shadow_dtype",
-                           "seed", "nonfinite_count", "checksum"})
+  for (const char *name : {"format", "format_version", "step", "beta_products", "schedules", "shadow_dtype", "seed",
+                           "nonfinite_count", "checksum"})
     EXPECT_TRUE(json_object_get(file.metadata(), name)) << name;
   EXPECT_STREQ(json_string_value(json_object_get(file.metadata(), "step")), "1");
 }
@@ -341,7 +356,8 @@ TEST(Checkpoint, AMemoryCheckpointResumesBitIdentically)
   std::vector<char> at5;
   expect_exact_resume([&](polyak_t *p) { at5 = save_to_memory(p); },
                       [&](polyak_t *p) {
-                        ASSERT_EQ(polyak_load_from_memory(p, at5.data(), at5.size()), POLYAK_OK) << polyak_last_error(p);
+                        ASSERT_EQ(polyak_load_from_memory(p, at5.data(), at5.size()), POLYAK_OK)
+                            << polyak_last_error(p);
                       });
 }
 
@@ -613,12 +629,10 @@ const Damage kDamages[] = {
        out[out.size() - 3] ^= 0x10;
        return out;
      }},
-    {"OverlappingOffsets", POLYAK_ERR_FORMAT, "overlap",
-     [](auto &b) { return set_offsets(b, "head.bias", 0, 12); }},
+    {"OverlappingOffsets", POLYAK_ERR_FORMAT, "overlap", [](auto &b) { return set_offsets(b, "head.bias", 0, 12); }},
     {"OffsetsOutOfRange", POLYAK_ERR_FORMAT, "outside",
      [](auto &b) { return set_offsets(b, "head.bias", 1 << 30, (1 << 30) + 12); }},
-    {"OffsetsDisagreeWithShape", POLYAK_ERR_FORMAT, "span",
-     [](auto &b) { return set_offsets(b, "head.bias", 0, 8); }},
+    {"OffsetsDisagreeWithShape", POLYAK_ERR_FORMAT, "span", [](auto &b) { return set_offsets(b, "head.bias", 0, 8); }},
     {"OffsetsNegative", POLYAK_ERR_FORMAT, "outside", [](auto &b) { return set_offsets(b, "head.bias", -12, 0); }},
     {"UnknownDtype", POLYAK_ERR_FORMAT, "does not know",
      [](auto &b) {
@@ -643,8 +657,9 @@ const Damage kDamages[] = {
     {"ExtraTensor", POLYAK_ERR_MISMATCH, "does not register",
      [](auto &b) {
        return edit_header(b, [](Parsed &f) {
-         json_object_set_new(f.header, "extra", json_pack("{s:s,s:[],s:[I,I]}", "dtype", "F32", "shape",
-                                                          "data_offsets", (json_int_t)0, (json_int_t)0));
+         json_object_set_new(
+             f.header, "extra",
+             json_pack("{s:s,s:[],s:[I,I]}", "dtype", "F32", "shape", "data_offsets", (json_int_t)0, (json_int_t)0));
        });
      }},
     {"OtherShadowCount", POLYAK_ERR_MISMATCH, "shadows", [](auto &b) { return set_metadata(b, "num_shadows", "2"); }},
@@ -664,7 +679,10 @@ const Damage kDamages[] = {
      [](auto &b) { return set_schedule_field(b, 2, "rounding", json_string("sideways")); }},
 };
 
-void PrintTo(const Damage &d, std::ostream *os) { *os << d.label; }
+void PrintTo(const Damage &d, std::ostream *os)
+{
+  *os << d.label;
+}
 
 class DamagedFile : public ::testing::TestWithParam<Damage> {};
 
@@ -746,9 +764,9 @@ TEST(Checkpoint, ALoadAtAnotherOffsetSaysWhatItFound)
   write_all(state.fd, bytes.data(), bytes.size());
   ASSERT_EQ(lseek(state.fd, 0, SEEK_SET), 0); // forgot to read the trainer's own state first
   EXPECT_EQ(polyak_load_fd(target.h.get(), state.fd), POLYAK_ERR_FORMAT);
-  EXPECT_TRUE(contains(polyak_last_error(target.h.get()),
-                       "polyak_load_fd: the file after offset 0 of fd " + std::to_string(state.fd) +
-                           " is not safetensors: it begins \"step=12;"))
+  EXPECT_TRUE(contains(polyak_last_error(target.h.get()), "polyak_load_fd: the file after offset 0 of fd " +
+                                                              std::to_string(state.fd) +
+                                                              " is not safetensors: it begins \"step=12;"))
       << polyak_last_error(target.h.get());
   EXPECT_EQ(offset_of(state.fd), 0);
   ASSERT_EQ(lseek(state.fd, 8, SEEK_SET), 8);
@@ -760,10 +778,19 @@ TEST(Checkpoint, ALoadAtAnotherOffsetSaysWhatItFound)
 
 TEST(Checkpoint, DoublesAreWrittenWithTheFewestDigitsThatReadBack)
 {
-  const std::pair<double, const char *> cases[] = {
-      {0.99, "0.99"}, {0.999, "0.999"}, {0.9999, "0.9999"}, {0.1 + 0.2, "0.30000000000000004"}, {1.0, "1.0"},
-      {0.0, "0.0"},   {-0.0, "-0.0"},   {1e-5, "1e-05"},    {2.0 / 3.0, "0.6666666666666666"}, {5e-324, "5e-324"},
-      {1e300, "1e+300"}, {-DBL_MIN, "-2.2250738585072014e-308"}, {DBL_MAX, "1.7976931348623157e+308"}};
+  const std::pair<double, const char *> cases[] = {{0.99, "0.99"},
+                                                   {0.999, "0.999"},
+                                                   {0.9999, "0.9999"},
+                                                   {0.1 + 0.2, "0.30000000000000004"},
+                                                   {1.0, "1.0"},
+                                                   {0.0, "0.0"},
+                                                   {-0.0, "-0.0"},
+                                                   {1e-5, "1e-05"},
+                                                   {2.0 / 3.0, "0.6666666666666666"},
+                                                   {5e-324, "5e-324"},
+                                                   {1e300, "1e+300"},
+                                                   {-DBL_MIN, "-2.2250738585072014e-308"},
+                                                   {DBL_MAX, "1.7976931348623157e+308"}};
   for (const auto &[value, text] : cases)
     EXPECT_STREQ(polyak_format_double(value).text, text) << text;
   std::mt19937_64 rng(12);

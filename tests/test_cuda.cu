@@ -68,7 +68,10 @@ struct Twin {
   {
     o.device_base = nullptr;
   }
-  ~Twin() { cudaFree(device_base); }
+  ~Twin()
+  {
+    cudaFree(device_base);
+  }
   // A pageable cudaMemcpy may return before the data lands, and updates on
   // non-blocking streams do not wait for it: synchronize.
   void upload()
@@ -376,7 +379,10 @@ __global__ void perturb(uint16_t *param, const float *base, int64_t n, const int
     param[i] = polyak_f32_to_bf16_rne(base[i] + 0.01f * (float)*replay);
 }
 
-__global__ void next_replay(int *replay) { *replay += 1; }
+__global__ void next_replay(int *replay)
+{
+  *replay += 1;
+}
 
 TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
 {
@@ -648,10 +654,12 @@ TEST_F(Gpu, BlendsMatchTheCpuBackend)
     std::vector<uint16_t> want(n + 1), got(n + 1);
     void *dst = nullptr;
     CUDA_OK(cudaMalloc(&dst, 2 * n + 2));
-    ASSERT_EQ(polyak_get_blend(both.cpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, (int)i, want.data(), POLYAK_F16, nullptr),
-              POLYAK_OK);
+    ASSERT_EQ(
+        polyak_get_blend(both.cpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, (int)i, want.data(), POLYAK_F16, nullptr),
+        POLYAK_OK);
     ASSERT_EQ(polyak_get_blend(both.gpu.get(), weights, POLYAK_BLEND_ANY_WEIGHTS, (int)i, dst, POLYAK_F16, nullptr),
-              POLYAK_OK) << polyak_last_error(both.gpu.get());
+              POLYAK_OK)
+        << polyak_last_error(both.gpu.get());
     CUDA_OK(cudaMemcpy(got.data(), dst, 2 * n, cudaMemcpyDeviceToHost));
     cudaFree(dst);
     ASSERT_EQ(0, std::memcmp(got.data(), want.data(), 2 * n)) << both.twins[i].host.name;
@@ -797,9 +805,9 @@ TEST_F(Gpu, ShadowsInTheCallersMemoryMatchTheCpuBackend)
   param.upload(); // zeros: finite
   std::vector<float> host_shadow(8);
   int64_t shape[1] = {8};
-  ASSERT_EQ(polyak_add_with_shadow(wrong.get(), "w", param.device, POLYAK_F32, 1, shape, host_shadow.data(),
-                                   POLYAK_F32, 0),
-            POLYAK_OK);
+  ASSERT_EQ(
+      polyak_add_with_shadow(wrong.get(), "w", param.device, POLYAK_F32, 1, shape, host_shadow.data(), POLYAK_F32, 0),
+      POLYAK_OK);
   EXPECT_EQ(polyak_finalize(wrong.get(), nullptr), POLYAK_ERR_INVALID_ARG);
   EXPECT_TRUE(contains(polyak_last_error(wrong.get()), "shadow")) << polyak_last_error(wrong.get());
 }
@@ -1002,7 +1010,8 @@ TEST_F(Gpu, ShardedStoreAndHardUpdateOnANonBlockingStream)
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::vector<std::vector<char>> before;
   for (auto &tw : both.twins)
-    before.emplace_back((char *)tw.host.data(), (char *)tw.host.data() + tw.host.num_elems * dtype_bytes(tw.host.dtype));
+    before.emplace_back((char *)tw.host.data(),
+                        (char *)tw.host.data() + tw.host.num_elems * dtype_bytes(tw.host.dtype));
   ASSERT_EQ(polyak_store(both.gpu.get(), stream), POLYAK_OK) << polyak_last_error(both.gpu.get());
   for (auto &tw : both.twins)
     CUDA_OK(cudaMemsetAsync(tw.device, 0x7f, tw.host.num_elems * dtype_bytes(tw.host.dtype), stream));

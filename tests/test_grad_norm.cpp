@@ -59,7 +59,10 @@ polyak_config grad_norm_config(double c)
   return cfg;
 }
 
-double beta_of(double c, float g) { return 1.0 - c / std::sqrt(1.0 + (double)g * g); }
+double beta_of(double c, float g)
+{
+  return 1.0 - c / std::sqrt(1.0 + (double)g * g);
+}
 
 void expect_near_all(const std::vector<float> &got, const std::vector<double> &want, const char *what)
 {

@@ -21,16 +21,22 @@ constexpr int kBlockThreads = 256;
 
 struct AlignedArena {
   void *data = nullptr;
-  explicit AlignedArena(size_t num_bytes) { data = std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64); }
-  ~AlignedArena() { std::free(data); }
+  explicit AlignedArena(size_t num_bytes)
+  {
+    data = std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64);
+  }
+  ~AlignedArena()
+  {
+    std::free(data);
+  }
 };
 
 // The GPU run emulated: `grid` blocks walking the chunks grid-stride, each
 // thread of each block taking its share, sequentially; `descs` is the
 // plan's tensor table pointing at the emulation's own params. With LAWA
 // betas ([tensor][POLYAK_MAX_SHADOWS]) each chunk resolves its weights.
-int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs,
-                         void *const *shadows, const polyak_update_args &all_chunks, int grid, int threads,
+int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs, void *const *shadows,
+                         const polyak_update_args &all_chunks, int grid, int threads,
                          const double *layer_beta = nullptr)
 {
   int64_t nonfinite = 0;
@@ -41,7 +47,8 @@ int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc
         const polyak_chunk &chunk = p->chunks[c];
         const polyak_tensor_desc &t = descs[chunk.tensor];
         if (layer_beta)
-          polyak_resolve_layerwise(&args, p->cfg.layerwise_beta0, layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
+          polyak_resolve_layerwise(&args, p->cfg.layerwise_beta0,
+                                   layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
         nonfinite += p->cfg.shadow_dtype == POLYAK_F32
                          ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
                          : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
@@ -163,7 +170,8 @@ void check_case(Case &c, int grid, int threads)
     emulated_nonfinite +=
         run_kernel_logic(p, descs, shadows, args, grid, threads, c.layerwise ? layer_beta.data() : nullptr);
     for (size_t i = 0; i < c.tensors.size(); i++)
-      ASSERT_EQ(0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
+      ASSERT_EQ(
+          0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
           << "params of tensor " << c.tensors[i].name << " after step " << step;
   }
   for (int k = 0; k < p->cfg.num_shadows; k++)
@@ -350,7 +358,8 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
       ASSERT_EQ(polyak_nonfinite_count(p, &after), POLYAK_OK);
       EXPECT_EQ(nonfinite, after - before);
       for (size_t i = 0; i < shadows.size(); i++)
-        ASSERT_EQ(0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
+        ASSERT_EQ(
+            0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
             << params[i].name << " after step " << step << " variant " << variant;
     }
   }

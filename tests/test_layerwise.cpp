@@ -262,7 +262,8 @@ TEST(Layerwise, ReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
   polyak_config other = lawa_config(0.98);
   LawaRun mismatched(other);
   EXPECT_EQ(polyak_load(mismatched.h.get(), dir.file("lawa").c_str()), POLYAK_ERR_MISMATCH);
-  EXPECT_TRUE(contains(polyak_last_error(mismatched.h.get()), "layerwise_beta0")) << polyak_last_error(mismatched.h.get());
+  EXPECT_TRUE(contains(polyak_last_error(mismatched.h.get()), "layerwise_beta0"))
+      << polyak_last_error(mismatched.h.get());
 }
 
 } // namespace

@@ -67,7 +67,10 @@ std::vector<double> values(const Tensor &t)
   return out;
 }
 
-double ulp_of(polyak_dtype d) { return d == POLYAK_F32 ? 0x1p-23 : d == POLYAK_BF16 ? 0x1p-7 : 0x1p-10; }
+double ulp_of(polyak_dtype d)
+{
+  return d == POLYAK_F32 ? 0x1p-23 : d == POLYAK_BF16 ? 0x1p-7 : 0x1p-10;
+}
 
 TEST(Lookahead, FollowsTheAlgorithmInFloat64)
 {

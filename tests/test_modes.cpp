@@ -96,8 +96,8 @@ TEST(Modes, CountingWithAConstantBetaIgnoresGaps)
   for (int64_t step : {1, 4})
     run.update(step);
   // the start, then beta 0.5 at the first step, then after a 3-step gap:
-  run.expect_weights(1, {0.25, 0.25, 0.5});         // counted: beta 0.5 once more
-  run.expect_weights(0, {0.0625, 0.0625, 0.875});   // per step: 0.5^3
+  run.expect_weights(1, {0.25, 0.25, 0.5});       // counted: beta 0.5 once more
+  run.expect_weights(0, {0.0625, 0.0625, 0.875}); // per step: 0.5^3
 }
 
 TEST(Modes, CountedReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
@@ -243,7 +243,8 @@ TEST(Blend, IntoTheParamsAndBackWithStoreAndRestore)
   const double weights[3] = {0.25, 0.25, 0.5};
   std::vector<std::vector<char>> trained;
   for (auto &t : b.tensors)
-    trained.emplace_back(static_cast<char *>(t.data()), static_cast<char *>(t.data()) + t.num_elems * dtype_bytes(t.dtype));
+    trained.emplace_back(static_cast<char *>(t.data()),
+                         static_cast<char *>(t.data()) + t.num_elems * dtype_bytes(t.dtype));
   ASSERT_EQ(polyak_store(b.h.get(), nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_blend_to_params(b.h.get(), weights, 0, nullptr), POLYAK_OK);
   for (size_t i = 0; i < b.tensors.size(); i++) {
@@ -251,8 +252,8 @@ TEST(Blend, IntoTheParamsAndBackWithStoreAndRestore)
     for (int64_t e = 0; e < b.tensors[i].num_elems; e++) {
       std::vector<char> want(4);
       store_as(b.tensors[i].dtype, want.data(), 0, blend[e]); // rounded to the param's dtype
-      ASSERT_EQ(0, std::memcmp(static_cast<char *>(b.tensors[i].data()) + e * dtype_bytes(b.tensors[i].dtype), want.data(),
-                               dtype_bytes(b.tensors[i].dtype)))
+      ASSERT_EQ(0, std::memcmp(static_cast<char *>(b.tensors[i].data()) + e * dtype_bytes(b.tensors[i].dtype),
+                               want.data(), dtype_bytes(b.tensors[i].dtype)))
           << i << " " << e;
     }
   }

@@ -40,7 +40,10 @@ struct Compensated {
     lost = increment - (next - value);
     value = next;
   }
-  float read() const { return (float)((double)value + lost); } // an f32 read-out, as the other shadows give
+  float read() const
+  {
+    return (float)((double)value + lost);
+  } // an f32 read-out, as the other shadows give
 };
 
 // sqrt(sum (got - want)^2 / sum (want - start)^2): the error against the
@@ -119,8 +122,8 @@ TEST(Rounding, LongRunsStallWhenRoundedToNearestButNotStochastically)
       std::vector<float> stochastic = read_shadow(h.get(), s + 2, 0, kElems);
       double error_nearest = relative_error([&](size_t e) { return (double)nearest[e]; }, reference[s], start);
       double error_stochastic = relative_error([&](size_t e) { return (double)stochastic[e]; }, reference[s], start);
-      double error_compensated = relative_error([&](size_t e) { return (double)compensated[s][e].read(); },
-                                                reference[s], start);
+      double error_compensated =
+          relative_error([&](size_t e) { return (double)compensated[s][e].read(); }, reference[s], start);
       double moved = 0.0;
       for (int e = 0; e < kElems; e++)
         moved += (reference[s][e] - start[e]) * (reference[s][e] - start[e]) / kElems;

@@ -93,7 +93,8 @@ struct World {
   {
     for (int k = 0; k < 2; k++)
       for (size_t i = 0; i < tensors.size(); i++)
-        ASSERT_EQ(gathered(k, (int)i), reference(k, (int)i)) << "W = " << world_size << " shadow " << k << " tensor " << i;
+        ASSERT_EQ(gathered(k, (int)i), reference(k, (int)i))
+            << "W = " << world_size << " shadow " << k << " tensor " << i;
     int64_t sum = 0, count = 0;
     for (auto &h : ranks) {
       ASSERT_EQ(polyak_nonfinite_count(h.get(), &count), POLYAK_OK);
@@ -264,7 +265,7 @@ TEST(Shard, MemoryAndFdCheckpointsLoadAtAnyWorldSize)
     ASSERT_EQ(write(fd, "tail", 4), 4);
     close(fd);
     for (int64_t step : {5, 6})
-      world.update(step); // the ranks drift away from the checkpoints ...
+      world.update(step);       // the ranks drift away from the checkpoints ...
     for (auto &h : world.ranks) // ... each reads its slice of the buffer ...
       ASSERT_EQ(polyak_load_from_memory(h.get(), bytes.data(), bytes.size()), POLYAK_OK) << polyak_last_error(h.get());
     ASSERT_EQ(polyak_load_from_memory(world.whole.get(), bytes.data(), bytes.size()), POLYAK_OK);

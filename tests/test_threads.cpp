@@ -204,7 +204,8 @@ TEST(Threads, ShadowsInTheCallersMemory)
     for (size_t i = 0; i < tensors.size(); i++) {
       int64_t shape[1] = {tensors[i].num_elems};
       ASSERT_EQ(polyak_add_with_shadow(p, tensors[i].name.c_str(), tensors[i].data(), tensors[i].dtype, 1, shape,
-                                       shadows[i].data(), shadows[i].dtype, i % 4 == 3 ? POLYAK_SHADOW_ROUND_NEAREST : 0),
+                                       shadows[i].data(), shadows[i].dtype,
+                                       i % 4 == 3 ? POLYAK_SHADOW_ROUND_NEAREST : 0),
                 POLYAK_OK)
           << polyak_last_error(p);
     }

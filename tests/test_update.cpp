@@ -16,8 +16,7 @@ std::vector<Tensor> mixed_tensors(const std::vector<int64_t> &sizes, size_t offs
   std::vector<Tensor> tensors;
   const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16, POLYAK_F16};
   for (size_t i = 0; i < sizes.size(); i++)
-    tensors.emplace_back("layer" + std::to_string(i) + ".weight", dtypes[i % 3], sizes[i],
-                         offset_bytes);
+    tensors.emplace_back("layer" + std::to_string(i) + ".weight", dtypes[i % 3], sizes[i], offset_bytes);
   return tensors;
 }
 
@@ -28,8 +27,7 @@ void randomize_all(std::vector<Tensor> &tensors, std::mt19937_64 &rng, float mea
 }
 
 // Every shadow of every tensor within `tolerance` of the float64 model.
-void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor> &tensors,
-                    double tolerance)
+void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor> &tensors, double tolerance)
 {
   for (int k = 0; k < oracle.cfg.num_shadows; k++)
     for (size_t i = 0; i < tensors.size(); i++) {
@@ -38,17 +36,16 @@ void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor>
       for (int64_t e = 0; e < tensors[i].num_elems; e++) {
         double expected = oracle.read(k, (int)i, e);
         if (!(std::fabs(got[e] - expected) <= tolerance * (1 + std::fabs(expected))) && bad++ < 3)
-          ADD_FAILURE() << "shadow " << k << " tensor " << tensors[i].name << " ("
-                        << dtype_label(tensors[i].dtype) << ") elem " << e << ": got " << got[e]
-                        << ", float64 gives " << expected;
+          ADD_FAILURE() << "shadow " << k << " tensor " << tensors[i].name << " (" << dtype_label(tensors[i].dtype)
+                        << ") elem " << e << ": got " << got[e] << ", float64 gives " << expected;
       }
     }
 }
 
 // Runs `steps` updates with fresh random params before each; checks the
 // handle against the oracle at the end.
-void run_against_oracle(const polyak_config &cfg, std::vector<Tensor> &tensors,
-                        const std::vector<int64_t> &steps, double tolerance, uint64_t seed = 1)
+void run_against_oracle(const polyak_config &cfg, std::vector<Tensor> &tensors, const std::vector<int64_t> &steps,
+                        double tolerance, uint64_t seed = 1)
 {
   std::mt19937_64 rng(seed);
   randomize_all(tensors, rng);
@@ -73,7 +70,10 @@ std::vector<int64_t> consecutive(int64_t first, int64_t last)
 }
 
 // Rounding error of an fp32 EMA: at most half an ulp per update.
-double f32_tolerance(size_t updates) { return (updates + 2) * std::ldexp(1.0, -24) * 4; }
+double f32_tolerance(size_t updates)
+{
+  return (updates + 2) * std::ldexp(1.0, -24) * 4;
+}
 
 TEST(Update, MatchesFloat64OnMixedDtypesAndOddSizes)
 {

@@ -28,8 +28,14 @@ struct Live {
     EXPECT_EQ(polyak_update(h.get(), 4, nullptr), POLYAK_OK);
     before = snapshot(h.get(), num_shadows, tensors);
   }
-  void expect_unchanged() { EXPECT_TRUE(snapshot(h.get(), 2, tensors) == before); }
-  std::string error() const { return polyak_last_error(h.get()); }
+  void expect_unchanged()
+  {
+    EXPECT_TRUE(snapshot(h.get(), 2, tensors) == before);
+  }
+  std::string error() const
+  {
+    return polyak_last_error(h.get());
+  }
 };
 
 // A handle still registering, with one tensor.
@@ -47,7 +53,10 @@ struct Registering {
     polyak_num_tensors(h.get(), &n);
     return n;
   }
-  std::string error() const { return polyak_last_error(h.get()); }
+  std::string error() const
+  {
+    return polyak_last_error(h.get());
+  }
 };
 
 TEST(Status, NamesCoverEveryCode)

@@ -95,8 +95,7 @@ polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char
 
 /* The metadata's values: the config against this handle's
  * (POLYAK_ERR_MISMATCH), the state parsed into *state. */
-polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *state,
-                                       const char *function);
+polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *state, const char *function);
 
 /* ---- where a load reads from (checkpoint_read.c makes them) ---- */
 
@@ -104,8 +103,8 @@ typedef struct polyak_ckpt_source polyak_ckpt_source;
 struct polyak_ckpt_source {
   /* num_bytes at `offset` from the checkpoint's first byte into dst */
   polyak_status (*read_at)(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset);
-  int64_t num_bytes; /* from the checkpoint's first byte to the end of the file or buffer; -1: unknown */
-  int whole;         /* 1: the checkpoint fills them exactly; 0: it ends where its header says */
+  int64_t num_bytes;    /* from the checkpoint's first byte to the end of the file or buffer; -1: unknown */
+  int whole;            /* 1: the checkpoint fills them exactly; 0: it ends where its header says */
   const char *function; /* the public call, for messages */
   char extent[96];      /* those bytes in words: "the 4096-byte file" */
 };
@@ -122,8 +121,8 @@ size_t polyak_ckpt_block_bytes(const polyak_t *p, int64_t num_bytes);
  * (arena positions) inside the block [start, start + count) (empty if
  * *lo >= *hi). Returns 1 if the slice goes on past the block, so the next
  * block starts with it. */
-static inline int polyak_ckpt_slice_in_block(const polyak_tensor_desc *t, int64_t start, int64_t count,
-                                             int64_t *lo, int64_t *hi)
+static inline int polyak_ckpt_slice_in_block(const polyak_tensor_desc *t, int64_t start, int64_t count, int64_t *lo,
+                                             int64_t *hi)
 {
   int64_t begin = t->shadow_offset_elems + t->local_first_elem, end = begin + t->local_num_elems;
   *lo = begin > start ? begin : start;

@@ -12,11 +12,11 @@
 
 #include "checkpoint.h"
 
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION  1
 #define CHECKSUM_PREFIX "xxh3-64:"
 
 #define FORMAT_ERROR(...) polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, function, __VA_ARGS__)
-#define MISMATCH(...) polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
+#define MISMATCH(...)     polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
 
 static int parse_int64(const char *text, int64_t *out)
 {
@@ -105,9 +105,9 @@ static int set_schedules(json_t *metadata, const polyak_config *cfg)
            "%s{\"kind\":\"%s\",\"beta\":%s,\"beta_min\":%s,\"inv_gamma\":%s,\"power\":%s,\"gamma\":%s,"
            "\"ramp_steps\":%" PRId64 ",\"start_step\":%" PRId64 ",\"count_updates\":%s,\"grad_norm_c\":%s,"
            "\"layerwise_beta0\":%s,\"rounding\":\"%s\"}",
-           k ? "," : "[", polyak_schedule_kind_name(s->kind), D(s->beta), D(s->beta_min), D(s->inv_gamma),
-           D(s->power), D(s->gamma), s->ramp_steps, s->start_step, cfg->count_updates[k] ? "true" : "false",
-           D(cfg->grad_norm_c[k]), D(cfg->layerwise_beta0[k]), rounding_names[cfg->rounding[k]]);
+           k ? "," : "[", polyak_schedule_kind_name(s->kind), D(s->beta), D(s->beta_min), D(s->inv_gamma), D(s->power),
+           D(s->gamma), s->ramp_steps, s->start_step, cfg->count_updates[k] ? "true" : "false", D(cfg->grad_norm_c[k]),
+           D(cfg->layerwise_beta0[k]), rounding_names[cfg->rounding[k]]);
   }
   append(&b, "]");
   return set_built(metadata, "schedules", &b);
@@ -127,8 +127,7 @@ static int set_list(json_t *metadata, const char *key, int num_shadows, const do
   return set_built(metadata, key, &b);
 }
 
-static int set_text(json_t *metadata, const char *key, const char *format, ...)
-    __attribute__((format(printf, 3, 4)));
+static int set_text(json_t *metadata, const char *key, const char *format, ...) __attribute__((format(printf, 3, 4)));
 static int set_text(json_t *metadata, const char *key, const char *format, ...)
 {
   char text[64];
@@ -148,8 +147,8 @@ static int set_copies(json_t *metadata, const polyak_t *p)
     if (p->tensors[i].copy_only && json_array_append_new(names, json_string(p->tensors[i].name)))
       json_decref(names), names = NULL;
   char *text = names && json_array_size(names) > 0 ? json_dumps(names, JSON_COMPACT) : NULL;
-  int failed = !names || (json_array_size(names) > 0 && (!text || json_object_set_new(metadata, "copies",
-                                                                                      json_string(text))));
+  int failed =
+      !names || (json_array_size(names) > 0 && (!text || json_object_set_new(metadata, "copies", json_string(text))));
   free(text);
   json_decref(names);
   return failed;
@@ -191,8 +190,7 @@ json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state)
                json_object_set_new(metadata, "library_version", json_string(polyak_version_string())) ||
                set_text(metadata, "step", "%" PRId64, state->step) ||
                set_text(metadata, "num_shadows", "%d", p->cfg.num_shadows) ||
-               json_object_set_new(metadata, "shadow_dtype",
-                                   json_string(polyak_dtype_name(p->cfg.shadow_dtype))) ||
+               json_object_set_new(metadata, "shadow_dtype", json_string(polyak_dtype_name(p->cfg.shadow_dtype))) ||
                set_text(metadata, "seed", "%" PRIu64, p->cfg.seed) ||
                set_text(metadata, "zero_init", "%d", p->cfg.zero_init) ||
                set_text(metadata, "skip_nonfinite", "%d", p->cfg.skip_nonfinite) ||
@@ -255,10 +253,10 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
     int count_updates = 0, rounding = -1;
     double grad_norm_c = 0.0, layerwise_beta0 = 0.0;
     const char *rounding_name = rounding_names[POLYAK_ROUND_NEAREST];
-    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s?b, s?F, s?F, s?s}",
-                    "kind", &kind, "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power",
-                    &s.power, "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start, "count_updates",
-                    &count_updates, "grad_norm_c", &grad_norm_c, "layerwise_beta0", &layerwise_beta0, "rounding",
+    if (json_unpack(json_array_get(list, k), "{s:s, s:F, s:F, s:F, s:F, s:F, s:I, s:I, s?b, s?F, s?F, s?s}", "kind",
+                    &kind, "beta", &s.beta, "beta_min", &s.beta_min, "inv_gamma", &s.inv_gamma, "power", &s.power,
+                    "gamma", &s.gamma, "ramp_steps", &ramp, "start_step", &start, "count_updates", &count_updates,
+                    "grad_norm_c", &grad_norm_c, "layerwise_beta0", &layerwise_beta0, "rounding",
                     &rounding_name) != 0 ||
         polyak_schedule_kind_from_name(kind) < 0) {
       status = FORMAT_ERROR("metadata \"schedules\"[%d] is not a schedule", k);
@@ -281,23 +279,22 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
     s.ramp_steps = ramp;
     s.start_step = start;
     if (count_updates != p->cfg.count_updates[k]) {
-      status = MISMATCH("shadow %d was averaged with count_updates = %d, this handle has %d", k,
-                        count_updates, p->cfg.count_updates[k]);
+      status = MISMATCH("shadow %d was averaged with count_updates = %d, this handle has %d", k, count_updates,
+                        p->cfg.count_updates[k]);
       break;
     }
     if (grad_norm_c != p->cfg.grad_norm_c[k] || layerwise_beta0 != p->cfg.layerwise_beta0[k]) {
       status = MISMATCH("shadow %d was averaged with grad_norm_c = %s, layerwise_beta0 = %s; this handle "
                         "has %s, %s",
-                        k, D(grad_norm_c), D(layerwise_beta0), D(p->cfg.grad_norm_c[k]),
-                        D(p->cfg.layerwise_beta0[k]));
+                        k, D(grad_norm_c), D(layerwise_beta0), D(p->cfg.grad_norm_c[k]), D(p->cfg.layerwise_beta0[k]));
       break;
     }
     if (!polyak_schedule_same(&s, &p->cfg.schedules[k])) {
       char file[224], here[224];
       describe_schedule(&s, file, sizeof file);
       describe_schedule(&p->cfg.schedules[k], here, sizeof here);
-      status = MISMATCH("shadow %d was averaged with another schedule: the file's is %s, this handle's %s", k,
-                        file, here);
+      status =
+          MISMATCH("shadow %d was averaged with another schedule: the file's is %s, this handle's %s", k, file, here);
     }
   }
   json_decref(list);
@@ -306,8 +303,9 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
 
 /* Metadata keys every polyak file has; "lookahead_every" and
  * "update_counts" are newer (absent: 0). */
-static const char *const kRequired[] = {"step",          "num_shadows", "shadow_dtype", "seed",    "zero_init",
-                                        "nonfinite_count", "beta_products", "schedules", "checksum"};
+static const char *const kRequired[] = {"step",          "num_shadows", "shadow_dtype",
+                                        "seed",          "zero_init",   "nonfinite_count",
+                                        "beta_products", "schedules",   "checksum"};
 
 polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char *function)
 {
@@ -325,8 +323,7 @@ polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char
   if (!format || strcmp(format, "polyak") != 0)
     return FORMAT_ERROR("metadata \"format\" is not \"polyak\": not a polyak checkpoint");
   if (!version || strcmp(version, "1") != 0)
-    return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)",
-                        version ? version : "(missing)");
+    return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)", version ? version : "(missing)");
   for (size_t n = 0; n < sizeof kRequired / sizeof kRequired[0]; n++)
     if (!metadata_text(metadata, kRequired[n]))
       return FORMAT_ERROR("metadata \"%s\" is missing", kRequired[n]);
@@ -344,12 +341,10 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
   if (parse_int64(metadata_text(metadata, "num_shadows"), &num_shadows) != 0)
     return FORMAT_ERROR("metadata \"num_shadows\" is not a number");
   if (num_shadows != p->cfg.num_shadows)
-    return MISMATCH("the file has %lld shadows, this handle %d", (long long)num_shadows,
-                    p->cfg.num_shadows);
+    return MISMATCH("the file has %lld shadows, this handle %d", (long long)num_shadows, p->cfg.num_shadows);
   const char *dtype = metadata_text(metadata, "shadow_dtype");
   if (strcmp(dtype, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
-    return MISMATCH("the file's shadows are %s, this handle's %s", dtype,
-                    polyak_dtype_name(p->cfg.shadow_dtype));
+    return MISMATCH("the file's shadows are %s, this handle's %s", dtype, polyak_dtype_name(p->cfg.shadow_dtype));
   if (parse_uint64(metadata_text(metadata, "seed"), &seed) != 0)
     return FORMAT_ERROR("metadata \"seed\" is not a number");
   if (seed != p->cfg.seed)
@@ -359,8 +354,7 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
   if (parse_int64(metadata_text(metadata, "zero_init"), &zero_init) != 0 || zero_init < 0 || zero_init > 1)
     return FORMAT_ERROR("metadata \"zero_init\" is not 0 or 1");
   if (zero_init != p->cfg.zero_init)
-    return MISMATCH("the file has zero_init = %lld, this handle %d", (long long)zero_init,
-                    p->cfg.zero_init);
+    return MISMATCH("the file has zero_init = %lld, this handle %d", (long long)zero_init, p->cfg.zero_init);
   const char *lookahead_text = metadata_text(metadata, "lookahead_every");
   lookahead_every = 0;
   if (lookahead_text && (parse_int64(lookahead_text, &lookahead_every) != 0 || lookahead_every < 0))
@@ -378,8 +372,7 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
   }
   json_decref(products);
   if (bad)
-    return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]",
-                        p->cfg.num_shadows);
+    return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]", p->cfg.num_shadows);
   const char *counts_text = metadata_text(metadata, "update_counts");
   json_t *counts = counts_text ? json_loads(counts_text, 0, &error) : NULL;
   bad = counts_text && (!json_is_array(counts) || (int)json_array_size(counts) != p->cfg.num_shadows);
@@ -402,4 +395,3 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
   polyak_status status = check_copies(p, metadata_text(metadata, "copies"), function);
   return status == POLYAK_OK ? check_schedules(p, metadata_text(metadata, "schedules"), function) : status;
 }
-

@@ -14,9 +14,8 @@
 
 #include "checkpoint.h"
 
-
 #define FORMAT_ERROR(...) polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, function, __VA_ARGS__)
-#define MISMATCH(...) polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
+#define MISMATCH(...)     polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
 
 polyak_status polyak_ckpt_fail(polyak_t *p, polyak_status status, const char *function, const char *format, ...)
 {

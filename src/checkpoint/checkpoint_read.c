@@ -23,12 +23,12 @@
 #define MAX_HEADER_BYTES 100000000ll /* safetensors' own limit */
 
 #define FORMAT_ERROR(...) polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, function, __VA_ARGS__)
-#define MISMATCH(...) polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
+#define MISMATCH(...)     polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
 
 /* Where the checked checkpoint's parts are. */
 typedef struct {
   polyak_ckpt_state state;
-  int64_t data_start;  /* 8 + the header's length */
+  int64_t data_start; /* 8 + the header's length */
   int64_t data_bytes;
   int64_t *data_begin; /* [k * num_tensors + i]: data offset of each slice */
 } layout;
@@ -183,8 +183,8 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
       !json_is_integer(json_array_get(offsets, 1)))
     return FORMAT_ERROR("tensor \"%s\" lacks a dtype, a shape or two data_offsets", name);
   const char *dtype_name = json_string_value(dtype);
-  const char *known[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-                         "U16", "U32", "U64", "F8_E4M3", "F8_E5M2"};
+  const char *known[] = {"F64", "F32",  "F16", "BF16", "I64", "I32",     "I16",    "I8",
+                         "U8",  "BOOL", "U16", "U32",  "U64", "F8_E4M3", "F8_E5M2"};
   int is_known = 0;
   for (size_t n = 0; n < sizeof known / sizeof known[0]; n++)
     is_known |= strcmp(dtype_name, known[n]) == 0;
@@ -231,8 +231,7 @@ static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t 
       if (!name)
         status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
       else if (!polyak_ckpt_is_saved(p, k, i))
-        status = entry ? MISMATCH("the file has tensor \"%s\", whose shadow is the caller's here", name)
-                       : POLYAK_OK;
+        status = entry ? MISMATCH("the file has tensor \"%s\", whose shadow is the caller's here", name) : POLYAK_OK;
       else if (!entry)
         status = MISMATCH("tensor \"%s\" is missing from the file", name);
       else if ((status = check_entry(p, function, name, entry, i, h->data_bytes, ranges[m])) == POLYAK_OK)
@@ -261,19 +260,16 @@ static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t 
       if (ranges[n][0] < covered)
         status = FORMAT_ERROR("data_offsets overlap at byte %lld", (long long)ranges[n][0]);
       else if (ranges[n][0] > covered)
-        status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered,
-                              (long long)ranges[n][0]);
+        status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered, (long long)ranges[n][0]);
       covered = ranges[n][1];
     }
     if (status == POLYAK_OK && src->whole && covered != h->data_bytes)
-      status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered,
-                            (long long)h->data_bytes);
+      status = FORMAT_ERROR("data bytes %lld..%lld belong to no tensor", (long long)covered, (long long)h->data_bytes);
     h->data_bytes = covered; /* the end of a checkpoint inside a file */
   }
   free(ranges);
   return status;
 }
-
 
 static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const layout *h, void *buffer,
                                      size_t buffer_bytes)
@@ -410,8 +406,7 @@ static polyak_status load_fd(polyak_t *p, int fd, int whole, const char *functio
   else if (whole)
     snprintf(src.base.extent, sizeof src.base.extent, "the %lld-byte file", (long long)src.base.num_bytes);
   else
-    snprintf(src.base.extent, sizeof src.base.extent, "the file after offset %lld of fd %d", (long long)src.offset,
-             fd);
+    snprintf(src.base.extent, sizeof src.base.extent, "the file after offset %lld of fd %d", (long long)src.offset, fd);
   if (!whole && src.base.num_bytes == 0)
     return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
                             "fd %d is at the end of its file (offset %lld): no checkpoint follows", fd,
@@ -419,9 +414,9 @@ static polyak_status load_fd(polyak_t *p, int fd, int whole, const char *functio
   int64_t checkpoint_bytes = 0;
   status = read_checkpoint(p, &src.base, &checkpoint_bytes);
   if (status == POLYAK_OK && !whole && lseek(fd, (off_t)(src.offset + checkpoint_bytes), SEEK_SET) < 0)
-    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
-                              "loaded, but cannot move the offset of fd %d past the checkpoint: %s", fd,
-                              strerror(errno));
+    status =
+        polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                         "loaded, but cannot move the offset of fd %d past the checkpoint: %s", fd, strerror(errno));
   return status;
 }
 
@@ -449,8 +444,7 @@ typedef struct {
   const char *bytes;
 } memory_source;
 
-static polyak_status memory_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes,
-                                    int64_t offset)
+static polyak_status memory_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset)
 {
   if (offset + (int64_t)num_bytes > src->num_bytes) /* the reader checks first: never */
     return polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, src->function, "%s ends before byte %lld", src->extent,

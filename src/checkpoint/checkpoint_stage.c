@@ -39,8 +39,8 @@ static polyak_status stage_data(polyak_t *p, polyak_ckpt_source *src, int64_t da
         if (lo < hi) {
           int64_t offset = data_start + data_begin[(int64_t)k * p->num_tensors + i] +
                            (lo - p->descs[i].shadow_offset_elems) * (int64_t)elem_bytes;
-          polyak_status status = src->read_at(src, p, (char *)buffer + (lo - start) * elem_bytes,
-                                              (size_t)(hi - lo) * elem_bytes, offset);
+          polyak_status status =
+              src->read_at(src, p, (char *)buffer + (lo - start) * elem_bytes, (size_t)(hi - lo) * elem_bytes, offset);
           if (status != POLYAK_OK)
             return status;
         }

@@ -80,8 +80,7 @@ static polyak_status write_data(writer *w)
     for (int64_t start = 0; start < p->arena_elems; start += block_elems) {
       int64_t count = p->arena_elems - start < block_elems ? p->arena_elems - start : block_elems;
       polyak_status status = p->ops->copy_to_host(
-          p, w->buffer, (const char *)p->ops->arena(p, k) + start * (int64_t)elem_bytes,
-          (size_t)count * elem_bytes);
+          p, w->buffer, (const char *)p->ops->arena(p, k) + start * (int64_t)elem_bytes, (size_t)count * elem_bytes);
       if (status != POLYAK_OK)
         return status;
       for (; i < p->num_tensors; i++) {
@@ -125,8 +124,8 @@ static polyak_status write_gathered(writer *w, polyak_status status)
     for (int i = 0; i < p->num_tensors && w->out && status == POLYAK_OK; i++) {
       if (p->tensors[i].copy_only) /* after the shadows */
         continue;
-      status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors, 1.0,
-                               whole, p->cfg.shadow_dtype, NULL);
+      status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors, 1.0, whole,
+                               p->cfg.shadow_dtype, NULL);
       size_t tensor_bytes = (size_t)p->tensors[i].num_elems * elem_bytes;
       for (size_t done = 0; done < tensor_bytes && status == POLYAK_OK;) {
         size_t n = tensor_bytes - done < w->buffer_bytes ? tensor_bytes - done : w->buffer_bytes;
@@ -193,7 +192,7 @@ static polyak_status write_checkpoint(polyak_t *p, sink *out, int64_t *num_bytes
   polyak_status status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
   if (status == POLYAK_OK)
     status = p->ops->nonfinite_count(p, &state.nonfinite); /* also waits for the device */
-  if (gathering) /* from here on every rank makes every collective */
+  if (gathering)                                           /* from here on every rank makes every collective */
     status = total_nonfinite(p, status, state.nonfinite, &state.nonfinite, function);
   if (status != POLYAK_OK && !gathering)
     return status;

@@ -23,8 +23,7 @@ static void set_error(polyak_safe_file *f, const char *what, const char *path)
 /* "<dir>/.<base>.polyak-<pid>-<n>" */
 static void temp_name(polyak_safe_file *f, int attempt)
 {
-  snprintf(f->temp_path, sizeof f->temp_path, "%s/.%s.polyak-%ld-%d", f->dir, f->base,
-           (long)getpid(), attempt);
+  snprintf(f->temp_path, sizeof f->temp_path, "%s/.%s.polyak-%ld-%d", f->dir, f->base, (long)getpid(), attempt);
 }
 
 int polyak_safe_file_open(polyak_safe_file *f, const char *path)

@@ -6,7 +6,7 @@
 
 typedef struct {
   int fd, dir_fd;
-  int named;          /* the new file has a temporary name to remove on abort */
+  int named; /* the new file has a temporary name to remove on abort */
   char target_path[4096];
   char temp_path[2 * 4096 + 64]; /* dir + "/." + base + suffix */
   char dir[4096];

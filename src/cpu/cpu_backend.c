@@ -58,8 +58,8 @@ static int64_t visit_range(void *arg, int64_t item)
 void polyak_cpu_for_range(const polyak_t *p, int64_t num_elems, cpu_range_visit visit, void *arg)
 {
   range_job job = {visit, arg, num_elems};
-  cpu_pool_run(((const cpu_state *)p->backend)->pool, (num_elems + CPU_ITEM_ELEMS - 1) / CPU_ITEM_ELEMS,
-               visit_range, &job);
+  cpu_pool_run(((const cpu_state *)p->backend)->pool, (num_elems + CPU_ITEM_ELEMS - 1) / CPU_ITEM_ELEMS, visit_range,
+               &job);
 }
 
 /* Work items: runs of consecutive chunks of at least CPU_ITEM_ELEMS
@@ -297,8 +297,8 @@ static polyak_status cpu_check_params(polyak_t *p)
 #else
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
-    const void *on_device = t->num_elems == 0                          ? NULL
-                            : polyak_cuda_is_device_memory(t->param)      ? t->param
+    const void *on_device = t->num_elems == 0                                     ? NULL
+                            : polyak_cuda_is_device_memory(t->param)              ? t->param
                             : t->owned && polyak_cuda_is_device_memory(t->shadow) ? t->shadow
                                                                                   : NULL;
     if (on_device)
@@ -350,16 +350,15 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior
     state->kernels = &polyak_cpu_portable_kernels;
   char why[POLYAK_ERROR_BYTES] = "out of host memory";
   int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
-  polyak_status status = build_items(p, state) != 0 ? POLYAK_ERR_NO_MEMORY
-                                                    : cpu_pool_create(&state->pool, threads, why, sizeof why);
+  polyak_status status =
+      build_items(p, state) != 0 ? POLYAK_ERR_NO_MEMORY : cpu_pool_create(&state->pool, threads, why, sizeof why);
   if (status != POLYAK_OK) {
     cpu_release(p);
     return polyak_fail(p, status, "polyak_finalize: %s", why);
   }
   if (polyak_cpu_alloc_arenas(p, state->shadows) != 0) {
     cpu_release(p);
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
-                       "polyak_finalize: out of host memory for %d shadows of %lld elements",
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for %d shadows of %lld elements",
                        p->cfg.num_shadows, (long long)p->arena_elems);
   }
   for (int k = 0; k < p->cfg.num_shadows; k++)

@@ -35,8 +35,8 @@ extern "C" { /* the tests reach the kernels */
  * polyak_math.h, and AVX2 with FMA; they give the same bits. */
 typedef struct {
   int64_t (*f32_nearest)(float *shadow, const float *param, int64_t num_elems, float weight, int guard);
-  int64_t (*f32_stochastic)(float *shadow, const float *param, int64_t num_elems, float weight, int guard,
-                            uint64_t key, int64_t first_elem);
+  int64_t (*f32_stochastic)(float *shadow, const float *param, int64_t num_elems, float weight, int guard, uint64_t key,
+                            int64_t first_elem);
   int64_t (*bf16_stochastic)(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                              uint64_t key, int64_t first_elem);
   int64_t (*f16_stochastic)(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
@@ -63,14 +63,14 @@ typedef struct {
   void *store;                           /* polyak_store's copy of the params */
   double products[POLYAK_MAX_SHADOWS];   /* grad-norm shadows' beta products */
   /* LAWA: where the norms come from, and what each update computes */
-  void **layer_grads;                    /* [num_tensors], or NULL with layer_norms */
-  const float *layer_norms;              /* [num_tensors] given, or NULL */
-  float *chunk_sumsq;                    /* [num_chunks] */
-  double *layer_norm;                    /* [num_tensors] */
-  double *layer_beta;                    /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  void **layer_grads;       /* [num_tensors], or NULL with layer_norms */
+  const float *layer_norms; /* [num_tensors] given, or NULL */
+  float *chunk_sumsq;       /* [num_chunks] */
+  double *layer_norm;       /* [num_tensors] */
+  double *layer_beta;       /* [num_tensors][POLYAK_MAX_SHADOWS] */
   const cpu_kernels *kernels;
-  cpu_pool *pool;                        /* NULL: one thread */
-  int64_t *item_chunks;                  /* [num_items + 1]: work item i is chunks
+  cpu_pool *pool;       /* NULL: one thread */
+  int64_t *item_chunks; /* [num_items + 1]: work item i is chunks
                                             item_chunks[i] .. item_chunks[i + 1] - 1 */
   int64_t num_items;
 } cpu_state;
@@ -140,8 +140,8 @@ polyak_status polyak_cpu_copy_bytes(polyak_t *p, void *dst, const void *src, siz
 /* ---- the element loops both kernel tables share (the AVX2 one for its
  * tails and the rare cases), over [begin, end) ---- */
 
-static inline int64_t cpu_f32_nearest_loop(float *shadow, const float *param, int64_t begin, int64_t end,
-                                           float weight, int guard)
+static inline int64_t cpu_f32_nearest_loop(float *shadow, const float *param, int64_t begin, int64_t end, float weight,
+                                           int guard)
 {
   int64_t nonfinite = 0;
   for (int64_t i = begin; i < end; i++) {
@@ -159,15 +159,15 @@ static inline int64_t cpu_f32_stochastic_loop(float *shadow, const float *param,
   for (int64_t i = begin; i < end; i++) {
     int bad = !polyak_is_finite(param[i]);
     nonfinite += bad;
-    shadow[i] = polyak_pick_f32(bad & guard, shadow[i],
-                                polyak_next_f32_sr(shadow[i], param[i], weight, key, first_elem + i));
+    shadow[i] =
+        polyak_pick_f32(bad & guard, shadow[i], polyak_next_f32_sr(shadow[i], param[i], weight, key, first_elem + i));
   }
   return nonfinite;
 }
 
 /* A 16-bit shadow (dtype POLYAK_BF16 or POLYAK_F16), rounded stochastically. */
 static inline int64_t cpu_half_stochastic_loop(uint16_t *shadow, const float *param, int64_t begin, int64_t end,
-                                              float weight, int guard, uint64_t key, int64_t first_elem, int dtype)
+                                               float weight, int guard, uint64_t key, int64_t first_elem, int dtype)
 {
   int64_t nonfinite = 0;
   for (int64_t i = begin; i < end; i++) {

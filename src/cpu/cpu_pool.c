@@ -104,8 +104,7 @@ polyak_status cpu_pool_create(cpu_pool **out, int num_threads, char *why, size_t
   cpu_worker *workers = pool ? calloc((size_t)num_threads - 1, sizeof *workers) : NULL;
   if (!workers) {
     free(pool);
-    return polyak_message(why, why_num_bytes, POLYAK_ERR_NO_MEMORY, "out of host memory for %d threads",
-                          num_threads);
+    return polyak_message(why, why_num_bytes, POLYAK_ERR_NO_MEMORY, "out of host memory for %d threads", num_threads);
   }
   pthread_mutex_init(&pool->lock, NULL);
   pthread_cond_init(&pool->wake, NULL);
@@ -128,8 +127,8 @@ polyak_status cpu_pool_create(cpu_pool **out, int num_threads, char *why, size_t
   pthread_sigmask(SIG_SETMASK, &kept, NULL);
   if (error) {
     pool_free(pool, started);
-    return polyak_message(why, why_num_bytes, POLYAK_ERR_NO_MEMORY, "could not start thread %d of %d: %s",
-                          started + 2, num_threads, strerror(error));
+    return polyak_message(why, why_num_bytes, POLYAK_ERR_NO_MEMORY, "could not start thread %d of %d: %s", started + 2,
+                          num_threads, strerror(error));
   }
   *out = pool;
   return POLYAK_OK;

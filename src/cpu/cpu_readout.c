@@ -292,8 +292,7 @@ polyak_status polyak_cpu_staging_begin(polyak_t *p)
   return POLYAK_OK;
 }
 
-polyak_status polyak_cpu_staging_write(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
-                                       const void *host)
+polyak_status polyak_cpu_staging_write(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems, const void *host)
 {
   cpu_state *state = p->backend;
   size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);

@@ -95,8 +95,8 @@ static int64_t block_elems(const polyak_tensor_desc *t, const polyak_chunk *chun
 
 /* Elements first .. first + num_elems - 1 of `base` (a polyak_dtype
  * array) as f32: in place for F32, else widened into scratch. */
-static const float *as_f32(const cpu_kernels *kernels, const void *base, int dtype, int64_t first,
-                           int64_t num_elems, float *scratch)
+static const float *as_f32(const cpu_kernels *kernels, const void *base, int dtype, int64_t first, int64_t num_elems,
+                           float *scratch)
 {
   if (dtype == POLYAK_F32)
     return (const float *)base + first;
@@ -108,8 +108,8 @@ static const float *as_f32(const cpu_kernels *kernels, const void *base, int dty
 }
 
 /* One shadow of a block: `shadow` points at the block's first element. */
-static int64_t fold(const cpu_kernels *kernels, void *shadow, polyak_dtype dtype, int stochastic,
-                    const float *param, int64_t num_elems, float weight, int guard, uint64_t key, int64_t elem)
+static int64_t fold(const cpu_kernels *kernels, void *shadow, polyak_dtype dtype, int stochastic, const float *param,
+                    int64_t num_elems, float weight, int guard, uint64_t key, int64_t elem)
 {
   if (dtype == POLYAK_BF16)
     return kernels->bf16_stochastic(shadow, param, num_elems, weight, guard, key, elem);

@@ -10,10 +10,13 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
-#define AVX2 __attribute__((target("avx2,fma,popcnt")))
+#define AVX2        __attribute__((target("avx2,fma,popcnt")))
 #define AVX2_INLINE static inline __attribute__((target("avx2,fma,popcnt"), always_inline))
 
-AVX2_INLINE __m256i set1(uint32_t x) { return _mm256_set1_epi32((int)x); }
+AVX2_INLINE __m256i set1(uint32_t x)
+{
+  return _mm256_set1_epi32((int)x);
+}
 
 /* All ones in the lanes whose param is NaN or Inf (an all-ones exponent). */
 AVX2_INLINE __m256i nonfinite_lanes(__m256 param)
@@ -81,8 +84,8 @@ AVX2_INLINE __m128 lerp_sr4(__m128 shadow, __m128 param, __m256d weight, __m128i
 
 AVX2_INLINE __m256 lerp_sr8(__m256 s, __m256 p, __m256d w, __m256i random, int special)
 {
-  __m128 low = lerp_sr4(_mm256_castps256_ps128(s), _mm256_castps256_ps128(p), w, _mm256_castsi256_si128(random),
-                        special);
+  __m128 low =
+      lerp_sr4(_mm256_castps256_ps128(s), _mm256_castps256_ps128(p), w, _mm256_castsi256_si128(random), special);
   __m128 high = lerp_sr4(_mm256_extractf128_ps(s, 1), _mm256_extractf128_ps(p, 1), w,
                          _mm256_extracti128_si256(random, 1), special);
   return _mm256_set_m128(high, low);
@@ -167,7 +170,7 @@ AVX2_INLINE __m256i bf16_next8(__m256 s, __m256 p, __m256 w, __m256i random, int
   __m256 mixed = copy ? p : _mm256_fmadd_ps(w, _mm256_sub_ps(p, s), s);
   __m256i bits = _mm256_castps_si256(mixed);
   __m256i next = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_and_si256(random, set1(0xFFFFu))), 16);
-  __m256i special = nonfinite_lanes(mixed); /* as is every lane whose param is not finite */
+  __m256i special = nonfinite_lanes(mixed);    /* as is every lane whose param is not finite */
   if (!_mm256_testz_si256(special, special)) { /* Inf, and NaN quieted, pass uncut; the guard; the count */
     __m256i bad = nonfinite_lanes(p);
     *nonfinite += count_lanes(bad);
@@ -194,12 +197,12 @@ AVX2_INLINE int64_t bf16_stochastic_loop(uint16_t *shadow, const float *param, i
   for (; i + 16 <= num_elems; i += 16) {
     __m256i raw = _mm256_loadu_si256((const __m256i *)(shadow + i));
     __m256 p0 = _mm256_loadu_ps(param + i), p1 = _mm256_loadu_ps(param + i + 8);
-    __m256i next_low = bf16_next8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
-                                  _mm256_permute2f128_ps(p0, p1, 0x20), w, sr_bits8(&low, key_low), guard, copy,
-                                  &nonfinite);
-    __m256i next_high = bf16_next8(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
-                                   _mm256_permute2f128_ps(p0, p1, 0x31), w, sr_bits8(&high, key_low), guard, copy,
-                                   &nonfinite);
+    __m256i next_low =
+        bf16_next8(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)), _mm256_permute2f128_ps(p0, p1, 0x20), w,
+                   sr_bits8(&low, key_low), guard, copy, &nonfinite);
+    __m256i next_high =
+        bf16_next8(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)), _mm256_permute2f128_ps(p0, p1, 0x31), w,
+                   sr_bits8(&high, key_low), guard, copy, &nonfinite);
     _mm256_storeu_si256((__m256i *)(shadow + i), _mm256_packus_epi32(next_low, next_high));
     low.low = _mm256_add_epi32(low.low, step);
     high.low = _mm256_add_epi32(high.low, step);
@@ -210,9 +213,8 @@ AVX2_INLINE int64_t bf16_stochastic_loop(uint16_t *shadow, const float *param, i
 AVX2 static int64_t bf16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                                     uint64_t key, int64_t first_elem)
 {
-  return cpu_weight_is_one(weight)
-             ? bf16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 1)
-             : bf16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
+  return cpu_weight_is_one(weight) ? bf16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 1)
+                                   : bf16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
 AVX2 static int64_t count_nonfinite(const float *param, int64_t num_elems)
@@ -298,9 +300,8 @@ AVX2_INLINE int64_t f16_stochastic_loop(uint16_t *shadow, const float *param, in
 AVX2 static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t num_elems, float weight, int guard,
                                    uint64_t key, int64_t first_elem)
 {
-  return cpu_weight_is_one(weight)
-             ? f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 1)
-             : f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
+  return cpu_weight_is_one(weight) ? f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 1)
+                                   : f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
 AVX2 static void f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems)

@@ -23,8 +23,8 @@
 polyak_status polyak_cuda_fail(polyak_t *p, cudaError_t err, const char *what)
 {
   cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
-  return polyak_fail(p, err == cudaErrorMemoryAllocation ? POLYAK_ERR_NO_MEMORY : POLYAK_ERR_CUDA,
-                     "%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
+  return polyak_fail(p, err == cudaErrorMemoryAllocation ? POLYAK_ERR_NO_MEMORY : POLYAK_ERR_CUDA, "%s: %s: %s", what,
+                     cudaGetErrorName(err), cudaGetErrorString(err));
 }
 
 /* Makes the handle's device current; *previous gets the caller's. */
@@ -51,8 +51,8 @@ void polyak_cuda_leave(const polyak_t *p, int previous)
   int active = 0;
   if (previous == p->cfg.device)
     return;
-  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault,
-                                       &found) == cudaSuccess &&
+  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault, &found) ==
+          cudaSuccess &&
       found == cudaDriverEntryPointSuccess &&
       ((primary_ctx_state_fn)entry)((CUdevice)previous, &flags, &active) == CUDA_SUCCESS && active)
     cudaSetDevice(previous);
@@ -77,8 +77,7 @@ polyak_status polyak_cuda_check_device(int device, char *msg, size_t msg_num_byt
   int count = polyak_cuda_device_count(reason, sizeof reason);
   if (count < 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "the CUDA backend found no usable device (cudaGetDeviceCount: %s)",
-                          reason);
+                          "the CUDA backend found no usable device (cudaGetDeviceCount: %s)", reason);
   if (count == 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
                           "the CUDA backend found no CUDA device on this machine");
@@ -106,16 +105,14 @@ polyak_status polyak_cuda_check_pointer(polyak_t *p, const void *ptr, const char
   cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, what);
-  if (attr.type == cudaMemoryTypeManaged ||
-      (attr.type == cudaMemoryTypeDevice && attr.device == p->cfg.device))
+  if (attr.type == cudaMemoryTypeManaged || (attr.type == cudaMemoryTypeDevice && attr.device == p->cfg.device))
     return POLYAK_OK;
   if (attr.type == cudaMemoryTypeDevice)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: %p is memory of CUDA device %d; this handle runs on device %d", what,
-                       ptr, attr.device, p->cfg.device);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %p is memory of CUDA device %d; this handle runs on device %d",
+                       what, ptr, attr.device, p->cfg.device);
   return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                     "%s: %p is host memory; the CUDA backend needs device memory on device %d",
-                     what, ptr, p->cfg.device);
+                     "%s: %p is host memory; the CUDA backend needs device memory on device %d", what, ptr,
+                     p->cfg.device);
 }
 
 /* ---- finalize and destroy ------------------------------------------------ */
@@ -266,8 +263,7 @@ static polyak_status upload_whole_chunks(polyak_t *p, cuda_state *state, cudaStr
     return status;
   cudaError_t err = cudaMalloc((void **)&state->store_chunks, ((size_t)count + 1) * sizeof *chunks);
   if (err == cudaSuccess)
-    err = cudaMemcpyAsync(state->store_chunks, chunks, (size_t)count * sizeof *chunks, cudaMemcpyHostToDevice,
-                          stream);
+    err = cudaMemcpyAsync(state->store_chunks, chunks, (size_t)count * sizeof *chunks, cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
     err = cudaStreamSynchronize(stream); /* before the host table goes */
   free(chunks);
@@ -285,8 +281,8 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
   cudaError_t err = cudaMemcpyAsync(state->descs, p->descs, (size_t)p->num_tensors * sizeof *p->descs,
                                     cudaMemcpyHostToDevice, stream);
   if (err == cudaSuccess)
-    err = cudaMemcpyAsync(state->chunks, p->chunks, (size_t)p->num_chunks * sizeof *p->chunks,
-                          cudaMemcpyHostToDevice, stream);
+    err = cudaMemcpyAsync(state->chunks, p->chunks, (size_t)p->num_chunks * sizeof *p->chunks, cudaMemcpyHostToDevice,
+                          stream);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(state->copy_chunks, p->copy_chunks, (size_t)p->num_copy_chunks * sizeof *p->copy_chunks,
                           cudaMemcpyHostToDevice, stream);
@@ -322,8 +318,7 @@ static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
   char reason[POLYAK_ERROR_BYTES];
   int all_ok = 0, same = 0, other = -1;
   polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, p->cfg.world_size, polyak_layout_hash(p),
-                                                    status == POLYAK_OK, &all_ok, &same, &other, reason,
-                                                    sizeof reason);
+                                                    status == POLYAK_OK, &all_ok, &same, &other, reason, sizeof reason);
   if (status != POLYAK_OK)
     return status;
   if (agreed != POLYAK_OK)

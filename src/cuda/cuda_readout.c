@@ -39,8 +39,7 @@ polyak_status polyak_cuda_read_out(polyak_t *p, const void *src, polyak_dtype sr
   if (err == cudaSuccess) {
     int64_t blocks = (num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
     int grid = blocks < state->io_grid ? (int)blocks : state->io_grid;
-    err = polyak_launch_readout(src, src_dtype, num_elems, debias_scale, dst, dst_dtype, grid,
-                                (cudaStream_t)stream);
+    err = polyak_launch_readout(src, src_dtype, num_elems, debias_scale, dst, dst_dtype, grid, (cudaStream_t)stream);
   }
   polyak_cuda_leave(p, previous);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "read-out kernel launch");
@@ -91,8 +90,8 @@ polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int nu
   if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
     blas = cublasSetStream(state->blas, (cudaStream_t)stream);
   if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
-    blas = cublasSgemv_64(state->blas, CUBLAS_OP_N, p->arena_elems, num_snapshots, &one, snapshots, p->arena_elems,
-                          x, 1, &zero, y, 1);
+    blas = cublasSgemv_64(state->blas, CUBLAS_OP_N, p->arena_elems, num_snapshots, &one, snapshots, p->arena_elems, x,
+                          1, &zero, y, 1);
   if (err == cudaSuccess && blas == CUBLAS_STATUS_SUCCESS)
     err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, y, -1, POLYAK_F32, 1.0,
                                        polyak_cuda_io_grid(p, state), (cudaStream_t)stream);
@@ -104,13 +103,13 @@ polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int nu
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_synthesize_to_params");
   if (blas != CUBLAS_STATUS_SUCCESS)
-    return polyak_fail(p, POLYAK_ERR_CUDA, "polyak_synthesize_to_params: cuBLAS: %s: %s",
-                       cublasGetStatusName(blas), cublasGetStatusString(blas));
+    return polyak_fail(p, POLYAK_ERR_CUDA, "polyak_synthesize_to_params: cuBLAS: %s: %s", cublasGetStatusName(blas),
+                       cublasGetStatusString(blas));
   return POLYAK_OK;
 }
 
-polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst,
-                                polyak_dtype dst_dtype, void *stream)
+polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
+                                void *stream)
 {
   const cuda_state *state = p->backend;
   polyak_blend_args args;
@@ -121,8 +120,8 @@ polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tenso
     args.arenas[k] = state->shadows[k];
     args.coefficient[k] = coefficient[k];
   }
-  int64_t work = tensor < 0 ? p->num_chunks
-                            : (p->tensors[tensor].num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
+  int64_t work =
+      tensor < 0 ? p->num_chunks : (p->tensors[tensor].num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
   if (work == 0)
     return POLYAK_OK;
   int previous;

@@ -26,17 +26,17 @@ typedef struct {
   void *store;                       /* polyak_store's copy of the params */
   polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
   int64_t num_store_chunks;
-  polyak_copy_chunk *copy_chunks;    /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
-  int *flag;                         /* one int for the ranks' agreements (with nccl_comm) */
-  double *products;                  /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
-  cublasHandle_t blas;               /* post-hoc synthesis; made at its first use */
+  polyak_copy_chunk *copy_chunks; /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
+  int *flag;                      /* one int for the ranks' agreements (with nccl_comm) */
+  double *products;               /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
+  cublasHandle_t blas;            /* post-hoc synthesis; made at its first use */
   /* LAWA, allocated at the first polyak_set_grads or _set_layer_norms */
-  void **layer_grads;                /* [num_tensors] device table, or unused with: */
-  const float *layer_norms;          /* the caller's [num_tensors], or NULL */
-  int64_t *tensor_chunks;            /* [num_tensors + 1] */
-  float *chunk_sumsq;                /* [num_chunks] */
-  double *layer_norm;                /* [num_tensors] */
-  double *layer_beta;                /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  void **layer_grads;       /* [num_tensors] device table, or unused with: */
+  const float *layer_norms; /* the caller's [num_tensors], or NULL */
+  int64_t *tensor_chunks;   /* [num_tensors + 1] */
+  float *chunk_sumsq;       /* [num_chunks] */
+  double *layer_norm;       /* [num_tensors] */
+  double *layer_beta;       /* [num_tensors][POLYAK_MAX_SHADOWS] */
   unsigned int *layer_blocks_done;
 } cuda_state;
 
@@ -112,8 +112,8 @@ polyak_status polyak_cuda_copy_to_params(polyak_t *p, int shadow, double debias_
 polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
                                      void *stream);
 
-polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst,
-                                polyak_dtype dst_dtype, void *stream);
+polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
+                                void *stream);
 
 polyak_status polyak_cuda_store(polyak_t *p, void *stream);
 
@@ -131,8 +131,8 @@ polyak_status polyak_cuda_copy_from_host(polyak_t *p, void *dst, const void *hos
 
 polyak_status polyak_cuda_staging_begin(polyak_t *p);
 
-polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem,
-                                        int64_t num_elems, const void *host);
+polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
+                                        const void *host);
 
 polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies);
 

@@ -33,8 +33,8 @@ void polyak_cuda_free_host_buffer(polyak_t *p, void *buffer)
 
 /* Copies between an arena range and host memory on the handle's device,
  * ordered after all work already on it (save and load are rare). */
-static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t num_bytes,
-                                enum cudaMemcpyKind kind, const char *what)
+static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t num_bytes, enum cudaMemcpyKind kind,
+                                const char *what)
 {
   int previous;
   cudaError_t err = polyak_cuda_enter(p, &previous);
@@ -85,14 +85,13 @@ polyak_status polyak_cuda_staging_begin(polyak_t *p)
   return POLYAK_OK;
 }
 
-polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem,
-                                        int64_t num_elems, const void *host)
+polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
+                                        const void *host)
 {
   cuda_state *state = p->backend;
   size_t elem_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  return copy_arena(p, (char *)state->staging[shadow] + first_elem * elem_bytes, host,
-                    (size_t)num_elems * elem_bytes, cudaMemcpyHostToDevice,
-                    "polyak_load: copying a shadow to the device");
+  return copy_arena(p, (char *)state->staging[shadow] + first_elem * elem_bytes, host, (size_t)num_elems * elem_bytes,
+                    cudaMemcpyHostToDevice, "polyak_load: copying a shadow to the device");
 }
 
 polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies)
@@ -197,8 +196,7 @@ polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, 
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "all-gather: cudaSetDevice");
   polyak_status status = polyak_nccl_all_gather(p->cfg.nccl_comm, send, recv, (size_t)count,
-                                                p->cfg.shadow_dtype == POLYAK_BF16, stream, reason,
-                                                sizeof reason);
+                                                p->cfg.shadow_dtype == POLYAK_BF16, stream, reason, sizeof reason);
   polyak_cuda_leave(p, previous);
   return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
 }

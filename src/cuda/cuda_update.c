@@ -10,8 +10,7 @@
 
 /* ---- update ------------------------------------------------------------------ */
 
-static void fill_kernel_args(const polyak_t *p, const cuda_state *state,
-                             polyak_update_kernel_args *args)
+static void fill_kernel_args(const polyak_t *p, const cuda_state *state, polyak_update_kernel_args *args)
 {
   memset(args, 0, sizeof *args);
   args->descs = state->descs;
@@ -180,7 +179,7 @@ polyak_status polyak_cuda_set_layer_source(polyak_t *p, void *const *grads, cons
   for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
     snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
     status = p->tensors[i].num_elems > 0 && !p->tensors[i].copy_only ? polyak_cuda_check_pointer(p, grads[i], what)
-                                                                      : POLYAK_OK;
+                                                                     : POLYAK_OK;
   }
   if (status != POLYAK_OK)
     return status;
@@ -258,11 +257,9 @@ polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream)
     err = cudaMalloc((void **)&weights, num_bytes);
   graph.weights = weights;
   if (err == cudaSuccess)
-    err = cudaMemcpyAsync(weights, p->graph_weights, num_bytes, cudaMemcpyHostToDevice,
-                          (cudaStream_t)stream);
+    err = cudaMemcpyAsync(weights, p->graph_weights, num_bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream);
   if (err == cudaSuccess) /* arms every graph that captured this handle's update */
-    err = cudaMemcpyAsync(state->graph, &graph, sizeof graph, cudaMemcpyHostToDevice,
-                          (cudaStream_t)stream);
+    err = cudaMemcpyAsync(state->graph, &graph, sizeof graph, cudaMemcpyHostToDevice, (cudaStream_t)stream);
   if (err == cudaSuccess)
     err = cudaStreamSynchronize((cudaStream_t)stream);
   if (err == cudaSuccess)
@@ -331,8 +328,8 @@ polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
                                           whole ? state->num_store_chunks : p->num_chunks, (cudaStream_t)stream,
                                           "polyak_hard_update");
   if (status == POLYAK_OK && p->num_chunks > 0) /* a rank's slice may be empty */
-    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1,
-                             p->cfg.shadow_dtype, NULL, NULL, polyak_cuda_io_grid(p, state), (cudaStream_t)stream);
+    err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1, p->cfg.shadow_dtype,
+                             NULL, NULL, polyak_cuda_io_grid(p, state), (cudaStream_t)stream);
   polyak_cuda_leave(p, previous);
   return status != POLYAK_OK ? status : err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_hard_update");
 }

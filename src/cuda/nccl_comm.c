@@ -14,8 +14,7 @@ static polyak_status nccl_error(ncclResult_t result, const char *what, char *msg
                         result == ncclInProgress ? " (polyak needs a blocking communicator)" : "");
 }
 
-polyak_status polyak_nccl_check_comm(void *comm, int world_size, int rank, int device, char *msg,
-                                     size_t msg_num_bytes)
+polyak_status polyak_nccl_check_comm(void *comm, int world_size, int rank, int device, char *msg, size_t msg_num_bytes)
 {
   int count = 0, user_rank = 0, comm_device = 0;
   ncclResult_t result = ncclCommCount((ncclComm_t)comm, &count);
@@ -36,16 +35,15 @@ polyak_status polyak_nccl_check_comm(void *comm, int world_size, int rank, int d
   return POLYAK_OK;
 }
 
-polyak_status polyak_nccl_all_gather(void *comm, const void *send, void *recv, size_t count,
-                                     int is_bf16, void *stream, char *msg, size_t msg_num_bytes)
+polyak_status polyak_nccl_all_gather(void *comm, const void *send, void *recv, size_t count, int is_bf16, void *stream,
+                                     char *msg, size_t msg_num_bytes)
 {
-  ncclResult_t result = ncclAllGather(send, recv, count, is_bf16 ? ncclBfloat16 : ncclFloat32,
-                                      (ncclComm_t)comm, (cudaStream_t)stream);
+  ncclResult_t result =
+      ncclAllGather(send, recv, count, is_bf16 ? ncclBfloat16 : ncclFloat32, (ncclComm_t)comm, (cudaStream_t)stream);
   return result == ncclSuccess ? POLYAK_OK : nccl_error(result, "ncclAllGather", msg, msg_num_bytes);
 }
 
-polyak_status polyak_nccl_agree(void *comm, int *flag, int local_ok, int *all_ok, char *msg,
-                                size_t msg_num_bytes)
+polyak_status polyak_nccl_agree(void *comm, int *flag, int local_ok, int *all_ok, char *msg, size_t msg_num_bytes)
 {
   int value = local_ok ? 1 : 0;
   cudaError_t err = cudaMemcpy(flag, &value, sizeof value, cudaMemcpyHostToDevice);
@@ -66,7 +64,8 @@ polyak_status polyak_nccl_finalize_agree(void *comm, int world_size, uint64_t ha
 {
   uint64_t mine[2] = {hash, local_ok ? 1u : 0u};
   uint64_t *all = malloc(sizeof mine * (size_t)world_size), *device = NULL;
-  cudaError_t err = all ? cudaMalloc((void **)&device, sizeof mine * (size_t)(world_size + 1)) : cudaErrorMemoryAllocation;
+  cudaError_t err =
+      all ? cudaMalloc((void **)&device, sizeof mine * (size_t)(world_size + 1)) : cudaErrorMemoryAllocation;
   ncclResult_t result = ncclSuccess;
   if (err == cudaSuccess)
     err = cudaMemcpy(device, mine, sizeof mine, cudaMemcpyHostToDevice);
