@@ -168,7 +168,7 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
   cfg.shadow_dtype = shadow_dtype;
   cfg.cpu_threads = run->threads;
   for (int k = 0; k < num_shadows; k++)
-    cfg.rounding[k] = rounding;
+    cfg.shadows[k].rounding = rounding;
   polyak_t *handles[POLYAK_MAX_SHADOWS] = {0};
   int count = separate ? num_shadows : 1, failed = 0, culprit = 0;
   double *times = malloc(sizeof(double) * (size_t)run->iters),

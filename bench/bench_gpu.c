@@ -95,8 +95,8 @@ static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dty
   cfg.shadow_dtype = shadow_dtype;
   cfg.world_size = world_size;
   for (int k = 0; k < num_shadows; k++) {
-    cfg.schedules[k].beta = 0.999 + 0.0001 * k;
-    cfg.rounding[k] = rounding;
+    cfg.shadows[k].schedule.beta = 0.999 + 0.0001 * k;
+    cfg.shadows[k].rounding = rounding;
   }
   polyak_t *p = NULL;
   if (polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, run->list, run->params, run->param_dtype) ||
@@ -239,9 +239,9 @@ static polyak_t *make_mode_handle(const gpu_run *run, int mode, void **params, v
   polyak_config_init(&cfg);
   cfg.backend = POLYAK_BACKEND_CUDA;
   cfg.lookahead_every = mode == MODE_LOOKAHEAD ? 1 : 0; /* a sync every step: the write-back's worst case */
-  cfg.schedules[0].beta = mode == MODE_LOOKAHEAD ? 0.5 : 0.999;
-  cfg.grad_norm_c[0] = mode == MODE_GRAD_NORM ? 0.1 : 0.0;
-  cfg.layerwise_beta0[0] = mode == MODE_LAWA ? 0.999 : 0.0;
+  cfg.shadows[0].schedule.beta = mode == MODE_LOOKAHEAD ? 0.5 : 0.999;
+  cfg.shadows[0].grad_norm_c = mode == MODE_GRAD_NORM ? 0.1 : 0.0;
+  cfg.shadows[0].layerwise_beta0 = mode == MODE_LAWA ? 0.999 : 0.0;
   polyak_t *p = NULL;
   polyak_status s = polyak_create(&p, &cfg);
   for (int i = 0; i < run->list->num_tensors && s == POLYAK_OK; i++) {

@@ -258,8 +258,8 @@ static int edm2_init(edm2_run *e, const weights_home *home)
   polyak_config_init(&cfg);
   cfg.num_shadows = 3;
   for (int k = 0; k < 3; k++) {
-    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
-    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(kEdm2Sigma[k]);
+    cfg.shadows[k].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[k].schedule.gamma = polyak_gamma_from_sigma_rel(kEdm2Sigma[k]);
   }
   e->count = 0;
   e->p = averages_of(home, &cfg);
@@ -340,7 +340,7 @@ static int lookahead_run(long steps, long burn_in, const double *theta_star, dou
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.lookahead_every = 5;     /* k */
-  cfg.schedules[0].beta = 0.5; /* alpha = 1 - beta */
+  cfg.shadows[0].schedule.beta = 0.5; /* alpha = 1 - beta */
   polyak_t *p = averages_of(&home, &cfg);
   if (!p)
     return 1;
@@ -391,21 +391,21 @@ int main(int argc, char **argv)
   polyak_config_init(&cfg);
   cfg.num_shadows = NUM_SHADOWS;
   const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)", "equal (tail)"};
-  cfg.schedules[0].beta = 0.9;
-  cfg.schedules[1].beta = 0.99;
-  cfg.schedules[2].beta = 0.999;
-  cfg.schedules[3].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[3].beta = 0.9999;
-  cfg.schedules[4].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[4].start_step = burn_in;
+  cfg.shadows[0].schedule.beta = 0.9;
+  cfg.shadows[1].schedule.beta = 0.99;
+  cfg.shadows[2].schedule.beta = 0.999;
+  cfg.shadows[3].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[3].schedule.beta = 0.9999;
+  cfg.shadows[4].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[4].schedule.start_step = burn_in;
   polyak_t *p = averages_of(&home, &cfg);
 
   /* SWA: the plain mean of snapshots every swa_every steps after burn-in */
   polyak_config swa_cfg;
   polyak_config_init(&swa_cfg);
-  swa_cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
-  swa_cfg.schedules[0].start_step = burn_in;
-  swa_cfg.count_updates[0] = 1;
+  swa_cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  swa_cfg.shadows[0].schedule.start_step = burn_in;
+  swa_cfg.shadows[0].count_updates = 1;
   polyak_t *swa = p ? averages_of(&home, &swa_cfg) : NULL;
   if (!swa)
     return polyak_destroy(p), 1;
@@ -415,7 +415,7 @@ int main(int argc, char **argv)
   /* an EMA whose beta follows the gradient norm: 1 - c / sqrt(1 + |g|^2) */
   polyak_config gn_cfg;
   polyak_config_init(&gn_cfg);
-  gn_cfg.grad_norm_c[0] = 0.01;
+  gn_cfg.shadows[0].grad_norm_c = 0.01;
   float grad_norm_host = 0.0f, *grad_norm = scalar_on(&home, &grad_norm_host);
   polyak_t *gn = averages_of(&home, &gn_cfg);
   if (!gn || !grad_norm || (s = polyak_set_grad_norm(gn, grad_norm)) != POLYAK_OK)
@@ -491,9 +491,9 @@ int main(int argc, char **argv)
   printf("%-15s %9s %13.5f   %-27.5f %-10s %-10s\n", "raw SGD", "-", sqrt(squared_distance(theta, theta_star)), 1.0,
          "1", "1");
   for (int k = 0; k < NUM_SHADOWS; k++) {
-    double beta = polyak_beta_at(&cfg.schedules[k], steps);
+    double beta = polyak_beta_at(&cfg.shadows[k].schedule, steps);
     double measured_ratio, iid, ar1;
-    if (cfg.schedules[k].kind == POLYAK_SCHEDULE_EQUAL) {
+    if (cfg.shadows[k].schedule.kind == POLYAK_SCHEDULE_EQUAL) {
       /* a mean of n correlated samples: one end-of-run draw, not a time average */
       measured_ratio = squared_distance(shadow[k], theta_star) / raw_var;
       iid = 1.0 / tail_samples;

@@ -309,10 +309,10 @@ int main(int argc, char **argv)
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.num_shadows = 2;
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[0].beta = 0.999;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
-  cfg.schedules[1].gamma = polyak_gamma_from_sigma_rel(0.10);
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[0].schedule.beta = 0.999;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[1].schedule.gamma = polyak_gamma_from_sigma_rel(0.10);
   polyak_t *ema = NULL;
   polyak_status s = polyak_create(&ema, &cfg);
   if (s != POLYAK_OK)

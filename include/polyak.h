@@ -151,45 +151,45 @@ typedef struct {
   int64_t start_step; /* beta = 0 (the shadow copies the params) up to this step */
 } polyak_schedule;
 
+/* One shadow's settings (polyak_config.shadows[k]). */
 typedef struct {
-  size_t struct_size; /* set by polyak_config_init; checked by create */
-  polyak_backend backend;
-  int device;      /* CUDA device ordinal */
-  int num_shadows; /* 1..POLYAK_MAX_SHADOWS */
-  polyak_schedule schedules[POLYAK_MAX_SHADOWS];
-  polyak_dtype shadow_dtype; /* POLYAK_F32 (default) or POLYAK_BF16 (stochastic rounding) */
-  int zero_init;             /* 0 (default): shadows start as params */
-  int skip_nonfinite;        /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
-  uint64_t seed;             /* stochastic rounding */
-  /* sharding (version 2 of this struct; a version-1 struct_size means 1 rank) */
-  int world_size;  /* 1 (default): whole shadows; W: this handle holds 1/W */
-  int rank;        /* 0..world_size-1: which slice this handle holds */
-  void *nccl_comm; /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
-  /* version 3 */
-  int count_updates[POLYAK_MAX_SHADOWS]; /* 1: shadow k's schedule counts updates, not steps
-                                            (no gap compensation); 0 (default): steps */
-  /* version 4 */
-  int64_t lookahead_every;                    /* k > 0: the last shadow is Lookahead's slow weights (below);
-                                     0 (default): none */
-  double grad_norm_c[POLYAK_MAX_SHADOWS];     /* c in (0, 1]: shadow k's beta follows the gradient
-                                             norm (below); 0 (default): its schedule */
-  double layerwise_beta0[POLYAK_MAX_SHADOWS]; /* beta0 in (0, 1]: shadow k's beta is per tensor
-                                                 from the gradients (LAWA, below); 0: off */
-  /* version 5 */
-  int rounding[POLYAK_MAX_SHADOWS]; /* how f32 shadow k rounds each update: POLYAK_ROUND_NEAREST
-                                       (default) or POLYAK_ROUND_STOCHASTIC (below) */
-  /* version 6 */
-  int cpu_threads; /* CPU backend: threads per update, the caller's included (below);
-                                     1 (default): the caller alone; 0: one per core it may use */
+  polyak_schedule schedule; /* its decay beta(step) */
+  int rounding;             /* f32 shadows: POLYAK_ROUND_NEAREST (default) or POLYAK_ROUND_STOCHASTIC */
+  int count_updates;        /* 1: the schedule counts updates, not steps (no gap compensation); 0 (default) */
+  double grad_norm_c;       /* c in (0, 1]: beta follows the gradient norm; 0 (default): the schedule */
+  double layerwise_beta0;   /* beta0 in (0, 1]: beta per tensor from the gradients (LAWA); 0 (default): off */
+} polyak_shadow_config;
+
+/* Where the shadows of a CUDA handle live (polyak_config.shadow_location). */
+#define POLYAK_SHADOWS_DEVICE 0 /* device memory (the default) */
+#define POLYAK_SHADOWS_HOST   1 /* host memory, params on the device: not yet supported */
+
+#define POLYAK_CONFIG_MAGIC 0x706f6c79u /* "poly": polyak_config_init sets it */
+
+/* A handle's settings: fill with polyak_config_init, then change fields. */
+typedef struct {
+  size_t struct_size;     /* set by polyak_config_init; checked by create */
+  uint32_t magic;         /* POLYAK_CONFIG_MAGIC, set by polyak_config_init; checked by create */
+  polyak_backend backend; /* POLYAK_BACKEND_CPU (default) or POLYAK_BACKEND_CUDA */
+  int device;             /* CUDA device ordinal; 0 (default) */
+  int num_shadows;        /* 1..POLYAK_MAX_SHADOWS; 1 (default) */
+  polyak_shadow_config shadows[POLYAK_MAX_SHADOWS]; /* [0, num_shadows) used */
+  polyak_dtype shadow_dtype;                        /* POLYAK_F32 (default) or POLYAK_BF16 (stochastic rounding) */
+  int zero_init;           /* 0 (default): shadows start as params; 1: at 0, debiased when read */
+  int skip_nonfinite;      /* 1 (default): a NaN/Inf param element leaves its shadow as it was */
+  uint64_t seed;           /* stochastic rounding's hash key; 0 (default) */
+  int64_t lookahead_every; /* k > 0: the last shadow is Lookahead's slow weights; 0 (default): none */
+  int world_size;          /* 1 (default): whole shadows; W: this handle holds 1/W of them */
+  int rank;                /* 0..world_size-1: which slice this handle holds */
+  void *nccl_comm;         /* ncclComm_t of those ranks, borrowed (CUDA backend), or NULL */
+  int cpu_threads;         /* CPU backend: threads per update, the caller's included; 1 (default); 0: a core each */
+  int shadow_location;     /* POLYAK_SHADOWS_DEVICE (default) or POLYAK_SHADOWS_HOST */
 } polyak_config;
 
-/* struct_size of earlier versions of polyak_config, still accepted; the
- * fields they lack keep their defaults. */
-#define POLYAK_CONFIG_SIZE_V1 (offsetof(polyak_config, world_size))
-#define POLYAK_CONFIG_SIZE_V2 (offsetof(polyak_config, count_updates))
-#define POLYAK_CONFIG_SIZE_V3 (offsetof(polyak_config, lookahead_every))
-#define POLYAK_CONFIG_SIZE_V4 (offsetof(polyak_config, rounding))
-#define POLYAK_CONFIG_SIZE_V5 (offsetof(polyak_config, cpu_threads))
+/* struct_size of the 1.0 polyak_config. Later versions only append fields,
+ * so a caller built against 1.0 keeps working: create accepts its
+ * struct_size and gives the fields it lacks their defaults. */
+#define POLYAK_CONFIG_SIZE_1_0 (offsetof(polyak_config, shadow_location) + sizeof(int))
 
 /* Threads of the CPU backend (cpu_threads, 0..POLYAK_MAX_CPU_THREADS; the
  * CUDA backend ignores it). With N > 1, polyak_finalize starts N - 1 worker

@@ -25,7 +25,7 @@
 #define POLYAK_SHADOW_ALIGN_BYTES 16
 
 typedef struct {
-  const void *param; /* num_elems elements of param_dtype */
+  void *param; /* num_elems elements of param_dtype; written by Lookahead and copies to the params */
   int64_t num_elems;
   int64_t global_offset_elems; /* first element's index in the flattened
                                   registration order (the hash's counter) */

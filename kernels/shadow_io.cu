@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x) {
       float value = polyak_shadow_load(&t, arena, shadow_dtype, k, i);
-      polyak_store_f32(const_cast<void *>(t.param), i, polyak_debias(value, debias_scale), t.param_dtype);
+      polyak_store_f32(t.param, i, polyak_debias(value, debias_scale), t.param_dtype);
     }
   }
 }
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
-    char *param = static_cast<char *>(const_cast<void *>(t.param));
+    char *param = static_cast<char *>(t.param);
     char *kept = store + t.store_offset_bytes;
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x) {
       if (t.param_dtype == POLYAK_F32) {
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x)
-      polyak_store_f32(const_cast<void *>(t.param), i, polyak_blend_at(a, &t, i), t.param_dtype);
+      polyak_store_f32(t.param, i, polyak_blend_at(a, &t, i), t.param_dtype);
   }
 }
 

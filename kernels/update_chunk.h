@@ -190,7 +190,7 @@ POLYAK_HD void polyak_write_back_scalar(const polyak_tensor_desc &t, int64_t i, 
 {
   int64_t slot = t.shadow_offset_elems + i;
   float slow = polyak_load_f32(shadows[a.num_shadows - 1], slot, SHADOW_DTYPE);
-  polyak_store_f32(const_cast<void *>(t.param), i, slow, PARAM_DTYPE);
+  polyak_store_f32(t.param, i, slow, PARAM_DTYPE);
 }
 
 /* One element at chunk-relative index i, every shadow; returns 1 if the
@@ -284,7 +284,7 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
   if (WRITE_BACK) { /* Lookahead: the params <- the slow weights just stored */
     float slow[POLYAK_VEC_ELEMS];
     polyak_load8_shadow<SHADOW_DTYPE>(shadows[a.num_shadows - 1], slot, slow);
-    polyak_store8<PARAM_DTYPE>(const_cast<param_elem *>(static_cast<const param_elem *>(t.param)) + i, slow);
+    polyak_store8<PARAM_DTYPE>(static_cast<param_elem *>(t.param) + i, slow);
   }
   return nonfinite;
 }

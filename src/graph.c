@@ -24,10 +24,7 @@ static double reserved_decay(const polyak_t *p, int k, int64_t row)
 
 polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_reserve: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_graph_reserve"));
   if (p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_graph_reserve: steps %lld..%lld are reserved already; call "

@@ -124,8 +124,9 @@ polyak_status polyak_plan_build(polyak_t *p)
     descs[i].owned = t->owned ? t->shadow : NULL;
     descs[i].owned_dtype = (int32_t)t->shadow_dtype;
     /* a caller's f32 shadow rounds as shadow 0 does; a 16-bit one by its flag */
-    descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
-                                   (t->shadow_dtype == POLYAK_F32 && p->cfg.rounding[0] != POLYAK_ROUND_STOCHASTIC);
+    descs[i].owned_round_nearest =
+        (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
+        (t->shadow_dtype == POLYAK_F32 && p->cfg.shadows[0].rounding != POLYAK_ROUND_STOCHASTIC);
     descs[i].copy_only = t->copy_only;
     tensor_chunks[i] = chunk;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {

@@ -94,6 +94,16 @@ struct polyak {
  * is called only after the front end (update.c) validated everything; a
  * failing one leaves the shadows as they were. */
 struct polyak_backend_ops {
+  /* what the front end asks of a backend before any handle exists: 1 if it
+   * can run here; its own checks of a config (the device, the
+   * communicator), after the front end's; and, for memory only it can
+   * read, 1 for such a pointer and the memory's name in messages
+   * (owns_memory NULL: host memory, anyone's) */
+  int (*available)(void);
+  polyak_status (*check_config)(const polyak_config *cfg, char *msg, size_t msg_num_bytes);
+  int (*owns_memory)(const void *ptr);
+  const char *memory_name;
+
   /* refuses a param (copy-only ones included) or caller's shadow in memory
    * the backend cannot use; first at finalize, before anything reads them */
   polyak_status (*check_params)(polyak_t *p);
@@ -186,9 +196,30 @@ extern const polyak_backend_ops polyak_cpu_ops;
 extern const polyak_backend_ops polyak_cuda_ops;
 #endif
 
+/* Backend b's functions, or NULL if this build has no such backend. */
+const polyak_backend_ops *polyak_backend_ops_of(polyak_backend b);
+
+/* The name of the memory `ptr` points into if only another backend than
+ * p's can read it ("CUDA device memory"), else NULL. */
+const char *polyak_foreign_memory(const polyak_t *p, const void *ptr);
+
 /* Records "<message>" as p's last error and returns `status`. */
 polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* Returns from the calling function with the status of `call` unless it
+ * is POLYAK_OK. */
+#define POLYAK_TRY(call)                       \
+  do {                                         \
+    polyak_status polyak_try_status_ = (call); \
+    if (polyak_try_status_ != POLYAK_OK)       \
+      return polyak_try_status_;               \
+  } while (0)
+
+/* The entry check of every call that needs a finalized handle:
+ * POLYAK_ERR_INVALID_ARG for a NULL p (no handle to hold a message), then
+ * POLYAK_ERR_STATE "<function>: call polyak_finalize first". */
+polyak_status polyak_require_finalized(polyak_t *p, const char *function);
 
 /* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
 polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status, const char *format, ...)
@@ -204,8 +235,9 @@ typedef struct {
 } polyak_double_text;
 polyak_double_text polyak_format_double(double value);
 
-/* `in` (any accepted struct_size) as a current polyak_config, later fields
- * at their defaults. -1 for an unknown struct_size. */
+/* `in` (any accepted struct_size, with the magic) as a current
+ * polyak_config, later fields at their defaults. -1 for an unknown
+ * struct_size or a missing magic. */
 int polyak_config_normalize(const polyak_config *in, polyak_config *out);
 
 /* Schedule checks as polyak_create makes them; the reason goes to msg. */
@@ -226,14 +258,14 @@ static inline int polyak_is_lookahead(const polyak_config *c, int k)
 /* 1 if shadow k's beta follows the gradient norm. */
 static inline int polyak_is_grad_norm(const polyak_config *c, int k)
 {
-  return c->grad_norm_c[k] > 0.0;
+  return c->shadows[k].grad_norm_c > 0.0;
 }
 
 /* 1 if any shadow is layer-wise (LAWA). */
 static inline int polyak_has_layerwise(const polyak_config *c)
 {
   for (int k = 0; k < c->num_shadows; k++)
-    if (c->layerwise_beta0[k] > 0.0)
+    if (c->shadows[k].layerwise_beta0 > 0.0)
       return 1;
   return 0;
 }
@@ -244,8 +276,18 @@ static inline uint32_t polyak_stochastic_f32_mask(const polyak_config *c)
 {
   uint32_t mask = 0;
   for (int k = 0; k < c->num_shadows; k++)
-    mask |= (uint32_t)(c->rounding[k] == POLYAK_ROUND_STOCHASTIC) << k;
+    mask |= (uint32_t)(c->shadows[k].rounding == POLYAK_ROUND_STOCHASTIC) << k;
   return mask;
+}
+
+/* The shadows' grad_norm_c and layerwise_beta0 as arrays [POLYAK_MAX_SHADOWS]
+ * (0 past num_shadows): what the kernels' shared math takes. */
+static inline void polyak_adaptive_arrays(const polyak_config *c, double *grad_norm_c, double *layerwise_beta0)
+{
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
+    grad_norm_c[k] = k < c->num_shadows ? c->shadows[k].grad_norm_c : 0.0;
+    layerwise_beta0[k] = k < c->num_shadows ? c->shadows[k].layerwise_beta0 : 0.0;
+  }
 }
 
 /* 1 if any shadow follows the gradient norm. */
@@ -266,7 +308,7 @@ polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const c
  * kept; it stays 1). */
 static inline int polyak_host_product(const polyak_config *c, int k)
 {
-  return !polyak_is_grad_norm(c, k) && !(c->layerwise_beta0[k] > 0.0);
+  return !polyak_is_grad_norm(c, k) && !(c->shadows[k].layerwise_beta0 > 0.0);
 }
 
 /* p->beta_prod with the grad-norm shadows' fetched from the backend. */
@@ -276,7 +318,7 @@ polyak_status polyak_refresh_products(polyak_t *p);
  * syncs) rather than steps. */
 static inline int polyak_counts_updates(const polyak_config *c, int k)
 {
-  return c->count_updates[k] || polyak_is_lookahead(c, k);
+  return c->shadows[k].count_updates || polyak_is_lookahead(c, k);
 }
 
 /* The decay shadow k's update at `step` applies after one at `last_step`:

@@ -108,8 +108,7 @@ polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snap
 /* What snapshots need of a handle: finalized, whole shadows in arenas. */
 static polyak_status check_posthoc(polyak_t *p, const char *function)
 {
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->cfg.world_size > 1)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: snapshots of sharded handles are not built yet", function);
   for (int i = 0; i < p->num_tensors; i++)

@@ -77,8 +77,7 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
     snprintf(where, sizeof where, "%s(shadow = %d, tensor = %d)", function, shadow, tensor);
   else
     snprintf(where, sizeof where, "%s(tensor = %d)", function, tensor);
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", where);
+  POLYAK_TRY(polyak_require_finalized(p, where));
   if (shadow != BLEND && (shadow < 0 || shadow >= p->cfg.num_shadows))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "%s: shadow %d is outside 0..%d, this handle's shadows (the tensor comes next)", where, shadow,
@@ -158,10 +157,7 @@ polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, voi
 
 polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, int64_t *num_elems)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_local_range: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_local_range"));
   if (tensor < 0 || tensor >= p->num_tensors)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: tensor = %d is outside 0..%d", tensor,
                        p->num_tensors - 1);
@@ -174,10 +170,7 @@ polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, i
 
 polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_copy_to_params: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_copy_to_params"));
   double debias_scale = 1.0;
   polyak_status status = polyak_check_shadow(p, shadow, "polyak_copy_to_params");
   if (status == POLYAK_OK)
@@ -196,8 +189,7 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
 static polyak_status blend_coefficients(polyak_t *p, const double *weights, int flags, float *coefficient, void *stream,
                                         const char *function)
 {
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->cfg.world_size > 1)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: blends on sharded handles are not built yet", function);
   if (!weights)

@@ -340,19 +340,19 @@ uint64_t polyak_layout_hash(const polyak_t *p)
     XXH3_64bits_update(&state, &t->ndim, sizeof t->ndim);
     XXH3_64bits_update(&state, t->shape, sizeof t->shape[0] * (size_t)t->ndim);
   }
+  /* field by field: a config's padding bytes are unspecified */
   const polyak_config *c = &p->cfg;
-  XXH3_64bits_update(&state, &c->num_shadows, sizeof c->num_shadows);
-  XXH3_64bits_update(&state, c->schedules, sizeof c->schedules[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, &c->shadow_dtype, sizeof c->shadow_dtype);
-  XXH3_64bits_update(&state, &c->zero_init, sizeof c->zero_init);
-  XXH3_64bits_update(&state, &c->skip_nonfinite, sizeof c->skip_nonfinite);
-  XXH3_64bits_update(&state, &c->seed, sizeof c->seed);
-  XXH3_64bits_update(&state, &c->world_size, sizeof c->world_size);
-  XXH3_64bits_update(&state, c->count_updates, sizeof c->count_updates[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, &c->lookahead_every, sizeof c->lookahead_every);
-  XXH3_64bits_update(&state, c->grad_norm_c, sizeof c->grad_norm_c[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, c->layerwise_beta0, sizeof c->layerwise_beta0[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, c->rounding, sizeof c->rounding[0] * (size_t)c->num_shadows);
+#define HASH(field) XXH3_64bits_update(&state, &(field), sizeof(field))
+  HASH(c->num_shadows);
+  for (int k = 0; k < c->num_shadows; k++) {
+    const polyak_shadow_config *s = &c->shadows[k];
+    HASH(s->schedule.kind), HASH(s->schedule.beta), HASH(s->schedule.beta_min), HASH(s->schedule.inv_gamma);
+    HASH(s->schedule.power), HASH(s->schedule.gamma), HASH(s->schedule.ramp_steps), HASH(s->schedule.start_step);
+    HASH(s->rounding), HASH(s->count_updates), HASH(s->grad_norm_c), HASH(s->layerwise_beta0);
+  }
+  HASH(c->shadow_dtype), HASH(c->zero_init), HASH(c->skip_nonfinite), HASH(c->seed), HASH(c->world_size);
+  HASH(c->lookahead_every), HASH(c->shadow_location);
+#undef HASH
   return XXH3_64bits_digest(&state);
 }
 

@@ -249,7 +249,7 @@ double polyak_beta_from_window(double window_steps)
 
 double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted)
 {
-  const polyak_schedule *s = &p->cfg.schedules[k];
+  const polyak_schedule *s = &p->cfg.shadows[k].schedule;
   if (polyak_is_lookahead(&p->cfg, k) && step % p->cfg.lookahead_every != 0)
     return 1.0;
   if (!polyak_counts_updates(&p->cfg, k))
@@ -259,7 +259,7 @@ double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t 
 
 int64_t polyak_updates_counted_in(const polyak_t *p, int k, int64_t after, int64_t upto)
 {
-  int64_t start = p->cfg.schedules[k].start_step;
+  int64_t start = p->cfg.shadows[k].schedule.start_step;
   after = after > start ? after : start;
   if (upto <= after)
     return 0;

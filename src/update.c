@@ -105,10 +105,7 @@ polyak_status polyak_finalize(polyak_t *p, void *stream)
 
 polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_update: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_update"));
   if (p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_update: steps %lld.. are reserved for graph replays; call "
@@ -144,10 +141,7 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
 
 polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_hard_update: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_hard_update"));
   polyak_status status = polyak_check_shadow(p, shadow, "polyak_hard_update");
   if (status != POLYAK_OK)
     return status;
@@ -194,7 +188,6 @@ polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)
     return POLYAK_ERR_INVALID_ARG;
   if (!count)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_nonfinite_count: count is NULL");
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_nonfinite_count: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_nonfinite_count"));
   return p->ops->nonfinite_count(p, count);
 }

@@ -120,10 +120,10 @@ struct Model {
     cfg.shadow_dtype = shadow_dtype;
     cfg.zero_init = zero_init;
     for (int k = 0; k < 3; k++)
-      cfg.rounding[k] = (stochastic >> k) & 1 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
+      cfg.shadows[k].rounding = (stochastic >> k) & 1 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
     cfg.seed = 31;
-    cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-    cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
     tensors.emplace_back("embed.weight", POLYAK_BF16, 65537, 2);
     tensors.emplace_back("head.bias", POLYAK_F32, 3);
     tensors.emplace_back("norm.scale", POLYAK_F16, 1);
@@ -844,11 +844,11 @@ TEST(Checkpoint, AwkwardBetasAndProductsReadBackBitExactly)
   // debias: any rounding in the text would refuse the file or move a bit
   polyak_config cfg = cpu_config(3);
   cfg.zero_init = 1;
-  cfg.schedules[0].beta = std::nextafter(0.9999, 0.0);
-  cfg.schedules[1].beta = 1.0 - std::ldexp(1.0, -53);
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[2].power = 2.0 / 3.0;
-  cfg.schedules[2].inv_gamma = 0.1 + 0.2;
+  cfg.shadows[0].schedule.beta = std::nextafter(0.9999, 0.0);
+  cfg.shadows[1].schedule.beta = 1.0 - std::ldexp(1.0, -53);
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[2].schedule.power = 2.0 / 3.0;
+  cfg.shadows[2].schedule.inv_gamma = 0.1 + 0.2;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_F32, 257);
   std::mt19937_64 rng(4);

@@ -71,8 +71,8 @@ void expect_copy(polyak_t *p, int tensor, const Buffer &c, int k, const std::vec
 polyak_config mixed_config()
 {
   polyak_config cfg = cpu_config(3, 0.9);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_WARMUP;
   cfg.shadow_dtype = POLYAK_BF16; // stochastic rounding: hashed by each element's flat index
   cfg.seed = 77;
   return cfg;
@@ -276,7 +276,7 @@ TEST(CopyOnly, EveryRankKeepsTheWholeMirrorAndTheSameSlices)
 TEST(CopyOnly, LayerwiseShadowsIgnoreCopies)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.layerwise_beta0[0] = 0.99;
+  cfg.shadows[0].layerwise_beta0 = 0.99;
   WithCopies h(cfg);
   h.finalize();
   // gradients for the averaged tensors only: a copy's entry may be NULL

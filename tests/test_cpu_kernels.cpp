@@ -282,7 +282,7 @@ TEST(CpuKernels, HandlesGiveTheSameBitsOnEitherTable)
   for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16}) {
     polyak_config cfg = cpu_config(3, 0.95);
     cfg.shadow_dtype = shadow_dtype;
-    cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
     cfg.lookahead_every = 2;
     cfg.seed = 8;
     std::vector<Tensor> tensors;

@@ -245,8 +245,8 @@ TEST_F(Gpu, MatchesTheCpuBackendForEveryShadowCount)
   for (int num_shadows = 1; num_shadows <= 8; num_shadows++) {
     polyak_config cfg = cpu_config(num_shadows);
     for (int k = 0; k < num_shadows; k++) {
-      cfg.schedules[k].kind = (polyak_schedule_kind)(k % 7);
-      cfg.schedules[k].beta = 0.9 + 0.01 * k;
+      cfg.shadows[k].schedule.kind = (polyak_schedule_kind)(k % 7);
+      cfg.shadows[k].schedule.beta = 0.9 + 0.01 * k;
     }
     cfg.shadow_dtype = num_shadows % 2 ? POLYAK_F32 : POLYAK_BF16;
     cfg.seed = 1000 + num_shadows;
@@ -271,8 +271,8 @@ TEST_F(Gpu, ZeroInitAndTheGuardMatchTheCpuBackend)
       cfg.zero_init = 1;
       cfg.skip_nonfinite = skip;
       cfg.shadow_dtype = shadow_dtype;
-      cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-      cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+      cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+      cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
       Both both(cfg, odd_twins());
       both.randomize(2);
       both.finalize();
@@ -307,7 +307,7 @@ TEST_F(Gpu, HundredThousandTinyTensors)
   for (int i = 0; i < count; i++)
     twins.emplace_back("p" + std::to_string(i), i % 3 ? POLYAK_BF16 : POLYAK_F32, 1 + i % 5, i % 3 ? 2 : 0, &next);
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   {
     Both both(cfg, std::move(twins));
     both.randomize(4);
@@ -387,8 +387,8 @@ __global__ void next_replay(int *replay)
 TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16;
   std::vector<Twin> twins;
   twins.emplace_back("w", POLYAK_BF16, 65537, 2);
@@ -452,8 +452,8 @@ TEST_F(Gpu, CapturedUpdateIsOneNodeAndReplaysMatchTheCpuBackend)
 TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
   both.randomize(11);
@@ -493,7 +493,7 @@ TEST_F(Gpu, OneCapturedGraphServesLaterReservationsAndLoads)
 TEST_F(Gpu, CheckpointsMoveBetweenBackendsExactly)
 {
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
   cfg.shadow_dtype = POLYAK_BF16;
   cfg.zero_init = 1;
   Both both(cfg, odd_twins());
@@ -521,10 +521,10 @@ TEST_F(Gpu, StochasticF32ShadowsMatchTheCpuBackend)
   // from the other's
   for (int variant = 0; variant < 2; variant++) {
     polyak_config cfg = cpu_config(4);
-    cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
-    cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
-    cfg.schedules[3].beta = 0.99999;
-    cfg.rounding[0] = cfg.rounding[1] = cfg.rounding[3] = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.shadows[3].schedule.beta = 0.99999;
+    cfg.shadows[0].rounding = cfg.shadows[1].rounding = cfg.shadows[3].rounding = POLYAK_ROUND_STOCHASTIC;
     cfg.zero_init = variant;
     cfg.skip_nonfinite = 1 - variant;
     cfg.seed = 4242;
@@ -557,7 +557,7 @@ TEST_F(Gpu, StochasticF32ShadowsMatchTheCpuBackend)
 TEST_F(Gpu, MemoryAndFdCheckpointsAreTheFileBytesAndLoadExactly)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
   both.train(21, {1, 3, 4});
@@ -603,7 +603,7 @@ TEST_F(Gpu, MemoryAndFdCheckpointsAreTheFileBytesAndLoadExactly)
 TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.zero_init = 1;
   Both both(cfg, odd_twins());
   both.train(14, {1, 2, 3});
@@ -631,9 +631,9 @@ TEST_F(Gpu, CopyToParamsStoreAndRestoreMatchTheCpuBackend)
 TEST_F(Gpu, CountedUpdatesMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.count_updates[1] = 1;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].count_updates = 1;
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
   both.train(16, {10, 20, 50});
@@ -643,8 +643,8 @@ TEST_F(Gpu, CountedUpdatesMatchTheCpuBackend)
 TEST_F(Gpu, BlendsMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.zero_init = 1;
   Both both(cfg, odd_twins());
   both.train(17, {1, 2, 6});
@@ -674,7 +674,7 @@ TEST_F(Gpu, LookaheadMatchesTheCpuBackend)
   for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16}) {
     polyak_config cfg = cpu_config(3);
     cfg.lookahead_every = 2;
-    cfg.schedules[2].beta = 0.5;
+    cfg.shadows[2].schedule.beta = 0.5;
     cfg.shadow_dtype = shadow_dtype;
     Both both(cfg, odd_twins());
     both.randomize(18);
@@ -704,8 +704,8 @@ TEST_F(Gpu, LookaheadMatchesTheCpuBackend)
 TEST_F(Gpu, GradNormShadowsMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(3);
-  cfg.grad_norm_c[0] = 0.3;
-  cfg.grad_norm_c[2] = 1.0;
+  cfg.shadows[0].grad_norm_c = 0.3;
+  cfg.shadows[2].grad_norm_c = 1.0;
   cfg.zero_init = 1; // read-outs debias with the products kept on the device
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
@@ -751,7 +751,7 @@ TEST_F(Gpu, ShadowsInTheCallersMemoryMatchTheCpuBackend)
   polyak_config cfg = cpu_config(1, 0.95);
   cfg.seed = 31;
   for (int rounding : {POLYAK_ROUND_NEAREST, POLYAK_ROUND_STOCHASTIC}) { // the f32 shadows'
-    cfg.rounding[0] = rounding;
+    cfg.shadows[0].rounding = rounding;
     std::vector<Twin> params = odd_twins(), shadows;
     const polyak_dtype dtypes[] = {POLYAK_F16, POLYAK_BF16, POLYAK_F32, POLYAK_F16};
     Handle cpu = make_handle(cfg), gpu = make_handle(cuda_config(cfg));
@@ -816,8 +816,8 @@ TEST_F(Gpu, PosthocSnapshotsAndSynthesisMatchTheCpuBackend)
 {
   polyak_config cfg = cpu_config(2);
   for (int k = 0; k < 2; k++) {
-    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
-    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
+    cfg.shadows[k].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[k].schedule.gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
   }
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
@@ -877,8 +877,8 @@ TEST_F(Gpu, LayerwiseShadowsMatchTheCpuBackend)
 {
   // the norms are reduced in one fixed order on both: the same bits
   polyak_config cfg = cpu_config(3, 0.9);
-  cfg.layerwise_beta0[0] = 0.99;
-  cfg.layerwise_beta0[2] = 0.9;
+  cfg.shadows[0].layerwise_beta0 = 0.99;
+  cfg.shadows[2].layerwise_beta0 = 0.9;
   cfg.shadow_dtype = POLYAK_BF16;
   Both both(cfg, odd_twins());
   std::vector<Twin> grads = odd_twins();
@@ -927,8 +927,8 @@ TEST_F(Gpu, LayerwiseShadowsMatchTheCpuBackend)
 TEST_F(Gpu, ReplaysReadTheSourcesSetAtTheirReservation)
 {
   polyak_config cfg = cpu_config(3, 0.9);
-  cfg.grad_norm_c[0] = 0.3;
-  cfg.layerwise_beta0[1] = 0.95;
+  cfg.shadows[0].grad_norm_c = 0.3;
+  cfg.shadows[1].layerwise_beta0 = 0.95;
   Both both(cfg, odd_twins());
   std::vector<Twin> grads = odd_twins();
   std::vector<void *> host_table, device_table;
@@ -1085,7 +1085,7 @@ TEST_F(Gpu, ArenaSizedReadOutsAndPendingStoreMatchTheCpuBackend)
   std::vector<Twin> arena;
   arena.emplace_back("arena", POLYAK_BF16, num_elems, 2);
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
   Handle cpu = make_handle(cfg), gpu = make_handle(cuda_config(cfg));
   ASSERT_EQ(polyak_add_arena(cpu.get(), arena[0].host.data(), POLYAK_BF16, num_elems, views.data(), 3), POLYAK_OK);
   ASSERT_EQ(polyak_add_arena(gpu.get(), arena[0].device, POLYAK_BF16, num_elems, views.data(), 3), POLYAK_OK)
@@ -1386,7 +1386,7 @@ TEST_F(Gpu, OneRankCommunicatorGathersSavesAndLoads)
   int device = 0;
   ASSERT_EQ(ncclCommInitAll(&comm, 1, &device), ncclSuccess);
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16;
   cfg.zero_init = 1;
   {

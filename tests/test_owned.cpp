@@ -99,9 +99,9 @@ TEST(Owned, ShadowsHaveTheBitsOfLibraryShadowsOfTheirDtype)
     polyak_dtype d = v.dtype;
     polyak_config cfg = cpu_config(1, 0.95);
     cfg.seed = 77;
-    cfg.rounding[0] = v.rounding;
+    cfg.shadows[0].rounding = v.rounding;
     Model model(cfg, std::vector<polyak_dtype>(5, d), v.flags);
-    cfg.rounding[0] = v.flags ? POLYAK_ROUND_NEAREST : v.rounding;
+    cfg.shadows[0].rounding = v.flags ? POLYAK_ROUND_NEAREST : v.rounding;
     Reference reference(cfg, model, d);
     for (size_t i = 0; i < model.params.size(); i++)
       ASSERT_EQ(bytes_of(model.shadows[i]), reference.shadow((int)i, d)) << "finalize copies the params";
@@ -209,7 +209,7 @@ TEST(Owned, HardUpdateWorksOnLibraryShadowsToo)
 {
   polyak_config cfg = cpu_config(2, 0.9);
   cfg.zero_init = 1;
-  cfg.grad_norm_c[1] = 0.5;
+  cfg.shadows[1].grad_norm_c = 0.5;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_BF16, 999, 2);
   std::mt19937_64 rng(8);

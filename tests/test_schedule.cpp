@@ -12,7 +12,7 @@ polyak_schedule schedule(polyak_schedule_kind kind)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
-  polyak_schedule s = cfg.schedules[0];
+  polyak_schedule s = cfg.shadows[0].schedule;
   s.kind = kind;
   return s;
 }
@@ -280,16 +280,16 @@ TEST_P(ScheduleValidation, CreateRefusesWithAMessage)
 {
   const BadSchedule &bad = GetParam();
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[2].kind = bad.kind;
-  bad.spoil(&cfg.schedules[2]);
+  cfg.shadows[2].schedule.kind = bad.kind;
+  bad.spoil(&cfg.shadows[2].schedule);
   polyak_t *p = reinterpret_cast<polyak_t *>(0x1);
   EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(p, nullptr);
   char why[512];
   EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG);
-  EXPECT_NE(std::string(why).find("schedules[2]"), std::string::npos) << why;
+  EXPECT_NE(std::string(why).find("shadows[2].schedule"), std::string::npos) << why;
   EXPECT_NE(std::string(why).find(bad.message_part), std::string::npos) << why;
-  EXPECT_TRUE(std::isnan(polyak_beta_at(&cfg.schedules[2], 10)));
+  EXPECT_TRUE(std::isnan(polyak_beta_at(&cfg.shadows[2].schedule, 10)));
 }
 
 const BadSchedule kBadSchedules[] = {
@@ -318,10 +318,10 @@ INSTANTIATE_TEST_SUITE_P(Schedule, ScheduleValidation, ::testing::ValuesIn(kBadS
 TEST(Schedule, FieldsAKindDoesNotUseAreNotChecked)
 {
   polyak_config cfg = cpu_config(1);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[0].beta = NAN;
-  cfg.schedules[0].ramp_steps = -3;
-  cfg.schedules[0].inv_gamma = 0;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.beta = NAN;
+  cfg.shadows[0].schedule.ramp_steps = -3;
+  cfg.shadows[0].schedule.inv_gamma = 0;
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
 }
 

@@ -48,7 +48,7 @@ inline polyak_config cpu_config(int num_shadows = 1, double beta = 0.9)
   polyak_config_init(&cfg);
   cfg.num_shadows = num_shadows;
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
-    cfg.schedules[k].beta = beta;
+    cfg.shadows[k].schedule.beta = beta;
   return cfg;
 }
 
@@ -288,7 +288,7 @@ struct Oracle {
     for (int k = 0; k < cfg.num_shadows; k++) {
       double b = 1.0;
       for (int64_t s = last_step + 1; s <= step; s++)
-        b *= oracle_beta(cfg.schedules[k], s);
+        b *= oracle_beta(cfg.shadows[k].schedule, s);
       prod[k] *= b;
       for (size_t i = 0; i < tensors.size(); i++)
         for (int64_t e = 0; e < tensors[i].num_elems; e++) {

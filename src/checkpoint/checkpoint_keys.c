@@ -100,14 +100,15 @@ static int set_schedules(json_t *metadata, const polyak_config *cfg)
 {
   text_builder b = {0};
   for (int k = 0; k < cfg->num_shadows; k++) {
-    const polyak_schedule *s = &cfg->schedules[k];
+    const polyak_shadow_config *c = &cfg->shadows[k];
+    const polyak_schedule *s = &c->schedule;
     append(&b,
            "%s{\"kind\":\"%s\",\"beta\":%s,\"beta_min\":%s,\"inv_gamma\":%s,\"power\":%s,\"gamma\":%s,"
            "\"ramp_steps\":%" PRId64 ",\"start_step\":%" PRId64 ",\"count_updates\":%s,\"grad_norm_c\":%s,"
            "\"layerwise_beta0\":%s,\"rounding\":\"%s\"}",
            k ? "," : "[", polyak_schedule_kind_name(s->kind), D(s->beta), D(s->beta_min), D(s->inv_gamma), D(s->power),
-           D(s->gamma), s->ramp_steps, s->start_step, cfg->count_updates[k] ? "true" : "false", D(cfg->grad_norm_c[k]),
-           D(cfg->layerwise_beta0[k]), rounding_names[cfg->rounding[k]]);
+           D(s->gamma), s->ramp_steps, s->start_step, c->count_updates ? "true" : "false", D(c->grad_norm_c),
+           D(c->layerwise_beta0), rounding_names[c->rounding]);
   }
   append(&b, "]");
   return set_built(metadata, "schedules", &b);
@@ -269,30 +270,31 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
                             rounding_name);
       break;
     }
-    if (rounding != p->cfg.rounding[k]) {
+    if (rounding != p->cfg.shadows[k].rounding) {
       status = MISMATCH("shadow %d was averaged with %s rounding, this handle has %s rounding (the bits would "
                         "not continue the same way)",
-                        k, rounding_names[rounding], rounding_names[p->cfg.rounding[k]]);
+                        k, rounding_names[rounding], rounding_names[p->cfg.shadows[k].rounding]);
       break;
     }
     s.kind = (polyak_schedule_kind)polyak_schedule_kind_from_name(kind);
     s.ramp_steps = ramp;
     s.start_step = start;
-    if (count_updates != p->cfg.count_updates[k]) {
+    if (count_updates != p->cfg.shadows[k].count_updates) {
       status = MISMATCH("shadow %d was averaged with count_updates = %d, this handle has %d", k, count_updates,
-                        p->cfg.count_updates[k]);
+                        p->cfg.shadows[k].count_updates);
       break;
     }
-    if (grad_norm_c != p->cfg.grad_norm_c[k] || layerwise_beta0 != p->cfg.layerwise_beta0[k]) {
+    if (grad_norm_c != p->cfg.shadows[k].grad_norm_c || layerwise_beta0 != p->cfg.shadows[k].layerwise_beta0) {
       status = MISMATCH("shadow %d was averaged with grad_norm_c = %s, layerwise_beta0 = %s; this handle "
                         "has %s, %s",
-                        k, D(grad_norm_c), D(layerwise_beta0), D(p->cfg.grad_norm_c[k]), D(p->cfg.layerwise_beta0[k]));
+                        k, D(grad_norm_c), D(layerwise_beta0), D(p->cfg.shadows[k].grad_norm_c),
+                        D(p->cfg.shadows[k].layerwise_beta0));
       break;
     }
-    if (!polyak_schedule_same(&s, &p->cfg.schedules[k])) {
+    if (!polyak_schedule_same(&s, &p->cfg.shadows[k].schedule)) {
       char file[224], here[224];
       describe_schedule(&s, file, sizeof file);
-      describe_schedule(&p->cfg.schedules[k], here, sizeof here);
+      describe_schedule(&p->cfg.shadows[k].schedule, here, sizeof here);
       status =
           MISMATCH("shadow %d was averaged with another schedule: the file's is %s, this handle's %s", k, file, here);
     }

@@ -29,10 +29,7 @@ polyak_status polyak_ckpt_fail(polyak_t *p, polyak_status status, const char *fu
 
 polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_ckpt_fail(p, POLYAK_ERR_STATE, function, "call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->graph_reserved)
     return polyak_ckpt_fail(p, POLYAK_ERR_STATE, function,
                             "steps are reserved for graph replays; call polyak_graph_release first");

@@ -413,8 +413,7 @@ polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes)
     return POLYAK_ERR_INVALID_ARG;
   if (!num_bytes)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_save_size: num_bytes is NULL");
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_save_size: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_save_size"));
   polyak_ckpt_state widest;
   polyak_ckpt_widest_state(p, &widest);
   size_t header_bytes = 0;

@@ -12,10 +12,6 @@
 #include "cpu_backend.h"
 #include "layerwise.h"
 
-#ifdef POLYAK_HAVE_CUDA
-#include "cuda/cuda_check.h"
-#endif
-
 /* ---- parallel walks ---------------------------------------------------------- */
 
 typedef struct {
@@ -90,7 +86,7 @@ typedef struct {
   polyak_dtype shadow_dtype;
   const polyak_update_args *args;
   const double *layer_beta; /* LAWA's betas (tensor-major), or NULL */
-  const double *layerwise_beta0;
+  double layerwise_beta0[POLYAK_MAX_SHADOWS];
 } update_job;
 
 static int64_t update_visit(const polyak_t *p, const polyak_chunk *chunk, void *arg)
@@ -138,8 +134,10 @@ static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
     total_part[l % POLYAK_LAYER_THREADS] += polyak_norm_term(s->layer_norm[l]);
   }
   double total = polyak_sum_parts_f64(total_part);
+  double grad_norm_c[POLYAK_MAX_SHADOWS], beta0[POLYAK_MAX_SHADOWS];
+  polyak_adaptive_arrays(&p->cfg, grad_norm_c, beta0);
   for (int l = 0; l < p->num_tensors; l++)
-    polyak_layer_betas(s->layer_norm[l], total, p->cfg.layerwise_beta0, p->cfg.num_shadows,
+    polyak_layer_betas(s->layer_norm[l], total, beta0, p->cfg.num_shadows,
                        s->layer_beta + (int64_t)l * POLYAK_MAX_SHADOWS);
 }
 
@@ -148,12 +146,13 @@ static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, voi
   (void)stream;
   cpu_state *state = p->backend;
   polyak_update_args resolved = *args;
+  update_job job = {state, p->cfg.shadow_dtype, &resolved, p->layer_source ? state->layer_beta : NULL, {0}};
+  double grad_norm_c[POLYAK_MAX_SHADOWS];
+  polyak_adaptive_arrays(&p->cfg, grad_norm_c, job.layerwise_beta0);
   if (p->grad_norm)
-    polyak_apply_grad_norm(&resolved, p->cfg.grad_norm_c, *p->grad_norm, state->products);
+    polyak_apply_grad_norm(&resolved, grad_norm_c, *p->grad_norm, state->products);
   if (p->layer_source)
     cpu_layer_betas(p, state);
-  update_job job = {state, p->cfg.shadow_dtype, &resolved, p->layer_source ? state->layer_beta : NULL,
-                    p->cfg.layerwise_beta0};
   state->nonfinite_count += polyak_cpu_for_chunks(p, update_visit, &job);
   polyak_copies_update(p); /* copy-only tensors' mirrors */
   return POLYAK_OK;
@@ -220,12 +219,10 @@ static polyak_status cpu_graph_release(polyak_t *p, int64_t *consumed, int64_t *
 /* Host memory, or the reads would crash. */
 static polyak_status refuse_device_memory(polyak_t *p, const void *memory, const char *what)
 {
-  (void)p, (void)memory, (void)what;
-#ifdef POLYAK_HAVE_CUDA
-  if (memory && polyak_cuda_is_device_memory(memory))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s %p is CUDA device memory; the CPU backend reads host memory",
-                       what, memory);
-#endif
+  const char *foreign = polyak_foreign_memory(p, memory);
+  if (foreign)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s %p is %s; the CPU backend reads host memory", what, memory,
+                       foreign);
   return POLYAK_OK;
 }
 
@@ -276,15 +273,7 @@ static polyak_status cpu_layer_betas_read(polyak_t *p, double *betas)
 
 static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 {
-  (void)p, (void)grad_norm;
-#ifdef POLYAK_HAVE_CUDA
-  if (polyak_cuda_is_device_memory(grad_norm))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_set_grad_norm: %p is CUDA device memory; the CPU backend reads host "
-                       "memory",
-                       (const void *)grad_norm);
-#endif
-  return POLYAK_OK;
+  return refuse_device_memory(p, grad_norm, "polyak_set_grad_norm:");
 }
 
 /* ---- finalize and release -------------------------------------------------------------- */
@@ -292,22 +281,35 @@ static polyak_status cpu_check_grad_norm(polyak_t *p, const float *grad_norm)
 /* Device memory handed to the CPU backend would crash the first read. */
 static polyak_status cpu_check_params(polyak_t *p)
 {
-#ifndef POLYAK_HAVE_CUDA
-  (void)p; /* no device memory to be handed */
-#else
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
-    const void *on_device = t->num_elems == 0                                     ? NULL
-                            : polyak_cuda_is_device_memory(t->param)              ? t->param
-                            : t->owned && polyak_cuda_is_device_memory(t->shadow) ? t->shadow
-                                                                                  : NULL;
-    if (on_device)
+    if (t->num_elems == 0)
+      continue;
+    const void *memory = t->param;
+    const char *foreign = polyak_foreign_memory(p, memory);
+    if (!foreign && t->owned)
+      foreign = polyak_foreign_memory(p, memory = t->shadow);
+    if (foreign)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_finalize: tensor %d (\"%s\") %s %p is CUDA device memory; "
+                         "polyak_finalize: tensor %d (\"%s\") %s %p is %s; "
                          "the CPU backend needs host memory (or use POLYAK_BACKEND_CUDA)",
-                         i, t->name, on_device == t->param ? "param" : "shadow", on_device);
+                         i, t->name, memory == t->param ? "param" : "shadow", memory, foreign);
   }
-#endif
+  return POLYAK_OK;
+}
+
+/* ---- what the front end asks before a handle exists ------------------------------------ */
+
+static int cpu_available(void)
+{
+  return 1;
+}
+
+static polyak_status cpu_check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  if (cfg->nccl_comm)
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
+                          "nccl_comm is set but NCCL moves device memory: it needs the CUDA backend");
   return POLYAK_OK;
 }
 
@@ -382,6 +384,10 @@ static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
 }
 
 const polyak_backend_ops polyak_cpu_ops = {
+    .available = cpu_available,
+    .check_config = cpu_check_config,
+    .owns_memory = NULL, /* host memory: anyone's */
+    .memory_name = "host memory",
     .check_params = cpu_check_params,
     .finalize = cpu_finalize,
     .update = cpu_update,

@@ -138,7 +138,7 @@ static int64_t copy_to_params_visit(const polyak_t *p, const polyak_chunk *chunk
   const void *arena = ((const cpu_state *)p->backend)->shadows[job->shadow];
   for (int64_t e = chunk->first_elem; e < chunk->first_elem + chunk->num_elems; e++) {
     float value = polyak_shadow_load(t, arena, p->cfg.shadow_dtype, job->shadow, e);
-    polyak_store_f32((void *)t->param, e, polyak_debias(value, job->debias_scale), t->param_dtype);
+    polyak_store_f32(t->param, e, polyak_debias(value, job->debias_scale), t->param_dtype);
   }
   return 0;
 }
@@ -183,7 +183,7 @@ static int64_t blend_visit(const polyak_t *p, const polyak_chunk *chunk, void *a
 {
   blend_job job = *(const blend_job *)arg;
   job.t = &p->descs[chunk->tensor];
-  job.dst = (void *)job.t->param;
+  job.dst = job.t->param;
   job.dst_dtype = (polyak_dtype)job.t->param_dtype;
   blend_range(&job, chunk->first_elem, chunk->num_elems);
   return 0;
@@ -217,7 +217,7 @@ static int64_t synthesize_visit(const polyak_t *p, const polyak_chunk *chunk, vo
     float acc = 0.0f;
     for (int s = 0; s < job->num_snapshots; s++)
       acc = polyak_blend_step(acc, job->weight[s], column[(int64_t)s * p->arena_elems]);
-    polyak_store_f32((void *)t->param, e, acc, t->param_dtype);
+    polyak_store_f32(t->param, e, acc, t->param_dtype);
   }
   return 0;
 }

@@ -123,7 +123,7 @@ static int64_t fold(const cpu_kernels *kernels, void *shadow, polyak_dtype dtype
 static void write_back(const cpu_kernels *kernels, const polyak_tensor_desc *t, int64_t first, int64_t num_elems,
                        const void *slow, polyak_dtype shadow_dtype)
 {
-  void *param = (void *)t->param;
+  void *param = t->param;
   if (shadow_dtype == POLYAK_F32 && t->param_dtype == POLYAK_F32)
     memcpy((float *)param + first, slow, (size_t)num_elems * sizeof(float));
   else if (shadow_dtype == POLYAK_F32 && t->param_dtype == POLYAK_BF16)

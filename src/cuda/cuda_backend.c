@@ -58,7 +58,8 @@ void polyak_cuda_leave(const polyak_t *p, int previous)
     cudaSetDevice(previous);
 }
 
-int polyak_cuda_device_count(char *msg, size_t msg_num_bytes)
+/* Visible devices, or -1 if the runtime fails (reason in msg). */
+static int device_count(char *msg, size_t msg_num_bytes)
 {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
@@ -71,10 +72,12 @@ int polyak_cuda_device_count(char *msg, size_t msg_num_bytes)
   return count;
 }
 
-polyak_status polyak_cuda_check_device(int device, char *msg, size_t msg_num_bytes)
+/* POLYAK_OK if `device` exists; else POLYAK_ERR_UNSUPPORTED (no device, no
+ * driver) or POLYAK_ERR_INVALID_ARG (ordinal out of range). */
+static polyak_status check_device(int device, char *msg, size_t msg_num_bytes)
 {
   char reason[POLYAK_ERROR_BYTES];
-  int count = polyak_cuda_device_count(reason, sizeof reason);
+  int count = device_count(reason, sizeof reason);
   if (count < 0)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
                           "the CUDA backend found no usable device (cudaGetDeviceCount: %s)", reason);
@@ -87,7 +90,9 @@ polyak_status polyak_cuda_check_device(int device, char *msg, size_t msg_num_byt
   return POLYAK_OK;
 }
 
-int polyak_cuda_is_device_memory(const void *ptr)
+/* 1 if ptr is CUDA device memory (not managed or host); 0 otherwise,
+ * including when no CUDA driver or device is present. */
+static int owns_memory(const void *ptr)
 {
   struct cudaPointerAttributes attr;
   if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
@@ -95,6 +100,26 @@ int polyak_cuda_is_device_memory(const void *ptr)
     return 0;
   }
   return attr.type == cudaMemoryTypeDevice;
+}
+
+static int available(void)
+{
+  return device_count(NULL, 0) > 0;
+}
+
+/* The device, then the communicator: it must hold these ranks, on it. */
+static polyak_status check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
+{
+  polyak_status status = check_device(cfg->device, msg, msg_num_bytes);
+  if (status != POLYAK_OK || !cfg->nccl_comm)
+    return status;
+#ifdef POLYAK_HAVE_NCCL
+  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, cfg->device, msg, msg_num_bytes);
+#else
+  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
+                        "nccl_comm is set but this build of polyak has no NCCL (configured with "
+                        "POLYAK_WITH_NCCL=OFF or without NCCL found)");
+#endif
 }
 
 /* POLYAK_OK if [ptr, ptr + num_bytes) may be read by kernels on the
@@ -368,6 +393,10 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
 }
 
 const polyak_backend_ops polyak_cuda_ops = {
+    .available = available,
+    .check_config = check_config,
+    .owns_memory = owns_memory,
+    .memory_name = "CUDA device memory",
     .check_params = check_params,
     .finalize = cuda_finalize,
     .update = polyak_cuda_update,

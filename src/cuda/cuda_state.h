@@ -7,7 +7,6 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include "cuda_check.h"
 #include "launch.h"
 #include "polyak_internal.h"
 

@@ -24,10 +24,7 @@ static void fill_kernel_args(const polyak_t *p, const cuda_state *state, polyak_
   args->grad_norm = p->grad_norm;
   args->products = state->products;
   args->layer_beta = p->layer_source ? state->layer_beta : NULL;
-  for (int k = 0; k < p->cfg.num_shadows; k++) {
-    args->grad_norm_c[k] = p->cfg.grad_norm_c[k];
-    args->layer_beta0[k] = p->cfg.layerwise_beta0[k];
-  }
+  polyak_adaptive_arrays(&p->cfg, args->grad_norm_c, args->layer_beta0);
   args->nonfinite_count = &state->counters[COUNT_UPDATES];
   args->copy_chunks = state->copy_chunks;
   args->num_copy_chunks = p->num_copy_chunks;
@@ -55,8 +52,8 @@ static cudaError_t launch_layer_betas(const polyak_t *p, const cuda_state *state
   args.blocks_done = state->layer_blocks_done;
   args.graph = graph;
   args.num_shadows = p->cfg.num_shadows;
-  for (int k = 0; k < p->cfg.num_shadows; k++)
-    args.beta0[k] = p->cfg.layerwise_beta0[k];
+  double grad_norm_c[POLYAK_MAX_SHADOWS];
+  polyak_adaptive_arrays(&p->cfg, grad_norm_c, args.beta0);
   int grid = p->num_chunks < state->io_grid ? (p->num_chunks > 0 ? (int)p->num_chunks : 1) : state->io_grid;
   return polyak_launch_layer_betas(&args, grid, stream);
 }
