@@ -339,7 +339,7 @@ static int lookahead_run(long steps, long burn_in, const double *theta_star, dou
     return 1;
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.lookahead_every = 5;     /* k */
+  cfg.lookahead_every = 5;            /* k */
   cfg.shadows[0].schedule.beta = 0.5; /* alpha = 1 - beta */
   polyak_t *p = averages_of(&home, &cfg);
   if (!p)

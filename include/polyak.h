@@ -63,6 +63,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "polyak_version.h" /* POLYAK_VERSION_MAJOR, _MINOR, _PATCH, _STRING, _CODE */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -72,10 +74,6 @@ extern "C" {
 #else
 #define POLYAK_API __attribute__((visibility("default")))
 #endif
-
-#define POLYAK_VERSION_MAJOR 0
-#define POLYAK_VERSION_MINOR 1
-#define POLYAK_VERSION_PATCH 0
 
 #define POLYAK_MAX_SHADOWS     8   /* shadows per handle */
 #define POLYAK_MAX_NDIM        8   /* dimensions per tensor */

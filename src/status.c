@@ -27,9 +27,7 @@ const char *polyak_last_error(const polyak_t *p)
 
 const char *polyak_version_string(void)
 {
-#define POLYAK_STR2(x) #x
-#define POLYAK_STR(x)  POLYAK_STR2(x)
-  return POLYAK_STR(POLYAK_VERSION_MAJOR) "." POLYAK_STR(POLYAK_VERSION_MINOR) "." POLYAK_STR(POLYAK_VERSION_PATCH);
+  return POLYAK_VERSION_STRING;
 }
 
 polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)

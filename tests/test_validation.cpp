@@ -99,7 +99,8 @@ TEST(Config, InitSetsTheDocumentedDefaults)
   EXPECT_EQ(cfg.shadow_location, POLYAK_SHADOWS_DEVICE);
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
   polyak_config_init(nullptr); // ignored
-  EXPECT_STREQ(polyak_version_string(), "0.1.0");
+  EXPECT_STREQ(polyak_version_string(), POLYAK_VERSION_STRING);
+  EXPECT_EQ(POLYAK_VERSION_MAJOR, 1);
 }
 
 TEST(Create, RefusesNullPointers)
