@@ -22,6 +22,8 @@ polyak_missing_packages() {
   [ -f /usr/include/jansson.h ] || missing+=(libjansson-dev)
   [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
   if [ "${1:-}" = fuzz ]; then
+    # the format check (clang-format pinned at 14)
+    command -v clang-format-14 >/dev/null 2>&1 || missing+=(clang-format-14)
     # the GPU check's dry run: Ninja, and GoogleTest's sources for .deps
     command -v ninja >/dev/null 2>&1 || missing+=(ninja-build)
     [ -d /usr/src/googletest ] || missing+=(googletest)
