@@ -275,7 +275,7 @@ static inline int polyak_has_layerwise(const polyak_config *c)
 static inline uint32_t polyak_stochastic_f32_mask(const polyak_config *c)
 {
   uint32_t mask = 0;
-  for (int k = 0; k < c->num_shadows; k++)
+  for (int k = 0; k < c->num_shadows && k < POLYAK_MAX_SHADOWS; k++) /* the bound for the compiler */
     mask |= (uint32_t)(c->shadows[k].rounding == POLYAK_ROUND_STOCHASTIC) << k;
   return mask;
 }
