@@ -10,7 +10,7 @@
 
 #include <cstdlib>
 
-#include "cpu/cpu_backend.h"
+#include "cpu/cpu_state.h"
 #include "layerwise.h"
 #include "update_chunk.h"
 

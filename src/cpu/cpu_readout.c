@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_backend.h"
+#include "cpu_readout.h"
 
 /* ---- shadow memory ------------------------------------------------------------- */
 

@@ -8,7 +8,7 @@
  * backend defines the bits both produce. */
 #include <string.h>
 
-#include "cpu_backend.h"
+#include "cpu_kernels.h"
 #include "layerwise.h"
 
 /* ---- the portable kernels ---------------------------------------------------- */

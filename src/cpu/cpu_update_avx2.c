@@ -5,7 +5,7 @@
  * rounding in double lanes, the hash in 32-bit lanes. Scalar loops over
  * polyak_math.h take the tails. -ffp-contract=off (CMakeLists.txt) keeps the
  * compiler from fusing a separate multiply and add. */
-#include "cpu_backend.h"
+#include "cpu_kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
