@@ -259,6 +259,80 @@ TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
       << "an old file's shadows were rounded to nearest";
 }
 
+// The run that wrote tests/fixtures/checkpoint-0.1.0.safetensors (its
+// README), rebuilt with the 1.0 config.
+struct Run010 {
+  float w[15];
+  uint16_t b[7];
+  int64_t n[1];
+  Handle h;
+  void fill(int step)
+  {
+    for (int i = 0; i < 15; i++)
+      w[i] = sinf(0.37f * (float)i + (float)step);
+    for (int i = 0; i < 7; i++)
+      b[i] = polyak_f32_to_bf16_rne(cosf(0.91f * (float)i - (float)step));
+    n[0] = 1000 + step;
+  }
+  Run010()
+  {
+    polyak_config cfg;
+    polyak_config_init(&cfg);
+    cfg.num_shadows = 3;
+    cfg.seed = 42;
+    cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.shadows[0].schedule.beta = 0.9999;
+    cfg.shadows[0].rounding = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[1].schedule.gamma = 6.94;
+    cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.shadows[2].count_updates = 1;
+    h = make_handle(cfg);
+    fill(0);
+    const int64_t ws[2] = {3, 5}, bs[1] = {7}, ns[1] = {1};
+    EXPECT_EQ(polyak_add(h.get(), "w", w, POLYAK_F32, 2, ws), POLYAK_OK);
+    EXPECT_EQ(polyak_add(h.get(), "b", b, POLYAK_BF16, 1, bs), POLYAK_OK);
+    EXPECT_EQ(polyak_add_copy(h.get(), "n", n, POLYAK_I64, 1, ns), POLYAK_OK);
+    EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK) << polyak_last_error(h.get());
+  }
+  void update(int step)
+  {
+    fill(step);
+    ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK) << polyak_last_error(h.get());
+  }
+  std::vector<char> state()
+  {
+    return save_to_memory(h.get());
+  }
+  std::vector<float> shadow(int k, int tensor, int64_t num_elems)
+  {
+    return read_shadow(h.get(), k, tensor, num_elems);
+  }
+};
+
+TEST(Checkpoint, FilesFrom010LoadAndContinueAsTheRunThatWroteThem)
+{
+  const std::string fixture = std::string(POLYAK_TEST_FIXTURES) + "/checkpoint-0.1.0.safetensors";
+  Run010 whole, resumed;
+  for (int step : {1, 2, 5, 9})
+    whole.update(step);
+  ASSERT_EQ(polyak_load(resumed.h.get(), fixture.c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
+  int64_t step = 0;
+  ASSERT_EQ(polyak_get_step(resumed.h.get(), &step), POLYAK_OK);
+  EXPECT_EQ(step, 9);
+  for (int k = 0; k < 3; k++) {
+    EXPECT_EQ(resumed.shadow(k, 0, 15), whole.shadow(k, 0, 15)) << "shadow " << k;
+    EXPECT_EQ(resumed.shadow(k, 1, 7), whole.shadow(k, 1, 7)) << "shadow " << k;
+  }
+  for (int s : {10, 14}) { // the step state came back too: the same bits after more updates
+    whole.update(s);
+    resumed.update(s);
+  }
+  for (int k = 0; k < 3; k++)
+    EXPECT_EQ(resumed.shadow(k, 0, 15), whole.shadow(k, 0, 15)) << "shadow " << k;
+  EXPECT_TRUE(resumed.state() == whole.state());
+}
+
 TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)
 {
   TempDir dir;
