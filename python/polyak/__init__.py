@@ -234,7 +234,7 @@ class Schedule:
         return {}
 
     def _c(self):
-        s = _lib.config_defaults(_c).schedules[0]
+        s = _lib.config_defaults(_c).shadows[0].schedule
         s.kind = self._kind
         for name, value in self._c_fields().items():
             setattr(s, name, value)
@@ -243,9 +243,10 @@ class Schedule:
 
     def _apply(self, cfg, k):
         """Writes this schedule into shadow k of a polyak_config."""
-        cfg.schedules[k] = self._c()
-        cfg.count_updates[k] = int(bool(self.count_updates))
-        cfg.rounding[k] = ROUNDINGS[self.rounding]
+        shadow = cfg.shadows[k]
+        shadow.schedule = self._c()
+        shadow.count_updates = int(bool(self.count_updates))
+        shadow.rounding = ROUNDINGS[self.rounding]
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -347,7 +348,7 @@ class GradNorm(Schedule):
 
     def _apply(self, cfg, k):
         super()._apply(cfg, k)
-        cfg.grad_norm_c[k] = self.c
+        cfg.shadows[k].grad_norm_c = self.c
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,7 @@ class Layerwise(Schedule):
 
     def _apply(self, cfg, k):
         super()._apply(cfg, k)
-        cfg.layerwise_beta0[k] = self.beta0
+        cfg.shadows[k].layerwise_beta0 = self.beta0
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
 TENSOR_CALLERS_SHADOW, TENSOR_COPY = 1, 2
 MAX_SNAPSHOTS = 1024
 MAX_CPU_THREADS = 256  # polyak_config.cpu_threads: 0..this
+SHADOWS_DEVICE, SHADOWS_HOST = 0, 1  # polyak_config.shadow_location
+CONFIG_MAGIC = 0x706F6C79  # polyak_config.magic ("poly"), set by polyak_config_init
 
 
 class Schedule(ctypes.Structure):
@@ -37,22 +39,20 @@ class Schedule(ctypes.Structure):
                 ("ramp_steps", ctypes.c_int64), ("start_step", ctypes.c_int64)]
 
 
+class ShadowConfig(ctypes.Structure):
+    """polyak_shadow_config: one shadow's settings."""
+    _fields_ = [("schedule", Schedule), ("rounding", ctypes.c_int), ("count_updates", ctypes.c_int),
+                ("grad_norm_c", ctypes.c_double), ("layerwise_beta0", ctypes.c_double)]
+
+
 class Config(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_int), ("device", ctypes.c_int),
-                ("num_shadows", ctypes.c_int), ("schedules", Schedule * MAX_SHADOWS),
+    """polyak_config (1.0)."""
+    _fields_ = [("struct_size", ctypes.c_size_t), ("magic", ctypes.c_uint32), ("backend", ctypes.c_int),
+                ("device", ctypes.c_int), ("num_shadows", ctypes.c_int), ("shadows", ShadowConfig * MAX_SHADOWS),
                 ("shadow_dtype", ctypes.c_int), ("zero_init", ctypes.c_int), ("skip_nonfinite", ctypes.c_int),
-                ("seed", ctypes.c_uint64),
-                # version 2: sharding
-                ("world_size", ctypes.c_int), ("rank", ctypes.c_int), ("nccl_comm", ctypes.c_void_p),
-                # version 3
-                ("count_updates", ctypes.c_int * MAX_SHADOWS),
-                # version 4
-                ("lookahead_every", ctypes.c_int64), ("grad_norm_c", ctypes.c_double * MAX_SHADOWS),
-                ("layerwise_beta0", ctypes.c_double * MAX_SHADOWS),
-                # version 5
-                ("rounding", ctypes.c_int * MAX_SHADOWS),
-                # version 6: threads of the CPU backend (0: one per core)
-                ("cpu_threads", ctypes.c_int)]
+                ("seed", ctypes.c_uint64), ("lookahead_every", ctypes.c_int64), ("world_size", ctypes.c_int),
+                ("rank", ctypes.c_int), ("nccl_comm", ctypes.c_void_p), ("cpu_threads", ctypes.c_int),
+                ("shadow_location", ctypes.c_int)]
 
 
 class TensorInfo(ctypes.Structure):

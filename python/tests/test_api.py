@@ -179,8 +179,9 @@ def test_config_mirror_has_the_c_layout():
     from polyak import _lib
     cfg = _lib.config_defaults(_lib.lib)
     assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
-    assert cfg.world_size == 1 and cfg.schedules[7].beta == 0.999 and cfg.skip_nonfinite == 1
-    assert list(cfg.rounding) == [0] * 8 and cfg.cpu_threads == 1  # version 6, the last field
+    assert cfg.world_size == 1 and cfg.shadows[7].schedule.beta == 0.999 and cfg.skip_nonfinite == 1
+    assert [s.rounding for s in cfg.shadows] == [0] * 8 and cfg.cpu_threads == 1
+    assert cfg.magic == _lib.CONFIG_MAGIC and cfg.shadow_location == _lib.SHADOWS_DEVICE  # the last field
     big = (ctypes.c_char * 4096)()  # the library's own struct: the mirror is a prefix of it (a newer
     _lib.lib.polyak_config_init(ctypes.cast(big, ctypes.POINTER(_lib.Config)))  # library appends fields)
     assert ctypes.c_size_t.from_buffer(big).value >= ctypes.sizeof(_lib.Config)
@@ -486,7 +487,7 @@ def test_rounding_is_a_keyword_of_every_schedule():
     with pytest.raises(polyak.InvalidArgError, match="rounding"):
         polyak.Constant(0.9, rounding="up")
     h = polyak.Handle([polyak.Constant(0.9), polyak.Equal(rounding="stochastic")])
-    assert list(h.config.rounding)[:2] == [0, 1]
+    assert [s.rounding for s in h.config.shadows][:2] == [0, 1]
 
 
 def test_stochastic_rounding_moves_where_nearest_stalls_and_lands_on_a_neighbour():
