@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from . import _lib
 from ._lib import lib as _c
 
-__version__ = "0.1.0"
+__version__ = _lib.VERSION  # the repository's VERSION file
 __all__ = [
     "PolyakError", "InvalidArgError", "StateError", "NoMemoryError", "UnsupportedError", "CudaError",
     "NcclError", "FileIOError", "FormatError", "MismatchError",
@@ -118,7 +118,7 @@ def _check(status, handle, what):
 # ---- library -------------------------------------------------------------------
 
 def version():
-    """The loaded libpolyak's version ("0.1.0")."""
+    """The loaded libpolyak's version (polyak_version_string: this package's, checked at import)."""
     return _c.polyak_version_string().decode()
 
 

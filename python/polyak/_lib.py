@@ -1,8 +1,9 @@
 """_lib: the ctypes mirror of include/polyak.h, in one place.
 
-Every C declaration Python uses is here: the structs (polyak_config field for field,
-checked against the library's own sizeof at load) and the signature of each
-function. Adding a C call is one line in FUNCTIONS.
+Every C declaration Python uses is here: the structs (polyak_config field for field)
+and the signature of each function. Adding a C call is one line in FUNCTIONS. At
+load the library's version and sizeof(polyak_config) must be this package's
+(check_library).
 
 The library is the one bundled with the package (installed next to this file
 by `pip install .`), or the file named by the environment variable
@@ -147,21 +148,50 @@ def library_path():
     return found[0]
 
 
-def config_defaults(library):
-    """polyak_config_init's defaults in this package's mirror of the struct.
+def package_version():
+    """This package's version, from the repository's VERSION file (the one place it is written):
+    polyak/_version.py, made from it by `pip install .`, or in a source checkout the file itself."""
+    try:
+        from ._version import version
+        return version
+    except ImportError:
+        pass
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "VERSION")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        raise ImportError(f"polyak: no version: neither polyak/_version.py (made by `pip install .`) nor "
+                          f"{os.path.normpath(path)} (a source checkout)") from None
 
-    The library may be newer, with fields appended: its polyak_config_init
-    writes into a buffer big enough for that, and the mirror keeps the prefix
-    it knows, with struct_size saying so (polyak_create accepts the sizes of
-    earlier versions, the fields they lack at their defaults)."""
+
+def config_size(library):
+    """sizeof(polyak_config) in `library`: the struct_size its polyak_config_init writes, into a
+    buffer with room for a larger struct than this package's mirror."""
     buffer = (ctypes.c_char * 4096)()
     library.polyak_config_init(ctypes.cast(buffer, ctypes.POINTER(Config)))
-    c_size = ctypes.c_size_t.from_buffer(buffer).value
-    if c_size < ctypes.sizeof(Config) or c_size > len(buffer):
-        raise ImportError(f"polyak: the library's polyak_config has {c_size} bytes, this package's mirror "
-                          f"{ctypes.sizeof(Config)}: the library is older than the package")
-    cfg = Config.from_buffer_copy(bytes(buffer)[:ctypes.sizeof(Config)])
-    cfg.struct_size = ctypes.sizeof(Config)
+    return ctypes.c_size_t.from_buffer(buffer).value
+
+
+def check_library(library, path, version):
+    """Refuses a libpolyak other than the one this package mirrors: its version string and its
+    sizeof(polyak_config) must be this package's, or the structs and calls may not agree."""
+    found = library.polyak_version_string().decode()
+    if found != version:
+        raise ImportError(f"polyak: the library {path} is version {found}, this package {version}: load the "
+                          "library built with the package (`pip install .` builds both; POLYAK_LIBRARY names "
+                          "another)")
+    size = config_size(library)
+    if size != ctypes.sizeof(Config):
+        raise ImportError(f"polyak: the library {path} (version {found}) has a polyak_config of {size} bytes, "
+                          f"this package's mirror {ctypes.sizeof(Config)}: they were built from different headers")
+
+
+def config_defaults(library):
+    """polyak_config_init's defaults, in this package's mirror of the struct (the library's own
+    layout: check_library has compared them)."""
+    cfg = Config()
+    library.polyak_config_init(ctypes.byref(cfg))
     return cfg
 
 
@@ -189,8 +219,9 @@ def _load():
         fn = getattr(library, name)
         fn.restype = restype
         fn.argtypes = argtypes
-    config_defaults(library)  # checks the mirror against the library
+    check_library(library, path, VERSION)
     return library, path
 
 
+VERSION = package_version()
 lib, path = _load()

@@ -178,13 +178,45 @@ def test_posthoc_coefficients_reproduce_a_tracked_profile():
 def test_config_mirror_has_the_c_layout():
     from polyak import _lib
     cfg = _lib.config_defaults(_lib.lib)
-    assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
+    assert cfg.struct_size == ctypes.sizeof(_lib.Config) == _lib.config_size(_lib.lib) and cfg.num_shadows == 1
     assert cfg.world_size == 1 and cfg.shadows[7].schedule.beta == 0.999 and cfg.skip_nonfinite == 1
     assert [s.rounding for s in cfg.shadows] == [0] * 8 and cfg.cpu_threads == 1
     assert cfg.magic == _lib.CONFIG_MAGIC and cfg.shadow_location == _lib.SHADOWS_DEVICE  # the last field
-    big = (ctypes.c_char * 4096)()  # the library's own struct: the mirror is a prefix of it (a newer
-    _lib.lib.polyak_config_init(ctypes.cast(big, ctypes.POINTER(_lib.Config)))  # library appends fields)
-    assert ctypes.c_size_t.from_buffer(big).value >= ctypes.sizeof(_lib.Config)
+
+
+def test_the_package_version_is_the_repositorys_and_the_librarys():
+    from polyak import _lib
+    root = os.path.join(os.path.dirname(os.path.abspath(_lib.__file__)), os.pardir, os.pardir)
+    if os.path.exists(os.path.join(root, "VERSION")):  # a source checkout: the file itself
+        with open(os.path.join(root, "VERSION")) as f:
+            assert polyak.__version__ == f.read().strip()
+    assert polyak.__version__ == polyak.version() and polyak.__version__.count(".") == 2
+
+
+class FakeLibrary:
+    """Stands in for a libpolyak of another version or struct layout."""
+
+    def __init__(self, version, config_size):
+        self.version, self.size = version, config_size
+
+    def polyak_version_string(self):
+        return self.version.encode()
+
+    def polyak_config_init(self, cfg):
+        cfg[0].struct_size = self.size
+
+
+def test_a_library_of_another_version_or_config_size_is_refused_naming_both():
+    from polyak import _lib
+    size = ctypes.sizeof(_lib.Config)
+    _lib.check_library(FakeLibrary(polyak.__version__, size), "libpolyak.so.1", polyak.__version__)  # the same
+    with pytest.raises(ImportError, match=r"libpolyak\.so\.1 is version 0\.9\.0, this package 1\.2\.3"):
+        _lib.check_library(FakeLibrary("0.9.0", size), "libpolyak.so.1", "1.2.3")
+    for other in (size - 8, size + 8):
+        with pytest.raises(ImportError, match=f"polyak_config of {other} bytes, this package's mirror {size}"):
+            _lib.check_library(FakeLibrary(polyak.__version__, other), "libpolyak.so.1", polyak.__version__)
+    with pytest.raises(ImportError, match="0.0.1"):  # the real library against another package version
+        _lib.check_library(_lib.lib, _lib.path, "0.0.1")
 
 
 def test_a_shadow_in_the_callers_memory_is_updated_in_place(rng):
