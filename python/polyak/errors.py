@@ -1,0 +1,73 @@
+"""polyak's exceptions: one PolyakError subclass per C status, raised with polyak_last_error()'s text."""
+from ._lib import lib as _c
+
+
+# ---- errors ------------------------------------------------------------------
+
+class PolyakError(Exception):
+    """A failing polyak call; `status` is the C status value, `status_name` its enum name."""
+    status = None
+
+    @property
+    def status_name(self):
+        return status_name(self.status) if self.status is not None else None
+
+
+class InvalidArgError(PolyakError, ValueError):
+    status = 1
+
+
+class StateError(PolyakError, RuntimeError):
+    status = 2
+
+
+class NoMemoryError(PolyakError, MemoryError):
+    status = 3
+
+
+class UnsupportedError(PolyakError, NotImplementedError):
+    status = 4
+
+
+class CudaError(PolyakError, RuntimeError):
+    status = 5
+
+
+class NcclError(PolyakError, RuntimeError):
+    status = 6
+
+
+class FileIOError(PolyakError, OSError):
+    status = 7
+
+
+class FormatError(PolyakError, ValueError):
+    status = 8
+
+
+class MismatchError(PolyakError, ValueError):
+    status = 9
+
+
+_ERRORS = {cls.status: cls for cls in (InvalidArgError, StateError, NoMemoryError, UnsupportedError, CudaError,
+                                       NcclError, FileIOError, FormatError, MismatchError)}
+
+
+def _raise(status, message):
+    cls = _ERRORS.get(status)
+    if cls is None:
+        error = PolyakError(message)
+        error.status = status
+        raise error
+    raise cls(message)
+
+
+def _check(status, handle, what):
+    """Raises the status's error with the handle's last-error text (or the status name)."""
+    if status:
+        detail = _c.polyak_last_error(handle).decode("utf-8", "replace") if handle else ""
+        _raise(status, detail or f"{what}: {status_name(status)}")
+
+
+def status_name(status):
+    return _c.polyak_status_name(int(status)).decode()
