@@ -15,13 +15,42 @@ text; nothing here computes an average itself.
 """
 from . import _lib
 from ._args import BACKENDS, DTYPE_NAMES, DTYPES, MAX_CPU_THREADS, MAX_SHADOWS, MAX_SNAPSHOTS, ROUNDINGS
-from .errors import (CudaError, FileIOError, FormatError, InvalidArgError, MismatchError, NcclError, NoMemoryError,
-                     PolyakError, StateError, UnsupportedError, status_name)
+from .errors import (
+    CudaError,
+    FileIOError,
+    FormatError,
+    InvalidArgError,
+    MismatchError,
+    NcclError,
+    NoMemoryError,
+    PolyakError,
+    StateError,
+    UnsupportedError,
+    status_name,
+)
 from .handle import Handle, TensorInfo
 from .library import backend_available, library_path, version
-from .schedules import (TF, Constant, Cosine, Equal, GradNorm, Layerwise, Linear, Lookahead, Power, Schedule, Warmup,
-                        beta_from_half_life, beta_from_horizon, beta_from_window, gamma_from_sigma_rel,
-                        half_life_from_beta, posthoc_coefficients, sigma_rel_from_gamma, window_from_beta)
+from .schedules import (
+    TF,
+    Constant,
+    Cosine,
+    Equal,
+    GradNorm,
+    Layerwise,
+    Linear,
+    Lookahead,
+    Power,
+    Schedule,
+    Warmup,
+    beta_from_half_life,
+    beta_from_horizon,
+    beta_from_window,
+    gamma_from_sigma_rel,
+    half_life_from_beta,
+    posthoc_coefficients,
+    sigma_rel_from_gamma,
+    window_from_beta,
+)
 
 __version__ = _lib.VERSION  # the repository's VERSION file
 __all__ = [

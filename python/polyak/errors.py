@@ -1,7 +1,6 @@
 """polyak's exceptions: one PolyakError subclass per C status, raised with polyak_last_error()'s text."""
 from ._lib import lib as _c
 
-
 # ---- errors ------------------------------------------------------------------
 
 class PolyakError(Exception):

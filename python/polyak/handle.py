@@ -3,8 +3,8 @@ import contextlib
 import ctypes
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from . import _lib
 from ._args import DTYPE_NAMES, DTYPES, MAX_SHADOWS, _backend, _c_int, _dtype
@@ -83,7 +83,7 @@ class TensorInfo:
     shadow_dtype: str
     copy_only: bool
     callers_shadow: bool
-    local_range: Optional[tuple]
+    local_range: tuple | None
 
     @property
     def num_bytes(self):

@@ -2,8 +2,8 @@
 sigma_rel, as the library computes them."""
 import ctypes
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from . import _lib
 from ._args import ROUNDINGS
@@ -176,8 +176,8 @@ class Equal(Schedule):
 @dataclass(frozen=True)
 class Power(Schedule):
     """(t/(t+1))^(gamma+1): EDM2's power-function EMA. Give gamma or sigma_rel."""
-    gamma: Optional[float] = None
-    sigma_rel: Optional[float] = None
+    gamma: float | None = None
+    sigma_rel: float | None = None
     _kind = _lib.SCHEDULE_POWER
 
     def __post_init__(self):

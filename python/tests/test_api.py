@@ -122,7 +122,7 @@ def test_handle_updates_every_shadow_with_the_compensated_decay(rng):
                 for j in range(len(a)):
                     a[j] = rng.uniform(-2, 2)
             h.update(step)
-            for k, s in enumerate(schedules):
+            for k in range(len(schedules)):
                 decay = 1.0
                 for m in range(last + 1, step + 1):  # the betas of the steps skipped, multiplied
                     t = m - 1

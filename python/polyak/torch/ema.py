@@ -1,7 +1,7 @@
 """polyak.torch.EMA: a model's params (and buffers) registered once, every shadow updated by one C call."""
 import contextlib
 import weakref
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -10,7 +10,7 @@ from polyak import Constant, InvalidArgError, MismatchError, Schedule, StateErro
 from polyak._lib import lib as _c
 from polyak.errors import _check
 
-from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _Source, _data_ptr, _is_dtensor, _local
+from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local, _Source
 from .presets import _Presets
 from .state import _State
 
@@ -44,8 +44,8 @@ class EMA(_State, _Presets):
     failure and then has changed nothing.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: Optional[float] = None, warmup: bool = False, *,
-                 schedules: Optional[Sequence[Schedule]] = None, start_step: int = 0, rounding: str = "nearest",
+    def __init__(self, model: torch.nn.Module, decay: float | None = None, warmup: bool = False, *,
+                 schedules: Sequence[Schedule] | None = None, start_step: int = 0, rounding: str = "nearest",
                  shadow_dtype=torch.float32, buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True,
                  cpu_threads: int = 1):
@@ -137,7 +137,7 @@ class EMA(_State, _Presets):
     @staticmethod
     def _collect(model, buffers):
         owners = {}
-        for module_name, module in model.named_modules():
+        for module in model.modules():
             for attr, p in module._parameters.items():
                 if p is not None:
                     owners.setdefault(id(p), (module, attr))
@@ -320,7 +320,7 @@ class EMA(_State, _Presets):
         for j, s in enumerate(self._copied):
             self._read_copy(j, dst=s.local)
 
-    def model_state_dict(self, shadow: int = 0, dtype: Optional[torch.dtype] = None):
+    def model_state_dict(self, shadow: int = 0, dtype: torch.dtype | None = None):
         """The average as the model's state dict: {name: tensor} of every registered param and
         buffer (copied buffers as of the last update), for model.load_state_dict. The averages
         are in each tensor's dtype, or in `dtype` (torch.float32, bfloat16 or float16: say, the
@@ -368,7 +368,7 @@ class EMA(_State, _Presets):
                 _local(targets[name]).copy_(_local(value))
 
     @contextlib.contextmanager
-    def average_parameters(self, shadow: int = 0, weights: Optional[Sequence[float]] = None):
+    def average_parameters(self, shadow: int = 0, weights: Sequence[float] | None = None):
         """Inside: the model's params hold shadow `shadow` (or the blend sum_k weights[k] shadow_k)
         and copied buffers their values at the last update; on exit, the exact values they had.
         Updates inside raise polyak.StateError."""
@@ -410,8 +410,8 @@ class EMA(_State, _Presets):
         snapshots = snapshots.reshape(len(coefficients), -1)
         if snapshots.device != self.device or snapshots.dtype != torch.float32 or \
                 snapshots.shape[1] != h.snapshot_elems():
-            raise InvalidArgError(f"snapshots: {len(coefficients)} x {h.snapshot_elems()} float32 on "
-                                  f"{self.device}, got {tuple(snapshots.shape)} {snapshots.dtype} on {snapshots.device}")
+            raise InvalidArgError(f"snapshots: {len(coefficients)} x {h.snapshot_elems()} float32 on {self.device}, "
+                                  f"got {tuple(snapshots.shape)} {snapshots.dtype} on {snapshots.device}")
         snapshots = snapshots.contiguous()
         h.store(stream)
         try:
@@ -428,7 +428,7 @@ class EMA(_State, _Presets):
         self.handle.set_grad_norm(_data_ptr(grad_norm))
         self._grad_norm = grad_norm
 
-    def set_grads(self, grads: Optional[Sequence[torch.Tensor]] = None):
+    def set_grads(self, grads: Sequence[torch.Tensor] | None = None):
         """Layerwise shadows read these gradients (default: each param's .grad) at every update.
         They must stay where they are: zero_grad(set_to_none=False), or call this again."""
         if grads is None:
