@@ -1,4 +1,5 @@
 """polyak's exceptions: one PolyakError subclass per C status, raised with polyak_last_error()'s text."""
+from . import _lib
 from ._lib import lib as _c
 
 # ---- errors ------------------------------------------------------------------
@@ -13,39 +14,39 @@ class PolyakError(Exception):
 
 
 class InvalidArgError(PolyakError, ValueError):
-    status = 1
+    status = _lib.ERR_INVALID_ARG
 
 
 class StateError(PolyakError, RuntimeError):
-    status = 2
+    status = _lib.ERR_STATE
 
 
 class NoMemoryError(PolyakError, MemoryError):
-    status = 3
+    status = _lib.ERR_NO_MEMORY
 
 
 class UnsupportedError(PolyakError, NotImplementedError):
-    status = 4
+    status = _lib.ERR_UNSUPPORTED
 
 
 class CudaError(PolyakError, RuntimeError):
-    status = 5
+    status = _lib.ERR_CUDA
 
 
 class NcclError(PolyakError, RuntimeError):
-    status = 6
+    status = _lib.ERR_NCCL
 
 
 class FileIOError(PolyakError, OSError):
-    status = 7
+    status = _lib.ERR_IO
 
 
 class FormatError(PolyakError, ValueError):
-    status = 8
+    status = _lib.ERR_FORMAT
 
 
 class MismatchError(PolyakError, ValueError):
-    status = 9
+    status = _lib.ERR_MISMATCH
 
 
 _ERRORS = {cls.status: cls for cls in (InvalidArgError, StateError, NoMemoryError, UnsupportedError, CudaError,
