@@ -1,4 +1,6 @@
 """polyak's exceptions: one PolyakError subclass per C status, raised with polyak_last_error()'s text."""
+import re
+
 from . import _lib
 from ._lib import lib as _c
 
@@ -69,5 +71,19 @@ def _check(status, handle, what):
         _raise(status, detail or f"{what}: {status_name(status)}")
 
 
+def _argument_error(function, error, args):
+    """InvalidArgError for the ctypes.ArgumentError of a call to `function` with `args`, naming
+    the C parameter it refused (ctypes numbers them from 1)."""
+    found = re.match(r"argument (\d+)", str(error))
+    params = [name for name, _ in _lib.FUNCTIONS[function][1]]
+    if found and 0 < int(found.group(1)) <= len(params):
+        index = int(found.group(1)) - 1
+        return InvalidArgError(f"{function}: {params[index]} = {args[index]!r} is not a valid "
+                               f"{_lib.FUNCTIONS[function][1][index][1].__name__}")
+    return InvalidArgError(f"{function}: {error}")
+
+
 def status_name(status):
-    return _c.polyak_status_name(int(status)).decode()
+    """The C enum name of a status value ("POLYAK_ERR_STATE")."""
+    from ._args import _c_int  # _args raises the errors defined here
+    return _c.polyak_status_name(_c_int(status, "status")).decode()

@@ -7,14 +7,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import _lib
-from ._args import DTYPE_NAMES, DTYPES, MAX_SHADOWS, _backend, _c_int, _dtype
+from ._args import (
+    _INT64_LIMIT,
+    DTYPE_NAMES,
+    DTYPES,
+    MAX_SHADOWS,
+    _address,
+    _backend,
+    _c_double,
+    _c_int,
+    _c_int64,
+    _c_size,
+    _c_str,
+    _c_uint64,
+    _dtype,
+    _path,
+    _shape,
+)
 from ._lib import lib as _c
-from .errors import InvalidArgError, StateError, _check, _raise, status_name
+from .errors import InvalidArgError, StateError, _argument_error, _check, _raise, status_name
 from .schedules import Constant, Lookahead, Schedule, _check_config
 
 
 def _shape_array(shape):
-    shape = tuple(int(d) for d in shape)
+    shape = _shape(shape)
     return len(shape), (ctypes.c_int64 * max(len(shape), 1))(*shape)
 
 
@@ -25,7 +41,7 @@ def _memory(buffer, num_bytes, what, writable):
     if isinstance(buffer, int):
         if num_bytes is None:
             raise InvalidArgError(f"{what} is an address: give {what}_num_bytes, the bytes it holds")
-        return buffer, int(num_bytes), None
+        return _address(buffer, what), _c_size(num_bytes, f"{what}_num_bytes"), None
     if num_bytes is not None:
         raise InvalidArgError(f"{what} is a buffer, which has its own size: leave {what}_num_bytes out")
     try:
@@ -50,7 +66,7 @@ def _file_descriptor(file):
     """The fd of `file` (an int fd, or a binary file object) at the file's offset for the body,
     which moves the offset; a file object's buffer then follows it there."""
     if isinstance(file, int):
-        yield file
+        yield _c_int(file, "file")
         return
     if isinstance(file, io.TextIOBase) or not hasattr(file, "fileno"):
         raise InvalidArgError(f"file is {type(file).__name__}: an int fd or a file object opened in binary mode")
@@ -122,19 +138,19 @@ class Handle:
                 raise InvalidArgError("Lookahead must be the last schedule (its shadow holds the slow weights)")
         cfg = _lib.config_defaults(_c)
         cfg.backend = _backend(backend)
-        cfg.device = int(device)
+        cfg.device = _c_int(device, "device")
         cfg.num_shadows = len(schedules)
         for k, s in enumerate(schedules):
             s._apply(cfg, k)
-        if shadow_dtype not in ("f32", "bf16"):
+        if not isinstance(shadow_dtype, str) or shadow_dtype not in ("f32", "bf16"):
             raise InvalidArgError(f"shadow_dtype {shadow_dtype!r}: library-kept shadows are 'f32' or 'bf16'")
         cfg.shadow_dtype = DTYPES[shadow_dtype]
         cfg.zero_init = int(bool(zero_init))
         cfg.skip_nonfinite = int(bool(skip_nonfinite))
-        cfg.seed = int(seed)
-        cfg.world_size = int(world_size)
-        cfg.rank = int(rank)
-        cfg.nccl_comm = nccl_comm
+        cfg.seed = _c_uint64(seed, "seed")
+        cfg.world_size = _c_int(world_size, "world_size")
+        cfg.rank = _c_int(rank, "rank")
+        cfg.nccl_comm = _address(nccl_comm, "nccl_comm")
         cfg.cpu_threads = _c_int(cpu_threads, "cpu_threads")
         _check_config(cfg)
         ptr = ctypes.c_void_p()
@@ -183,13 +199,17 @@ class Handle:
 
     def _call(self, name, *args):
         h = self._h()
-        _check(getattr(_c, name)(h, *args), h, name)
+        try:
+            status = getattr(_c, name)(h, *args)
+        except ctypes.ArgumentError as error:  # a value no check above caught: name the C parameter
+            raise _argument_error(name, error, (h, *args)) from None
+        _check(status, h, name)
 
     # -- registration
     def add(self, name: str, param: int, dtype: str, shape: Sequence[int]):
         """Registers a tensor: `param` points at its contiguous elements. Returns its number."""
         ndim, dims = _shape_array(shape)
-        self._call("polyak_add", name.encode(), param, _dtype(dtype), ndim, dims)
+        self._call("polyak_add", _c_str(name, "name"), _address(param, "param"), _dtype(dtype), ndim, dims)
         return self.num_tensors - 1
 
     def add_copy(self, name: str, param: int, dtype: str, shape: Sequence[int]):
@@ -199,7 +219,7 @@ class Handle:
         out in its dtype, written back by copy_to_params and blends, kept by store/restore, saved
         once in checkpoints. Returns its number."""
         ndim, dims = _shape_array(shape)
-        self._call("polyak_add_copy", name.encode(), param, _dtype(dtype), ndim, dims)
+        self._call("polyak_add_copy", _c_str(name, "name"), _address(param, "param"), _dtype(dtype), ndim, dims)
         return self.num_tensors - 1
 
     def add_arena(self, base: int, dtype: str, arena_num_elems: int, views: Sequence[tuple]):
@@ -207,7 +227,8 @@ class Handle:
         `base`, all of `dtype`, which must cover exactly arena_num_elems elements (else nothing is
         registered and the error says which view is too large, or which elements no view covers).
         Returns their numbers."""
-        views = [(str(name).encode(), tuple(int(d) for d in shape)) for name, shape in views]
+        views = [(_c_str(name, f"views[{i}] name"), _shape(shape, f"views[{i}] shape"))
+                 for i, (name, shape) in enumerate(views)]
         for name, shape in views:
             if len(shape) > _lib.MAX_NDIM:
                 raise InvalidArgError(f"add_arena: view {name.decode()!r} has {len(shape)} dimensions, "
@@ -217,21 +238,23 @@ class Handle:
             entry.name, entry.ndim = name, len(shape)
             entry.shape[:len(shape)] = shape
         first = self.num_tensors
-        if arena_num_elems < 0:
+        if _c_int64(arena_num_elems, "arena_num_elems") < 0:
             raise InvalidArgError(f"add_arena: arena_num_elems = {arena_num_elems}")
-        self._call("polyak_add_arena", base, _dtype(dtype), int(arena_num_elems), table, len(views))
+        self._call("polyak_add_arena", _address(base, "base"), _dtype(dtype), arena_num_elems, table,
+                   _c_int(len(views), "len(views)"))
         return list(range(first, self.num_tensors))
 
     def add_with_shadow(self, name: str, param: int, dtype: str, shape: Sequence[int], shadow: int,
                         shadow_dtype: str, round_nearest=False):
         """Registers a tensor whose (only) shadow is the caller's memory `shadow`, updated in place."""
         ndim, dims = _shape_array(shape)
-        self._call("polyak_add_with_shadow", name.encode(), param, _dtype(dtype), ndim, dims, shadow,
-                   _dtype(shadow_dtype), _lib.SHADOW_ROUND_NEAREST if round_nearest else 0)
+        self._call("polyak_add_with_shadow", _c_str(name, "name"), _address(param, "param"), _dtype(dtype), ndim,
+                   dims, _address(shadow, "shadow"), _dtype(shadow_dtype, "shadow_dtype"),
+                   _lib.SHADOW_ROUND_NEAREST if round_nearest else 0)
         return self.num_tensors - 1
 
     def finalize(self, stream=None):
-        self._call("polyak_finalize", stream)
+        self._call("polyak_finalize", _address(stream, "stream"))
 
     # -- the hot path
     def update(self, step: int, stream=None):
@@ -239,12 +262,16 @@ class Handle:
         h = self._ptr
         if h is None:
             self._h()
+        if type(step) is not int or not 0 < step < _INT64_LIMIT:  # checked in full off the hot path
+            step = _c_int64(step, "step")
+        if stream is not None:
+            stream = _address(stream, "stream")
         status = _c.polyak_update(h, step, stream)
         if status:
             _check(status, h, "polyak_update")
 
     def hard_update(self, shadow: int, stream=None):
-        self._call("polyak_hard_update", shadow, stream)
+        self._call("polyak_hard_update", _c_int(shadow, "shadow"), _address(stream, "stream"))
 
     # -- read-outs and evaluation
     # dst: a writable buffer on the host (array.array, bytearray, a numpy array: its own size), or an
@@ -254,28 +281,30 @@ class Handle:
         """Shadow `shadow` (which average) of tensor `tensor` (which parameter) into dst, debiased
         with zero_init; a copy-only tensor's mirror in its dtype."""
         address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
-        self._call("polyak_get_shadow_n", shadow, tensor, address, _dtype(dst_dtype), num_bytes, stream)
+        self._call("polyak_get_shadow_n", _c_int(shadow, "shadow"), _c_int(tensor, "tensor"), address,
+                   _dtype(dst_dtype, "dst_dtype"), num_bytes, _address(stream, "stream"))
 
     def get_local_shadow(self, shadow: int, tensor: int, dst, dst_dtype="f32", stream=None, *,
                          dst_num_bytes=None):
         """Like get_shadow for this rank's piece of the tensor only (local_range): no communication."""
         address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
-        self._call("polyak_get_local_shadow_n", shadow, tensor, address, _dtype(dst_dtype), num_bytes, stream)
+        self._call("polyak_get_local_shadow_n", _c_int(shadow, "shadow"), _c_int(tensor, "tensor"), address,
+                   _dtype(dst_dtype, "dst_dtype"), num_bytes, _address(stream, "stream"))
 
     def local_range(self, tensor: int):
         """(first_elem, num_elems) of the tensor's elements whose shadows this rank keeps."""
         first, count = ctypes.c_int64(), ctypes.c_int64()
-        self._call("polyak_local_range", tensor, ctypes.byref(first), ctypes.byref(count))
+        self._call("polyak_local_range", _c_int(tensor, "tensor"), ctypes.byref(first), ctypes.byref(count))
         return first.value, count.value
 
     def copy_to_params(self, shadow=0, stream=None):
-        self._call("polyak_copy_to_params", shadow, stream)
+        self._call("polyak_copy_to_params", _c_int(shadow, "shadow"), _address(stream, "stream"))
 
     def store(self, stream=None):
-        self._call("polyak_store", stream)
+        self._call("polyak_store", _address(stream, "stream"))
 
     def restore(self, stream=None):
-        self._call("polyak_restore", stream)
+        self._call("polyak_restore", _address(stream, "stream"))
 
     def discard_store(self):
         """Ends a pending store without writing the params back (training goes on from the params
@@ -283,19 +312,22 @@ class Handle:
         self._call("polyak_discard_store")
 
     def _weights(self, weights):
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise InvalidArgError(f"weights = {weights!r} is not a sequence of numbers")
         if len(weights) != self.num_shadows:
             raise InvalidArgError(f"{len(weights)} blend weights for {self.num_shadows} shadows")
-        return (ctypes.c_double * self.num_shadows)(*weights)
+        return (ctypes.c_double * self.num_shadows)(*(_c_double(w, f"weights[{k}]") for k, w in enumerate(weights)))
 
     def blend_to_params(self, weights: Sequence[float], any_weights=False, stream=None):
         self._call("polyak_blend_to_params", self._weights(weights),
-                   _lib.BLEND_ANY_WEIGHTS if any_weights else 0, stream)
+                   _lib.BLEND_ANY_WEIGHTS if any_weights else 0, _address(stream, "stream"))
 
     def get_blend(self, weights: Sequence[float], tensor: int, dst, dst_dtype="f32", any_weights=False,
                   stream=None, *, dst_num_bytes=None):
         address, num_bytes, keep = _memory(dst, dst_num_bytes, "dst", writable=True)
         self._call("polyak_get_blend_n", self._weights(weights), _lib.BLEND_ANY_WEIGHTS if any_weights else 0,
-                   tensor, address, _dtype(dst_dtype), num_bytes, stream)
+                   _c_int(tensor, "tensor"), address, _dtype(dst_dtype, "dst_dtype"), num_bytes,
+                   _address(stream, "stream"))
 
     # -- state
     @property
@@ -314,7 +346,7 @@ class Handle:
     def tensor_info(self, tensor: int) -> TensorInfo:
         """Tensor number `tensor`'s name, dtypes, shape and slice."""
         info = _lib.TensorInfo()
-        self._call("polyak_tensor_info", tensor, ctypes.byref(info))
+        self._call("polyak_tensor_info", _c_int(tensor, "tensor"), ctypes.byref(info))
         local = None if info.local_num_elems < 0 else (info.local_first_elem, info.local_num_elems)
         copy_only = bool(info.flags & _lib.TENSOR_COPY)
         return TensorInfo(index=tensor, name=info.name.decode("utf-8"), dtype=DTYPE_NAMES[info.dtype],
@@ -326,7 +358,7 @@ class Handle:
     def find_tensor(self, name: str) -> int:
         """The number of the tensor registered as `name` (InvalidArgError if none is)."""
         out = ctypes.c_int()
-        self._call("polyak_find_tensor", name.encode(), ctypes.byref(out))
+        self._call("polyak_find_tensor", _c_str(name, "name"), ctypes.byref(out))
         return out.value
 
     def tensors(self):
@@ -342,25 +374,26 @@ class Handle:
     def beta_product(self, shadow: int):
         """The product of the betas applied to `shadow` so far."""
         out = ctypes.c_double()
-        self._call("polyak_get_beta_product", shadow, ctypes.byref(out))
+        self._call("polyak_get_beta_product", _c_int(shadow, "shadow"), ctypes.byref(out))
         return out.value
 
     # -- adaptive modes
     def set_grad_norm(self, grad_norm: int):
         """The float (backend memory) that GradNorm shadows read at every update."""
-        self._call("polyak_set_grad_norm", grad_norm)
+        self._call("polyak_set_grad_norm", _address(grad_norm, "grad_norm"))
 
     def set_grads(self, grads: Sequence[int]):
         """Tensor i's gradient pointer at [i], read by Layerwise shadows at every update."""
+        grads = [_address(g, f"grads[{i}]") for i, g in enumerate(grads)]
         table = (ctypes.c_void_p * max(len(grads), 1))(*grads)
         self._call("polyak_set_grads", table)
 
     def set_layer_norms(self, norms: int):
-        self._call("polyak_set_layer_norms", norms)
+        self._call("polyak_set_layer_norms", _address(norms, "norms"))
 
     def layer_betas(self, shadow: int):
         out = (ctypes.c_double * max(self.num_tensors, 1))()
-        self._call("polyak_get_layer_betas", shadow, out)
+        self._call("polyak_get_layer_betas", _c_int(shadow, "shadow"), out)
         return list(out)[:self.num_tensors]
 
     # -- EDM2 post-hoc
@@ -370,21 +403,23 @@ class Handle:
         return out.value
 
     def snapshot(self, shadow: int, dst: int, stream=None):
-        self._call("polyak_snapshot", shadow, dst, stream)
+        self._call("polyak_snapshot", _c_int(shadow, "shadow"), _address(dst, "dst"), _address(stream, "stream"))
 
     def synthesize_to_params(self, snapshots: int, coefficients: Sequence[float], stream=None):
         count = len(coefficients)
-        array = (ctypes.c_double * max(count, 1))(*coefficients)
-        self._call("polyak_synthesize_to_params", snapshots, count, array, stream)
+        array = (ctypes.c_double * max(count, 1))(*(_c_double(c, f"coefficients[{i}]")
+                                                     for i, c in enumerate(coefficients)))
+        self._call("polyak_synthesize_to_params", _address(snapshots, "snapshots"), _c_int(count, "len(coefficients)"),
+                   array, _address(stream, "stream"))
 
     # -- checkpoints: the same bytes to a path, an open file or memory; every load checks them alike
     def save(self, path):
         """A safetensors file at `path`, written crash-safely (a new file renamed over it)."""
-        self._call("polyak_save", str(path).encode())
+        self._call("polyak_save", _path(path))
 
     def load(self, path):
         """Replaces every shadow and the step state with those saved; everything is checked first."""
-        self._call("polyak_load", str(path).encode())
+        self._call("polyak_load", _path(path))
 
     def save_size(self):
         """A size in bytes that always holds this handle's checkpoint (a save writes a few less)."""
@@ -429,10 +464,11 @@ class Handle:
 
     # -- CUDA graphs
     def graph_reserve(self, first_step: int, num_steps: int, stream=None):
-        self._call("polyak_graph_reserve", first_step, num_steps, stream)
+        self._call("polyak_graph_reserve", _c_int64(first_step, "first_step"), _c_int64(num_steps, "num_steps"),
+                   _address(stream, "stream"))
 
     def graph_update(self, stream=None):
-        self._call("polyak_graph_update", stream)
+        self._call("polyak_graph_update", _address(stream, "stream"))
 
     def graph_release(self):
         """Ends a reservation; returns the number of steps the replays applied."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import _lib
-from ._args import ROUNDINGS
+from ._args import ROUNDINGS, _c_double, _c_int64
 from ._lib import lib as _c
 from .errors import InvalidArgError, _raise
 
@@ -19,47 +19,57 @@ def _finite_or_raise(value, what):
 
 def half_life_from_beta(beta):
     """Steps for an EMA with decay beta to halve a weight: ln 2 / ln(1/beta)."""
-    return _finite_or_raise(_c.polyak_half_life_from_beta(beta), f"beta {beta!r}")
+    return _finite_or_raise(_c.polyak_half_life_from_beta(_c_double(beta, "beta")), f"beta {beta!r}")
 
 
 def beta_from_half_life(half_life_steps):
-    return _finite_or_raise(_c.polyak_beta_from_half_life(half_life_steps), f"half-life {half_life_steps!r}")
+    return _finite_or_raise(_c.polyak_beta_from_half_life(_c_double(half_life_steps, "half_life_steps")),
+                            f"half-life {half_life_steps!r}")
 
 
 def window_from_beta(beta):
     """The effective averaging window 1/(1 - beta), in steps."""
-    return _finite_or_raise(_c.polyak_window_from_beta(beta), f"beta {beta!r}")
+    return _finite_or_raise(_c.polyak_window_from_beta(_c_double(beta, "beta")), f"beta {beta!r}")
 
 
 def beta_from_window(window_steps):
-    return _finite_or_raise(_c.polyak_beta_from_window(window_steps), f"window {window_steps!r}")
+    value = _c.polyak_beta_from_window(_c_double(window_steps, "window_steps"))
+    return _finite_or_raise(value, f"window {window_steps!r}")
 
 
 def beta_from_horizon(horizon_steps):
     """The rule-of-thumb decay for averaging over about T steps: 1 - 2/sqrt(T)."""
-    return _finite_or_raise(_c.polyak_beta_from_horizon(horizon_steps), f"horizon {horizon_steps!r}")
+    return _finite_or_raise(_c.polyak_beta_from_horizon(_c_double(horizon_steps, "horizon_steps")),
+                            f"horizon {horizon_steps!r}")
 
 
 def sigma_rel_from_gamma(gamma):
     """EDM2's relative width of a power-function EMA profile with exponent gamma."""
-    return _finite_or_raise(_c.polyak_sigma_rel_from_gamma(gamma), f"gamma {gamma!r}")
+    return _finite_or_raise(_c.polyak_sigma_rel_from_gamma(_c_double(gamma, "gamma")), f"gamma {gamma!r}")
 
 
 def gamma_from_sigma_rel(sigma_rel):
-    return _finite_or_raise(_c.polyak_gamma_from_sigma_rel(sigma_rel), f"sigma_rel {sigma_rel!r}")
+    value = _c.polyak_gamma_from_sigma_rel(_c_double(sigma_rel, "sigma_rel"))
+    return _finite_or_raise(value, f"sigma_rel {sigma_rel!r}")
 
 
 def posthoc_coefficients(snapshot_steps: Sequence[int], snapshot_sigma_rels: Sequence[float], step: int,
                          sigma_rel: float):
     """EDM2 post-hoc synthesis: the weight of each snapshot (taken at snapshot_steps[i] from a Power
     shadow of snapshot_sigma_rels[i]) for the average of `sigma_rel` read at `step`."""
+    for what, values in (("snapshot_steps", snapshot_steps), ("snapshot_sigma_rels", snapshot_sigma_rels)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            raise InvalidArgError(f"{what} = {values!r} is not a sequence")
     count = len(snapshot_steps)
     if count != len(snapshot_sigma_rels):
         raise InvalidArgError(f"{count} snapshot steps but {len(snapshot_sigma_rels)} sigma_rels")
-    steps = (ctypes.c_int64 * max(count, 1))(*snapshot_steps)
-    sigmas = (ctypes.c_double * max(count, 1))(*snapshot_sigma_rels)
+    steps = (ctypes.c_int64 * max(count, 1))(*(_c_int64(s, f"snapshot_steps[{i}]")
+                                                for i, s in enumerate(snapshot_steps)))
+    sigmas = (ctypes.c_double * max(count, 1))(*(_c_double(s, f"snapshot_sigma_rels[{i}]")
+                                                 for i, s in enumerate(snapshot_sigma_rels)))
     out = (ctypes.c_double * max(count, 1))()
-    status = _c.polyak_posthoc_coefficients(count, steps, sigmas, step, sigma_rel, out)
+    status = _c.polyak_posthoc_coefficients(count, steps, sigmas, _c_int64(step, "step"),
+                                            _c_double(sigma_rel, "sigma_rel"), out)
     if status:
         _raise(status, "polyak_posthoc_coefficients: bad snapshots (count outside 1..1024, a step below 1, a "
                        "sigma_rel outside (0, 0.30028]) or two snapshots with the same profile")
@@ -88,9 +98,11 @@ class Schedule:
     def _c(self):
         s = _lib.config_defaults(_c).shadows[0].schedule
         s.kind = self._kind
-        for name, value in self._c_fields().items():
-            setattr(s, name, value)
-        s.start_step = self.start_step
+        what = type(self).__name__
+        for name, value in self._c_fields().items():  # int64_t ramp_steps, the rest double
+            convert = _c_int64 if name == "ramp_steps" else _c_double
+            setattr(s, name, convert(value, f"{what}: {name}"))
+        s.start_step = _c_int64(self.start_step, f"{what}: start_step")
         return s
 
     def _apply(self, cfg, k):
@@ -101,7 +113,7 @@ class Schedule:
         shadow.rounding = ROUNDINGS[self.rounding]
 
     def __post_init__(self):
-        if self.rounding not in ROUNDINGS:
+        if not isinstance(self.rounding, str) or self.rounding not in ROUNDINGS:
             raise InvalidArgError(f"rounding={self.rounding!r}: one of {sorted(ROUNDINGS)}")
         cfg = _lib.config_defaults(_c)
         self._apply(cfg, 0)
@@ -109,11 +121,12 @@ class Schedule:
 
     def beta_at(self, step):
         """beta(step), as the library computes it (double precision)."""
-        return _c.polyak_beta_at(ctypes.byref(self._c()), step)
+        return _c.polyak_beta_at(ctypes.byref(self._c()), _c_int64(step, "step"))
 
     def beta_product(self, last_step, step):
         """The decay an update at `step` applies after one at `last_step`."""
-        value = _c.polyak_beta_product(ctypes.byref(self._c()), last_step, step)
+        value = _c.polyak_beta_product(ctypes.byref(self._c()), _c_int64(last_step, "last_step"),
+                                       _c_int64(step, "step"))
         return _finite_or_raise(value, f"the steps ({last_step}, {step}]")
 
 
@@ -200,7 +213,7 @@ class GradNorm(Schedule):
 
     def _apply(self, cfg, k):
         super()._apply(cfg, k)
-        cfg.shadows[k].grad_norm_c = self.c
+        cfg.shadows[k].grad_norm_c = _c_double(self.c, "GradNorm: c")
 
 
 @dataclass(frozen=True)
@@ -210,7 +223,7 @@ class Layerwise(Schedule):
 
     def _apply(self, cfg, k):
         super()._apply(cfg, k)
-        cfg.shadows[k].layerwise_beta0 = self.beta0
+        cfg.shadows[k].layerwise_beta0 = _c_double(self.beta0, "Layerwise: beta0")
 
 
 @dataclass(frozen=True)
@@ -221,11 +234,11 @@ class Lookahead(Schedule):
     every: int = 5
 
     def _c_fields(self):
-        return {"beta": 1.0 - self.alpha}
+        return {"beta": 1.0 - _c_double(self.alpha, "Lookahead: alpha")}
 
     def _apply(self, cfg, k):
         super()._apply(cfg, k)
-        cfg.lookahead_every = self.every
+        cfg.lookahead_every = _c_int64(self.every, "Lookahead: every")
 
 
 def _check_config(cfg):

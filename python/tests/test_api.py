@@ -3,6 +3,7 @@ import array
 import ctypes
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -165,6 +166,72 @@ def test_a_failing_call_raises_its_class_and_changes_nothing(rng):
     h.close()  # idempotent
     with pytest.raises(polyak.StateError, match="closed"):
         h.update(4)
+
+
+def test_arguments_of_a_wrong_type_raise_invalid_arg_naming_them():
+    """Never ctypes' ArgumentError or TypeError (which name no argument), and never an integer
+    silently truncated to its C type: each bad value raises InvalidArgError naming its argument,
+    and the handle is as it was."""
+    w, ptr = buffer([1.0] * 4)
+    h = polyak.Handle([polyak.Constant(0.5), polyak.Equal()])
+    h.add("w", ptr, "f32", (4,))
+    h.finalize()
+    h.update(1)
+    blob = h.save_bytes()
+    fresh = polyak.Handle()
+    out = array.array("f", [0.0] * 4)
+    calls = [
+        (lambda: h.update(2.5), "step"), (lambda: h.update("3"), "step"), (lambda: h.update(None), "step"),
+        (lambda: h.update(2 ** 64 + 3), "step"),  # ctypes would pass step 3
+        (lambda: h.update(2, stream="0"), "stream"), (lambda: h.update(2, stream=-1), "stream"),
+        (lambda: h.get_shadow(0, 0.0, out), "tensor"), (lambda: h.get_shadow(1.0, 0, out), "shadow"),
+        (lambda: h.get_shadow(2 ** 32, 0, out), "shadow"),  # ctypes would read shadow 0
+        (lambda: h.get_shadow(0, 0, ptr, dst_num_bytes="16"), "dst_num_bytes"),
+        (lambda: h.get_shadow(0, 0, out, dst_dtype=["f32"]), "dst_dtype"),
+        (lambda: h.get_local_shadow(0, "0", out), "tensor"), (lambda: h.local_range(None), "tensor"),
+        (lambda: h.tensor_info("0"), "tensor"), (lambda: h.find_tensor(b"w"), "name"),
+        (lambda: h.hard_update(0.0), "shadow"), (lambda: h.copy_to_params("1"), "shadow"),
+        (lambda: h.blend_to_params(["a", 0.5]), "weights[0]"), (lambda: h.blend_to_params(0.5), "weights"),
+        (lambda: h.get_blend([0.5, 0.5], 0.5, out), "tensor"), (lambda: h.beta_product("0"), "shadow"),
+        (lambda: h.graph_reserve(2.0, 3), "first_step"), (lambda: h.graph_reserve(2, "3"), "num_steps"),
+        (lambda: h.save(3.5), "path"), (lambda: h.load(None), "path"), (lambda: h.save_fd(2 ** 40), "file"),
+        (lambda: h.load_bytes(ptr, src_num_bytes=-1), "src_num_bytes"),
+        (lambda: fresh.add(5, ptr, "f32", (4,)), "name"), (lambda: fresh.add("v", "0", "f32", (4,)), "param"),
+        (lambda: fresh.add("v", ptr, "f32", (4.0,)), "shape[0]"), (lambda: fresh.add("v", ptr, "f32", 4), "shape"),
+        (lambda: fresh.add("v", ptr, ["f32"], (4,)), "dtype"),
+        (lambda: fresh.add_copy("v", ptr, "f32", ("4",)), "shape[0]"),
+        (lambda: fresh.add_arena(ptr, "f32", 4.0, [("a", (4,))]), "arena_num_elems"),
+        (lambda: fresh.add_arena(ptr, "f32", 4, [(1, (4,))]), "views[0] name"),
+        (lambda: fresh.add_with_shadow("v", ptr, "f32", (4,), 1.5, "f32"), "shadow"),
+        (lambda: fresh.finalize(stream="default"), "stream"),
+        (lambda: polyak.Handle(device="0"), "device"), (lambda: polyak.Handle(seed=-1), "seed"),
+        (lambda: polyak.Handle(world_size=1.0), "world_size"), (lambda: polyak.Handle(backend=["cpu"]), "backend"),
+        (lambda: polyak.Handle(shadow_dtype=["f32"]), "shadow_dtype"),
+        (lambda: polyak.Constant("0.9"), "beta"), (lambda: polyak.Linear(ramp_steps=10.5), "ramp_steps"),
+        (lambda: polyak.Constant(0.9, start_step=1.5), "start_step"),
+        (lambda: polyak.Constant(0.9, rounding=["nearest"]), "rounding"),
+        (lambda: polyak.Lookahead(alpha="half"), "alpha"), (lambda: polyak.Lookahead(every=2.0), "every"),
+        (lambda: polyak.GradNorm(c="0.1"), "c"), (lambda: polyak.Layerwise(beta0=None), "beta0"),
+        (lambda: polyak.Power(sigma_rel="0.05"), "sigma_rel"),
+        (lambda: polyak.Constant(0.9).beta_at(1.5), "step"),
+        (lambda: polyak.Constant(0.9).beta_product("1", 3), "last_step"),
+        (lambda: polyak.half_life_from_beta("0.9"), "beta"), (lambda: polyak.beta_from_window(None), "window"),
+        (lambda: polyak.posthoc_coefficients([1000.5], [0.05], 1000, 0.07), "snapshot_steps[0]"),
+        (lambda: polyak.posthoc_coefficients([1000], ["a"], 1000, 0.07), "snapshot_sigma_rels[0]"),
+        (lambda: polyak.posthoc_coefficients([1000], [0.05], 1000, "0.07"), "sigma_rel"),
+        (lambda: polyak.status_name("1"), "status"), (lambda: polyak.backend_available(0), "backend"),
+        (lambda: h._call("polyak_hard_update", "0", None), "shadow"),  # the ctypes safety net
+    ]
+    for call, name in calls:
+        with pytest.raises(polyak.InvalidArgError, match=re.escape(name)) as raised:
+            call()
+        assert not isinstance(raised.value, (ctypes.ArgumentError, TypeError)), name
+    assert h.step == 1 and h.save_bytes() == blob and fresh.num_tensors == 0
+    np = pytest.importorskip("numpy")  # numpy's integers and floats are integers and floats
+    h.update(np.int64(2))
+    h.get_shadow(np.int32(1), np.int64(0), out)
+    assert h.step == 2 and polyak.half_life_from_beta(np.float32(0.5)) == 1.0
+    h.close(), fresh.close()
 
 
 def test_posthoc_coefficients_reproduce_a_tracked_profile():

@@ -379,6 +379,39 @@ def test_bad_input_raises_the_right_exception():
         ema.update(6)
 
 
+def test_arguments_of_a_wrong_type_raise_invalid_arg_naming_them():
+    """ema.update(2.5) and the like: polyak's InvalidArgError naming the argument, never ctypes'
+    ArgumentError or a TypeError, and the EMA unchanged."""
+    model = Mixed()
+    ema = EMA(model, schedules=[polyak.Constant(0.9), polyak.Equal()])
+    ema.update(1)
+    before = shadows(ema)
+    calls = [
+        (lambda: ema.update(2.5), "step"), (lambda: ema.update("3"), "step"),
+        (lambda: ema.update(torch.tensor(2.0)), "step"), (lambda: ema.update(2 ** 64 + 2), "step"),
+        (lambda: ema.model_state_dict(shadow="0"), "shadow"), (lambda: ema.model_state_dict(dtype=[1]), "dtype"),
+        (lambda: ema.copy_to(Mixed(), shadow=0.0), "shadow"), (lambda: ema.snapshot(1.0), "shadow"),
+        (lambda: ema.graph_reserve(2.0, 4), "first_step"),
+        (lambda: ema.set_grad_norm(1.0), "grad_norm"), (lambda: ema.set_grads([1.0, 2.0, 3.0, 4.0]), "gradient"),
+        (lambda: EMA(model, decay="0.9"), "beta"), (lambda: EMA(model, decay=0.9, start_step=1.5), "start_step"),
+        (lambda: EMA(model, seed="1"), "seed"), (lambda: EMA(model, cpu_threads=2.0), "cpu_threads"),
+        (lambda: EMA.like_timm(model, update_after_step=1.5), "update_after_step"),
+        (lambda: EMA.like_ema_pytorch(model, update_every="10"), "update_every"),
+        (lambda: EMA.like_diffusers(model, update_after_step=None), "update_after_step"),
+    ]
+    for call, name in calls:
+        with pytest.raises(polyak.InvalidArgError, match=name) as raised:
+            call()
+        assert not isinstance(raised.value, TypeError), name
+    with pytest.raises(polyak.InvalidArgError, match="weights"), ema.average_parameters(weights=["a", 1]):
+        pass
+    with pytest.raises(polyak.InvalidArgError, match="snapshots"), ema.posthoc_parameters([1.0], [1.0]):
+        pass
+    assert_same(shadows(ema), before) and ema.step == 1
+    ema.update(torch.tensor(2))  # an integer tensor is an integer
+    assert ema.step == 2
+
+
 def test_a_nonfinite_param_leaves_its_shadow_and_is_counted(gen):
     model = Mixed()
     ema = EMA(model, decay=0.5)

@@ -7,6 +7,7 @@ import torch
 
 import polyak
 from polyak import Constant, InvalidArgError, MismatchError, Schedule, StateError, UnsupportedError, Warmup
+from polyak._args import _INT64_LIMIT, _c_int, _c_int64
 from polyak._lib import lib as _c
 from polyak.errors import _check
 
@@ -211,6 +212,8 @@ class EMA(_State, _Presets):
     def update(self, step: int):
         """Folds the current params into every shadow as the average after `step` optimizer steps
         (1 for the first). Enqueued on torch's current stream, with no host sync."""
+        if type(step) is not int or not 0 < step < _INT64_LIMIT:  # checked in full off the hot path
+            step = _c_int64(step, "step")
         if self._only_steps is not None and step % self._only_steps[0] != self._only_steps[1]:
             return
         self._check_live()
@@ -327,9 +330,9 @@ class EMA(_State, _Presets):
         f32 shadows of a bf16 model exactly). DTensor params give DTensors with the same
         placements."""
         self._check_open()
-        if not 0 <= shadow < self._handle.num_shadows:
+        if not 0 <= _c_int(shadow, "shadow") < self._handle.num_shadows:
             raise InvalidArgError(f"shadow {shadow} of {self._handle.num_shadows}")
-        if dtype is not None and dtype not in _DTYPE_NAMES:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _DTYPE_NAMES):
             raise InvalidArgError(f"dtype {dtype}: averages read out as torch.float32, bfloat16 or float16")
         out = {}
         if self._sharded():
@@ -407,6 +410,8 @@ class EMA(_State, _Presets):
 
     def _swap_posthoc(self, snapshots, coefficients):
         h, stream = self._handle, self._stream()
+        if not isinstance(snapshots, torch.Tensor):
+            raise InvalidArgError(f"snapshots is {type(snapshots).__name__}, not a torch.Tensor")
         snapshots = snapshots.reshape(len(coefficients), -1)
         if snapshots.device != self.device or snapshots.dtype != torch.float32 or \
                 snapshots.shape[1] != h.snapshot_elems():
@@ -423,7 +428,8 @@ class EMA(_State, _Presets):
     def set_grad_norm(self, grad_norm: torch.Tensor):
         """GradNorm shadows read this one-element float32 tensor (the EMA's device) at every update;
         write the step's norm into it in place (torch.nn.utils.clip_grad_norm_'s result, copied)."""
-        if grad_norm.dtype != torch.float32 or grad_norm.numel() != 1 or grad_norm.device != self.device:
+        if not isinstance(grad_norm, torch.Tensor) or grad_norm.dtype != torch.float32 or grad_norm.numel() != 1 \
+                or grad_norm.device != self.device:
             raise InvalidArgError("grad_norm: one float32 element on the EMA's device")
         self.handle.set_grad_norm(_data_ptr(grad_norm))
         self._grad_norm = grad_norm
@@ -435,8 +441,8 @@ class EMA(_State, _Presets):
             grads = [s.tensor.grad for s in self._averaged]
         grads = [None if g is None else _local(g) for g in grads]
         for s, g in zip(self._averaged, grads):
-            if g is None or g.shape != s.local.shape or g.dtype != s.local.dtype or not g.is_contiguous() \
-                    or g.device != self.device:
+            if not isinstance(g, torch.Tensor) or g.shape != s.local.shape or g.dtype != s.local.dtype \
+                    or not g.is_contiguous() or g.device != self.device:
                 raise InvalidArgError(f"the gradient of {s.name!r} is missing or not like the param")
         if len(grads) != len(self._averaged):
             raise InvalidArgError(f"{len(grads)} gradients for {len(self._averaged)} tensors")

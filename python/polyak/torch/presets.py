@@ -1,6 +1,7 @@
 """Other libraries' EMA defaults as polyak schedules, mapped exactly."""
 import polyak
 from polyak import Constant, UnsupportedError, Warmup
+from polyak._args import _c_int64
 
 
 class _Presets:
@@ -10,6 +11,7 @@ class _Presets:
     def like_timm(cls, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False,
                   warmup_gamma=1.0, warmup_power=2 / 3, **options):
         """timm's ModelEmaV3(model, ...) called as update(model, step=step) at every step."""
+        update_after_step = _c_int64(update_after_step, "update_after_step")
         if use_warmup:
             schedule = Warmup(beta=decay, beta_min=min_decay, inv_gamma=warmup_gamma, power=warmup_power,
                               start_step=update_after_step)
@@ -34,6 +36,9 @@ class _Presets:
         """ema-pytorch's EMA(model, ...) with update() after every optimizer step: updates at steps
         1, 1 + update_every, ... copying the params up to update_after_step, then its warm-up decay
         of the step count applied once per update (no compensation of the steps between)."""
+        update_after_step = _c_int64(update_after_step, "update_after_step")
+        if _c_int64(update_every, "update_every") < 1:
+            raise polyak.InvalidArgError(f"update_every = {update_every}: at least 1")
         if update_after_step % update_every:
             raise UnsupportedError("like_ema_pytorch needs update_after_step a multiple of update_every "
                                    "(its decay then has the Warmup form in the count of updates)")
@@ -47,6 +52,7 @@ class _Presets:
     def like_diffusers(cls, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
                        inv_gamma=1.0, power=2 / 3, **options):
         """diffusers' EMAModel(model.parameters(), ...) with step() after every optimizer step."""
+        update_after_step = _c_int64(update_after_step, "update_after_step")
         if use_ema_warmup:
             schedule = Warmup(beta=decay, beta_min=min_decay, inv_gamma=inv_gamma, power=power,
                               start_step=update_after_step)
