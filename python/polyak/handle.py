@@ -257,13 +257,14 @@ class Handle:
         self._call("polyak_finalize", _address(stream, "stream"))
 
     # -- the hot path
-    def update(self, step: int, stream=None):
-        """Folds the params into every shadow as the average after `step` optimizer steps."""
+    def update(self, step: int | None = None, stream=None):
+        """Folds the params into every shadow as the average after `step` optimizer steps; without
+        a step, the step after the last update's."""
         h = self._ptr
         if h is None:
             self._h()
         if type(step) is not int or not 0 < step < _INT64_LIMIT:  # checked in full off the hot path
-            step = _c_int64(step, "step")
+            step = self.step + 1 if step is None else _c_int64(step, "step")
         if stream is not None:
             stream = _address(stream, "stream")
         status = _c.polyak_update(h, step, stream)

@@ -139,6 +139,27 @@ def test_handle_updates_every_shadow_with_the_compensated_decay(rng):
                 assert max(abs(o - r) for o, r in zip(out, shadows[k][i])) < 2e-6
 
 
+def test_update_without_a_step_applies_the_next_one(rng):
+    values = [rng.uniform(-1, 1) for _ in range(17)]
+    arrays = [buffer(values) for _ in range(2)]
+    handles = [polyak.Handle([polyak.Warmup(beta=0.99), polyak.Equal()]) for _ in range(2)]
+    for h, (_, ptr) in zip(handles, arrays):
+        h.add("w", ptr, "f32", (17,))
+        h.finalize()
+    counted, explicit = handles
+    for step in (1, 2, 3, 7, 8):  # a gap: 4..6 compensated where the step is given
+        for a, _ in arrays:
+            a[step] += 0.25
+        if step == 7:
+            counted.update(7)
+        else:
+            counted.update()
+        explicit.update(step)
+        assert counted.step == step
+    assert counted.save_bytes() == explicit.save_bytes()
+    counted.close(), explicit.close()
+
+
 def test_a_failing_call_raises_its_class_and_changes_nothing(rng):
     a, ptr = buffer([rng.uniform(1, 2) for _ in range(9)])
     h = polyak.Handle([polyak.Constant(0.5)])
@@ -181,7 +202,7 @@ def test_arguments_of_a_wrong_type_raise_invalid_arg_naming_them():
     fresh = polyak.Handle()
     out = array.array("f", [0.0] * 4)
     calls = [
-        (lambda: h.update(2.5), "step"), (lambda: h.update("3"), "step"), (lambda: h.update(None), "step"),
+        (lambda: h.update(2.5), "step"), (lambda: h.update("3"), "step"), (lambda: h.update([2]), "step"),
         (lambda: h.update(2 ** 64 + 3), "step"),  # ctypes would pass step 3
         (lambda: h.update(2, stream="0"), "stream"), (lambda: h.update(2, stream=-1), "stream"),
         (lambda: h.get_shadow(0, 0.0, out), "tensor"), (lambda: h.get_shadow(1.0, 0, out), "shadow"),

@@ -68,6 +68,7 @@ class EMA(_State, _Presets):
         self._swapped_in = None  # what the params hold inside average_parameters / posthoc_parameters
         self._only_steps = None  # (every, offset): update(step) acts where step % every == offset
         self._copy_at_step = None  # after the update at this step, shadows <- params (a copy)
+        self._last_step = 0  # the last step update() was given: update() without one takes the next
 
         averaged, copied = self._collect(model, buffers)
         tensors = [s.local for s in averaged + copied]
@@ -209,12 +210,15 @@ class EMA(_State, _Presets):
         return get(self._device_index) if get else torch.cuda.current_stream(self._device_index).cuda_stream
 
     # ---- the hot path ------------------------------------------------------------------
-    def update(self, step: int):
+    def update(self, step: int | None = None):
         """Folds the current params into every shadow as the average after `step` optimizer steps
-        (1 for the first). Enqueued on torch's current stream, with no host sync."""
+        (1 for the first). Enqueued on torch's current stream, with no host sync. Without a step,
+        the step after the last one given: one step per call, as timm's and ema-pytorch's
+        update() are called, once per optimizer step; a step given compensates skipped steps."""
         if type(step) is not int or not 0 < step < _INT64_LIMIT:  # checked in full off the hot path
-            step = _c_int64(step, "step")
+            step = self._next_step() if step is None else _c_int64(step, "step")
         if self._only_steps is not None and step % self._only_steps[0] != self._only_steps[1]:
+            self._last_step = step  # a step the preset leaves out still counts for update()
             return
         self._check_live()
         self._check_not_swapped("update")
@@ -222,9 +226,15 @@ class EMA(_State, _Presets):
         status = _c.polyak_update(h._ptr, step, self._stream())
         if status:
             _check(status, h._ptr, "polyak_update")
+        self._last_step = step
         if step == self._copy_at_step:
             for k in range(h.num_shadows):
                 h.hard_update(k, self._stream())
+
+    def _next_step(self):
+        """update()'s step: one after the last given to update(), or after the handle's own
+        (a load_state_dict or graph replays move it on)."""
+        return max(self._last_step, self.handle.step) + 1
 
     @property
     def step(self):

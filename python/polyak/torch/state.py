@@ -157,6 +157,7 @@ class _State:
         else:
             checkpoint = self._assembled_state(state)
         self._handle.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
+        self._last_step = 0  # update() goes on from the loaded step
 
     def _assembled_state(self, state):
         """The checkpoint of a state as tensors ("metadata", "shadows", "copies"), checked against
