@@ -15,7 +15,10 @@
 
 #define WARMUP 2
 
-static size_t align_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+static size_t align_up(size_t n, size_t to)
+{
+  return (n + to - 1) / to * to;
+}
 
 size_t bench_params_bytes(const bench_list *list, polyak_dtype dtype)
 {
@@ -165,10 +168,11 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
   cfg.shadow_dtype = shadow_dtype;
   cfg.cpu_threads = run->threads;
   for (int k = 0; k < num_shadows; k++)
-    cfg.rounding[k] = rounding;
+    cfg.shadows[k].rounding = rounding;
   polyak_t *handles[POLYAK_MAX_SHADOWS] = {0};
   int count = separate ? num_shadows : 1, failed = 0, culprit = 0;
-  double *times = malloc(sizeof(double) * (size_t)run->iters), *loop_times = malloc(sizeof(double) * (size_t)run->iters);
+  double *times = malloc(sizeof(double) * (size_t)run->iters),
+         *loop_times = malloc(sizeof(double) * (size_t)run->iters);
   for (int h = 0; h < count && !failed; h++) {
     culprit = h;
     failed = polyak_create(&handles[h], &cfg) != POLYAK_OK ||
@@ -198,8 +202,16 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
     const char *impl = separate                              ? "polyak_cpu_separate_passes"
                        : rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic"
                                                              : "polyak_cpu";
-    bench_record r = {run->list->name, bench_dtype_name(param_dtype), bench_dtype_name(shadow_dtype), num_shadows,
-                      impl, ms, gbps, gbps / loop_gbps, run->threads, loop_ms / ms};
+    bench_record r = {run->list->name,
+                      bench_dtype_name(param_dtype),
+                      bench_dtype_name(shadow_dtype),
+                      num_shadows,
+                      impl,
+                      ms,
+                      gbps,
+                      gbps / loop_gbps,
+                      run->threads,
+                      loop_ms / ms};
     bench_emit(run->out, &r);
   }
   for (int h = 0; h < count; h++)

@@ -21,7 +21,7 @@ int bench_gpu(const bench_options *options)
 cudaError_t bench_fill(void *data, size_t count, int bf16, uint64_t seed);
 cudaError_t bench_cast_bf16(const uint16_t *from, float *to, size_t count, cudaStream_t stream);
 
-#define WARMUP 5
+#define WARMUP     5
 #define WARM_BYTES ((size_t)64 << 20)
 
 /* Two WARM_BYTES buffers that warm_up() copies between (NULL: no warm-up). */
@@ -70,15 +70,23 @@ static double median_ms(const gpu_run *run)
 static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows, const char *impl, double ms)
 {
   double gbps = bench_required_bytes(run->list->num_elems, run->param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
-  bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), bench_dtype_name(shadow_dtype),
-                    num_shadows, impl, ms, gbps, gbps / run->copy_gbps, 0, 0.0};
+  bench_record r = {run->list->name,
+                    bench_dtype_name(run->param_dtype),
+                    bench_dtype_name(shadow_dtype),
+                    num_shadows,
+                    impl,
+                    ms,
+                    gbps,
+                    gbps / run->copy_gbps,
+                    0,
+                    0.0};
   bench_emit(run->out, &r);
 }
 
 /* A CUDA handle over the run's params; with world_size > 1, rank 0's
  * slice; every shadow rounded as `rounding` says. */
-static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
-                                     int world_size, int rounding)
+static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows, int world_size,
+                                     int rounding)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
@@ -87,8 +95,8 @@ static polyak_t *make_sharded_handle(const gpu_run *run, polyak_dtype shadow_dty
   cfg.shadow_dtype = shadow_dtype;
   cfg.world_size = world_size;
   for (int k = 0; k < num_shadows; k++) {
-    cfg.schedules[k].beta = 0.999 + 0.0001 * k;
-    cfg.rounding[k] = rounding;
+    cfg.shadows[k].schedule.beta = 0.999 + 0.0001 * k;
+    cfg.shadows[k].rounding = rounding;
   }
   polyak_t *p = NULL;
   if (polyak_create(&p, &cfg) != POLYAK_OK || bench_register(p, run->list, run->params, run->param_dtype) ||
@@ -160,10 +168,18 @@ static int run_sharding(const gpu_run *run)
     double gbps = bench_required_bytes(kept, run->param_dtype, POLYAK_F32, 1) / ms / 1e6;
     printf("%-10s %-5s f32    1 sharded: world %d, rank 0 keeps %lld elements = %.2f GB per shadow; "
            "update %.3f ms (%.0f GB/s, %.3f of copy)\n",
-           run->list->name, bench_dtype_name(run->param_dtype), worlds[w], (long long)kept, kept * 4.0 / 1e9, ms,
-           gbps, gbps / run->copy_gbps);
-    bench_record r = {run->list->name, bench_dtype_name(run->param_dtype), "f32", 1,
-                      worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0", ms, gbps, gbps / run->copy_gbps, 0, 0.0};
+           run->list->name, bench_dtype_name(run->param_dtype), worlds[w], (long long)kept, kept * 4.0 / 1e9, ms, gbps,
+           gbps / run->copy_gbps);
+    bench_record r = {run->list->name,
+                      bench_dtype_name(run->param_dtype),
+                      "f32",
+                      1,
+                      worlds[w] == 1 ? "polyak_world1" : "polyak_world8_rank0",
+                      ms,
+                      gbps,
+                      gbps / run->copy_gbps,
+                      0,
+                      0.0};
     bench_emit(run->out, &r);
   }
   return 0;
@@ -223,16 +239,16 @@ static polyak_t *make_mode_handle(const gpu_run *run, int mode, void **params, v
   polyak_config_init(&cfg);
   cfg.backend = POLYAK_BACKEND_CUDA;
   cfg.lookahead_every = mode == MODE_LOOKAHEAD ? 1 : 0; /* a sync every step: the write-back's worst case */
-  cfg.schedules[0].beta = mode == MODE_LOOKAHEAD ? 0.5 : 0.999;
-  cfg.grad_norm_c[0] = mode == MODE_GRAD_NORM ? 0.1 : 0.0;
-  cfg.layerwise_beta0[0] = mode == MODE_LAWA ? 0.999 : 0.0;
+  cfg.shadows[0].schedule.beta = mode == MODE_LOOKAHEAD ? 0.5 : 0.999;
+  cfg.shadows[0].grad_norm_c = mode == MODE_GRAD_NORM ? 0.1 : 0.0;
+  cfg.shadows[0].layerwise_beta0 = mode == MODE_LAWA ? 0.999 : 0.0;
   polyak_t *p = NULL;
   polyak_status s = polyak_create(&p, &cfg);
   for (int i = 0; i < run->list->num_tensors && s == POLYAK_OK; i++) {
     const bench_tensor *t = &run->list->tensors[i];
-    s = mode == MODE_OWNED
-            ? polyak_add_with_shadow(p, t->name, params[i], run->param_dtype, t->ndim, t->shape, owned[i], POLYAK_BF16, 0)
-            : polyak_add(p, t->name, params[i], run->param_dtype, t->ndim, t->shape);
+    s = mode == MODE_OWNED ? polyak_add_with_shadow(p, t->name, params[i], run->param_dtype, t->ndim, t->shape,
+                                                    owned[i], POLYAK_BF16, 0)
+                           : polyak_add(p, t->name, params[i], run->param_dtype, t->ndim, t->shape);
   }
   if (s == POLYAK_OK)
     s = polyak_finalize(p, NULL);
@@ -311,7 +327,8 @@ static int run_cublas(const gpu_run *run, cublasHandle_t blas, int num_shadows)
       int n = (int)list->tensors[i].num_elems;
       const float *x = (const float *)(run->params + param_offset);
       if (run->param_dtype == POLYAK_BF16) {
-        failed |= bench_cast_bf16((const uint16_t *)(run->params + param_offset), scratch, (size_t)n, NULL) != cudaSuccess;
+        failed |=
+            bench_cast_bf16((const uint16_t *)(run->params + param_offset), scratch, (size_t)n, NULL) != cudaSuccess;
         x = scratch;
       }
       for (int k = 0; k < num_shadows; k++) {
@@ -358,7 +375,6 @@ static double copy_gbps(int iters, cudaEvent_t *events)
   cudaFree(dst);
   return 2.0 * (double)num_bytes / ms / 1e6;
 }
-
 
 int bench_gpu(const bench_options *options)
 {
@@ -412,8 +428,7 @@ int bench_gpu(const bench_options *options)
         continue;
       }
       bench_fill(run.params, params_bytes / bench_dtype_bytes(run.param_dtype), run.param_dtype == POLYAK_BF16, 5);
-      if (strcmp(list.name, "llama2-7b") == 0 && run.param_dtype == POLYAK_F32 &&
-          fits((double)list.num_elems * 4.0))
+      if (strcmp(list.name, "llama2-7b") == 0 && run.param_dtype == POLYAK_F32 && fits((double)list.num_elems * 4.0))
         failed = run_sharding(&run);
       if (!failed && run.param_dtype == POLYAK_F32 &&
           (strcmp(list.name, "gpt2-124m") == 0 || strcmp(list.name, "llama2-7b") == 0) &&

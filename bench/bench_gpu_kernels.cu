@@ -32,6 +32,7 @@ extern "C" cudaError_t bench_fill(void *data, size_t count, int bf16, uint64_t s
 extern "C" cudaError_t bench_cast_bf16(const uint16_t *from, float *to, size_t count, cudaStream_t stream)
 {
   size_t blocks = (count + 255) / 256;
-  bench_cast_kernel<<<blocks < 4096 ? (unsigned)blocks : 4096u, 256, 0, stream>>>(from, to, count);
+  unsigned grid = blocks < 4096 ? (unsigned)blocks : 4096u;
+  bench_cast_kernel<<<grid, 256, 0, stream>>>(from, to, count);
   return cudaGetLastError();
 }

@@ -11,7 +11,7 @@ typedef struct {
   const char *out_dir; /* NULL: no results file */
   const char **lists;
   int num_lists;
-  int iters;           /* timed updates per measurement */
+  int iters;              /* timed updates per measurement */
   const int *cpu_threads; /* the CPU section's thread counts, each 1..64 */
   int num_cpu_threads;
 } bench_options;

@@ -37,8 +37,7 @@ size_t bench_dtype_bytes(polyak_dtype d)
 
 double bench_required_bytes(int64_t num_elems, polyak_dtype param, polyak_dtype shadow, int num_shadows)
 {
-  return (double)num_elems *
-         ((double)bench_dtype_bytes(param) + 2.0 * num_shadows * (double)bench_dtype_bytes(shadow));
+  return (double)num_elems * ((double)bench_dtype_bytes(param) + 2.0 * num_shadows * (double)bench_dtype_bytes(shadow));
 }
 
 void bench_cpu_name(char *name, size_t num_bytes)
@@ -86,8 +85,8 @@ int bench_output_open(bench_output *out, const char *card, const char *out_dir)
   char file_card[128], path[4096];
   snprintf(file_card, sizeof file_card, "%s", card);
   for (char *c = file_card; *c; c++)
-    if (!((*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '.' ||
-          *c == '_' || *c == '-'))
+    if (!((*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '.' || *c == '_' ||
+          *c == '-'))
       *c = '-';
   snprintf(path, sizeof path, "%s/%s-%s.jsonl", out_dir, out->date, file_card);
   out->jsonl = fopen(path, "a");
@@ -108,8 +107,8 @@ void bench_output_close(bench_output *out)
 
 void bench_table_header(const char *title)
 {
-  printf("\n%s\n%-10s %-5s %-5s %2s %-24s %10s %9s %8s\n", title, "list", "param", "shadw", "K", "impl",
-         "ms median", "GB/s", "of copy");
+  printf("\n%s\n%-10s %-5s %-5s %2s %-24s %10s %9s %8s\n", title, "list", "param", "shadw", "K", "impl", "ms median",
+         "GB/s", "of copy");
 }
 
 void bench_cpu_table_header(const char *title)
@@ -124,15 +123,15 @@ void bench_emit(bench_output *out, const bench_record *r)
     printf("%-10s %-5s %-5s %2d %-28s %10.4f %9.1f %8.3f %3d %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
            r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy, r->threads, r->of_loop);
   else
-    printf("%-10s %-5s %-5s %2d %-24s %10.4f %9.1f %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
-           r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy);
+    printf("%-10s %-5s %-5s %2d %-24s %10.4f %9.1f %8.3f\n", r->list, r->param_dtype, r->shadow_dtype, r->num_shadows,
+           r->impl, r->ms_median, r->gbps, r->frac_of_copy);
   fflush(stdout);
   if (!out->jsonl)
     return;
   json_t *line = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:i, s:s, s:f, s:f, s:f}", "card", out->card, "date",
                            out->date, "commit", out->commit, "list", r->list, "param_dtype", r->param_dtype,
-                           "shadow_dtype", r->shadow_dtype, "num_shadows", r->num_shadows, "impl", r->impl,
-                           "ms_median", r->ms_median, "gbps", r->gbps, "frac_of_copy", r->frac_of_copy);
+                           "shadow_dtype", r->shadow_dtype, "num_shadows", r->num_shadows, "impl", r->impl, "ms_median",
+                           r->ms_median, "gbps", r->gbps, "frac_of_copy", r->frac_of_copy);
   if (r->threads > 0) {
     json_object_set_new(line, "threads", json_integer(r->threads));
     json_object_set_new(line, "of_loop", json_real(r->of_loop));

@@ -32,7 +32,7 @@ void bench_emit(bench_output *out, const bench_record *r);
 void bench_table_header(const char *title);
 void bench_cpu_table_header(const char *title); /* with the CPU rows' columns */
 
-double bench_seconds(void); /* a monotonic clock */
+double bench_seconds(void);                     /* a monotonic clock */
 double bench_median(double *values, int count); /* sorts values */
 const char *bench_dtype_name(polyak_dtype d);
 size_t bench_dtype_bytes(polyak_dtype d);

@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x /usr/local/cuda/bin/nvcc ] && export PATH="/usr/local/cuda/bin:$PATH"
 arch=${1:-sm_90}
-flags=(-std=c++17 -O3 --fmad=false "-arch=$arch" -Iinclude -Ikernels)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# polyak.h includes the version header CMake makes from VERSION: make it here
+IFS=. read -r major minor patch <VERSION
+sed -e "s/@PROJECT_VERSION_MAJOR@/$major/; s/@PROJECT_VERSION_MINOR@/$minor/; s/@PROJECT_VERSION_PATCH@/$patch/" \
+  -e "s/@PROJECT_VERSION@/$major.$minor.$patch/" include/polyak_version.h.in >"$tmp/polyak_version.h"
+flags=(-std=c++17 -O3 --fmad=false "-arch=$arch" -Iinclude "-I$tmp" -Ikernels)
 echo "update kernel, $arch, $(nvcc --version | tail -1)"
 nvcc "${flags[@]}" -Xptxas -v -c kernels/update.cu -o "$tmp/update.o" 2>"$tmp/ptxas.txt"
 grep -E "Compiling entry|spill|registers" "$tmp/ptxas.txt"

@@ -53,8 +53,9 @@ int main(int argc, char **argv)
     else if (strcmp(argv[a], "--gpu-only") == 0)
       cpu = 0;
     else {
-      fprintf(stderr, "usage: %s [--out DIR] [--iters N] [--lists a,b] [--cpu-lists a,b] [--cpu-threads 1,2] "
-                      "[--models DIR] [--cpu-only] [--gpu-only]\n",
+      fprintf(stderr,
+              "usage: %s [--out DIR] [--iters N] [--lists a,b] [--cpu-lists a,b] [--cpu-threads 1,2] "
+              "[--models DIR] [--cpu-only] [--gpu-only]\n",
               argv[0]);
       return 2;
     }

@@ -89,8 +89,7 @@ static polyak_status read_average(polyak_t *p, const weights_home *home, int k, 
 /* The blend sum_k weights[k] * shadow_k into host memory. */
 static polyak_status read_blend(polyak_t *p, const weights_home *home, const double *weights, float *host)
 {
-  return fetch(home, polyak_get_blend(p, weights, 0, 0, readout_buffer(home, host), POLYAK_F32, NULL),
-               host);
+  return fetch(home, polyak_get_blend(p, weights, 0, 0, readout_buffer(home, host), POLYAK_F32, NULL), host);
 }
 
 /* theta into polyak's copy (CUDA), and back after polyak wrote it (Lookahead). */
@@ -259,8 +258,8 @@ static int edm2_init(edm2_run *e, const weights_home *home)
   polyak_config_init(&cfg);
   cfg.num_shadows = 3;
   for (int k = 0; k < 3; k++) {
-    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
-    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(kEdm2Sigma[k]);
+    cfg.shadows[k].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[k].schedule.gamma = polyak_gamma_from_sigma_rel(kEdm2Sigma[k]);
   }
   e->count = 0;
   e->p = averages_of(home, &cfg);
@@ -332,8 +331,7 @@ static void edm2_free(edm2_run *e, const weights_home *home)
 /* Lookahead in a run of its own (it writes the weights back): the time
  * averages of |w - w*|^2 over the steps after burn_in, of the fast weights
  * (what SGD steps from) and of the slow ones. */
-static int lookahead_run(long steps, long burn_in, const double *theta_star, double *fast_sq,
-                         double *slow_sq)
+static int lookahead_run(long steps, long burn_in, const double *theta_star, double *fast_sq, double *slow_sq)
 {
   float theta[DIM] = {0}, slow[DIM];
   weights_home home;
@@ -341,8 +339,8 @@ static int lookahead_run(long steps, long burn_in, const double *theta_star, dou
     return 1;
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.lookahead_every = 5;       /* k */
-  cfg.schedules[0].beta = 0.5;   /* alpha = 1 - beta */
+  cfg.lookahead_every = 5;            /* k */
+  cfg.shadows[0].schedule.beta = 0.5; /* alpha = 1 - beta */
   polyak_t *p = averages_of(&home, &cfg);
   if (!p)
     return 1;
@@ -392,23 +390,22 @@ int main(int argc, char **argv)
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.num_shadows = NUM_SHADOWS;
-  const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)",
-                                     "equal (tail)"};
-  cfg.schedules[0].beta = 0.9;
-  cfg.schedules[1].beta = 0.99;
-  cfg.schedules[2].beta = 0.999;
-  cfg.schedules[3].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[3].beta = 0.9999;
-  cfg.schedules[4].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[4].start_step = burn_in;
+  const char *labels[NUM_SHADOWS] = {"ema 0.9", "ema 0.99", "ema 0.999", "warmup (timm)", "equal (tail)"};
+  cfg.shadows[0].schedule.beta = 0.9;
+  cfg.shadows[1].schedule.beta = 0.99;
+  cfg.shadows[2].schedule.beta = 0.999;
+  cfg.shadows[3].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[3].schedule.beta = 0.9999;
+  cfg.shadows[4].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[4].schedule.start_step = burn_in;
   polyak_t *p = averages_of(&home, &cfg);
 
   /* SWA: the plain mean of snapshots every swa_every steps after burn-in */
   polyak_config swa_cfg;
   polyak_config_init(&swa_cfg);
-  swa_cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
-  swa_cfg.schedules[0].start_step = burn_in;
-  swa_cfg.count_updates[0] = 1;
+  swa_cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  swa_cfg.shadows[0].schedule.start_step = burn_in;
+  swa_cfg.shadows[0].count_updates = 1;
   polyak_t *swa = p ? averages_of(&home, &swa_cfg) : NULL;
   if (!swa)
     return polyak_destroy(p), 1;
@@ -418,7 +415,7 @@ int main(int argc, char **argv)
   /* an EMA whose beta follows the gradient norm: 1 - c / sqrt(1 + |g|^2) */
   polyak_config gn_cfg;
   polyak_config_init(&gn_cfg);
-  gn_cfg.grad_norm_c[0] = 0.01;
+  gn_cfg.shadows[0].grad_norm_c = 0.01;
   float grad_norm_host = 0.0f, *grad_norm = scalar_on(&home, &grad_norm_host);
   polyak_t *gn = averages_of(&home, &gn_cfg);
   if (!gn || !grad_norm || (s = polyak_set_grad_norm(gn, grad_norm)) != POLYAK_OK)
@@ -486,17 +483,17 @@ int main(int argc, char **argv)
          "(%s backend, %.1f s)\n",
          polyak_version_string(), DIM, BATCH, kLearningRate, steps,
          home.backend == POLYAK_BACKEND_CUDA ? "CUDA" : "CPU", seconds);
-  printf("statistics over steps %ld..%ld; SGD noise lag-1 correlation rho = %.3f (1 - lr = %.3f)\n\n",
-         burn_in + 1, steps, rho, 1.0 - kLearningRate);
-  printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "weights", "beta", "|w - w*| end",
-         "variance / raw variance:", "iid", "AR(1)");
+  printf("statistics over steps %ld..%ld; SGD noise lag-1 correlation rho = %.3f (1 - lr = %.3f)\n\n", burn_in + 1,
+         steps, rho, 1.0 - kLearningRate);
+  printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "weights", "beta", "|w - w*| end", "variance / raw variance:", "iid",
+         "AR(1)");
   printf("%-15s %9s %13s   %-27s %-10s %-10s\n", "", "", "", "measured", "theory", "theory");
-  printf("%-15s %9s %13.5f   %-27.5f %-10s %-10s\n", "raw SGD", "-",
-         sqrt(squared_distance(theta, theta_star)), 1.0, "1", "1");
+  printf("%-15s %9s %13.5f   %-27.5f %-10s %-10s\n", "raw SGD", "-", sqrt(squared_distance(theta, theta_star)), 1.0,
+         "1", "1");
   for (int k = 0; k < NUM_SHADOWS; k++) {
-    double beta = polyak_beta_at(&cfg.schedules[k], steps);
+    double beta = polyak_beta_at(&cfg.shadows[k].schedule, steps);
     double measured_ratio, iid, ar1;
-    if (cfg.schedules[k].kind == POLYAK_SCHEDULE_EQUAL) {
+    if (cfg.shadows[k].schedule.kind == POLYAK_SCHEDULE_EQUAL) {
       /* a mean of n correlated samples: one end-of-run draw, not a time average */
       measured_ratio = squared_distance(shadow[k], theta_star) / raw_var;
       iid = 1.0 / tail_samples;
@@ -525,9 +522,8 @@ int main(int argc, char **argv)
          sqrt(squared_distance(blend, theta_star)), blend_sq / measured / raw_var);
   char swa_label[64];
   snprintf(swa_label, sizeof swa_label, "SWA, %ld snapshots %ld steps apart", swa_snapshots, swa_every);
-  printf("%-38s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label,
-         sqrt(squared_distance(swa_mean, theta_star)), squared_distance(swa_mean, theta_star) / raw_var,
-         1.0 / (double)swa_snapshots);
+  printf("%-38s %13.5f   %.5f (one draw; iid theory %.5f)\n", swa_label, sqrt(squared_distance(swa_mean, theta_star)),
+         squared_distance(swa_mean, theta_star) / raw_var, 1.0 / (double)swa_snapshots);
   double mean_norm = norm_sum / measured;
   printf("%-38s %13.5f   %.5f (time average); mean |g| %.2f: beta %.4f\n", "grad-norm beta, c = 0.01",
          sqrt(squared_distance(gn_mean, theta_star)), gn_sq / measured / raw_var, mean_norm,
@@ -546,10 +542,8 @@ int main(int argc, char **argv)
          sqrt(gap_sq));
   printf("%-38s %13.5f   %.5f (one draw)\n", "EDM2 sigma_rel 0.07 tracked", sqrt(squared_distance(tracked, theta_star)),
          squared_distance(tracked, theta_star) / raw_var);
-  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "",
-         la_fast_sq / raw_var);
-  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "",
-         la_slow_sq / raw_var);
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, fast weights", "", la_fast_sq / raw_var);
+  printf("%-38s %13s   %.5f (time average)\n", "Lookahead k=5 alpha=0.5, slow weights", "", la_slow_sq / raw_var);
 
   edm2_free(&edm2, &home);
   polyak_destroy(gn);

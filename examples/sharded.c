@@ -53,8 +53,8 @@ static polyak_config make_config(polyak_backend backend)
   polyak_config_init(&cfg);
   cfg.backend = backend;
   cfg.num_shadows = 2;
-  cfg.schedules[0].beta = 0.95;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.beta = 0.95;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16; /* stochastic rounding: the bits depend on the global index */
   cfg.seed = 2026;
   return cfg;

@@ -31,13 +31,13 @@
 
 /* ---- data: "a+b=c;" with a, b in 0..99 --------------------------------- */
 
-#define VOCAB 13 /* 0-9 + = ; */
-#define CTX 8    /* characters of context */
-#define EMB 8
-#define HIDDEN 64
-#define BATCH 32
+#define VOCAB       13 /* 0-9 + = ; */
+#define CTX         8  /* characters of context */
+#define EMB         8
+#define HIDDEN      64
+#define BATCH       32
 #define TRAIN_CHARS 60000
-#define VAL_CHARS 6000
+#define VAL_CHARS   6000
 
 static uint64_t next_random(uint64_t *state) /* xorshift64* */
 {
@@ -47,9 +47,15 @@ static uint64_t next_random(uint64_t *state) /* xorshift64* */
   return *state * 0x2545F4914F6CDD1DULL;
 }
 
-static double uniform(uint64_t *state) { return (double)(next_random(state) >> 11) / 9007199254740992.0; }
+static double uniform(uint64_t *state)
+{
+  return (double)(next_random(state) >> 11) / 9007199254740992.0;
+}
 
-static int token(char c) { return c >= '0' && c <= '9' ? c - '0' : c == '+' ? 10 : c == '=' ? 11 : 12; }
+static int token(char c)
+{
+  return c >= '0' && c <= '9' ? c - '0' : c == '+' ? 10 : c == '=' ? 11 : 12;
+}
 
 /* num_chars tokens of sums drawn from `seed` */
 static void make_text(unsigned char *text, int num_chars, uint64_t seed)
@@ -204,8 +210,14 @@ static int transfer_all(int fd, void *data, size_t num_bytes, int writing)
   return 0;
 }
 
-static int write_all(int fd, const void *data, size_t num_bytes) { return transfer_all(fd, (void *)data, num_bytes, 1); }
-static int read_all(int fd, void *data, size_t num_bytes) { return transfer_all(fd, data, num_bytes, 0); }
+static int write_all(int fd, const void *data, size_t num_bytes)
+{
+  return transfer_all(fd, (void *)data, num_bytes, 1);
+}
+static int read_all(int fd, void *data, size_t num_bytes)
+{
+  return transfer_all(fd, data, num_bytes, 0);
+}
 
 /* magic, step, sampler, params, m, v, the EMA (polyak's own format, at the
  * file's offset), magic again; written to path.tmp, then renamed over path */
@@ -223,8 +235,7 @@ static int save_state(const trainer *tr, polyak_t *ema, const char *path)
   if (fd >= 0 && close(fd) != 0)
     bad = 1;
   if (bad || rename(tmp, path) != 0) {
-    fprintf(stderr, "trainer: saving %s failed: %s\n", path,
-            s != POLYAK_OK ? polyak_last_error(ema) : strerror(errno));
+    fprintf(stderr, "trainer: saving %s failed: %s\n", path, s != POLYAK_OK ? polyak_last_error(ema) : strerror(errno));
     return -1;
   }
   return 0;
@@ -298,10 +309,10 @@ int main(int argc, char **argv)
   polyak_config cfg;
   polyak_config_init(&cfg);
   cfg.num_shadows = 2;
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[0].beta = 0.999;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
-  cfg.schedules[1].gamma = polyak_gamma_from_sigma_rel(0.10);
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[0].schedule.beta = 0.999;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[1].schedule.gamma = polyak_gamma_from_sigma_rel(0.10);
   polyak_t *ema = NULL;
   polyak_status s = polyak_create(&ema, &cfg);
   if (s != POLYAK_OK)

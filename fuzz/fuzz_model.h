@@ -26,7 +26,7 @@ static polyak_t *fuzz_model_create(fuzz_params *params, polyak_dtype shadow_dtyp
   polyak_config_init(&cfg);
   cfg.num_shadows = 2;
   cfg.shadow_dtype = shadow_dtype;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
   polyak_t *p = NULL;
   int64_t weight_shape[2] = {3, 5}, bias_shape[1] = {7};
   if (polyak_create(&p, &cfg) != POLYAK_OK ||

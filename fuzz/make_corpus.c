@@ -21,26 +21,74 @@ static void set_tensor(json_t *h, const char *name, const char *key, json_t *val
   json_object_set_new(json_object_get(h, name), key, value);
 }
 
-static void no_metadata(json_t *h) { json_object_del(h, "__metadata__"); }
-static void version_2(json_t *h) { set_meta(h, "format_version", "2"); }
-static void step_text(json_t *h) { set_meta(h, "step", "7x"); }
-static void products_big(json_t *h) { set_meta(h, "beta_products", "[2.0, 0.5]"); }
-static void schedules_broken(json_t *h) { set_meta(h, "schedules", "[{\"kind\":\"SQUARE\"}]"); }
-static void checksum_short(json_t *h) { set_meta(h, "checksum", "xxh3-64:12"); }
-static void three_shadows(json_t *h) { set_meta(h, "num_shadows", "3"); }
-static void other_dtype_meta(json_t *h) { set_meta(h, "shadow_dtype", "BF16"); }
-static void other_seed(json_t *h) { set_meta(h, "seed", "5"); }
-static void zero_init(json_t *h) { set_meta(h, "zero_init", "1"); }
+static void no_metadata(json_t *h)
+{
+  json_object_del(h, "__metadata__");
+}
+static void version_2(json_t *h)
+{
+  set_meta(h, "format_version", "2");
+}
+static void step_text(json_t *h)
+{
+  set_meta(h, "step", "7x");
+}
+static void products_big(json_t *h)
+{
+  set_meta(h, "beta_products", "[2.0, 0.5]");
+}
+static void schedules_broken(json_t *h)
+{
+  set_meta(h, "schedules", "[{\"kind\":\"SQUARE\"}]");
+}
+static void checksum_short(json_t *h)
+{
+  set_meta(h, "checksum", "xxh3-64:12");
+}
+static void three_shadows(json_t *h)
+{
+  set_meta(h, "num_shadows", "3");
+}
+static void other_dtype_meta(json_t *h)
+{
+  set_meta(h, "shadow_dtype", "BF16");
+}
+static void other_seed(json_t *h)
+{
+  set_meta(h, "seed", "5");
+}
+static void zero_init(json_t *h)
+{
+  set_meta(h, "zero_init", "1");
+}
 static void metadata_number(json_t *h)
 {
   json_object_set_new(json_object_get(h, "__metadata__"), "step", json_integer(1));
 }
-static void span_short(json_t *h) { set_tensor(h, "layer.weight", "data_offsets", json_pack("[I,I]", 0ll, 4ll)); }
-static void overlap(json_t *h) { set_tensor(h, "scale", "data_offsets", json_pack("[I,I]", 0ll, 4ll)); }
-static void dtype_f16(json_t *h) { set_tensor(h, "layer.bias", "dtype", json_string("F16")); }
-static void dtype_unknown(json_t *h) { set_tensor(h, "layer.bias", "dtype", json_string("Q4")); }
-static void shape_other(json_t *h) { set_tensor(h, "layer.bias", "shape", json_pack("[I]", 99ll)); }
-static void tensor_missing(json_t *h) { json_object_del(h, "polyak.shadow.1.layer.bias"); }
+static void span_short(json_t *h)
+{
+  set_tensor(h, "layer.weight", "data_offsets", json_pack("[I,I]", 0ll, 4ll));
+}
+static void overlap(json_t *h)
+{
+  set_tensor(h, "scale", "data_offsets", json_pack("[I,I]", 0ll, 4ll));
+}
+static void dtype_f16(json_t *h)
+{
+  set_tensor(h, "layer.bias", "dtype", json_string("F16"));
+}
+static void dtype_unknown(json_t *h)
+{
+  set_tensor(h, "layer.bias", "dtype", json_string("Q4"));
+}
+static void shape_other(json_t *h)
+{
+  set_tensor(h, "layer.bias", "shape", json_pack("[I]", 99ll));
+}
+static void tensor_missing(json_t *h)
+{
+  json_object_del(h, "polyak.shadow.1.layer.bias");
+}
 static void tensor_extra(json_t *h)
 {
   json_object_set_new(h, "polyak.shadow.7.layer.bias",
@@ -52,15 +100,24 @@ static int write_edited(const char *dir, const char *stem, const unsigned char *
   static const struct {
     const char *name;
     header_edit edit;
-  } edits[] = {{"no-metadata", no_metadata},   {"version-2", version_2},
-               {"step-text", step_text},       {"products-big", products_big},
-               {"schedules", schedules_broken}, {"checksum-short", checksum_short},
-               {"three-shadows", three_shadows}, {"dtype-meta", other_dtype_meta},
-               {"seed", other_seed},           {"zero-init", zero_init},
-               {"metadata-number", metadata_number}, {"span-short", span_short},
-               {"overlap", overlap},           {"dtype-f16", dtype_f16},
-               {"dtype-unknown", dtype_unknown}, {"shape", shape_other},
-               {"missing", tensor_missing},    {"extra", tensor_extra}};
+  } edits[] = {{"no-metadata", no_metadata},
+               {"version-2", version_2},
+               {"step-text", step_text},
+               {"products-big", products_big},
+               {"schedules", schedules_broken},
+               {"checksum-short", checksum_short},
+               {"three-shadows", three_shadows},
+               {"dtype-meta", other_dtype_meta},
+               {"seed", other_seed},
+               {"zero-init", zero_init},
+               {"metadata-number", metadata_number},
+               {"span-short", span_short},
+               {"overlap", overlap},
+               {"dtype-f16", dtype_f16},
+               {"dtype-unknown", dtype_unknown},
+               {"shape", shape_other},
+               {"missing", tensor_missing},
+               {"extra", tensor_extra}};
   uint64_t header_bytes = 0;
   for (int b = 0; b < 8; b++)
     header_bytes |= (uint64_t)bytes[b] << (8 * b);
@@ -105,8 +162,10 @@ static int save_variants(const char *dir, const char *stem, polyak_t *p)
     const char *suffix;
     size_t length;
     long flip; /* byte to flip, or -1 */
-  } broken[] = {{"truncated-header", 40, -1}, {"truncated-data", n - 5, -1},
-                {"flipped-length", n, 2},     {"flipped-header", n, 30},
+  } broken[] = {{"truncated-header", 40, -1},
+                {"truncated-data", n - 5, -1},
+                {"flipped-length", n, 2},
+                {"flipped-header", n, 30},
                 {"flipped-data", n, (long)n - 2}};
   if (write_edited(dir, stem, bytes, n) != 0)
     return -1;

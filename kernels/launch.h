@@ -1,6 +1,6 @@
 /*
  * launch.h: the CUDA kernels' arguments and their launchers, called from
- * src/cuda_backend.c. C, so the host side stays C; the kernels are in
+ * src/cuda/cuda_backend.c. C, so the host side stays C; the kernels are in
  * update.cu (the fused update) and shadow_io.cu (initialization, read-out).
  * Each launcher enqueues on `stream` and returns that launch's status.
  */
@@ -24,17 +24,17 @@ extern "C" {
  * reserved step and advances `consumed`; a replay with none left changes
  * nothing but `dropped`. */
 typedef struct {
-  const float *weights;  /* [num_steps][num_shadows]: 1 - B per reserved step */
+  const float *weights; /* [num_steps][num_shadows]: 1 - B per reserved step */
   int64_t first_step;
-  int64_t first_gap;     /* steps from the last direct update to first_step */
-  int64_t num_steps;     /* 0 while nothing is reserved: replays are dropped */
-  int64_t consumed;      /* reserved steps applied so far */
-  int64_t dropped;       /* replays with no reserved step left */
+  int64_t first_gap; /* steps from the last direct update to first_step */
+  int64_t num_steps; /* 0 while nothing is reserved: replays are dropped */
+  int64_t consumed;  /* reserved steps applied so far */
+  int64_t dropped;   /* replays with no reserved step left */
   /* what replays read besides the params, as set when the steps were
    * reserved (a graph captured earlier holds only this struct's address) */
   const float *grad_norm;   /* grad-norm shadows' norm, or NULL */
   const float *layer_norms; /* LAWA's given norms, or NULL: from the gradients */
-  uint32_t blocks_done;  /* the last block of a launch advances the counters */
+  uint32_t blocks_done;     /* the last block of a launch advances the counters */
   uint32_t pad_;
 } polyak_graph_state;
 
@@ -45,7 +45,7 @@ typedef struct {
   void *shadows[POLYAK_MAX_SHADOWS]; /* device arenas */
   int32_t shadow_dtype;
   int32_t pad_;
-  polyak_update_args step;          /* direct mode: what this update applies */
+  polyak_update_args step; /* direct mode: what this update applies */
   /* graph mode (graph != NULL): step, weights and keys come from here */
   polyak_graph_state *graph;
   uint64_t seed;
@@ -53,7 +53,7 @@ typedef struct {
   /* grad-norm shadows (grad_norm_c[k] > 0): their weights from *grad_norm
    * (graph mode: the reservation's), their beta products multiplied in
    * place by block 0 */
-  const float *grad_norm;  /* NULL: no such shadows */
+  const float *grad_norm; /* NULL: no such shadows */
   double grad_norm_c[POLYAK_MAX_SHADOWS];
   double *products;
   /* LAWA shadows (layer_beta0[k] > 0): each chunk's weights from its
@@ -64,7 +64,7 @@ typedef struct {
   /* copy-only tensors: each piece's param bytes into its mirror */
   const polyak_copy_chunk *copy_chunks; /* device */
   int64_t num_copy_chunks;
-  void *copies;                         /* the mirrors (device) */
+  void *copies; /* the mirrors (device) */
 } polyak_update_kernel_args;
 
 /* LAWA's betas for one update (layerwise.h): from the gradients (grads,
@@ -76,11 +76,11 @@ typedef struct {
   int64_t num_chunks;
   const int64_t *tensor_chunks; /* [num_tensors + 1] */
   int64_t num_tensors;
-  void *const *grads;           /* or NULL: */
-  const float *norms;           /* (graph mode: the reservation's norms, else grads) */
-  float *chunk_sumsq;           /* [num_chunks] */
-  double *layer_norm;           /* [num_tensors] */
-  double *layer_beta;           /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  void *const *grads; /* or NULL: */
+  const float *norms; /* (graph mode: the reservation's norms, else grads) */
+  float *chunk_sumsq; /* [num_chunks] */
+  double *layer_norm; /* [num_tensors] */
+  double *layer_beta; /* [num_tensors][POLYAK_MAX_SHADOWS] */
   unsigned int *blocks_done;
   const polyak_graph_state *graph; /* graph mode: a replay past the reservation computes nothing */
   int32_t num_shadows;
@@ -91,8 +91,7 @@ typedef struct {
 cudaError_t polyak_launch_layer_betas(const polyak_layer_args *args, int grid, cudaStream_t stream);
 
 /* One launch of `grid` blocks: every shadow of every chunk. */
-cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,
-                                 cudaStream_t stream);
+cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid, cudaStream_t stream);
 
 /* The largest useful grid of the update kernel on `device`: the blocks
  * that fit on all of its multiprocessors at once. */
@@ -104,17 +103,15 @@ cudaError_t polyak_update_grid_limit(int device, int *grid);
  * non-finite params are counted, with the smallest global index of one
  * recorded (*first_nonfinite must start at UINT64_MAX). Padding is left
  * alone. */
-cudaError_t polyak_launch_init(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                               int64_t num_chunks, void *const *shadows, int first_shadow, int num_shadows,
-                               int shadow_dtype, unsigned long long *nonfinite,
-                               unsigned long long *first_nonfinite, int grid,
+cudaError_t polyak_launch_init(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
+                               void *const *shadows, int first_shadow, int num_shadows, int shadow_dtype,
+                               unsigned long long *nonfinite, unsigned long long *first_nonfinite, int grid,
                                cudaStream_t stream);
 
 /* Read-out: num_elems shadow elements, times debias_scale, into dst as
  * dst_dtype (round to nearest even). */
-cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t num_elems,
-                                  double debias_scale, void *dst, int dst_dtype, int grid,
-                                  cudaStream_t stream);
+cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t num_elems, double debias_scale,
+                                  void *dst, int dst_dtype, int grid, cudaStream_t stream);
 
 /* Evaluation: every param <- its slice of shadow k (`arena`, or the
  * caller's memory) times debias_scale, in the param's dtype (round to
@@ -125,9 +122,8 @@ cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs, const 
 
 /* polyak_store (to_store = 1) and polyak_restore (0): every param's bytes
  * to or from `store` at the tensors' store_offset_bytes. */
-cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                                int64_t num_chunks, void *store, int to_store, int grid,
-                                cudaStream_t stream);
+cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
+                                void *store, int to_store, int grid, cudaStream_t stream);
 
 /* Blends: element e of every arena, weighted by coefficient[k] (0: not
  * read), accumulated with polyak_blend_step. */
@@ -144,8 +140,8 @@ cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *args, const p
                                           cudaStream_t stream);
 
 /* Tensor t's blend into dst. */
-cudaError_t polyak_launch_blend(const polyak_blend_args *args, const polyak_tensor_desc *t, void *dst,
-                                int dst_dtype, int grid, cudaStream_t stream);
+cudaError_t polyak_launch_blend(const polyak_blend_args *args, const polyak_tensor_desc *t, void *dst, int dst_dtype,
+                                int grid, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

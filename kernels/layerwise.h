@@ -70,8 +70,8 @@ POLYAK_HD double polyak_tensor_norm(const float *chunk_sumsq, int64_t first, int
 /* Step 2 for tensor l: its norm given, or from its chunks' sums [first,
  * end); 0 for a copy-only tensor, which is not averaged and has no
  * gradient. */
-POLYAK_HD double polyak_layer_norm(const polyak_tensor_desc *t, const float *norms, int64_t l,
-                                   const float *chunk_sumsq, int64_t first, int64_t end)
+POLYAK_HD double polyak_layer_norm(const polyak_tensor_desc *t, const float *norms, int64_t l, const float *chunk_sumsq,
+                                   int64_t first, int64_t end)
 {
   if (t->copy_only)
     return 0.0;

@@ -25,7 +25,7 @@
 #define POLYAK_SHADOW_ALIGN_BYTES 16
 
 typedef struct {
-  const void *param;           /* num_elems elements of param_dtype */
+  void *param; /* num_elems elements of param_dtype; written by Lookahead and copies to the params */
   int64_t num_elems;
   int64_t global_offset_elems; /* first element's index in the flattened
                                   registration order (the hash's counter) */
@@ -61,14 +61,14 @@ typedef struct {
 /* What one update needs, computed on the host and passed by value. */
 typedef struct {
   int64_t step;
-  int64_t gap;                          /* steps since the last update: grad-norm shadows apply beta^gap */
+  int64_t gap; /* steps since the last update: grad-norm shadows apply beta^gap */
   int32_t num_shadows;
   int32_t skip_nonfinite;
-  float weight[POLYAK_MAX_SHADOWS];     /* per shadow: 1 - B, computed in double */
-  uint64_t sr_key[POLYAK_MAX_SHADOWS];  /* per shadow: stochastic-rounding key (bf16 shadows, and f32
+  float weight[POLYAK_MAX_SHADOWS];    /* per shadow: 1 - B, computed in double */
+  uint64_t sr_key[POLYAK_MAX_SHADOWS]; /* per shadow: stochastic-rounding key (bf16 shadows, and f32
                                            shadows in stochastic_f32) */
-  int32_t write_back;                   /* 1: params <- shadow num_shadows - 1 after the fold */
-  uint32_t stochastic_f32;              /* bit k: f32 shadow k rounds stochastically */
+  int32_t write_back;                  /* 1: params <- shadow num_shadows - 1 after the fold */
+  uint32_t stochastic_f32;             /* bit k: f32 shadow k rounds stochastically */
 } polyak_update_args;
 
 /* Shadow k of tensor t's element i as f32: in the caller's memory for an

@@ -13,17 +13,15 @@ struct polyak_init_shadows {
 };
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
-    polyak_init_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                       int64_t num_chunks, polyak_init_shadows shadows, int first_shadow, int num_shadows,
-                       int shadow_dtype, unsigned long long *nonfinite,
-                       unsigned long long *first_nonfinite)
+    polyak_init_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
+                       polyak_init_shadows shadows, int first_shadow, int num_shadows, int shadow_dtype,
+                       unsigned long long *nonfinite, unsigned long long *first_nonfinite)
 {
   unsigned long long count = 0;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
-    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
-         i += blockDim.x) {
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x) {
       float value = polyak_load_f32(t.param, i, t.param_dtype);
       if (!polyak_is_finite(value) && nonfinite) {
         count++;
@@ -37,78 +35,69 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     atomicAdd(nonfinite, count);
 }
 
-extern "C" cudaError_t polyak_launch_init(const polyak_tensor_desc *descs,
-                                          const polyak_chunk *chunks, int64_t num_chunks,
-                                          void *const *shadows, int first_shadow, int num_shadows,
+extern "C" cudaError_t polyak_launch_init(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                          int64_t num_chunks, void *const *shadows, int first_shadow, int num_shadows,
                                           int shadow_dtype, unsigned long long *nonfinite,
-                                          unsigned long long *first_nonfinite, int grid,
-                                          cudaStream_t stream)
+                                          unsigned long long *first_nonfinite, int grid, cudaStream_t stream)
 {
   polyak_init_shadows arenas = {};
   for (int k = first_shadow; k < first_shadow + num_shadows; k++)
     arenas.arena[k] = shadows[k];
-  void *params[] = {&descs, &chunks, &num_chunks, &arenas, &first_shadow, &num_shadows, &shadow_dtype,
-                    &nonfinite, &first_nonfinite};
-  return cudaLaunchKernel((void *)polyak_init_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params,
-                          0, stream);
+  void *params[] = {&descs,       &chunks,       &num_chunks, &arenas,         &first_shadow,
+                    &num_shadows, &shadow_dtype, &nonfinite,  &first_nonfinite};
+  return cudaLaunchKernel((void *)polyak_init_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
-    polyak_readout_kernel(const void *shadow, int shadow_dtype, int64_t num_elems,
-                          double debias_scale, void *dst, int dst_dtype)
+    polyak_readout_kernel(const void *shadow, int shadow_dtype, int64_t num_elems, double debias_scale, void *dst,
+                          int dst_dtype)
 {
   int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_elems; i += stride)
-    polyak_store_f32(dst, i, polyak_debias(polyak_load_f32(shadow, i, shadow_dtype), debias_scale),
-                     dst_dtype);
+    polyak_store_f32(dst, i, polyak_debias(polyak_load_f32(shadow, i, shadow_dtype), debias_scale), dst_dtype);
 }
 
-extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype,
-                                             int64_t num_elems, double debias_scale, void *dst,
-                                             int dst_dtype, int grid, cudaStream_t stream)
+extern "C" cudaError_t polyak_launch_readout(const void *shadow, int shadow_dtype, int64_t num_elems,
+                                             double debias_scale, void *dst, int dst_dtype, int grid,
+                                             cudaStream_t stream)
 {
   void *params[] = {&shadow, &shadow_dtype, &num_elems, &debias_scale, &dst, &dst_dtype};
-  return cudaLaunchKernel((void *)polyak_readout_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
-                          params, 0, stream);
+  return cudaLaunchKernel((void *)polyak_readout_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
-    polyak_copy_to_params_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                                 int64_t num_chunks, const void *arena, int k, int shadow_dtype,
-                                 double debias_scale)
+    polyak_copy_to_params_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
+                                 const void *arena, int k, int shadow_dtype, double debias_scale)
 {
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
-    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
-         i += blockDim.x) {
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x) {
       float value = polyak_shadow_load(&t, arena, shadow_dtype, k, i);
-      polyak_store_f32(const_cast<void *>(t.param), i, polyak_debias(value, debias_scale), t.param_dtype);
+      polyak_store_f32(t.param, i, polyak_debias(value, debias_scale), t.param_dtype);
     }
   }
 }
 
-extern "C" cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs,
-                                                    const polyak_chunk *chunks, int64_t num_chunks,
-                                                    const void *arena, int k, int shadow_dtype,
+extern "C" cudaError_t polyak_launch_copy_to_params(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
+                                                    int64_t num_chunks, const void *arena, int k, int shadow_dtype,
                                                     double debias_scale, int grid, cudaStream_t stream)
 {
   void *params[] = {&descs, &chunks, &num_chunks, &arena, &k, &shadow_dtype, &debias_scale};
-  return cudaLaunchKernel((void *)polyak_copy_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS),
-                          params, 0, stream);
+  return cudaLaunchKernel((void *)polyak_copy_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0,
+                          stream);
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
-    polyak_store_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
-                        char *store, int to_store)
+    polyak_store_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks, char *store,
+                        int to_store)
 {
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
-    char *param = static_cast<char *>(const_cast<void *>(t.param));
+    char *param = static_cast<char *>(t.param);
     char *kept = store + t.store_offset_bytes;
-    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems;
-         i += blockDim.x) {
+    for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x) {
       if (t.param_dtype == POLYAK_F32) {
         float *from = reinterpret_cast<float *>(to_store ? param : kept) + i;
         float *to = reinterpret_cast<float *>(to_store ? kept : param) + i;
@@ -123,13 +112,11 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
 }
 
 extern "C" cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, const polyak_chunk *chunks,
-                                           int64_t num_chunks, void *store, int to_store, int grid,
-                                           cudaStream_t stream)
+                                           int64_t num_chunks, void *store, int to_store, int grid, cudaStream_t stream)
 {
   char *bytes = static_cast<char *>(store);
   void *params[] = {&descs, &chunks, &num_chunks, &bytes, &to_store};
-  return cudaLaunchKernel((void *)polyak_store_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0,
-                          stream);
+  return cudaLaunchKernel((void *)polyak_store_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
 static __device__ float polyak_blend_at(const polyak_blend_args &a, const polyak_tensor_desc *t, int64_t i)
@@ -149,7 +136,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x)
-      polyak_store_f32(const_cast<void *>(t.param), i, polyak_blend_at(a, &t, i), t.param_dtype);
+      polyak_store_f32(t.param, i, polyak_blend_at(a, &t, i), t.param_dtype);
   }
 }
 
@@ -158,8 +145,8 @@ extern "C" cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *ar
                                                      cudaStream_t stream)
 {
   void *params[] = {(void *)args, &descs, &chunks, &num_chunks};
-  return cudaLaunchKernel((void *)polyak_blend_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params,
-                          0, stream);
+  return cudaLaunchKernel((void *)polyak_blend_to_params_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0,
+                          stream);
 }
 
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)

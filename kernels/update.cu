@@ -21,8 +21,7 @@ struct polyak_resolved_step {
 /* Thread 0 of each block: the direct step, or the next reserved one. Every
  * block reads `consumed` before it counts itself done (see below), so all
  * blocks of a launch see the same step. */
-static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
-                                           polyak_resolved_step *out)
+static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a, polyak_resolved_step *out)
 {
   out->args = a.step;
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
@@ -47,8 +46,7 @@ static __device__ void polyak_resolve_step(const polyak_update_kernel_args &a,
 
 /* Grad-norm shadows: every block derives their weights from the norm the
  * same way; block 0 alone multiplies their products. */
-static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args &a,
-                                                polyak_resolved_step *out)
+static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args &a, polyak_resolved_step *out)
 {
   const float *grad_norm = a.graph ? a.graph->grad_norm : a.grad_norm;
   if (!grad_norm || out->dropped)
@@ -104,8 +102,7 @@ static __device__ int64_t polyak_block_sum(int64_t value)
  * holds): up to 64 registers a thread. Left to itself ptxas picked 40 and
  * spilled. */
 template <int SHADOW_DTYPE>
-__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
-    polyak_update_kernel(const polyak_update_kernel_args a)
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4) polyak_update_kernel(const polyak_update_kernel_args a)
 {
   __shared__ polyak_resolved_step step;
   if (threadIdx.x == 0) {
@@ -122,11 +119,12 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
       if (a.layer_beta) { /* uniform across the launch: the block syncs around the write */
         __syncthreads();
         if (threadIdx.x == 0)
-          polyak_resolve_layerwise(&step.args, a.layer_beta0, a.layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
+          polyak_resolve_layerwise(&step.args, a.layer_beta0,
+                                   a.layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
         __syncthreads();
       }
-      nonfinite += polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x,
-                                                     POLYAK_BLOCK_THREADS);
+      nonfinite +=
+          polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x, POLYAK_BLOCK_THREADS);
     }
     for (int64_t c = blockIdx.x; c < a.num_copy_chunks; c += gridDim.x)
       polyak_copy_chunk_block(a.copy_chunks[c], static_cast<char *>(a.copies));
@@ -142,8 +140,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4)
 
 /* cudaLaunchKernel returns this launch's status alone; cudaGetLastError
  * after <<<>>> would also return (and clear) an unrelated earlier error. */
-extern "C" cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid,
-                                            cudaStream_t stream)
+extern "C" cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid, cudaStream_t stream)
 {
   void *kernel = args->shadow_dtype == POLYAK_F32 ? (void *)polyak_update_kernel<POLYAK_F32>
                                                   : (void *)polyak_update_kernel<POLYAK_BF16>;
@@ -159,8 +156,8 @@ extern "C" cudaError_t polyak_update_grid_limit(int device, int *grid)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f32_blocks, polyak_update_kernel<POLYAK_F32>,
                                                         POLYAK_BLOCK_THREADS, 0);
   if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &bf16_blocks, polyak_update_kernel<POLYAK_BF16>, POLYAK_BLOCK_THREADS, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bf16_blocks, polyak_update_kernel<POLYAK_BF16>,
+                                                        POLYAK_BLOCK_THREADS, 0);
   int per_sm = f32_blocks < bf16_blocks ? f32_blocks : bf16_blocks;
   *grid = sms * (per_sm > 0 ? per_sm : 1);
   return err;

@@ -85,31 +85,35 @@ POLYAK_HD void polyak_store16(void *dst, polyak_u32x4 value)
 
 /* ---- storage types ------------------------------------------------------ */
 
-template <int DTYPE>
-struct polyak_storage;
+template <int DTYPE> struct polyak_storage;
 
-template <>
-struct polyak_storage<POLYAK_F32> {
+template <> struct polyak_storage<POLYAK_F32> {
   typedef float elem;
-  static POLYAK_HD_MEMBER float to_f32(float x) { return x; }
+  static POLYAK_HD_MEMBER float to_f32(float x)
+  {
+    return x;
+  }
 };
 
-template <>
-struct polyak_storage<POLYAK_BF16> {
+template <> struct polyak_storage<POLYAK_BF16> {
   typedef uint16_t elem;
-  static POLYAK_HD_MEMBER float to_f32(uint16_t x) { return polyak_bf16_to_f32(x); }
+  static POLYAK_HD_MEMBER float to_f32(uint16_t x)
+  {
+    return polyak_bf16_to_f32(x);
+  }
 };
 
-template <>
-struct polyak_storage<POLYAK_F16> {
+template <> struct polyak_storage<POLYAK_F16> {
   typedef uint16_t elem;
-  static POLYAK_HD_MEMBER float to_f32(uint16_t x) { return polyak_f16_to_f32(x); }
+  static POLYAK_HD_MEMBER float to_f32(uint16_t x)
+  {
+    return polyak_f16_to_f32(x);
+  }
 };
 
 /* 16 bytes of params: through the read-only path, unless this kernel writes
  * params back (Lookahead), which that path does not allow. */
-template <bool WRITE_BACK>
-POLYAK_HD polyak_u32x4 polyak_load16_param(const void *src)
+template <bool WRITE_BACK> POLYAK_HD polyak_u32x4 polyak_load16_param(const void *src)
 {
   return WRITE_BACK ? polyak_load16(src) : polyak_load16_readonly(src);
 }
@@ -136,8 +140,7 @@ POLYAK_HD void polyak_load8(const typename polyak_storage<DTYPE>::elem *src, flo
 
 /* 8 elements from 16-byte aligned memory, rounded to nearest even into
  * DTYPE (Lookahead's write-back of the slow weights into the params). */
-template <int DTYPE>
-POLYAK_HD void polyak_store8(typename polyak_storage<DTYPE>::elem *dst, const float value[8])
+template <int DTYPE> POLYAK_HD void polyak_store8(typename polyak_storage<DTYPE>::elem *dst, const float value[8])
 {
   if constexpr (DTYPE == POLYAK_F32) {
     polyak_u32x4 a, b;
@@ -151,8 +154,8 @@ POLYAK_HD void polyak_store8(typename polyak_storage<DTYPE>::elem *dst, const fl
     polyak_u32x4 a;
     for (int j = 0; j < 4; j++) {
       uint16_t even = DTYPE == POLYAK_BF16 ? polyak_f32_to_bf16_rne(value[2 * j]) : polyak_f32_to_f16_rne(value[2 * j]);
-      uint16_t odd = DTYPE == POLYAK_BF16 ? polyak_f32_to_bf16_rne(value[2 * j + 1])
-                                          : polyak_f32_to_f16_rne(value[2 * j + 1]);
+      uint16_t odd =
+          DTYPE == POLYAK_BF16 ? polyak_f32_to_bf16_rne(value[2 * j + 1]) : polyak_f32_to_f16_rne(value[2 * j + 1]);
       a.v[j] = (uint32_t)even | ((uint32_t)odd << 16);
     }
     polyak_store16(dst, a);
@@ -160,8 +163,7 @@ POLYAK_HD void polyak_store8(typename polyak_storage<DTYPE>::elem *dst, const fl
 }
 
 /* 8 shadow elements from 16-byte aligned memory, as f32. */
-template <int SHADOW_DTYPE>
-POLYAK_HD void polyak_load8_shadow(const void *arena, int64_t slot, float out[8])
+template <int SHADOW_DTYPE> POLYAK_HD void polyak_load8_shadow(const void *arena, int64_t slot, float out[8])
 {
   if constexpr (SHADOW_DTYPE == POLYAK_F32) {
     const float *s = static_cast<const float *>(arena) + slot;
@@ -188,7 +190,7 @@ POLYAK_HD void polyak_write_back_scalar(const polyak_tensor_desc &t, int64_t i, 
 {
   int64_t slot = t.shadow_offset_elems + i;
   float slow = polyak_load_f32(shadows[a.num_shadows - 1], slot, SHADOW_DTYPE);
-  polyak_store_f32(const_cast<void *>(t.param), i, slow, PARAM_DTYPE);
+  polyak_store_f32(t.param, i, slow, PARAM_DTYPE);
 }
 
 /* One element at chunk-relative index i, every shadow; returns 1 if the
@@ -210,8 +212,9 @@ POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void 
   for (int k = 0; k < a.num_shadows; k++) {
     if (SHADOW_DTYPE == POLYAK_F32) {
       float *s = static_cast<float *>(shadows[k]) + slot;
-      *s = (a.stochastic_f32 >> k) & 1u ? polyak_next_f32_sr(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i)
-                                        : polyak_lerp(*s, param, a.weight[k]);
+      *s = (a.stochastic_f32 >> k) & 1u
+               ? polyak_next_f32_sr(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i)
+               : polyak_lerp(*s, param, a.weight[k]);
     } else {
       uint16_t *s = static_cast<uint16_t *>(shadows[k]) + slot;
       *s = polyak_next_bf16(*s, param, a.weight[k], a.sr_key[k], t.global_offset_elems + i);
@@ -281,7 +284,7 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
   if (WRITE_BACK) { /* Lookahead: the params <- the slow weights just stored */
     float slow[POLYAK_VEC_ELEMS];
     polyak_load8_shadow<SHADOW_DTYPE>(shadows[a.num_shadows - 1], slot, slow);
-    polyak_store8<PARAM_DTYPE>(const_cast<param_elem *>(static_cast<const param_elem *>(t.param)) + i, slow);
+    polyak_store8<PARAM_DTYPE>(static_cast<param_elem *>(t.param) + i, slow);
   }
   return nonfinite;
 }
@@ -304,8 +307,8 @@ POLYAK_HD int64_t polyak_chunk_head(const polyak_tensor_desc &t, const polyak_ch
  * non-finite params it met. */
 template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
 POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const polyak_chunk &chunk,
-                                             void *const *shadows, const polyak_update_args &a,
-                                             int thread, int num_threads)
+                                             void *const *shadows, const polyak_update_args &a, int thread,
+                                             int num_threads)
 {
   int64_t n = chunk.num_elems, base = chunk.first_elem;
   int64_t head = polyak_chunk_head<PARAM_DTYPE, SHADOW_DTYPE>(t, chunk);
@@ -315,8 +318,8 @@ POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const 
   for (int64_t i = thread; i < head; i += num_threads)
     nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   for (int64_t v = thread; v < num_vectors; v += num_threads)
-    nonfinite += polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(
-        t, base + head + v * POLYAK_VEC_ELEMS, shadows, a);
+    nonfinite +=
+        polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + head + v * POLYAK_VEC_ELEMS, shadows, a);
   for (int64_t i = tail + thread; i < n; i += num_threads)
     nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   return nonfinite;
@@ -325,20 +328,16 @@ POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const 
 /* The per-chunk dispatch on the param dtype (uniform across a chunk, so no
  * divergence within a block). */
 template <int SHADOW_DTYPE, bool WRITE_BACK>
-POLYAK_HD int64_t polyak_update_chunk_as(const polyak_tensor_desc &t, const polyak_chunk &chunk,
-                                         void *const *shadows, const polyak_update_args &a, int thread,
-                                         int num_threads)
+POLYAK_HD int64_t polyak_update_chunk_as(const polyak_tensor_desc &t, const polyak_chunk &chunk, void *const *shadows,
+                                         const polyak_update_args &a, int thread, int num_threads)
 {
   switch (t.param_dtype) {
   case POLYAK_F32:
-    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
-                                                                           num_threads);
+    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
   case POLYAK_BF16:
-    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
-                                                                            num_threads);
+    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
   case POLYAK_F16:
-    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread,
-                                                                           num_threads);
+    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
   }
   return 0;
 }
@@ -363,9 +362,8 @@ POLYAK_HD int64_t polyak_update_owned_chunk(const polyak_tensor_desc &t, const p
 
 /* ... and on Lookahead's write-back (uniform across a launch). */
 template <int SHADOW_DTYPE>
-POLYAK_HD int64_t polyak_update_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk,
-                                      void *const *shadows, const polyak_update_args &a, int thread,
-                                      int num_threads)
+POLYAK_HD int64_t polyak_update_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk, void *const *shadows,
+                                      const polyak_update_args &a, int thread, int num_threads)
 {
   if (t.owned)
     return polyak_update_owned_chunk(t, chunk, a, thread, num_threads);

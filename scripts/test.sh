@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The tests: the whole suite on the default build (CUDA compiled when nvcc
-# is found; GPU tests skip without a device), then every CPU test again in
-# a CPU-only build under AddressSanitizer and UndefinedBehaviorSanitizer,
-# then the checkpoint loader under libFuzzer for 60 s, then a dry run of the
-# GPU check (bench/gpu_check.sh).
+# The tests: the format check (clang-format 14); the whole suite on the
+# default build (CUDA compiled when nvcc is found; GPU tests skip without a
+# device); every CPU test again in a CPU-only build under AddressSanitizer
+# and UndefinedBehaviorSanitizer; the worker pool under ThreadSanitizer;
+# the checkpoint loader under libFuzzer for 60 s; a dry run of the GPU check
+# (bench/gpu_check.sh). Every build treats warnings as errors.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 polyak_install_dependencies fuzz
 jobs=$(nproc)
+
+echo "== format: clang-format 14 over every C, C++ and CUDA file"
+"$polyak_root/scripts/check_format.sh"
 
 # a local venv: numpy and safetensors for the checkpoint interop test,
 # PyTorch and the rest for the Python package's tests; without a package
@@ -25,13 +29,13 @@ fi
 
 echo "== build: default configuration"
 mkdir -p "$polyak_root/build"
-polyak_build "$polyak_root/build" -DCMAKE_BUILD_TYPE=Release "${python_args[@]}"
+polyak_build "$polyak_root/build" -DCMAKE_BUILD_TYPE=Release -DPOLYAK_WERROR=ON "${python_args[@]}"
 (cd "$polyak_root/build" && ctest --output-on-failure --parallel "$jobs")
 
 echo "== build: CPU only, -fsanitize=address,undefined"
 mkdir -p "$polyak_root/build-sanitize"
 polyak_build "$polyak_root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF \
+  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE=ON -DPOLYAK_WERROR=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF \
   "${python_args[@]}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -40,7 +44,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 echo "== build: CPU only, -fsanitize=thread: the CPU backend's worker pool"
 mkdir -p "$polyak_root/build-tsan"
 polyak_build "$polyak_root/build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_BUILD_EXAMPLES=OFF -DPOLYAK_BUILD_BENCH=OFF
+  -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_WERROR=ON -DPOLYAK_BUILD_EXAMPLES=OFF \
+  -DPOLYAK_BUILD_BENCH=OFF
 # a race report fails the test (TSan exits 66 after reporting)
 (cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels)\.' --no-tests=error --output-on-failure --parallel "$jobs")
 

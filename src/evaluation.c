@@ -18,10 +18,7 @@ polyak_status polyak_refuse_pending_store(polyak_t *p, const char *function)
 
 polyak_status polyak_store(polyak_t *p, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_store: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_store"));
   if (p->store_pending) /* a second store would keep whatever the params hold now */
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_store: a store is pending already; polyak_restore or polyak_discard_store it "

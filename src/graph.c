@@ -22,19 +22,14 @@ static double reserved_decay(const polyak_t *p, int k, int64_t row)
   return polyak_update_decay(p, k, previous, step, counted_before(p, k, row));
 }
 
-polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps,
-                                   void *stream)
+polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_reserve: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_graph_reserve"));
   if (p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_graph_reserve: steps %lld..%lld are reserved already; call "
                        "polyak_graph_release first",
-                       (long long)p->graph_first_step,
-                       (long long)(p->graph_first_step + p->graph_num_steps - 1));
+                       (long long)p->graph_first_step, (long long)(p->graph_first_step + p->graph_num_steps - 1));
   polyak_status status = polyak_refuse_pending_store(p, "polyak_graph_reserve");
   if (status == POLYAK_OK)
     status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
@@ -43,16 +38,14 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
   if (status != POLYAK_OK)
     return status;
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
-  if (num_steps < 1 || num_steps > INT64_MAX - first_step ||
-      (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
+  if (num_steps < 1 || num_steps > INT64_MAX - first_step || (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_graph_reserve: num_steps = %lld is not a count of steps from "
                        "step %lld",
                        (long long)num_steps, (long long)first_step);
   float *weights = malloc((size_t)num_steps * row_num_bytes);
   if (!weights)
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
-                       "polyak_graph_reserve: out of host memory for %lld steps",
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_graph_reserve: out of host memory for %lld steps",
                        (long long)num_steps);
   p->graph_first_step = first_step;
   p->graph_num_steps = num_steps;
@@ -75,8 +68,7 @@ polyak_status polyak_graph_update(polyak_t *p, void *stream)
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->graph_reserved)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_graph_update: no steps reserved; call polyak_graph_reserve first");
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_update: no steps reserved; call polyak_graph_reserve first");
   return p->ops->graph_update(p, stream);
 }
 

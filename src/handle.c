@@ -38,6 +38,15 @@ void polyak_destroy(polyak_t *p)
   free(p);
 }
 
+polyak_status polyak_require_finalized(polyak_t *p, const char *function)
+{
+  if (!p)
+    return POLYAK_ERR_INVALID_ARG;
+  if (!p->finalized)
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  return POLYAK_OK;
+}
+
 polyak_status polyak_get_step(const polyak_t *p, int64_t *step)
 {
   if (!p || !step)

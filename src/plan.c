@@ -36,8 +36,7 @@ static int64_t shard_begin(const polyak_t *p, int rank)
 
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems)
 {
-  int64_t align_elems =
-      POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
+  int64_t align_elems = POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   int64_t begin = shard_begin(p, rank), end = shard_begin(p, rank + 1), arena = 0;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
@@ -107,8 +106,7 @@ polyak_status polyak_plan_build(polyak_t *p)
     free(descs);
     free(chunks);
     free(tensor_chunks);
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY,
-                       "polyak_finalize: out of host memory for a plan of %lld chunks",
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for a plan of %lld chunks",
                        (long long)num_chunks);
   }
   int64_t chunk = 0;
@@ -126,8 +124,9 @@ polyak_status polyak_plan_build(polyak_t *p)
     descs[i].owned = t->owned ? t->shadow : NULL;
     descs[i].owned_dtype = (int32_t)t->shadow_dtype;
     /* a caller's f32 shadow rounds as shadow 0 does; a 16-bit one by its flag */
-    descs[i].owned_round_nearest = (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
-                                   (t->shadow_dtype == POLYAK_F32 && p->cfg.rounding[0] != POLYAK_ROUND_STOCHASTIC);
+    descs[i].owned_round_nearest =
+        (t->shadow_flags & POLYAK_SHADOW_ROUND_NEAREST) != 0 ||
+        (t->shadow_dtype == POLYAK_F32 && p->cfg.shadows[0].rounding != POLYAK_ROUND_STOCHASTIC);
     descs[i].copy_only = t->copy_only;
     tensor_chunks[i] = chunk;
     for (int64_t done = 0; done < piece->num_elems; done += POLYAK_CHUNK_ELEMS) {

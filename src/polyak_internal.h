@@ -49,8 +49,8 @@ struct polyak {
   int num_tensors;
   int tensors_capacity;
   int64_t total_elems; /* the flattened parameter space: all averaged tensors together */
-  void *name_tree;  /* tsearch tree of tensor names, for duplicates */
-  void *range_tree; /* tsearch tree of param byte ranges, for overlaps */
+  void *name_tree;     /* tsearch tree of tensor names, for duplicates */
+  void *range_tree;    /* tsearch tree of param byte ranges, for overlaps */
 
   /* plan, built at finalize */
   int finalized;
@@ -65,21 +65,21 @@ struct polyak {
   int64_t store_bytes;       /* bytes of polyak_store's copy of all params */
   /* copy-only tensors: their mirrors, one each, in one backend allocation
    * (whole on every rank), and the pieces the update copies */
-  void *copies;                  /* NULL if none */
-  void *copies_stored;           /* polyak_store's copy of their params, made at the first store */
+  void *copies;        /* NULL if none */
+  void *copies_stored; /* polyak_store's copy of their params, made at the first store */
   int64_t copies_num_bytes;
   polyak_copy_chunk *copy_chunks; /* [num_copy_chunks], host */
   int64_t num_copy_chunks;
-  int stored;                /* polyak_store has kept a copy (until polyak_discard_store) */
-  int store_pending;         /* ... not yet ended by polyak_restore or polyak_discard_store */
+  int stored;        /* polyak_store has kept a copy (until polyak_discard_store) */
+  int store_pending; /* ... not yet ended by polyak_restore or polyak_discard_store */
 
   /* step state */
-  int64_t last_step;                    /* 0 before the first update */
-  double beta_prod[POLYAK_MAX_SHADOWS]; /* prod_{s=1..last_step} beta_k(s), for debias (grad-norm
+  int64_t last_step;                           /* 0 before the first update */
+  double beta_prod[POLYAK_MAX_SHADOWS];        /* prod_{s=1..last_step} beta_k(s), for debias (grad-norm
                                            shadows': the backend's, fetched when needed) */
   int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
-  const float *grad_norm;               /* polyak_set_grad_norm's scalar (backend memory) */
-  int layer_source;                     /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
+  const float *grad_norm;                      /* polyak_set_grad_norm's scalar (backend memory) */
+  int layer_source;                            /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -94,6 +94,16 @@ struct polyak {
  * is called only after the front end (update.c) validated everything; a
  * failing one leaves the shadows as they were. */
 struct polyak_backend_ops {
+  /* what the front end asks of a backend before any handle exists: 1 if it
+   * can run here; its own checks of a config (the device, the
+   * communicator), after the front end's; and, for memory only it can
+   * read, 1 for such a pointer and the memory's name in messages
+   * (owns_memory NULL: host memory, anyone's) */
+  int (*available)(void);
+  polyak_status (*check_config)(const polyak_config *cfg, char *msg, size_t msg_num_bytes);
+  int (*owns_memory)(const void *ptr);
+  const char *memory_name;
+
   /* refuses a param (copy-only ones included) or caller's shadow in memory
    * the backend cannot use; first at finalize, before anything reads them */
   polyak_status (*check_params)(polyak_t *p);
@@ -130,8 +140,7 @@ struct polyak_backend_ops {
   polyak_status (*copy_to_host)(polyak_t *p, void *host, const void *src, size_t num_bytes);
   polyak_status (*copy_from_host)(polyak_t *p, void *dst, const void *host, size_t num_bytes);
   polyak_status (*staging_begin)(polyak_t *p); /* fresh arenas (stage_data fills them whole) */
-  polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
-                                 const void *host);
+  polyak_status (*staging_write)(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems, const void *host);
   /* the staged arenas into the live ones, and `copies` (host memory,
    * copies_num_bytes; NULL: none) into the copy-only tensors' mirrors; done
    * when it returns */
@@ -140,8 +149,8 @@ struct polyak_backend_ops {
 
   /* blends (coefficient[k] = weight * debias as float, 0: not read) of
    * tensor `tensor` into dst, or with tensor -1 into every param */
-  polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst,
-                         polyak_dtype dst_dtype, void *stream);
+  polyak_status (*blend)(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
+                         void *stream);
 
   /* every param <- sum_i weight[i] * snapshot i (snapshots stacked, each
    * arena_elems floats, backend memory) */
@@ -187,13 +196,34 @@ extern const polyak_backend_ops polyak_cpu_ops;
 extern const polyak_backend_ops polyak_cuda_ops;
 #endif
 
+/* Backend b's functions, or NULL if this build has no such backend. */
+const polyak_backend_ops *polyak_backend_ops_of(polyak_backend b);
+
+/* The name of the memory `ptr` points into if only another backend than
+ * p's can read it ("CUDA device memory"), else NULL. */
+const char *polyak_foreign_memory(const polyak_t *p, const void *ptr);
+
 /* Records "<message>" as p's last error and returns `status`. */
 polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Returns from the calling function with the status of `call` unless it
+ * is POLYAK_OK. */
+#define POLYAK_TRY(call)                       \
+  do {                                         \
+    polyak_status polyak_try_status_ = (call); \
+    if (polyak_try_status_ != POLYAK_OK)       \
+      return polyak_try_status_;               \
+  } while (0)
+
+/* The entry check of every call that needs a finalized handle:
+ * POLYAK_ERR_INVALID_ARG for a NULL p (no handle to hold a message), then
+ * POLYAK_ERR_STATE "<function>: call polyak_finalize first". */
+polyak_status polyak_require_finalized(polyak_t *p, const char *function);
+
 /* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
-polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
-                             const char *format, ...) __attribute__((format(printf, 4, 5)));
+polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status, const char *format, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* The shortest text that reads back as `value`: "%.*g" with the fewest
  * digits (1 to 17) that strtod returns to the same double, '.' as the
@@ -205,8 +235,9 @@ typedef struct {
 } polyak_double_text;
 polyak_double_text polyak_format_double(double value);
 
-/* `in` (any accepted struct_size) as a current polyak_config, later fields
- * at their defaults. -1 for an unknown struct_size. */
+/* `in` (any accepted struct_size, with the magic) as a current
+ * polyak_config, later fields at their defaults. -1 for an unknown
+ * struct_size or a missing magic. */
 int polyak_config_normalize(const polyak_config *in, polyak_config *out);
 
 /* Schedule checks as polyak_create makes them; the reason goes to msg. */
@@ -227,14 +258,14 @@ static inline int polyak_is_lookahead(const polyak_config *c, int k)
 /* 1 if shadow k's beta follows the gradient norm. */
 static inline int polyak_is_grad_norm(const polyak_config *c, int k)
 {
-  return c->grad_norm_c[k] > 0.0;
+  return c->shadows[k].grad_norm_c > 0.0;
 }
 
 /* 1 if any shadow is layer-wise (LAWA). */
 static inline int polyak_has_layerwise(const polyak_config *c)
 {
   for (int k = 0; k < c->num_shadows; k++)
-    if (c->layerwise_beta0[k] > 0.0)
+    if (c->shadows[k].layerwise_beta0 > 0.0)
       return 1;
   return 0;
 }
@@ -244,9 +275,19 @@ static inline int polyak_has_layerwise(const polyak_config *c)
 static inline uint32_t polyak_stochastic_f32_mask(const polyak_config *c)
 {
   uint32_t mask = 0;
-  for (int k = 0; k < c->num_shadows; k++)
-    mask |= (uint32_t)(c->rounding[k] == POLYAK_ROUND_STOCHASTIC) << k;
+  for (int k = 0; k < c->num_shadows && k < POLYAK_MAX_SHADOWS; k++) /* the bound for the compiler */
+    mask |= (uint32_t)(c->shadows[k].rounding == POLYAK_ROUND_STOCHASTIC) << k;
   return mask;
+}
+
+/* The shadows' grad_norm_c and layerwise_beta0 as arrays [POLYAK_MAX_SHADOWS]
+ * (0 past num_shadows): what the kernels' shared math takes. */
+static inline void polyak_adaptive_arrays(const polyak_config *c, double *grad_norm_c, double *layerwise_beta0)
+{
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
+    grad_norm_c[k] = k < c->num_shadows ? c->shadows[k].grad_norm_c : 0.0;
+    layerwise_beta0[k] = k < c->num_shadows ? c->shadows[k].layerwise_beta0 : 0.0;
+  }
 }
 
 /* 1 if any shadow follows the gradient norm. */
@@ -267,7 +308,7 @@ polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const c
  * kept; it stays 1). */
 static inline int polyak_host_product(const polyak_config *c, int k)
 {
-  return !polyak_is_grad_norm(c, k) && !(c->layerwise_beta0[k] > 0.0);
+  return !polyak_is_grad_norm(c, k) && !(c->shadows[k].layerwise_beta0 > 0.0);
 }
 
 /* p->beta_prod with the grad-norm shadows' fetched from the backend. */
@@ -277,7 +318,7 @@ polyak_status polyak_refresh_products(polyak_t *p);
  * syncs) rather than steps. */
 static inline int polyak_counts_updates(const polyak_config *c, int k)
 {
-  return c->count_updates[k] || polyak_is_lookahead(c, k);
+  return c->shadows[k].count_updates || polyak_is_lookahead(c, k);
 }
 
 /* The decay shadow k's update at `step` applies after one at `last_step`:
@@ -340,9 +381,9 @@ int polyak_needs_gather(const polyak_t *p, int tensor);
  * shadow times debias_scale into dst as dst_dtype (backend memory). Rank
  * r's piece is pieces[r * piece_stride] (p->layouts + tensor with stride
  * num_tensors, or one piece per rank with stride 1). */
-polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
-                              const polyak_piece *pieces, size_t piece_stride, double debias_scale,
-                              void *dst, polyak_dtype dst_dtype, void *stream);
+polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems, const polyak_piece *pieces,
+                              size_t piece_stride, double debias_scale, void *dst, polyak_dtype dst_dtype,
+                              void *stream);
 
 /* The ranks agree that every one is ready (a collective); if one is not,
  * every rank fails with `status_if_not` and a message about `what`. */

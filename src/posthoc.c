@@ -108,15 +108,14 @@ polyak_status polyak_posthoc_coefficients(int num_snapshots, const int64_t *snap
 /* What snapshots need of a handle: finalized, whole shadows in arenas. */
 static polyak_status check_posthoc(polyak_t *p, const char *function)
 {
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->cfg.world_size > 1)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: snapshots of sharded handles are not built yet", function);
   for (int i = 0; i < p->num_tensors; i++)
     if (p->tensors[i].owned)
       return polyak_fail(p, POLYAK_ERR_UNSUPPORTED,
-                         "%s: tensor %d (\"%s\") has its shadow in the caller's memory, outside snapshots",
-                         function, i, p->tensors[i].name);
+                         "%s: tensor %d (\"%s\") has its shadow in the caller's memory, outside snapshots", function, i,
+                         p->tensors[i].name);
   return POLYAK_OK;
 }
 

@@ -26,8 +26,7 @@ static polyak_status debias_scale_of(polyak_t *p, int shadow, const char *functi
                        function);
   double mass = 1.0 - p->beta_prod[shadow]; /* weight the zero start lacks */
   if (!(mass > 0.0))
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: with zero_init, shadow %d has no average yet (%s)",
-                       function, shadow,
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: with zero_init, shadow %d has no average yet (%s)", function, shadow,
                        p->last_step == 0 ? "no update so far" : "every applied beta was 1");
   *scale = 1.0 / mass;
   return POLYAK_OK;
@@ -78,36 +77,33 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
     snprintf(where, sizeof where, "%s(shadow = %d, tensor = %d)", function, shadow, tensor);
   else
     snprintf(where, sizeof where, "%s(tensor = %d)", function, tensor);
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", where);
+  POLYAK_TRY(polyak_require_finalized(p, where));
   if (shadow != BLEND && (shadow < 0 || shadow >= p->cfg.num_shadows))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: shadow %d is outside 0..%d, this handle's shadows (the tensor comes next)", where,
-                       shadow, p->cfg.num_shadows - 1);
+                       "%s: shadow %d is outside 0..%d, this handle's shadows (the tensor comes next)", where, shadow,
+                       p->cfg.num_shadows - 1);
   if (tensor < 0 || tensor >= p->num_tensors)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: tensor %d is outside 0..%d, the registered tensors%s", where, tensor,
-                       p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor %d is outside 0..%d, the registered tensors%s", where,
+                       tensor, p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
   const polyak_tensor *t = &p->tensors[tensor];
   if (t->copy_only ? !polyak_dtype_copyable(dst_dtype) : !polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype%s", where,
-                       (int)dst_dtype, t->copy_only ? "" : " an average reads out as (F32, BF16, F16)");
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype%s", where, (int)dst_dtype,
+                       t->copy_only ? "" : " an average reads out as (F32, BF16, F16)");
   if (t->copy_only && !polyak_copy_readable_as(t->dtype, dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: \"%s\" is a copy of a %s tensor and reads out as %s only",
-                       where, t->name, polyak_dtype_name(t->dtype), polyak_dtype_name(t->dtype));
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: \"%s\" is a copy of a %s tensor and reads out as %s only", where,
+                       t->name, polyak_dtype_name(t->dtype), polyak_dtype_name(t->dtype));
   int64_t num_elems = whole || t->copy_only ? t->num_elems : p->descs[tensor].local_num_elems;
   size_t elem_num_bytes = polyak_dtype_num_bytes(dst_dtype);
   if (!dst && num_elems > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst is NULL", where);
   if ((uintptr_t)dst % elem_num_bytes != 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst %p is not aligned to its %zu-byte elements", where,
-                       dst, elem_num_bytes);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst %p is not aligned to its %zu-byte elements", where, dst,
+                       elem_num_bytes);
   if ((uint64_t)num_elems > dst_num_bytes / elem_num_bytes)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: dst holds %zu bytes; the %lld elements of \"%s\"%s need %llu as %s", where,
-                       dst_num_bytes, (long long)num_elems, p->tensors[tensor].name,
-                       whole ? "" : " kept by this rank", (unsigned long long)num_elems * elem_num_bytes,
-                       polyak_dtype_name(dst_dtype));
+                       "%s: dst holds %zu bytes; the %lld elements of \"%s\"%s need %llu as %s", where, dst_num_bytes,
+                       (long long)num_elems, p->tensors[tensor].name, whole ? "" : " kept by this rank",
+                       (unsigned long long)num_elems * elem_num_bytes, polyak_dtype_name(dst_dtype));
   return POLYAK_OK;
 }
 
@@ -121,8 +117,7 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
   double debias_scale = 1.0;
   polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, whole, function);
   int copy_only = status == POLYAK_OK && p->tensors[tensor].copy_only;
-  if (status == POLYAK_OK &&
-      (whole || copy_only ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
+  if (status == POLYAK_OK && (whole || copy_only ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
     status = p->ops->check_read_out(p, dst, stream, function);
   if (copy_only) /* its one mirror, not averaged, so not debiased */
     return status == POLYAK_OK ? polyak_copy_read(p, tensor, dst, dst_dtype, stream) : status;
@@ -134,12 +129,10 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
     return polyak_gather_tensor(p, shadow, tensor, debias_scale, dst, dst_dtype, stream);
   polyak_dtype src_dtype;
   const void *src = polyak_local_slice(p, shadow, tensor, &src_dtype);
-  return p->ops->read_out(p, src, src_dtype, p->descs[tensor].local_num_elems, debias_scale, dst, dst_dtype,
-                          stream);
+  return p->ops->read_out(p, src, src_dtype, p->descs[tensor].local_num_elems, debias_scale, dst, dst_dtype, stream);
 }
 
-polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                polyak_dtype dst_dtype, void *stream)
+polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype, void *stream)
 {
   return read_shadow(p, shadow, tensor, dst, dst_dtype, SIZE_MAX, stream, 1, "polyak_get_shadow");
 }
@@ -150,8 +143,8 @@ polyak_status polyak_get_shadow_n(polyak_t *p, int shadow, int tensor, void *dst
   return read_shadow(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, stream, 1, "polyak_get_shadow_n");
 }
 
-polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst,
-                                      polyak_dtype dst_dtype, void *stream)
+polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
+                                      void *stream)
 {
   return read_shadow(p, shadow, tensor, dst, dst_dtype, SIZE_MAX, stream, 0, "polyak_get_local_shadow");
 }
@@ -164,13 +157,10 @@ polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int tensor, voi
 
 polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, int64_t *num_elems)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_local_range: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_local_range"));
   if (tensor < 0 || tensor >= p->num_tensors)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: tensor = %d is outside 0..%d",
-                       tensor, p->num_tensors - 1);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: tensor = %d is outside 0..%d", tensor,
+                       p->num_tensors - 1);
   if (!first_elem || !num_elems)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_local_range: an output pointer is NULL");
   *first_elem = p->descs[tensor].local_first_elem;
@@ -180,10 +170,7 @@ polyak_status polyak_local_range(polyak_t *p, int tensor, int64_t *first_elem, i
 
 polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_copy_to_params: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_copy_to_params"));
   double debias_scale = 1.0;
   polyak_status status = polyak_check_shadow(p, shadow, "polyak_copy_to_params");
   if (status == POLYAK_OK)
@@ -199,11 +186,10 @@ polyak_status polyak_copy_to_params(polyak_t *p, int shadow, void *stream)
 }
 
 /* The checks of a blend and its coefficients: weight * debias, as float. */
-static polyak_status blend_coefficients(polyak_t *p, const double *weights, int flags, float *coefficient,
-                                        void *stream, const char *function)
+static polyak_status blend_coefficients(polyak_t *p, const double *weights, int flags, float *coefficient, void *stream,
+                                        const char *function)
 {
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->cfg.world_size > 1)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: blends on sharded handles are not built yet", function);
   if (!weights)
@@ -218,8 +204,7 @@ static polyak_status blend_coefficients(polyak_t *p, const double *weights, int 
   }
   if (!(flags & POLYAK_BLEND_ANY_WEIGHTS) && fabs(sum - 1.0) > 1e-6)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: the weights sum to %.9g, not 1 (pass POLYAK_BLEND_ANY_WEIGHTS to allow it)",
-                       function, sum);
+                       "%s: the weights sum to %.9g, not 1 (pass POLYAK_BLEND_ANY_WEIGHTS to allow it)", function, sum);
   polyak_status status = prepare_debias(p, stream, function);
   for (int k = 0; k < p->cfg.num_shadows && status == POLYAK_OK; k++) {
     double debias_scale = 1.0;

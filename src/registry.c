@@ -40,12 +40,11 @@ static int compare_ranges(const void *a, const void *b)
   return 0;
 }
 
-static polyak_status check_shape(polyak_t *p, const char *where, int ndim, const int64_t *shape,
-                                 size_t elem_num_bytes, int64_t *num_elems)
+static polyak_status check_shape(polyak_t *p, const char *where, int ndim, const int64_t *shape, size_t elem_num_bytes,
+                                 int64_t *num_elems)
 {
   if (ndim < 0 || ndim > POLYAK_MAX_NDIM)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: ndim = %d is outside 0..%d", where, ndim,
-                       POLYAK_MAX_NDIM);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: ndim = %d is outside 0..%d", where, ndim, POLYAK_MAX_NDIM);
   if (ndim > 0 && !shape)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shape is NULL with ndim = %d", where, ndim);
   /* the count and the byte size must both fit in int64 */
@@ -53,8 +52,7 @@ static polyak_status check_shape(polyak_t *p, const char *where, int ndim, const
   int64_t count = 1;
   for (int d = 0; d < ndim; d++) {
     if (shape[d] < 0)
-      return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shape[%d] = %lld is negative", where, d,
-                         (long long)shape[d]);
+      return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shape[%d] = %lld is negative", where, d, (long long)shape[d]);
   }
   for (int d = 0; d < ndim; d++) {
     if (shape[d] == 0) {
@@ -83,20 +81,18 @@ static polyak_status check_memory(polyak_t *p, const char *where, const char *wh
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s is NULL for %lld elements", where, what,
                        (long long)num_elems);
   if (begin % elem_num_bytes != 0)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p is not aligned to its %zu-byte elements",
-                       where, what, memory, elem_num_bytes);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p is not aligned to its %zu-byte elements", where, what,
+                       memory, elem_num_bytes);
   if (begin + num_bytes < begin)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p + %llu bytes wraps the address space", where,
-                       what, memory, (unsigned long long)num_bytes);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s %p + %llu bytes wraps the address space", where, what, memory,
+                       (unsigned long long)num_bytes);
   param_range query = {begin, begin + num_bytes, p->num_tensors};
   if (also && compare_ranges(&query, also) == 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the shadow overlaps the tensor's own param", where);
   param_range **hit = tfind(&query, &p->range_tree, compare_ranges);
   if (hit)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: %s memory [%p, +%llu bytes) overlaps tensor %d (\"%s\")", where,
-                       what, memory, (unsigned long long)num_bytes, (*hit)->tensor,
-                       p->tensors[(*hit)->tensor].name);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %s memory [%p, +%llu bytes) overlaps tensor %d (\"%s\")", where,
+                       what, memory, (unsigned long long)num_bytes, (*hit)->tensor, p->tensors[(*hit)->tensor].name);
   return POLYAK_OK;
 }
 
@@ -110,36 +106,35 @@ static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype sh
   if (flags & ~POLYAK_SHADOW_ROUND_NEAREST)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: flags = %d has unknown bits", where, flags);
   const polyak_config *c = &p->cfg;
-  const char *conflict = c->num_shadows != 1      ? "num_shadows > 1 (the shadow is shadow 0, the only one)"
-                         : c->zero_init           ? "zero_init (the shadow must be usable as it is)"
+  const char *conflict = c->num_shadows != 1                 ? "num_shadows > 1 (the shadow is shadow 0, the only one)"
+                         : c->zero_init                      ? "zero_init (the shadow must be usable as it is)"
                          : c->world_size > 1 || c->nccl_comm ? "sharding or a communicator (ranks would gather it)"
-                         : c->lookahead_every > 0 ? "Lookahead"
-                                                  : NULL;
+                         : c->lookahead_every > 0            ? "Lookahead"
+                                                             : NULL;
   if (conflict)
-    return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: shadows in the caller's memory do not go with %s",
-                       where, conflict);
+    return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: shadows in the caller's memory do not go with %s", where,
+                       conflict);
   return POLYAK_OK;
 }
 
 /* polyak_add, polyak_add_with_shadow (shadow non-NULL or num_elems 0
  * there: `owned`) and polyak_add_copy (`copy_only`). */
-static polyak_status add_tensor(polyak_t *p, const char *function, const char *name, void *param,
-                                polyak_dtype dtype, int ndim, const int64_t *shape, int owned, void *shadow,
-                                polyak_dtype shadow_dtype, int flags, int copy_only)
+static polyak_status add_tensor(polyak_t *p, const char *function, const char *name, void *param, polyak_dtype dtype,
+                                int ndim, const int64_t *shape, int owned, void *shadow, polyak_dtype shadow_dtype,
+                                int flags, int copy_only)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   if (p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "%s: the handle is finalized; register every tensor before polyak_finalize", function);
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: the handle is finalized; register every tensor before polyak_finalize",
+                       function);
   if (!name || !name[0])
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: name is %s", function, name ? "empty" : "NULL");
   char where[96];
   snprintf(where, sizeof where, "%s(\"%.48s\")", function, name);
   if (strcmp(name, "__metadata__") == 0 || strncmp(name, "polyak.", 7) == 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "%s: \"__metadata__\" and names starting \"polyak.\" are reserved for checkpoints",
-                       where);
+                       "%s: \"__metadata__\" and names starting \"polyak.\" are reserved for checkpoints", where);
   json_t *utf8 = json_string(name); /* NULL unless valid UTF-8, as safetensors needs */
   if (!utf8)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the name is not valid UTF-8", function);
@@ -194,8 +189,8 @@ static polyak_status add_tensor(polyak_t *p, const char *function, const char *n
     *ranges[0] = param_bytes;
   if (num_ranges > 1) {
     uintptr_t begin = (uintptr_t)shadow;
-    *ranges[1] = (param_range){begin, begin + (uintptr_t)num_elems * polyak_dtype_num_bytes(shadow_dtype),
-                               p->num_tensors};
+    *ranges[1] =
+        (param_range){begin, begin + (uintptr_t)num_elems * polyak_dtype_num_bytes(shadow_dtype), p->num_tensors};
   }
   for (; inserted < num_ranges; inserted++)
     if (!tsearch(ranges[inserted], &p->range_tree, compare_ranges))
@@ -233,8 +228,7 @@ no_memory:
   return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", where);
 }
 
-polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
-                         const int64_t *shape)
+polyak_status polyak_add(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim, const int64_t *shape)
 {
   return add_tensor(p, "polyak_add", name, param, dtype, ndim, shape, 0, NULL, POLYAK_F32, 0, 0);
 }
@@ -248,8 +242,7 @@ polyak_status polyak_add_copy(polyak_t *p, const char *name, void *param, polyak
 polyak_status polyak_add_with_shadow(polyak_t *p, const char *name, void *param, polyak_dtype dtype, int ndim,
                                      const int64_t *shape, void *shadow, polyak_dtype shadow_dtype, int flags)
 {
-  return add_tensor(p, "polyak_add_with_shadow", name, param, dtype, ndim, shape, 1, shadow, shadow_dtype,
-                    flags, 0);
+  return add_tensor(p, "polyak_add_with_shadow", name, param, dtype, ndim, shape, 1, shadow, shadow_dtype, flags, 0);
 }
 
 /* Undoes the last successful add_tensor of a tensor without a shadow of
@@ -284,8 +277,7 @@ polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_add_arena: the handle is finalized; register every tensor before polyak_finalize");
   if (num_views < 0 || (num_views > 0 && !views))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: %d views at %p", num_views,
-                       (const void *)views);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: %d views at %p", num_views, (const void *)views);
   if (!polyak_dtype_valid(dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: dtype = %d is not a polyak_dtype", (int)dtype);
   size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
@@ -320,8 +312,8 @@ polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size
   for (offset = 0; added < num_views; added++) {
     const polyak_view *view = &views[added];
     char *param = (char *)base + (size_t)offset * elem_num_bytes;
-    status = add_tensor(p, "polyak_add_arena", view->name, param, dtype, view->ndim, view->shape, 0, NULL,
-                        POLYAK_F32, 0, 0);
+    status =
+        add_tensor(p, "polyak_add_arena", view->name, param, dtype, view->ndim, view->shape, 0, NULL, POLYAK_F32, 0, 0);
     if (status != POLYAK_OK)
       break;
     offset += p->tensors[p->num_tensors - 1].num_elems;
@@ -348,19 +340,19 @@ uint64_t polyak_layout_hash(const polyak_t *p)
     XXH3_64bits_update(&state, &t->ndim, sizeof t->ndim);
     XXH3_64bits_update(&state, t->shape, sizeof t->shape[0] * (size_t)t->ndim);
   }
+  /* field by field: a config's padding bytes are unspecified */
   const polyak_config *c = &p->cfg;
-  XXH3_64bits_update(&state, &c->num_shadows, sizeof c->num_shadows);
-  XXH3_64bits_update(&state, c->schedules, sizeof c->schedules[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, &c->shadow_dtype, sizeof c->shadow_dtype);
-  XXH3_64bits_update(&state, &c->zero_init, sizeof c->zero_init);
-  XXH3_64bits_update(&state, &c->skip_nonfinite, sizeof c->skip_nonfinite);
-  XXH3_64bits_update(&state, &c->seed, sizeof c->seed);
-  XXH3_64bits_update(&state, &c->world_size, sizeof c->world_size);
-  XXH3_64bits_update(&state, c->count_updates, sizeof c->count_updates[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, &c->lookahead_every, sizeof c->lookahead_every);
-  XXH3_64bits_update(&state, c->grad_norm_c, sizeof c->grad_norm_c[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, c->layerwise_beta0, sizeof c->layerwise_beta0[0] * (size_t)c->num_shadows);
-  XXH3_64bits_update(&state, c->rounding, sizeof c->rounding[0] * (size_t)c->num_shadows);
+#define HASH(field) XXH3_64bits_update(&state, &(field), sizeof(field))
+  HASH(c->num_shadows);
+  for (int k = 0; k < c->num_shadows; k++) {
+    const polyak_shadow_config *s = &c->shadows[k];
+    HASH(s->schedule.kind), HASH(s->schedule.beta), HASH(s->schedule.beta_min), HASH(s->schedule.inv_gamma);
+    HASH(s->schedule.power), HASH(s->schedule.gamma), HASH(s->schedule.ramp_steps), HASH(s->schedule.start_step);
+    HASH(s->rounding), HASH(s->count_updates), HASH(s->grad_norm_c), HASH(s->layerwise_beta0);
+  }
+  HASH(c->shadow_dtype), HASH(c->zero_init), HASH(c->skip_nonfinite), HASH(c->seed), HASH(c->world_size);
+  HASH(c->lookahead_every), HASH(c->shadow_location);
+#undef HASH
   return XXH3_64bits_digest(&state);
 }
 

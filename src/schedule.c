@@ -44,8 +44,7 @@ int polyak_schedule_same(const polyak_schedule *a, const polyak_schedule *b)
   case POLYAK_SCHEDULE_TF:
     return a->beta == b->beta;
   case POLYAK_SCHEDULE_WARMUP:
-    return a->beta == b->beta && a->beta_min == b->beta_min && a->inv_gamma == b->inv_gamma &&
-           a->power == b->power;
+    return a->beta == b->beta && a->beta_min == b->beta_min && a->inv_gamma == b->inv_gamma && a->power == b->power;
   case POLYAK_SCHEDULE_LINEAR:
   case POLYAK_SCHEDULE_COSINE:
     return a->beta == b->beta && a->beta_min == b->beta_min && a->ramp_steps == b->ramp_steps;
@@ -57,16 +56,13 @@ int polyak_schedule_same(const polyak_schedule *a, const polyak_schedule *b)
   return 0;
 }
 
-static polyak_status check_beta_range(const polyak_schedule *s, int uses_beta_min, char *msg,
-                                      size_t msg_num_bytes)
+static polyak_status check_beta_range(const polyak_schedule *s, int uses_beta_min, char *msg, size_t msg_num_bytes)
 {
   if (!isfinite(s->beta) || s->beta < 0.0 || s->beta > 1.0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "beta = %g is outside [0, 1]", s->beta);
-  if (uses_beta_min &&
-      (!isfinite(s->beta_min) || s->beta_min < 0.0 || s->beta_min > s->beta))
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "beta_min = %g is outside [0, beta = %g]", s->beta_min, s->beta);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "beta = %g is outside [0, 1]", s->beta);
+  if (uses_beta_min && (!isfinite(s->beta_min) || s->beta_min < 0.0 || s->beta_min > s->beta))
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "beta_min = %g is outside [0, beta = %g]",
+                          s->beta_min, s->beta);
   return POLYAK_OK;
 }
 
@@ -75,11 +71,11 @@ polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t 
   polyak_status status = POLYAK_OK;
   const char *kind = polyak_schedule_kind_name(s->kind);
   if (!kind)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "kind = %d is not a polyak_schedule_kind", (int)s->kind);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "kind = %d is not a polyak_schedule_kind",
+                          (int)s->kind);
   if (s->start_step < 0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "start_step = %lld is negative", (long long)s->start_step);
+    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "start_step = %lld is negative",
+                          (long long)s->start_step);
   switch (s->kind) {
   case POLYAK_SCHEDULE_CONSTANT:
   case POLYAK_SCHEDULE_TF:
@@ -88,26 +84,25 @@ polyak_status polyak_schedule_check(const polyak_schedule *s, char *msg, size_t 
   case POLYAK_SCHEDULE_WARMUP:
     status = check_beta_range(s, 1, msg, msg_num_bytes);
     if (status == POLYAK_OK && !(isfinite(s->inv_gamma) && s->inv_gamma > 0.0))
-      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                              "WARMUP needs a finite inv_gamma > 0, got %g", s->inv_gamma);
+      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "WARMUP needs a finite inv_gamma > 0, got %g",
+                              s->inv_gamma);
     if (status == POLYAK_OK && !(isfinite(s->power) && s->power > 0.0))
-      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                              "WARMUP needs a finite power > 0, got %g", s->power);
+      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "WARMUP needs a finite power > 0, got %g",
+                              s->power);
     break;
   case POLYAK_SCHEDULE_LINEAR:
   case POLYAK_SCHEDULE_COSINE:
     status = check_beta_range(s, 1, msg, msg_num_bytes);
     if (status == POLYAK_OK && s->ramp_steps <= 0)
-      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                              "%s needs ramp_steps > 0, got %lld", kind,
+      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "%s needs ramp_steps > 0, got %lld", kind,
                               (long long)s->ramp_steps);
     break;
   case POLYAK_SCHEDULE_EQUAL:
     break;
   case POLYAK_SCHEDULE_POWER:
     if (!(isfinite(s->gamma) && s->gamma > -1.0))
-      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                              "POWER needs a finite gamma > -1, got %g", s->gamma);
+      status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "POWER needs a finite gamma > -1, got %g",
+                              s->gamma);
     break;
   }
   return status;
@@ -254,7 +249,7 @@ double polyak_beta_from_window(double window_steps)
 
 double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t step, int64_t counted)
 {
-  const polyak_schedule *s = &p->cfg.schedules[k];
+  const polyak_schedule *s = &p->cfg.shadows[k].schedule;
   if (polyak_is_lookahead(&p->cfg, k) && step % p->cfg.lookahead_every != 0)
     return 1.0;
   if (!polyak_counts_updates(&p->cfg, k))
@@ -264,7 +259,7 @@ double polyak_update_decay(const polyak_t *p, int k, int64_t last_step, int64_t 
 
 int64_t polyak_updates_counted_in(const polyak_t *p, int k, int64_t after, int64_t upto)
 {
-  int64_t start = p->cfg.schedules[k].start_step;
+  int64_t start = p->cfg.shadows[k].schedule.start_step;
   after = after > start ? after : start;
   if (upto <= after)
     return 0;

@@ -23,9 +23,8 @@ int polyak_needs_gather(const polyak_t *p, int tensor)
   return p->cfg.nccl_comm != NULL || t->local_num_elems != t->num_elems;
 }
 
-polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems,
-                              const polyak_piece *pieces, size_t piece_stride, double debias_scale,
-                              void *dst, polyak_dtype dst_dtype, void *stream)
+polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_elems, const polyak_piece *pieces,
+                              size_t piece_stride, double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream)
 {
   size_t shadow_bytes = polyak_dtype_num_bytes(p->cfg.shadow_dtype);
   size_t dst_bytes = polyak_dtype_num_bytes(dst_dtype);
@@ -36,9 +35,9 @@ polyak_status polyak_assemble(polyak_t *p, const void *gathered, int64_t stride_
       continue;
     const char *src = (const char *)gathered + (r * stride_elems + piece->arena_offset_elems) * (int64_t)shadow_bytes;
     char *to = (char *)dst + piece->first_elem * (int64_t)dst_bytes;
-    polyak_status status = raw ? p->ops->copy_bytes(p, to, src, (size_t)piece->num_elems * shadow_bytes, stream)
-                               : p->ops->read_out(p, src, p->cfg.shadow_dtype, piece->num_elems, debias_scale, to,
-                                                  dst_dtype, stream);
+    polyak_status status =
+        raw ? p->ops->copy_bytes(p, to, src, (size_t)piece->num_elems * shadow_bytes, stream)
+            : p->ops->read_out(p, src, p->cfg.shadow_dtype, piece->num_elems, debias_scale, to, dst_dtype, stream);
     if (status != POLYAK_OK)
       return status;
   }
@@ -129,8 +128,8 @@ polyak_status polyak_gather_to_params(polyak_t *p, int shadow, double debias_sca
   void *gathered = NULL;
   polyak_status status = polyak_gather_arenas(p, shadow, &gathered, stream);
   for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++)
-    status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors,
-                             debias_scale, p->tensors[i].param, p->tensors[i].dtype, stream);
+    status = polyak_assemble(p, gathered, p->arena_alloc_elems, p->layouts + i, (size_t)p->num_tensors, debias_scale,
+                             p->tensors[i].param, p->tensors[i].dtype, stream);
   if (gathered)
     p->ops->scratch_free(p, gathered);
   return status;

@@ -23,7 +23,7 @@ polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
     return POLYAK_ERR_INVALID_ARG;
   if (!polyak_has_grad_norm(&p->cfg))
     return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_set_grad_norm: no shadow follows the grad norm (grad_norm_c is 0 for all)");
+                       "polyak_set_grad_norm: no shadow follows the grad norm (every shadows[k].grad_norm_c is 0)");
   if (p->graph_reserved)
     return refuse_while_reserved(p, "polyak_set_grad_norm");
   if (!grad_norm)
@@ -41,9 +41,9 @@ polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
 static polyak_status check_layer_source(polyak_t *p, const char *function)
 {
   if (!polyak_has_layerwise(&p->cfg))
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: no shadow is layer-wise (layerwise_beta0 is 0 for all)", function);
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+    return polyak_fail(p, POLYAK_ERR_STATE, "%s: no shadow is layer-wise (every shadows[k].layerwise_beta0 is 0)",
+                       function);
+  POLYAK_TRY(polyak_require_finalized(p, function));
   if (p->graph_reserved)
     return refuse_while_reserved(p, function);
   return POLYAK_OK;
@@ -66,8 +66,8 @@ polyak_status polyak_set_grads(polyak_t *p, void *const *grads)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grads: grads[%d] (\"%s\") is NULL", i, t->name);
     if ((uintptr_t)grads[i] % polyak_dtype_num_bytes(t->dtype) != 0)
       return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                         "polyak_set_grads: grads[%d] (\"%s\") %p is not aligned to its %zu-byte elements", i,
-                         t->name, grads[i], polyak_dtype_num_bytes(t->dtype));
+                         "polyak_set_grads: grads[%d] (\"%s\") %p is not aligned to its %zu-byte elements", i, t->name,
+                         grads[i], polyak_dtype_num_bytes(t->dtype));
   }
   status = p->ops->set_layer_source(p, grads, NULL);
   if (status == POLYAK_OK)
@@ -95,11 +95,8 @@ polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms)
 
 polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_get_layer_betas: call polyak_finalize first");
-  if (shadow < 0 || shadow >= p->cfg.num_shadows || !(p->cfg.layerwise_beta0[shadow] > 0.0))
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_get_layer_betas"));
+  if (shadow < 0 || shadow >= p->cfg.num_shadows || !(p->cfg.shadows[shadow].layerwise_beta0 > 0.0))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_layer_betas: shadow %d is not a layer-wise one", shadow);
   if (!betas && p->num_tensors > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_layer_betas: betas is NULL");
@@ -129,7 +126,7 @@ polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_prod
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_get_beta_product: steps are reserved for graph replays; call "
                        "polyak_graph_release first");
-  if (p->cfg.layerwise_beta0[shadow] > 0.0)
+  if (p->cfg.shadows[shadow].layerwise_beta0 > 0.0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_get_beta_product: shadow %d is layer-wise: its betas are per tensor "
                        "(polyak_get_layer_betas)",

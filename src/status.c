@@ -27,10 +27,7 @@ const char *polyak_last_error(const polyak_t *p)
 
 const char *polyak_version_string(void)
 {
-#define POLYAK_STR2(x) #x
-#define POLYAK_STR(x) POLYAK_STR2(x)
-  return POLYAK_STR(POLYAK_VERSION_MAJOR) "." POLYAK_STR(POLYAK_VERSION_MINOR) "." POLYAK_STR(
-      POLYAK_VERSION_PATCH);
+  return POLYAK_VERSION_STRING;
 }
 
 polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format, ...)
@@ -44,8 +41,7 @@ polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format,
   return status;
 }
 
-polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status,
-                             const char *format, ...)
+polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status, const char *format, ...)
 {
   if (msg && msg_num_bytes > 0) {
     va_list args;
@@ -81,10 +77,9 @@ static const struct {
   const char *name;
   size_t num_bytes;
 } dtypes[] = {
-    [POLYAK_F32] = {"F32", 4}, [POLYAK_BF16] = {"BF16", 2}, [POLYAK_F16] = {"F16", 2},
-    [POLYAK_F64] = {"F64", 8}, [POLYAK_I64] = {"I64", 8},   [POLYAK_I32] = {"I32", 4},
-    [POLYAK_I16] = {"I16", 2}, [POLYAK_I8] = {"I8", 1},     [POLYAK_U8] = {"U8", 1},
-    [POLYAK_BOOL] = {"BOOL", 1},
+    [POLYAK_F32] = {"F32", 4}, [POLYAK_BF16] = {"BF16", 2}, [POLYAK_F16] = {"F16", 2}, [POLYAK_F64] = {"F64", 8},
+    [POLYAK_I64] = {"I64", 8}, [POLYAK_I32] = {"I32", 4},   [POLYAK_I16] = {"I16", 2}, [POLYAK_I8] = {"I8", 1},
+    [POLYAK_U8] = {"U8", 1},   [POLYAK_BOOL] = {"BOOL", 1},
 };
 
 int polyak_dtype_copyable(polyak_dtype dtype)

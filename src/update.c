@@ -33,8 +33,8 @@ polyak_status polyak_check_next_step(polyak_t *p, int64_t step, const char *what
   if (step < 1)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld; steps count from 1", what, (long long)step);
   if (step <= p->last_step)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld does not follow the last update (step %lld)",
-                       what, (long long)step, (long long)p->last_step);
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s = %lld does not follow the last update (step %lld)", what,
+                       (long long)step, (long long)p->last_step);
   int64_t sync = polyak_next_sync(&p->cfg, p->last_step);
   if (sync < step)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
@@ -105,10 +105,7 @@ polyak_status polyak_finalize(polyak_t *p, void *stream)
 
 polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_update: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_update"));
   if (p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_update: steps %lld.. are reserved for graph replays; call "
@@ -144,10 +141,7 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
 
 polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
 {
-  if (!p)
-    return POLYAK_ERR_INVALID_ARG;
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_hard_update: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_hard_update"));
   polyak_status status = polyak_check_shadow(p, shadow, "polyak_hard_update");
   if (status != POLYAK_OK)
     return status;
@@ -158,8 +152,9 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
   status = polyak_refuse_pending_store(p, "polyak_hard_update");
   if (status == POLYAK_OK)
     status = polyak_refuse_capture(
-      p, stream, "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
-                 "replay");
+        p, stream,
+        "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
+        "replay");
   /* a grad-norm shadow's product lives on the backend: reset there first,
    * put back if the copy fails */
   double products[POLYAK_MAX_SHADOWS], kept = 1.0;
@@ -193,7 +188,6 @@ polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)
     return POLYAK_ERR_INVALID_ARG;
   if (!count)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_nonfinite_count: count is NULL");
-  if (!p->finalized)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_nonfinite_count: call polyak_finalize first");
+  POLYAK_TRY(polyak_require_finalized(p, "polyak_nonfinite_count"));
   return p->ops->nonfinite_count(p, count);
 }

@@ -74,9 +74,9 @@ TEST(Arena, TilingViewsAreTheTensorsPolyakAddWouldRegister)
   int64_t offset = 0;
   for (size_t i = 0; i < gpt2.views.size(); i++) {
     const polyak_view &v = gpt2.views[i];
-    ASSERT_EQ(polyak_add(by_hand.get(), v.name, static_cast<float *>(arena.data()) + offset, POLYAK_F32, v.ndim,
-                         v.shape),
-              POLYAK_OK);
+    ASSERT_EQ(
+        polyak_add(by_hand.get(), v.name, static_cast<float *>(arena.data()) + offset, POLYAK_F32, v.ndim, v.shape),
+        POLYAK_OK);
     polyak_tensor_info_t info;
     ASSERT_EQ(polyak_tensor_info(whole.get(), (int)i, &info), POLYAK_OK);
     EXPECT_STREQ(info.name, v.name);
@@ -185,8 +185,7 @@ TEST(Arena, BadArgumentsAreRefused)
   Handle h = make_handle(cpu_config());
   size_t n = (size_t)gpt2.num_elems;
   EXPECT_EQ(polyak_add_arena(nullptr, arena.data(), POLYAK_BF16, n, gpt2.views.data(), 16), POLYAK_ERR_INVALID_ARG);
-  EXPECT_EQ(polyak_add_arena(h.get(), arena.data(), (polyak_dtype)7, n, gpt2.views.data(), 16),
-            POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_add_arena(h.get(), arena.data(), (polyak_dtype)7, n, gpt2.views.data(), 16), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_add_arena(h.get(), arena.data(), POLYAK_BF16, n, nullptr, 16), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_add_arena(h.get(), arena.data(), POLYAK_BF16, n, gpt2.views.data(), -1), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_add_arena(h.get(), arena.data(), POLYAK_BF16, SIZE_MAX, gpt2.views.data(), 16),

@@ -20,9 +20,18 @@ struct Buffer {
         storage((count * bytes_per_elem + offset_bytes) / 8 + 2)
   {
   }
-  unsigned char *data() { return reinterpret_cast<unsigned char *>(storage.data()) + offset; }
-  size_t num_bytes() const { return (size_t)num_elems * elem_bytes; }
-  std::vector<unsigned char> bytes() { return std::vector<unsigned char>(data(), data() + num_bytes()); }
+  unsigned char *data()
+  {
+    return reinterpret_cast<unsigned char *>(storage.data()) + offset;
+  }
+  size_t num_bytes() const
+  {
+    return (size_t)num_elems * elem_bytes;
+  }
+  std::vector<unsigned char> bytes()
+  {
+    return std::vector<unsigned char>(data(), data() + num_bytes());
+  }
   void randomize(std::mt19937_64 &rng)
   {
     for (size_t b = 0; b < num_bytes(); b++)
@@ -62,8 +71,8 @@ void expect_copy(polyak_t *p, int tensor, const Buffer &c, int k, const std::vec
 polyak_config mixed_config()
 {
   polyak_config cfg = cpu_config(3, 0.9);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_WARMUP;
   cfg.shadow_dtype = POLYAK_BF16; // stochastic rounding: hashed by each element's flat index
   cfg.seed = 77;
   return cfg;
@@ -175,9 +184,9 @@ TEST(CopyOnly, ReadOutsKeepTheDtypeOrConvertBetweenFloats)
   // an F32 buffer reads out as BF16, rounded to nearest even
   Buffer &mean = h.copies[1];
   std::vector<uint16_t> halves(mean.num_elems);
-  ASSERT_EQ(polyak_get_shadow_n(h.with.get(), 1, h.number(mean.name), halves.data(), POLYAK_BF16, halves.size() * 2,
-                                nullptr),
-            POLYAK_OK);
+  ASSERT_EQ(
+      polyak_get_shadow_n(h.with.get(), 1, h.number(mean.name), halves.data(), POLYAK_BF16, halves.size() * 2, nullptr),
+      POLYAK_OK);
   for (int64_t e = 0; e < mean.num_elems; e += 977)
     EXPECT_EQ(halves[e], polyak_f32_to_bf16_rne(load_as(POLYAK_F32, mean.data(), e))) << e;
   // short buffers are refused as for any tensor
@@ -187,13 +196,14 @@ TEST(CopyOnly, ReadOutsKeepTheDtypeOrConvertBetweenFloats)
   // a blend of a copy is the mirror
   const double weights[3] = {0.2, 0.3, 0.5};
   std::vector<int64_t> tracked(1);
-  ASSERT_EQ(polyak_get_blend_n(h.with.get(), weights, 0, h.number("bn.num_batches_tracked"), tracked.data(),
-                               POLYAK_I64, 8, nullptr),
+  ASSERT_EQ(polyak_get_blend_n(h.with.get(), weights, 0, h.number("bn.num_batches_tracked"), tracked.data(), POLYAK_I64,
+                               8, nullptr),
             POLYAK_OK);
   EXPECT_EQ(0, std::memcmp(tracked.data(), h.copies[0].data(), 8));
   // averaged tensors still read out as floats only
   std::vector<int64_t> ints(70001);
-  EXPECT_EQ(polyak_get_shadow(h.with.get(), 0, h.number("w"), ints.data(), POLYAK_I64, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_get_shadow(h.with.get(), 0, h.number("w"), ints.data(), POLYAK_I64, nullptr),
+            POLYAK_ERR_INVALID_ARG);
 }
 
 TEST(CopyOnly, EvaluationWritesMirrorsBackAndRestoreUndoesIt)
@@ -266,7 +276,7 @@ TEST(CopyOnly, EveryRankKeepsTheWholeMirrorAndTheSameSlices)
 TEST(CopyOnly, LayerwiseShadowsIgnoreCopies)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.layerwise_beta0[0] = 0.99;
+  cfg.shadows[0].layerwise_beta0 = 0.99;
   WithCopies h(cfg);
   h.finalize();
   // gradients for the averaged tensors only: a copy's entry may be NULL

@@ -1,4 +1,4 @@
-// test_cpu_kernels.cpp: the CPU update's chunk code (src/cpu_update.c) with
+// test_cpu_kernels.cpp: the CPU update's chunk code (src/cpu/cpu_update.c) with
 // each kernel table, portable C and AVX2 where the CPU has it, against the
 // GPU kernel's own per-chunk code (kernels/update_chunk.h) run on the CPU:
 // the same bits on every dtype pair and rounding, on values chosen to hit
@@ -10,7 +10,7 @@
 
 #include <cstdlib>
 
-#include "cpu_backend.h"
+#include "cpu/cpu_state.h"
 #include "layerwise.h"
 #include "update_chunk.h"
 
@@ -20,8 +20,13 @@ namespace {
 
 struct Buffer {
   void *data;
-  explicit Buffer(size_t num_bytes) : data(std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64)) {}
-  ~Buffer() { std::free(data); }
+  explicit Buffer(size_t num_bytes) : data(std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64))
+  {
+  }
+  ~Buffer()
+  {
+    std::free(data);
+  }
   Buffer(const Buffer &) = delete;
   Buffer &operator=(const Buffer &) = delete;
 };
@@ -73,9 +78,9 @@ struct ChunkCase {
   int64_t global_offset;
   int skip_nonfinite;
   bool write_back;
-  float weight0;            // shadow 0's weight (1: a copy)
-  uint32_t stochastic_f32;  // bit k: f32 shadow k rounds stochastically
-  bool owned = false;       // shadow 0 is the caller's, of owned_dtype
+  float weight0;           // shadow 0's weight (1: a copy)
+  uint32_t stochastic_f32; // bit k: f32 shadow k rounds stochastically
+  bool owned = false;      // shadow 0 is the caller's, of owned_dtype
   polyak_dtype owned_dtype = POLYAK_F32;
   int owned_round_nearest = 0;
 };
@@ -83,7 +88,8 @@ struct ChunkCase {
 // One tensor of `num_elems` as a chunk [first, first + count): the update
 // through the kernel's code and through the CPU chunk code with `kernels`,
 // from the same inputs; params and shadows must end equal.
-void check(const ChunkCase &s, const cpu_kernels *kernels, int64_t num_elems, int64_t first, int32_t count, uint64_t seed)
+void check(const ChunkCase &s, const cpu_kernels *kernels, int64_t num_elems, int64_t first, int32_t count,
+           uint64_t seed)
 {
   std::mt19937_64 rng(seed);
   size_t param_bytes = dtype_bytes(s.param_dtype), shadow_bytes = dtype_bytes(s.shadow_dtype);
@@ -129,8 +135,9 @@ void check(const ChunkCase &s, const cpu_kernels *kernels, int64_t num_elems, in
   const int threads = 64;
   int64_t expected = 0;
   for (int thread = 0; thread < threads; thread++)
-    expected += s.shadow_dtype == POLYAK_F32 ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows_a, args, thread, threads)
-                                             : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows_a, args, thread, threads);
+    expected += s.shadow_dtype == POLYAK_F32
+                    ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows_a, args, thread, threads)
+                    : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows_a, args, thread, threads);
   t.param = param_b.data;
   t.owned = s.owned ? owned_b.data : nullptr;
   int64_t got = polyak_cpu_update_chunk(kernels, &t, &chunk, shadows_b, s.shadow_dtype, &args);
@@ -170,8 +177,14 @@ TEST(CpuKernels, ArenaShadowsMatchTheKernelsCode)
       for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16})
         for (int64_t offset : kGlobalOffsets)
           for (int variant = 0; variant < 6; variant++) {
-            ChunkCase s{param_dtype, shadow_dtype, 1 + variant % 4, offset, variant % 2, variant == 3,
-                    variant == 4 ? 1.0f : 0.01f, variant % 3 == 0 ? 0x5u : 0xAu};
+            ChunkCase s{param_dtype,
+                        shadow_dtype,
+                        1 + variant % 4,
+                        offset,
+                        variant % 2,
+                        variant == 3,
+                        variant == 4 ? 1.0f : 0.01f,
+                        variant % 3 == 0 ? 0x5u : 0xAu};
             check(s, kernels, 10007, 1000, 8001, seed++);
             if (HasFailure())
               FAIL() << name << " params " << dtype_label(param_dtype) << " shadows " << dtype_label(shadow_dtype)
@@ -198,8 +211,17 @@ TEST(CpuKernels, CallersShadowsMatchTheKernelsCode)
     for (polyak_dtype param_dtype : dtypes)
       for (polyak_dtype owned_dtype : dtypes)
         for (int variant = 0; variant < 4; variant++) {
-          ChunkCase s{param_dtype, POLYAK_F32, 1, kGlobalOffsets[2 + variant % 2], variant % 2, false,
-                  variant == 3 ? 1.0f : 0.02f, 0, true, owned_dtype, variant / 2};
+          ChunkCase s{param_dtype,
+                      POLYAK_F32,
+                      1,
+                      kGlobalOffsets[2 + variant % 2],
+                      variant % 2,
+                      false,
+                      variant == 3 ? 1.0f : 0.02f,
+                      0,
+                      true,
+                      owned_dtype,
+                      variant / 2};
           check(s, kernels, 9001, 17, 8500, seed++);
           if (HasFailure())
             FAIL() << name << " params " << dtype_label(param_dtype) << " owned " << dtype_label(owned_dtype)
@@ -219,7 +241,8 @@ TEST(CpuKernels, LayerwiseSumsOfSquaresFollowTheKernelsOrder)
         float part[POLYAK_LAYER_THREADS];
         for (int t = 0; t < POLYAK_LAYER_THREADS; t++)
           part[t] = polyak_chunk_sumsq_part(grad.data, dtype, &chunk, t);
-        EXPECT_EQ(float_bits(polyak_sum_parts_f32(part)), float_bits(polyak_cpu_chunk_sumsq(kernels, grad.data, dtype, &chunk)))
+        EXPECT_EQ(float_bits(polyak_sum_parts_f32(part)),
+                  float_bits(polyak_cpu_chunk_sumsq(kernels, grad.data, dtype, &chunk)))
             << name << " " << dtype_label(dtype) << " chunk at " << chunk.first_elem;
       }
     }
@@ -259,13 +282,14 @@ TEST(CpuKernels, HandlesGiveTheSameBitsOnEitherTable)
   for (polyak_dtype shadow_dtype : {POLYAK_F32, POLYAK_BF16}) {
     polyak_config cfg = cpu_config(3, 0.95);
     cfg.shadow_dtype = shadow_dtype;
-    cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
     cfg.lookahead_every = 2;
     cfg.seed = 8;
     std::vector<Tensor> tensors;
     const int64_t sizes[] = {1, 17, 65537, 4099, 130001, 3};
     for (size_t i = 0; i < std::size(sizes); i++)
-      tensors.emplace_back("t" + std::to_string(i), (polyak_dtype)(i % 3), sizes[i], dtype_bytes((polyak_dtype)(i % 3)) * (i % 2));
+      tensors.emplace_back("t" + std::to_string(i), (polyak_dtype)(i % 3), sizes[i],
+                           dtype_bytes((polyak_dtype)(i % 3)) * (i % 2));
     std::mt19937_64 rng(4);
     for (auto &t : tensors)
       t.randomize(rng, 0.5f, 1.0f);
@@ -288,6 +312,7 @@ TEST(CpuKernels, HandlesGiveTheSameBitsOnEitherTable)
     }
     EXPECT_TRUE(snapshot(picked.get(), 3, tensors) == snapshot(portable.get(), 3, other));
     for (size_t i = 0; i < tensors.size(); i++) // Lookahead wrote the params back
-      EXPECT_EQ(0, std::memcmp(tensors[i].data(), other[i].data(), tensors[i].num_elems * dtype_bytes(tensors[i].dtype)));
+      EXPECT_EQ(0,
+                std::memcmp(tensors[i].data(), other[i].data(), tensors[i].num_elems * dtype_bytes(tensors[i].dtype)));
   }
 }

@@ -15,7 +15,7 @@ struct Trained {
     tensors.emplace_back("b", POLYAK_F32, 7);
     tensors.emplace_back("s", POLYAK_F16, 1003, 6);
     polyak_config cfg = cpu_config(2, 0.9);
-    cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
     cfg.zero_init = zero_init;
     h = make_handle(cfg);
     std::mt19937_64 rng(60);

@@ -55,11 +55,14 @@ struct NormRun {
 polyak_config grad_norm_config(double c)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.grad_norm_c[0] = c;
+  cfg.shadows[0].grad_norm_c = c;
   return cfg;
 }
 
-double beta_of(double c, float g) { return 1.0 - c / std::sqrt(1.0 + (double)g * g); }
+double beta_of(double c, float g)
+{
+  return 1.0 - c / std::sqrt(1.0 + (double)g * g);
+}
 
 void expect_near_all(const std::vector<float> &got, const std::vector<double> &want, const char *what)
 {
@@ -163,12 +166,12 @@ TEST(GradNorm, BadArgumentsAreRefusedAndChangeNothing)
     const char *part;
     void (*set)(polyak_config &);
   } conflicts[] = {
-      {"start_step", [](polyak_config &c) { c.schedules[0].start_step = 5; }},
-      {"count_updates", [](polyak_config &c) { c.count_updates[0] = 1; }},
+      {"start_step", [](polyak_config &c) { c.shadows[0].schedule.start_step = 5; }},
+      {"count_updates", [](polyak_config &c) { c.shadows[0].count_updates = 1; }},
       {"Lookahead",
        [](polyak_config &c) {
          c.lookahead_every = 2;
-         c.grad_norm_c[1] = 0.1;
+         c.shadows[1].grad_norm_c = 0.1;
        }},
   };
   for (auto &conflict : conflicts) {
@@ -245,7 +248,7 @@ TEST(GradNorm, ReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
   EXPECT_EQ(read_shadow(graphed.h.get(), 0, 0, kElems), read_shadow(direct.h.get(), 0, 0, kElems));
 
   polyak_config other_cfg = cfg;
-  other_cfg.grad_norm_c[0] = 0.5;
+  other_cfg.shadows[0].grad_norm_c = 0.5;
   NormRun other(other_cfg);
   EXPECT_EQ(polyak_load(other.h.get(), dir.file("gn").c_str()), POLYAK_ERR_MISMATCH);
 }

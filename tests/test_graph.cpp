@@ -36,9 +36,9 @@ struct Pair {
 polyak_config mixed_config()
 {
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[2].beta = 0.95;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[2].schedule.beta = 0.95;
   cfg.shadow_dtype = POLYAK_BF16;
   cfg.seed = 5;
   return cfg;
@@ -48,7 +48,7 @@ TEST(Graph, ReplaysGiveTheBitsOfDirectUpdates)
 {
   polyak_config stochastic_f32 = mixed_config(); // stochastic f32 shadows beside a nearest one
   stochastic_f32.shadow_dtype = POLYAK_F32;
-  stochastic_f32.rounding[0] = stochastic_f32.rounding[2] = POLYAK_ROUND_STOCHASTIC;
+  stochastic_f32.shadows[0].rounding = stochastic_f32.shadows[2].rounding = POLYAK_ROUND_STOCHASTIC;
   for (const polyak_config &cfg : {mixed_config(), stochastic_f32}) {
     Pair pair(cfg);
     ASSERT_EQ(polyak_update(pair.direct.get(), 2, nullptr), POLYAK_OK);
@@ -165,8 +165,8 @@ TEST(Graph, SourcesOfTheUpdateCannotChangeWhileStepsAreReserved)
   // reserve time: a change during the reservation is refused, and it
   // changes nothing (the replays still read what was set before)
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.grad_norm_c[0] = 0.3;
-  cfg.layerwise_beta0[1] = 0.95;
+  cfg.shadows[0].grad_norm_c = 0.3;
+  cfg.shadows[1].layerwise_beta0 = 0.95;
   Pair pair(cfg);
   float norm = 2.0f, other_norm = 7.0f;
   std::vector<float> layer_norms = {0.5f, 1.5f}, other_layer_norms = {3.0f, 0.1f};

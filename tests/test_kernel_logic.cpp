@@ -21,16 +21,22 @@ constexpr int kBlockThreads = 256;
 
 struct AlignedArena {
   void *data = nullptr;
-  explicit AlignedArena(size_t num_bytes) { data = std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64); }
-  ~AlignedArena() { std::free(data); }
+  explicit AlignedArena(size_t num_bytes)
+  {
+    data = std::aligned_alloc(64, (num_bytes + 63) / 64 * 64 + 64);
+  }
+  ~AlignedArena()
+  {
+    std::free(data);
+  }
 };
 
 // The GPU run emulated: `grid` blocks walking the chunks grid-stride, each
 // thread of each block taking its share, sequentially; `descs` is the
 // plan's tensor table pointing at the emulation's own params. With LAWA
 // betas ([tensor][POLYAK_MAX_SHADOWS]) each chunk resolves its weights.
-int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs,
-                         void *const *shadows, const polyak_update_args &all_chunks, int grid, int threads,
+int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc> &descs, void *const *shadows,
+                         const polyak_update_args &all_chunks, int grid, int threads,
                          const double *layer_beta = nullptr)
 {
   int64_t nonfinite = 0;
@@ -40,8 +46,11 @@ int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc
       for (int thread = 0; thread < threads; thread++) {
         const polyak_chunk &chunk = p->chunks[c];
         const polyak_tensor_desc &t = descs[chunk.tensor];
-        if (layer_beta)
-          polyak_resolve_layerwise(&args, p->cfg.layerwise_beta0, layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
+        if (layer_beta) {
+          double grad_norm_c[POLYAK_MAX_SHADOWS], beta0[POLYAK_MAX_SHADOWS];
+          polyak_adaptive_arrays(&p->cfg, grad_norm_c, beta0);
+          polyak_resolve_layerwise(&args, beta0, layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
+        }
         nonfinite += p->cfg.shadow_dtype == POLYAK_F32
                          ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
                          : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
@@ -57,8 +66,11 @@ polyak_update_args args_for(const polyak_t *p, int64_t step)
     weight[k] = (float)(1.0 - polyak_update_decay(p, k, p->last_step, step, p->updates_counted[k]));
   polyak_update_args args;
   polyak_update_args_init(p, step, step - p->last_step, weight, &args);
-  if (p->grad_norm) // as the kernel's first threads resolve them
-    polyak_apply_grad_norm(&args, p->cfg.grad_norm_c, *p->grad_norm, nullptr);
+  if (p->grad_norm) { // as the kernel's first threads resolve them
+    double grad_norm_c[POLYAK_MAX_SHADOWS], beta0[POLYAK_MAX_SHADOWS];
+    polyak_adaptive_arrays(&p->cfg, grad_norm_c, beta0);
+    polyak_apply_grad_norm(&args, grad_norm_c, *p->grad_norm, nullptr);
+  }
   return args;
 }
 
@@ -155,7 +167,7 @@ void check_case(Case &c, int grid, int threads)
     ASSERT_EQ(polyak_update(p, step, nullptr), POLYAK_OK); // first: the emulation takes its LAWA betas
     std::vector<double> layer_beta(p->num_tensors * POLYAK_MAX_SHADOWS, 1.0), betas(p->num_tensors);
     for (int k = 0; k < p->cfg.num_shadows && c.layerwise; k++)
-      if (p->cfg.layerwise_beta0[k] > 0.0) {
+      if (p->cfg.shadows[k].layerwise_beta0 > 0.0) {
         ASSERT_EQ(polyak_get_layer_betas(p, k, betas.data()), POLYAK_OK);
         for (int i = 0; i < p->num_tensors; i++)
           layer_beta[i * POLYAK_MAX_SHADOWS + k] = betas[i];
@@ -163,7 +175,8 @@ void check_case(Case &c, int grid, int threads)
     emulated_nonfinite +=
         run_kernel_logic(p, descs, shadows, args, grid, threads, c.layerwise ? layer_beta.data() : nullptr);
     for (size_t i = 0; i < c.tensors.size(); i++)
-      ASSERT_EQ(0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
+      ASSERT_EQ(
+          0, std::memcmp(own[i].data(), c.tensors[i].data(), c.tensors[i].num_elems * dtype_bytes(c.tensors[i].dtype)))
           << "params of tensor " << c.tensors[i].name << " after step " << step;
   }
   for (int k = 0; k < p->cfg.num_shadows; k++)
@@ -210,17 +223,17 @@ TEST(KernelLogic, MatchesTheCpuBackendOnStochasticF32Shadows)
   // stochastic and nearest shadows side by side, the guard, gaps, a
   // grad-norm shadow; then zero_init and start_step
   Case c{cpu_config(4, 0.99), awkward_tensors(), {1, 2, 5, 6, 30}};
-  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
-  c.cfg.grad_norm_c[3] = 0.5;
-  c.cfg.rounding[0] = c.cfg.rounding[1] = c.cfg.rounding[3] = POLYAK_ROUND_STOCHASTIC;
+  c.cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+  c.cfg.shadows[3].grad_norm_c = 0.5;
+  c.cfg.shadows[0].rounding = c.cfg.shadows[1].rounding = c.cfg.shadows[3].rounding = POLYAK_ROUND_STOCHASTIC;
   c.cfg.seed = 99;
   c.poison = true;
   c.grad_norm = true;
   check_case(c, 7, kBlockThreads);
   Case z{cpu_config(2, 0.9), awkward_tensors(), {2, 3, 9}};
   z.cfg.zero_init = 1;
-  z.cfg.schedules[1].start_step = 2;
-  z.cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  z.cfg.shadows[1].schedule.start_step = 2;
+  z.cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
   z.cfg.skip_nonfinite = 0;
   z.poison = true;
   check_case(z, 5, kBlockThreads);
@@ -231,8 +244,8 @@ TEST(KernelLogic, EveryShadowCountFrom1To8)
   for (int num_shadows = 1; num_shadows <= 8; num_shadows++) {
     Case c{cpu_config(num_shadows), {}, {1, 4}};
     for (int k = 0; k < num_shadows; k++) {
-      c.cfg.schedules[k].kind = (polyak_schedule_kind)(k % 7);
-      c.cfg.schedules[k].beta = 0.5 + 0.06 * k;
+      c.cfg.shadows[k].schedule.kind = (polyak_schedule_kind)(k % 7);
+      c.cfg.shadows[k].schedule.beta = 0.5 + 0.06 * k;
     }
     c.cfg.shadow_dtype = num_shadows % 2 ? POLYAK_F32 : POLYAK_BF16;
     c.tensors.emplace_back("a", POLYAK_BF16, 65537, 6);
@@ -248,7 +261,7 @@ TEST(KernelLogic, TheGuardCountsAndSkipsLikeTheCpuBackend)
 {
   Case c{cpu_config(3), awkward_tensors(), {1, 2, 9}};
   c.poison = true;
-  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  c.cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   check_case(c, 4, kBlockThreads);
   Case off{cpu_config(2), awkward_tensors(), {1, 2}};
   off.poison = true;
@@ -261,9 +274,9 @@ TEST(KernelLogic, GapsZeroInitAndStartStep)
 {
   Case c{cpu_config(3), awkward_tensors(), {2, 3, 10, 11, 50}};
   c.cfg.zero_init = 1;
-  c.cfg.schedules[0].start_step = 3;
-  c.cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-  c.cfg.schedules[2].kind = POLYAK_SCHEDULE_POWER;
+  c.cfg.shadows[0].schedule.start_step = 3;
+  c.cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  c.cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_POWER;
   check_case(c, 6, kBlockThreads);
 }
 
@@ -282,8 +295,8 @@ TEST(KernelLogic, LookaheadWritesTheSlowWeightsBackLikeTheCpuBackend)
   for (auto v : variants) {
     Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 3, 4, 6, 8, 9}};
     c.cfg.lookahead_every = 2;
-    c.cfg.schedules[2].beta = 0.5;
-    c.cfg.rounding[2] = v.rounding;
+    c.cfg.shadows[2].schedule.beta = 0.5;
+    c.cfg.shadows[2].rounding = v.rounding;
     c.cfg.shadow_dtype = v.shadow_dtype;
     c.cfg.skip_nonfinite = v.skip_nonfinite;
     c.poison = v.poison;
@@ -299,8 +312,8 @@ TEST(KernelLogic, LookaheadWritesTheSlowWeightsBackLikeTheCpuBackend)
 TEST(KernelLogic, GradNormShadowsTakeTheWeightsTheKernelResolves)
 {
   Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 5, 6}};
-  c.cfg.grad_norm_c[0] = 0.3;
-  c.cfg.grad_norm_c[2] = 1.0;
+  c.cfg.shadows[0].grad_norm_c = 0.3;
+  c.cfg.shadows[2].grad_norm_c = 1.0;
   c.cfg.shadow_dtype = POLYAK_BF16;
   c.grad_norm = true;
   check_case(c, 5, kBlockThreads);
@@ -314,7 +327,7 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
     const polyak_dtype dtypes[] = {POLYAK_BF16, POLYAK_F16, POLYAK_F32};
     polyak_config cfg = cpu_config(1, 0.9);
     cfg.seed = 5;
-    cfg.rounding[0] = variant == 2 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
+    cfg.shadows[0].rounding = variant == 2 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
     Handle h = make_handle(cfg);
     std::mt19937_64 rng(78);
     for (size_t i = 0; i < params.size(); i++) {
@@ -350,7 +363,8 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
       ASSERT_EQ(polyak_nonfinite_count(p, &after), POLYAK_OK);
       EXPECT_EQ(nonfinite, after - before);
       for (size_t i = 0; i < shadows.size(); i++)
-        ASSERT_EQ(0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
+        ASSERT_EQ(
+            0, std::memcmp(emulated[i].data(), shadows[i].data(), shadows[i].num_elems * dtype_bytes(shadows[i].dtype)))
             << params[i].name << " after step " << step << " variant " << variant;
     }
   }
@@ -359,8 +373,8 @@ TEST(KernelLogic, ShadowsInTheCallersMemoryMatchTheCpuBackend)
 TEST(KernelLogic, LayerwiseChunksTakeTheirTensorsWeights)
 {
   Case c{cpu_config(3, 0.9), awkward_tensors(), {1, 2, 5}};
-  c.cfg.layerwise_beta0[0] = 0.99;
-  c.cfg.layerwise_beta0[2] = 0.9;
+  c.cfg.shadows[0].layerwise_beta0 = 0.99;
+  c.cfg.shadows[2].layerwise_beta0 = 0.9;
   c.cfg.shadow_dtype = POLYAK_BF16;
   c.layerwise = true;
   check_case(c, 6, kBlockThreads);

@@ -77,7 +77,7 @@ struct LawaRun {
 polyak_config lawa_config(double beta0)
 {
   polyak_config cfg = cpu_config(2, 0.9); // shadow 1: a plain EMA beside it
-  cfg.layerwise_beta0[0] = beta0;
+  cfg.shadows[0].layerwise_beta0 = beta0;
   return cfg;
 }
 
@@ -193,9 +193,9 @@ TEST(Layerwise, BadArgumentsAreRefusedAndChangeNothing)
     polyak_status status;
     void (*set)(polyak_config &);
   } conflicts[] = {
-      {"start_step", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.schedules[0].start_step = 2; }},
-      {"count_updates", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.count_updates[0] = 1; }},
-      {"grad_norm_c", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.grad_norm_c[0] = 0.1; }},
+      {"start_step", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.shadows[0].schedule.start_step = 2; }},
+      {"count_updates", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.shadows[0].count_updates = 1; }},
+      {"grad_norm_c", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.shadows[0].grad_norm_c = 0.1; }},
       {"zero_init", POLYAK_ERR_INVALID_ARG, [](polyak_config &c) { c.zero_init = 1; }},
       {"world_size", POLYAK_ERR_UNSUPPORTED, [](polyak_config &c) { c.world_size = 2; }},
   };
@@ -262,7 +262,8 @@ TEST(Layerwise, ReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
   polyak_config other = lawa_config(0.98);
   LawaRun mismatched(other);
   EXPECT_EQ(polyak_load(mismatched.h.get(), dir.file("lawa").c_str()), POLYAK_ERR_MISMATCH);
-  EXPECT_TRUE(contains(polyak_last_error(mismatched.h.get()), "layerwise_beta0")) << polyak_last_error(mismatched.h.get());
+  EXPECT_TRUE(contains(polyak_last_error(mismatched.h.get()), "layerwise_beta0"))
+      << polyak_last_error(mismatched.h.get());
 }
 
 } // namespace

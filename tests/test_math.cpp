@@ -28,14 +28,19 @@ double ieee_decode(uint32_t bits, int exp_bits, int man_bits)
   return sign ? -value : value;
 }
 
-double bf16_value(uint32_t h) { return ieee_decode(h, 8, 7); }
-double f16_value(uint32_t h) { return ieee_decode(h, 5, 10); }
+double bf16_value(uint32_t h)
+{
+  return ieee_decode(h, 8, 7);
+}
+double f16_value(uint32_t h)
+{
+  return ieee_decode(h, 5, 10);
+}
 
 // Round-to-nearest-even by brute force: the nearest of the two neighbours
 // on the grid of a 16-bit format, the one with an even pattern on a tie.
 // One past the largest finite pattern decodes as Inf and counts as 2^emax+1.
-template <typename Decode>
-uint16_t nearest_even(float x, Decode decode, uint32_t inf_pattern, double beyond_max)
+template <typename Decode> uint16_t nearest_even(float x, Decode decode, uint32_t inf_pattern, double beyond_max)
 {
   double target = std::fabs((double)x);
   uint32_t lo = 0, hi = inf_pattern; // largest pattern with value <= target
@@ -56,8 +61,14 @@ uint16_t nearest_even(float x, Decode decode, uint32_t inf_pattern, double beyon
   return (uint16_t)(result | (std::signbit(x) ? 0x8000u : 0u));
 }
 
-uint16_t f16_reference(float x) { return nearest_even(x, f16_value, 0x7C00, 65536.0); }
-uint16_t bf16_reference(float x) { return nearest_even(x, bf16_value, 0x7F80, std::ldexp(1.0, 128)); }
+uint16_t f16_reference(float x)
+{
+  return nearest_even(x, f16_value, 0x7C00, 65536.0);
+}
+uint16_t bf16_reference(float x)
+{
+  return nearest_even(x, bf16_value, 0x7F80, std::ldexp(1.0, 128));
+}
 
 // A strided sweep over all f32 bit patterns (a prime stride, so every
 // mantissa phase is hit).
@@ -108,8 +119,7 @@ TEST(Math, F32ToBf16RoundsToNearestEven)
   for (float x : inputs) {
     if (std::isnan(x))
       continue;
-    ASSERT_EQ(polyak_f32_to_bf16_rne(x), bf16_reference(x))
-        << std::hex << polyak_f32_bits(x) << " " << x;
+    ASSERT_EQ(polyak_f32_to_bf16_rne(x), bf16_reference(x)) << std::hex << polyak_f32_bits(x) << " " << x;
   }
 }
 
@@ -211,8 +221,8 @@ TEST(Math, F16StochasticRoundingPicksANeighbourWithExactOdds)
     }
     return lo;
   };
-  std::vector<float> inputs = {1.0f + 0x1p-12f, 3.14159f, 65500.0f, 65519.0f, 0x1p-14f + 0x1p-20f,
-                               0x1p-15f * 1.3f, 0x1p-18f * 1.7f, 0x1p-20f * 1.01f};
+  std::vector<float> inputs = {1.0f + 0x1p-12f,     3.14159f,        65500.0f,        65519.0f,
+                               0x1p-14f + 0x1p-20f, 0x1p-15f * 1.3f, 0x1p-18f * 1.7f, 0x1p-20f * 1.01f};
   std::uniform_real_distribution<float> normal_range(6.2e-5f, 6.5e4f);
   for (int n = 0; n < 200; n++)
     inputs.push_back(normal_range(rng));
@@ -247,8 +257,14 @@ TEST(Math, F32StochasticRoundingPicksANeighbourWithExactOdds)
   std::mt19937_64 rng(17);
   std::uniform_int_distribution<uint32_t> any;
   std::uniform_real_distribution<double> mantissa(1.0, 2.0);
-  std::vector<double> inputs = {1.0 + 0x1p-30, 1.0 + 0x1p-24 + 0x1p-50, 2.0 - 0x1p-40, 3.14159265358979,
-                                0x1p-126 * 1.5 + 0x1p-160, 0x1.fffffffffffffp127 / 2, 1e-3, 12345.678};
+  std::vector<double> inputs = {1.0 + 0x1p-30,
+                                1.0 + 0x1p-24 + 0x1p-50,
+                                2.0 - 0x1p-40,
+                                3.14159265358979,
+                                0x1p-126 * 1.5 + 0x1p-160,
+                                0x1.fffffffffffffp127 / 2,
+                                1e-3,
+                                12345.678};
   for (int n = 0; n < 300; n++)
     inputs.push_back(std::ldexp(mantissa(rng), (int)(any(rng) % 200) - 100));
   const uint32_t span = 1u << 29;
@@ -346,7 +362,7 @@ TEST(Math, HashBitsAreUniformAndDistinct)
   double expected = count / 256.0, chi2 = 0.0;
   for (int b : buckets)
     chi2 += (b - expected) * (b - expected) / expected;
-  EXPECT_LT(chi2, 350.0); // 255 degrees of freedom; p < 1e-4 beyond
+  EXPECT_LT(chi2, 350.0);         // 255 degrees of freedom; p < 1e-4 beyond
   EXPECT_EQ(seen.size(), 65536u); // a bijection in the element index
 }
 

@@ -51,9 +51,9 @@ struct Trace {
 polyak_config swa_config()
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL; // per step (default)
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL; // per update
-  cfg.count_updates[1] = 1;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL; // per step (default)
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL; // per update
+  cfg.shadows[1].count_updates = 1;
   return cfg;
 }
 
@@ -81,7 +81,7 @@ TEST(Modes, SwaCountingIsThePlainMeanWhereStepCompensationWeighsByTheGap)
 TEST(Modes, CountingStartsAfterStartStep)
 {
   polyak_config cfg = swa_config();
-  cfg.schedules[1].start_step = 15; // SWA from step 15: the update at 10 is a plain copy
+  cfg.shadows[1].schedule.start_step = 15; // SWA from step 15: the update at 10 is a plain copy
   Trace run(cfg);
   for (int64_t step : {10, 20, 30, 40})
     run.update(step);
@@ -91,19 +91,19 @@ TEST(Modes, CountingStartsAfterStartStep)
 TEST(Modes, CountingWithAConstantBetaIgnoresGaps)
 {
   polyak_config cfg = cpu_config(2, 0.5);
-  cfg.count_updates[1] = 1;
+  cfg.shadows[1].count_updates = 1;
   Trace run(cfg);
   for (int64_t step : {1, 4})
     run.update(step);
   // the start, then beta 0.5 at the first step, then after a 3-step gap:
-  run.expect_weights(1, {0.25, 0.25, 0.5});         // counted: beta 0.5 once more
-  run.expect_weights(0, {0.0625, 0.0625, 0.875});   // per step: 0.5^3
+  run.expect_weights(1, {0.25, 0.25, 0.5});       // counted: beta 0.5 once more
+  run.expect_weights(0, {0.0625, 0.0625, 0.875}); // per step: 0.5^3
 }
 
 TEST(Modes, CountedReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
 {
   polyak_config cfg = swa_config();
-  cfg.schedules[1].start_step = 3;
+  cfg.shadows[1].schedule.start_step = 3;
   cfg.shadow_dtype = POLYAK_BF16;
   Trace direct(cfg), graphed(cfg), resumed(cfg);
   TempDir dir;
@@ -133,13 +133,13 @@ TEST(Modes, CountedReplaysAndCheckpointsGiveTheBitsOfDirectUpdates)
 TEST(Modes, CountingIsValidatedAndMustMatchAFile)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.count_updates[1] = 2;
+  cfg.shadows[1].count_updates = 2;
   char why[256];
   EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG);
-  EXPECT_TRUE(contains(why, "count_updates[1]")) << why;
-  cfg.count_updates[1] = 1;
+  EXPECT_TRUE(contains(why, "shadows[1].count_updates")) << why;
+  cfg.shadows[1].count_updates = 1;
   cfg.num_shadows = 1; // flags past num_shadows are not read
-  cfg.count_updates[5] = 7;
+  cfg.shadows[5].count_updates = 7;
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
 
   TempDir dir;
@@ -147,7 +147,7 @@ TEST(Modes, CountingIsValidatedAndMustMatchAFile)
   counting.update(2);
   ASSERT_EQ(polyak_save(counting.h.get(), dir.file("f").c_str()), POLYAK_OK);
   polyak_config steps = swa_config();
-  steps.count_updates[1] = 0;
+  steps.shadows[1].count_updates = 0;
   Trace other(steps);
   EXPECT_EQ(polyak_load(other.h.get(), dir.file("f").c_str()), POLYAK_ERR_MISMATCH);
   EXPECT_TRUE(contains(polyak_last_error(other.h.get()), "count_updates")) << polyak_last_error(other.h.get());
@@ -172,8 +172,8 @@ struct Blended {
   explicit Blended(int zero_init = 0)
   {
     cfg = cpu_config(3, 0.9);
-    cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-    cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
+    cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+    cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
     cfg.zero_init = zero_init;
     tensors.emplace_back("a", POLYAK_F32, 4099);
     tensors.emplace_back("b", POLYAK_BF16, 65537, 2);
@@ -243,7 +243,8 @@ TEST(Blend, IntoTheParamsAndBackWithStoreAndRestore)
   const double weights[3] = {0.25, 0.25, 0.5};
   std::vector<std::vector<char>> trained;
   for (auto &t : b.tensors)
-    trained.emplace_back(static_cast<char *>(t.data()), static_cast<char *>(t.data()) + t.num_elems * dtype_bytes(t.dtype));
+    trained.emplace_back(static_cast<char *>(t.data()),
+                         static_cast<char *>(t.data()) + t.num_elems * dtype_bytes(t.dtype));
   ASSERT_EQ(polyak_store(b.h.get(), nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_blend_to_params(b.h.get(), weights, 0, nullptr), POLYAK_OK);
   for (size_t i = 0; i < b.tensors.size(); i++) {
@@ -251,8 +252,8 @@ TEST(Blend, IntoTheParamsAndBackWithStoreAndRestore)
     for (int64_t e = 0; e < b.tensors[i].num_elems; e++) {
       std::vector<char> want(4);
       store_as(b.tensors[i].dtype, want.data(), 0, blend[e]); // rounded to the param's dtype
-      ASSERT_EQ(0, std::memcmp(static_cast<char *>(b.tensors[i].data()) + e * dtype_bytes(b.tensors[i].dtype), want.data(),
-                               dtype_bytes(b.tensors[i].dtype)))
+      ASSERT_EQ(0, std::memcmp(static_cast<char *>(b.tensors[i].data()) + e * dtype_bytes(b.tensors[i].dtype),
+                               want.data(), dtype_bytes(b.tensors[i].dtype)))
           << i << " " << e;
     }
   }
@@ -288,7 +289,7 @@ TEST(Blend, ShadowsWithWeightZeroAreNotRead)
   // with zero_init, a shadow whose every beta was 1 has no average; a blend
   // that gives it no weight does not need one
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.schedules[1].beta = 1.0;
+  cfg.shadows[1].schedule.beta = 1.0;
   cfg.zero_init = 1;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_F32, 100);

@@ -99,9 +99,9 @@ TEST(Owned, ShadowsHaveTheBitsOfLibraryShadowsOfTheirDtype)
     polyak_dtype d = v.dtype;
     polyak_config cfg = cpu_config(1, 0.95);
     cfg.seed = 77;
-    cfg.rounding[0] = v.rounding;
+    cfg.shadows[0].rounding = v.rounding;
     Model model(cfg, std::vector<polyak_dtype>(5, d), v.flags);
-    cfg.rounding[0] = v.flags ? POLYAK_ROUND_NEAREST : v.rounding;
+    cfg.shadows[0].rounding = v.flags ? POLYAK_ROUND_NEAREST : v.rounding;
     Reference reference(cfg, model, d);
     for (size_t i = 0; i < model.params.size(); i++)
       ASSERT_EQ(bytes_of(model.shadows[i]), reference.shadow((int)i, d)) << "finalize copies the params";
@@ -124,9 +124,9 @@ TEST(Owned, F16ShadowsKeepMovingWhereRoundingToNearestStalls)
     std::vector<uint16_t> shadow(65536);
     Handle h = make_handle(cfg);
     int64_t shape[1] = {65536};
-    EXPECT_EQ(polyak_add_with_shadow(h.get(), "w", param.data(), POLYAK_F32, 1, shape, shadow.data(), POLYAK_F16,
-                                     flags),
-              POLYAK_OK);
+    EXPECT_EQ(
+        polyak_add_with_shadow(h.get(), "w", param.data(), POLYAK_F32, 1, shape, shadow.data(), POLYAK_F16, flags),
+        POLYAK_OK);
     EXPECT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
     std::fill(param.begin(), param.end(), 1.01f);
     for (int64_t step = 1; step <= 200; step++)
@@ -178,8 +178,9 @@ TEST(Owned, HardUpdateCopiesTheParamsAndZeroesTheProduct)
     for (int64_t e = 0; e < model.params[i].num_elems; e++) {
       std::vector<char> want(4);
       store_as(model.shadows[i].dtype, want.data(), 0, model.params[i].get(e)); // nearest even
-      ASSERT_EQ(0, std::memcmp(static_cast<const char *>(model.shadows[i].data()) + e * dtype_bytes(model.shadows[i].dtype),
-                               want.data(), dtype_bytes(model.shadows[i].dtype)))
+      ASSERT_EQ(
+          0, std::memcmp(static_cast<const char *>(model.shadows[i].data()) + e * dtype_bytes(model.shadows[i].dtype),
+                         want.data(), dtype_bytes(model.shadows[i].dtype)))
           << i << " " << e;
     }
   double product = -1;
@@ -208,7 +209,7 @@ TEST(Owned, HardUpdateWorksOnLibraryShadowsToo)
 {
   polyak_config cfg = cpu_config(2, 0.9);
   cfg.zero_init = 1;
-  cfg.grad_norm_c[1] = 0.5;
+  cfg.shadows[1].grad_norm_c = 0.5;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_BF16, 999, 2);
   std::mt19937_64 rng(8);

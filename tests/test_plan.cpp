@@ -97,8 +97,7 @@ TEST(Plan, TensorsBeyond2To31ElementsIndexWithInt64)
   Handle h = make_handle(cpu_config());
   int64_t huge[2] = {3, int64_t(1) << 30};
   int64_t small[1] = {10};
-  ASSERT_EQ(polyak_add(h.get(), "huge", reinterpret_cast<void *>(uintptr_t(1) << 40), POLYAK_BF16, 2, huge),
-            POLYAK_OK);
+  ASSERT_EQ(polyak_add(h.get(), "huge", reinterpret_cast<void *>(uintptr_t(1) << 40), POLYAK_BF16, 2, huge), POLYAK_OK);
   ASSERT_EQ(polyak_add(h.get(), "after", reinterpret_cast<void *>(uintptr_t(1) << 44), POLYAK_F32, 1, small),
             POLYAK_OK);
   ASSERT_EQ(polyak_plan_build(h.get()), POLYAK_OK);

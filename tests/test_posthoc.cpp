@@ -135,8 +135,8 @@ struct PosthocRun {
     polyak_config cfg = cpu_config(3);
     const double tracked[3] = {0.05, 0.10, sigma};
     for (int k = 0; k < 3; k++) {
-      cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
-      cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(tracked[k]);
+      cfg.shadows[k].schedule.kind = POLYAK_SCHEDULE_POWER;
+      cfg.shadows[k].schedule.gamma = polyak_gamma_from_sigma_rel(tracked[k]);
     }
     tensors.emplace_back("w", POLYAK_F32, 2049);
     tensors.emplace_back("b", POLYAK_BF16, 77, 2);
@@ -214,8 +214,8 @@ TEST(Posthoc, SnapshotsKeptAsCheckpointFilesSynthesizeTheSame)
   // handle of the same layout: the same floats as snapshots taken live
   polyak_config cfg = cpu_config(2);
   for (int k = 0; k < 2; k++) {
-    cfg.schedules[k].kind = POLYAK_SCHEDULE_POWER;
-    cfg.schedules[k].gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
+    cfg.shadows[k].schedule.kind = POLYAK_SCHEDULE_POWER;
+    cfg.shadows[k].schedule.gamma = polyak_gamma_from_sigma_rel(k == 0 ? 0.05 : 0.10);
   }
   auto make = [&](std::vector<Tensor> &tensors) {
     tensors.emplace_back("w", POLYAK_F32, 300);
@@ -263,7 +263,7 @@ TEST(Posthoc, SnapshotsAreTheDebiasedShadowsAndBadCallsChangeNothing)
 {
   polyak_config cfg = cpu_config(2);
   cfg.zero_init = 1;
-  cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC; // the snapshot reads it as any f32 shadow
+  cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC; // the snapshot reads it as any f32 shadow
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_F32, 100);
   tensors.emplace_back("v", POLYAK_F16, 9, 2);

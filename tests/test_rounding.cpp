@@ -40,7 +40,10 @@ struct Compensated {
     lost = increment - (next - value);
     value = next;
   }
-  float read() const { return (float)((double)value + lost); } // an f32 read-out, as the other shadows give
+  float read() const
+  {
+    return (float)((double)value + lost);
+  } // an f32 read-out, as the other shadows give
 };
 
 // sqrt(sum (got - want)^2 / sum (want - start)^2): the error against the
@@ -69,9 +72,9 @@ TEST(Rounding, LongRunsStallWhenRoundedToNearestButNotStochastically)
   constexpr double kStepSize = 1e-6;
   polyak_config cfg = cpu_config(4, 0.99999);
   for (int k = 0; k < 4; k++) {
-    cfg.schedules[k].kind = k % 2 == 0 ? POLYAK_SCHEDULE_POWER : POLYAK_SCHEDULE_CONSTANT;
-    cfg.schedules[k].gamma = 6.94;
-    cfg.rounding[k] = k < 2 ? POLYAK_ROUND_NEAREST : POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[k].schedule.kind = k % 2 == 0 ? POLYAK_SCHEDULE_POWER : POLYAK_SCHEDULE_CONSTANT;
+    cfg.shadows[k].schedule.gamma = 6.94;
+    cfg.shadows[k].rounding = k < 2 ? POLYAK_ROUND_NEAREST : POLYAK_ROUND_STOCHASTIC;
   }
   cfg.seed = 2024;
   std::vector<Tensor> tensors;
@@ -106,7 +109,7 @@ TEST(Rounding, LongRunsStallWhenRoundedToNearestButNotStochastically)
     if (polyak_update(h.get(), step, nullptr) != POLYAK_OK)
       FAIL() << polyak_last_error(h.get());
     for (int s = 0; s < 2; s++) {
-      double w = 1.0 - oracle_beta(cfg.schedules[s], step);
+      double w = 1.0 - oracle_beta(cfg.shadows[s].schedule, step);
       for (int e = 0; e < kElems; e++) {
         reference[s][e] += w * ((double)param[e] - reference[s][e]);
         compensated[s][e].update(param[e], (float)w); // the weight polyak passes
@@ -119,8 +122,8 @@ TEST(Rounding, LongRunsStallWhenRoundedToNearestButNotStochastically)
       std::vector<float> stochastic = read_shadow(h.get(), s + 2, 0, kElems);
       double error_nearest = relative_error([&](size_t e) { return (double)nearest[e]; }, reference[s], start);
       double error_stochastic = relative_error([&](size_t e) { return (double)stochastic[e]; }, reference[s], start);
-      double error_compensated = relative_error([&](size_t e) { return (double)compensated[s][e].read(); },
-                                                reference[s], start);
+      double error_compensated =
+          relative_error([&](size_t e) { return (double)compensated[s][e].read(); }, reference[s], start);
       double moved = 0.0;
       for (int e = 0; e < kElems; e++)
         moved += (reference[s][e] - start[e]) * (reference[s][e] - start[e]) / kElems;
@@ -146,7 +149,7 @@ TEST(Rounding, StochasticShadowsAreUnbiasedOverSeeds)
   std::vector<double> errors, nearest_errors;
   for (int seed = -1; seed < kSeeds; seed++) { // -1: rounded to nearest
     polyak_config cfg = cpu_config(1, beta);
-    cfg.rounding[0] = seed < 0 ? POLYAK_ROUND_NEAREST : POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[0].rounding = seed < 0 ? POLYAK_ROUND_NEAREST : POLYAK_ROUND_STOCHASTIC;
     cfg.seed = 1000 + (uint64_t)seed;
     std::vector<Tensor> tensors;
     tensors.emplace_back("w", POLYAK_F32, kElems);
@@ -194,9 +197,9 @@ TEST(Rounding, EachUpdateLandsOnANeighbourOfTheExactValue)
   // shadows 0 and 1 stochastic, 2 to nearest; updates with gaps; NaN params
   // leave every shadow as it was and are counted
   polyak_config cfg = cpu_config(3, 0.999);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_POWER;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.rounding[0] = cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[0].rounding = cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
   cfg.seed = 5;
   constexpr int64_t kElems = 70001; // chunk edges, a vector middle, a scalar tail
   std::vector<Tensor> tensors;
@@ -217,7 +220,7 @@ TEST(Rounding, EachUpdateLandsOnANeighbourOfTheExactValue)
     ASSERT_EQ(polyak_update(h.get(), step, nullptr), POLYAK_OK);
     auto after = read_all(h.get(), 3, kElems);
     for (int k = 0; k < 3; k++) {
-      float w = (float)(1.0 - polyak_beta_product(&cfg.schedules[k], last, step));
+      float w = (float)(1.0 - polyak_beta_product(&cfg.shadows[k].schedule, last, step));
       for (int64_t e = 0; e < kElems; e++) {
         float s = before[k][e], p = tensors[0].get(e), got = after[k][e];
         if (!std::isfinite(p)) {
@@ -248,7 +251,7 @@ TEST(Rounding, ZeroInitShadowsDebiasLikeNearestOnes)
 {
   polyak_config cfg = cpu_config(2, 0.99);
   cfg.zero_init = 1;
-  cfg.rounding[0] = POLYAK_ROUND_STOCHASTIC;
+  cfg.shadows[0].rounding = POLYAK_ROUND_STOCHASTIC;
   cfg.seed = 9;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_F32, 4099);
@@ -278,7 +281,7 @@ TEST(Rounding, Bf16ShadowsRoundStochasticallyWhateverTheFieldSays)
   for (int rounding : {POLYAK_ROUND_NEAREST, POLYAK_ROUND_STOCHASTIC}) {
     polyak_config cfg = cpu_config(1, 0.999);
     cfg.shadow_dtype = POLYAK_BF16;
-    cfg.rounding[0] = rounding;
+    cfg.shadows[0].rounding = rounding;
     cfg.seed = 3;
     std::vector<Tensor> tensors;
     tensors.emplace_back("w", POLYAK_F32, 1000);

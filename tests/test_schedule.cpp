@@ -12,7 +12,7 @@ polyak_schedule schedule(polyak_schedule_kind kind)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
-  polyak_schedule s = cfg.schedules[0];
+  polyak_schedule s = cfg.shadows[0].schedule;
   s.kind = kind;
   return s;
 }
@@ -44,9 +44,9 @@ TEST(Schedule, TfFollowsTensorFlowsNumUpdatesRule)
   // tf.train.ExponentialMovingAverage: min(decay, (1 + n) / (10 + n))
   polyak_schedule s = schedule(POLYAK_SCHEDULE_TF);
   s.beta = 0.999;
-  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst), 0.1);         // n = 0
-  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 90), 0.91);   // n = 90
-  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 990), 0.991); // n = 990
+  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst), 0.1);          // n = 0
+  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 90), 0.91);    // n = 90
+  EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 990), 0.991);  // n = 990
   EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 8990), 0.999); // capped from n = 8990
   EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 100000), 0.999);
 }
@@ -76,7 +76,7 @@ TEST(Schedule, WarmupIsClampedBelowByBetaMin)
   polyak_schedule s = schedule(POLYAK_SCHEDULE_WARMUP);
   s.beta = 0.9999;
   s.beta_min = 0.5;
-  EXPECT_EQ(polyak_beta_at(&s, kFirst), 0.0); // t == 0 copies whatever beta_min says
+  EXPECT_EQ(polyak_beta_at(&s, kFirst), 0.0);     // t == 0 copies whatever beta_min says
   EXPECT_EQ(polyak_beta_at(&s, kFirst + 1), 0.5); // 1 - 2^(-2/3) = 0.37 < 0.5
   EXPECT_DOUBLE_EQ(polyak_beta_at(&s, kFirst + 100), 1 - std::pow(101.0, -2.0 / 3.0));
 }
@@ -141,8 +141,7 @@ TEST(Schedule, EveryKindMatchesTheOracleTable)
     s.inv_gamma = 2.0;
     s.power = 0.8;
     for (int64_t step = 0; step < 200; step++)
-      EXPECT_NEAR(polyak_beta_at(&s, step), oracle_beta(s, step), 1e-15)
-          << "kind " << kind << " step " << step;
+      EXPECT_NEAR(polyak_beta_at(&s, step), oracle_beta(s, step), 1e-15) << "kind " << kind << " step " << step;
   }
 }
 
@@ -190,8 +189,7 @@ TEST(Schedule, GapProductOfHugeGapsIsImmediate)
   double head = polyak_beta_product(&s, 100, 5000);
   auto start = std::chrono::steady_clock::now();
   double whole = polyak_beta_product(&s, 100, 5000 + 1000000000);
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_NEAR(whole, head * std::pow(1 - 1e-9, 1e9), 1e-9 * head);
   EXPECT_LT(seconds, 0.5);
 }
@@ -271,7 +269,10 @@ struct BadSchedule {
   const char *message_part;
 };
 
-void PrintTo(const BadSchedule &bad, std::ostream *os) { *os << bad.label; }
+void PrintTo(const BadSchedule &bad, std::ostream *os)
+{
+  *os << bad.label;
+}
 
 class ScheduleValidation : public ::testing::TestWithParam<BadSchedule> {};
 
@@ -279,16 +280,16 @@ TEST_P(ScheduleValidation, CreateRefusesWithAMessage)
 {
   const BadSchedule &bad = GetParam();
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[2].kind = bad.kind;
-  bad.spoil(&cfg.schedules[2]);
+  cfg.shadows[2].schedule.kind = bad.kind;
+  bad.spoil(&cfg.shadows[2].schedule);
   polyak_t *p = reinterpret_cast<polyak_t *>(0x1);
   EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(p, nullptr);
   char why[512];
   EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG);
-  EXPECT_NE(std::string(why).find("schedules[2]"), std::string::npos) << why;
+  EXPECT_NE(std::string(why).find("shadows[2].schedule"), std::string::npos) << why;
   EXPECT_NE(std::string(why).find(bad.message_part), std::string::npos) << why;
-  EXPECT_TRUE(std::isnan(polyak_beta_at(&cfg.schedules[2], 10)));
+  EXPECT_TRUE(std::isnan(polyak_beta_at(&cfg.shadows[2].schedule, 10)));
 }
 
 const BadSchedule kBadSchedules[] = {
@@ -317,10 +318,10 @@ INSTANTIATE_TEST_SUITE_P(Schedule, ScheduleValidation, ::testing::ValuesIn(kBadS
 TEST(Schedule, FieldsAKindDoesNotUseAreNotChecked)
 {
   polyak_config cfg = cpu_config(1);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[0].beta = NAN;
-  cfg.schedules[0].ramp_steps = -3;
-  cfg.schedules[0].inv_gamma = 0;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.beta = NAN;
+  cfg.shadows[0].schedule.ramp_steps = -3;
+  cfg.shadows[0].schedule.inv_gamma = 0;
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
 }
 

@@ -16,11 +16,11 @@ namespace {
 polyak_config shard_config(int world_size, int rank, bool stochastic_f32 = false)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16; // stochastic rounding keyed by global element index
   if (stochastic_f32) {           // keyed the same way
     cfg.shadow_dtype = POLYAK_F32;
-    cfg.rounding[0] = cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[0].rounding = cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
   }
   cfg.seed = 17;
   cfg.world_size = world_size;
@@ -93,7 +93,8 @@ struct World {
   {
     for (int k = 0; k < 2; k++)
       for (size_t i = 0; i < tensors.size(); i++)
-        ASSERT_EQ(gathered(k, (int)i), reference(k, (int)i)) << "W = " << world_size << " shadow " << k << " tensor " << i;
+        ASSERT_EQ(gathered(k, (int)i), reference(k, (int)i))
+            << "W = " << world_size << " shadow " << k << " tensor " << i;
     int64_t sum = 0, count = 0;
     for (auto &h : ranks) {
       ASSERT_EQ(polyak_nonfinite_count(h.get(), &count), POLYAK_OK);
@@ -264,7 +265,7 @@ TEST(Shard, MemoryAndFdCheckpointsLoadAtAnyWorldSize)
     ASSERT_EQ(write(fd, "tail", 4), 4);
     close(fd);
     for (int64_t step : {5, 6})
-      world.update(step); // the ranks drift away from the checkpoints ...
+      world.update(step);       // the ranks drift away from the checkpoints ...
     for (auto &h : world.ranks) // ... each reads its slice of the buffer ...
       ASSERT_EQ(polyak_load_from_memory(h.get(), bytes.data(), bytes.size()), POLYAK_OK) << polyak_last_error(h.get());
     ASSERT_EQ(polyak_load_from_memory(world.whole.get(), bytes.data(), bytes.size()), POLYAK_OK);
@@ -314,22 +315,6 @@ TEST(Shard, BadShardingConfigsAreRefused)
     polyak_check_config(&cfg, why, sizeof why);
     EXPECT_NE(std::string(why).find(b.part), std::string::npos) << why;
   }
-}
-
-TEST(Shard, AVersion1ConfigIsOneRank)
-{
-  polyak_config cfg = cpu_config();
-  cfg.struct_size = POLYAK_CONFIG_SIZE_V1;
-  cfg.world_size = 99; // beyond a version-1 struct: never read
-  Handle h = make_handle(cfg);
-  std::vector<float> params(100, 1.0f);
-  int64_t shape[1] = {100};
-  ASSERT_EQ(polyak_add(h.get(), "w", params.data(), POLYAK_F32, 1, shape), POLYAK_OK);
-  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
-  int64_t first = -1, count = -1;
-  ASSERT_EQ(polyak_local_range(h.get(), 0, &first, &count), POLYAK_OK);
-  EXPECT_EQ(first, 0);
-  EXPECT_EQ(count, 100);
 }
 
 TEST(Shard, LocalRangeAndLocalReadsValidateTheirArguments)

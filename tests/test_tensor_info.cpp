@@ -25,8 +25,14 @@ struct Registered {
     EXPECT_EQ(polyak_add(h.get(), "ln.bias", tensors[1].data(), POLYAK_F32, 1, bias_shape), POLYAK_OK);
     EXPECT_EQ(polyak_add(h.get(), "empty", tensors[2].data(), POLYAK_F16, 3, empty_shape), POLYAK_OK);
   }
-  polyak_t *get() { return h.get(); }
-  std::string error() { return polyak_last_error(h.get()); }
+  polyak_t *get()
+  {
+    return h.get();
+  }
+  std::string error()
+  {
+    return polyak_last_error(h.get());
+  }
 };
 
 TEST(TensorInfo, SaysWhatWasRegisteredBeforeAndAfterFinalize)
@@ -109,7 +115,9 @@ TEST(TensorInfo, BadArgumentsAreRefused)
 struct Canaried {
   std::vector<unsigned char> bytes;
   size_t fit;
-  Canaried(size_t fit_bytes) : bytes(fit_bytes + 64, 0xcd), fit(fit_bytes) {}
+  Canaried(size_t fit_bytes) : bytes(fit_bytes + 64, 0xcd), fit(fit_bytes)
+  {
+  }
   bool canaries_intact() const
   {
     return std::all_of(bytes.begin() + (long)fit, bytes.end(), [](unsigned char b) { return b == 0xcd; });

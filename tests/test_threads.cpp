@@ -13,7 +13,7 @@
 
 #include <mutex>
 
-#include "cpu_pool.h"
+#include "cpu/cpu_pool.h"
 
 using namespace polyak_test;
 
@@ -117,12 +117,12 @@ TEST(Threads, UpdatesGiveTheSameBitsAndCountForEveryThreadCount)
       polyak_config cfg = cpu_config(4, 0.95);
       cfg.shadow_dtype = shadow_dtype;
       cfg.seed = 77;
-      cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-      cfg.schedules[2].kind = POLYAK_SCHEDULE_POWER;
-      cfg.rounding[0] = cfg.rounding[2] = POLYAK_ROUND_STOCHASTIC;
+      cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+      cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_POWER;
+      cfg.shadows[0].rounding = cfg.shadows[2].rounding = POLYAK_ROUND_STOCHASTIC;
       cfg.skip_nonfinite = variant != 1;
       cfg.zero_init = variant == 2;
-      cfg.schedules[3].start_step = variant == 2 ? 2 : 0;
+      cfg.shadows[3].schedule.start_step = variant == 2 ? 2 : 0;
       expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &) {
         finalize(p, tensors);
         updates(p, tensors, {1, 2, 5, 6, 40}, true);
@@ -135,8 +135,8 @@ TEST(Threads, UpdatesGiveTheSameBitsAndCountForEveryThreadCount)
 TEST(Threads, GraphReplaysAndGradNormShadows)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.grad_norm_c[1] = 0.5;
-  cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+  cfg.shadows[1].grad_norm_c = 0.5;
+  cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
   expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &run) {
     float norm = 1.5f;
     ASSERT_EQ(polyak_set_grad_norm(p, &norm), POLYAK_OK);
@@ -160,8 +160,8 @@ TEST(Threads, LookaheadWritesTheSameParamsBack)
     polyak_config cfg = cpu_config(2, 0.9);
     cfg.shadow_dtype = shadow_dtype;
     cfg.lookahead_every = 2;
-    cfg.schedules[1].beta = 0.5;
-    cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[1].schedule.beta = 0.5;
+    cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
     expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &) {
       finalize(p, tensors);
       updates(p, tensors, {1, 2, 3, 4, 6}, true);
@@ -172,7 +172,7 @@ TEST(Threads, LookaheadWritesTheSameParamsBack)
 TEST(Threads, LayerwiseNormsFromGradients)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.layerwise_beta0[0] = 0.99;
+  cfg.shadows[0].layerwise_beta0 = 0.99;
   expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &run) {
     finalize(p, tensors);
     std::vector<Tensor> grads = model();
@@ -195,7 +195,7 @@ TEST(Threads, ShadowsInTheCallersMemory)
 {
   polyak_config cfg = cpu_config(1, 0.99);
   cfg.seed = 3;
-  cfg.rounding[0] = POLYAK_ROUND_STOCHASTIC;
+  cfg.shadows[0].rounding = POLYAK_ROUND_STOCHASTIC;
   expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &run) {
     const polyak_dtype dtypes[] = {POLYAK_BF16, POLYAK_F16, POLYAK_F32};
     std::vector<Tensor> &shadows = run.kept;
@@ -204,7 +204,8 @@ TEST(Threads, ShadowsInTheCallersMemory)
     for (size_t i = 0; i < tensors.size(); i++) {
       int64_t shape[1] = {tensors[i].num_elems};
       ASSERT_EQ(polyak_add_with_shadow(p, tensors[i].name.c_str(), tensors[i].data(), tensors[i].dtype, 1, shape,
-                                       shadows[i].data(), shadows[i].dtype, i % 4 == 3 ? POLYAK_SHADOW_ROUND_NEAREST : 0),
+                                       shadows[i].data(), shadows[i].dtype,
+                                       i % 4 == 3 ? POLYAK_SHADOW_ROUND_NEAREST : 0),
                 POLYAK_OK)
           << polyak_last_error(p);
     }
@@ -236,7 +237,7 @@ TEST(Threads, ReadOutsBlendsCopiesAndTheSynthesis)
 {
   polyak_config cfg = cpu_config(2, 0.9);
   cfg.zero_init = 1;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   expect_same_bits(cfg, model(), [](polyak_t *p, std::vector<Tensor> &tensors, RunState &run) {
     finalize(p, tensors);
     updates(p, tensors, {1, 2, 3}, false);
@@ -360,19 +361,6 @@ TEST(Threads, BadCountsAreRefused)
     cfg.cpu_threads = good;
     EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_OK) << why;
   }
-}
-
-TEST(Threads, AVersion5ConfigRunsOnOneThread)
-{
-  polyak_config cfg = cpu_config(1);
-  cfg.cpu_threads = -7; // beyond a version-5 struct_size: never read
-  cfg.struct_size = POLYAK_CONFIG_SIZE_V5;
-  int before = threads_of_this_process();
-  std::vector<Tensor> tensors = model();
-  Handle h = make_handle(cfg);
-  finalize(h.get(), tensors);
-  EXPECT_EQ(threads_of_this_process(), before);
-  updates(h.get(), tensors, {1}, false);
 }
 
 } // namespace

@@ -16,8 +16,7 @@ std::vector<Tensor> mixed_tensors(const std::vector<int64_t> &sizes, size_t offs
   std::vector<Tensor> tensors;
   const polyak_dtype dtypes[] = {POLYAK_F32, POLYAK_BF16, POLYAK_F16};
   for (size_t i = 0; i < sizes.size(); i++)
-    tensors.emplace_back("layer" + std::to_string(i) + ".weight", dtypes[i % 3], sizes[i],
-                         offset_bytes);
+    tensors.emplace_back("layer" + std::to_string(i) + ".weight", dtypes[i % 3], sizes[i], offset_bytes);
   return tensors;
 }
 
@@ -28,8 +27,7 @@ void randomize_all(std::vector<Tensor> &tensors, std::mt19937_64 &rng, float mea
 }
 
 // Every shadow of every tensor within `tolerance` of the float64 model.
-void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor> &tensors,
-                    double tolerance)
+void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor> &tensors, double tolerance)
 {
   for (int k = 0; k < oracle.cfg.num_shadows; k++)
     for (size_t i = 0; i < tensors.size(); i++) {
@@ -38,17 +36,16 @@ void expect_matches(polyak_t *p, const Oracle &oracle, const std::vector<Tensor>
       for (int64_t e = 0; e < tensors[i].num_elems; e++) {
         double expected = oracle.read(k, (int)i, e);
         if (!(std::fabs(got[e] - expected) <= tolerance * (1 + std::fabs(expected))) && bad++ < 3)
-          ADD_FAILURE() << "shadow " << k << " tensor " << tensors[i].name << " ("
-                        << dtype_label(tensors[i].dtype) << ") elem " << e << ": got " << got[e]
-                        << ", float64 gives " << expected;
+          ADD_FAILURE() << "shadow " << k << " tensor " << tensors[i].name << " (" << dtype_label(tensors[i].dtype)
+                        << ") elem " << e << ": got " << got[e] << ", float64 gives " << expected;
       }
     }
 }
 
 // Runs `steps` updates with fresh random params before each; checks the
 // handle against the oracle at the end.
-void run_against_oracle(const polyak_config &cfg, std::vector<Tensor> &tensors,
-                        const std::vector<int64_t> &steps, double tolerance, uint64_t seed = 1)
+void run_against_oracle(const polyak_config &cfg, std::vector<Tensor> &tensors, const std::vector<int64_t> &steps,
+                        double tolerance, uint64_t seed = 1)
 {
   std::mt19937_64 rng(seed);
   randomize_all(tensors, rng);
@@ -73,7 +70,10 @@ std::vector<int64_t> consecutive(int64_t first, int64_t last)
 }
 
 // Rounding error of an fp32 EMA: at most half an ulp per update.
-double f32_tolerance(size_t updates) { return (updates + 2) * std::ldexp(1.0, -24) * 4; }
+double f32_tolerance(size_t updates)
+{
+  return (updates + 2) * std::ldexp(1.0, -24) * 4;
+}
 
 TEST(Update, MatchesFloat64OnMixedDtypesAndOddSizes)
 {
@@ -84,12 +84,12 @@ TEST(Update, MatchesFloat64OnMixedDtypesAndOddSizes)
 TEST(Update, FourShadowsWithFourSchedulesInOnePass)
 {
   polyak_config cfg = cpu_config(4);
-  cfg.schedules[0].beta = 0.8;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[1].inv_gamma = 2.0;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
-  cfg.schedules[3].kind = POLYAK_SCHEDULE_POWER;
-  cfg.schedules[3].gamma = polyak_gamma_from_sigma_rel(0.05);
+  cfg.shadows[0].schedule.beta = 0.8;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[1].schedule.inv_gamma = 2.0;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[3].schedule.kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[3].schedule.gamma = polyak_gamma_from_sigma_rel(0.05);
   auto tensors = mixed_tensors({5, 65537, 1, 1000});
   run_against_oracle(cfg, tensors, consecutive(1, 30), f32_tolerance(30));
 }
@@ -97,9 +97,9 @@ TEST(Update, FourShadowsWithFourSchedulesInOnePass)
 TEST(Update, OnePassOfF32ShadowsEqualsSeparatePassesBitForBit)
 {
   polyak_config four = cpu_config(4);
-  four.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-  four.schedules[2].kind = POLYAK_SCHEDULE_EQUAL;
-  four.schedules[3].kind = POLYAK_SCHEDULE_POWER;
+  four.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  four.shadows[2].schedule.kind = POLYAK_SCHEDULE_EQUAL;
+  four.shadows[3].schedule.kind = POLYAK_SCHEDULE_POWER;
   auto tensors = mixed_tensors({3, 65537, 130001, 0, 17});
   std::mt19937_64 rng(8);
   randomize_all(tensors, rng);
@@ -110,7 +110,7 @@ TEST(Update, OnePassOfF32ShadowsEqualsSeparatePassesBitForBit)
   for (int k = 0; k < 4; k++) {
     polyak_config one = four;
     one.num_shadows = 1;
-    one.schedules[0] = four.schedules[k];
+    one.shadows[0].schedule = four.shadows[k].schedule;
     single.push_back(make_handle(one));
     add_all(single.back().get(), tensors);
     ASSERT_EQ(polyak_finalize(single.back().get(), nullptr), POLYAK_OK);
@@ -132,9 +132,9 @@ TEST(Update, OnePassOfF32ShadowsEqualsSeparatePassesBitForBit)
 TEST(Update, StepGapsApplyTheProductOfTheSkippedBetas)
 {
   polyak_config cfg = cpu_config(3);
-  cfg.schedules[0].beta = 0.95;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.schedules[2].kind = POLYAK_SCHEDULE_TF;
+  cfg.shadows[0].schedule.beta = 0.95;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[2].schedule.kind = POLYAK_SCHEDULE_TF;
   auto tensors = mixed_tensors({65537, 3, 4});
   run_against_oracle(cfg, tensors, {1, 2, 5, 9, 40, 41, 100, 1000}, f32_tolerance(8));
 }
@@ -142,8 +142,8 @@ TEST(Update, StepGapsApplyTheProductOfTheSkippedBetas)
 TEST(Update, AGapEqualsUpdatingEveryStepWithUnchangedParams)
 {
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[0].beta = 0.97;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.beta = 0.97;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   auto tensors = mixed_tensors({1000, 333});
   std::mt19937_64 rng(4);
   randomize_all(tensors, rng);
@@ -170,7 +170,7 @@ TEST(Update, AGapEqualsUpdatingEveryStepWithUnchangedParams)
 TEST(Update, EqualScheduleIsTheMeanOfTheSnapshots)
 {
   polyak_config cfg = cpu_config(1);
-  cfg.schedules[0].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   std::vector<Tensor> tensors;
   tensors.emplace_back("w", POLYAK_F32, 4099);
   std::mt19937_64 rng(6);
@@ -195,10 +195,10 @@ TEST(Update, ZeroInitReadsOutTheDebiasedAverage)
 {
   polyak_config cfg = cpu_config(2);
   cfg.zero_init = 1;
-  cfg.schedules[0].beta = 0.99;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_COSINE;
-  cfg.schedules[1].beta_min = 0.9;
-  cfg.schedules[1].ramp_steps = 10;
+  cfg.shadows[0].schedule.beta = 0.99;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_COSINE;
+  cfg.shadows[1].schedule.beta_min = 0.9;
+  cfg.shadows[1].schedule.ramp_steps = 10;
   auto tensors = mixed_tensors({65537, 9});
   std::mt19937_64 rng(12);
   randomize_all(tensors, rng);
@@ -219,7 +219,7 @@ TEST(Update, ZeroInitReadsOutTheDebiasedAverage)
 TEST(Update, StartStepCopiesTheParamsExactly)
 {
   polyak_config cfg = cpu_config(1, 0.9);
-  cfg.schedules[0].start_step = 3;
+  cfg.shadows[0].schedule.start_step = 3;
   auto tensors = mixed_tensors({65537, 5, 3});
   std::mt19937_64 rng(13);
   Handle h = make_handle(cfg);
@@ -306,7 +306,7 @@ TEST(Guard, NonFiniteParamsLeaveTheirShadowsAsTheyWere)
 {
   GuardCase c = guard_case();
   polyak_config cfg = cpu_config(2);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   Handle h = make_handle(cfg);
   add_all(h.get(), c.tensors);
   ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
@@ -440,7 +440,7 @@ TEST(Bf16Shadow, BitsAreReproducibleFromTheSeed)
 TEST(Bf16Shadow, MatchesFloat64WithinItsRounding)
 {
   polyak_config cfg = cpu_config(2, 0.9);
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.shadow_dtype = POLYAK_BF16;
   auto tensors = mixed_tensors({65537, 130001, 1});
   // each rounding moves a value by less than one bf16 ulp (2^-7 relative)

@@ -23,7 +23,10 @@
 namespace polyak_test {
 
 struct HandleDeleter {
-  void operator()(polyak_t *p) const { polyak_destroy(p); }
+  void operator()(polyak_t *p) const
+  {
+    polyak_destroy(p);
+  }
 };
 using Handle = std::unique_ptr<polyak_t, HandleDeleter>;
 
@@ -45,11 +48,14 @@ inline polyak_config cpu_config(int num_shadows = 1, double beta = 0.9)
   polyak_config_init(&cfg);
   cfg.num_shadows = num_shadows;
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
-    cfg.schedules[k].beta = beta;
+    cfg.shadows[k].schedule.beta = beta;
   return cfg;
 }
 
-inline size_t dtype_bytes(polyak_dtype d) { return d == POLYAK_F32 ? 4 : 2; }
+inline size_t dtype_bytes(polyak_dtype d)
+{
+  return d == POLYAK_F32 ? 4 : 2;
+}
 
 inline const char *dtype_label(polyak_dtype d)
 {
@@ -89,14 +95,26 @@ struct Tensor {
   size_t offset_bytes = 0;
 
   Tensor(std::string n, polyak_dtype d, int64_t count, size_t offset = 0)
-      : name(std::move(n)), dtype(d), num_elems(count),
-        storage((count * dtype_bytes(d) + offset + 64) / 8 + 1), offset_bytes(offset)
+      : name(std::move(n)), dtype(d), num_elems(count), storage((count * dtype_bytes(d) + offset + 64) / 8 + 1),
+        offset_bytes(offset)
   {
   }
-  void *data() { return reinterpret_cast<char *>(storage.data()) + offset_bytes; }
-  const void *data() const { return reinterpret_cast<const char *>(storage.data()) + offset_bytes; }
-  float get(int64_t i) const { return load_as(dtype, data(), i); }
-  void set(int64_t i, float value) { store_as(dtype, data(), i, value); }
+  void *data()
+  {
+    return reinterpret_cast<char *>(storage.data()) + offset_bytes;
+  }
+  const void *data() const
+  {
+    return reinterpret_cast<const char *>(storage.data()) + offset_bytes;
+  }
+  float get(int64_t i) const
+  {
+    return load_as(dtype, data(), i);
+  }
+  void set(int64_t i, float value)
+  {
+    store_as(dtype, data(), i, value);
+  }
   // Normal values around `mean`, never all zero.
   void randomize(std::mt19937_64 &rng, float mean = 0.0f, float stddev = 1.0f)
   {
@@ -110,8 +128,7 @@ inline void add_all(polyak_t *p, std::vector<Tensor> &tensors)
 {
   for (auto &t : tensors) {
     int64_t shape[1] = {t.num_elems};
-    ASSERT_EQ(polyak_add(p, t.name.c_str(), t.data(), t.dtype, 1, shape), POLYAK_OK)
-        << polyak_last_error(p);
+    ASSERT_EQ(polyak_add(p, t.name.c_str(), t.data(), t.dtype, 1, shape), POLYAK_OK) << polyak_last_error(p);
   }
 }
 
@@ -119,8 +136,7 @@ inline void add_all(polyak_t *p, std::vector<Tensor> &tensors)
 inline std::vector<float> read_shadow(polyak_t *p, int k, int i, int64_t num_elems)
 {
   std::vector<float> out(num_elems + 1);
-  EXPECT_EQ(polyak_get_shadow(p, k, i, out.data(), POLYAK_F32, nullptr), POLYAK_OK)
-      << polyak_last_error(p);
+  EXPECT_EQ(polyak_get_shadow(p, k, i, out.data(), POLYAK_F32, nullptr), POLYAK_OK) << polyak_last_error(p);
   out.resize(num_elems);
   return out;
 }
@@ -133,8 +149,7 @@ struct Snapshot {
   int num_tensors = -1;
   bool operator==(const Snapshot &o) const
   {
-    return shadow_bits == o.shadow_bits && step == o.step && nonfinite == o.nonfinite &&
-           num_tensors == o.num_tensors;
+    return shadow_bits == o.shadow_bits && step == o.step && nonfinite == o.nonfinite && num_tensors == o.num_tensors;
   }
 };
 
@@ -169,8 +184,14 @@ struct TempDir {
     char pattern[] = "/tmp/polyak-test-XXXXXX";
     path = mkdtemp(pattern);
   }
-  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string file(const std::string &name) const { return path + "/" + name; }
+  ~TempDir()
+  {
+    std::system(("rm -rf '" + path + "'").c_str());
+  }
+  std::string file(const std::string &name) const
+  {
+    return path + "/" + name;
+  }
   std::set<std::string> entries() const
   {
     std::set<std::string> names;
@@ -267,7 +288,7 @@ struct Oracle {
     for (int k = 0; k < cfg.num_shadows; k++) {
       double b = 1.0;
       for (int64_t s = last_step + 1; s <= step; s++)
-        b *= oracle_beta(cfg.schedules[k], s);
+        b *= oracle_beta(cfg.shadows[k].schedule, s);
       prod[k] *= b;
       for (size_t i = 0; i < tensors.size(); i++)
         for (int64_t e = 0; e < tensors[i].num_elems; e++) {

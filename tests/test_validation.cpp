@@ -28,8 +28,14 @@ struct Live {
     EXPECT_EQ(polyak_update(h.get(), 4, nullptr), POLYAK_OK);
     before = snapshot(h.get(), num_shadows, tensors);
   }
-  void expect_unchanged() { EXPECT_TRUE(snapshot(h.get(), 2, tensors) == before); }
-  std::string error() const { return polyak_last_error(h.get()); }
+  void expect_unchanged()
+  {
+    EXPECT_TRUE(snapshot(h.get(), 2, tensors) == before);
+  }
+  std::string error() const
+  {
+    return polyak_last_error(h.get());
+  }
 };
 
 // A handle still registering, with one tensor.
@@ -47,7 +53,10 @@ struct Registering {
     polyak_num_tensors(h.get(), &n);
     return n;
   }
-  std::string error() const { return polyak_last_error(h.get()); }
+  std::string error() const
+  {
+    return polyak_last_error(h.get());
+  }
 };
 
 TEST(Status, NamesCoverEveryCode)
@@ -71,17 +80,27 @@ TEST(Config, InitSetsTheDocumentedDefaults)
   std::memset(&cfg, 0xAB, sizeof cfg);
   polyak_config_init(&cfg);
   EXPECT_EQ(cfg.struct_size, sizeof(polyak_config));
+  EXPECT_EQ(cfg.magic, POLYAK_CONFIG_MAGIC);
   EXPECT_EQ(cfg.backend, POLYAK_BACKEND_CPU);
   EXPECT_EQ(cfg.num_shadows, 1);
-  EXPECT_EQ(cfg.schedules[0].kind, POLYAK_SCHEDULE_CONSTANT);
-  EXPECT_EQ(cfg.schedules[7].beta, 0.999);
-  EXPECT_EQ(cfg.schedules[0].start_step, 0);
+  EXPECT_EQ(cfg.shadows[0].schedule.kind, POLYAK_SCHEDULE_CONSTANT);
+  EXPECT_EQ(cfg.shadows[7].schedule.beta, 0.999);
+  EXPECT_EQ(cfg.shadows[0].schedule.start_step, 0);
   EXPECT_EQ(cfg.shadow_dtype, POLYAK_F32);
   EXPECT_EQ(cfg.zero_init, 0);
   EXPECT_EQ(cfg.skip_nonfinite, 1);
+  EXPECT_EQ(cfg.shadows[3].rounding, POLYAK_ROUND_NEAREST);
+  EXPECT_EQ(cfg.shadows[3].count_updates, 0);
+  EXPECT_EQ(cfg.shadows[3].grad_norm_c, 0.0);
+  EXPECT_EQ(cfg.shadows[3].layerwise_beta0, 0.0);
+  EXPECT_EQ(cfg.lookahead_every, 0);
+  EXPECT_EQ(cfg.world_size, 1);
+  EXPECT_EQ(cfg.cpu_threads, 1);
+  EXPECT_EQ(cfg.shadow_location, POLYAK_SHADOWS_DEVICE);
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
   polyak_config_init(nullptr); // ignored
-  EXPECT_STREQ(polyak_version_string(), "0.1.0");
+  EXPECT_STREQ(polyak_version_string(), POLYAK_VERSION_STRING);
+  EXPECT_EQ(POLYAK_VERSION_MAJOR, 1);
 }
 
 TEST(Create, RefusesNullPointers)
@@ -96,15 +115,51 @@ TEST(Create, RefusesNullPointers)
 TEST(Create, RefusesAWrongStructSize)
 {
   polyak_config cfg = cpu_config();
-  for (size_t size : {size_t(0), sizeof(polyak_config) - 4, sizeof(polyak_config) + 8, POLYAK_CONFIG_SIZE_V3 + 4,
-                      POLYAK_CONFIG_SIZE_V4 + 4}) {
+  for (size_t size : {size_t(0), POLYAK_CONFIG_SIZE_1_0 - 4, POLYAK_CONFIG_SIZE_1_0 + 8, sizeof(polyak_config) + 8,
+                      offsetof(polyak_config, shadow_location)}) {
     cfg.struct_size = size;
     polyak_t *p = nullptr;
     EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG) << size;
+    EXPECT_EQ(p, nullptr);
     char why[256];
     polyak_check_config(&cfg, why, sizeof why);
     EXPECT_TRUE(contains(why, "struct_size")) << why;
+    EXPECT_TRUE(contains(why, "polyak_config_init")) << why;
   }
+}
+
+TEST(Create, TakesThe10StructSize)
+{
+  polyak_config cfg = cpu_config();
+  EXPECT_EQ(cfg.struct_size, POLYAK_CONFIG_SIZE_1_0); // 1.0 ends at its last field: no tail padding
+  EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
+}
+
+TEST(Create, RefusesAConfigThatInitDidNotFill)
+{
+  polyak_config cfg;
+  std::memset(&cfg, 0, sizeof cfg); // zeroed, size set by hand: beta 0, no guard
+  cfg.struct_size = sizeof cfg;
+  cfg.num_shadows = 1;
+  polyak_t *p = nullptr;
+  EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG);
+  char why[256];
+  polyak_check_config(&cfg, why, sizeof why);
+  EXPECT_TRUE(contains(why, "magic")) << why;
+}
+
+TEST(Create, RefusesShadowsInHostMemoryForNow)
+{
+  polyak_config cfg = cpu_config();
+  char why[256];
+  cfg.shadow_location = POLYAK_SHADOWS_HOST;
+  EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_UNSUPPORTED);
+  EXPECT_TRUE(contains(why, "POLYAK_SHADOWS_HOST")) << why;
+  cfg.shadow_location = 2;
+  EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(why, "shadow_location = 2")) << why;
+  cfg.shadow_location = POLYAK_SHADOWS_DEVICE;
+  EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_OK) << why;
 }
 
 TEST(Create, RefusesNumShadowsOutside1To8)
@@ -148,44 +203,19 @@ TEST(Create, RefusesRoundingModesOutsideTheTwo)
 {
   for (int value : {-1, 2, 7}) {
     polyak_config cfg = cpu_config(3);
-    cfg.rounding[0] = POLYAK_ROUND_STOCHASTIC;
-    cfg.rounding[2] = value;
+    cfg.shadows[0].rounding = POLYAK_ROUND_STOCHASTIC;
+    cfg.shadows[2].rounding = value;
     char why[256];
     EXPECT_EQ(polyak_check_config(&cfg, why, sizeof why), POLYAK_ERR_INVALID_ARG) << value;
-    EXPECT_TRUE(contains(why, "rounding[2]")) << why;
+    EXPECT_TRUE(contains(why, "shadows[2].rounding")) << why;
     polyak_t *p = reinterpret_cast<polyak_t *>(0x1);
     EXPECT_EQ(polyak_create(&p, &cfg), POLYAK_ERR_INVALID_ARG) << value;
     EXPECT_EQ(p, nullptr) << "nothing created";
   }
   polyak_config cfg = cpu_config(2);
-  cfg.rounding[1] = POLYAK_ROUND_STOCHASTIC;
-  cfg.rounding[5] = 9; // beyond num_shadows: never read, as the other per-shadow fields
+  cfg.shadows[1].rounding = POLYAK_ROUND_STOCHASTIC;
+  cfg.shadows[5].rounding = 9; // beyond num_shadows: never read, as the other per-shadow fields
   EXPECT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
-}
-
-TEST(Create, AVersion4ConfigRoundsToNearest)
-{
-  polyak_config cfg = cpu_config(2);
-  EXPECT_EQ(cfg.rounding[0], POLYAK_ROUND_NEAREST);
-  EXPECT_EQ(cfg.rounding[POLYAK_MAX_SHADOWS - 1], POLYAK_ROUND_NEAREST);
-  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
-    cfg.rounding[k] = 5; // beyond a version-4 struct: never read
-  cfg.struct_size = POLYAK_CONFIG_SIZE_V4;
-  ASSERT_EQ(polyak_check_config(&cfg, nullptr, 0), POLYAK_OK);
-  Handle h = make_handle(cfg);
-  std::vector<Tensor> tensors;
-  tensors.emplace_back("w", POLYAK_F32, 64);
-  std::mt19937_64 rng(8);
-  tensors[0].randomize(rng);
-  add_all(h.get(), tensors);
-  ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK);
-  std::vector<float> before = read_shadow(h.get(), 0, 0, 64);
-  tensors[0].randomize(rng);
-  ASSERT_EQ(polyak_update(h.get(), 2, nullptr), POLYAK_OK);
-  std::vector<float> after = read_shadow(h.get(), 0, 0, 64);
-  float w = (float)(1.0 - polyak_beta_product(&cfg.schedules[0], 0, 2));
-  for (int64_t e = 0; e < 64; e++)
-    ASSERT_EQ(float_bits(after[e]), float_bits(polyak_lerp(before[e], tensors[0].get(e), w))) << e;
 }
 
 TEST(Create, CudaBackendWithoutADeviceIsUnsupportedWithTheCause)

@@ -12,7 +12,7 @@ int main(void)
   int64_t shape[1] = {3};
   polyak_config cfg;
   polyak_config_init(&cfg);
-  cfg.schedules[0].beta = 0.5;
+  cfg.shadows[0].schedule.beta = 0.5;
   polyak_t *p = NULL;
   if (polyak_create(&p, &cfg) != POLYAK_OK || polyak_add(p, "w", param, POLYAK_F32, 1, shape) ||
       polyak_finalize(p, NULL)) {

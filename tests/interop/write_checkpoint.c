@@ -65,8 +65,8 @@ static int write_one(const char *dir, polyak_dtype shadow_dtype, const char *dty
   polyak_config_init(&cfg);
   cfg.num_shadows = 2;
   cfg.shadow_dtype = shadow_dtype;
-  cfg.schedules[0].beta = 0.9;
-  cfg.schedules[1].kind = POLYAK_SCHEDULE_EQUAL;
+  cfg.shadows[0].schedule.beta = 0.9;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_EQUAL;
   cfg.seed = 7;
   polyak_t *p = NULL;
   if (polyak_create(&p, &cfg) != POLYAK_OK)

@@ -1,0 +1,152 @@
+/* cuda_state.h: what the CUDA backend's files share: the handle's device
+ * state and the functions one file defines for another (the operations
+ * table is in cuda_backend.c). CUDA builds only. */
+#ifndef POLYAK_CUDA_STATE_H
+#define POLYAK_CUDA_STATE_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "launch.h"
+#include "polyak_internal.h"
+
+enum { COUNT_UPDATES, COUNT_INIT, FIRST_NONFINITE, NUM_COUNTERS };
+
+typedef struct {
+  int update_grid; /* blocks that fit on the device at once */
+  int io_grid;     /* blocks for the init and read-out kernels */
+  void *shadows[POLYAK_MAX_SHADOWS];
+  polyak_tensor_desc *descs;
+  polyak_chunk *chunks;
+  unsigned long long *counters; /* [NUM_COUNTERS] */
+  polyak_graph_state *graph;
+  float *graph_weights;
+  void *staging[POLYAK_MAX_SHADOWS]; /* a load's fresh arenas */
+  void *store;                       /* polyak_store's copy of the params */
+  polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
+  int64_t num_store_chunks;
+  polyak_copy_chunk *copy_chunks; /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
+  int *flag;                      /* one int for the ranks' agreements (with nccl_comm) */
+  double *products;               /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
+  cublasHandle_t blas;            /* post-hoc synthesis; made at its first use */
+  /* LAWA, allocated at the first polyak_set_grads or _set_layer_norms */
+  void **layer_grads;       /* [num_tensors] device table, or unused with: */
+  const float *layer_norms; /* the caller's [num_tensors], or NULL */
+  int64_t *tensor_chunks;   /* [num_tensors + 1] */
+  float *chunk_sumsq;       /* [num_chunks] */
+  double *layer_norm;       /* [num_tensors] */
+  double *layer_beta;       /* [num_tensors][POLYAK_MAX_SHADOWS] */
+  unsigned int *layer_blocks_done;
+} cuda_state;
+
+/* ---- cuda_backend.c: errors, devices, finalize */
+
+polyak_status polyak_cuda_fail(polyak_t *p, cudaError_t err, const char *what);
+
+/* Makes the handle's device current; *previous gets the caller's. */
+cudaError_t polyak_cuda_enter(const polyak_t *p, int *previous);
+
+/* Gives the caller its device back, unless that device has no context yet
+ * (cudaGetDevice says 0 to a caller that never chose one): switching to it
+ * would create a context there, hundreds of MB on a GPU the caller may not
+ * use at all. */
+void polyak_cuda_leave(const polyak_t *p, int previous);
+
+/* POLYAK_OK if [ptr, ptr + num_bytes) may be read by kernels on the
+ * handle's device: device memory of that device, or managed memory. */
+polyak_status polyak_cuda_check_pointer(polyak_t *p, const void *ptr, const char *what);
+
+/* LAWA's arrays (cudaFree of NULL is a no-op), left NULL. */
+void polyak_cuda_free_layerwise(cuda_state *s);
+
+/* With skip_nonfinite, a non-finite param would keep its shadow so forever:
+ * refused before any shadow is written (the caller's own ones included).
+ * `chunks`: this rank's (finalize), or the whole params (a hard update,
+ * which every rank must refuse alike). */
+polyak_status polyak_cuda_refuse_nonfinite(polyak_t *p, cuda_state *state, const polyak_chunk *chunks,
+                                           int64_t num_chunks, cudaStream_t stream, const char *function);
+
+/* ---- cuda_update.c */
+
+/* 1 if `stream` is being captured into a graph (on the handle's device). */
+cudaError_t polyak_cuda_is_capturing(void *stream, int *capturing);
+
+polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, void *stream);
+
+polyak_status polyak_cuda_products_read(polyak_t *p, double *products);
+
+polyak_status polyak_cuda_products_write(polyak_t *p, const double *products);
+
+polyak_status polyak_cuda_set_layer_source(polyak_t *p, void *const *grads, const float *norms);
+
+polyak_status polyak_cuda_layer_betas_read(polyak_t *p, double *betas);
+
+polyak_status polyak_cuda_check_grad_norm(polyak_t *p, const float *grad_norm);
+
+polyak_status polyak_cuda_nonfinite_count(polyak_t *p, int64_t *count);
+
+polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream);
+
+polyak_status polyak_cuda_graph_update(polyak_t *p, void *stream);
+
+polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t *dropped);
+
+polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream);
+
+/* ---- cuda_readout.c */
+
+void *polyak_cuda_arena(polyak_t *p, int shadow);
+
+polyak_status polyak_cuda_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function);
+
+polyak_status polyak_cuda_read_out(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
+                                   double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream);
+
+int polyak_cuda_io_grid(const polyak_t *p, const cuda_state *state);
+
+polyak_status polyak_cuda_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream);
+
+/* The snapshots as the columns of an arena_elems x num_snapshots matrix:
+ * one SGEMV into a scratch arena, then one kernel into the params. */
+polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int num_snapshots, const float *weight,
+                                     void *stream);
+
+polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
+                                void *stream);
+
+polyak_status polyak_cuda_store(polyak_t *p, void *stream);
+
+polyak_status polyak_cuda_restore(polyak_t *p, void *stream);
+
+/* ---- cuda_transfer.c */
+
+void *polyak_cuda_host_buffer(polyak_t *p, size_t num_bytes);
+
+void polyak_cuda_free_host_buffer(polyak_t *p, void *buffer);
+
+polyak_status polyak_cuda_copy_to_host(polyak_t *p, void *host, const void *src, size_t num_bytes);
+
+polyak_status polyak_cuda_copy_from_host(polyak_t *p, void *dst, const void *host, size_t num_bytes);
+
+polyak_status polyak_cuda_staging_begin(polyak_t *p);
+
+polyak_status polyak_cuda_staging_write(polyak_t *p, int shadow, int64_t first_elem, int64_t num_elems,
+                                        const void *host);
+
+polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies);
+
+void polyak_cuda_staging_abort(polyak_t *p);
+
+void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes);
+
+void polyak_cuda_scratch_free(polyak_t *p, void *scratch);
+
+polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);
+
+polyak_status polyak_cuda_capturing(polyak_t *p, void *stream, int *capturing);
+
+polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok);
+
+polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream);
+
+#endif /* POLYAK_CUDA_STATE_H */
