@@ -93,9 +93,10 @@ cudaError_t polyak_launch_layer_betas(const polyak_layer_args *args, int grid, c
 /* One launch of `grid` blocks: every shadow of every chunk. */
 cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid, cudaStream_t stream);
 
-/* The largest useful grid of the update kernel on `device`: the blocks
- * that fit on all of its multiprocessors at once. */
-cudaError_t polyak_update_grid_limit(int device, int *grid);
+/* The largest useful grid of the update kernel on `device` for shadows of
+ * shadow_dtype, stochastic_f32 as in the updates' args: the blocks that fit
+ * on all of its multiprocessors at once. */
+cudaError_t polyak_update_grid_limit(int device, int shadow_dtype, uint32_t stochastic_f32, int *grid);
 
 /* Shadows first_shadow .. first_shadow + num_shadows - 1 (arenas, or the
  * caller's memory for shadows of theirs) get the params, rounded to

@@ -372,7 +372,8 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
   if (status == POLYAK_OK) {
     p->backend = state;
     int sms = 0;
-    err = polyak_update_grid_limit(p->cfg.device, &state->update_grid);
+    err = polyak_update_grid_limit(p->cfg.device, p->cfg.shadow_dtype, polyak_stochastic_f32_mask(&p->cfg),
+                                   &state->update_grid);
     if (err == cudaSuccess)
       err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->cfg.device);
     state->io_grid = 4 * sms;
