@@ -34,7 +34,8 @@ typedef struct {
    * reserved (a graph captured earlier holds only this struct's address) */
   const float *grad_norm;   /* grad-norm shadows' norm, or NULL */
   const float *layer_norms; /* LAWA's given norms, or NULL: from the gradients */
-  uint32_t blocks_done;     /* the last block of a launch advances the counters */
+  uint32_t blocks_done;     /* wraps at each launch's last block, which advances
+                               consumed or dropped (launch_counter.h) */
   uint32_t pad_;
 } polyak_graph_state;
 
@@ -69,7 +70,7 @@ typedef struct {
 
 /* LAWA's betas for one update (layerwise.h): from the gradients (grads,
  * a device table) or the norms given (norms); blocks_done starts at 0 and
- * is left so. */
+ * wraps back to it at each launch's last block (launch_counter.h). */
 typedef struct {
   const polyak_tensor_desc *descs;
   const polyak_chunk *chunks;

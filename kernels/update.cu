@@ -7,6 +7,7 @@
  * right step at every replay.
  */
 #include "launch.h"
+#include "launch_counter.h"
 #include "layerwise.h"
 #include "update_chunk.h"
 
@@ -54,18 +55,14 @@ static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args 
   polyak_apply_grad_norm(&out->args, a.grad_norm_c, *grad_norm, blockIdx.x == 0 ? a.products : NULL);
 }
 
-/* Graph mode: the last block to finish advances the reservation. */
+/* Graph mode: the last block to finish advances the reservation; the
+ * counter wraps by itself (launch_counter.h). */
 static __device__ void polyak_finish_step(const polyak_update_kernel_args &a, int dropped)
 {
   __threadfence();
-  unsigned int ticket = atomicAdd(&a.graph->blocks_done, 1u);
-  if (ticket == gridDim.x - 1) {
+  if (polyak_block_is_last(&a.graph->blocks_done, gridDim.x)) {
     __threadfence(); /* every block's read of `consumed` happened before */
-    if (dropped)
-      a.graph->dropped += 1;
-    else
-      a.graph->consumed += 1;
-    a.graph->blocks_done = 0;
+    polyak_count_launch(dropped ? &a.graph->dropped : &a.graph->consumed);
     __threadfence();
   }
 }
