@@ -118,9 +118,10 @@ struct polyak_backend_ops {
    * caller's shadow: backend memory) times debias_scale into dst as dst_dtype */
   polyak_status (*read_out)(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
                             double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream);
-  /* refuses a read-out destination the backend cannot write (host memory
-   * for CUDA) */
-  polyak_status (*check_read_out)(polyak_t *p, const void *dst, void *stream, const char *function);
+  /* refuses a read-out destination (or source: the snapshots), num_bytes
+   * from dst, the backend cannot reach (host memory for CUDA, a span past
+   * its allocation) */
+  polyak_status (*check_read_out)(polyak_t *p, const void *dst, size_t num_bytes, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
   void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
 

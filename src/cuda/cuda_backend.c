@@ -1,11 +1,11 @@
-/* cuda_backend.c: the CUDA backend's host side, its core: errors and
- * devices, finalize (the arenas allocated, the plan uploaded, the shadows
- * initialized) and release, and the table of operations whose other
- * entries live in cuda_update.c, cuda_readout.c and cuda_transfer.c.
+/* cuda_backend.c: the CUDA backend's host side, its core: finalize (the
+ * arenas allocated, the plan uploaded, the shadows initialized) and
+ * release, and the table of operations whose other entries live in
+ * cuda_device.c, cuda_update.c, cuda_readout.c and cuda_transfer.c.
  * Shadows live in one cudaMalloc arena each; every update is one kernel
  * launch (kernels/update.cu) enqueued on the caller's stream without
- * synchronizing. Every call runs on the handle's device and puts the
- * caller's current device back. */
+ * synchronizing. Every call runs in the handle's device's primary context
+ * and leaves the caller's CUDA state as it was (cuda_device.c). */
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -17,128 +17,6 @@
 #ifdef POLYAK_HAVE_NCCL
 #include "nccl_comm.h"
 #endif
-
-/* ---- errors and devices ----------------------------------------------------- */
-
-polyak_status polyak_cuda_fail(polyak_t *p, cudaError_t err, const char *what)
-{
-  cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
-  return polyak_fail(p, err == cudaErrorMemoryAllocation ? POLYAK_ERR_NO_MEMORY : POLYAK_ERR_CUDA, "%s: %s: %s", what,
-                     cudaGetErrorName(err), cudaGetErrorString(err));
-}
-
-/* Makes the handle's device current; *previous gets the caller's. */
-cudaError_t polyak_cuda_enter(const polyak_t *p, int *previous)
-{
-  cudaError_t err = cudaGetDevice(previous);
-  if (err == cudaSuccess && *previous != p->cfg.device)
-    err = cudaSetDevice(p->cfg.device);
-  return err;
-}
-
-/* Gives the caller its device back, unless that device has no context yet
- * (cudaGetDevice says 0 to a caller that never chose one): switching to it
- * would create a context there, hundreds of MB on a GPU the caller may not
- * use at all. */
-void polyak_cuda_leave(const polyak_t *p, int previous)
-{
-  /* the driver function comes through the runtime, so that libpolyak loads
-   * on machines without a CUDA driver */
-  typedef CUresult (*primary_ctx_state_fn)(CUdevice, unsigned int *, int *);
-  void *entry = NULL;
-  enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  unsigned int flags = 0;
-  int active = 0;
-  if (previous == p->cfg.device)
-    return;
-  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault, &found) ==
-          cudaSuccess &&
-      found == cudaDriverEntryPointSuccess &&
-      ((primary_ctx_state_fn)entry)((CUdevice)previous, &flags, &active) == CUDA_SUCCESS && active)
-    cudaSetDevice(previous);
-}
-
-/* Visible devices, or -1 if the runtime fails (reason in msg). */
-static int device_count(char *msg, size_t msg_num_bytes)
-{
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED, "%s: %s", cudaGetErrorName(err),
-                   cudaGetErrorString(err));
-    return -1;
-  }
-  return count;
-}
-
-/* POLYAK_OK if `device` exists; else POLYAK_ERR_UNSUPPORTED (no device, no
- * driver) or POLYAK_ERR_INVALID_ARG (ordinal out of range). */
-static polyak_status check_device(int device, char *msg, size_t msg_num_bytes)
-{
-  char reason[POLYAK_ERROR_BYTES];
-  int count = device_count(reason, sizeof reason);
-  if (count < 0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "the CUDA backend found no usable device (cudaGetDeviceCount: %s)", reason);
-  if (count == 0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "the CUDA backend found no CUDA device on this machine");
-  if (device < 0 || device >= count)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "device = %d is outside the %d visible CUDA devices", device, count);
-  return POLYAK_OK;
-}
-
-/* 1 if ptr is CUDA device memory (not managed or host); 0 otherwise,
- * including when no CUDA driver or device is present. */
-static int owns_memory(const void *ptr)
-{
-  struct cudaPointerAttributes attr;
-  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return attr.type == cudaMemoryTypeDevice;
-}
-
-static int available(void)
-{
-  return device_count(NULL, 0) > 0;
-}
-
-/* The device, then the communicator: it must hold these ranks, on it. */
-static polyak_status check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
-{
-  polyak_status status = check_device(cfg->device, msg, msg_num_bytes);
-  if (status != POLYAK_OK || !cfg->nccl_comm)
-    return status;
-#ifdef POLYAK_HAVE_NCCL
-  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, cfg->device, msg, msg_num_bytes);
-#else
-  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                        "nccl_comm is set but this build of polyak has no NCCL (configured with "
-                        "POLYAK_WITH_NCCL=OFF or without NCCL found)");
-#endif
-}
-
-/* POLYAK_OK if [ptr, ptr + num_bytes) may be read by kernels on the
- * handle's device: device memory of that device, or managed memory. */
-polyak_status polyak_cuda_check_pointer(polyak_t *p, const void *ptr, const char *what)
-{
-  struct cudaPointerAttributes attr;
-  cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-  if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, what);
-  if (attr.type == cudaMemoryTypeManaged || (attr.type == cudaMemoryTypeDevice && attr.device == p->cfg.device))
-    return POLYAK_OK;
-  if (attr.type == cudaMemoryTypeDevice)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %p is memory of CUDA device %d; this handle runs on device %d",
-                       what, ptr, attr.device, p->cfg.device);
-  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                     "%s: %p is host memory; the CUDA backend needs device memory on device %d", what, ptr,
-                     p->cfg.device);
-}
 
 /* ---- finalize and destroy ------------------------------------------------ */
 
@@ -160,8 +38,8 @@ static void cuda_release(polyak_t *p)
   cuda_state *state = p->backend;
   if (!state)
     return;
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     cudaDeviceSynchronize(); /* the handle's work may still be in flight */
     for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
       cudaFree(state->shadows[k]);
@@ -180,19 +58,20 @@ static void cuda_release(polyak_t *p)
     if (state->blas)
       cublasDestroy(state->blas);
     polyak_cuda_free_layerwise(state);
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
+  polyak_cuda_drop_context(state);
   free(state);
   p->backend = NULL;
 }
 
 static polyak_status check_params(polyak_t *p)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+    return polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
   polyak_status status = POLYAK_OK;
   char what[POLYAK_ERROR_BYTES];
   for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
@@ -200,13 +79,15 @@ static polyak_status check_params(polyak_t *p)
     if (t->num_elems == 0)
       continue;
     snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") param", i, t->name);
-    status = polyak_cuda_check_pointer(p, t->param, what);
+    status =
+        polyak_cuda_check_pointer(p, &scope, t->param, (size_t)t->num_elems * polyak_dtype_num_bytes(t->dtype), what);
     if (status == POLYAK_OK && t->owned) {
       snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") shadow", i, t->name);
-      status = polyak_cuda_check_pointer(p, t->shadow, what);
+      status = polyak_cuda_check_pointer(p, &scope, t->shadow,
+                                         (size_t)t->num_elems * polyak_dtype_num_bytes(t->shadow_dtype), what);
     }
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 
@@ -361,10 +242,10 @@ static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
 
 static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prior)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
-    return prior != POLYAK_OK ? prior : polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+    return prior != POLYAK_OK ? prior : polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
   polyak_status status = prior;
   cuda_state *state = NULL;
   if (status == POLYAK_OK && !(state = calloc(1, sizeof *state)))
@@ -372,8 +253,10 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
   if (status == POLYAK_OK) {
     p->backend = state;
     int sms = 0;
-    err = polyak_update_grid_limit(p->cfg.device, p->cfg.shadow_dtype, polyak_stochastic_f32_mask(&p->cfg),
-                                   &state->update_grid);
+    err = polyak_cuda_hold_context(p, state);
+    if (err == cudaSuccess)
+      err = polyak_update_grid_limit(p->cfg.device, p->cfg.shadow_dtype, polyak_stochastic_f32_mask(&p->cfg),
+                                     &state->update_grid);
     if (err == cudaSuccess)
       err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->cfg.device);
     state->io_grid = 4 * sms;
@@ -389,14 +272,14 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
 #endif
   if (status != POLYAK_OK)
     cuda_release(p);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 
 const polyak_backend_ops polyak_cuda_ops = {
-    .available = available,
-    .check_config = check_config,
-    .owns_memory = owns_memory,
+    .available = polyak_cuda_available,
+    .check_config = polyak_cuda_check_config,
+    .owns_memory = polyak_cuda_owns_memory,
     .memory_name = "CUDA device memory",
     .check_params = check_params,
     .finalize = cuda_finalize,
