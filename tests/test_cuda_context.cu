@@ -55,6 +55,26 @@ struct ContextlessCalls {
   }
 };
 
+// Where the backend cannot run, the reason names the driver's CUDA version
+// (or none) and the runtime's, the usual cause being a driver older than
+// the runtime polyak was built with. Runs where there is no usable device.
+TEST(CudaUnavailable, TheReasonNamesTheDriverAndTheRuntimeVersions)
+{
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.backend = POLYAK_BACKEND_CUDA;
+  char reason[512] = "";
+  if (polyak_check_config(&cfg, reason, sizeof reason) == POLYAK_OK)
+    GTEST_SKIP() << "this machine has a usable CUDA device";
+  int runtime = 0;
+  ASSERT_EQ(cudaRuntimeGetVersion(&runtime), cudaSuccess);
+  const std::string why = reason,
+                    runtime_text = "CUDA " + std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10);
+  EXPECT_NE(why.find("cudaDriverGetVersion: "), std::string::npos) << why;
+  EXPECT_NE(why.find("cudaRuntimeGetVersion: " + runtime_text), std::string::npos) << why;
+  EXPECT_EQ(polyak_backend_available(POLYAK_BACKEND_CUDA), 0);
+}
+
 // A thread that never touched CUDA has no current context, and polyak's
 // calls leave it so: a runtime call outside the handle's context would make
 // device 0's context current there (and then the caller's next allocation
