@@ -185,6 +185,8 @@ polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, i
   }
   /* it allocates scratch and waits for the stream */
   status = polyak_refuse_capture(p, stream, "polyak_synthesize_to_params: cannot be captured into a graph");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_during_capture(p, stream, 0, "polyak_synthesize_to_params");
   if (status == POLYAK_OK && p->arena_elems > 0)
     status = p->ops->check_read_out(p, snapshots, (size_t)num_snapshots * (size_t)p->arena_elems * sizeof(float),
                                     stream, "polyak_synthesize_to_params");

@@ -55,7 +55,11 @@ static polyak_status prepare_debias(polyak_t *p, void *stream, const char *funct
   polyak_status status = polyak_refuse_capture(
       p, stream, "%s: with zero_init a captured read-out would keep this step's debias factor at every replay",
       function);
-  return status == POLYAK_OK && !p->graph_reserved ? polyak_refresh_products(p) : status;
+  if (status != POLYAK_OK || p->graph_reserved || !polyak_has_grad_norm(&p->cfg))
+    return status;
+  /* the grad-norm products are fetched from the device, waiting for it */
+  status = polyak_refuse_during_capture(p, stream, 0, function);
+  return status == POLYAK_OK ? polyak_refresh_products(p) : status;
 }
 
 polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale)

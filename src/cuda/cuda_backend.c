@@ -321,4 +321,5 @@ const polyak_backend_ops polyak_cuda_ops = {
 #endif
     .agree = polyak_cuda_agree,
     .capturing = polyak_cuda_capturing,
+    .capture_under_way = polyak_cuda_capture_under_way,
 };

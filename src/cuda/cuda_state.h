@@ -52,8 +52,13 @@ typedef struct {
   int64_t num_store_chunks;
   polyak_copy_chunk *copy_chunks; /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
   int *flag;                      /* one int for the ranks' agreements (with nccl_comm) */
-  double *products;               /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
-  cublasHandle_t blas;            /* post-hoc synthesis; made at its first use */
+  /* the capture the last captured polyak_graph_update joined, until it is
+   * seen to end (cuda_capture.c) */
+  void *capture_stream;
+  unsigned long long capture_id;
+  int capture_noted;
+  double *products;    /* [POLYAK_MAX_SHADOWS]: grad-norm shadows' beta products */
+  cublasHandle_t blas; /* post-hoc synthesis; made at its first use */
   /* LAWA, allocated at the first polyak_set_grads or _set_layer_norms */
   void **layer_grads;       /* [num_tensors] device table, or unused with: */
   const float *layer_norms; /* the caller's [num_tensors], or NULL */
@@ -106,10 +111,23 @@ void polyak_cuda_free_layerwise(cuda_state *s);
 polyak_status polyak_cuda_refuse_nonfinite(polyak_t *p, cuda_state *state, const polyak_chunk *chunks,
                                            int64_t num_chunks, cudaStream_t stream, const char *function);
 
-/* ---- cuda_update.c */
+/* ---- cuda_capture.c */
 
-/* 1 if `stream` is being captured into a graph (on the handle's device). */
+/* 1 if `stream` is being captured into a graph (inside the handle's
+ * device): the legacy stream (NULL) also while a blocking stream is. */
 cudaError_t polyak_cuda_is_capturing(void *stream, int *capturing);
+
+polyak_status polyak_cuda_capturing(polyak_t *p, void *stream, int *capturing);
+
+/* A polyak_graph_update is being captured on `stream` if it is: noted,
+ * with the capture's id, for polyak_cuda_capture_under_way. */
+void polyak_cuda_note_capture(polyak_t *p, void *stream);
+
+/* 1 while a blocking stream is captured, or the capture noted is still
+ * under way (forgotten once it is seen to end). */
+polyak_status polyak_cuda_capture_under_way(polyak_t *p, int *under_way);
+
+/* ---- cuda_update.c */
 
 polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, void *stream);
 
@@ -183,8 +201,6 @@ void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes);
 void polyak_cuda_scratch_free(polyak_t *p, void *scratch);
 
 polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);
-
-polyak_status polyak_cuda_capturing(polyak_t *p, void *stream, int *capturing);
 
 polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok);
 

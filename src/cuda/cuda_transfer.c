@@ -158,16 +158,6 @@ polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, si
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "cudaMemcpyAsync");
 }
 
-polyak_status polyak_cuda_capturing(polyak_t *p, void *stream, int *capturing)
-{
-  polyak_cuda_scope scope;
-  cudaError_t err = polyak_cuda_enter(p, &scope);
-  if (err == cudaSuccess)
-    err = polyak_cuda_is_capturing(stream, capturing);
-  polyak_cuda_leave(&scope);
-  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "cudaStreamIsCapturing");
-}
-
 polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
 {
   *all_ok = local_ok;

@@ -64,15 +64,6 @@ static int update_grid(const polyak_t *p, const cuda_state *state)
   return work < state->update_grid ? (work > 0 ? (int)work : 1) : state->update_grid;
 }
 
-/* 1 if `stream` is being captured into a graph (on the handle's device). */
-cudaError_t polyak_cuda_is_capturing(void *stream, int *capturing)
-{
-  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t err = cudaStreamIsCapturing((cudaStream_t)stream, &capture);
-  *capturing = capture != cudaStreamCaptureStatusNone;
-  return err;
-}
-
 polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, void *stream)
 {
   cuda_state *state = p->backend;
@@ -306,6 +297,8 @@ polyak_status polyak_cuda_graph_update(polyak_t *p, void *stream)
   err = launch_layer_betas(p, state, state->graph, (cudaStream_t)stream);
   if (err == cudaSuccess)
     err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
+  if (err == cudaSuccess)
+    polyak_cuda_note_capture(p, stream);
   polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_graph_update: kernel launch");
 }
