@@ -51,7 +51,7 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->counters);
     cudaFree(state->store);
     cudaFree(state->store_chunks);
-    cudaFree(state->flag);
+    cudaFree(state->agreement);
     cudaFree(state->products);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
@@ -109,8 +109,6 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
     err = cudaMalloc((void **)&state->graph, sizeof *state->graph);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->products, POLYAK_MAX_SHADOWS * sizeof *state->products);
-  if (err == cudaSuccess && p->cfg.nccl_comm)
-    err = cudaMalloc((void **)&state->flag, sizeof *state->flag);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: cudaMalloc");
 }
 
@@ -214,28 +212,46 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: initializing the shadows");
 }
 
+/* With a communicator, before anything else of finalize can fail: the
+ * device memory of the ranks' agreements, zeroed (agreement.h), so that
+ * this rank reaches the handshake with its failure whatever happens next. */
+static cudaError_t allocate_agreement(const polyak_t *p, uint64_t **slots)
+{
+  size_t num_bytes = POLYAK_AGREEMENT_SLOTS(p->cfg.world_size) * sizeof **slots;
+  cudaError_t err = cudaMalloc((void **)slots, num_bytes);
+  if (err == cudaSuccess)
+    err = cudaMemset(*slots, 0, num_bytes);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* the memset is in place before any stream's collective */
+  if (err != cudaSuccess) {
+    cudaFree(*slots);
+    *slots = NULL;
+  }
+  return err;
+}
+
 #ifdef POLYAK_HAVE_NCCL
 /* Every rank gathers every rank's (tensors-and-config hash, finalize ok):
  * a rank registered differently would gather other counts and hang or
  * corrupt memory, and a rank that failed would leave the others waiting at
- * their first gather. */
-static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
+ * their first gather. Issued whatever failed before, through `slots`. */
+static polyak_status finalize_handshake(polyak_t *p, uint64_t *slots, polyak_status status)
 {
   char reason[POLYAK_ERROR_BYTES];
   int all_ok = 0, same = 0, other = -1;
-  polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, p->cfg.world_size, polyak_layout_hash(p),
+  polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, slots, p->cfg.world_size, polyak_layout_hash(p),
                                                     status == POLYAK_OK, &all_ok, &same, &other, reason, sizeof reason);
   if (status != POLYAK_OK)
     return status;
   if (agreed != POLYAK_OK)
     return polyak_fail(p, agreed, "polyak_finalize: %s", reason);
+  if (!all_ok) /* first: a failed rank's hash may never have been written */
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: another rank failed to finalize");
   if (!same)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_finalize: rank %d registered other tensors or has another config than "
                        "rank %d; every rank must register the same tensors with the same config",
                        other, p->cfg.rank);
-  if (!all_ok)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: another rank failed to finalize");
   return POLYAK_OK;
 }
 #endif
@@ -244,14 +260,22 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
 {
   polyak_cuda_scope scope;
   cudaError_t err = polyak_cuda_enter(p, &scope);
-  if (err != cudaSuccess)
-    return prior != POLYAK_OK ? prior : polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
   polyak_status status = prior;
+  if (err != cudaSuccess && status == POLYAK_OK)
+    status = polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
+  uint64_t *agreement = NULL; /* first: every rank must reach the handshake */
+  cudaError_t agreement_err = cudaSuccess;
+  if (p->cfg.nccl_comm && err == cudaSuccess)
+    agreement_err = allocate_agreement(p, &agreement);
+  if (agreement_err != cudaSuccess && status == POLYAK_OK)
+    status = polyak_cuda_fail(p, agreement_err, "polyak_finalize: the ranks' agreement");
   cuda_state *state = NULL;
   if (status == POLYAK_OK && !(state = calloc(1, sizeof *state)))
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   if (status == POLYAK_OK) {
     p->backend = state;
+    state->agreement = agreement; /* the state's from now on: freed with it */
+    agreement = NULL;
     int sms = 0;
     err = polyak_cuda_hold_context(p, state);
     if (err == cudaSuccess)
@@ -267,11 +291,18 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
   if (status == POLYAK_OK)
     status = upload_and_init(p, state, (cudaStream_t)stream);
 #ifdef POLYAK_HAVE_NCCL
-  if (p->cfg.nccl_comm) /* all ranks finalize, with the same tensors and config, or none does */
-    status = finalize_handshake(p, status);
+  /* all ranks finalize, with the same tensors and config, or none does; a
+   * rank that could not even enter its device or allocate the agreement
+   * cannot take part (as one that failed before finalize) */
+  uint64_t *slots = state && state->agreement ? state->agreement : agreement;
+  if (p->cfg.nccl_comm && slots)
+    status = finalize_handshake(p, slots, status);
 #endif
   if (status != POLYAK_OK)
     cuda_release(p);
+  if (agreement) /* state never took it */
+    cudaFree(agreement);
+  cudaGetLastError();
   polyak_cuda_leave(&scope);
   return status;
 }

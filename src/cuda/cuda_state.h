@@ -8,6 +8,7 @@
 #include <cuda.h> /* the driver's types; its functions come through the runtime (cuda_device.c) */
 #include <cuda_runtime.h>
 
+#include "agreement.h"
 #include "launch.h"
 #include "polyak_internal.h"
 
@@ -51,7 +52,8 @@ typedef struct {
   polyak_chunk *store_chunks;        /* whole params, where the plan holds a slice */
   int64_t num_store_chunks;
   polyak_copy_chunk *copy_chunks; /* the copy-only tensors' pieces (p->copy_chunks uploaded) */
-  int *flag;                      /* one int for the ranks' agreements (with nccl_comm) */
+  uint64_t *agreement;            /* with nccl_comm: POLYAK_AGREEMENT_SLOTS (agreement.h), zeroed */
+  uint64_t agreements;            /* agreements so far: the next one's sequence number - 1 */
   /* the capture the last captured polyak_graph_update joined, until it is
    * seen to end (cuda_capture.c) */
   void *capture_stream;

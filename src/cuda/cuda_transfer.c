@@ -162,15 +162,20 @@ polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
 {
   *all_ok = local_ok;
 #ifdef POLYAK_HAVE_NCCL
-  const cuda_state *state = p->backend;
+  cuda_state *state = p->backend;
   if (p->cfg.nccl_comm) {
-    char reason[POLYAK_ERROR_BYTES];
+    char reason[POLYAK_ERROR_BYTES] = "";
     polyak_cuda_scope scope;
     cudaError_t err = polyak_cuda_enter(p, &scope);
+    /* the collective is issued even where the device could not be entered
+     * (NCCL enters the communicator's device itself): the other ranks wait
+     * in it, and learn of this rank's failure from it */
+    polyak_status status =
+        polyak_nccl_agree(p->cfg.nccl_comm, state->agreement, ++state->agreements, local_ok && err == cudaSuccess,
+                          err == cudaSuccess, all_ok, reason, sizeof reason);
+    polyak_cuda_leave(&scope);
     if (err != cudaSuccess)
       return polyak_cuda_fail(p, err, "agreeing: entering the handle's device");
-    polyak_status status = polyak_nccl_agree(p->cfg.nccl_comm, state->flag, local_ok, all_ok, reason, sizeof reason);
-    polyak_cuda_leave(&scope);
     return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
   }
 #endif
