@@ -7,7 +7,11 @@
 
 #include <cuda.h>
 
+#include <cstring>
 #include <thread>
+
+#include "cuda/cuda_state.h"
+#include "polyak_internal.h"
 
 using namespace polyak_test;
 
@@ -73,6 +77,25 @@ TEST(CudaUnavailable, TheReasonNamesTheDriverAndTheRuntimeVersions)
   EXPECT_NE(why.find("cudaDriverGetVersion: "), std::string::npos) << why;
   EXPECT_NE(why.find("cudaRuntimeGetVersion: " + runtime_text), std::string::npos) << why;
   EXPECT_EQ(polyak_backend_available(POLYAK_BACKEND_CUDA), 0);
+}
+
+// Entering a device that cannot be entered (no driver, no device here)
+// fails with the scope initialized, pushing and holding nothing, so that
+// leaving it is a no-op. Runs where there is no usable device.
+TEST(CudaUnavailable, EnteringFailsWithTheScopeInitialized)
+{
+  if (polyak_backend_available(POLYAK_BACKEND_CUDA))
+    GTEST_SKIP() << "this machine has a usable CUDA device";
+  polyak_t handle;
+  std::memset(&handle, 0, sizeof handle);
+  polyak_config_init(&handle.cfg);
+  polyak_cuda_scope scope;
+  std::memset(&scope, 0xA5, sizeof scope);
+  EXPECT_NE(polyak_cuda_enter(&handle, &scope), cudaSuccess);
+  EXPECT_EQ(scope.pushed, 0);
+  EXPECT_EQ(scope.retained, 0);
+  polyak_cuda_leave(&scope);
+  cudaGetLastError();
 }
 
 // A thread that never touched CUDA has no current context, and polyak's

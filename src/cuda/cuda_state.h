@@ -12,6 +12,10 @@
 #include "launch.h"
 #include "polyak_internal.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 enum { COUNT_UPDATES, COUNT_INIT, FIRST_NONFINITE, NUM_COUNTERS };
 
 /* The driver functions the backend calls (polyak_cuda_driver_load). */
@@ -207,5 +211,9 @@ polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, si
 polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok);
 
 polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* POLYAK_CUDA_STATE_H */
