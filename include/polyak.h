@@ -471,8 +471,14 @@ POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *s
 /* ---- 2.6 CUDA graphs ------------------------------------------------------
  * A captured update cannot take a step from the host, so the host reserves
  * the coming steps and each replay of a captured polyak_graph_update applies
- * the next one (same bits as polyak_update). Replays on one stream at a
- * time. The CPU backend implements the same calls. docs/cuda-graphs.md. */
+ * the next one (same bits as polyak_update). Launches of one handle must not
+ * overlap: replays on one stream at a time. Calls that wait for the device,
+ * allocate or change host state (store, restore, discard_store, reserve,
+ * release, set_grad_norm, set_grads with a new table, set_layer_norms,
+ * hard_update, nonfinite_count, get_layer_betas, grad-norm products) return
+ * POLYAK_ERR_STATE while a capture they can see is under way, and the
+ * capture survives. The CPU backend implements the same calls.
+ * docs/cuda-graphs.md. */
 
 /* Reserves steps first_step .. first_step + num_steps - 1 and waits for
  * `stream`. POLYAK_ERR_STATE if reserved already or before finalize,

@@ -33,6 +33,7 @@ void polyak_destroy(polyak_t *p)
   polyak_copies_release(p);
   p->ops->release(p);
   free(p->graph_weights);
+  free(p->grads_set);
   polyak_plan_free(p);
   polyak_registry_free(p);
   free(p);
