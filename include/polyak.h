@@ -474,9 +474,15 @@ POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *s
  * the next one (same bits as polyak_update). Replays on one stream at a
  * time. The CPU backend implements the same calls. docs/cuda-graphs.md. */
 
-/* Reserves steps first_step .. first_step + num_steps - 1 and waits for
- * `stream`. POLYAK_ERR_STATE if reserved already or before finalize,
- * POLYAK_ERR_INVALID_ARG for bad steps, POLYAK_ERR_NO_MEMORY. */
+/* The most steps one reservation holds: its table of weights (4 bytes a
+ * step and shadow) stays within 16 MiB per shadow. Reserve again after a
+ * release for more. */
+#define POLYAK_MAX_GRAPH_STEPS ((int64_t)1 << 22)
+
+/* Reserves steps first_step .. first_step + num_steps - 1 (num_steps at most
+ * POLYAK_MAX_GRAPH_STEPS) and waits for `stream`. POLYAK_ERR_STATE if
+ * reserved already or before finalize, POLYAK_ERR_INVALID_ARG for bad
+ * steps, POLYAK_ERR_NO_MEMORY. */
 POLYAK_API polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps, void *stream);
 
 /* Enqueues one update of the next reserved step, read on the device: the
