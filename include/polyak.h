@@ -227,10 +227,12 @@ POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, 
 POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
 
 /* Replaces every shadow and the step state with those saved in `path`, for
- * a handle finalized with the same tensors and settings; everything is
- * checked before anything changes. Returns POLYAK_ERR_IO (unreadable),
- * POLYAK_ERR_FORMAT (not a valid polyak checkpoint, a checksum mismatch),
- * POLYAK_ERR_MISMATCH (another model or settings), each named. */
+ * a handle finalized with the same tensors, param dtypes and settings;
+ * everything is checked before anything changes, every byte against the
+ * checksum. Returns POLYAK_ERR_IO (unreadable, or not a regular file: a
+ * FIFO is refused, not waited on), POLYAK_ERR_FORMAT (not a valid polyak
+ * checkpoint, a checksum mismatch), POLYAK_ERR_MISMATCH (another model or
+ * settings), each named. */
 POLYAK_API polyak_status polyak_load(polyak_t *p, const char *path);
 
 /* Frees the handle and its shadows (the params stay the caller's), after
@@ -307,7 +309,9 @@ POLYAK_API polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tens
 POLYAK_API polyak_status polyak_save_fd(polyak_t *p, int fd);
 
 /* Reads the checkpoint starting at fd's offset and moves the offset past
- * it; on failure the offset stays. Checks and errors as polyak_load's. */
+ * it; on failure the offset stays. From a pipe or socket it reads exactly
+ * the checkpoint's bytes, in order (waiting for them); on failure those
+ * read are gone. Checks and errors as polyak_load's. */
 POLYAK_API polyak_status polyak_load_fd(polyak_t *p, int fd);
 
 /* *num_bytes = a size that always holds this handle's checkpoint, the same

@@ -178,6 +178,11 @@ TEST(Checkpoint, MetadataHoldsShortDoublesAndOldSeventeenDigitFilesStillLoad)
     }
   });
   EXPECT_TRUE(contains(std::string(old.begin(), old.end()), "0.90000000000000002")) << "really the old form";
+  Model refused; // format 2 holds the one text the writer gives a value
+  std::vector<char> resealed = reseal(old);
+  EXPECT_EQ(polyak_load_from_memory(refused.h.get(), resealed.data(), resealed.size()), POLYAK_ERR_FORMAT);
+  EXPECT_TRUE(contains(polyak_last_error(refused.h.get()), "beta_products")) << polyak_last_error(refused.h.get());
+  old = as_format_1(old); // files of the format before
   write_bytes(dir.file("old"), old);
   Model resumed;
   ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
@@ -223,12 +228,13 @@ TEST(Checkpoint, AwkwardBetasAndProductsReadBackBitExactly)
   EXPECT_TRUE(snapshot(a.get(), 3, tensors) == snapshot(b.get(), 3, tensors));
 }
 
-// ---- crash safety ------------------------------------------------------------------
+// ---- files of earlier versions ---------------------------------------------------
 
 TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
 {
-  // files written before update counting, Lookahead, grad-norm, LAWA and
-  // rounding modes lack their keys; absent means off (rounded to nearest)
+  // format 1 files written before update counting, Lookahead, grad-norm,
+  // LAWA and rounding modes lack their keys; absent means off (rounded to
+  // nearest)
   TempDir dir;
   Model m;
   m.step(1);
@@ -250,7 +256,7 @@ TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
     free(text);
     json_decref(schedules);
   });
-  write_bytes(dir.file("old"), old);
+  write_bytes(dir.file("old"), as_format_1(old));
   Model resumed;
   ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
   EXPECT_TRUE(resumed.state() == m.state());
@@ -332,6 +338,8 @@ TEST(Checkpoint, FilesFrom010LoadAndContinueAsTheRunThatWroteThem)
     EXPECT_EQ(resumed.shadow(k, 0, 15), whole.shadow(k, 0, 15)) << "shadow " << k;
   EXPECT_TRUE(resumed.state() == whole.state());
 }
+
+// ---- crash safety ------------------------------------------------------------------
 
 TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)
 {

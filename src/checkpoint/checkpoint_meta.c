@@ -113,6 +113,21 @@ int64_t polyak_ckpt_data_bytes(const polyak_t *p)
 
 /* ---- the header: metadata and tensor entries ------------------------------------- */
 
+void polyak_ckpt_length_prefix(uint64_t header_bytes, uint8_t length[8])
+{
+  for (int b = 0; b < 8; b++)
+    length[b] = (uint8_t)(header_bytes >> (8 * b));
+}
+
+const char *polyak_ckpt_find_checksum(const char *text, size_t num_bytes)
+{
+  size_t field = strlen(POLYAK_CKPT_CHECKSUM_FIELD);
+  for (size_t at = 0; at + field + 16 <= num_bytes; at++)
+    if (memcmp(text + at, POLYAK_CKPT_CHECKSUM_FIELD, field) == 0)
+      return text + at + field;
+  return NULL;
+}
+
 void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
 {
   state->step = state->nonfinite = INT64_MIN;

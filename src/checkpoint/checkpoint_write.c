@@ -2,7 +2,8 @@
  * handle's shadows and state into checkpoint bytes for a sink: the header
  * (with a checksum placeholder), the data copied out of the arenas block by
  * block (or, sharded, gathered and written by rank 0), then the header
- * again with the data's checksum, which has the same length. Its sinks: a
+ * again with the checksum, which has the same length: the XXH3-64 of every
+ * byte written before it, its own digits being zeros then. Its sinks: a
  * file replaced crash-safely (polyak_save, through safe_file.c), an open
  * file at its offset (polyak_save_fd) and a caller's buffer
  * (polyak_save_to_memory). */
@@ -214,12 +215,14 @@ static polyak_status write_checkpoint(polyak_t *p, sink *out, int64_t *num_bytes
     begun = status == POLYAK_OK;
   }
   uint8_t length[8];
-  for (int b = 0; b < 8; b++)
-    length[b] = (uint8_t)((uint64_t)header_bytes >> (8 * b));
+  polyak_ckpt_length_prefix(header_bytes, length);
   if (begun && (status = out->write_at(out, p, length, 8, 0)) == POLYAK_OK)
     status = out->write_at(out, p, header, header_bytes, 8);
-  if (w.hash)
+  if (w.hash) { /* the header as written, its checksum digits zeros */
     XXH3_64bits_reset(w.hash);
+    XXH3_64bits_update(w.hash, length, 8);
+    XXH3_64bits_update(w.hash, header ? header : "", header ? header_bytes : 0);
+  }
   w.out = begun && status == POLYAK_OK ? out : NULL;
   if (gathering) /* the other ranks take part in the gathers only */
     status = write_gathered(&w, status);
