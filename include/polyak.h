@@ -326,6 +326,14 @@ POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t ds
 /* polyak_load from exactly one checkpoint of src_num_bytes in host memory. */
 POLYAK_API polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes);
 
+/* Recomputes the checksum of the checkpoint filling `checkpoint` (host
+ * memory, num_bytes), as its format version defines it, for a tool that
+ * edited its header (the Python package assembles sharded states so); the
+ * checksum detects damage and authenticates nothing. No handle, no message:
+ * POLYAK_ERR_INVALID_ARG for NULL, POLYAK_ERR_FORMAT for what is not a
+ * polyak checkpoint of format 1 or 2 with its checksum field. */
+POLYAK_API polyak_status polyak_checkpoint_reseal(void *checkpoint, size_t num_bytes);
+
 /* ---- 2.3 Schedule arithmetic (pure host functions, double) --------------- */
 
 /* Returns beta(step) of `s`: 0 for step <= start_step, else with t = step -

@@ -301,4 +301,36 @@ TEST(CheckpointIntegrity, Format1FilesLoadWithTheirDataChecksumAndTheRulesOfToda
   EXPECT_STREQ(json_string_value(json_object_get(again.metadata(), "format_version")), "2");
 }
 
+TEST(CheckpointIntegrity, ResealGivesAnEditedHeaderTheChecksumItsFormatDefines)
+{
+  // what a tool that edits the step state does (the Python package's
+  // sharded states): the library's checksum is the rule's, computed here
+  Small source, target;
+  source.step(4);
+  for (bool format_1 : {false, true}) {
+    std::vector<char> edited = set_metadata(save_to_memory(source.h.get()), "step", "40");
+    if (format_1)
+      edited = as_format_1(set_metadata(as_format_1(save_to_memory(source.h.get())), "step", "40"));
+    std::vector<char> expected = format_1 ? edited : reseal(edited);
+    if (format_1) // the data's checksum was right already: spoil it first
+      edited = set_metadata(edited, "checksum", "xxh3-64:0123456789abcdef");
+    ASSERT_EQ(polyak_checkpoint_reseal(edited.data(), edited.size()), POLYAK_OK);
+    EXPECT_TRUE(edited == expected) << "format " << (format_1 ? 1 : 2);
+    ASSERT_EQ(polyak_load_from_memory(target.h.get(), edited.data(), edited.size()), POLYAK_OK)
+        << polyak_last_error(target.h.get());
+    int64_t step = 0;
+    ASSERT_EQ(polyak_get_step(target.h.get(), &step), POLYAK_OK);
+    EXPECT_EQ(step, 40);
+  }
+  std::vector<char> text(100, 'x'), copy = text;
+  EXPECT_EQ(polyak_checkpoint_reseal(text.data(), text.size()), POLYAK_ERR_FORMAT);
+  EXPECT_TRUE(text == copy) << "nothing written";
+  std::vector<char> other = set_metadata(save_to_memory(source.h.get()), "format_version", "3");
+  copy = other;
+  EXPECT_EQ(polyak_checkpoint_reseal(other.data(), other.size()), POLYAK_ERR_FORMAT);
+  EXPECT_TRUE(other == copy);
+  EXPECT_EQ(polyak_checkpoint_reseal(other.data(), 9), POLYAK_ERR_FORMAT);
+  EXPECT_EQ(polyak_checkpoint_reseal(nullptr, 100), POLYAK_ERR_INVALID_ARG);
+}
+
 } // namespace

@@ -427,3 +427,40 @@ polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes)
   *num_bytes = 8 + header_bytes + (size_t)polyak_ckpt_data_bytes(p);
   return POLYAK_OK;
 }
+
+/* ---- polyak_checkpoint_reseal: a checksum for an edited header ---------------- */
+
+polyak_status polyak_checkpoint_reseal(void *checkpoint, size_t num_bytes)
+{
+  char *bytes = checkpoint;
+  uint64_t header_bytes = 0;
+  if (!bytes)
+    return POLYAK_ERR_INVALID_ARG;
+  for (int b = 0; b < 8 && num_bytes >= 8; b++)
+    header_bytes |= (uint64_t)(uint8_t)bytes[b] << (8 * b);
+  if (num_bytes < 10 || header_bytes > num_bytes - 8)
+    return POLYAK_ERR_FORMAT;
+  json_t *root = json_loadb(bytes + 8, (size_t)header_bytes, JSON_REJECT_DUPLICATES, NULL);
+  json_t *metadata = json_object_get(root, "__metadata__");
+  const char *format = json_string_value(json_object_get(metadata, "format"));
+  const char *version = json_string_value(json_object_get(metadata, "format_version"));
+  int format_version = !format || strcmp(format, "polyak") != 0 ? 0
+                       : version && strcmp(version, "1") == 0   ? 1
+                       : version && strcmp(version, "2") == 0   ? 2
+                                                                : 0;
+  json_decref(root);
+  char *digits = (char *)polyak_ckpt_find_checksum(bytes + 8, (size_t)header_bytes);
+  if (format_version == 0 || !digits)
+    return POLYAK_ERR_FORMAT;
+  uint64_t checksum;
+  if (format_version == 1) { /* the data's */
+    checksum = XXH3_64bits(bytes + 8 + header_bytes, num_bytes - 8 - (size_t)header_bytes);
+  } else { /* every byte, the digits read as zeros */
+    memset(digits, '0', 16);
+    checksum = XXH3_64bits(bytes, num_bytes);
+  }
+  char text[17];
+  snprintf(text, sizeof text, "%016llx", (unsigned long long)checksum);
+  memcpy(digits, text, 16);
+  return POLYAK_OK;
+}
