@@ -57,11 +57,11 @@ polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function);
 /* The same, and a path that is not NULL or empty. */
 polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *function);
 
-/* *offset = fd's offset if the checkpoint can be read from there (writing
- * 0) or written there at positions (writing 1): fd open that way, seekable,
- * and not O_APPEND (where Linux's pwrite ignores the position).
- * POLYAK_ERR_IO, saying why, otherwise. */
-polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *offset, const char *function);
+/* *offset = fd's offset if the checkpoint can be written there at
+ * positions: fd open for writing, seekable, and not O_APPEND (where Linux's
+ * pwrite ignores the position). POLYAK_ERR_IO, saying why, otherwise.
+ * (Loads check their fds in checkpoint_source.c: pipes are read in order.) */
+polyak_status polyak_ckpt_check_fd_for_writing(polyak_t *p, int fd, int64_t *offset, const char *function);
 
 /* ---- the header (checkpoint_meta.c) ---- */
 

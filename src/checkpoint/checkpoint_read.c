@@ -5,13 +5,9 @@
  * says which tensors differ), the config against the handle's, every tensor
  * entry (dtype, shape, offsets that tile the data), then the checksum over
  * the whole checkpoint; checkpoint_stage.c then replaces the shadows. */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 

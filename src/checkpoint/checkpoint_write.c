@@ -321,7 +321,7 @@ static polyak_status fd_begin(sink *out, polyak_t *p, int64_t num_bytes)
 {
   fd_sink *f = (fd_sink *)out;
   f->num_bytes = num_bytes;
-  return polyak_ckpt_check_fd(p, f->fd, 1, &f->offset, out->function);
+  return polyak_ckpt_check_fd_for_writing(p, f->fd, &f->offset, out->function);
 }
 
 static polyak_status fd_write_at(sink *out, polyak_t *p, const void *data, size_t num_bytes, int64_t offset)
