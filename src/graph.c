@@ -40,11 +40,18 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
   if (status != POLYAK_OK)
     return status;
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
-  if (num_steps < 1 || num_steps > INT64_MAX - first_step || (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
+  if (num_steps < 1 || num_steps > INT64_MAX - first_step)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_graph_reserve: num_steps = %lld is not a count of steps from "
                        "step %lld",
                        (long long)num_steps, (long long)first_step);
+  /* the table costs host and device memory and a pass to fill: bounded */
+  if (num_steps > POLYAK_MAX_GRAPH_STEPS)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_graph_reserve: num_steps = %lld is more than one reservation holds "
+                       "(POLYAK_MAX_GRAPH_STEPS = %lld, a table of %zu bytes a step); reserve fewer and "
+                       "reserve again after polyak_graph_release",
+                       (long long)num_steps, (long long)POLYAK_MAX_GRAPH_STEPS, row_num_bytes);
   float *weights = malloc((size_t)num_steps * row_num_bytes);
   if (!weights)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_graph_reserve: out of host memory for %lld steps",

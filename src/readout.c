@@ -90,9 +90,12 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor %d is outside 0..%d, the registered tensors%s", where,
                        tensor, p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
   const polyak_tensor *t = &p->tensors[tensor];
-  if (t->copy_only ? !polyak_dtype_copyable(dst_dtype) : !polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype%s", where, (int)dst_dtype,
-                       t->copy_only ? "" : " an average reads out as (F32, BF16, F16)");
+  if (!polyak_dtype_copyable(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", where, (int)dst_dtype);
+  if (!t->copy_only && !polyak_dtype_valid(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: dst_dtype %s is not one an average reads out as (F32, BF16, F16)", where,
+                       polyak_dtype_name(dst_dtype));
   if (t->copy_only && !polyak_copy_readable_as(t->dtype, dst_dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: \"%s\" is a copy of a %s tensor and reads out as %s only", where,
                        t->name, polyak_dtype_name(t->dtype), polyak_dtype_name(t->dtype));
