@@ -33,6 +33,7 @@ SHADOW_ROUND_NEAREST = 1
 ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
 TENSOR_CALLERS_SHADOW, TENSOR_COPY = 1, 2
 MAX_SNAPSHOTS = 1024
+MAX_GRAPH_STEPS = 1 << 22  # polyak_graph_reserve: steps reserved at once
 MAX_CPU_THREADS = 256  # polyak_config.cpu_threads: 0..this
 SHADOWS_DEVICE, SHADOWS_HOST = 0, 1  # polyak_config.shadow_location
 CONFIG_MAGIC = 0x706F6C79  # polyak_config.magic ("poly"), set by polyak_config_init
@@ -119,6 +120,7 @@ FUNCTIONS = {
     "polyak_save_to_memory": (_status, [("p", _vp), ("dst", _vp), ("dst_num_bytes", _size),
                                         ("num_bytes_written", _P(_size))]),
     "polyak_load_from_memory": (_status, [("p", _vp), ("src", _vp), ("src_num_bytes", _size)]),
+    "polyak_checkpoint_reseal": (_status, [("checkpoint", _vp), ("num_bytes", _size)]),
     "polyak_beta_at": (_dbl, [("s", _P(Schedule)), ("step", _i64)]),
     "polyak_beta_product": (_dbl, [("s", _P(Schedule)), ("last_step", _i64), ("step", _i64)]),
     "polyak_half_life_from_beta": (_dbl, [("beta", _dbl)]),

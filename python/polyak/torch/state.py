@@ -4,7 +4,8 @@ import json
 import torch
 
 import polyak
-from polyak import FormatError, MismatchError
+from polyak import FormatError, MismatchError, _lib
+from polyak.errors import _check
 
 from ._tensors import _COPY_DTYPE_NAMES, _data_ptr, _is_dtensor, _local
 
@@ -104,18 +105,19 @@ class _State:
             return None
         copies = [self._read_copy(j).cpu() for j in range(len(self._copied))]  # whole on every rank
 
-        def step_state(metadata):  # the scratch handle's configuration is this one's
+        def step_state(metadata):  # the scratch handle's configuration is this one's, its params f32
             return dict(metadata, step=str(h.step), nonfinite_count=str(int(count)),
-                        beta_products=json.dumps([h.beta_product(k) for k in range(h.num_shadows)]))
+                        beta_products=json.dumps([h.beta_product(k) for k in range(h.num_shadows)]),
+                        param_dtypes=self._param_dtypes_text())
         return self._assembled(shadows, copies, step_state, path)
 
     def _assembled(self, shadows, copies, metadata_of, path=None):
         """The library's checkpoint of an unsharded handle like this one whose shadow k of averaged
         tensor i holds shadows[k][i] exactly and whose copied buffer j holds copies[j], with
-        metadata_of(its metadata) as the metadata (the checksum kept: it covers the data only). A
-        scratch handle of this configuration on the CPU takes the shadows by hard updates
-        (shadow <- param, exact) and writes the checkpoint; with `path` it loads the result and
-        saves it there, crash-safely."""
+        metadata_of(its metadata) as the metadata, the checksum then recomputed over the whole (the
+        library's polyak_checkpoint_reseal). A scratch handle of this configuration on the CPU
+        takes the shadows by hard updates (shadow <- param, exact) and writes the checkpoint; with
+        `path` it loads the result and saves it there, crash-safely."""
         h = self._handle
         params = [torch.zeros(s.shape, dtype=self.shadow_dtype) for s in self._averaged]
         copies = [value.cpu().contiguous() for value in copies]
@@ -136,10 +138,20 @@ class _State:
             written = header["__metadata__"]
             header["__metadata__"] = dict(metadata_of(written), checksum=written["checksum"])
             checkpoint = _join(header, data)
+            _check(_lib.lib.polyak_checkpoint_reseal(_data_ptr(checkpoint), checkpoint.numel()), None,
+                   "polyak_checkpoint_reseal")
             if path is not None:
                 scratch.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
                 scratch.save(path)
         return checkpoint
+
+    def _param_dtypes_text(self):
+        """The "param_dtypes" metadata the library writes for this EMA's handle: every registered
+        tensor's dtype by its safetensors name, in registration order."""
+        h = self._handle
+        infos = (h.tensor_info(i) for i in range(h.num_tensors))
+        return json.dumps({info.name: info.dtype.upper() for info in infos}, separators=(",", ":"),
+                          ensure_ascii=False)
 
     def load_state_dict(self, state):
         """Restores a state_dict() of an EMA over the same tensors with the same schedules, shadow
