@@ -101,9 +101,14 @@ def test_an_update_without_any_gradient_is_refused(gen):
 def test_an_unchanged_table_is_not_passed_again(gen, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
     ema = EMA(model, schedules=[polyak.Layerwise(beta0=0.9)])
-    calls = []
-    set_grads = ema.handle.set_grads
-    monkeypatch.setattr(ema.handle, "set_grads", lambda grads: (calls.append(list(grads)), set_grads(grads)))
+    calls = []  # the tables passed to polyak_set_grads
+    call = ema.handle._call
+
+    def counted(name, *args):
+        if name == "polyak_set_grads":
+            calls.append(list(args[0]))
+        return call(name, *args)
+    monkeypatch.setattr(ema.handle, "_call", counted)
     for step in range(1, 6):
         model.zero_grad(set_to_none=False)  # the .grad tensors stay where they are
         backward(model, gen)
@@ -170,3 +175,14 @@ def test_a_grad_norm_given_fresh_each_step_is_read_by_its_update(gen):
     got = ema.model_state_dict(dtype=torch.float32)
     for k, v in ref.items():
         assert (got[k].double() - v).abs().max() < 1e-5, k
+
+
+def test_a_followed_gradient_that_is_not_contiguous_is_refused(gen):
+    model = torch.nn.Sequential(torch.nn.Linear(7, 7), torch.nn.Linear(7, 3))
+    ema = EMA(model, schedules=[polyak.Layerwise(beta0=0.9)])
+    backward(model, gen)
+    ema.update(1)
+    model[0].weight.grad = torch.randn(7, 7).t()  # the param's shape, transposed strides
+    with pytest.raises(polyak.InvalidArgError, match="0.weight.*contiguous"):
+        ema.update(2)
+    assert ema.step == 1

@@ -1,5 +1,6 @@
 """What adaptive shadows read besides the params: LAWA's gradients and the grad norm, kept current
 for every update and alive until the stream of each update that reads them is past it."""
+import ctypes
 from collections.abc import Sequence
 
 import torch
@@ -97,10 +98,13 @@ class _Sources:
         """Gives the library the current table if it changed; returns the tensors it reads."""
         ptrs, grads = self._current_grads()
         if ptrs != self._grad_ptrs:
-            if self._follow_grads:
-                for s, g in zip(self._averaged, grads):
-                    if g is not None:
-                        self._check_grad(s, g)
+            if self._follow_grads:  # torch's .grad has the param's shape, dtype and device: the rest
+                old = self._grad_ptrs or (None,) * len(ptrs)
+                for s, g, ptr, was in zip(self._averaged, grads, ptrs, old):
+                    if g is not None and ptr != was and (g.layout != torch.strided or not g.is_contiguous()):
+                        strides = f", strides {g.stride()}" if g.layout == torch.strided else ""
+                        raise InvalidArgError(f"the gradient of {s.name!r} is not a dense, contiguous tensor "
+                                              f"({g.layout}{strides})")
             self._set_grad_table(ptrs)
         return grads
 
@@ -109,8 +113,10 @@ class _Sources:
             raise StateError("the gradients moved (or were set) during a CUDA graph capture: a changed table waits "
                              "for the device. Keep them in place for graphs (zero_grad(set_to_none=False)) and set "
                              "them before graph_reserve")
-        # one pointer per registered tensor: the averaged ones, then NULL for the copied buffers
-        self.handle.set_grads(list(ptrs) + [None] * len(self._copied))
+        # one pointer per registered tensor: the averaged ones, then NULL for the copied buffers (the
+        # addresses are torch's: straight to the C call, past Handle.set_grads's checks of each)
+        h = self.handle
+        h._call("polyak_set_grads", (ctypes.c_void_p * (len(ptrs) + len(self._copied)))(*ptrs))
         self._grad_ptrs = ptrs
         self._zeros_old = None
 
