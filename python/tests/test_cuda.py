@@ -198,3 +198,18 @@ def test_sources_are_refused_inside_a_capture_which_survives():
     graph.replay()
     torch.cuda.synchronize()
     assert float(x) == 2.0 and moved
+
+
+def test_the_package_loads_its_cuda_library_by_name_and_runs_on_the_device(tmp_path):
+    """The package as installed (python/polyak/_loader.py): this build's library under the name of its
+    CUDA major, chosen, bound to the CUDA runtime the process has, and running an EMA on the device."""
+    from polyak import _loader
+    from test_loader import BUILT, installed
+    (cudart,) = [n for n in _loader.needed(BUILT) if n.startswith("libcudart.so.")]
+    major = cudart.rsplit(".", 1)[1]
+    code = ("import torch, polyak\nfrom polyak.torch import EMA\nmodel = torch.nn.Linear(8, 4).cuda()\n"
+            "ema = EMA(model, decay=0.5)\nema.update(1)\ntorch.cuda.synchronize()\n"
+            "print(polyak.library_path())\nprint(repr(polyak.backend_reason('cuda')))\nprint(ema.step)")
+    path, reason, step = installed(tmp_path, {"libpolyak_cpu.so": BUILT, f"libpolyak_cuda{major}.so": BUILT},
+                                   env={"POLYAK_CUDA": major}, code=code)
+    assert path.endswith(f"libpolyak_cuda{major}.so") and reason == "''" and step == "1"

@@ -86,7 +86,7 @@ def installed(tmp_path, libraries, torch_cuda="absent", env=None, code=None):
     """Runs `code` (default: prints the loaded library and the CUDA backend's reason) on a copy of the
     package holding `libraries` ({file name: source}), beside a fake torch."""
     pkg = tmp_path / "site" / "polyak"
-    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("torch", "__pycache__", "*.so*"))
+    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
     if not (pkg / "_version.py").exists():
         (pkg / "_version.py").write_text(f"version = {polyak.__version__!r}\n")
     for name, source in libraries.items():
