@@ -186,3 +186,13 @@ def test_a_followed_gradient_that_is_not_contiguous_is_refused(gen):
     with pytest.raises(polyak.InvalidArgError, match="0.weight.*contiguous"):
         ema.update(2)
     assert ema.step == 1
+
+
+def test_set_grads_without_layerwise_shadows_is_refused_and_leaves_updates_alone(gen):
+    model = torch.nn.Linear(5, 3)
+    ema = EMA(model, decay=0.9)
+    backward(torch.nn.Sequential(model), gen)
+    with pytest.raises(polyak.StateError, match="layer-wise"):
+        ema.set_grads()
+    ema.update(1)
+    assert ema.step == 1

@@ -29,7 +29,8 @@ class _Sources:
     """
 
     def _init_sources(self, schedules):
-        self._follow_grads = any(isinstance(s, Layerwise) for s in schedules)
+        self._layerwise = any(isinstance(s, Layerwise) for s in schedules)
+        self._follow_grads = self._layerwise
         self._grads = None  # set_grads(list): the tensors held; None while following .grad
         self._grad_ptrs = None  # the table the library holds, as a tuple (None: none set)
         self._zeros = None  # uint8 zeros standing in for missing gradients
@@ -49,10 +50,17 @@ class _Sources:
         gradient to set; a changed table waits for the device and is refused while steps are
         reserved or a CUDA graph is being captured."""
         if grads is None:
+            if not self._layerwise:
+                raise StateError("set_grads: no shadow is layer-wise (polyak.Layerwise)")
+            previous = self._follow_grads, self._grads
             self._follow_grads, self._grads = True, None
+            try:
+                if any(t.grad is not None for t in self._grad_owners):
+                    self._refresh_grads()
+            except BaseException:
+                self._follow_grads, self._grads = previous  # as it was
+                raise
             self._reads_sources = True
-            if any(t.grad is not None for t in self._grad_owners):
-                self._refresh_grads()
             return
         grads = list(grads)
         if len(grads) != len(self._averaged):
