@@ -384,8 +384,11 @@ class Handle:
         self._call("polyak_set_grad_norm", _address(grad_norm, "grad_norm"))
 
     def set_grads(self, grads: Sequence[int]):
-        """Tensor i's gradient pointer at [i], read by Layerwise shadows at every update."""
+        """Tensor i's gradient pointer at [i], one per registered tensor (None for copy-only ones), read
+        by Layerwise shadows at every update. The table the handle holds returns at once."""
         grads = [_address(g, f"grads[{i}]") for i, g in enumerate(grads)]
+        if len(grads) != self.num_tensors:  # the library reads num_tensors pointers
+            raise InvalidArgError(f"set_grads: {len(grads)} pointers for {self.num_tensors} registered tensors")
         table = (ctypes.c_void_p * max(len(grads), 1))(*grads)
         self._call("polyak_set_grads", table)
 

@@ -245,4 +245,5 @@ def _check_config(cfg):
     message = ctypes.create_string_buffer(512)
     status = _c.polyak_check_config(ctypes.byref(cfg), message, len(message))
     if status:
-        _raise(status, message.value.decode("utf-8", "replace"))
+        from .library import _with_load_notes  # why no CUDA library was loaded, if none was
+        _raise(status, _with_load_notes(cfg.backend, message.value.decode("utf-8", "replace")))

@@ -13,10 +13,11 @@ from polyak.errors import _check
 
 from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local, _Source
 from .presets import _Presets
+from .sources import _Sources
 from .state import _State
 
 
-class EMA(_State, _Presets):
+class EMA(_State, _Presets, _Sources):
     """Averages of a model's params (and buffers) kept by libpolyak.
 
     decay, warmup: one shadow, Constant(decay) or, with warmup, timm's warm-up
@@ -130,8 +131,7 @@ class EMA(_State, _Presets):
         self._ptrs = tuple(s.ptr for s in averaged + copied)
         self._stale = None
         self._watch(averaged + copied)
-        self._grad_norm = None  # keeps the borrowed tensors alive
-        self._grads = None
+        self._init_sources(schedules)  # LAWA's gradients, the grad norm (sources.py)
         if world_size > 1:
             self._ranges = self._all_ranges()
 
@@ -222,14 +222,17 @@ class EMA(_State, _Presets):
             return
         self._check_live()
         self._check_not_swapped("update")
-        h = self._handle
-        status = _c.polyak_update(h._ptr, step, self._stream())
+        h, stream = self._handle, self._stream()
+        grads = self._before_update() if self._reads_sources else None  # the gradient table, current
+        status = _c.polyak_update(h._ptr, step, stream)
         if status:
             _check(status, h._ptr, "polyak_update")
+        if self._reads_sources:
+            self._after_update(stream, grads)  # what it reads, kept for its stream
         self._last_step = step
         if step == self._copy_at_step:
             for k in range(h.num_shadows):
-                h.hard_update(k, self._stream())
+                h.hard_update(k, stream)
 
     def _next_step(self):
         """update()'s step: one after the last given to update(), or after the handle's own
@@ -435,41 +438,21 @@ class EMA(_State, _Presets):
         finally:
             h.restore(stream)
 
-    def set_grad_norm(self, grad_norm: torch.Tensor):
-        """GradNorm shadows read this one-element float32 tensor (the EMA's device) at every update;
-        write the step's norm into it in place (torch.nn.utils.clip_grad_norm_'s result, copied)."""
-        if not isinstance(grad_norm, torch.Tensor) or grad_norm.dtype != torch.float32 or grad_norm.numel() != 1 \
-                or grad_norm.device != self.device:
-            raise InvalidArgError("grad_norm: one float32 element on the EMA's device")
-        self.handle.set_grad_norm(_data_ptr(grad_norm))
-        self._grad_norm = grad_norm
-
-    def set_grads(self, grads: Sequence[torch.Tensor] | None = None):
-        """Layerwise shadows read these gradients (default: each param's .grad) at every update.
-        They must stay where they are: zero_grad(set_to_none=False), or call this again."""
-        if grads is None:
-            grads = [s.tensor.grad for s in self._averaged]
-        grads = [None if g is None else _local(g) for g in grads]
-        for s, g in zip(self._averaged, grads):
-            if not isinstance(g, torch.Tensor) or g.shape != s.local.shape or g.dtype != s.local.dtype \
-                    or not g.is_contiguous() or g.device != self.device:
-                raise InvalidArgError(f"the gradient of {s.name!r} is missing or not like the param")
-        if len(grads) != len(self._averaged):
-            raise InvalidArgError(f"{len(grads)} gradients for {len(self._averaged)} tensors")
-        self.handle.set_grads([_data_ptr(g) for g in grads])
-        self._grads = grads
-
     # ---- CUDA graphs ---------------------------------------------------------------
     def graph_reserve(self, first_step: int, num_steps: int):
         """Reserves steps first_step .. first_step + num_steps - 1 for graph replays: each replay of
         a captured graph_update() applies the next one."""
         self._check_live()
+        if self._reads_sources:
+            self._before_update()  # the gradient table the replays read
         self._handle.graph_reserve(first_step, num_steps, self._stream())
 
     def graph_update(self):
         """The update to capture in torch.cuda.graph(...): one kernel node, copied buffers included."""
         self._check_live()
         self._check_not_swapped("graph_update")
+        if self._reads_sources:
+            self._check_graph_sources()
         self._handle.graph_update(self._stream())
 
     def graph_release(self):
