@@ -17,5 +17,6 @@ library's copy-only tensors, mirrored by the same update call; buffers="copy"
 copies all of them, "ignore" leaves them out.
 """
 from .ema import EMA
+from .state import IncompatibleKeys
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "IncompatibleKeys"]
