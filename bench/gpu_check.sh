@@ -201,8 +201,12 @@ sanitize() { # TOOL FILTER BUDGET
 }
 
 # racecheck: the update kernel's per-block step broadcast and block sums,
-# LAWA's last-block reduction, directly and in graph mode
-racecheck() { sanitize racecheck 'Gpu.LayerwiseShadowsMatchTheCpuBackend:Gpu.ReplaysReadTheSourcesSetAtTheirReservation' "$1"; }
+# LAWA's last-block reduction, directly and in graph mode (and the wrapping
+# counters under overlapping replays), the initialization's and blends'
+# per-shadow arguments in shared memory
+racecheck() {
+  sanitize racecheck 'Gpu.LayerwiseShadowsMatchTheCpuBackend:Gpu.ReplaysReadTheSourcesSetAtTheirReservation:Gpu.OverlappingReplaysCountEveryLaunchAndLeaveTheCountersWhole:Gpu.BlendsMatchTheCpuBackend:Gpu.MatchesTheCpuBackendForEveryShadowCount' "$1"
+}
 # memcheck: every GPU test but the large ones and those that probe NCCL
 memcheck() {
   sanitize memcheck 'Gpu.*:-Gpu.HundredThousandTinyTensors:Gpu.Bf16TensorBeyond2To31Elements:Gpu.OneRankCommunicator*:Gpu.ACommunicator*:Gpu.ShardedAcrossGpus*' "$1"
@@ -248,7 +252,7 @@ cpu_tests() {
   (cd "$build" && timeout "$1" ctest -E "$filter" --no-tests=error --parallel "$(nproc)" --timeout 120 \
     --output-on-failure | tail -25)
 }
-compile_report() { timeout "$1" bench/compile_report.sh sm_90; }
+compile_report() { timeout "$1" bash -c 'bench/compile_report.sh sm_80 && bench/compile_report.sh sm_90'; }
 plot() { timeout "$1" python3 bench/plot.py "$out/$date-$card_file.jsonl"; }
 demo() { timeout "$1" "$build/examples/polyak_demo" 50000; }
 

@@ -2,7 +2,7 @@
 
 Implementations (K = 1 shadow, decay 0.999), f32 shadows unless named:
   polyak                 polyak.torch.EMA.update on a module holding the list (the package, one C call;
-                         it checks first that no param was re-allocated)
+                         it checks first that no param moved or changed its strides or size)
   polyak_unchecked       the same with check_stale=False: the C call alone
   polyak_bf16_shadows    EMA.update with shadow_dtype=torch.bfloat16 (stochastic rounding), bf16 params
   torch_foreach_lerp     torch._foreach_lerp_ (timm ModelEmaV3, AveragedModel): f32 params and shadows
@@ -315,9 +315,10 @@ def print_targets(rows):
               ("polyak", "bf16", "f32"), 1.5),
              ("bf16 params, bf16 shadows: over timm's stochastic rounding", ("timm_v3_bf16_sr", "bf16", "bf16"),
               ("polyak_bf16_shadows", "bf16", "bf16"), 1.2)]
+    threads = f", {rows[0]['threads']} threads" if "threads" in rows[0] else ""
     for what, baseline, ours, target in pairs:
         if baseline in ms and ours in ms:
-            print(f"targets {rows[0]['list']}{', %d threads' % rows[0]['threads'] if 'threads' in rows[0] else ''}: "
+            print(f"targets {rows[0]['list']}{threads}: "
                   f"{what} {ms[baseline] / ms[ours]:.2f}x (target {target})")
 
 

@@ -278,6 +278,70 @@ static int fail(const char *what, polyak_t *ema, polyak_status s)
   return 1;
 }
 
+/* Two averages of the whole arena, warmed up (training starts from scratch). */
+static polyak_status make_ema(polyak_t **ema, arena *params)
+{
+  polyak_config cfg;
+  polyak_config_init(&cfg);
+  cfg.num_shadows = 2;
+  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
+  cfg.shadows[0].schedule.beta = 0.999;
+  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
+  cfg.shadows[1].schedule.gamma = polyak_gamma_from_sigma_rel(0.10);
+  polyak_status s = polyak_create(ema, &cfg);
+  if (s != POLYAK_OK)
+    return s;
+  polyak_view views[NUM_TENSORS];
+  for (int i = 0; i < NUM_TENSORS; i++)
+    views[i] = (polyak_view){tensor_names[i], 2, {tensor_shapes[i][0], tensor_shapes[i][1]}};
+  if ((s = polyak_add_arena(*ema, params->memory, POLYAK_F32, params->num_params, views, NUM_TENSORS)) == POLYAK_OK)
+    s = polyak_finalize(*ema, NULL);
+  return s;
+}
+
+/* Training from tr->step to `steps`, evaluating with each average every
+ * 500 steps; stopped after `stop_after` (its state saved), else the digest.
+ * The exit status. */
+static int train(trainer *tr, polyak_t *ema, long steps, long stop_after, const char *state_path,
+                 const unsigned char *train_text, const unsigned char *val_text)
+{
+  polyak_status s;
+  printf("%-6s %10s %10s %12s %12s\n", "step", "train loss", "val raw", "val warmup", "val power");
+  double train_loss = 0.0;
+  while (tr->step < steps) {
+    train_loss = train_step(tr, train_text);
+    if ((s = polyak_update(ema, tr->step, NULL)) != POLYAK_OK)
+      return fail("polyak_update", ema, s);
+    if (tr->step % 500 == 0 || tr->step == steps) {
+      double val[3] = {mean_loss(&tr->params, val_text, VAL_CHARS), 0, 0};
+      for (int k = 0; k < 2; k++) { /* evaluate with average k, then the trained weights again */
+        if ((s = polyak_store(ema, NULL)) || (s = polyak_copy_to_params(ema, k, NULL)))
+          return fail("evaluating with an average", ema, s);
+        val[k + 1] = mean_loss(&tr->params, val_text, VAL_CHARS);
+        if ((s = polyak_restore(ema, NULL)) != POLYAK_OK)
+          return fail("polyak_restore", ema, s);
+      }
+      printf("%-6lld %10.4f %10.4f %12.4f %12.4f\n", (long long)tr->step, train_loss, val[0], val[1], val[2]);
+    }
+    if (tr->step == stop_after) {
+      int saved = save_state(tr, ema, state_path);
+      printf("stopped after step %lld; state in %s\n", (long long)tr->step, state_path);
+      return saved == 0 ? 0 : 1;
+    }
+  }
+  uint64_t hash = digest(0xcbf29ce484222325ULL, tr->params.memory, tr->params.num_params * sizeof(float));
+  for (int k = 0; k < 2; k++)
+    for (int i = 0; i < NUM_TENSORS; i++) {
+      float shadow[CTX * EMB * HIDDEN];
+      if ((s = polyak_get_shadow_n(ema, k, i, shadow, POLYAK_F32, sizeof shadow, NULL)) != POLYAK_OK)
+        return fail("polyak_get_shadow_n", ema, s);
+      hash = digest(hash, shadow, (size_t)(tensor_shapes[i][0] * tensor_shapes[i][1]) * sizeof(float));
+    }
+  printf("digest of the params and both averages at step %lld: %016llx\n", (long long)tr->step,
+         (unsigned long long)hash);
+  return 0;
+}
+
 int main(int argc, char **argv)
 {
   long steps = 3000, stop_after = -1;
@@ -305,62 +369,15 @@ int main(int argc, char **argv)
   for (size_t i = 0; i < tr.params.num_params; i++) /* uniform, about 1/sqrt(fan-in) */
     tr.params.memory[i] = (float)(uniform(&tr.rng) - 0.5) * 0.3f;
 
-  /* two averages of the whole arena, warmed up (training starts from scratch) */
-  polyak_config cfg;
-  polyak_config_init(&cfg);
-  cfg.num_shadows = 2;
-  cfg.shadows[0].schedule.kind = POLYAK_SCHEDULE_WARMUP;
-  cfg.shadows[0].schedule.beta = 0.999;
-  cfg.shadows[1].schedule.kind = POLYAK_SCHEDULE_POWER;
-  cfg.shadows[1].schedule.gamma = polyak_gamma_from_sigma_rel(0.10);
+  /* every way out of the run passes the one cleanup below */
   polyak_t *ema = NULL;
-  polyak_status s = polyak_create(&ema, &cfg);
+  polyak_status s = make_ema(&ema, &tr.params);
+  int rc = 1;
   if (s != POLYAK_OK)
-    return fail("polyak_create", ema, s);
-  polyak_view views[NUM_TENSORS];
-  for (int i = 0; i < NUM_TENSORS; i++)
-    views[i] = (polyak_view){tensor_names[i], 2, {tensor_shapes[i][0], tensor_shapes[i][1]}};
-  if ((s = polyak_add_arena(ema, tr.params.memory, POLYAK_F32, tr.params.num_params, views, NUM_TENSORS)) ||
-      (s = polyak_finalize(ema, NULL)))
-    return fail("registering the arena", ema, s);
-  if (resume && load_state(&tr, ema, resume) != 0)
-    return 1;
-
-  printf("%-6s %10s %10s %12s %12s\n", "step", "train loss", "val raw", "val warmup", "val power");
-  double train_loss = 0.0;
-  while (tr.step < steps) {
-    train_loss = train_step(&tr, train_text);
-    if ((s = polyak_update(ema, tr.step, NULL)) != POLYAK_OK)
-      return fail("polyak_update", ema, s);
-    if (tr.step % 500 == 0 || tr.step == steps) {
-      double val[3] = {mean_loss(&tr.params, val_text, VAL_CHARS), 0, 0};
-      for (int k = 0; k < 2; k++) { /* evaluate with average k, then the trained weights again */
-        if ((s = polyak_store(ema, NULL)) || (s = polyak_copy_to_params(ema, k, NULL)))
-          return fail("evaluating with an average", ema, s);
-        val[k + 1] = mean_loss(&tr.params, val_text, VAL_CHARS);
-        if ((s = polyak_restore(ema, NULL)) != POLYAK_OK)
-          return fail("polyak_restore", ema, s);
-      }
-      printf("%-6lld %10.4f %10.4f %12.4f %12.4f\n", (long long)tr.step, train_loss, val[0], val[1], val[2]);
-    }
-    if (tr.step == stop_after) {
-      int saved = save_state(&tr, ema, state_path);
-      printf("stopped after step %lld; state in %s\n", (long long)tr.step, state_path);
-      polyak_destroy(ema);
-      return saved == 0 ? 0 : 1;
-    }
-  }
-  uint64_t hash = digest(0xcbf29ce484222325ULL, tr.params.memory, tr.params.num_params * sizeof(float));
-  for (int k = 0; k < 2; k++)
-    for (int i = 0; i < NUM_TENSORS; i++) {
-      float shadow[CTX * EMB * HIDDEN];
-      if ((s = polyak_get_shadow_n(ema, k, i, shadow, POLYAK_F32, sizeof shadow, NULL)) != POLYAK_OK)
-        return fail("polyak_get_shadow_n", ema, s);
-      hash = digest(hash, shadow, (size_t)(tensor_shapes[i][0] * tensor_shapes[i][1]) * sizeof(float));
-    }
-  printf("digest of the params and both averages at step %lld: %016llx\n", (long long)tr.step,
-         (unsigned long long)hash);
+    fail("setting up the averages", ema, s);
+  else if (!resume || load_state(&tr, ema, resume) == 0)
+    rc = train(&tr, ema, steps, stop_after, state_path, train_text, val_text);
   polyak_destroy(ema);
   free(tr.params.memory), free(tr.grad.memory), free(tr.m.memory), free(tr.v.memory);
-  return 0;
+  return rc;
 }

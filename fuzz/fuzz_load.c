@@ -7,8 +7,16 @@
  * the handle's shadows, step and count exactly as they were, and the fd's
  * offset where it was; what loads from memory must load from the file too,
  * to the same state, leaving the offset just past it; the handle must keep
- * working afterwards. A broken invariant aborts, which libFuzzer reports. */
+ * working afterwards. And a load that succeeds must restore exactly what the
+ * checksum vouches for: the input must be a valid checkpoint by an
+ * independent reading (reference.h), its step state and shadow bytes the
+ * handle's. A broken invariant aborts, which libFuzzer reports.
+ *
+ * The mutator gives three mutants in four a valid checksum (the library's
+ * polyak_checkpoint_reseal), so that edited headers get past the checksum
+ * to every check behind it, and to loads that succeed. */
 #define _GNU_SOURCE
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +24,7 @@
 #include <unistd.h>
 
 #include "fuzz_model.h"
+#include "reference.h"
 
 #define PREFIX "run"
 
@@ -54,6 +63,34 @@ static void check(polyak_t *p, polyak_status status, int from_fd, const observed
   expect(status == POLYAK_OK || memcmp(before, after, sizeof *before) == 0, "a failing load changed the handle", p);
 }
 
+/* The handle holds what the checkpoint in `data` says (a load succeeded). */
+static void check_against_reference(polyak_t *p, const uint8_t *data, size_t size, const observed *loaded)
+{
+  reference_state want;
+  expect(reference_read(data, size, &want), "a load succeeded that the reference reading refuses", p);
+  expect(loaded->step == want.step, "the step is not the file's", p);
+  expect(loaded->nonfinite == want.nonfinite, "the non-finite count is not the file's", p);
+  for (int k = 0; k < 2; k++) {
+    double product;
+    expect(polyak_get_beta_product(p, k, &product) == POLYAK_OK, "polyak_get_beta_product failed", p);
+    expect(memcmp(&product, &want.products[k], sizeof product) == 0, "a beta product is not the file's", p);
+    for (int e = 0; e < 15 + 7 + 1; e++) {
+      float got = loaded->shadows[k][e], file = want.shadows[k][e];
+      expect(memcmp(&got, &file, 4) == 0 || (isnan(got) && isnan(file)), "a shadow is not the file's", p);
+    }
+  }
+}
+
+size_t LLVMFuzzerMutate(uint8_t *data, size_t size, size_t max_size);
+
+size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size, unsigned int seed)
+{
+  size = LLVMFuzzerMutate(data, size, max_size);
+  if (seed % 4 != 0)
+    polyak_checkpoint_reseal(data, size); /* leaves what it cannot reseal as it is */
+  return size;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
   static fuzz_params params;
@@ -68,6 +105,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   polyak_status memory_status = polyak_load_from_memory(handle, data, size);
   observe(handle, &from_memory);
   check(handle, memory_status, 0, &before, &from_memory);
+  if (memory_status == POLYAK_OK)
+    check_against_reference(handle, data, size, &from_memory);
 
   const off_t start = (off_t)strlen(PREFIX);
   if (ftruncate(fd, 0) != 0 || pwrite(fd, PREFIX, (size_t)start, 0) != start ||

@@ -1,6 +1,7 @@
 /* make_corpus.c: the fuzzer's seed corpus: valid checkpoints of the fuzzed
  * model at a few steps (f32 and bf16 shadows), and broken copies of them
- * (truncated, a flipped byte, a bad length). Usage: make_corpus DIR */
+ * (truncated, a flipped byte, a bad length, each rule's header edit, as
+ * edited and with a valid checksum again). Usage: make_corpus DIR */
 #include <jansson.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,9 +26,53 @@ static void no_metadata(json_t *h)
 {
   json_object_del(h, "__metadata__");
 }
-static void version_2(json_t *h)
+static void version_3(json_t *h)
 {
-  set_meta(h, "format_version", "2");
+  set_meta(h, "format_version", "3");
+}
+static void version_1(json_t *h)
+{
+  set_meta(h, "format_version", "1");
+}
+static void step_spaced(json_t *h)
+{
+  set_meta(h, "step", " 12");
+}
+static void step_plus(json_t *h)
+{
+  set_meta(h, "step", "+12");
+}
+static void step_other(json_t *h)
+{
+  set_meta(h, "step", "99");
+}
+static void products_spaced(json_t *h)
+{
+  set_meta(h, "beta_products", "[0.5, 0.25]");
+}
+static void products_other(json_t *h)
+{
+  set_meta(h, "beta_products", "[0.5,0.25]");
+}
+static void checksum_upper(json_t *h)
+{
+  set_meta(h, "checksum", "xxh3-64:0123456789ABCDEF");
+}
+static void param_dtype_other(json_t *h)
+{
+  set_meta(h, "param_dtypes", "{\"layer.weight\":\"F32\",\"layer.bias\":\"F16\",\"scale\":\"F32\"}");
+}
+static void keeps_nonfinite(json_t *h)
+{
+  set_meta(h, "skip_nonfinite", "0");
+}
+static void library_version_bad(json_t *h)
+{
+  set_meta(h, "library_version", "v1");
+}
+static void entry_extra_key(json_t *h)
+{
+  set_tensor(h, "scale", "checksum", json_string("xxh3-64:0000000000000000"));
 }
 static void step_text(json_t *h)
 {
@@ -101,7 +146,18 @@ static int write_edited(const char *dir, const char *stem, const unsigned char *
     const char *name;
     header_edit edit;
   } edits[] = {{"no-metadata", no_metadata},
-               {"version-2", version_2},
+               {"version-3", version_3},
+               {"version-1", version_1},
+               {"step-spaced", step_spaced},
+               {"step-plus", step_plus},
+               {"step-other", step_other},
+               {"products-spaced", products_spaced},
+               {"products-other", products_other},
+               {"checksum-upper", checksum_upper},
+               {"param-dtype", param_dtype_other},
+               {"skip-nonfinite", keeps_nonfinite},
+               {"library-version", library_version_bad},
+               {"entry-extra-key", entry_extra_key},
                {"step-text", step_text},
                {"products-big", products_big},
                {"schedules", schedules_broken},
@@ -129,20 +185,32 @@ static int write_edited(const char *dir, const char *stem, const unsigned char *
     edits[e].edit(header);
     char *text = json_dumps(header, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(header);
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s-edit-%s", dir, stem, edits[e].name);
-    FILE *out = fopen(path, "wb");
-    if (!text || !out)
+    if (!text)
       return -1;
     uint64_t length = strlen(text);
-    unsigned char length_bytes[8];
+    size_t edited_bytes = 8 + length + (n - 8 - header_bytes);
+    unsigned char *edited = malloc(edited_bytes);
+    if (!edited)
+      return -1;
     for (int b = 0; b < 8; b++)
-      length_bytes[b] = (unsigned char)(length >> (8 * b));
-    fwrite(length_bytes, 1, 8, out);
-    fwrite(text, 1, length, out);
-    fwrite(bytes + 8 + header_bytes, 1, n - 8 - header_bytes, out);
-    fclose(out);
+      edited[b] = (unsigned char)(length >> (8 * b));
+    memcpy(edited + 8, text, length);
+    memcpy(edited + 8 + length, bytes + 8 + header_bytes, n - 8 - header_bytes);
     free(text);
+    for (int sealed = 0; sealed < 2; sealed++) { /* as edited, then with a valid checksum again */
+      char path[4096];
+      snprintf(path, sizeof path, "%s/%s-edit-%s%s", dir, stem, edits[e].name, sealed ? "-sealed" : "");
+      if (sealed) /* what is no polyak checkpoint any more stays as edited */
+        polyak_checkpoint_reseal(edited, edited_bytes);
+      FILE *out = fopen(path, "wb");
+      if (!out) {
+        free(edited);
+        return -1;
+      }
+      fwrite(edited, 1, edited_bytes, out);
+      fclose(out);
+    }
+    free(edited);
   }
   return 0;
 }

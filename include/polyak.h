@@ -236,10 +236,12 @@ POLYAK_API polyak_status polyak_get_shadow(polyak_t *p, int shadow, int tensor, 
 POLYAK_API polyak_status polyak_save(polyak_t *p, const char *path);
 
 /* Replaces every shadow and the step state with those saved in `path`, for
- * a handle finalized with the same tensors and settings; everything is
- * checked before anything changes. Returns POLYAK_ERR_IO (unreadable),
- * POLYAK_ERR_FORMAT (not a valid polyak checkpoint, a checksum mismatch),
- * POLYAK_ERR_MISMATCH (another model or settings), each named. */
+ * a handle finalized with the same tensors, param dtypes and settings;
+ * everything is checked before anything changes, every byte against the
+ * checksum. Returns POLYAK_ERR_IO (unreadable, or not a regular file: a
+ * FIFO is refused, not waited on), POLYAK_ERR_FORMAT (not a valid polyak
+ * checkpoint, a checksum mismatch), POLYAK_ERR_MISMATCH (another model or
+ * settings), each named. */
 POLYAK_API polyak_status polyak_load(polyak_t *p, const char *path);
 
 /* Frees the handle and its shadows (the params stay the caller's), after
@@ -316,7 +318,9 @@ POLYAK_API polyak_status polyak_tensor_info(polyak_t *p, int tensor, polyak_tens
 POLYAK_API polyak_status polyak_save_fd(polyak_t *p, int fd);
 
 /* Reads the checkpoint starting at fd's offset and moves the offset past
- * it; on failure the offset stays. Checks and errors as polyak_load's. */
+ * it; on failure the offset stays. From a pipe or socket it reads exactly
+ * the checkpoint's bytes, in order (waiting for them); on failure those
+ * read are gone. Checks and errors as polyak_load's. */
 POLYAK_API polyak_status polyak_load_fd(polyak_t *p, int fd);
 
 /* *num_bytes = a size that always holds this handle's checkpoint, the same
@@ -330,6 +334,14 @@ POLYAK_API polyak_status polyak_save_to_memory(polyak_t *p, void *dst, size_t ds
 
 /* polyak_load from exactly one checkpoint of src_num_bytes in host memory. */
 POLYAK_API polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes);
+
+/* Recomputes the checksum of the checkpoint filling `checkpoint` (host
+ * memory, num_bytes), as its format version defines it, for a tool that
+ * edited its header (the Python package assembles sharded states so); the
+ * checksum detects damage and authenticates nothing. No handle, no message:
+ * POLYAK_ERR_INVALID_ARG for NULL, POLYAK_ERR_FORMAT for what is not a
+ * polyak checkpoint of format 1 or 2 with its checksum field. */
+POLYAK_API polyak_status polyak_checkpoint_reseal(void *checkpoint, size_t num_bytes);
 
 /* ---- 2.3 Schedule arithmetic (pure host functions, double) --------------- */
 
@@ -480,12 +492,24 @@ POLYAK_API polyak_status polyak_synthesize_to_params(polyak_t *p, const float *s
 /* ---- 2.6 CUDA graphs ------------------------------------------------------
  * A captured update cannot take a step from the host, so the host reserves
  * the coming steps and each replay of a captured polyak_graph_update applies
- * the next one (same bits as polyak_update). Replays on one stream at a
- * time. The CPU backend implements the same calls. docs/cuda-graphs.md. */
+ * the next one (same bits as polyak_update). Launches of one handle must not
+ * overlap: replays on one stream at a time. Calls that wait for the device,
+ * allocate or change host state (store, restore, discard_store, reserve,
+ * release, set_grad_norm, set_grads with a new table, set_layer_norms,
+ * hard_update, nonfinite_count, get_layer_betas, grad-norm products) return
+ * POLYAK_ERR_STATE while a capture they can see is under way, and the
+ * capture survives. The CPU backend implements the same calls.
+ * docs/cuda-graphs.md. */
 
-/* Reserves steps first_step .. first_step + num_steps - 1 and waits for
- * `stream`. POLYAK_ERR_STATE if reserved already or before finalize,
- * POLYAK_ERR_INVALID_ARG for bad steps, POLYAK_ERR_NO_MEMORY. */
+/* The most steps one reservation holds: its table of weights (4 bytes a
+ * step and shadow) stays within 16 MiB per shadow. Reserve again after a
+ * release for more. */
+#define POLYAK_MAX_GRAPH_STEPS ((int64_t)1 << 22)
+
+/* Reserves steps first_step .. first_step + num_steps - 1 (num_steps at most
+ * POLYAK_MAX_GRAPH_STEPS) and waits for `stream`. POLYAK_ERR_STATE if
+ * reserved already or before finalize, POLYAK_ERR_INVALID_ARG for bad
+ * steps, POLYAK_ERR_NO_MEMORY. */
 POLYAK_API polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_steps, void *stream);
 
 /* Enqueues one update of the next reserved step, read on the device: the

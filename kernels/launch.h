@@ -34,7 +34,8 @@ typedef struct {
    * reserved (a graph captured earlier holds only this struct's address) */
   const float *grad_norm;   /* grad-norm shadows' norm, or NULL */
   const float *layer_norms; /* LAWA's given norms, or NULL: from the gradients */
-  uint32_t blocks_done;     /* the last block of a launch advances the counters */
+  uint32_t blocks_done;     /* wraps at each launch's last block, which advances
+                               consumed or dropped (launch_counter.h) */
   uint32_t pad_;
 } polyak_graph_state;
 
@@ -69,7 +70,7 @@ typedef struct {
 
 /* LAWA's betas for one update (layerwise.h): from the gradients (grads,
  * a device table) or the norms given (norms); blocks_done starts at 0 and
- * is left so. */
+ * wraps back to it at each launch's last block (launch_counter.h). */
 typedef struct {
   const polyak_tensor_desc *descs;
   const polyak_chunk *chunks;
@@ -93,9 +94,10 @@ cudaError_t polyak_launch_layer_betas(const polyak_layer_args *args, int grid, c
 /* One launch of `grid` blocks: every shadow of every chunk. */
 cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid, cudaStream_t stream);
 
-/* The largest useful grid of the update kernel on `device`: the blocks
- * that fit on all of its multiprocessors at once. */
-cudaError_t polyak_update_grid_limit(int device, int *grid);
+/* The largest useful grid of the update kernel on `device` for shadows of
+ * shadow_dtype, stochastic_f32 as in the updates' args: the blocks that fit
+ * on all of its multiprocessors at once. */
+cudaError_t polyak_update_grid_limit(int device, int shadow_dtype, uint32_t stochastic_f32, int *grid);
 
 /* Shadows first_shadow .. first_shadow + num_shadows - 1 (arenas, or the
  * caller's memory for shadows of theirs) get the params, rounded to

@@ -5,6 +5,7 @@
  * in the order layerwise.h fixes (the CPU backend follows it too).
  */
 #include "launch.h"
+#include "launch_counter.h"
 #include "layerwise.h"
 
 __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(const polyak_layer_args a)
@@ -13,10 +14,12 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __shared__ double total_part[POLYAK_LAYER_THREADS];
   __shared__ double total;
   __shared__ int last;
-  if (a.graph && a.graph->consumed >= a.graph->num_steps) /* dropped, as its update will be */
-    return;
+  /* a replay past the reservation computes nothing, as its update will
+   * change nothing; its blocks still count themselves, so that the counter
+   * wraps with every launch */
+  const int dropped = a.graph && a.graph->consumed >= a.graph->num_steps;
   const float *norms = a.graph ? a.graph->layer_norms : a.norms;
-  void *const *grads = norms ? NULL : a.grads;
+  void *const *grads = norms || dropped ? NULL : a.grads;
   for (int64_t c = blockIdx.x; c < a.num_chunks && grads; c += gridDim.x) {
     const polyak_chunk chunk = a.chunks[c];
     part[threadIdx.x] =
@@ -30,7 +33,7 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0)
-    last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
+    last = polyak_block_is_last(a.blocks_done, gridDim.x) && !dropped;
   __syncthreads();
   if (!last)
     return;
@@ -43,10 +46,8 @@ __global__ void __launch_bounds__(POLYAK_LAYER_THREADS) polyak_layer_kernel(cons
   }
   total_part[threadIdx.x] = mine;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0)
     total = polyak_sum_parts_f64(total_part);
-    *a.blocks_done = 0; /* ready for the next launch */
-  }
   __syncthreads();
   for (int64_t l = threadIdx.x; l < a.num_tensors; l += POLYAK_LAYER_THREADS)
     polyak_layer_betas(a.layer_norm[l], total, a.beta0, a.num_shadows, a.layer_beta + l * POLYAK_MAX_SHADOWS);

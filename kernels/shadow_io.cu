@@ -12,11 +12,27 @@ struct polyak_init_shadows {
   void *arena[POLYAK_MAX_SHADOWS];
 };
 
+/* Kernel arguments that loops index by shadow go to shared memory first,
+ * each entry by a constant index: indexed by a variable in the argument
+ * itself, the whole array would be copied to the stack (a local-memory
+ * frame) in every thread. */
+template <typename T> static __device__ void polyak_share(const T (&from)[POLYAK_MAX_SHADOWS], T *to)
+{
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+      to[k] = from[k];
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     polyak_init_kernel(const polyak_tensor_desc *descs, const polyak_chunk *chunks, int64_t num_chunks,
                        polyak_init_shadows shadows, int first_shadow, int num_shadows, int shadow_dtype,
                        unsigned long long *nonfinite, unsigned long long *first_nonfinite)
 {
+  __shared__ void *arena[POLYAK_MAX_SHADOWS];
+  polyak_share(shadows.arena, arena);
   unsigned long long count = 0;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
@@ -28,7 +44,7 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
         atomicMin(first_nonfinite, (unsigned long long)(t.global_offset_elems + i));
       }
       for (int k = first_shadow; k < first_shadow + num_shadows; k++)
-        polyak_shadow_store(&t, shadows.arena[k], shadow_dtype, k, i, value);
+        polyak_shadow_store(&t, arena[k], shadow_dtype, k, i, value);
     }
   }
   if (count)
@@ -119,12 +135,25 @@ extern "C" cudaError_t polyak_launch_store(const polyak_tensor_desc *descs, cons
   return cudaLaunchKernel((void *)polyak_store_kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
-static __device__ float polyak_blend_at(const polyak_blend_args &a, const polyak_tensor_desc *t, int64_t i)
+/* A blend's arenas and coefficients, in shared memory (polyak_share). */
+struct polyak_shared_blend {
+  const void *arenas[POLYAK_MAX_SHADOWS];
+  float coefficient[POLYAK_MAX_SHADOWS];
+};
+
+static __device__ void polyak_share_blend(const polyak_blend_args &a, polyak_shared_blend *to)
+{
+  polyak_share(a.arenas, to->arenas);
+  polyak_share(a.coefficient, to->coefficient);
+}
+
+static __device__ float polyak_blend_at(const polyak_shared_blend &b, int num_shadows, int shadow_dtype,
+                                        const polyak_tensor_desc *t, int64_t i)
 {
   float acc = 0.0f;
-  for (int k = 0; k < a.num_shadows; k++)
-    if (a.coefficient[k] != 0.0f)
-      acc = polyak_blend_step(acc, a.coefficient[k], polyak_shadow_load(t, a.arenas[k], a.shadow_dtype, k, i));
+  for (int k = 0; k < num_shadows; k++)
+    if (b.coefficient[k] != 0.0f)
+      acc = polyak_blend_step(acc, b.coefficient[k], polyak_shadow_load(t, b.arenas[k], shadow_dtype, k, i));
   return acc;
 }
 
@@ -132,11 +161,13 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     polyak_blend_to_params_kernel(const polyak_blend_args a, const polyak_tensor_desc *descs,
                                   const polyak_chunk *chunks, int64_t num_chunks)
 {
+  __shared__ polyak_shared_blend b;
+  polyak_share_blend(a, &b);
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const polyak_chunk chunk = chunks[c];
     const polyak_tensor_desc t = descs[chunk.tensor];
     for (int64_t i = chunk.first_elem + threadIdx.x; i < chunk.first_elem + chunk.num_elems; i += blockDim.x)
-      polyak_store_f32(t.param, i, polyak_blend_at(a, &t, i), t.param_dtype);
+      polyak_store_f32(t.param, i, polyak_blend_at(b, a.num_shadows, a.shadow_dtype, &t, i), t.param_dtype);
   }
 }
 
@@ -152,9 +183,11 @@ extern "C" cudaError_t polyak_launch_blend_to_params(const polyak_blend_args *ar
 __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS)
     polyak_blend_kernel(const polyak_blend_args a, const polyak_tensor_desc t, void *dst, int dst_dtype)
 {
+  __shared__ polyak_shared_blend b;
+  polyak_share_blend(a, &b);
   int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.num_elems; i += stride)
-    polyak_store_f32(dst, i, polyak_blend_at(a, &t, i), dst_dtype);
+    polyak_store_f32(dst, i, polyak_blend_at(b, a.num_shadows, a.shadow_dtype, &t, i), dst_dtype);
 }
 
 extern "C" cudaError_t polyak_launch_blend(const polyak_blend_args *args, const polyak_tensor_desc *t, void *dst,

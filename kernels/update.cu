@@ -7,6 +7,7 @@
  * right step at every replay.
  */
 #include "launch.h"
+#include "launch_counter.h"
 #include "layerwise.h"
 #include "update_chunk.h"
 
@@ -54,18 +55,14 @@ static __device__ void polyak_resolve_grad_norm(const polyak_update_kernel_args 
   polyak_apply_grad_norm(&out->args, a.grad_norm_c, *grad_norm, blockIdx.x == 0 ? a.products : NULL);
 }
 
-/* Graph mode: the last block to finish advances the reservation. */
+/* Graph mode: the last block to finish advances the reservation; the
+ * counter wraps by itself (launch_counter.h). */
 static __device__ void polyak_finish_step(const polyak_update_kernel_args &a, int dropped)
 {
   __threadfence();
-  unsigned int ticket = atomicAdd(&a.graph->blocks_done, 1u);
-  if (ticket == gridDim.x - 1) {
+  if (polyak_block_is_last(&a.graph->blocks_done, gridDim.x)) {
     __threadfence(); /* every block's read of `consumed` happened before */
-    if (dropped)
-      a.graph->dropped += 1;
-    else
-      a.graph->consumed += 1;
-    a.graph->blocks_done = 0;
+    polyak_count_launch(dropped ? &a.graph->dropped : &a.graph->consumed);
     __threadfence();
   }
 }
@@ -100,9 +97,12 @@ static __device__ int64_t polyak_block_sum(int64_t value)
 
 /* At least 4 blocks of 256 threads per SM (half the threads a Hopper SM
  * holds): up to 64 registers a thread. Left to itself ptxas picked 40 and
- * spilled. */
-template <int SHADOW_DTYPE>
-__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4) polyak_update_kernel(const polyak_update_kernel_args a)
+ * spilled. f32 shadows that round stochastically (SR_F32) have a kernel of
+ * their own: the double arithmetic of 8 elements at once needs about 72
+ * registers (64 spilled on sm_80), so 3 blocks; the common kernels keep 4. */
+template <int SHADOW_DTYPE, bool SR_F32>
+__global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, SR_F32 ? 3 : 4)
+    polyak_update_kernel(const polyak_update_kernel_args a)
 {
   __shared__ polyak_resolved_step step;
   if (threadIdx.x == 0) {
@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4) polyak_update_kernel(
                                    a.layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
         __syncthreads();
       }
-      nonfinite +=
-          polyak_update_chunk<SHADOW_DTYPE>(t, chunk, step.shadows, step.args, threadIdx.x, POLYAK_BLOCK_THREADS);
+      nonfinite += polyak_update_chunk<SHADOW_DTYPE, SR_F32>(t, chunk, step.shadows, step.args, threadIdx.x,
+                                                             POLYAK_BLOCK_THREADS);
     }
     for (int64_t c = blockIdx.x; c < a.num_copy_chunks; c += gridDim.x)
       polyak_copy_chunk_block(a.copy_chunks[c], static_cast<char *>(a.copies));
@@ -138,27 +138,32 @@ __global__ void __launch_bounds__(POLYAK_BLOCK_THREADS, 4) polyak_update_kernel(
   }
 }
 
+/* The kernel for shadows of `shadow_dtype` where the f32 ones round
+ * stochastically (stochastic_f32 != 0) or not. */
+static void *polyak_update_kernel_for(int shadow_dtype, uint32_t stochastic_f32)
+{
+  if (shadow_dtype != POLYAK_F32)
+    return (void *)polyak_update_kernel<POLYAK_BF16, false>;
+  return stochastic_f32 ? (void *)polyak_update_kernel<POLYAK_F32, true>
+                        : (void *)polyak_update_kernel<POLYAK_F32, false>;
+}
+
 /* cudaLaunchKernel returns this launch's status alone; cudaGetLastError
  * after <<<>>> would also return (and clear) an unrelated earlier error. */
 extern "C" cudaError_t polyak_launch_update(const polyak_update_kernel_args *args, int grid, cudaStream_t stream)
 {
-  void *kernel = args->shadow_dtype == POLYAK_F32 ? (void *)polyak_update_kernel<POLYAK_F32>
-                                                  : (void *)polyak_update_kernel<POLYAK_BF16>;
+  void *kernel = polyak_update_kernel_for(args->shadow_dtype, args->step.stochastic_f32);
   void *params[] = {(void *)args};
   return cudaLaunchKernel(kernel, dim3(grid), dim3(POLYAK_BLOCK_THREADS), params, 0, stream);
 }
 
-extern "C" cudaError_t polyak_update_grid_limit(int device, int *grid)
+extern "C" cudaError_t polyak_update_grid_limit(int device, int shadow_dtype, uint32_t stochastic_f32, int *grid)
 {
-  int sms = 0, f32_blocks = 0, bf16_blocks = 0;
+  int sms = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f32_blocks, polyak_update_kernel<POLYAK_F32>,
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, polyak_update_kernel_for(shadow_dtype, stochastic_f32),
                                                         POLYAK_BLOCK_THREADS, 0);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bf16_blocks, polyak_update_kernel<POLYAK_BF16>,
-                                                        POLYAK_BLOCK_THREADS, 0);
-  int per_sm = f32_blocks < bf16_blocks ? f32_blocks : bf16_blocks;
   *grid = sms * (per_sm > 0 ? per_sm : 1);
   return err;
 }

@@ -225,8 +225,10 @@ POLYAK_HD int polyak_update_scalar(const polyak_tensor_desc &t, int64_t i, void 
   return !finite;
 }
 
-/* Eight elements from index i (param and shadows 16-byte aligned there). */
-template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
+/* Eight elements from index i (param and shadows 16-byte aligned there).
+ * SR_F32 false: no f32 shadow rounds stochastically (a.stochastic_f32 is
+ * 0), and that path is left out. */
+template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK, bool SR_F32>
 POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void *const *shadows,
                                    const polyak_update_args &a)
 {
@@ -246,7 +248,7 @@ POLYAK_HD int polyak_update_vector(const polyak_tensor_desc &t, int64_t i, void 
     if (SHADOW_DTYPE == POLYAK_F32) {
       float *s = static_cast<float *>(shadows[k]) + slot;
       polyak_u32x4 lo = polyak_load16(s), hi = polyak_load16(s + 4);
-      if ((a.stochastic_f32 >> k) & 1u) { /* uniform across the launch: no divergence */
+      if (SR_F32 && ((a.stochastic_f32 >> k) & 1u)) { /* uniform across the launch: no divergence */
         int64_t elem = t.global_offset_elems + i;
         for (int j = 0; j < 4; j++) {
           if (!keep[j])
@@ -305,7 +307,7 @@ POLYAK_HD int64_t polyak_chunk_head(const polyak_tensor_desc &t, const polyak_ch
 
 /* Thread `thread` of `num_threads`'s share of one chunk. Returns the
  * non-finite params it met. */
-template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK>
+template <int PARAM_DTYPE, int SHADOW_DTYPE, bool WRITE_BACK, bool SR_F32>
 POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const polyak_chunk &chunk,
                                              void *const *shadows, const polyak_update_args &a, int thread,
                                              int num_threads)
@@ -318,8 +320,8 @@ POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const 
   for (int64_t i = thread; i < head; i += num_threads)
     nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   for (int64_t v = thread; v < num_vectors; v += num_threads)
-    nonfinite +=
-        polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + head + v * POLYAK_VEC_ELEMS, shadows, a);
+    nonfinite += polyak_update_vector<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK, SR_F32>(
+        t, base + head + v * POLYAK_VEC_ELEMS, shadows, a);
   for (int64_t i = tail + thread; i < n; i += num_threads)
     nonfinite += polyak_update_scalar<PARAM_DTYPE, SHADOW_DTYPE, WRITE_BACK>(t, base + i, shadows, a);
   return nonfinite;
@@ -327,17 +329,20 @@ POLYAK_HD int64_t polyak_update_chunk_thread(const polyak_tensor_desc &t, const 
 
 /* The per-chunk dispatch on the param dtype (uniform across a chunk, so no
  * divergence within a block). */
-template <int SHADOW_DTYPE, bool WRITE_BACK>
+template <int SHADOW_DTYPE, bool WRITE_BACK, bool SR_F32>
 POLYAK_HD int64_t polyak_update_chunk_as(const polyak_tensor_desc &t, const polyak_chunk &chunk, void *const *shadows,
                                          const polyak_update_args &a, int thread, int num_threads)
 {
   switch (t.param_dtype) {
   case POLYAK_F32:
-    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
+    return polyak_update_chunk_thread<POLYAK_F32, SHADOW_DTYPE, WRITE_BACK, SR_F32>(t, chunk, shadows, a, thread,
+                                                                                    num_threads);
   case POLYAK_BF16:
-    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
+    return polyak_update_chunk_thread<POLYAK_BF16, SHADOW_DTYPE, WRITE_BACK, SR_F32>(t, chunk, shadows, a, thread,
+                                                                                     num_threads);
   case POLYAK_F16:
-    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE, WRITE_BACK>(t, chunk, shadows, a, thread, num_threads);
+    return polyak_update_chunk_thread<POLYAK_F16, SHADOW_DTYPE, WRITE_BACK, SR_F32>(t, chunk, shadows, a, thread,
+                                                                                    num_threads);
   }
   return 0;
 }
@@ -360,15 +365,17 @@ POLYAK_HD int64_t polyak_update_owned_chunk(const polyak_tensor_desc &t, const p
   return nonfinite;
 }
 
-/* ... and on Lookahead's write-back (uniform across a launch). */
-template <int SHADOW_DTYPE>
+/* ... and on Lookahead's write-back (uniform across a launch). SR_F32
+ * false leaves out stochastic rounding of f32 shadows' vectors: only for
+ * updates whose a.stochastic_f32 is 0. */
+template <int SHADOW_DTYPE, bool SR_F32 = true>
 POLYAK_HD int64_t polyak_update_chunk(const polyak_tensor_desc &t, const polyak_chunk &chunk, void *const *shadows,
                                       const polyak_update_args &a, int thread, int num_threads)
 {
   if (t.owned)
     return polyak_update_owned_chunk(t, chunk, a, thread, num_threads);
-  return a.write_back ? polyak_update_chunk_as<SHADOW_DTYPE, true>(t, chunk, shadows, a, thread, num_threads)
-                      : polyak_update_chunk_as<SHADOW_DTYPE, false>(t, chunk, shadows, a, thread, num_threads);
+  return a.write_back ? polyak_update_chunk_as<SHADOW_DTYPE, true, SR_F32>(t, chunk, shadows, a, thread, num_threads)
+                      : polyak_update_chunk_as<SHADOW_DTYPE, false, SR_F32>(t, chunk, shadows, a, thread, num_threads);
 }
 
 #endif /* POLYAK_UPDATE_CHUNK_H */

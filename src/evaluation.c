@@ -27,7 +27,11 @@ polyak_status polyak_store(polyak_t *p, void *stream)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_store: steps are reserved for graph replays, which would fold what the params "
                        "hold during the store; call polyak_graph_release first");
-  polyak_status status = p->ops->store(p, stream);
+  /* a captured store would keep the params once, and the host would think
+   * a store pending at every replay (and its first use allocates) */
+  polyak_status status = polyak_refuse_during_capture(p, stream, 1, "polyak_store");
+  if (status == POLYAK_OK)
+    status = p->ops->store(p, stream);
   if (status == POLYAK_OK)
     status = polyak_copies_store(p, 1, stream);
   if (status == POLYAK_OK)
@@ -41,7 +45,9 @@ polyak_status polyak_restore(polyak_t *p, void *stream)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->stored)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_restore: nothing is stored; call polyak_store first");
-  polyak_status status = p->ops->restore(p, stream);
+  polyak_status status = polyak_refuse_during_capture(p, stream, 1, "polyak_restore");
+  if (status == POLYAK_OK)
+    status = p->ops->restore(p, stream);
   if (status == POLYAK_OK)
     status = polyak_copies_store(p, 0, stream);
   if (status == POLYAK_OK)
@@ -55,6 +61,7 @@ polyak_status polyak_discard_store(polyak_t *p)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->stored)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_discard_store: nothing is stored");
+  POLYAK_TRY(polyak_refuse_during_capture(p, NULL, 0, "polyak_discard_store"));
   p->stored = p->store_pending = 0;
   return POLYAK_OK;
 }

@@ -31,6 +31,8 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
                        "polyak_graph_release first",
                        (long long)p->graph_first_step, (long long)(p->graph_first_step + p->graph_num_steps - 1));
   polyak_status status = polyak_refuse_pending_store(p, "polyak_graph_reserve");
+  if (status == POLYAK_OK) /* it waits for the device */
+    status = polyak_refuse_during_capture(p, stream, 1, "polyak_graph_reserve");
   if (status == POLYAK_OK)
     status = polyak_check_next_step(p, first_step, "polyak_graph_reserve: first_step");
   if (status == POLYAK_OK)
@@ -38,11 +40,18 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
   if (status != POLYAK_OK)
     return status;
   size_t row_num_bytes = (size_t)p->cfg.num_shadows * sizeof(float);
-  if (num_steps < 1 || num_steps > INT64_MAX - first_step || (uint64_t)num_steps > SIZE_MAX / row_num_bytes)
+  if (num_steps < 1 || num_steps > INT64_MAX - first_step)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_graph_reserve: num_steps = %lld is not a count of steps from "
                        "step %lld",
                        (long long)num_steps, (long long)first_step);
+  /* the table costs host and device memory and a pass to fill: bounded */
+  if (num_steps > POLYAK_MAX_GRAPH_STEPS)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_graph_reserve: num_steps = %lld is more than one reservation holds "
+                       "(POLYAK_MAX_GRAPH_STEPS = %lld, a table of %zu bytes a step); reserve fewer and "
+                       "reserve again after polyak_graph_release",
+                       (long long)num_steps, (long long)POLYAK_MAX_GRAPH_STEPS, row_num_bytes);
   float *weights = malloc((size_t)num_steps * row_num_bytes);
   if (!weights)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_graph_reserve: out of host memory for %lld steps",
@@ -79,7 +88,9 @@ polyak_status polyak_graph_release(polyak_t *p, int64_t *num_steps_done)
   if (!p->graph_reserved)
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_graph_release: no steps are reserved");
   int64_t consumed = 0, dropped = 0;
-  polyak_status status = p->ops->graph_release(p, &consumed, &dropped);
+  polyak_status status = polyak_refuse_during_capture(p, NULL, 0, "polyak_graph_release"); /* it waits */
+  if (status == POLYAK_OK)
+    status = p->ops->graph_release(p, &consumed, &dropped);
   if (status != POLYAK_OK)
     return status;
   for (int64_t row = 0; row < consumed; row++)

@@ -33,6 +33,7 @@ void polyak_destroy(polyak_t *p)
   polyak_copies_release(p);
   p->ops->release(p);
   free(p->graph_weights);
+  free(p->grads_set);
   polyak_plan_free(p);
   polyak_registry_free(p);
   free(p);
@@ -47,18 +48,24 @@ polyak_status polyak_require_finalized(polyak_t *p, const char *function)
   return POLYAK_OK;
 }
 
+/* The getters take a const handle, but a failure still records its reason:
+ * the message buffer is the handle's own, never the caller's data. */
 polyak_status polyak_get_step(const polyak_t *p, int64_t *step)
 {
-  if (!p || !step)
+  if (!p)
     return POLYAK_ERR_INVALID_ARG;
+  if (!step)
+    return polyak_fail((polyak_t *)p, POLYAK_ERR_INVALID_ARG, "polyak_get_step: step is NULL");
   *step = p->last_step;
   return POLYAK_OK;
 }
 
 polyak_status polyak_num_tensors(const polyak_t *p, int *num_tensors)
 {
-  if (!p || !num_tensors)
+  if (!p)
     return POLYAK_ERR_INVALID_ARG;
+  if (!num_tensors)
+    return polyak_fail((polyak_t *)p, POLYAK_ERR_INVALID_ARG, "polyak_num_tensors: num_tensors is NULL");
   *num_tensors = p->num_tensors;
   return POLYAK_OK;
 }

@@ -80,6 +80,7 @@ struct polyak {
   int64_t updates_counted[POLYAK_MAX_SHADOWS]; /* updates after start_step: t of count_updates */
   const float *grad_norm;                      /* polyak_set_grad_norm's scalar (backend memory) */
   int layer_source;                            /* LAWA's norms: 0 not set, 1 from gradients, 2 given */
+  void **grads_set;                            /* [num_tensors]: polyak_set_grads's table (layer_source 1) */
 
   /* graph mode: steps reserved for replays of a captured update */
   int graph_reserved;
@@ -118,9 +119,10 @@ struct polyak_backend_ops {
    * caller's shadow: backend memory) times debias_scale into dst as dst_dtype */
   polyak_status (*read_out)(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
                             double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream);
-  /* refuses a read-out destination the backend cannot write (host memory
-   * for CUDA) */
-  polyak_status (*check_read_out)(polyak_t *p, const void *dst, void *stream, const char *function);
+  /* refuses a read-out destination (or source: the snapshots), num_bytes
+   * from dst, the backend cannot reach (host memory for CUDA, a span past
+   * its allocation) */
+  polyak_status (*check_read_out)(polyak_t *p, const void *dst, size_t num_bytes, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
   void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
 
@@ -189,6 +191,11 @@ struct polyak_backend_ops {
   polyak_status (*agree)(polyak_t *p, int local_ok, int *all_ok);
   /* 1 if `stream` is being captured into a graph */
   polyak_status (*capturing)(polyak_t *p, void *stream, int *capturing);
+  /* 1 if a capture is under way that a call waiting for the device or
+   * allocating would break, whatever stream the call has: one the backend
+   * can see (CUDA: on a blocking stream, or the one the handle's last
+   * captured graph update joined); NULL: never */
+  polyak_status (*capture_under_way)(polyak_t *p, int *under_way);
 };
 
 extern const polyak_backend_ops polyak_cpu_ops;
@@ -444,6 +451,13 @@ polyak_status polyak_refuse_pending_store(polyak_t *p, const char *function);
 
 /* POLYAK_ERR_INVALID_ARG for a shadow index outside 0..num_shadows - 1. */
 polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function);
+
+/* POLYAK_ERR_STATE "<function>: ..." while a capture is under way that
+ * the call would break or that replays would not repeat: `stream` being
+ * captured (has_stream: the call takes one), or any capture the backend
+ * can see (capture_under_way). For the calls that wait for the device,
+ * allocate, or change host state; first, before they change anything. */
+polyak_status polyak_refuse_during_capture(polyak_t *p, void *stream, int has_stream, const char *function);
 
 /* POLYAK_ERR_STATE, with the formatted reason, if `stream` is being
  * captured into a graph (the call could not be replayed as it ran). */

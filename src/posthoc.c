@@ -148,7 +148,7 @@ polyak_status polyak_snapshot(polyak_t *p, int shadow, float *dst, void *stream)
   double debias_scale = 1.0;
   status = polyak_debias_scale(p, shadow, stream, "polyak_snapshot", &debias_scale);
   if (status == POLYAK_OK && p->arena_elems > 0)
-    status = p->ops->check_read_out(p, dst, stream, "polyak_snapshot");
+    status = p->ops->check_read_out(p, dst, (size_t)p->arena_elems * sizeof(float), stream, "polyak_snapshot");
   if (status != POLYAK_OK)
     return status;
   /* the whole arena in one pass, padding (zeros) included */
@@ -185,8 +185,11 @@ polyak_status polyak_synthesize_to_params(polyak_t *p, const float *snapshots, i
   }
   /* it allocates scratch and waits for the stream */
   status = polyak_refuse_capture(p, stream, "polyak_synthesize_to_params: cannot be captured into a graph");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_during_capture(p, stream, 0, "polyak_synthesize_to_params");
   if (status == POLYAK_OK && p->arena_elems > 0)
-    status = p->ops->check_read_out(p, snapshots, stream, "polyak_synthesize_to_params");
+    status = p->ops->check_read_out(p, snapshots, (size_t)num_snapshots * (size_t)p->arena_elems * sizeof(float),
+                                    stream, "polyak_synthesize_to_params");
   if (status == POLYAK_OK)
     status = p->ops->synthesize(p, snapshots, num_snapshots, weights, stream);
   return status == POLYAK_OK ? polyak_copies_to_params(p, stream) : status;

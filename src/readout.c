@@ -55,7 +55,11 @@ static polyak_status prepare_debias(polyak_t *p, void *stream, const char *funct
   polyak_status status = polyak_refuse_capture(
       p, stream, "%s: with zero_init a captured read-out would keep this step's debias factor at every replay",
       function);
-  return status == POLYAK_OK && !p->graph_reserved ? polyak_refresh_products(p) : status;
+  if (status != POLYAK_OK || p->graph_reserved || !polyak_has_grad_norm(&p->cfg))
+    return status;
+  /* the grad-norm products are fetched from the device, waiting for it */
+  status = polyak_refuse_during_capture(p, stream, 0, function);
+  return status == POLYAK_OK ? polyak_refresh_products(p) : status;
 }
 
 polyak_status polyak_debias_scale(polyak_t *p, int shadow, void *stream, const char *function, double *scale)
@@ -86,9 +90,12 @@ static polyak_status check_read(polyak_t *p, int shadow, int tensor, const void 
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: tensor %d is outside 0..%d, the registered tensors%s", where,
                        tensor, p->num_tensors - 1, shadow != BLEND ? " (the shadow comes first)" : "");
   const polyak_tensor *t = &p->tensors[tensor];
-  if (t->copy_only ? !polyak_dtype_copyable(dst_dtype) : !polyak_dtype_valid(dst_dtype))
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype%s", where, (int)dst_dtype,
-                       t->copy_only ? "" : " an average reads out as (F32, BF16, F16)");
+  if (!polyak_dtype_copyable(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: dst_dtype = %d is not a polyak_dtype", where, (int)dst_dtype);
+  if (!t->copy_only && !polyak_dtype_valid(dst_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "%s: dst_dtype %s is not one an average reads out as (F32, BF16, F16)", where,
+                       polyak_dtype_name(dst_dtype));
   if (t->copy_only && !polyak_copy_readable_as(t->dtype, dst_dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: \"%s\" is a copy of a %s tensor and reads out as %s only", where,
                        t->name, polyak_dtype_name(t->dtype), polyak_dtype_name(t->dtype));
@@ -117,8 +124,11 @@ static polyak_status read_shadow(polyak_t *p, int shadow, int tensor, void *dst,
   double debias_scale = 1.0;
   polyak_status status = check_read(p, shadow, tensor, dst, dst_dtype, dst_num_bytes, whole, function);
   int copy_only = status == POLYAK_OK && p->tensors[tensor].copy_only;
-  if (status == POLYAK_OK && (whole || copy_only ? p->tensors[tensor].num_elems : p->descs[tensor].local_num_elems) > 0)
-    status = p->ops->check_read_out(p, dst, stream, function);
+  int64_t num_elems = status != POLYAK_OK  ? 0
+                      : whole || copy_only ? p->tensors[tensor].num_elems
+                                           : p->descs[tensor].local_num_elems;
+  if (status == POLYAK_OK && num_elems > 0)
+    status = p->ops->check_read_out(p, dst, (size_t)num_elems * polyak_dtype_num_bytes(dst_dtype), stream, function);
   if (copy_only) /* its one mirror, not averaged, so not debiased */
     return status == POLYAK_OK ? polyak_copy_read(p, tensor, dst, dst_dtype, stream) : status;
   if (status == POLYAK_OK)
@@ -238,7 +248,8 @@ static polyak_status get_blend(polyak_t *p, const double *weights, int flags, in
   if (status == POLYAK_OK)
     status = check_read(p, BLEND, tensor, dst, dst_dtype, dst_num_bytes, 1, function);
   if (status == POLYAK_OK && p->tensors[tensor].num_elems > 0)
-    status = p->ops->check_read_out(p, dst, stream, function);
+    status = p->ops->check_read_out(p, dst, (size_t)p->tensors[tensor].num_elems * polyak_dtype_num_bytes(dst_dtype),
+                                    stream, function);
   if (status == POLYAK_OK && p->tensors[tensor].copy_only) /* every shadow is its mirror */
     return polyak_copy_read(p, tensor, dst, dst_dtype, stream);
   return status == POLYAK_OK ? p->ops->blend(p, coefficient, tensor, dst, dst_dtype, stream) : status;

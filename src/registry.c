@@ -100,9 +100,12 @@ static polyak_status check_memory(polyak_t *p, const char *where, const char *wh
  * can live in. */
 static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype shadow_dtype, int flags)
 {
-  if (!polyak_dtype_valid(shadow_dtype))
+  if (!polyak_dtype_copyable(shadow_dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow_dtype = %d is not a polyak_dtype", where,
                        (int)shadow_dtype);
+  if (!polyak_dtype_valid(shadow_dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: shadow_dtype %s is not a shadow dtype (F32, BF16 or F16)", where,
+                       polyak_dtype_name(shadow_dtype));
   if (flags & ~POLYAK_SHADOW_ROUND_NEAREST)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: flags = %d has unknown bits", where, flags);
   const polyak_config *c = &p->cfg;
@@ -278,8 +281,12 @@ polyak_status polyak_add_arena(polyak_t *p, void *base, polyak_dtype dtype, size
                        "polyak_add_arena: the handle is finalized; register every tensor before polyak_finalize");
   if (num_views < 0 || (num_views > 0 && !views))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: %d views at %p", num_views, (const void *)views);
-  if (!polyak_dtype_valid(dtype))
+  if (!polyak_dtype_copyable(dtype))
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: dtype = %d is not a polyak_dtype", (int)dtype);
+  if (!polyak_dtype_valid(dtype))
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_add_arena: dtype %s is not F32, BF16 or F16, which arenas of averaged params hold",
+                       polyak_dtype_name(dtype));
   size_t elem_num_bytes = polyak_dtype_num_bytes(dtype);
   if (arena_num_elems > (size_t)INT64_MAX / elem_num_bytes)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_add_arena: arena_num_elems = %zu is too large",

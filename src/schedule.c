@@ -1,6 +1,6 @@
-/* schedule.c: the decay schedules beta(step), their products over step
- * gaps, and the conversions between beta, half-life, window and EDM2's
- * sigma_rel. Pure host code in double precision. */
+/* schedule.c: the decay schedules beta(step) and the conversions between
+ * beta, half-life, window and EDM2's sigma_rel (the products of betas over
+ * step gaps are schedule_product.c's). Pure host code in double precision. */
 #include <math.h>
 #include <string.h>
 
@@ -146,77 +146,6 @@ double polyak_beta_at(const polyak_schedule *s, int64_t step)
   if (step <= s->start_step)
     return 0.0;
   return polyak_beta_of_t(s, (double)(step - s->start_step - 1));
-}
-
-/* prod_{t = t_first..t_last} (1+t)/(10+t) telescopes to
- * prod_{j=1..9} (t_first+j) / (t_last+1+j). */
-static double tf_ramp_product(double t_first, double t_last)
-{
-  double product = 1.0;
-  for (int j = 1; j <= 9; j++)
-    product *= (t_first + j) / (t_last + 1.0 + j);
-  return product;
-}
-
-/* prod over t in [t_first, t_last] of beta_at_t, t_first >= 0. */
-static double product_over_t(const polyak_schedule *s, int64_t t_first, int64_t t_last)
-{
-  int64_t count = t_last - t_first + 1;
-  switch (s->kind) {
-  case POLYAK_SCHEDULE_CONSTANT:
-    return pow(s->beta, (double)count);
-  case POLYAK_SCHEDULE_EQUAL: /* prod t/(t+1) telescopes to t_first/(t_last+1) */
-    return (double)t_first / ((double)t_last + 1.0);
-  case POLYAK_SCHEDULE_POWER:
-    return pow((double)t_first / ((double)t_last + 1.0), s->gamma + 1.0);
-  case POLYAK_SCHEDULE_TF: {
-    /* (1+t)/(10+t) rises through beta at t_cap; from there on beta applies */
-    int64_t t_cap = t_last + 1;
-    if (s->beta < 1.0) {
-      double crossing = ceil((10.0 * s->beta - 1.0) / (1.0 - s->beta));
-      if (crossing < (double)t_cap)
-        t_cap = crossing < (double)t_first ? t_first : (int64_t)crossing;
-    }
-    double product = 1.0;
-    if (t_cap > t_first)
-      product = tf_ramp_product((double)t_first, (double)(t_cap - 1));
-    return product * pow(s->beta, (double)(t_last + 1 - t_cap));
-  }
-  case POLYAK_SCHEDULE_WARMUP:
-  case POLYAK_SCHEDULE_LINEAR:
-  case POLYAK_SCHEDULE_COSINE: {
-    /* these rise to beta and stay there: multiply step by step until then */
-    double product = 1.0;
-    for (int64_t t = t_first; t <= t_last; t++) {
-      double beta = polyak_beta_of_t(s, (double)t);
-      product *= beta;
-      if (beta == s->beta)
-        return product * pow(s->beta, (double)(t_last - t));
-      if (product == 0.0)
-        return 0.0;
-    }
-    return product;
-  }
-  }
-  return NAN;
-}
-
-double polyak_beta_product(const polyak_schedule *s, int64_t last_step, int64_t step)
-{
-  if (!s || polyak_schedule_check(s, NULL, 0) != POLYAK_OK)
-    return NAN;
-  return polyak_beta_product_checked(s, last_step, step);
-}
-
-double polyak_beta_product_checked(const polyak_schedule *s, int64_t last_step, int64_t step)
-{
-  if (last_step < 0 || step < last_step)
-    return NAN;
-  if (step == last_step)
-    return 1.0;
-  if (last_step + 1 <= s->start_step) /* the gap holds a step with beta = 0 */
-    return 0.0;
-  return product_over_t(s, last_step - s->start_step, step - s->start_step - 1);
 }
 
 double polyak_half_life_from_beta(double beta)

@@ -55,8 +55,9 @@ static polyak_status check_gather(polyak_t *p, void *stream)
                        p->cfg.world_size);
   if (!p->ops->all_gather)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "this backend cannot gather over NCCL");
-  return polyak_refuse_capture(
+  polyak_status status = polyak_refuse_capture(
       p, stream, "a gather cannot be captured into a graph: it allocates, synchronizes and gathers over NCCL");
+  return status == POLYAK_OK ? polyak_refuse_during_capture(p, stream, 0, "gathering the shadows") : status;
 }
 
 polyak_status polyak_all_ready(polyak_t *p, int ready, polyak_status status_if_not, const char *what)

@@ -31,33 +31,58 @@ polyak_status polyak_set_grad_norm(polyak_t *p, const float *grad_norm)
   if ((uintptr_t)grad_norm % sizeof(float) != 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grad_norm: grad_norm %p is not 4-byte aligned",
                        (const void *)grad_norm);
-  polyak_status status = p->ops->check_grad_norm(p, grad_norm);
+  polyak_status status = polyak_refuse_during_capture(p, NULL, 0, "polyak_set_grad_norm");
+  if (status == POLYAK_OK)
+    status = p->ops->check_grad_norm(p, grad_norm);
   if (status == POLYAK_OK)
     p->grad_norm = grad_norm;
   return status;
 }
 
-/* What polyak_set_grads and polyak_set_layer_norms ask of the handle. */
-static polyak_status check_layer_source(polyak_t *p, const char *function)
+/* What polyak_set_grads and polyak_set_layer_norms ask of the handle:
+ * layer-wise shadows and finalize, then (check_change) no reservation and
+ * no capture, since the change waits for the device. */
+static polyak_status check_layerwise(polyak_t *p, const char *function)
 {
   if (!polyak_has_layerwise(&p->cfg))
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: no shadow is layer-wise (every shadows[k].layerwise_beta0 is 0)",
                        function);
-  POLYAK_TRY(polyak_require_finalized(p, function));
+  return polyak_require_finalized(p, function);
+}
+
+static polyak_status check_change(polyak_t *p, const char *function)
+{
   if (p->graph_reserved)
     return refuse_while_reserved(p, function);
-  return POLYAK_OK;
+  return polyak_refuse_during_capture(p, NULL, 0, function);
+}
+
+/* 1 if `grads` is the table polyak_set_grads holds already. */
+static int same_grads(const polyak_t *p, void *const *grads)
+{
+  if (p->layer_source != 1 || !p->grads_set)
+    return 0;
+  for (int i = 0; i < p->num_tensors; i++)
+    if (p->grads_set[i] != grads[i])
+      return 0;
+  return 1;
 }
 
 polyak_status polyak_set_grads(polyak_t *p, void *const *grads)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
-  polyak_status status = check_layer_source(p, "polyak_set_grads");
+  polyak_status status = check_layerwise(p, "polyak_set_grads");
   if (status != POLYAK_OK)
     return status;
   if (!grads && p->num_tensors > 0)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_grads: grads is NULL");
+  /* the table held already: nothing changes, nothing waits, so it may be
+   * set again before every update (fresh .grad tensors most often reuse
+   * their addresses), during captures and reservations too */
+  if (p->num_tensors > 0 && same_grads(p, grads))
+    return POLYAK_OK;
+  POLYAK_TRY(check_change(p, "polyak_set_grads"));
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     if (t->copy_only) /* not averaged: no gradient read */
@@ -69,17 +94,29 @@ polyak_status polyak_set_grads(polyak_t *p, void *const *grads)
                          "polyak_set_grads: grads[%d] (\"%s\") %p is not aligned to its %zu-byte elements", i, t->name,
                          grads[i], polyak_dtype_num_bytes(t->dtype));
   }
+  void **kept = malloc(((size_t)p->num_tensors + 1) * sizeof *kept);
+  if (!kept)
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_set_grads: out of host memory");
   status = p->ops->set_layer_source(p, grads, NULL);
-  if (status == POLYAK_OK)
-    p->layer_source = 1;
-  return status;
+  if (status != POLYAK_OK) {
+    free(kept);
+    return status;
+  }
+  for (int i = 0; i < p->num_tensors; i++)
+    kept[i] = grads[i];
+  free(p->grads_set);
+  p->grads_set = kept;
+  p->layer_source = 1;
+  return POLYAK_OK;
 }
 
 polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
-  polyak_status status = check_layer_source(p, "polyak_set_layer_norms");
+  polyak_status status = check_layerwise(p, "polyak_set_layer_norms");
+  if (status == POLYAK_OK)
+    status = check_change(p, "polyak_set_layer_norms");
   if (status != POLYAK_OK)
     return status;
   if (!norms && p->num_tensors > 0)
@@ -88,8 +125,11 @@ polyak_status polyak_set_layer_norms(polyak_t *p, const float *norms)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_set_layer_norms: norms %p is not 4-byte aligned",
                        (const void *)norms);
   status = p->ops->set_layer_source(p, NULL, norms);
-  if (status == POLYAK_OK)
+  if (status == POLYAK_OK) {
     p->layer_source = 2;
+    free(p->grads_set);
+    p->grads_set = NULL;
+  }
   return status;
 }
 
@@ -102,6 +142,7 @@ polyak_status polyak_get_layer_betas(polyak_t *p, int shadow, double *betas)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_layer_betas: betas is NULL");
   if (!p->layer_source) /* nothing to compute betas from yet */
     return polyak_fail(p, POLYAK_ERR_STATE, "polyak_get_layer_betas: no gradients or norms are set");
+  POLYAK_TRY(polyak_refuse_during_capture(p, NULL, 0, "polyak_get_layer_betas")); /* it waits for the device */
   size_t count = (size_t)p->num_tensors * POLYAK_MAX_SHADOWS;
   double *all = malloc((count + 1) * sizeof *all);
   if (!all)
@@ -131,7 +172,10 @@ polyak_status polyak_get_beta_product(polyak_t *p, int shadow, double *beta_prod
                        "polyak_get_beta_product: shadow %d is layer-wise: its betas are per tensor "
                        "(polyak_get_layer_betas)",
                        shadow);
-  status = polyak_is_grad_norm(&p->cfg, shadow) ? polyak_refresh_products(p) : POLYAK_OK;
+  if (polyak_is_grad_norm(&p->cfg, shadow)) /* its product is fetched from the device, waiting for it */
+    status = polyak_refuse_during_capture(p, NULL, 0, "polyak_get_beta_product");
+  if (status == POLYAK_OK && polyak_is_grad_norm(&p->cfg, shadow))
+    status = polyak_refresh_products(p);
   if (status == POLYAK_OK)
     *beta_product = p->beta_prod[shadow];
   return status;

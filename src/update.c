@@ -75,6 +75,24 @@ polyak_status polyak_refuse_capture(polyak_t *p, void *stream, const char *forma
   return POLYAK_ERR_STATE;
 }
 
+polyak_status polyak_refuse_during_capture(polyak_t *p, void *stream, int has_stream, const char *function)
+{
+  int capturing = 0;
+  polyak_status status = has_stream ? p->ops->capturing(p, stream, &capturing) : POLYAK_OK;
+  if (status == POLYAK_OK && !capturing && p->ops->capture_under_way)
+    status = p->ops->capture_under_way(p, &capturing);
+  if (status != POLYAK_OK || !capturing)
+    return status;
+  return polyak_fail(p, POLYAK_ERR_STATE,
+                     "%s: a CUDA graph is being captured (%s), and this call waits for the device, allocates or "
+                     "changes host state, which would break the capture or not be replayed; call it before the "
+                     "capture begins or after it ends",
+                     function,
+                     has_stream ? "on its stream, on a blocking stream, or where this handle's "
+                                  "polyak_graph_update was captured"
+                                : "on a blocking stream, or where this handle's polyak_graph_update was captured");
+}
+
 polyak_status polyak_finalize(polyak_t *p, void *stream)
 {
   if (!p)
@@ -155,6 +173,8 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
         p, stream,
         "polyak_hard_update: a captured hard update would reset the beta product only once, not at every "
         "replay");
+  if (status == POLYAK_OK) /* it waits for its scan of the params */
+    status = polyak_refuse_during_capture(p, stream, 0, "polyak_hard_update");
   /* a grad-norm shadow's product lives on the backend: reset there first,
    * put back if the copy fails */
   double products[POLYAK_MAX_SHADOWS], kept = 1.0;
@@ -189,5 +209,6 @@ polyak_status polyak_nonfinite_count(polyak_t *p, int64_t *count)
   if (!count)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_nonfinite_count: count is NULL");
   POLYAK_TRY(polyak_require_finalized(p, "polyak_nonfinite_count"));
+  POLYAK_TRY(polyak_refuse_during_capture(p, NULL, 0, "polyak_nonfinite_count")); /* it waits for the device */
   return p->ops->nonfinite_count(p, count);
 }

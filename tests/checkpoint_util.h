@@ -23,6 +23,9 @@
 
 #include "polyak_internal.h" // polyak_format_double
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 namespace polyak_test {
 
 inline void write_bytes(const std::string &path, const std::vector<char> &bytes)
@@ -204,6 +207,37 @@ inline std::vector<char> set_schedule_field(const std::vector<char> &bytes, int 
   auto out = set_metadata(bytes, "schedules", text);
   free(text);
   return out;
+}
+
+// The checksum of format 2, computed here from its rule: the XXH3-64 of
+// the checkpoint's bytes with the 16 digits after the header's first
+// "checksum":"xxh3-64: read as '0's. `bytes` with those digits set to it.
+inline std::vector<char> reseal(std::vector<char> bytes)
+{
+  uint64_t header_bytes;
+  std::memcpy(&header_bytes, bytes.data(), 8);
+  const std::string field = "\"checksum\":\"xxh3-64:";
+  size_t at = std::string(bytes.data() + 8, header_bytes).find(field);
+  EXPECT_NE(at, std::string::npos);
+  char *digits = bytes.data() + 8 + at + field.size();
+  std::memset(digits, '0', 16);
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", (unsigned long long)XXH3_64bits(bytes.data(), bytes.size()));
+  std::memcpy(digits, text, 16);
+  return bytes;
+}
+
+// A file as format 1 wrote it: its checksum the XXH3-64 of the data only,
+// without the keys format 2 added (param_dtypes).
+inline std::vector<char> as_format_1(const std::vector<char> &bytes)
+{
+  return edit_header(bytes, [](Parsed &f) {
+    json_object_set_new(f.metadata(), "format_version", json_string("1"));
+    json_object_del(f.metadata(), "param_dtypes");
+    char text[32];
+    std::snprintf(text, sizeof text, "xxh3-64:%016llx", (unsigned long long)XXH3_64bits(f.data.data(), f.data.size()));
+    json_object_set_new(f.metadata(), "checksum", json_string(text));
+  });
 }
 
 inline std::vector<char> with_length(std::vector<char> bytes, uint64_t n)

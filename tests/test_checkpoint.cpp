@@ -3,6 +3,8 @@
 // points of a save.
 #include "checkpoint_util.h"
 
+#include "checkpoint/safe_file.h"
+
 using namespace polyak_test;
 
 namespace {
@@ -178,6 +180,11 @@ TEST(Checkpoint, MetadataHoldsShortDoublesAndOldSeventeenDigitFilesStillLoad)
     }
   });
   EXPECT_TRUE(contains(std::string(old.begin(), old.end()), "0.90000000000000002")) << "really the old form";
+  Model refused; // format 2 holds the one text the writer gives a value
+  std::vector<char> resealed = reseal(old);
+  EXPECT_EQ(polyak_load_from_memory(refused.h.get(), resealed.data(), resealed.size()), POLYAK_ERR_FORMAT);
+  EXPECT_TRUE(contains(polyak_last_error(refused.h.get()), "beta_products")) << polyak_last_error(refused.h.get());
+  old = as_format_1(old); // files of the format before
   write_bytes(dir.file("old"), old);
   Model resumed;
   ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
@@ -223,12 +230,13 @@ TEST(Checkpoint, AwkwardBetasAndProductsReadBackBitExactly)
   EXPECT_TRUE(snapshot(a.get(), 3, tensors) == snapshot(b.get(), 3, tensors));
 }
 
-// ---- crash safety ------------------------------------------------------------------
+// ---- files of earlier versions ---------------------------------------------------
 
 TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
 {
-  // files written before update counting, Lookahead, grad-norm, LAWA and
-  // rounding modes lack their keys; absent means off (rounded to nearest)
+  // format 1 files written before update counting, Lookahead, grad-norm,
+  // LAWA and rounding modes lack their keys; absent means off (rounded to
+  // nearest)
   TempDir dir;
   Model m;
   m.step(1);
@@ -250,7 +258,7 @@ TEST(Checkpoint, FilesFromBeforeTheNewerModesStillLoad)
     free(text);
     json_decref(schedules);
   });
-  write_bytes(dir.file("old"), old);
+  write_bytes(dir.file("old"), as_format_1(old));
   Model resumed;
   ASSERT_EQ(polyak_load(resumed.h.get(), dir.file("old").c_str()), POLYAK_OK) << polyak_last_error(resumed.h.get());
   EXPECT_TRUE(resumed.state() == m.state());
@@ -333,6 +341,8 @@ TEST(Checkpoint, FilesFrom010LoadAndContinueAsTheRunThatWroteThem)
   EXPECT_TRUE(resumed.state() == whole.state());
 }
 
+// ---- crash safety ------------------------------------------------------------------
+
 TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)
 {
   TempDir dir;
@@ -370,6 +380,77 @@ TEST(Checkpoint, KilledSavesLeaveTheOldOrTheNewFileWhole)
       ASSERT_TRUE(name == "ema" || name.rfind(".ema.polyak-", 0) == 0) << name;
   }
   std::printf("%d kills: the file held the first state %d times, the second %d times\n", kills, of_a, of_b);
+  // a temporary left by a kill between link and rename is gone after a save
+  ASSERT_EQ(polyak_save(a.h.get(), target.c_str()), POLYAK_OK);
+  EXPECT_EQ(dir.entries(), std::set<std::string>{"ema"});
+}
+
+// A child that gives its new file a temporary name, as a save does before
+// renaming it over the target, and exits there (a crash) or, with `ready`,
+// says so and waits to be killed. Returns its pid.
+pid_t linker(const std::string &target, int ready = -1)
+{
+  pid_t child = fork();
+  if (child != 0)
+    return child;
+  polyak_safe_file f;
+  if (polyak_safe_file_open(&f, target.c_str()) != 0 || polyak_safe_file_pwrite(&f, "partial", 7, 0) != 0 ||
+      polyak_safe_file_link(&f) != 0)
+    _exit(1);
+  if (ready >= 0) {
+    (void)!write(ready, "r", 1);
+    pause();
+  }
+  _exit(0);
+}
+
+TEST(Checkpoint, SavesRemoveTheTemporariesOfDeadWritersOfThisHostOnly)
+{
+  TempDir dir;
+  const std::string target = dir.file("ema");
+  Model m;
+  m.step(1);
+  ASSERT_EQ(polyak_save(m.h.get(), target.c_str()), POLYAK_OK);
+  char tag[17];
+  ASSERT_EQ(polyak_safe_file_host_tag(tag), 0) << "this host has a boot id";
+  auto temporary = [&](pid_t pid, const std::string &base = "ema") {
+    return "." + base + ".polyak-" + tag + "-" + std::to_string(pid) + "-0";
+  };
+  pid_t dead = linker(target);
+  int wstatus;
+  ASSERT_EQ(waitpid(dead, &wstatus, 0), dead);
+  ASSERT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0);
+  EXPECT_EQ(dir.entries(), (std::set<std::string>{"ema", temporary(dead)})) << "the crash's litter";
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  pid_t live = linker(target, ready[1]);
+  char byte;
+  ASSERT_EQ(read(ready[0], &byte, 1), 1);
+  // names this save must keep: another host's (or container's), an older
+  // version's (no host), a file of the user's that only looks alike
+  const std::set<std::string> kept = {".ema.polyak-0123456789abcdef-" + std::to_string(dead) + "-0",
+                                      ".ema.polyak-" + std::to_string(dead) + "-0",
+                                      ".ema.polyak-" + std::string(tag) + "-" + std::to_string(dead) + "-x",
+                                      "ema.polyak-" + std::string(tag) + "-" + std::to_string(dead) + "-0"};
+  for (const std::string &name : kept)
+    write_bytes(dir.file(name), {'k'});
+  write_bytes(dir.file(temporary(dead, "other.safetensors")), {'d'}); // another target's dead one
+  m.step(2);
+  ASSERT_EQ(polyak_save(m.h.get(), target.c_str()), POLYAK_OK);
+  std::set<std::string> expected = kept;
+  expected.insert({"ema", temporary(live)});
+  EXPECT_EQ(dir.entries(), expected) << "the dead writers' temporaries went, the living one's stayed";
+  kill(live, SIGKILL);
+  ASSERT_EQ(waitpid(live, &wstatus, 0), live);
+  close(ready[0]);
+  close(ready[1]);
+  m.step(3);
+  ASSERT_EQ(polyak_save(m.h.get(), target.c_str()), POLYAK_OK);
+  expected.erase(temporary(live));
+  EXPECT_EQ(dir.entries(), expected);
+  Model reader;
+  ASSERT_EQ(polyak_load(reader.h.get(), target.c_str()), POLYAK_OK) << polyak_last_error(reader.h.get());
+  EXPECT_TRUE(reader.state() == m.state());
 }
 
 } // namespace

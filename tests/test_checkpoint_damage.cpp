@@ -55,8 +55,10 @@ const Damage kDamages[] = {
      }},
     {"ForeignFormat", POLYAK_ERR_FORMAT, "not a polyak checkpoint",
      [](auto &b) { return set_metadata(b, "format", "other"); }},
-    {"UnknownFormatVersion", POLYAK_ERR_FORMAT, "format version \"2\"",
-     [](auto &b) { return set_metadata(b, "format_version", "2"); }},
+    {"UnknownFormatVersion", POLYAK_ERR_FORMAT,
+     "format version \"3\" is not one this library (" POLYAK_VERSION_STRING
+     ") reads (1, 2); the file was written by polyak " POLYAK_VERSION_STRING,
+     [](auto &b) { return set_metadata(b, "format_version", "3"); }},
     {"StepNotANumber", POLYAK_ERR_FORMAT, "\"step\"", [](auto &b) { return set_metadata(b, "step", "12x"); }},
     {"BetaProductsBroken", POLYAK_ERR_FORMAT, "beta_products",
      [](auto &b) { return set_metadata(b, "beta_products", "[0.5, 2.0, 0.1]"); }},

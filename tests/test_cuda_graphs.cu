@@ -2,6 +2,11 @@
 // Every test skips with a message when no CUDA device is present.
 #include "test_cuda_util.h"
 
+#include <cstdio>
+
+#include "cuda/cuda_state.h"
+#include "polyak_internal.h"
+
 using namespace polyak_test;
 
 namespace {
@@ -197,9 +202,56 @@ TEST_F(Gpu, ReplaysReadTheSourcesSetAtTheirReservation)
   cudaFree(device_norms);
 }
 
-// A sharded handle works on whole params for store, restore and a hard
-// update's scan: their chunk table is in place from finalize on, for
-// kernels on any stream (a non-blocking one here, right after finalize).
+// Replays of one captured update on two streams at once, LAWA's betas
+// included: what a handle's launches must not do (which steps they apply is
+// undefined), but each still counts once, consumed or dropped, and the
+// last-block counters are whole afterwards, so later replays on one stream
+// apply one step each.
+TEST_F(Gpu, OverlappingReplaysCountEveryLaunchAndLeaveTheCountersWhole)
+{
+  polyak_config cfg = cpu_config(2, 0.9);
+  cfg.shadows[1].layerwise_beta0 = 0.95;
+  Both both(cfg, odd_twins());
+  both.randomize(31);
+  both.finalize();
+  polyak_t *gpu = both.gpu.get();
+  const size_t num_tensors = both.twins.size();
+  std::vector<float> norms(num_tensors, 0.5f);
+  float *device_norms = nullptr;
+  CUDA_OK(cudaMalloc(&device_norms, num_tensors * sizeof(float)));
+  CUDA_OK(cudaMemcpy(device_norms, norms.data(), num_tensors * sizeof(float), cudaMemcpyHostToDevice));
+  ASSERT_EQ(polyak_set_layer_norms(gpu, device_norms), POLYAK_OK) << polyak_last_error(gpu);
+  CapturedUpdate captured;
+  captured.capture(gpu, 1, 40);
+  cudaStream_t other;
+  CUDA_OK(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking));
+  const int launches = 60;
+  for (int i = 0; i < launches; i++)
+    CUDA_OK(cudaGraphLaunch(captured.exec, i % 2 ? other : captured.stream));
+  int64_t consumed = -1;
+  long long dropped = 0;
+  EXPECT_EQ(polyak_graph_release(gpu, &consumed), POLYAK_ERR_STATE) << "more launches than reserved steps";
+  ASSERT_EQ(std::sscanf(polyak_last_error(gpu), "polyak_graph_release: %lld replays", &dropped), 1)
+      << polyak_last_error(gpu);
+  EXPECT_EQ(consumed + dropped, launches);
+
+  const cuda_state *state = static_cast<const cuda_state *>(gpu->backend);
+  polyak_graph_state graph;
+  unsigned int layer_blocks_done = 1;
+  CUDA_OK(cudaMemcpy(&graph, state->graph, sizeof graph, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(&layer_blocks_done, state->layer_blocks_done, sizeof layer_blocks_done, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(graph.blocks_done, 0u);
+  EXPECT_EQ(layer_blocks_done, 0u);
+
+  ASSERT_EQ(polyak_graph_reserve(gpu, consumed + 1, 5, captured.stream), POLYAK_OK) << polyak_last_error(gpu);
+  for (int i = 0; i < 5; i++)
+    CUDA_OK(cudaGraphLaunch(captured.exec, captured.stream));
+  int64_t done = -1;
+  ASSERT_EQ(polyak_graph_release(gpu, &done), POLYAK_OK) << polyak_last_error(gpu);
+  EXPECT_EQ(done, 5);
+  cudaStreamDestroy(other);
+  cudaFree(device_norms);
+}
 
 TEST_F(Gpu, PolyakUpdateRefusesToBeCaptured)
 {

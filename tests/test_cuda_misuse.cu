@@ -2,6 +2,8 @@
 // Every test skips with a message when no CUDA device is present.
 #include "test_cuda_util.h"
 
+#include "polyak_internal.h"
+
 using namespace polyak_test;
 
 namespace {
@@ -129,6 +131,35 @@ TEST_F(Gpu, OneRankCommunicatorGathersSavesAndLoads)
       cudaMemcpy(got.data(), tw.device, got.size(), cudaMemcpyDeviceToHost);
       ASSERT_EQ(0, std::memcmp(got.data(), tw.host.data(), got.size())) << tw.host.name;
     }
+  }
+  ncclCommDestroy(comm);
+}
+
+// The agreements through NCCL carry a rank's failure in what it sends, and
+// an earlier agreement's yes is not taken for this one's (1 rank here: the
+// collective and the flag's path, src/agreement.c, end to end). A finalize
+// that fails on the rank still takes part in the handshake and reports its
+// own failure.
+TEST_F(Gpu, OneRankCommunicatorAgreementsCarryALocalFailure)
+{
+  ncclComm_t comm;
+  int device = 0;
+  ASSERT_EQ(ncclCommInitAll(&comm, 1, &device), ncclSuccess);
+  {
+    Both both(cpu_config(), odd_twins(), comm);
+    both.randomize(61);
+    both.finalize();
+    polyak_t *gpu = both.gpu.get();
+    for (int local_ok : {1, 0, 0, 1, 1, 0}) {
+      int all_ok = -1;
+      ASSERT_EQ(gpu->ops->agree(gpu, local_ok, &all_ok), POLYAK_OK) << polyak_last_error(gpu);
+      EXPECT_EQ(all_ok, local_ok);
+    }
+    Both poisoned(cpu_config(), odd_twins(), comm);
+    poisoned.randomize(62, 1000); // NaN and Inf params: finalize refuses them
+    EXPECT_EQ(polyak_finalize(poisoned.gpu.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(polyak_last_error(poisoned.gpu.get())).find("NaN"), std::string::npos)
+        << polyak_last_error(poisoned.gpu.get());
   }
   ncclCommDestroy(comm);
 }

@@ -4,6 +4,8 @@
 // release, and misuse is refused.
 #include "test_util.h"
 
+#include <chrono>
+
 using namespace polyak_test;
 
 namespace {
@@ -157,6 +159,34 @@ TEST(Graph, MisuseIsRefusedAndChangesNothing)
   EXPECT_TRUE(snapshot(p, 1, pair.tensors) == before);
   Handle unfinalized = make_handle(cpu_config());
   EXPECT_EQ(polyak_graph_reserve(unfinalized.get(), 1, 1, nullptr), POLYAK_ERR_STATE);
+}
+
+TEST(Graph, AReservationTooLargeForItsTableIsRefusedAtOnce)
+{
+  // 1e9 steps would be a 4 GB table of weights and a pass of 1e9 rows to
+  // fill it: refused, saying how many one reservation holds
+  Pair pair(mixed_config());
+  polyak_t *p = pair.graphed.get();
+  ASSERT_EQ(polyak_update(p, 2, nullptr), POLYAK_OK);
+  Snapshot before = snapshot(p, 3, pair.tensors);
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(polyak_graph_reserve(p, 3, 1000000000, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 0.1);
+  EXPECT_TRUE(contains(polyak_last_error(p), "num_steps = 1000000000 is more than one reservation holds "
+                                             "(POLYAK_MAX_GRAPH_STEPS = 4194304"))
+      << polyak_last_error(p);
+  EXPECT_EQ(polyak_graph_reserve(p, 3, POLYAK_MAX_GRAPH_STEPS + 1, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(snapshot(p, 3, pair.tensors) == before);
+  // the limit itself is a reservation, after a gap as long as any
+  ASSERT_EQ(polyak_graph_reserve(p, (int64_t)1 << 40, POLYAK_MAX_GRAPH_STEPS, nullptr), POLYAK_OK)
+      << polyak_last_error(p);
+  ASSERT_EQ(polyak_graph_update(p, nullptr), POLYAK_OK);
+  int64_t done = 0;
+  ASSERT_EQ(polyak_graph_release(p, &done), POLYAK_OK);
+  EXPECT_EQ(done, 1);
+  ASSERT_EQ(polyak_update(pair.direct.get(), 2, nullptr), POLYAK_OK);
+  ASSERT_EQ(polyak_update(pair.direct.get(), (int64_t)1 << 40, nullptr), POLYAK_OK);
+  EXPECT_TRUE(snapshot(p, 3, pair.tensors) == snapshot(pair.direct.get(), 3, pair.tensors));
 }
 
 TEST(Graph, SourcesOfTheUpdateCannotChangeWhileStepsAreReserved)

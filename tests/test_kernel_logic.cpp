@@ -51,9 +51,14 @@ int64_t run_kernel_logic(const polyak_t *p, const std::vector<polyak_tensor_desc
           polyak_adaptive_arrays(&p->cfg, grad_norm_c, beta0);
           polyak_resolve_layerwise(&args, beta0, layer_beta + (int64_t)chunk.tensor * POLYAK_MAX_SHADOWS);
         }
-        nonfinite += p->cfg.shadow_dtype == POLYAK_F32
-                         ? polyak_update_chunk<POLYAK_F32>(t, chunk, shadows, args, thread, threads)
-                         : polyak_update_chunk<POLYAK_BF16>(t, chunk, shadows, args, thread, threads);
+        // the kernel the launcher picks (update.cu): f32 shadows' stochastic
+        // rounding only in the kernel for handles that use it
+        if (p->cfg.shadow_dtype != POLYAK_F32)
+          nonfinite += polyak_update_chunk<POLYAK_BF16, false>(t, chunk, shadows, args, thread, threads);
+        else if (args.stochastic_f32)
+          nonfinite += polyak_update_chunk<POLYAK_F32, true>(t, chunk, shadows, args, thread, threads);
+        else
+          nonfinite += polyak_update_chunk<POLYAK_F32, false>(t, chunk, shadows, args, thread, threads);
       }
   return nonfinite;
 }

@@ -463,6 +463,44 @@ TEST(NonfiniteCount, RefusesANullCount)
   live.expect_unchanged();
 }
 
+TEST(Getters, ANullOutputIsNamedNotLeftToAStaleMessage)
+{
+  Live live;
+  EXPECT_EQ(polyak_update(live.h.get(), 4, nullptr), POLYAK_ERR_INVALID_ARG); // an earlier failure's text
+  EXPECT_EQ(polyak_get_step(live.h.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(live.error(), "polyak_get_step: step is NULL");
+  EXPECT_EQ(polyak_update(live.h.get(), 4, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(polyak_num_tensors(live.h.get(), nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(live.error(), "polyak_num_tensors: num_tensors is NULL");
+  live.expect_unchanged();
+}
+
+TEST(Dtypes, ADtypeThatExistsButDoesNotFitIsCalledByItsName)
+{
+  // I8 is a polyak_dtype, just not one a shadow, an arena or an average's
+  // read-out can be; 42 is none
+  Registering r;
+  int64_t shape[1] = {4};
+  float param[4] = {1, 2, 3, 4};
+  alignas(16) uint8_t shadow[16] = {};
+  EXPECT_EQ(polyak_add_with_shadow(r.h.get(), "w", param, POLYAK_F32, 1, shape, shadow, POLYAK_I8, 0),
+            POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(r.error(), "polyak_add_with_shadow(\"w\"): shadow_dtype I8 is not a shadow dtype (F32, BF16 or F16)");
+  EXPECT_EQ(polyak_add_with_shadow(r.h.get(), "w", param, POLYAK_F32, 1, shape, shadow, (polyak_dtype)42, 0),
+            POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(r.error(), "polyak_add_with_shadow(\"w\"): shadow_dtype = 42 is not a polyak_dtype");
+  polyak_view view = {"v", 1, {16}};
+  EXPECT_EQ(polyak_add_arena(r.h.get(), shadow, POLYAK_I8, 16, &view, 1), POLYAK_ERR_INVALID_ARG);
+  EXPECT_EQ(r.error(), "polyak_add_arena: dtype I8 is not F32, BF16 or F16, which arenas of averaged params hold");
+  EXPECT_EQ(r.num_tensors(), 1);
+  Live live;
+  std::vector<int8_t> dst(65537);
+  EXPECT_EQ(polyak_get_shadow(live.h.get(), 0, 0, dst.data(), POLYAK_I8, nullptr), POLYAK_ERR_INVALID_ARG);
+  EXPECT_TRUE(contains(live.error(), "dst_dtype I8 is not one an average reads out as (F32, BF16, F16)"))
+      << live.error();
+  live.expect_unchanged();
+}
+
 TEST(Handles, TwoHandlesNeverInterfere)
 {
   Live a, b;

@@ -1,5 +1,6 @@
 """Shared helpers for the Python tests: run with pytest from python/tests (ctest does, with
 POLYAK_LIBRARY set to the build tree's libpolyak)."""
+import array
 import math
 import random
 
@@ -24,3 +25,9 @@ def rng():
 
 def close(a, b, rel=1e-12):
     return math.isclose(a, b, rel_tol=rel, abs_tol=rel)
+
+
+def buffer(values, typecode="f"):
+    """A host array and its address."""
+    a = array.array(typecode, values)
+    return a, a.buffer_info()[0]

@@ -3,6 +3,7 @@ import array
 import ctypes
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -10,13 +11,7 @@ import sys
 import pytest
 
 import polyak
-from conftest import close, warmup_beta
-
-
-def buffer(values, typecode="f"):
-    """A host array and its address."""
-    a = array.array(typecode, values)
-    return a, a.buffer_info()[0]
+from conftest import buffer, close, warmup_beta
 
 
 def test_import_polyak_does_not_import_torch():
@@ -122,7 +117,7 @@ def test_handle_updates_every_shadow_with_the_compensated_decay(rng):
                 for j in range(len(a)):
                     a[j] = rng.uniform(-2, 2)
             h.update(step)
-            for k, s in enumerate(schedules):
+            for k in range(len(schedules)):
                 decay = 1.0
                 for m in range(last + 1, step + 1):  # the betas of the steps skipped, multiplied
                     t = m - 1
@@ -136,6 +131,27 @@ def test_handle_updates_every_shadow_with_the_compensated_decay(rng):
                 out, _ = buffer([0.0] * n)
                 h.get_shadow(k, i, out)
                 assert max(abs(o - r) for o, r in zip(out, shadows[k][i])) < 2e-6
+
+
+def test_update_without_a_step_applies_the_next_one(rng):
+    values = [rng.uniform(-1, 1) for _ in range(17)]
+    arrays = [buffer(values) for _ in range(2)]
+    handles = [polyak.Handle([polyak.Warmup(beta=0.99), polyak.Equal()]) for _ in range(2)]
+    for h, (_, ptr) in zip(handles, arrays):
+        h.add("w", ptr, "f32", (17,))
+        h.finalize()
+    counted, explicit = handles
+    for step in (1, 2, 3, 7, 8):  # a gap: 4..6 compensated where the step is given
+        for a, _ in arrays:
+            a[step] += 0.25
+        if step == 7:
+            counted.update(7)
+        else:
+            counted.update()
+        explicit.update(step)
+        assert counted.step == step
+    assert counted.save_bytes() == explicit.save_bytes()
+    counted.close(), explicit.close()
 
 
 def test_a_failing_call_raises_its_class_and_changes_nothing(rng):
@@ -167,6 +183,72 @@ def test_a_failing_call_raises_its_class_and_changes_nothing(rng):
         h.update(4)
 
 
+def test_arguments_of_a_wrong_type_raise_invalid_arg_naming_them():
+    """Never ctypes' ArgumentError or TypeError (which name no argument), and never an integer
+    silently truncated to its C type: each bad value raises InvalidArgError naming its argument,
+    and the handle is as it was."""
+    w, ptr = buffer([1.0] * 4)
+    h = polyak.Handle([polyak.Constant(0.5), polyak.Equal()])
+    h.add("w", ptr, "f32", (4,))
+    h.finalize()
+    h.update(1)
+    blob = h.save_bytes()
+    fresh = polyak.Handle()
+    out = array.array("f", [0.0] * 4)
+    calls = [
+        (lambda: h.update(2.5), "step"), (lambda: h.update("3"), "step"), (lambda: h.update([2]), "step"),
+        (lambda: h.update(2 ** 64 + 3), "step"),  # ctypes would pass step 3
+        (lambda: h.update(2, stream="0"), "stream"), (lambda: h.update(2, stream=-1), "stream"),
+        (lambda: h.get_shadow(0, 0.0, out), "tensor"), (lambda: h.get_shadow(1.0, 0, out), "shadow"),
+        (lambda: h.get_shadow(2 ** 32, 0, out), "shadow"),  # ctypes would read shadow 0
+        (lambda: h.get_shadow(0, 0, ptr, dst_num_bytes="16"), "dst_num_bytes"),
+        (lambda: h.get_shadow(0, 0, out, dst_dtype=["f32"]), "dst_dtype"),
+        (lambda: h.get_local_shadow(0, "0", out), "tensor"), (lambda: h.local_range(None), "tensor"),
+        (lambda: h.tensor_info("0"), "tensor"), (lambda: h.find_tensor(b"w"), "name"),
+        (lambda: h.hard_update(0.0), "shadow"), (lambda: h.copy_to_params("1"), "shadow"),
+        (lambda: h.blend_to_params(["a", 0.5]), "weights[0]"), (lambda: h.blend_to_params(0.5), "weights"),
+        (lambda: h.get_blend([0.5, 0.5], 0.5, out), "tensor"), (lambda: h.beta_product("0"), "shadow"),
+        (lambda: h.graph_reserve(2.0, 3), "first_step"), (lambda: h.graph_reserve(2, "3"), "num_steps"),
+        (lambda: h.save(3.5), "path"), (lambda: h.load(None), "path"), (lambda: h.save_fd(2 ** 40), "file"),
+        (lambda: h.load_bytes(ptr, src_num_bytes=-1), "src_num_bytes"),
+        (lambda: fresh.add(5, ptr, "f32", (4,)), "name"), (lambda: fresh.add("v", "0", "f32", (4,)), "param"),
+        (lambda: fresh.add("v", ptr, "f32", (4.0,)), "shape[0]"), (lambda: fresh.add("v", ptr, "f32", 4), "shape"),
+        (lambda: fresh.add("v", ptr, ["f32"], (4,)), "dtype"),
+        (lambda: fresh.add_copy("v", ptr, "f32", ("4",)), "shape[0]"),
+        (lambda: fresh.add_arena(ptr, "f32", 4.0, [("a", (4,))]), "arena_num_elems"),
+        (lambda: fresh.add_arena(ptr, "f32", 4, [(1, (4,))]), "views[0] name"),
+        (lambda: fresh.add_with_shadow("v", ptr, "f32", (4,), 1.5, "f32"), "shadow"),
+        (lambda: fresh.finalize(stream="default"), "stream"),
+        (lambda: polyak.Handle(device="0"), "device"), (lambda: polyak.Handle(seed=-1), "seed"),
+        (lambda: polyak.Handle(world_size=1.0), "world_size"), (lambda: polyak.Handle(backend=["cpu"]), "backend"),
+        (lambda: polyak.Handle(shadow_dtype=["f32"]), "shadow_dtype"),
+        (lambda: polyak.Constant("0.9"), "beta"), (lambda: polyak.Linear(ramp_steps=10.5), "ramp_steps"),
+        (lambda: polyak.Constant(0.9, start_step=1.5), "start_step"),
+        (lambda: polyak.Constant(0.9, rounding=["nearest"]), "rounding"),
+        (lambda: polyak.Lookahead(alpha="half"), "alpha"), (lambda: polyak.Lookahead(every=2.0), "every"),
+        (lambda: polyak.GradNorm(c="0.1"), "c"), (lambda: polyak.Layerwise(beta0=None), "beta0"),
+        (lambda: polyak.Power(sigma_rel="0.05"), "sigma_rel"),
+        (lambda: polyak.Constant(0.9).beta_at(1.5), "step"),
+        (lambda: polyak.Constant(0.9).beta_product("1", 3), "last_step"),
+        (lambda: polyak.half_life_from_beta("0.9"), "beta"), (lambda: polyak.beta_from_window(None), "window"),
+        (lambda: polyak.posthoc_coefficients([1000.5], [0.05], 1000, 0.07), "snapshot_steps[0]"),
+        (lambda: polyak.posthoc_coefficients([1000], ["a"], 1000, 0.07), "snapshot_sigma_rels[0]"),
+        (lambda: polyak.posthoc_coefficients([1000], [0.05], 1000, "0.07"), "sigma_rel"),
+        (lambda: polyak.status_name("1"), "status"), (lambda: polyak.backend_available(0), "backend"),
+        (lambda: h._call("polyak_hard_update", "0", None), "shadow"),  # the ctypes safety net
+    ]
+    for call, name in calls:
+        with pytest.raises(polyak.InvalidArgError, match=re.escape(name)) as raised:
+            call()
+        assert not isinstance(raised.value, (ctypes.ArgumentError, TypeError)), name
+    assert h.step == 1 and h.save_bytes() == blob and fresh.num_tensors == 0
+    np = pytest.importorskip("numpy")  # numpy's integers and floats are integers and floats
+    h.update(np.int64(2))
+    h.get_shadow(np.int32(1), np.int64(0), out)
+    assert h.step == 2 and polyak.half_life_from_beta(np.float32(0.5)) == 1.0
+    h.close(), fresh.close()
+
+
 def test_posthoc_coefficients_reproduce_a_tracked_profile():
     # a snapshot of sigma_rel 0.07 at step 1000 is itself the best combination for 0.07 at 1000
     coefficients = polyak.posthoc_coefficients([1000, 1000], [0.05, 0.07], 1000, 0.07)
@@ -178,12 +260,45 @@ def test_posthoc_coefficients_reproduce_a_tracked_profile():
 def test_config_mirror_has_the_c_layout():
     from polyak import _lib
     cfg = _lib.config_defaults(_lib.lib)
-    assert cfg.struct_size == ctypes.sizeof(_lib.Config) and cfg.num_shadows == 1
-    assert cfg.world_size == 1 and cfg.schedules[7].beta == 0.999 and cfg.skip_nonfinite == 1
-    assert list(cfg.rounding) == [0] * 8 and cfg.cpu_threads == 1  # version 6, the last field
-    big = (ctypes.c_char * 4096)()  # the library's own struct: the mirror is a prefix of it (a newer
-    _lib.lib.polyak_config_init(ctypes.cast(big, ctypes.POINTER(_lib.Config)))  # library appends fields)
-    assert ctypes.c_size_t.from_buffer(big).value >= ctypes.sizeof(_lib.Config)
+    assert cfg.struct_size == ctypes.sizeof(_lib.Config) == _lib.config_size(_lib.lib) and cfg.num_shadows == 1
+    assert cfg.world_size == 1 and cfg.shadows[7].schedule.beta == 0.999 and cfg.skip_nonfinite == 1
+    assert [s.rounding for s in cfg.shadows] == [0] * 8 and cfg.cpu_threads == 1
+    assert cfg.magic == _lib.CONFIG_MAGIC and cfg.shadow_location == _lib.SHADOWS_DEVICE  # the last field
+
+
+def test_the_package_version_is_the_repositorys_and_the_librarys():
+    from polyak import _lib
+    root = os.path.join(os.path.dirname(os.path.abspath(_lib.__file__)), os.pardir, os.pardir)
+    if os.path.exists(os.path.join(root, "VERSION")):  # a source checkout: the file itself
+        with open(os.path.join(root, "VERSION")) as f:
+            assert polyak.__version__ == f.read().strip()
+    assert polyak.__version__ == polyak.version() and polyak.__version__.count(".") == 2
+
+
+class FakeLibrary:
+    """Stands in for a libpolyak of another version or struct layout."""
+
+    def __init__(self, version, config_size):
+        self.version, self.size = version, config_size
+
+    def polyak_version_string(self):
+        return self.version.encode()
+
+    def polyak_config_init(self, cfg):
+        cfg[0].struct_size = self.size
+
+
+def test_a_library_of_another_version_or_config_size_is_refused_naming_both():
+    from polyak import _lib
+    size = ctypes.sizeof(_lib.Config)
+    _lib.check_library(FakeLibrary(polyak.__version__, size), "libpolyak.so.1", polyak.__version__)  # the same
+    with pytest.raises(ImportError, match=r"libpolyak\.so\.1 is version 0\.9\.0, this package 1\.2\.3"):
+        _lib.check_library(FakeLibrary("0.9.0", size), "libpolyak.so.1", "1.2.3")
+    for other in (size - 8, size + 8):
+        with pytest.raises(ImportError, match=f"polyak_config of {other} bytes, this package's mirror {size}"):
+            _lib.check_library(FakeLibrary(polyak.__version__, other), "libpolyak.so.1", polyak.__version__)
+    with pytest.raises(ImportError, match="0.0.1"):  # the real library against another package version
+        _lib.check_library(_lib.lib, _lib.path, "0.0.1")
 
 
 def test_a_shadow_in_the_callers_memory_is_updated_in_place(rng):
@@ -380,90 +495,6 @@ def test_a_pending_store_refuses_updates_until_restore_or_discard():
         h.update(3)
 
 
-# ---- checkpoints in memory and in open files --------------------------------------------------------
-
-def make_checkpointed(rng, schedules=(polyak.Constant(0.9), polyak.Power(sigma_rel=0.1)), seed=1):
-    w, w_ptr = buffer([rng.uniform(-1, 1) for _ in range(37)])
-    count, count_ptr = buffer([0], "q")
-    h = polyak.Handle(list(schedules), seed=seed)
-    h.add("w", w_ptr, "f32", (37,))
-    h.add_copy("count", count_ptr, "i64", ())
-    h.finalize()
-    return h, w, count
-
-
-def test_checkpoints_in_memory_are_the_files_bytes_and_resume_exactly(rng, tmp_path):
-    h, w, count = make_checkpointed(rng)
-    for step in (1, 2, 5):
-        w[step] += 0.5
-        count[0] = step
-        h.update(step)
-    blob = h.save_bytes()
-    h.save(tmp_path / "ema.safetensors")
-    assert (tmp_path / "ema.safetensors").read_bytes() == blob
-    assert len(blob) <= h.save_size()
-    again, w2, count2 = make_checkpointed(rng)
-    again.load_bytes(bytearray(blob))
-    assert again.step == 5 and again.save_bytes() == blob
-    w2[:], count2[:] = w, count
-    for handle in (h, again):
-        handle.update(9)
-    assert again.save_bytes() == h.save_bytes()
-    h.close(), again.close()
-
-
-def test_a_bad_checkpoint_or_buffer_is_refused_with_nothing_changed(rng):
-    h, w, _ = make_checkpointed(rng)
-    h.update(1)
-    blob = h.save_bytes()
-    short = bytearray(len(blob) - 1)
-    with pytest.raises(polyak.InvalidArgError):
-        h.save_to_memory(short)
-    assert short == bytearray(len(blob) - 1)  # nothing written
-    w[0] += 1.0
-    h.update(2)
-    state = h.save_bytes()
-    corrupt = bytearray(blob)
-    corrupt[-1] ^= 1
-    with pytest.raises(polyak.FormatError, match="checksum"):
-        h.load_bytes(corrupt)
-    with pytest.raises(polyak.FormatError):
-        h.load_bytes(b"not a checkpoint at all")
-    with pytest.raises(polyak.FormatError):
-        h.load_bytes(blob[:-8])
-    other, _, _ = make_checkpointed(rng, schedules=[polyak.Constant(0.9), polyak.Power(sigma_rel=0.05)])
-    with pytest.raises(polyak.MismatchError, match="shadow 1"):
-        h.load_bytes(other.save_bytes())
-    assert h.save_bytes() == state and h.step == 2
-    h.load_bytes(blob)
-    assert h.step == 1
-
-
-def test_checkpoints_inside_an_open_file_between_the_trainers_own_bytes(rng, tmp_path):
-    h, w, _ = make_checkpointed(rng)
-    h.update(3)
-    path = tmp_path / "trainer.state"
-    with open(path, "wb") as f:
-        f.write(b"trainer header")
-        h.save_fd(f)  # a file object: flushed, then its offset moves past the checkpoint
-        f.write(b"optimizer state")
-    data = path.read_bytes()
-    blob = h.save_bytes()
-    assert data == b"trainer header" + blob + b"optimizer state"
-    again, _, _ = make_checkpointed(rng)
-    with open(path, "rb") as f:
-        assert f.read(14) == b"trainer header"
-        again.load_fd(f)
-        assert f.read() == b"optimizer state"
-        with pytest.raises(polyak.FileIOError):
-            again.load_fd(f)  # at the end of the file
-        assert f.read() == b""
-        with pytest.raises(polyak.FileIOError, match="writing"):
-            h.save_fd(f.fileno())  # an int fd, open for reading only
-    assert again.save_bytes() == blob
-    h.close(), again.close()
-
-
 # ---- stochastic rounding of f32 shadows ------------------------------------------------------------
 
 def f32(x):
@@ -486,7 +517,7 @@ def test_rounding_is_a_keyword_of_every_schedule():
     with pytest.raises(polyak.InvalidArgError, match="rounding"):
         polyak.Constant(0.9, rounding="up")
     h = polyak.Handle([polyak.Constant(0.9), polyak.Equal(rounding="stochastic")])
-    assert list(h.config.rounding)[:2] == [0, 1]
+    assert [s.rounding for s in h.config.shadows][:2] == [0, 1]
 
 
 def test_stochastic_rounding_moves_where_nearest_stalls_and_lands_on_a_neighbour():

@@ -112,7 +112,9 @@ def test_buffers_copy_and_ignore(gen):
     avg = copying.model_state_dict()
     assert torch.equal(avg["norm.running_var"], model.norm.running_var)
     assert not any(n.startswith("norm.running") for n in ignoring.names)
-    assert "norm.running_var" not in ignoring.model_state_dict()
+    ignored = ignoring.model_state_dict()  # the model's own buffers: a state dict that loads strictly
+    assert ignored.keys() == model.state_dict().keys()
+    assert torch.equal(ignored["norm.running_var"], model.norm.running_var)
 
 
 def test_buffers_are_mirrored_by_the_library_in_the_update_call(gen):
@@ -330,20 +332,17 @@ def test_every_kind_of_reallocation_is_noticed(gen, change):
         model.a.to(torch.float64)
     else:
         model.norm.running_mean = torch.zeros(13)
-    with pytest.raises(polyak.StateError, match="stale"):
+    with pytest.raises(polyak.StateError, match="model changed"):
         ema.update(1)
-    with pytest.raises(polyak.StateError, match="stale"):
-        with ema.average_parameters():
-            pass
+    with pytest.raises(polyak.StateError, match="model changed"), ema.average_parameters():
+        pass
     ema.model_state_dict()  # the shadows themselves can still be read and saved
 
 
 def test_bad_input_raises_the_right_exception():
     model = Mixed()
-    with pytest.raises(polyak.InvalidArgError, match="contiguous"):
-        bad = torch.nn.Linear(4, 6)
-        bad.weight = torch.nn.Parameter(torch.randn(4, 6).t())
-        EMA(bad)
+    with pytest.raises(polyak.InvalidArgError, match="'weight' is not dense"):
+        EMA(torch.nn.ParameterDict({"weight": torch.randn(6, 8)[:, ::2]}))  # every other column: gaps
     with pytest.raises(polyak.InvalidArgError, match="devices"):
         two = torch.nn.Module()
         two.x = torch.nn.Parameter(torch.randn(3))
@@ -377,6 +376,84 @@ def test_bad_input_raises_the_right_exception():
     ema.close()
     with pytest.raises(polyak.StateError, match="closed"):
         ema.update(6)
+
+
+def test_update_without_a_step_counts_calls_and_a_given_step_compensates_gaps(gen):
+    """update() applies the step after the last one, as timm's and ema-pytorch's update() count
+    calls; an explicit step keeps the skipped steps' decay exact; a load or graph replays move
+    the count to the handle's step."""
+    model = Mixed()
+    counted, explicit = (EMA(model, schedules=[polyak.Warmup(beta=0.99), polyak.Equal()]) for _ in range(2))
+    for step in range(1, 13):
+        perturb(model, gen)
+        if step == 10:
+            counted.update(10)  # after update(6): steps 7..9 compensated, then update() gives 11
+        elif step not in (7, 8, 9):
+            counted.update()
+        if step not in (7, 8, 9):
+            explicit.update(step)
+        assert counted.step == explicit.step
+    assert counted.step == 12
+    assert torch.equal(counted.state_dict()["checkpoint"], explicit.state_dict()["checkpoint"])
+    state = counted.state_dict()
+    counted.update()
+    counted.update()  # step 14
+    counted.load_state_dict(state)
+    counted.update()  # from the loaded step 12
+    assert counted.step == 13
+    counted.graph_reserve(20, 2)
+    counted.graph_update()
+    counted.graph_update()
+    assert counted.graph_release() == 2
+    counted.update()
+    assert counted.step == 22
+
+
+def test_update_without_a_step_follows_a_preset_that_updates_every_k_steps(gen):
+    """like_ema_pytorch updates at steps 1, 11, 21, ...: update() counts the calls it leaves out,
+    so it updates at the same calls as update(step) does (and as ema-pytorch's update())."""
+    model = Mixed()
+    counted, explicit = (EMA.like_ema_pytorch(model, update_after_step=10, update_every=5) for _ in range(2))
+    for step in range(1, 33):
+        perturb(model, gen)
+        counted.update()
+        explicit.update(step)
+        assert counted.step == explicit.step
+    assert counted.step == 31
+    assert torch.equal(counted.state_dict()["checkpoint"], explicit.state_dict()["checkpoint"])
+
+
+def test_arguments_of_a_wrong_type_raise_invalid_arg_naming_them():
+    """ema.update(2.5) and the like: polyak's InvalidArgError naming the argument, never ctypes'
+    ArgumentError or a TypeError, and the EMA unchanged."""
+    model = Mixed()
+    ema = EMA(model, schedules=[polyak.Constant(0.9), polyak.Equal()])
+    ema.update(1)
+    before = shadows(ema)
+    calls = [
+        (lambda: ema.update(2.5), "step"), (lambda: ema.update("3"), "step"),
+        (lambda: ema.update(torch.tensor(2.0)), "step"), (lambda: ema.update(2 ** 64 + 2), "step"),
+        (lambda: ema.model_state_dict(shadow="0"), "shadow"), (lambda: ema.model_state_dict(dtype=[1]), "dtype"),
+        (lambda: ema.copy_to(Mixed(), shadow=0.0), "shadow"), (lambda: ema.snapshot(1.0), "shadow"),
+        (lambda: ema.graph_reserve(2.0, 4), "first_step"),
+        (lambda: ema.set_grad_norm(1.0), "grad_norm"), (lambda: ema.set_grads([1.0, 2.0, 3.0, 4.0]), "gradient"),
+        (lambda: EMA(model, decay="0.9"), "beta"), (lambda: EMA(model, decay=0.9, start_step=1.5), "start_step"),
+        (lambda: EMA(model, seed="1"), "seed"), (lambda: EMA(model, cpu_threads=2.0), "cpu_threads"),
+        (lambda: EMA.like_timm(model, update_after_step=1.5), "update_after_step"),
+        (lambda: EMA.like_ema_pytorch(model, update_every="10"), "update_every"),
+        (lambda: EMA.like_diffusers(model, update_after_step=None), "update_after_step"),
+    ]
+    for call, name in calls:
+        with pytest.raises(polyak.InvalidArgError, match=name) as raised:
+            call()
+        assert not isinstance(raised.value, TypeError), name
+    with pytest.raises(polyak.InvalidArgError, match="weights"), ema.average_parameters(weights=["a", 1]):
+        pass
+    with pytest.raises(polyak.InvalidArgError, match="snapshots"), ema.posthoc_parameters([1.0], [1.0]):
+        pass
+    assert_same(shadows(ema), before) and ema.step == 1
+    ema.update(torch.tensor(2))  # an integer tensor is an integer
+    assert ema.step == 2
 
 
 def test_a_nonfinite_param_leaves_its_shadow_and_is_counted(gen):

@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-import polyak  # noqa: E402
-from conftest import warmup_beta  # noqa: E402
-from polyak.torch import EMA  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+
+from conftest import warmup_beta  # noqa: E402
+from polyak.torch import EMA  # noqa: E402
 
 STEPS = 60
 F32_TOLERANCE = 2e-5   # polyak against a f32 library, relative to the tensor's scale
@@ -219,7 +219,7 @@ def test_like_diffusers_equals_ema_model(warmup):
     if not warmup:
         assert decays[:6] == pytest.approx([0, 0, 0, 2 / 11, 3 / 12, 4 / 13])
     got = ours.model_state_dict()
-    their = {k: v for k, v in zip(keys, theirs.shadow_params)}
+    their = dict(zip(keys, theirs.shadow_params))
     assert worst(got, ref, keys) < F64_TOLERANCE
     assert worst(got, their, keys) < F32_TOLERANCE
 

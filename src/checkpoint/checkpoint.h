@@ -8,13 +8,18 @@
  * A copy-only tensor's one mirror is saved once, under its name in its own
  * dtype, after every shadow's data.
  * "__metadata__" (string values only, as safetensors requires) holds the
- * step state, the config to continue with, and the XXH3-64 of the data.
+ * step state, the config to continue with, and a checksum: the XXH3-64 of
+ * the checkpoint's bytes, its length prefix, header and padding included,
+ * with the checksum's own 16 digits read as zeros (format 2; format 1, of
+ * files written before, covered the data only).
  *
  *   checkpoint_meta.c   the layout: saved names, dtypes, data order, the header
  *                       text; the checks every save and load starts with
  *   checkpoint_keys.c   the metadata: every key written and checked
  *   checkpoint_write.c  the writer: shadows (gathered when sharded) to a sink
  *   checkpoint_read.c   the validating reader of a byte source
+ *   checkpoint_source.c where a load reads: files (regular ones only, opened
+ *                       without blocking), fds at an offset, pipes, memory
  *   checkpoint_stage.c  staging the checked data into fresh arenas; the commit */
 #ifndef POLYAK_CHECKPOINT_H
 #define POLYAK_CHECKPOINT_H
@@ -25,13 +30,20 @@
 #include "polyak_internal.h"
 
 #define POLYAK_CKPT_SHADOW_PREFIX "polyak.shadow."
+#define POLYAK_CKPT_FORMAT        2 /* the format written; 1 and 2 are read */
+
+/* The checksum's place in a header: the 16 hex digits after the first
+ * occurrence of this text (the writer puts "checksum" in "__metadata__",
+ * and no other string can hold the text unescaped). */
+#define POLYAK_CKPT_CHECKSUM_FIELD "\"checksum\":\"xxh3-64:"
 
 /* The state a checkpoint carries besides the shadows. */
 typedef struct {
   int64_t step, nonfinite;
   double beta_prod[POLYAK_MAX_SHADOWS];
   int64_t updates_counted[POLYAK_MAX_SHADOWS];
-  uint64_t checksum; /* XXH3-64 of the data buffer */
+  uint64_t checksum;  /* format 2: of the whole checkpoint; format 1: of its data */
+  int format_version; /* of a file read */
 } polyak_ckpt_state;
 
 /* Records "<function>: <message>" as p's last error; returns `status`. */
@@ -45,11 +57,11 @@ polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function);
 /* The same, and a path that is not NULL or empty. */
 polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *function);
 
-/* *offset = fd's offset if the checkpoint can be read from there (writing
- * 0) or written there at positions (writing 1): fd open that way, seekable,
- * and not O_APPEND (where Linux's pwrite ignores the position).
- * POLYAK_ERR_IO, saying why, otherwise. */
-polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *offset, const char *function);
+/* *offset = fd's offset if the checkpoint can be written there at
+ * positions: fd open for writing, seekable, and not O_APPEND (where Linux's
+ * pwrite ignores the position). POLYAK_ERR_IO, saying why, otherwise.
+ * (Loads check their fds in checkpoint_source.c: pipes are read in order.) */
+polyak_status polyak_ckpt_check_fd_for_writing(polyak_t *p, int fd, int64_t *offset, const char *function);
 
 /* ---- the header (checkpoint_meta.c) ---- */
 
@@ -84,17 +96,27 @@ void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state);
  * registration order. */
 char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes);
 
+/* The 8-byte little-endian header length a checkpoint begins with. */
+void polyak_ckpt_length_prefix(uint64_t header_bytes, uint8_t length[8]);
+
+/* The first of the checksum's 16 digits in a header's text (num_bytes, not
+ * NUL-terminated): after the first POLYAK_CKPT_CHECKSUM_FIELD; NULL if the
+ * field is not there whole. */
+const char *polyak_ckpt_find_checksum(const char *text, size_t num_bytes);
+
 /* ---- the metadata (checkpoint_keys.c) ---- */
 
 /* The metadata object of a checkpoint of p in `state` (NULL: no memory). */
 json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state);
 
 /* The metadata's form: an object of strings, a polyak file of a version
- * this library reads, every required key there (POLYAK_ERR_FORMAT). */
-polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char *function);
+ * this library reads (*format_version), every required key there
+ * (POLYAK_ERR_FORMAT). */
+polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *format_version, const char *function);
 
-/* The metadata's values: the config against this handle's
- * (POLYAK_ERR_MISMATCH), the state parsed into *state. */
+/* The metadata's values: the state parsed into *state (its format_version
+ * set: numbers are read from the one text the writer gives them), the config
+ * and param dtypes against this handle's (POLYAK_ERR_MISMATCH). */
 polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *state, const char *function);
 
 /* ---- where a load reads from (checkpoint_read.c makes them) ---- */
@@ -108,6 +130,10 @@ struct polyak_ckpt_source {
   const char *function; /* the public call, for messages */
   char extent[96];      /* those bytes in words: "the 4096-byte file" */
 };
+
+/* Checks the checkpoint in `src` against the handle, then stages it (all
+ * or nothing); *checkpoint_bytes gets its size (checkpoint_read.c). */
+polyak_status polyak_ckpt_read(polyak_t *p, polyak_ckpt_source *src, int64_t *checkpoint_bytes);
 
 /* ---- moving shadow bytes (checkpoint_stage.c) ---- */
 

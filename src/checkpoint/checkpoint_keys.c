@@ -12,18 +12,33 @@
 
 #include "checkpoint.h"
 
-#define FORMAT_VERSION  1
 #define CHECKSUM_PREFIX "xxh3-64:"
 
 #define FORMAT_ERROR(...) polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, function, __VA_ARGS__)
 #define MISMATCH(...)     polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function, __VA_ARGS__)
 
+/* ---- numbers: one text per value ------------------------------------------
+ * The writer prints integers with %lld: "0", or an optional '-' and digits
+ * with no leading zero. Only that is read back, not what strtoll would also
+ * take (" 10", "+10", "010", "10 "), so no other text stands for a value. */
+
+/* 1 if text is a canonical decimal integer, with a sign if `negative_ok`. */
+static int is_canonical_integer(const char *text, int negative_ok)
+{
+  if (!text)
+    return 0;
+  const char *digits = text + (negative_ok && text[0] == '-');
+  size_t n = strspn(digits, "0123456789");
+  return n > 0 && digits[n] == '\0' && !(digits[0] == '0' && (n > 1 || digits != text));
+}
+
 static int parse_int64(const char *text, int64_t *out)
 {
-  char *end;
+  if (!is_canonical_integer(text, 1))
+    return -1;
   errno = 0;
-  long long value = strtoll(text, &end, 10);
-  if (errno || end == text || *end)
+  long long value = strtoll(text, NULL, 10);
+  if (errno)
     return -1;
   *out = value;
   return 0;
@@ -31,12 +46,11 @@ static int parse_int64(const char *text, int64_t *out)
 
 static int parse_uint64(const char *text, uint64_t *out)
 {
-  char *end;
-  errno = 0;
-  if (text[0] == '-')
+  if (!is_canonical_integer(text, 0))
     return -1;
-  unsigned long long value = strtoull(text, &end, 10);
-  if (errno || end == text || *end)
+  errno = 0;
+  unsigned long long value = strtoull(text, NULL, 10);
+  if (errno)
     return -1;
   *out = value;
   return 0;
@@ -114,8 +128,9 @@ static int set_schedules(json_t *metadata, const polyak_config *cfg)
   return set_built(metadata, "schedules", &b);
 }
 
-/* "[a,b,...]" of shadow k's double or int64 for k < num_shadows. */
-static int set_list(json_t *metadata, const char *key, int num_shadows, const double *doubles, const int64_t *ints)
+/* "[a,b,...]" of shadow k's double or int64 for k < num_shadows (malloc'd;
+ * NULL: no memory): what the writer writes, and what format 2 must hold. */
+static char *list_text(int num_shadows, const double *doubles, const int64_t *ints)
 {
   text_builder b = {0};
   for (int k = 0; k < num_shadows; k++) {
@@ -125,7 +140,19 @@ static int set_list(json_t *metadata, const char *key, int num_shadows, const do
       append(&b, "%s%" PRId64, k ? "," : "[", ints[k]);
   }
   append(&b, "]");
-  return set_built(metadata, key, &b);
+  if (b.failed) {
+    free(b.text);
+    return NULL;
+  }
+  return b.text;
+}
+
+static int set_list(json_t *metadata, const char *key, int num_shadows, const double *doubles, const int64_t *ints)
+{
+  char *text = list_text(num_shadows, doubles, ints);
+  int rc = !text || json_object_set_new(metadata, key, json_string(text));
+  free(text);
+  return rc;
 }
 
 static int set_text(json_t *metadata, const char *key, const char *format, ...) __attribute__((format(printf, 3, 4)));
@@ -181,13 +208,59 @@ static polyak_status check_copies(polyak_t *p, const char *text, const char *fun
   return status;
 }
 
+/* "param_dtypes": {"<name>": "<dtype>", ...} of every registered tensor, a
+ * JSON object: a resumed run must read its params as the run that saved. */
+static int set_param_dtypes(json_t *metadata, const polyak_t *p)
+{
+  json_t *dtypes = json_object();
+  for (int i = 0; i < p->num_tensors && dtypes; i++)
+    if (json_object_set_new(dtypes, p->tensors[i].name, json_string(polyak_dtype_name(p->tensors[i].dtype))))
+      json_decref(dtypes), dtypes = NULL;
+  char *text = dtypes ? json_dumps(dtypes, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+  int failed = !text || json_object_set_new(metadata, "param_dtypes", json_string(text));
+  free(text);
+  json_decref(dtypes);
+  return failed;
+}
+
+/* The file's param dtypes are this handle's, tensor by tensor. */
+static polyak_status check_param_dtypes(polyak_t *p, const char *text, const char *function)
+{
+  json_error_t error;
+  json_t *dtypes = json_loads(text, JSON_REJECT_DUPLICATES, &error), *dtype;
+  polyak_status status =
+      json_is_object(dtypes) ? POLYAK_OK : FORMAT_ERROR("metadata \"param_dtypes\" is not an object of dtype names");
+  const char *name;
+  json_object_foreach(dtypes, name, dtype)
+  {
+    int i = polyak_registry_find(p, name), known = 0;
+    for (int d = POLYAK_F32; d <= POLYAK_BOOL; d++)
+      known |= json_is_string(dtype) && strcmp(json_string_value(dtype), polyak_dtype_name((polyak_dtype)d)) == 0;
+    if (status != POLYAK_OK)
+      break;
+    if (!known)
+      status = FORMAT_ERROR("metadata \"param_dtypes\" gives tensor \"%s\" no polyak dtype", name);
+    else if (i < 0)
+      status = MISMATCH("the file's model has a tensor \"%s\" that this handle does not register", name);
+    else if (strcmp(json_string_value(dtype), polyak_dtype_name(p->tensors[i].dtype)) != 0)
+      status = MISMATCH("tensor \"%s\" was averaged from %s params, and this handle's are %s (the updates "
+                        "would not continue the same way)",
+                        name, json_string_value(dtype), polyak_dtype_name(p->tensors[i].dtype));
+  }
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++)
+    if (!json_object_get(dtypes, p->tensors[i].name))
+      status = MISMATCH("tensor \"%s\" is not in the file's model", p->tensors[i].name);
+  json_decref(dtypes);
+  return status;
+}
+
 json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state)
 {
   json_t *metadata = json_object();
   char checksum_text[32];
   snprintf(checksum_text, sizeof checksum_text, CHECKSUM_PREFIX "%016" PRIx64, state->checksum);
   int failed = !metadata || json_object_set_new(metadata, "format", json_string("polyak")) ||
-               set_text(metadata, "format_version", "%d", FORMAT_VERSION) ||
+               set_text(metadata, "format_version", "%d", POLYAK_CKPT_FORMAT) ||
                json_object_set_new(metadata, "library_version", json_string(polyak_version_string())) ||
                set_text(metadata, "step", "%" PRId64, state->step) ||
                set_text(metadata, "num_shadows", "%d", p->cfg.num_shadows) ||
@@ -199,7 +272,7 @@ json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state)
                set_text(metadata, "nonfinite_count", "%" PRId64, state->nonfinite) ||
                set_list(metadata, "beta_products", p->cfg.num_shadows, state->beta_prod, NULL) ||
                set_list(metadata, "update_counts", p->cfg.num_shadows, NULL, state->updates_counted) ||
-               set_schedules(metadata, &p->cfg) || set_copies(metadata, p) ||
+               set_schedules(metadata, &p->cfg) || set_copies(metadata, p) || set_param_dtypes(metadata, p) ||
                json_object_set_new(metadata, "checksum", json_string(checksum_text));
   if (failed) {
     json_decref(metadata);
@@ -303,13 +376,26 @@ static polyak_status check_schedules(polyak_t *p, const char *text, const char *
   return status;
 }
 
-/* Metadata keys every polyak file has; "lookahead_every" and
- * "update_counts" are newer (absent: 0). */
+/* Metadata keys every polyak file has; format 1's files may lack the ones
+ * added while it was current ("lookahead_every" and "update_counts" then
+ * read as 0, "skip_nonfinite" and "param_dtypes" go unchecked), format 2's
+ * have them all. */
 static const char *const kRequired[] = {"step",          "num_shadows", "shadow_dtype",
                                         "seed",          "zero_init",   "nonfinite_count",
                                         "beta_products", "schedules",   "checksum"};
+static const char *const kRequiredSince2[] = {"library_version", "skip_nonfinite", "lookahead_every", "update_counts",
+                                              "param_dtypes"};
 
-polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char *function)
+/* "1.0.0", "2.1.3-rc1": dot-separated numbers, then an optional -/+ suffix. */
+static int is_version_text(const char *text)
+{
+  size_t n = strspn(text, "0123456789");
+  while (n > 0 && text[n] == '.' && strspn(text + n + 1, "0123456789") > 0)
+    n += 1 + strspn(text + n + 1, "0123456789");
+  return n > 0 && (text[n] == '\0' || ((text[n] == '-' || text[n] == '+') && text[n + 1] != '\0'));
+}
+
+polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *format_version, const char *function)
 {
   if (!json_is_object(metadata))
     return FORMAT_ERROR("no \"__metadata__\" object: not a polyak checkpoint");
@@ -322,24 +408,94 @@ polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, const char
   }
   const char *format = metadata_text(metadata, "format");
   const char *version = metadata_text(metadata, "format_version");
+  const char *library = metadata_text(metadata, "library_version");
   if (!format || strcmp(format, "polyak") != 0)
     return FORMAT_ERROR("metadata \"format\" is not \"polyak\": not a polyak checkpoint");
-  if (!version || strcmp(version, "1") != 0)
-    return FORMAT_ERROR("format version \"%s\" is not one this library reads (1)", version ? version : "(missing)");
+  *format_version = version && strcmp(version, "1") == 0 ? 1 : version && strcmp(version, "2") == 0 ? 2 : 0;
+  if (*format_version == 0)
+    return FORMAT_ERROR("format version \"%.40s\" is not one this library (%s) reads (1, 2)%s%.40s",
+                        version ? version : "(missing)", polyak_version_string(),
+                        library ? "; the file was written by polyak " : "", library ? library : "");
   for (size_t n = 0; n < sizeof kRequired / sizeof kRequired[0]; n++)
     if (!metadata_text(metadata, kRequired[n]))
       return FORMAT_ERROR("metadata \"%s\" is missing", kRequired[n]);
+  for (size_t n = 0; n < sizeof kRequiredSince2 / sizeof kRequiredSince2[0] && *format_version >= 2; n++)
+    if (!metadata_text(metadata, kRequiredSince2[n]))
+      return FORMAT_ERROR("metadata \"%s\" is missing (format 2 has it)", kRequiredSince2[n]);
+  if (library && !is_version_text(library))
+    return FORMAT_ERROR("metadata \"library_version\" is not a version");
   return POLYAK_OK;
 }
 
-polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
+/* "beta_products" (doubles) or "update_counts" (ints): num_shadows values;
+ * format 2 holds exactly the text the writer writes (list_text), format 1
+ * any JSON list of them. 0 if they read, else -1. */
+static int parse_list(const char *text, int format_version, int num_shadows, double *doubles, int64_t *ints)
 {
-  int64_t num_shadows, zero_init, lookahead_every;
-  uint64_t seed;
+  json_error_t error;
+  json_t *list = json_loads(text, 0, &error);
+  int bad = !json_is_array(list) || (int)json_array_size(list) != num_shadows;
+  for (int k = 0; k < num_shadows && !bad; k++) {
+    json_t *v = json_array_get(list, k);
+    bad = doubles ? !json_is_number(v) : !json_is_integer(v);
+    if (doubles)
+      doubles[k] = json_number_value(v);
+    else
+      ints[k] = json_integer_value(v);
+  }
+  json_decref(list);
+  if (!bad && format_version >= 2) {
+    char *canonical = list_text(num_shadows, doubles, ints);
+    bad = !canonical || strcmp(canonical, text) != 0;
+    free(canonical);
+  }
+  return bad ? -1 : 0;
+}
+
+/* The state a load restores, each value read from its one text. */
+static polyak_status parse_state(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
+{
+  int num_shadows = p->cfg.num_shadows;
   if (parse_int64(metadata_text(metadata, "step"), &h->step) != 0 || h->step < 0)
     return FORMAT_ERROR("metadata \"step\" is not a step");
   if (parse_int64(metadata_text(metadata, "nonfinite_count"), &h->nonfinite) != 0 || h->nonfinite < 0)
     return FORMAT_ERROR("metadata \"nonfinite_count\" is not a count");
+  int bad = parse_list(metadata_text(metadata, "beta_products"), h->format_version, num_shadows, h->beta_prod, NULL);
+  for (int k = 0; k < num_shadows && !bad; k++)
+    bad = !(h->beta_prod[k] >= 0.0 && h->beta_prod[k] <= 1.0);
+  if (bad)
+    return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]", num_shadows);
+  const char *counts = metadata_text(metadata, "update_counts");
+  memset(h->updates_counted, 0, sizeof h->updates_counted); /* absent from old files: 0 */
+  bad = counts && parse_list(counts, h->format_version, num_shadows, NULL, h->updates_counted) != 0;
+  for (int k = 0; k < num_shadows && !bad; k++)
+    bad = h->updates_counted[k] < 0;
+  if (bad)
+    return FORMAT_ERROR("metadata \"update_counts\" is not a list of %d counts", num_shadows);
+  const char *checksum = metadata_text(metadata, "checksum");
+  size_t prefix = strlen(CHECKSUM_PREFIX);
+  if (strncmp(checksum, CHECKSUM_PREFIX, prefix) != 0 || strlen(checksum) != prefix + 16 ||
+      strspn(checksum + prefix, "0123456789abcdef") != 16)
+    return FORMAT_ERROR("metadata \"checksum\" is not " CHECKSUM_PREFIX "<16 lowercase hex digits>");
+  h->checksum = strtoull(checksum + prefix, NULL, 16);
+  return POLYAK_OK;
+}
+
+/* A 0/1 setting: *value, or -1 where a format 1 file lacks it. */
+static polyak_status parse_flag(polyak_t *p, json_t *metadata, const char *key, int64_t *value, const char *function)
+{
+  const char *text = metadata_text(metadata, key);
+  *value = -1;
+  if (text && (parse_int64(text, value) != 0 || *value < 0 || *value > 1))
+    return FORMAT_ERROR("metadata \"%s\" is not 0 or 1", key);
+  return POLYAK_OK;
+}
+
+/* The settings besides the schedules, against this handle's. */
+static polyak_status check_settings(polyak_t *p, json_t *metadata, const char *function)
+{
+  int64_t num_shadows, zero_init, skip_nonfinite, lookahead_every = 0;
+  uint64_t seed;
   if (parse_int64(metadata_text(metadata, "num_shadows"), &num_shadows) != 0)
     return FORMAT_ERROR("metadata \"num_shadows\" is not a number");
   if (num_shadows != p->cfg.num_shadows)
@@ -353,47 +509,30 @@ polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckp
     return MISMATCH("the file's seed is %" PRIu64 ", this handle's %" PRIu64
                     " (stochastic rounding would not continue the same way)",
                     seed, p->cfg.seed);
-  if (parse_int64(metadata_text(metadata, "zero_init"), &zero_init) != 0 || zero_init < 0 || zero_init > 1)
-    return FORMAT_ERROR("metadata \"zero_init\" is not 0 or 1");
+  POLYAK_TRY(parse_flag(p, metadata, "zero_init", &zero_init, function));
   if (zero_init != p->cfg.zero_init)
     return MISMATCH("the file has zero_init = %lld, this handle %d", (long long)zero_init, p->cfg.zero_init);
+  POLYAK_TRY(parse_flag(p, metadata, "skip_nonfinite", &skip_nonfinite, function));
+  if (skip_nonfinite >= 0 && skip_nonfinite != p->cfg.skip_nonfinite)
+    return MISMATCH("the file was averaged with skip_nonfinite = %lld, this handle has %d (a non-finite param "
+                    "would not be treated the same way)",
+                    (long long)skip_nonfinite, p->cfg.skip_nonfinite);
   const char *lookahead_text = metadata_text(metadata, "lookahead_every");
-  lookahead_every = 0;
   if (lookahead_text && (parse_int64(lookahead_text, &lookahead_every) != 0 || lookahead_every < 0))
     return FORMAT_ERROR("metadata \"lookahead_every\" is not a count of steps");
   if (lookahead_every != p->cfg.lookahead_every)
     return MISMATCH("the file has lookahead_every = %lld, this handle %lld", (long long)lookahead_every,
                     (long long)p->cfg.lookahead_every);
-  json_error_t error;
-  json_t *products = json_loads(metadata_text(metadata, "beta_products"), 0, &error);
-  int bad = !json_is_array(products) || (int)json_array_size(products) != p->cfg.num_shadows;
-  for (int k = 0; k < p->cfg.num_shadows && !bad; k++) {
-    json_t *v = json_array_get(products, k);
-    h->beta_prod[k] = json_number_value(v);
-    bad = !json_is_number(v) || !(h->beta_prod[k] >= 0.0 && h->beta_prod[k] <= 1.0);
-  }
-  json_decref(products);
-  if (bad)
-    return FORMAT_ERROR("metadata \"beta_products\" is not a list of %d numbers in [0, 1]", p->cfg.num_shadows);
-  const char *counts_text = metadata_text(metadata, "update_counts");
-  json_t *counts = counts_text ? json_loads(counts_text, 0, &error) : NULL;
-  bad = counts_text && (!json_is_array(counts) || (int)json_array_size(counts) != p->cfg.num_shadows);
-  for (int k = 0; k < p->cfg.num_shadows && !bad; k++) {
-    json_t *v = json_array_get(counts, k); /* NULL without the list: 0 */
-    h->updates_counted[k] = v ? json_integer_value(v) : 0;
-    bad = (v && !json_is_integer(v)) || h->updates_counted[k] < 0;
-  }
-  json_decref(counts);
-  if (bad)
-    return FORMAT_ERROR("metadata \"update_counts\" is not a list of %d counts", p->cfg.num_shadows);
-  const char *checksum = metadata_text(metadata, "checksum");
-  char *end = NULL;
-  if (strncmp(checksum, CHECKSUM_PREFIX, strlen(CHECKSUM_PREFIX)) != 0 ||
-      strlen(checksum) != strlen(CHECKSUM_PREFIX) + 16)
-    return FORMAT_ERROR("metadata \"checksum\" is not " CHECKSUM_PREFIX "<16 hex digits>");
-  h->checksum = strtoull(checksum + strlen(CHECKSUM_PREFIX), &end, 16);
-  if (*end)
-    return FORMAT_ERROR("metadata \"checksum\" is not " CHECKSUM_PREFIX "<16 hex digits>");
-  polyak_status status = check_copies(p, metadata_text(metadata, "copies"), function);
-  return status == POLYAK_OK ? check_schedules(p, metadata_text(metadata, "schedules"), function) : status;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_ckpt_check_config(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
+{
+  POLYAK_TRY(parse_state(p, metadata, h, function));
+  POLYAK_TRY(check_settings(p, metadata, function));
+  POLYAK_TRY(check_copies(p, metadata_text(metadata, "copies"), function));
+  const char *param_dtypes = metadata_text(metadata, "param_dtypes");
+  if (param_dtypes) /* format 1 files did not record them */
+    POLYAK_TRY(check_param_dtypes(p, param_dtypes, function));
+  return check_schedules(p, metadata_text(metadata, "schedules"), function);
 }

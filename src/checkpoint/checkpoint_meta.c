@@ -43,24 +43,24 @@ polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *
   return polyak_ckpt_check_handle(p, function);
 }
 
-polyak_status polyak_ckpt_check_fd(polyak_t *p, int fd, int writing, int64_t *offset, const char *function)
+polyak_status polyak_ckpt_check_fd_for_writing(polyak_t *p, int fd, int64_t *offset, const char *function)
 {
   int flags = fcntl(fd, F_GETFL);
   if (flags < 0)
     return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d: %s", fd, strerror(errno));
-  int mode = flags & O_ACCMODE;
-  if (writing ? mode == O_RDONLY : mode == O_WRONLY)
-    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d is not open for %s", fd,
-                            writing ? "writing" : "reading");
-  if (writing && (flags & O_APPEND))
+  if ((flags & O_ACCMODE) == O_RDONLY)
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d is not open for writing", fd);
+  if (flags & O_APPEND)
     return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
                             "fd %d is open with O_APPEND, which writes only at the end: the header "
                             "cannot be completed after the data",
                             fd);
   off_t at = lseek(fd, 0, SEEK_CUR);
   if (at < 0)
-    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "fd %d has no offset (a pipe or a socket?): %s", fd,
-                            strerror(errno));
+    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                            "fd %d has no offset (a pipe or a socket?): %s; a save completes its header after "
+                            "its data, at positions",
+                            fd, strerror(errno));
   *offset = (int64_t)at;
   return POLYAK_OK;
 }
@@ -112,6 +112,21 @@ int64_t polyak_ckpt_data_bytes(const polyak_t *p)
 }
 
 /* ---- the header: metadata and tensor entries ------------------------------------- */
+
+void polyak_ckpt_length_prefix(uint64_t header_bytes, uint8_t length[8])
+{
+  for (int b = 0; b < 8; b++)
+    length[b] = (uint8_t)(header_bytes >> (8 * b));
+}
+
+const char *polyak_ckpt_find_checksum(const char *text, size_t num_bytes)
+{
+  size_t field = strlen(POLYAK_CKPT_CHECKSUM_FIELD);
+  for (size_t at = 0; at + field + 16 <= num_bytes; at++)
+    if (memcmp(text + at, POLYAK_CKPT_CHECKSUM_FIELD, field) == 0)
+      return text + at + field;
+  return NULL;
+}
 
 void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
 {

@@ -1,20 +1,13 @@
-/* checkpoint_read.c: the validating reader. read_checkpoint takes a byte
- * source and checks everything before anything changes: the framing (the
- * header length, the JSON header), the metadata's form, the model (tensor
- * names and shapes: another model's file says which tensors differ), the
- * config against the handle's, every tensor entry (dtype, shape, offsets
- * that tile the data), then the data's checksum; checkpoint_stage.c then
- * replaces the shadows. Its sources: a file read with pread (polyak_load
- * from offset 0 to the end, polyak_load_fd from the fd's offset to where
- * the header says the checkpoint ends) and a caller's buffer
- * (polyak_load_from_memory). */
-#include <errno.h>
-#include <fcntl.h>
+/* checkpoint_read.c: the validating reader. polyak_ckpt_read takes a byte
+ * source (checkpoint_source.c makes them) and checks everything before
+ * anything changes: the framing (the header length, the JSON header), the
+ * metadata's form, the model (tensor names and shapes: another model's file
+ * says which tensors differ), the config against the handle's, every tensor
+ * entry (dtype, shape, offsets that tile the data), then the checksum over
+ * the whole checkpoint; checkpoint_stage.c then replaces the shadows. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -182,6 +175,8 @@ static polyak_status check_entry(polyak_t *p, const char *function, const char *
       json_array_size(offsets) != 2 || !json_is_integer(json_array_get(offsets, 0)) ||
       !json_is_integer(json_array_get(offsets, 1)))
     return FORMAT_ERROR("tensor \"%s\" lacks a dtype, a shape or two data_offsets", name);
+  if (json_object_size(entry) != 3) /* safetensors' entries have no other keys */
+    return FORMAT_ERROR("tensor \"%s\" has keys besides dtype, shape and data_offsets", name);
   const char *dtype_name = json_string_value(dtype);
   const char *known[] = {"F64", "F32",  "F16", "BF16", "I64", "I32",     "I16",    "I8",
                          "U8",  "BOOL", "U16", "U32",  "U64", "F8_E4M3", "F8_E5M2"};
@@ -271,8 +266,26 @@ static polyak_status check_tensors(polyak_t *p, polyak_ckpt_source *src, json_t 
   return status;
 }
 
-static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const layout *h, void *buffer,
-                                     size_t buffer_bytes)
+/* Feeds the header to the hash with the checksum's digits as zeros, as the
+ * writer hashed it before it knew them. */
+static polyak_status hash_header(polyak_t *p, const char *function, XXH3_state_t *hash, const char *text,
+                                 size_t num_bytes, uint64_t recorded)
+{
+  const char *field = polyak_ckpt_find_checksum(text, num_bytes);
+  char digits[17];
+  snprintf(digits, sizeof digits, "%016llx", (unsigned long long)recorded);
+  if (!field || memcmp(field, digits, 16) != 0) /* its value is where the writer puts it */
+    return FORMAT_ERROR("the checksum is not where format 2 puts it (\"checksum\":\"xxh3-64:, first in the header)");
+  XXH3_64bits_update(hash, text, (size_t)(field - text));
+  XXH3_64bits_update(hash, "0000000000000000", 16);
+  XXH3_64bits_update(hash, field + 16, num_bytes - (size_t)(field + 16 - text));
+  return POLYAK_OK;
+}
+
+/* The checksum: format 2's over the length prefix, the header (`text`) and
+ * the data; format 1's over the data only. */
+static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const layout *h, const char *text,
+                                     void *buffer, size_t buffer_bytes)
 {
   const char *function = src->function;
   XXH3_state_t *hash = XXH3_createState();
@@ -280,6 +293,12 @@ static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const
     return polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
   XXH3_64bits_reset(hash);
   polyak_status status = POLYAK_OK;
+  if (h->state.format_version >= 2) {
+    uint8_t length[8];
+    polyak_ckpt_length_prefix((uint64_t)(h->data_start - 8), length);
+    XXH3_64bits_update(hash, length, 8);
+    status = hash_header(p, function, hash, text, (size_t)(h->data_start - 8), h->state.checksum);
+  }
   for (int64_t done = 0; done < h->data_bytes && status == POLYAK_OK;) {
     size_t n = h->data_bytes - done < (int64_t)buffer_bytes ? (size_t)(h->data_bytes - done) : buffer_bytes;
     status = src->read_at(src, p, buffer, n, h->data_start + done);
@@ -287,14 +306,14 @@ static polyak_status verify_checksum(polyak_t *p, polyak_ckpt_source *src, const
     done += (int64_t)n;
   }
   if (status == POLYAK_OK && XXH3_64bits_digest(hash) != h->state.checksum)
-    status = FORMAT_ERROR("the data's checksum is not the one recorded: the checkpoint is corrupt");
+    status = FORMAT_ERROR(h->state.format_version >= 2
+                              ? "the checksum is not the one recorded: the checkpoint is corrupt"
+                              : "the data's checksum is not the one recorded: the checkpoint is corrupt");
   XXH3_freeState(hash);
   return status;
 }
 
-/* Checks the checkpoint in `src` against the handle, then stages it;
- * *checkpoint_bytes gets its size. */
-static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64_t *checkpoint_bytes)
+polyak_status polyak_ckpt_read(polyak_t *p, polyak_ckpt_source *src, int64_t *checkpoint_bytes)
 {
   const char *function = src->function;
   int64_t limit = src->num_bytes < 0 ? INT64_MAX : src->num_bytes;
@@ -330,14 +349,15 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   status = src->read_at(src, p, text, header_bytes, 8);
   json_error_t error;
   json_t *root = status == POLYAK_OK ? json_loadb(text, header_bytes, JSON_REJECT_DUPLICATES, &error) : NULL;
-  free(text);
+  if (status != POLYAK_OK || !root) /* else an object: it begins with '{' */
+    free(text);
   if (status != POLYAK_OK)
     return status;
-  if (!root) /* else an object: it begins with '{' */
+  if (!root)
     return FORMAT_ERROR("the header is not JSON: %s (line %d, column %d)", error.text, error.line, error.column);
   layout h = {.data_start = 8 + (int64_t)header_bytes, .data_bytes = limit - 8 - (int64_t)header_bytes};
   json_t *metadata = json_object_get(root, "__metadata__");
-  status = polyak_ckpt_check_format(p, metadata, function);
+  status = polyak_ckpt_check_format(p, metadata, &h.state.format_version, function);
   if (status == POLYAK_OK) /* the model first: another model's file says so */
     status = check_model(p, function, root);
   if (status == POLYAK_OK)
@@ -350,7 +370,8 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   if (status == POLYAK_OK && !buffer)
     status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
   if (status == POLYAK_OK)
-    status = verify_checksum(p, src, &h, buffer, buffer_bytes);
+    status = verify_checksum(p, src, &h, text, buffer, buffer_bytes);
+  free(text);
   if (status == POLYAK_OK)
     status = polyak_ckpt_stage(p, src, h.data_start, h.data_begin, &h.state, buffer, buffer_bytes);
   if (buffer)
@@ -358,111 +379,4 @@ static polyak_status read_checkpoint(polyak_t *p, polyak_ckpt_source *src, int64
   free(h.data_begin);
   *checkpoint_bytes = h.data_start + h.data_bytes;
   return status;
-}
-
-/* ---- sources: a file descriptor, a buffer ------------------------------------- */
-
-typedef struct {
-  polyak_ckpt_source base;
-  int fd;
-  int64_t offset; /* of the checkpoint's first byte */
-} fd_source;
-
-static polyak_status fd_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset)
-{
-  const fd_source *s = (const fd_source *)src;
-  char *to = dst;
-  for (size_t done = 0; done < num_bytes;) {
-    ssize_t got = pread(s->fd, to + done, num_bytes - done, (off_t)(s->offset + offset + (int64_t)done));
-    if (got < 0 && errno == EINTR)
-      continue;
-    if (got <= 0)
-      return polyak_ckpt_fail(p, POLYAK_ERR_IO, src->function, "cannot read bytes %lld..%lld of %s: %s",
-                              (long long)offset, (long long)(offset + (int64_t)num_bytes), src->extent,
-                              got < 0 ? strerror(errno) : "unexpected end of file");
-    done += (size_t)got;
-  }
-  return POLYAK_OK;
-}
-
-/* The checkpoint at fd's offset: the whole file from offset 0 for
- * polyak_load; else what follows the offset, up to where the checkpoint's
- * header says it ends, after which the offset is moved. */
-static polyak_status load_fd(polyak_t *p, int fd, int whole, const char *function)
-{
-  fd_source src = {{fd_read_at, -1, whole, function, ""}, fd, 0};
-  polyak_status status = whole ? POLYAK_OK : polyak_ckpt_check_fd(p, fd, 0, &src.offset, function);
-  struct stat st;
-  if (status == POLYAK_OK && fstat(fd, &st) != 0)
-    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "cannot stat fd %d: %s", fd, strerror(errno));
-  if (status != POLYAK_OK)
-    return status;
-  if (S_ISREG(st.st_mode))
-    src.base.num_bytes = st.st_size > src.offset ? (int64_t)st.st_size - src.offset : 0;
-  else /* a device, say: the checkpoint ends where its header says; reads find the end */
-    src.base.whole = 0;
-  if (src.base.num_bytes < 0)
-    snprintf(src.base.extent, sizeof src.base.extent, "the file");
-  else if (whole)
-    snprintf(src.base.extent, sizeof src.base.extent, "the %lld-byte file", (long long)src.base.num_bytes);
-  else
-    snprintf(src.base.extent, sizeof src.base.extent, "the file after offset %lld of fd %d", (long long)src.offset, fd);
-  if (!whole && src.base.num_bytes == 0)
-    return polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
-                            "fd %d is at the end of its file (offset %lld): no checkpoint follows", fd,
-                            (long long)src.offset);
-  int64_t checkpoint_bytes = 0;
-  status = read_checkpoint(p, &src.base, &checkpoint_bytes);
-  if (status == POLYAK_OK && !whole && lseek(fd, (off_t)(src.offset + checkpoint_bytes), SEEK_SET) < 0)
-    status =
-        polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
-                         "loaded, but cannot move the offset of fd %d past the checkpoint: %s", fd, strerror(errno));
-  return status;
-}
-
-polyak_status polyak_load(polyak_t *p, const char *path)
-{
-  polyak_status status = polyak_ckpt_check_path(p, path, "polyak_load");
-  if (status != POLYAK_OK)
-    return status;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return polyak_fail(p, POLYAK_ERR_IO, "polyak_load: cannot open %s: %s", path, strerror(errno));
-  status = load_fd(p, fd, 1, "polyak_load");
-  close(fd);
-  return status;
-}
-
-polyak_status polyak_load_fd(polyak_t *p, int fd)
-{
-  polyak_status status = polyak_ckpt_check_handle(p, "polyak_load_fd");
-  return status == POLYAK_OK ? load_fd(p, fd, 0, "polyak_load_fd") : status;
-}
-
-typedef struct {
-  polyak_ckpt_source base;
-  const char *bytes;
-} memory_source;
-
-static polyak_status memory_read_at(polyak_ckpt_source *src, polyak_t *p, void *dst, size_t num_bytes, int64_t offset)
-{
-  if (offset + (int64_t)num_bytes > src->num_bytes) /* the reader checks first: never */
-    return polyak_ckpt_fail(p, POLYAK_ERR_FORMAT, src->function, "%s ends before byte %lld", src->extent,
-                            (long long)(offset + (int64_t)num_bytes));
-  memcpy(dst, ((const memory_source *)src)->bytes + offset, num_bytes);
-  return POLYAK_OK;
-}
-
-polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes)
-{
-  const char *function = "polyak_load_from_memory";
-  polyak_status status = polyak_ckpt_check_handle(p, function);
-  if (status != POLYAK_OK)
-    return status;
-  if (!src && src_num_bytes > 0)
-    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "src is NULL and src_num_bytes %zu", src_num_bytes);
-  memory_source source = {{memory_read_at, (int64_t)src_num_bytes, 1, function, ""}, src};
-  snprintf(source.base.extent, sizeof source.base.extent, "the %zu-byte buffer", src_num_bytes);
-  int64_t checkpoint_bytes = 0;
-  return read_checkpoint(p, &source.base, &checkpoint_bytes);
 }

@@ -2,7 +2,8 @@
  * handle's shadows and state into checkpoint bytes for a sink: the header
  * (with a checksum placeholder), the data copied out of the arenas block by
  * block (or, sharded, gathered and written by rank 0), then the header
- * again with the data's checksum, which has the same length. Its sinks: a
+ * again with the checksum, which has the same length: the XXH3-64 of every
+ * byte written before it, its own digits being zeros then. Its sinks: a
  * file replaced crash-safely (polyak_save, through safe_file.c), an open
  * file at its offset (polyak_save_fd) and a caller's buffer
  * (polyak_save_to_memory). */
@@ -214,12 +215,14 @@ static polyak_status write_checkpoint(polyak_t *p, sink *out, int64_t *num_bytes
     begun = status == POLYAK_OK;
   }
   uint8_t length[8];
-  for (int b = 0; b < 8; b++)
-    length[b] = (uint8_t)((uint64_t)header_bytes >> (8 * b));
+  polyak_ckpt_length_prefix(header_bytes, length);
   if (begun && (status = out->write_at(out, p, length, 8, 0)) == POLYAK_OK)
     status = out->write_at(out, p, header, header_bytes, 8);
-  if (w.hash)
+  if (w.hash) { /* the header as written, its checksum digits zeros */
     XXH3_64bits_reset(w.hash);
+    XXH3_64bits_update(w.hash, length, 8);
+    XXH3_64bits_update(w.hash, header ? header : "", header ? header_bytes : 0);
+  }
   w.out = begun && status == POLYAK_OK ? out : NULL;
   if (gathering) /* the other ranks take part in the gathers only */
     status = write_gathered(&w, status);
@@ -318,7 +321,7 @@ static polyak_status fd_begin(sink *out, polyak_t *p, int64_t num_bytes)
 {
   fd_sink *f = (fd_sink *)out;
   f->num_bytes = num_bytes;
-  return polyak_ckpt_check_fd(p, f->fd, 1, &f->offset, out->function);
+  return polyak_ckpt_check_fd_for_writing(p, f->fd, &f->offset, out->function);
 }
 
 static polyak_status fd_write_at(sink *out, polyak_t *p, const void *data, size_t num_bytes, int64_t offset)
@@ -422,5 +425,42 @@ polyak_status polyak_save_size(polyak_t *p, size_t *num_bytes)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_save_size: out of host memory");
   free(header);
   *num_bytes = 8 + header_bytes + (size_t)polyak_ckpt_data_bytes(p);
+  return POLYAK_OK;
+}
+
+/* ---- polyak_checkpoint_reseal: a checksum for an edited header ---------------- */
+
+polyak_status polyak_checkpoint_reseal(void *checkpoint, size_t num_bytes)
+{
+  char *bytes = checkpoint;
+  uint64_t header_bytes = 0;
+  if (!bytes)
+    return POLYAK_ERR_INVALID_ARG;
+  for (int b = 0; b < 8 && num_bytes >= 8; b++)
+    header_bytes |= (uint64_t)(uint8_t)bytes[b] << (8 * b);
+  if (num_bytes < 10 || header_bytes > num_bytes - 8)
+    return POLYAK_ERR_FORMAT;
+  json_t *root = json_loadb(bytes + 8, (size_t)header_bytes, JSON_REJECT_DUPLICATES, NULL);
+  json_t *metadata = json_object_get(root, "__metadata__");
+  const char *format = json_string_value(json_object_get(metadata, "format"));
+  const char *version = json_string_value(json_object_get(metadata, "format_version"));
+  int format_version = !format || strcmp(format, "polyak") != 0 ? 0
+                       : version && strcmp(version, "1") == 0   ? 1
+                       : version && strcmp(version, "2") == 0   ? 2
+                                                                : 0;
+  json_decref(root);
+  char *digits = (char *)polyak_ckpt_find_checksum(bytes + 8, (size_t)header_bytes);
+  if (format_version == 0 || !digits)
+    return POLYAK_ERR_FORMAT;
+  uint64_t checksum;
+  if (format_version == 1) { /* the data's */
+    checksum = XXH3_64bits(bytes + 8 + header_bytes, num_bytes - 8 - (size_t)header_bytes);
+  } else { /* every byte, the digits read as zeros */
+    memset(digits, '0', 16);
+    checksum = XXH3_64bits(bytes, num_bytes);
+  }
+  char text[17];
+  snprintf(text, sizeof text, "%016llx", (unsigned long long)checksum);
+  memcpy(digits, text, 16);
   return POLYAK_OK;
 }

@@ -119,9 +119,10 @@ polyak_status polyak_cpu_read_out(polyak_t *p, const void *src, polyak_dtype src
   return POLYAK_OK;
 }
 
-polyak_status polyak_cpu_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)
+polyak_status polyak_cpu_check_read_out(polyak_t *p, const void *dst, size_t num_bytes, void *stream,
+                                        const char *function)
 {
-  (void)p, (void)dst, (void)stream, (void)function;
+  (void)p, (void)dst, (void)num_bytes, (void)stream, (void)function;
   return POLYAK_OK;
 }
 

@@ -20,7 +20,8 @@ polyak_status polyak_cpu_find_nonfinite_param(polyak_t *p, int whole, const char
 void *polyak_cpu_arena(polyak_t *p, int shadow);
 polyak_status polyak_cpu_read_out(polyak_t *p, const void *src, polyak_dtype src_dtype, int64_t num_elems,
                                   double debias_scale, void *dst, polyak_dtype dst_dtype, void *stream);
-polyak_status polyak_cpu_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function);
+polyak_status polyak_cpu_check_read_out(polyak_t *p, const void *dst, size_t num_bytes, void *stream,
+                                        const char *function);
 polyak_status polyak_cpu_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream);
 polyak_status polyak_cpu_blend(polyak_t *p, const float *coefficient, int tensor, void *dst, polyak_dtype dst_dtype,
                                void *stream);

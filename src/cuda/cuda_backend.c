@@ -1,11 +1,11 @@
-/* cuda_backend.c: the CUDA backend's host side, its core: errors and
- * devices, finalize (the arenas allocated, the plan uploaded, the shadows
- * initialized) and release, and the table of operations whose other
- * entries live in cuda_update.c, cuda_readout.c and cuda_transfer.c.
+/* cuda_backend.c: the CUDA backend's host side, its core: finalize (the
+ * arenas allocated, the plan uploaded, the shadows initialized) and
+ * release, and the table of operations whose other entries live in
+ * cuda_device.c, cuda_update.c, cuda_readout.c and cuda_transfer.c.
  * Shadows live in one cudaMalloc arena each; every update is one kernel
  * launch (kernels/update.cu) enqueued on the caller's stream without
- * synchronizing. Every call runs on the handle's device and puts the
- * caller's current device back. */
+ * synchronizing. Every call runs in the handle's device's primary context
+ * and leaves the caller's CUDA state as it was (cuda_device.c). */
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -17,128 +17,6 @@
 #ifdef POLYAK_HAVE_NCCL
 #include "nccl_comm.h"
 #endif
-
-/* ---- errors and devices ----------------------------------------------------- */
-
-polyak_status polyak_cuda_fail(polyak_t *p, cudaError_t err, const char *what)
-{
-  cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
-  return polyak_fail(p, err == cudaErrorMemoryAllocation ? POLYAK_ERR_NO_MEMORY : POLYAK_ERR_CUDA, "%s: %s: %s", what,
-                     cudaGetErrorName(err), cudaGetErrorString(err));
-}
-
-/* Makes the handle's device current; *previous gets the caller's. */
-cudaError_t polyak_cuda_enter(const polyak_t *p, int *previous)
-{
-  cudaError_t err = cudaGetDevice(previous);
-  if (err == cudaSuccess && *previous != p->cfg.device)
-    err = cudaSetDevice(p->cfg.device);
-  return err;
-}
-
-/* Gives the caller its device back, unless that device has no context yet
- * (cudaGetDevice says 0 to a caller that never chose one): switching to it
- * would create a context there, hundreds of MB on a GPU the caller may not
- * use at all. */
-void polyak_cuda_leave(const polyak_t *p, int previous)
-{
-  /* the driver function comes through the runtime, so that libpolyak loads
-   * on machines without a CUDA driver */
-  typedef CUresult (*primary_ctx_state_fn)(CUdevice, unsigned int *, int *);
-  void *entry = NULL;
-  enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  unsigned int flags = 0;
-  int active = 0;
-  if (previous == p->cfg.device)
-    return;
-  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault, &found) ==
-          cudaSuccess &&
-      found == cudaDriverEntryPointSuccess &&
-      ((primary_ctx_state_fn)entry)((CUdevice)previous, &flags, &active) == CUDA_SUCCESS && active)
-    cudaSetDevice(previous);
-}
-
-/* Visible devices, or -1 if the runtime fails (reason in msg). */
-static int device_count(char *msg, size_t msg_num_bytes)
-{
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED, "%s: %s", cudaGetErrorName(err),
-                   cudaGetErrorString(err));
-    return -1;
-  }
-  return count;
-}
-
-/* POLYAK_OK if `device` exists; else POLYAK_ERR_UNSUPPORTED (no device, no
- * driver) or POLYAK_ERR_INVALID_ARG (ordinal out of range). */
-static polyak_status check_device(int device, char *msg, size_t msg_num_bytes)
-{
-  char reason[POLYAK_ERROR_BYTES];
-  int count = device_count(reason, sizeof reason);
-  if (count < 0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "the CUDA backend found no usable device (cudaGetDeviceCount: %s)", reason);
-  if (count == 0)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "the CUDA backend found no CUDA device on this machine");
-  if (device < 0 || device >= count)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
-                          "device = %d is outside the %d visible CUDA devices", device, count);
-  return POLYAK_OK;
-}
-
-/* 1 if ptr is CUDA device memory (not managed or host); 0 otherwise,
- * including when no CUDA driver or device is present. */
-static int owns_memory(const void *ptr)
-{
-  struct cudaPointerAttributes attr;
-  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return attr.type == cudaMemoryTypeDevice;
-}
-
-static int available(void)
-{
-  return device_count(NULL, 0) > 0;
-}
-
-/* The device, then the communicator: it must hold these ranks, on it. */
-static polyak_status check_config(const polyak_config *cfg, char *msg, size_t msg_num_bytes)
-{
-  polyak_status status = check_device(cfg->device, msg, msg_num_bytes);
-  if (status != POLYAK_OK || !cfg->nccl_comm)
-    return status;
-#ifdef POLYAK_HAVE_NCCL
-  return polyak_nccl_check_comm(cfg->nccl_comm, cfg->world_size, cfg->rank, cfg->device, msg, msg_num_bytes);
-#else
-  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                        "nccl_comm is set but this build of polyak has no NCCL (configured with "
-                        "POLYAK_WITH_NCCL=OFF or without NCCL found)");
-#endif
-}
-
-/* POLYAK_OK if [ptr, ptr + num_bytes) may be read by kernels on the
- * handle's device: device memory of that device, or managed memory. */
-polyak_status polyak_cuda_check_pointer(polyak_t *p, const void *ptr, const char *what)
-{
-  struct cudaPointerAttributes attr;
-  cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-  if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, what);
-  if (attr.type == cudaMemoryTypeManaged || (attr.type == cudaMemoryTypeDevice && attr.device == p->cfg.device))
-    return POLYAK_OK;
-  if (attr.type == cudaMemoryTypeDevice)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: %p is memory of CUDA device %d; this handle runs on device %d",
-                       what, ptr, attr.device, p->cfg.device);
-  return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                     "%s: %p is host memory; the CUDA backend needs device memory on device %d", what, ptr,
-                     p->cfg.device);
-}
 
 /* ---- finalize and destroy ------------------------------------------------ */
 
@@ -160,8 +38,8 @@ static void cuda_release(polyak_t *p)
   cuda_state *state = p->backend;
   if (!state)
     return;
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     cudaDeviceSynchronize(); /* the handle's work may still be in flight */
     for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
       cudaFree(state->shadows[k]);
@@ -173,26 +51,27 @@ static void cuda_release(polyak_t *p)
     cudaFree(state->counters);
     cudaFree(state->store);
     cudaFree(state->store_chunks);
-    cudaFree(state->flag);
+    cudaFree(state->agreement);
     cudaFree(state->products);
     cudaFree(state->graph);
     cudaFree(state->graph_weights);
     if (state->blas)
       cublasDestroy(state->blas);
     polyak_cuda_free_layerwise(state);
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
+  polyak_cuda_drop_context(state);
   free(state);
   p->backend = NULL;
 }
 
 static polyak_status check_params(polyak_t *p)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+    return polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
   polyak_status status = POLYAK_OK;
   char what[POLYAK_ERROR_BYTES];
   for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
@@ -200,13 +79,15 @@ static polyak_status check_params(polyak_t *p)
     if (t->num_elems == 0)
       continue;
     snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") param", i, t->name);
-    status = polyak_cuda_check_pointer(p, t->param, what);
+    status =
+        polyak_cuda_check_pointer(p, &scope, t->param, (size_t)t->num_elems * polyak_dtype_num_bytes(t->dtype), what);
     if (status == POLYAK_OK && t->owned) {
       snprintf(what, sizeof what, "polyak_finalize: tensor %d (\"%s\") shadow", i, t->name);
-      status = polyak_cuda_check_pointer(p, t->shadow, what);
+      status = polyak_cuda_check_pointer(p, &scope, t->shadow,
+                                         (size_t)t->num_elems * polyak_dtype_num_bytes(t->shadow_dtype), what);
     }
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 
@@ -228,8 +109,6 @@ static polyak_status allocate(polyak_t *p, cuda_state *state)
     err = cudaMalloc((void **)&state->graph, sizeof *state->graph);
   if (err == cudaSuccess)
     err = cudaMalloc((void **)&state->products, POLYAK_MAX_SHADOWS * sizeof *state->products);
-  if (err == cudaSuccess && p->cfg.nccl_comm)
-    err = cudaMalloc((void **)&state->flag, sizeof *state->flag);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: cudaMalloc");
 }
 
@@ -333,46 +212,75 @@ static polyak_status upload_and_init(polyak_t *p, cuda_state *state, cudaStream_
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_finalize: initializing the shadows");
 }
 
+/* With a communicator, before anything else of finalize can fail: the
+ * device memory of the ranks' agreements, zeroed (agreement.h), so that
+ * this rank reaches the handshake with its failure whatever happens next. */
+static cudaError_t allocate_agreement(const polyak_t *p, uint64_t **slots)
+{
+  size_t num_bytes = POLYAK_AGREEMENT_SLOTS(p->cfg.world_size) * sizeof **slots;
+  cudaError_t err = cudaMalloc((void **)slots, num_bytes);
+  if (err == cudaSuccess)
+    err = cudaMemset(*slots, 0, num_bytes);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* the memset is in place before any stream's collective */
+  if (err != cudaSuccess) {
+    cudaFree(*slots);
+    *slots = NULL;
+  }
+  return err;
+}
+
 #ifdef POLYAK_HAVE_NCCL
 /* Every rank gathers every rank's (tensors-and-config hash, finalize ok):
  * a rank registered differently would gather other counts and hang or
  * corrupt memory, and a rank that failed would leave the others waiting at
- * their first gather. */
-static polyak_status finalize_handshake(polyak_t *p, polyak_status status)
+ * their first gather. Issued whatever failed before, through `slots`. */
+static polyak_status finalize_handshake(polyak_t *p, uint64_t *slots, polyak_status status)
 {
   char reason[POLYAK_ERROR_BYTES];
   int all_ok = 0, same = 0, other = -1;
-  polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, p->cfg.world_size, polyak_layout_hash(p),
+  polyak_status agreed = polyak_nccl_finalize_agree(p->cfg.nccl_comm, slots, p->cfg.world_size, polyak_layout_hash(p),
                                                     status == POLYAK_OK, &all_ok, &same, &other, reason, sizeof reason);
   if (status != POLYAK_OK)
     return status;
   if (agreed != POLYAK_OK)
     return polyak_fail(p, agreed, "polyak_finalize: %s", reason);
+  if (!all_ok) /* first: a failed rank's hash may never have been written */
+    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: another rank failed to finalize");
   if (!same)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
                        "polyak_finalize: rank %d registered other tensors or has another config than "
                        "rank %d; every rank must register the same tensors with the same config",
                        other, p->cfg.rank);
-  if (!all_ok)
-    return polyak_fail(p, POLYAK_ERR_STATE, "polyak_finalize: another rank failed to finalize");
   return POLYAK_OK;
 }
 #endif
 
 static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prior)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
-  if (err != cudaSuccess)
-    return prior != POLYAK_OK ? prior : polyak_cuda_fail(p, err, "polyak_finalize: cudaSetDevice");
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   polyak_status status = prior;
+  if (err != cudaSuccess && status == POLYAK_OK)
+    status = polyak_cuda_fail(p, err, "polyak_finalize: entering the handle's device");
+  uint64_t *agreement = NULL; /* first: every rank must reach the handshake */
+  cudaError_t agreement_err = cudaSuccess;
+  if (p->cfg.nccl_comm && err == cudaSuccess)
+    agreement_err = allocate_agreement(p, &agreement);
+  if (agreement_err != cudaSuccess && status == POLYAK_OK)
+    status = polyak_cuda_fail(p, agreement_err, "polyak_finalize: the ranks' agreement");
   cuda_state *state = NULL;
   if (status == POLYAK_OK && !(state = calloc(1, sizeof *state)))
     status = polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   if (status == POLYAK_OK) {
     p->backend = state;
+    state->agreement = agreement; /* the state's from now on: freed with it */
+    agreement = NULL;
     int sms = 0;
-    err = polyak_update_grid_limit(p->cfg.device, &state->update_grid);
+    err = polyak_cuda_hold_context(p, state);
+    if (err == cudaSuccess)
+      err = polyak_update_grid_limit(p->cfg.device, p->cfg.shadow_dtype, polyak_stochastic_f32_mask(&p->cfg),
+                                     &state->update_grid);
     if (err == cudaSuccess)
       err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->cfg.device);
     state->io_grid = 4 * sms;
@@ -383,19 +291,26 @@ static polyak_status cuda_finalize(polyak_t *p, void *stream, polyak_status prio
   if (status == POLYAK_OK)
     status = upload_and_init(p, state, (cudaStream_t)stream);
 #ifdef POLYAK_HAVE_NCCL
-  if (p->cfg.nccl_comm) /* all ranks finalize, with the same tensors and config, or none does */
-    status = finalize_handshake(p, status);
+  /* all ranks finalize, with the same tensors and config, or none does; a
+   * rank that could not even enter its device or allocate the agreement
+   * cannot take part (as one that failed before finalize) */
+  uint64_t *slots = state && state->agreement ? state->agreement : agreement;
+  if (p->cfg.nccl_comm && slots)
+    status = finalize_handshake(p, slots, status);
 #endif
   if (status != POLYAK_OK)
     cuda_release(p);
-  polyak_cuda_leave(p, previous);
+  if (agreement) /* state never took it */
+    cudaFree(agreement);
+  cudaGetLastError();
+  polyak_cuda_leave(&scope);
   return status;
 }
 
 const polyak_backend_ops polyak_cuda_ops = {
-    .available = available,
-    .check_config = check_config,
-    .owns_memory = owns_memory,
+    .available = polyak_cuda_available,
+    .check_config = polyak_cuda_check_config,
+    .owns_memory = polyak_cuda_owns_memory,
     .memory_name = "CUDA device memory",
     .check_params = check_params,
     .finalize = cuda_finalize,
@@ -437,4 +352,5 @@ const polyak_backend_ops polyak_cuda_ops = {
 #endif
     .agree = polyak_cuda_agree,
     .capturing = polyak_cuda_capturing,
+    .capture_under_way = polyak_cuda_capture_under_way,
 };

@@ -14,17 +14,18 @@ void *polyak_cuda_arena(polyak_t *p, int shadow)
   return ((cuda_state *)p->backend)->shadows[shadow];
 }
 
-polyak_status polyak_cuda_check_read_out(polyak_t *p, const void *dst, void *stream, const char *function)
+polyak_status polyak_cuda_check_read_out(polyak_t *p, const void *dst, size_t num_bytes, void *stream,
+                                         const char *function)
 {
   (void)stream;
   char what[128];
   snprintf(what, sizeof what, "%s: dst", function);
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
-  polyak_status status = err == cudaSuccess ? polyak_cuda_check_pointer(p, dst, what) : POLYAK_OK;
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
+  polyak_status status = err == cudaSuccess ? polyak_cuda_check_pointer(p, &scope, dst, num_bytes, what) : POLYAK_OK;
   if (err != cudaSuccess)
     status = polyak_cuda_fail(p, err, function);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 
@@ -34,14 +35,14 @@ polyak_status polyak_cuda_read_out(polyak_t *p, const void *src, polyak_dtype sr
   const cuda_state *state = p->backend;
   if (num_elems == 0)
     return POLYAK_OK;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess) {
     int64_t blocks = (num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
     int grid = blocks < state->io_grid ? (int)blocks : state->io_grid;
     err = polyak_launch_readout(src, src_dtype, num_elems, debias_scale, dst, dst_dtype, grid, (cudaStream_t)stream);
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "read-out kernel launch");
 }
 
@@ -57,13 +58,13 @@ polyak_status polyak_cuda_copy_to_params(polyak_t *p, int shadow, double debias_
   const cuda_state *state = p->backend;
   if (p->num_chunks == 0)
     return POLYAK_OK;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = polyak_launch_copy_to_params(state->descs, state->chunks, p->num_chunks, state->shadows[shadow], shadow,
                                        p->cfg.shadow_dtype, debias_scale, polyak_cuda_io_grid(p, state),
                                        (cudaStream_t)stream);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_copy_to_params");
 }
 
@@ -75,8 +76,8 @@ polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int nu
   cuda_state *state = p->backend;
   if (p->num_chunks == 0)
     return POLYAK_OK;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_synthesize_to_params");
   float *x = NULL, *y = NULL;
@@ -99,7 +100,7 @@ polyak_status polyak_cuda_synthesize(polyak_t *p, const float *snapshots, int nu
     err = cudaStreamSynchronize((cudaStream_t)stream); /* before the scratch goes */
   cudaFree(x);
   cudaFree(y);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_synthesize_to_params");
   if (blas != CUBLAS_STATUS_SUCCESS)
@@ -124,22 +125,22 @@ polyak_status polyak_cuda_blend(polyak_t *p, const float *coefficient, int tenso
       tensor < 0 ? p->num_chunks : (p->tensors[tensor].num_elems + POLYAK_BLOCK_THREADS - 1) / POLYAK_BLOCK_THREADS;
   if (work == 0)
     return POLYAK_OK;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   int grid = work < state->io_grid ? (int)work : state->io_grid;
   if (err == cudaSuccess)
     err = tensor < 0 ? polyak_launch_blend_to_params(&args, state->descs, state->chunks, p->num_chunks, grid,
                                                      (cudaStream_t)stream)
                      : polyak_launch_blend(&args, &p->descs[tensor], dst, dst_dtype, grid, (cudaStream_t)stream);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "blend kernel launch");
 }
 
 static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, const char *what)
 {
   cuda_state *state = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   polyak_status status = err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, what);
   const polyak_chunk *chunks = state->store_chunks ? state->store_chunks : state->chunks;
   int64_t num_chunks = state->store_chunks ? state->num_store_chunks : p->num_chunks;
@@ -152,7 +153,7 @@ static polyak_status store_or_restore(polyak_t *p, int to_store, void *stream, c
     if (err != cudaSuccess)
       status = polyak_cuda_fail(p, err, what);
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 

@@ -15,11 +15,11 @@
 void *polyak_cuda_host_buffer(polyak_t *p, size_t num_bytes)
 {
   void *buffer = NULL;
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     if (cudaMallocHost(&buffer, num_bytes) != cudaSuccess)
       buffer = NULL;
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
   return buffer;
@@ -36,13 +36,13 @@ void polyak_cuda_free_host_buffer(polyak_t *p, void *buffer)
 static polyak_status copy_arena(polyak_t *p, void *dst, const void *src, size_t num_bytes, enum cudaMemcpyKind kind,
                                 const char *what)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaMemcpy(dst, src, num_bytes, kind);
   if (err == cudaSuccess && kind == cudaMemcpyHostToDevice) /* from pageable memory it may land later */
     err = cudaStreamSynchronize(0);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, what);
 }
 
@@ -58,13 +58,13 @@ polyak_status polyak_cuda_copy_from_host(polyak_t *p, void *dst, const void *hos
 
 static void free_staging(polyak_t *p, cuda_state *state)
 {
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     for (int k = 0; k < POLYAK_MAX_SHADOWS; k++) {
       cudaFree(state->staging[k]);
       state->staging[k] = NULL;
     }
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
 }
@@ -73,11 +73,11 @@ polyak_status polyak_cuda_staging_begin(polyak_t *p)
 {
   cuda_state *state = p->backend;
   size_t arena_num_bytes = (size_t)p->arena_alloc_elems * polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   for (int k = 0; k < p->cfg.num_shadows && err == cudaSuccess; k++)
     err = cudaMalloc(&state->staging[k], arena_num_bytes > 0 ? arena_num_bytes : 16);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   if (err != cudaSuccess) {
     free_staging(p, state);
     return polyak_cuda_fail(p, err, "polyak_load: cudaMalloc of a second set of shadows");
@@ -98,8 +98,8 @@ polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, c
 {
   cuda_state *state = p->backend;
   unsigned long long count = (unsigned long long)nonfinite_count;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize(); /* no update may still read the old shadows */
   /* copied, not swapped: captured graphs hold the arenas' addresses */
@@ -112,7 +112,7 @@ polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, c
     err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
   if (err == cudaSuccess) /* pageable copies may land after they return */
     err = cudaDeviceSynchronize();
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   free_staging(p, state);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_load");
 }
@@ -127,11 +127,11 @@ void polyak_cuda_staging_abort(polyak_t *p)
 void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes)
 {
   void *scratch = NULL;
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     if (cudaMalloc(&scratch, num_bytes ? num_bytes : 16) != cudaSuccess)
       scratch = NULL;
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
   return scratch;
@@ -139,50 +139,47 @@ void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes)
 
 void polyak_cuda_scratch_free(polyak_t *p, void *scratch)
 {
-  int previous;
-  if (polyak_cuda_enter(p, &previous) == cudaSuccess) {
+  polyak_cuda_scope scope;
+  if (polyak_cuda_enter(p, &scope) == cudaSuccess) {
     cudaDeviceSynchronize(); /* gathers read it on the caller's stream */
     cudaFree(scratch);
-    polyak_cuda_leave(p, previous);
+    polyak_cuda_leave(&scope);
   }
   cudaGetLastError();
 }
 
 polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream)
 {
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToDevice, (cudaStream_t)stream);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "cudaMemcpyAsync");
-}
-
-polyak_status polyak_cuda_capturing(polyak_t *p, void *stream, int *capturing)
-{
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
-  if (err == cudaSuccess)
-    err = polyak_cuda_is_capturing(stream, capturing);
-  polyak_cuda_leave(p, previous);
-  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "cudaStreamIsCapturing");
 }
 
 polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
 {
   *all_ok = local_ok;
 #ifdef POLYAK_HAVE_NCCL
-  const cuda_state *state = p->backend;
+  cuda_state *state = p->backend;
   if (p->cfg.nccl_comm) {
-    char reason[POLYAK_ERROR_BYTES];
-    int previous;
-    cudaError_t err = polyak_cuda_enter(p, &previous);
+    char reason[POLYAK_ERROR_BYTES] = "";
+    polyak_cuda_scope scope;
+    cudaError_t err = polyak_cuda_enter(p, &scope);
+    /* the collective is issued even where the device could not be entered
+     * (NCCL enters the communicator's device itself): the other ranks wait
+     * in it, and learn of this rank's failure from it */
+    polyak_status status =
+        polyak_nccl_agree(p->cfg.nccl_comm, state->agreement, ++state->agreements, local_ok && err == cudaSuccess,
+                          err == cudaSuccess, all_ok, reason, sizeof reason);
+    polyak_cuda_leave(&scope);
     if (err != cudaSuccess)
-      return polyak_cuda_fail(p, err, "agreeing: cudaSetDevice");
-    polyak_status status = polyak_nccl_agree(p->cfg.nccl_comm, state->flag, local_ok, all_ok, reason, sizeof reason);
-    polyak_cuda_leave(p, previous);
+      return polyak_cuda_fail(p, err, "agreeing: entering the handle's device");
     return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
   }
+#else
+  (void)p; /* one rank: nothing to agree on */
 #endif
   return POLYAK_OK;
 }
@@ -191,13 +188,13 @@ polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
 polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream)
 {
   char reason[POLYAK_ERROR_BYTES];
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, "all-gather: cudaSetDevice");
+    return polyak_cuda_fail(p, err, "all-gather: entering the handle's device");
   polyak_status status = polyak_nccl_all_gather(p->cfg.nccl_comm, send, recv, (size_t)count,
                                                 p->cfg.shadow_dtype == POLYAK_BF16, stream, reason, sizeof reason);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
 }
 #endif

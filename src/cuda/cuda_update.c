@@ -64,20 +64,12 @@ static int update_grid(const polyak_t *p, const cuda_state *state)
   return work < state->update_grid ? (work > 0 ? (int)work : 1) : state->update_grid;
 }
 
-/* 1 if `stream` is being captured into a graph (on the handle's device). */
-cudaError_t polyak_cuda_is_capturing(void *stream, int *capturing)
-{
-  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t err = cudaStreamIsCapturing((cudaStream_t)stream, &capture);
-  *capturing = capture != cudaStreamCaptureStatusNone;
-  return err;
-}
-
 polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, void *stream)
 {
   cuda_state *state = p->backend;
-  int previous, capturing = 0;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  int capturing = 0;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = polyak_cuda_is_capturing(stream, &capturing);
   polyak_status status = POLYAK_OK;
@@ -99,7 +91,7 @@ polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, vo
     if (err != cudaSuccess)
       status = polyak_cuda_fail(p, err, "polyak_update: kernel launch");
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status;
 }
 
@@ -108,28 +100,28 @@ polyak_status polyak_cuda_update(polyak_t *p, const polyak_update_args *step, vo
 polyak_status polyak_cuda_products_read(polyak_t *p, double *products)
 {
   const cuda_state *state = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize(); /* the updates may run on any stream */
   if (err == cudaSuccess)
     err = cudaMemcpy(products, state->products, POLYAK_MAX_SHADOWS * sizeof *products, cudaMemcpyDeviceToHost);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "reading the grad-norm beta products");
 }
 
 polyak_status polyak_cuda_products_write(polyak_t *p, const double *products)
 {
   const cuda_state *state = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
     err = cudaMemcpy(state->products, products, POLYAK_MAX_SHADOWS * sizeof *products, cudaMemcpyHostToDevice);
   if (err == cudaSuccess) /* a pageable copy may land after it returns: before any stream's next update */
     err = cudaDeviceSynchronize();
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "writing the grad-norm beta products");
 }
 
@@ -168,65 +160,87 @@ static cudaError_t allocate_layerwise(const polyak_t *p, cuda_state *s)
   return err;
 }
 
+/* LAWA's sources, checked inside the handle's device (a check outside it
+ * could make a context on device 0): the norms, num_tensors floats, or each
+ * averaged tensor's gradient, its param's size. */
+static polyak_status check_layer_source(polyak_t *p, const polyak_cuda_scope *scope, void *const *grads,
+                                        const float *norms)
+{
+  char what[64];
+  if (norms)
+    return polyak_cuda_check_pointer(p, scope, norms, (size_t)p->num_tensors * sizeof *norms,
+                                     "polyak_set_layer_norms: norms");
+  polyak_status status = POLYAK_OK;
+  for (int i = 0; i < p->num_tensors && status == POLYAK_OK; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    if (t->num_elems == 0 || t->copy_only)
+      continue;
+    snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
+    status =
+        polyak_cuda_check_pointer(p, scope, grads[i], (size_t)t->num_elems * polyak_dtype_num_bytes(t->dtype), what);
+  }
+  return status;
+}
+
 polyak_status polyak_cuda_set_layer_source(polyak_t *p, void *const *grads, const float *norms)
 {
   cuda_state *s = p->backend;
-  char what[64];
-  polyak_status status = norms ? polyak_cuda_check_pointer(p, norms, "polyak_set_layer_norms: norms") : POLYAK_OK;
-  for (int i = 0; i < p->num_tensors && grads && status == POLYAK_OK; i++) {
-    snprintf(what, sizeof what, "polyak_set_grads: grads[%d]", i);
-    status = p->tensors[i].num_elems > 0 && !p->tensors[i].copy_only ? polyak_cuda_check_pointer(p, grads[i], what)
-                                                                     : POLYAK_OK;
-  }
-  if (status != POLYAK_OK)
-    return status;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
-  if (err == cudaSuccess)
+  const char *function = grads ? "polyak_set_grads" : "polyak_set_layer_norms";
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
+  polyak_status status = err == cudaSuccess ? check_layer_source(p, &scope, grads, norms) : POLYAK_OK;
+  if (err == cudaSuccess && status == POLYAK_OK)
     err = allocate_layerwise(p, s);
-  if (err == cudaSuccess)
-    err = cudaDeviceSynchronize(); /* no update still reads the old table */
-  if (err == cudaSuccess && grads) /* in place: captured graphs read the new one */
+  if (err == cudaSuccess && status == POLYAK_OK)
+    err = cudaDeviceSynchronize();                        /* no update still reads the old table */
+  if (err == cudaSuccess && status == POLYAK_OK && grads) /* in place: captured graphs read the new one */
     err = cudaMemcpy(s->layer_grads, grads, (size_t)p->num_tensors * sizeof *grads, cudaMemcpyHostToDevice);
-  if (err == cudaSuccess)
+  if (err == cudaSuccess && status == POLYAK_OK)
     err = cudaDeviceSynchronize();
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, grads ? "polyak_set_grads" : "polyak_set_layer_norms");
-  s->layer_norms = norms;
-  return POLYAK_OK;
+    return polyak_cuda_fail(p, err, function);
+  if (status == POLYAK_OK)
+    s->layer_norms = norms;
+  return status;
 }
 
 polyak_status polyak_cuda_layer_betas_read(polyak_t *p, double *betas)
 {
   const cuda_state *s = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
     err = cudaMemcpy(betas, s->layer_beta, (size_t)p->num_tensors * POLYAK_MAX_SHADOWS * sizeof *betas,
                      cudaMemcpyDeviceToHost);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_get_layer_betas");
 }
 
 polyak_status polyak_cuda_check_grad_norm(polyak_t *p, const float *grad_norm)
 {
-  return polyak_cuda_check_pointer(p, grad_norm, "polyak_set_grad_norm: grad_norm");
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
+  polyak_status status = err == cudaSuccess ? polyak_cuda_check_pointer(p, &scope, grad_norm, sizeof *grad_norm,
+                                                                        "polyak_set_grad_norm: grad_norm")
+                                            : polyak_cuda_fail(p, err, "polyak_set_grad_norm");
+  polyak_cuda_leave(&scope);
+  return status;
 }
 
 polyak_status polyak_cuda_nonfinite_count(polyak_t *p, int64_t *count)
 {
   const cuda_state *state = p->backend;
-  int previous;
+  polyak_cuda_scope scope;
   unsigned long long value = 0;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize(); /* the updates may run on any stream */
   if (err == cudaSuccess)
     err = cudaMemcpy(&value, &state->counters[COUNT_UPDATES], sizeof value, cudaMemcpyDeviceToHost);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_nonfinite_count");
   *count = (int64_t)value;
@@ -245,9 +259,9 @@ polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream)
   graph.first_gap = p->graph_first_step - p->last_step;
   graph.grad_norm = p->grad_norm;
   graph.layer_norms = state->layer_norms;
-  int previous;
+  polyak_cuda_scope scope;
   float *weights = NULL;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess) /* a dropped replay may still run on another stream */
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
@@ -263,17 +277,17 @@ polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream)
     state->graph_weights = weights;
   else
     cudaFree(weights);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_graph_reserve");
 }
 
 polyak_status polyak_cuda_graph_update(polyak_t *p, void *stream)
 {
   cuda_state *state = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
-    return polyak_cuda_fail(p, err, "polyak_graph_update: cudaSetDevice");
+    return polyak_cuda_fail(p, err, "polyak_graph_update: entering the handle's device");
   polyak_update_kernel_args args;
   fill_kernel_args(p, state, &args);
   args.step.num_shadows = p->cfg.num_shadows; /* step, weights and keys: from the device */
@@ -283,7 +297,9 @@ polyak_status polyak_cuda_graph_update(polyak_t *p, void *stream)
   err = launch_layer_betas(p, state, state->graph, (cudaStream_t)stream);
   if (err == cudaSuccess)
     err = polyak_launch_update(&args, update_grid(p, state), (cudaStream_t)stream);
-  polyak_cuda_leave(p, previous);
+  if (err == cudaSuccess)
+    polyak_cuda_note_capture(p, stream);
+  polyak_cuda_leave(&scope);
   return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_graph_update: kernel launch");
 }
 
@@ -291,8 +307,8 @@ polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
 {
   cuda_state *state = p->backend;
   polyak_graph_state graph, disarmed = {0};
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err == cudaSuccess)
     err = cudaDeviceSynchronize();
   if (err == cudaSuccess)
@@ -303,7 +319,7 @@ polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
     cudaFree(state->graph_weights);
     state->graph_weights = NULL;
   }
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_graph_release");
   *consumed = graph.consumed;
@@ -314,8 +330,8 @@ polyak_status polyak_cuda_graph_release(polyak_t *p, int64_t *consumed, int64_t 
 polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
 {
   cuda_state *state = p->backend;
-  int previous;
-  cudaError_t err = polyak_cuda_enter(p, &previous);
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
   if (err != cudaSuccess)
     return polyak_cuda_fail(p, err, "polyak_hard_update");
   polyak_status status = POLYAK_OK;
@@ -327,6 +343,6 @@ polyak_status polyak_cuda_hard_update(polyak_t *p, int shadow, void *stream)
   if (status == POLYAK_OK && p->num_chunks > 0) /* a rank's slice may be empty */
     err = polyak_launch_init(state->descs, state->chunks, p->num_chunks, state->shadows, shadow, 1, p->cfg.shadow_dtype,
                              NULL, NULL, polyak_cuda_io_grid(p, state), (cudaStream_t)stream);
-  polyak_cuda_leave(p, previous);
+  polyak_cuda_leave(&scope);
   return status != POLYAK_OK ? status : err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_hard_update");
 }

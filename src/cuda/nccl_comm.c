@@ -5,6 +5,7 @@
 #include <nccl.h>
 #include <stdlib.h>
 
+#include "agreement.h"
 #include "nccl_comm.h"
 #include "polyak_internal.h"
 
@@ -43,51 +44,62 @@ polyak_status polyak_nccl_all_gather(void *comm, const void *send, void *recv, s
   return result == ncclSuccess ? POLYAK_OK : nccl_error(result, "ncclAllGather", msg, msg_num_bytes);
 }
 
-polyak_status polyak_nccl_agree(void *comm, int *flag, int local_ok, int *all_ok, char *msg, size_t msg_num_bytes)
+/* ---- the agreements' moves (agreement.h) over NCCL, on the legacy stream */
+
+static polyak_status copy(void *to, const void *from, size_t num_bytes, enum cudaMemcpyKind kind, char *msg,
+                          size_t msg_num_bytes)
 {
-  int value = local_ok ? 1 : 0;
-  cudaError_t err = cudaMemcpy(flag, &value, sizeof value, cudaMemcpyHostToDevice);
-  if (err != cudaSuccess)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_CUDA, "agreeing: %s", cudaGetErrorString(err));
-  ncclResult_t result = ncclAllReduce(flag, flag, 1, ncclInt32, ncclMin, (ncclComm_t)comm, NULL);
-  if (result != ncclSuccess)
-    return nccl_error(result, "ncclAllReduce", msg, msg_num_bytes);
-  err = cudaMemcpy(&value, flag, sizeof value, cudaMemcpyDeviceToHost); /* waits for it */
-  if (err != cudaSuccess)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_CUDA, "agreeing: %s", cudaGetErrorString(err));
-  *all_ok = value;
-  return POLYAK_OK;
+  cudaError_t err = cudaMemcpy(to, from, num_bytes, kind); /* ordered with the collectives on the legacy stream */
+  if (err == cudaSuccess)
+    return POLYAK_OK;
+  cudaGetLastError();
+  return polyak_message(msg, msg_num_bytes, POLYAK_ERR_CUDA, "agreeing: %s", cudaGetErrorString(err));
 }
 
-polyak_status polyak_nccl_finalize_agree(void *comm, int world_size, uint64_t hash, int local_ok, int *all_ok,
-                                         int *same, int *other, char *msg, size_t msg_num_bytes)
+static polyak_status write_slots(void *comm, uint64_t *device, const uint64_t *host, size_t count, char *msg,
+                                 size_t msg_num_bytes)
 {
-  uint64_t mine[2] = {hash, local_ok ? 1u : 0u};
-  uint64_t *all = malloc(sizeof mine * (size_t)world_size), *device = NULL;
-  cudaError_t err =
-      all ? cudaMalloc((void **)&device, sizeof mine * (size_t)(world_size + 1)) : cudaErrorMemoryAllocation;
-  ncclResult_t result = ncclSuccess;
-  if (err == cudaSuccess)
-    err = cudaMemcpy(device, mine, sizeof mine, cudaMemcpyHostToDevice);
-  if (err == cudaSuccess)
-    result = ncclAllGather(device, device + 2, sizeof mine, ncclUint8, (ncclComm_t)comm, NULL);
-  if (err == cudaSuccess && result == ncclSuccess)
-    err = cudaMemcpy(all, device + 2, sizeof mine * (size_t)world_size, cudaMemcpyDeviceToHost);
-  cudaFree(device);
-  polyak_status status = POLYAK_OK;
-  if (result != ncclSuccess)
-    status = nccl_error(result, "ncclAllGather", msg, msg_num_bytes);
-  else if (err != cudaSuccess)
-    status = polyak_message(msg, msg_num_bytes, POLYAK_ERR_CUDA, "finalize handshake: %s", cudaGetErrorString(err));
-  *all_ok = 1;
-  *same = 1;
-  for (int r = 0; r < world_size && status == POLYAK_OK; r++) {
-    *all_ok &= all[2 * r + 1] == 1u;
-    if (all[2 * r] != hash && *same) {
-      *same = 0;
-      *other = r;
-    }
-  }
-  free(all);
-  return status;
+  (void)comm;
+  return copy(device, host, count * sizeof *host, cudaMemcpyHostToDevice, msg, msg_num_bytes);
+}
+
+static polyak_status read_slots(void *comm, uint64_t *host, const uint64_t *device, size_t count, char *msg,
+                                size_t msg_num_bytes)
+{
+  (void)comm;
+  return copy(host, device, count * sizeof *host, cudaMemcpyDeviceToHost, msg, msg_num_bytes); /* waits */
+}
+
+static polyak_status all_reduce_min(void *comm, const uint64_t *send, uint64_t *recv, size_t count, char *msg,
+                                    size_t msg_num_bytes)
+{
+  ncclResult_t result = ncclAllReduce(send, recv, count, ncclUint64, ncclMin, (ncclComm_t)comm, NULL);
+  return result == ncclSuccess ? POLYAK_OK : nccl_error(result, "ncclAllReduce", msg, msg_num_bytes);
+}
+
+static polyak_status all_gather(void *comm, const uint64_t *send, uint64_t *recv, size_t count_per_rank, char *msg,
+                                size_t msg_num_bytes)
+{
+  ncclResult_t result = ncclAllGather(send, recv, count_per_rank, ncclUint64, (ncclComm_t)comm, NULL);
+  return result == ncclSuccess ? POLYAK_OK : nccl_error(result, "ncclAllGather", msg, msg_num_bytes);
+}
+
+static polyak_agreement_io nccl_io(void *comm, char *msg, size_t msg_num_bytes)
+{
+  polyak_agreement_io io = {comm, msg, msg_num_bytes, write_slots, read_slots, all_reduce_min, all_gather};
+  return io;
+}
+
+polyak_status polyak_nccl_agree(void *comm, uint64_t *slots, uint64_t sequence, int local_ok, int can_copy, int *all_ok,
+                                char *msg, size_t msg_num_bytes)
+{
+  polyak_agreement_io io = nccl_io(comm, msg, msg_num_bytes);
+  return polyak_agreement_run(&io, slots, sequence, local_ok, can_copy, all_ok);
+}
+
+polyak_status polyak_nccl_finalize_agree(void *comm, uint64_t *slots, int world_size, uint64_t hash, int local_ok,
+                                         int *all_ok, int *same, int *other, char *msg, size_t msg_num_bytes)
+{
+  polyak_agreement_io io = nccl_io(comm, msg, msg_num_bytes);
+  return polyak_handshake_run(&io, slots, world_size, hash, local_ok, all_ok, same, other);
 }

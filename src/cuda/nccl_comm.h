@@ -19,14 +19,15 @@ polyak_status polyak_nccl_check_comm(void *comm, int world_size, int rank, int d
 polyak_status polyak_nccl_all_gather(void *comm, const void *send, void *recv, size_t count, int is_bf16, void *stream,
                                      char *msg, size_t msg_num_bytes);
 
-/* *all_ok = the minimum over ranks of local_ok, through `flag` (one int of
- * device memory); waits for it. */
-polyak_status polyak_nccl_agree(void *comm, int *flag, int local_ok, int *all_ok, char *msg, size_t msg_num_bytes);
+/* An agreement over `comm` (agreement.h: polyak_agreement_run) through
+ * `slots` (POLYAK_AGREEMENT_SLOTS device memory, zeroed at allocation);
+ * waits for it. The collective is issued whatever failed before it. */
+polyak_status polyak_nccl_agree(void *comm, uint64_t *slots, uint64_t sequence, int local_ok, int can_copy, int *all_ok,
+                                char *msg, size_t msg_num_bytes);
 
-/* Finalize's handshake: every rank's (hash, ok) gathered; *all_ok if every
- * rank is ok, *same if every hash equals this rank's (else *other is a
- * rank that differs). Allocates and frees its own device buffer. */
-polyak_status polyak_nccl_finalize_agree(void *comm, int world_size, uint64_t hash, int local_ok, int *all_ok,
-                                         int *same, int *other, char *msg, size_t msg_num_bytes);
+/* Finalize's handshake over `comm` (agreement.h: polyak_handshake_run),
+ * through the same slots. */
+polyak_status polyak_nccl_finalize_agree(void *comm, uint64_t *slots, int world_size, uint64_t hash, int local_ok,
+                                         int *all_ok, int *same, int *other, char *msg, size_t msg_num_bytes);
 
 #endif /* POLYAK_NCCL_COMM_H */
