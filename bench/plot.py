@@ -13,9 +13,9 @@ import json
 import sys
 
 ORDER = ["inplace_loop", "polyak_cpu", "polyak_cpu_avx2", "polyak_cpu_portable", "polyak_cpu_round_stochastic",
-         "polyak_cpu_round_stochastic_avx2", "polyak_cpu_round_stochastic_portable", "polyak_cpu_separate_passes", "polyak",
-         "polyak_unchecked", "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor", "torch_foreach_lerp",
-         "torch_cast_then_lerp", "timm_v3", "timm_v3_bf16_sr", "torch_loop"]
+         "polyak_cpu_round_stochastic_avx2", "polyak_cpu_round_stochastic_portable", "polyak_cpu_separate_passes",
+         "polyak", "polyak_unchecked", "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor",
+         "torch_foreach_lerp", "torch_cast_then_lerp", "timm_v3", "timm_v3_bf16_sr", "torch_loop"]
 
 
 def impl_name(r):
