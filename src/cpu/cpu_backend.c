@@ -274,15 +274,18 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior
     if (status != POLYAK_OK)
       return status;
   }
+  const cpu_kernels *kernels = polyak_cpu_pick_kernels();
+  if (!kernels)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_finalize: POLYAK_CPU_ISA is \"%s\": expected avx512, avx2 or portable",
+                       getenv("POLYAK_CPU_ISA"));
   cpu_state *state = calloc(1, sizeof *state);
   if (!state)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   p->backend = state;
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
     state->products[k] = 1.0;
-  state->kernels = polyak_cpu_avx2_kernels();
-  if (!state->kernels)
-    state->kernels = &polyak_cpu_portable_kernels;
+  state->kernels = kernels;
   char why[POLYAK_ERROR_BYTES] = "out of host memory";
   int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
   polyak_status status = polyak_cpu_build_items(p, state) != 0
@@ -314,6 +317,18 @@ static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
 {
   (void)p, (void)stream;
   *capturing = 0;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_cpu_isa(const polyak_t *p, const char **isa)
+{
+  if (!p || !isa)
+    return POLYAK_ERR_INVALID_ARG;
+  if (p->cfg.backend != POLYAK_BACKEND_CPU)
+    return POLYAK_ERR_UNSUPPORTED;
+  if (!p->finalized || !p->backend)
+    return POLYAK_ERR_STATE;
+  *isa = ((const cpu_state *)p->backend)->kernels->isa;
   return POLYAK_OK;
 }
 
