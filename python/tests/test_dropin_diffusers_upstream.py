@@ -15,7 +15,7 @@
 # polyak: diffusers' own EMA unit tests, tests/others/test_ema.py of huggingface/diffusers at commit
 # 66466f96c2ecc856b59074c555b6ff624f16b487 (the newest version of the file found; the installed
 # diffusers is 0.42.1), run against polyak.diffusers.EMAModel. Changed: EMAModel is polyak's
-# (EMA_CLASS; UPSTREAM=1 in the environment runs diffusers' own, to check the adaptation), the model
+# (UPSTREAM=1 in the environment runs diffusers' own instead, to check the adaptation), the model
 # is a tiny UNet2DConditionModel made from a config here (no download: tiny_unet below) in place of
 # hf-internal-testing/tiny-stable-diffusion-pipe's, and the imports are guarded for pytest's skip.
 # The test bodies are upstream's, unchanged (the coding line dropped, for ruff).
