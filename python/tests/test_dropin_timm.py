@@ -147,3 +147,19 @@ def test_refusals_are_clear():
 def test_import_leaves_timm_out():
     code = "import sys, polyak.timm; assert 'timm' not in sys.modules, 'timm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_tied_tensor_is_averaged_once_where_timm_lerps_it_per_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[1].weight = model[0].weight  # tied, as a language model's embedding and head
+    theirs, ours = TimmEma(model, decay=0.5), ModelEmaV3(model, decay=0.5)
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    for ema in (theirs, ours):
+        ema.update(model)
+    after = model[0].weight.detach()
+    assert torch.allclose(ours.module[0].weight, after - 0.5 * (after - before))
+    assert torch.allclose(theirs.module[0].weight, after - 0.25 * (after - before))  # lerped twice
+    assert ours.module[1].weight is ours.module[0].weight
