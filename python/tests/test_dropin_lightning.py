@@ -42,11 +42,12 @@ def loader():
     return torch.utils.data.DataLoader(data, batch_size=4)
 
 
-def fit(callback, max_steps, ckpt_path=None, save_dir=None):
+def fit(callback, max_steps, ckpt_path=None, save_dir=None, **options):
     """Trainer.fit on the CPU, minimal logging; save_dir: ModelCheckpoint saves there every 4 steps."""
     model = Tiny()
     saver = [pl.callbacks.ModelCheckpoint(dirpath=save_dir, every_n_train_steps=4, save_top_k=-1)] if save_dir else []
-    trainer = pl.Trainer(max_steps=max_steps, callbacks=[callback] + saver, accelerator="cpu", devices=1,
+    options.setdefault("devices", 1)
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[callback] + saver, accelerator="cpu", **options,
                          logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
                          val_check_interval=2)
@@ -92,6 +93,15 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     assert_close_states(resumed.state_dict(), theirs.state_dict())
     from_theirs = fit(EMA(decay=0.8), 8, ckpt_path=path)
     assert_close_states(from_theirs.state_dict(), theirs.state_dict())
+
+
+def test_ddp_equals_lightnings():
+    """Two CPU processes (gloo; ddp_fork, since Lightning's own callback cannot be pickled for
+    ddp_spawn): every rank keeps a whole EMA of its replica; rank 0's model comes back."""
+    theirs = fit(EMAWeightAveraging(decay=0.8), 4, strategy="ddp_fork", devices=2)
+    ours = fit(EMA(decay=0.8), 4, strategy="ddp_fork", devices=2)
+    assert_close_states(ours.state_dict(), theirs.state_dict())
+    assert not torch.equal(ours.net[0].weight, Tiny().net[0].weight)  # trained: the processes' result came back
 
 
 def test_checkpoint_holds_the_average_and_the_live_weights(tmp_path):
