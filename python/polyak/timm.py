@@ -68,6 +68,32 @@ def _materialize(module, device):
     return list(made.values())
 
 
+def _fill_from_shadow(ema, module):
+    """module's tensors <- shadow 0 of the averaged ones and the mirrors of the copied ones: the
+    library writes each straight into the module's tensor where that is row-major memory on the
+    EMA's device in a dtype it reads out (one pass, no scratch tensor), else through
+    EMA.copy_to."""
+    from .torch._tensors import _DTYPE_NAMES, _data_ptr
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets.update(module.named_buffers(remove_duplicate=False))
+
+    def direct(s, dtypes):
+        t = targets.get(s.names[0])
+        return t if t is not None and t.device == ema.device and t.is_contiguous() and s.perm is None and \
+            tuple(t.shape) == tuple(s.shape) and t.dtype in dtypes else None
+    averaged = [direct(s, _DTYPE_NAMES) for s in ema._averaged]
+    copied = [direct(s, (s.dtype,)) for s in ema._copied]
+    if ema._sharded() or any(t is None for t in averaged + copied):
+        ema.copy_to(module)
+        return
+    h, stream = ema.handle, ema._stream()
+    for s, t in zip(ema._averaged, averaged):
+        h.get_shadow(0, s.info.index, _data_ptr(t), _DTYPE_NAMES[t.dtype], stream,
+                     dst_num_bytes=t.numel() * t.element_size())
+    for j, t in enumerate(copied):
+        ema._read_copy(j, dst=t)
+
+
 class ModelEmaV3(torch.nn.Module):
     """timm.utils.ModelEmaV3's interface over a polyak EMA of `model`.
 
@@ -133,11 +159,9 @@ class ModelEmaV3(torch.nn.Module):
         self._versions = [(t, t._version, t.data_ptr()) for t in self._tensors()]
 
     def _written(self):
-        if self._versions is None:
-            return False
-        now = self._tensors()
-        return len(now) != len(self._versions) or any(
-            t is not u or t._version != v or t.data_ptr() != ptr for u, (t, v, ptr) in zip(now, self._versions))
+        """Whether `.module`'s tensors were written (or given new memory: .to()) since the record."""
+        return self._versions is not None and any(
+            t._version != v or t.data_ptr() != ptr for t, v, ptr in self._versions)
 
     def _refresh(self):
         """`.module` <- shadow 0 (after updates), or the EMA <- `.module` (after writes into it)."""
@@ -147,7 +171,7 @@ class ModelEmaV3(torch.nn.Module):
         if self._written():
             self._absorb(None)
         elif self._ema_step != ema.step:
-            ema.copy_to(self._modules["module"])
+            _fill_from_shadow(ema, self._modules["module"])
             self._ema_step = ema.step
             self._record()
 
