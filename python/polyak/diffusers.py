@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from polyak import UnsupportedError
+from polyak import PolyakError, UnsupportedError
 
 __all__ = ["EMAModel"]
 
@@ -99,7 +99,7 @@ class EMAModel:
             try:
                 ema.load_state_dict(pending["state"])
                 return
-            except Exception:  # other settings or params: the shadows as values, below
+            except PolyakError:  # other settings or params: the shadows as values, below
                 pass
         ema._set_values(0, {str(i): value for i, value in enumerate(self._start)},
                         {"step": self.optimization_step - 1})
