@@ -146,9 +146,10 @@ static inline int64_t polyak_shard_block_bytes(const polyak_t *p)
 }
 
 /* What polyak_save_shards (load 0) and polyak_load_shards (1) ask first:
- * a directory, a handle a save or a load can use, no caller's shadows, no
- * capture under way. */
-polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *function, int load);
+ * a handle a save or a load can use, no capture under way (then
+ * *may_agree = 1: the call's failures are agreed on), a directory, no
+ * caller's shadows. */
+polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *function, int load, int *may_agree);
 
 /* `status`, or with a communicator POLYAK_OK only if every rank's is:
  * status_if_not where another rank failed (a collective; without a

@@ -209,13 +209,17 @@ static polyak_status commit(load *l)
 polyak_status polyak_load_shards(polyak_t *p, const char *dir)
 {
   const char *function = "polyak_load_shards";
-  POLYAK_TRY(polyak_shard_check_call(p, dir, function, 1));
+  int may_agree;
+  polyak_status status = polyak_shard_check_call(p, dir, function, 1, &may_agree);
+  if (!may_agree) /* no state to agree with (a NULL handle, a capture under way) */
+    return status;
   load l;
   memset(&l, 0, sizeof l);
   l.p = p;
   l.dir = dir;
   l.first.fd = -1;
-  polyak_status status = choose_set(p, dir, &l.set, function);
+  if (status == POLYAK_OK)
+    status = choose_set(p, dir, &l.set, function);
   char *path = status == POLYAK_OK ? polyak_shard_path(dir, &l.set, 0) : NULL;
   polyak_shard_name name = {l.set.step, l.set.save_id, 0, l.set.world_size};
   if (status == POLYAK_OK)
@@ -236,14 +240,16 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
   }
   if (status == POLYAK_OK)
     status = run_pass(&l, 0, function);
+  /* with a communicator every rank makes both agreements or none: the first's verdict is the same on all */
   status = polyak_shard_agree(p, status, POLYAK_ERR_FORMAT, function);
+  int agreed = status == POLYAK_OK;
   int64_t ignored;
   if (status == POLYAK_OK) /* no update may still use the shadows */
     status = p->ops->nonfinite_count(p, &ignored);
   int writing = status == POLYAK_OK;
   if (writing)
     status = run_pass(&l, 1, function);
-  if (writing)
+  if (agreed)
     status = polyak_shard_agree(p, status, POLYAK_ERR_IO, function);
   if (status == POLYAK_OK)
     status = commit(&l);

@@ -220,18 +220,23 @@ polyak_status polyak_shard_agree(polyak_t *p, polyak_status status, polyak_statu
   return all ? POLYAK_OK : polyak_fail(p, status_if_not, "%s: another rank failed (its own error says why)", what);
 }
 
-polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *function, int load)
+polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *function, int load, int *may_agree)
 {
-  if (p && (!dir || !dir[0]))
+  *may_agree = 0;
+  polyak_status status = load ? polyak_ckpt_check_loadable(p, function) : polyak_ckpt_check_handle(p, function);
+  if (!p || !p->finalized)
+    return status;
+  POLYAK_TRY(polyak_refuse_during_capture(p, NULL, 0, function)); /* it waits for the device */
+  *may_agree = 1;
+  POLYAK_TRY(status);
+  if (!dir || !dir[0])
     return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "dir is %s", dir ? "empty" : "NULL");
-  POLYAK_TRY(load ? polyak_ckpt_check_loadable(p, function) : polyak_ckpt_check_handle(p, function));
   for (int i = 0; i < p->num_tensors; i++)
     if (p->tensors[i].owned)
       return polyak_ckpt_fail(p, POLYAK_ERR_UNSUPPORTED, function,
                               "tensor \"%.200s\" has its shadow in the caller's memory, which shard files leave no "
                               "room for; save with polyak_save",
                               p->tensors[i].name);
-  POLYAK_TRY(polyak_refuse_during_capture(p, NULL, 0, function)); /* it waits for the device */
   struct stat st;
   if (stat(dir, &st) != 0)
     return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "cannot open the directory %s: %s", dir, strerror(errno));
@@ -333,9 +338,13 @@ static polyak_status write_file(polyak_t *p, const char *dir, polyak_ckpt_state 
 polyak_status polyak_save_shards(polyak_t *p, const char *dir)
 {
   const char *function = "polyak_save_shards";
-  POLYAK_TRY(polyak_shard_check_call(p, dir, function, 0));
+  int may_agree;
+  polyak_status status = polyak_shard_check_call(p, dir, function, 0, &may_agree);
+  if (!may_agree) /* no state to agree with (a NULL handle, a capture under way) */
+    return status;
   polyak_ckpt_state state = {.step = p->last_step};
-  polyak_status status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
+  if (status == POLYAK_OK)
+    status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
   if (status == POLYAK_OK)
     status = p->ops->nonfinite_count(p, &state.nonfinite); /* also waits for the device */
   for (int k = 0; k < p->cfg.num_shadows; k++) {
