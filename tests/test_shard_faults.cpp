@@ -7,6 +7,7 @@
 #include "checkpoint_util.h"
 #include "shard_util.h"
 
+#include <malloc.h>
 #include <sys/resource.h>
 
 using namespace polyak_test;
@@ -362,4 +363,92 @@ TEST(ShardFaults, ASetOfAnotherModelOrOtherSettingsIsAMismatchNamingTheDifferenc
   ASSERT_EQ(polyak_finalize(other.get(), nullptr), POLYAK_OK);
   EXPECT_EQ(polyak_load_shards(other.get(), s.dir.path.c_str()), POLYAK_ERR_MISMATCH);
   EXPECT_TRUE(contains(polyak_last_error(other.get()), "seed")) << polyak_last_error(other.get());
+}
+
+namespace {
+
+// A line of /proc/self/status ("VmHWM", "VmRSS") in bytes; -1 if absent.
+int64_t status_bytes(const char *key)
+{
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(std::string(key) + ":", 0) == 0)
+      return std::stoll(line.substr(line.find(':') + 1)) * 1024;
+  return -1;
+}
+
+// The peak resident memory `work` adds to this process: the high-water
+// mark reset to the current size first (/proc/self/clear_refs).
+int64_t peak_extra(const std::function<void()> &work)
+{
+  std::ofstream("/proc/self/clear_refs") << "5";
+  int64_t before = status_bytes("VmRSS");
+  work();
+  return status_bytes("VmHWM") - before;
+}
+
+} // namespace
+
+TEST(ShardLimits, ARanksExtraMemoryWhileSavingOrLoadingIsOneBlockAndTheHeaders)
+{
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "under a sanitizer freed memory stays resident in quarantine: RSS does not measure the buffers";
+#endif
+  {
+    std::ofstream reset("/proc/self/clear_refs");
+    if (!(reset << "5").flush())
+      GTEST_SKIP() << "/proc/self/clear_refs cannot reset the high-water mark here";
+  }
+  TempDir dir;
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = fork();
+  if (pid == 0) {                         // a process of its own: the model, the handles and the measures
+    mallopt(M_MMAP_THRESHOLD, 128 << 10); // buffers mapped and unmapped each time, as a fresh process would
+    const int64_t n = (8 << 20) + 5;      // 32 MiB of f32 shadow: 16 MiB a rank at W = 2, all of it at W = 1
+    std::vector<float> big(n), small = {1, 2, 3};
+    for (int64_t e = 0; e < n; e++)
+      big[e] = 0.5f + 0.001f * (float)(e % 1000);
+    auto make = [&](int world, int rank) {
+      polyak_config cfg = cpu_config(1, 0.9);
+      cfg.world_size = world;
+      cfg.rank = rank;
+      polyak_t *p = nullptr;
+      polyak_create(&p, &cfg);
+      int64_t big_shape[1] = {n}, small_shape[1] = {3};
+      polyak_add(p, "big", big.data(), POLYAK_F32, 1, big_shape);
+      polyak_add(p, "small", small.data(), POLYAK_F32, 1, small_shape);
+      polyak_finalize(p, nullptr);
+      polyak_update(p, 1, nullptr);
+      return p;
+    };
+    polyak_t *rank0 = make(2, 0), *rank1 = make(2, 1);
+    int64_t extra[3] = {-1, -1, -1};
+    polyak_status ok[3];
+    extra[0] = peak_extra([&] { ok[0] = polyak_save_shards(rank0, dir.path.c_str()); });
+    polyak_status saved = polyak_save_shards(rank1, dir.path.c_str());
+    polyak_destroy(rank0);
+    polyak_destroy(rank1);
+    polyak_t *whole = make(1, 0), *half = make(2, 1);
+    extra[1] = peak_extra([&] { ok[1] = polyak_load_shards(whole, dir.path.c_str()); });
+    extra[2] = peak_extra([&] { ok[2] = polyak_load_shards(half, dir.path.c_str()); });
+    for (int i = 0; i < 3; i++)
+      extra[i] = ok[i] == POLYAK_OK && saved == POLYAK_OK ? extra[i] : -1;
+    ssize_t written = write(fds[1], extra, sizeof extra);
+    _exit(written == sizeof extra ? 0 : 1);
+  }
+  close(fds[1]);
+  int64_t extra[3] = {-1, -1, -1};
+  ASSERT_EQ(read(fds[0], extra, sizeof extra), (ssize_t)sizeof extra);
+  close(fds[0]);
+  int wstatus = 0;
+  ASSERT_EQ(waitpid(pid, &wstatus, 0), pid);
+  const int64_t bound = (4 << 20) + (1 << 20); // the 4 MiB block buffer, and 1 MiB for the headers and the rest
+  const char *what[3] = {"save of a 16 MiB slice", "load of the 32 MiB whole at W = 1", "load of a 16 MiB slice"};
+  for (int i = 0; i < 3; i++) {
+    ASSERT_GE(extra[i], 0) << what[i] << " failed";
+    EXPECT_LT(extra[i], bound) << what[i];
+    std::printf("peak extra memory, %s: %.2f MiB\n", what[i], extra[i] / 1048576.0);
+  }
 }

@@ -1,0 +1,109 @@
+// test_shard_torn.cpp: a shard load that finds a file changed between its
+// checking pass and its copying pass. This executable is linked with
+// -Wl,--wrap=pread, so every pread of the library comes here first: armed,
+// the n-th read of a file at an offset returns its bytes with one changed,
+// as if the file had been rewritten between the two reads. The shadows are
+// then partly written: the handle must refuse everything but a load, and a
+// load must mend it.
+#include "checkpoint_util.h"
+#include "shard_util.h"
+
+using namespace polyak_test;
+
+namespace {
+
+struct Arm {
+  std::string file_part; // "" : disarmed
+  off_t offset = 0;
+  int reads_left = 0;
+} arm;
+
+} // namespace
+
+extern "C" ssize_t __real_pread(int fd, void *buf, size_t count, off_t offset);
+
+extern "C" ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset)
+{
+  ssize_t got = __real_pread(fd, buf, count, offset);
+  if (got <= 0 || arm.file_part.empty() || offset != arm.offset)
+    return got;
+  char link[64], path[4096];
+  std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(link, path, sizeof path - 1);
+  path[n > 0 ? n : 0] = '\0';
+  if (std::strstr(path, arm.file_part.c_str()) && --arm.reads_left == 0) {
+    static_cast<char *>(buf)[got - 1] ^= 0x01;
+    arm.file_part.clear();
+  }
+  return got;
+}
+
+namespace {
+
+// Every call that needs a whole state refuses a torn handle; loads do not.
+void expect_torn(polyak_t *h, const std::string &victim)
+{
+  std::string error = polyak_last_error(h);
+  EXPECT_TRUE(contains(error, victim)) << error;
+  int64_t count = 0, step = 0, first = 0, num = 0;
+  std::vector<float> dst(200000);
+  EXPECT_EQ(polyak_update(h, 10, nullptr), POLYAK_ERR_STATE);
+  EXPECT_TRUE(contains(polyak_last_error(h), "partly loaded")) << polyak_last_error(h);
+  EXPECT_EQ(polyak_nonfinite_count(h, &count), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_get_shadow(h, 0, 3, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_get_local_shadow(h, 0, 3, dst.data(), POLYAK_F32, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_local_range(h, 3, &first, &num), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_copy_to_params(h, 0, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_store(h, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_hard_update(h, 0, nullptr), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_graph_reserve(h, 10, 2, nullptr), POLYAK_ERR_STATE);
+  TempDir scratch;
+  EXPECT_EQ(polyak_save(h, scratch.file("x").c_str()), POLYAK_ERR_STATE);
+  EXPECT_EQ(polyak_save_shards(h, scratch.path.c_str()), POLYAK_ERR_STATE);
+  EXPECT_TRUE(scratch.entries().empty());
+  EXPECT_EQ(polyak_get_step(h, &step), POLYAK_OK);
+  EXPECT_EQ(step, 1) << "the step state is the one before the load";
+}
+
+} // namespace
+
+TEST(ShardTorn, AFileChangedBetweenThePassesLeavesAHandleThatRefusesAllButALoad)
+{
+  ShardModel m(4, POLYAK_F32);
+  for (auto &rank : m.ranks)
+    rank->shard_block_bytes = 4096; // rank 1's file of many blocks
+  for (int64_t s : {2, 3})
+    m.step(s);
+  TempDir dir;
+  m.save_all(dir.path);
+  std::vector<char> file1 = read_bytes(rank_file(dir, 1, 4));
+  uint64_t header1 = 0;
+  std::memcpy(&header1, file1.data(), 8);
+  struct Case {
+    std::string file;
+    off_t offset;
+    const char *what;
+  } cases[] = {
+      {"-rank2-of4", 8, "a header"},                        // rank 2's header, when pass 2 opens it again
+      {"-rank1-of4", (off_t)(8 + header1), "a data block"}, // rank 1's first block, when pass 2 reads it again
+  };
+  for (const Case &c : cases) {
+    m.step(1, {}); // params without step 5's NaN
+    Handle h = m.make(1, 0);
+    m.step(1, {h.get()});
+    arm = {c.file, c.offset, 2}; // the second read: pass 2's
+    EXPECT_NE(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK) << c.what;
+    EXPECT_TRUE(arm.file_part.empty()) << c.what << ": the change was never read";
+    expect_torn(h.get(), c.file);
+    // a load mends it: the set again, whole
+    ASSERT_EQ(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK) << polyak_last_error(h.get());
+    expect_same_as(m.whole.get(), {h.get()}, std::string("after ") + c.what + " changed");
+  }
+  // so does polyak_load of a checkpoint
+  Handle h = m.make(1, 0);
+  arm = {"-rank2-of4", 8, 2};
+  EXPECT_NE(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK);
+  ASSERT_EQ(polyak_save(m.whole.get(), dir.file("whole.safetensors").c_str()), POLYAK_OK);
+  ASSERT_EQ(polyak_load(h.get(), dir.file("whole.safetensors").c_str()), POLYAK_OK) << polyak_last_error(h.get());
+  expect_same_as(m.whole.get(), {h.get()}, "after polyak_load");
+}
