@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -154,6 +155,43 @@ static void drop_cache(const char *dir)
     closedir(listing);
 }
 
+/* The file system under dir, by name where it is a common one. */
+static const char *fs_name(const char *dir, char *buffer, size_t num_bytes)
+{
+  struct statfs st;
+  if (statfs(dir, &st) != 0)
+    return "unknown";
+  switch ((unsigned long)st.f_type) {
+  case 0x01021994ul:
+    return "tmpfs";
+  case 0xEF53ul:
+    return "ext4";
+  case 0x58465342ul:
+    return "xfs";
+  case 0x6969ul:
+    return "nfs";
+  default:
+    snprintf(buffer, num_bytes, "0x%lx", (unsigned long)st.f_type);
+    return buffer;
+  }
+}
+
+/* "AMD EPYC, 2 cores" */
+static void machine(char *out, size_t num_bytes)
+{
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  char line[256], model[128] = "unknown CPU";
+  while (f && fgets(line, sizeof line, f))
+    if (strncmp(line, "model name", 10) == 0 && strchr(line, ':')) {
+      snprintf(model, sizeof model, "%s", strchr(line, ':') + 2);
+      model[strcspn(model, "\n")] = '\0';
+      break;
+    }
+  if (f)
+    fclose(f);
+  snprintf(out, num_bytes, "%s, %ld cores", model, sysconf(_SC_NPROCESSORS_ONLN));
+}
+
 static void go(int fd, int count)
 {
   for (int i = 0; i < count; i++)
@@ -185,8 +223,12 @@ int main(int argc, char **argv)
   time_t t = time(NULL);
   char date[32];
   strftime(date, sizeof date, "%Y-%m-%d", gmtime(&t));
-  printf("polyak_bench_shards: %ld MiB of f32 shadow, %d tensors, CPU ranks in processes, %s, %s\n", mib, NUM_TENSORS,
-         polyak_version_string(), date);
+  char cpu[200], fs_buffer[32];
+  machine(cpu, sizeof cpu);
+  const char *fs = fs_name(root, fs_buffer, sizeof fs_buffer);
+  printf("polyak_bench_shards: %ld MiB of f32 shadow, %d tensors, CPU ranks in processes, files in %s (%s); %s; "
+         "polyak %s, %s\n",
+         mib, NUM_TENSORS, root, fs, cpu, polyak_version_string(), date);
   printf("%-5s %3s %4s %12s %9s %8s %14s\n", "call", "W", "rank", "bytes", "seconds", "GB/s", "extra MiB");
   for (const char *at = ranks; *at;) {
     int world = atoi(at);
@@ -243,11 +285,11 @@ int main(int argc, char **argv)
              extra / 1048576.0, ok == 0 ? "" : "  FAILED");
       if (json)
         fprintf(json,
-                "{\"bench\":\"shards\",\"date\":\"%s\",\"version\":\"%s\",\"call\":\"%s\",\"world_size\":%d,"
-                "\"rank\":%d,\"model_mib\":%ld,\"slice_bytes\":%lld,\"seconds\":%.6f,\"gb_per_s\":%.4f,"
-                "\"peak_extra_bytes\":%lld,\"ok\":%s}\n",
-                date, polyak_version_string(), call, w, rank, mib, bytes, seconds, bytes / seconds / 1e9, extra,
-                ok == 0 ? "true" : "false");
+                "{\"bench\":\"shards\",\"date\":\"%s\",\"version\":\"%s\",\"machine\":\"%s\",\"fs\":\"%s\","
+                "\"call\":\"%s\",\"world_size\":%d,\"rank\":%d,\"model_mib\":%ld,\"slice_bytes\":%lld,"
+                "\"seconds\":%.6f,\"gb_per_s\":%.4f,\"peak_extra_bytes\":%lld,\"ok\":%s}\n",
+                date, polyak_version_string(), cpu, fs, call, w, rank, mib, bytes, seconds, bytes / seconds / 1e9,
+                extra, ok == 0 ? "true" : "false");
     }
     char command[4200];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
