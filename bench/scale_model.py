@@ -57,7 +57,7 @@ def table_times(b_rank, b_one, bandwidths):
         for w in WORLD_SIZES:
             total, per_rank, header = sizes(params, tensors, w)
             written = total + w * header
-            times = " | ".join(f"{max(written / (b * 1e9), (per_rank + header) / (b_rank * 1e9)):.1f}"
+            times = " | ".join(f"{max(written / (b * 1e9), (per_rank + header) / (b_rank * 1e9)):.3g}"
                                for b in bandwidths)
             # today: every rank gathers each whole shadow into its GPU memory, rank 0 writes it alone
             print(f"| {name} | {w} | {times} | +{total / 1e9:.0f} | {total / (b_one * 1e9):.0f} |")
