@@ -253,3 +253,31 @@ TEST(ShardCheckpoint, AShardFileIsNoCheckpointAndPolyakLoadSaysWhatItIs)
   EXPECT_TRUE(contains(polyak_last_error(m.whole.get()), "polyak_load_shards")) << polyak_last_error(m.whole.get());
   EXPECT_TRUE(rank_state(m.whole.get()) == before);
 }
+
+TEST(ShardCheckpoint, AFileNameHasOneTextAndSaysItsSet)
+{
+  polyak_shard_name name;
+  for (polyak_shard_name n : {polyak_shard_name{0, 0, 0, 1}, polyak_shard_name{INT64_MAX, ~0ull, 1023, 1024},
+                              polyak_shard_name{5, 0x0123456789abcdefull, 2, 3}}) {
+    char text[POLYAK_SHARD_NAME_BYTES];
+    polyak_shard_format_name(&n, text);
+    ASSERT_EQ(polyak_shard_parse_name(text, &name), 0) << text;
+    EXPECT_TRUE(name.step == n.step && name.save_id == n.save_id && name.rank == n.rank &&
+                name.world_size == n.world_size)
+        << text;
+  }
+  char text[POLYAK_SHARD_NAME_BYTES];
+  name = {12, 0xabcull, 3, 8};
+  polyak_shard_format_name(&name, text);
+  EXPECT_STREQ(text, "polyak-step12-0000000000000abc-rank3-of8.safetensors");
+  for (const char *other : {"polyak-step012-0000000000000abc-rank3-of8.safetensors", // a leading zero
+                            "polyak-step12-0000000000000ABC-rank3-of8.safetensors",  // uppercase
+                            "polyak-step12-000000000000abc-rank3-of8.safetensors",   // 15 digits
+                            "polyak-step12-0000000000000abc-rank8-of8.safetensors",  // rank >= W
+                            "polyak-step12-0000000000000abc-rank0-of0.safetensors",
+                            "polyak-step12-0000000000000abc-rank3-of8.safetensors.tmp",
+                            ".polyak-step12-0000000000000abc-rank3-of8.safetensors",
+                            "polyak-step9223372036854775808-0000000000000abc-rank3-of8.safetensors", // > int64
+                            "polyak-step-1-0000000000000abc-rank3-of8.safetensors"})
+    EXPECT_NE(polyak_shard_parse_name(other, &name), 0) << other;
+}

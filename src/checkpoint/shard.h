@@ -35,6 +35,10 @@
 
 #include "checkpoint.h"
 
+#ifdef __cplusplus
+extern "C" { /* the tests call the names' functions */
+#endif
+
 #define POLYAK_SHARD_FORMAT_VERSION  1
 #define POLYAK_SHARD_BLOCK_BYTES     ((int64_t)4 << 20)  /* what saves write */
 #define POLYAK_SHARD_MIN_BLOCK_BYTES ((int64_t)4 << 10)  /* what loads take: 4 KiB .. 64 MiB, */
@@ -178,5 +182,9 @@ char *polyak_shard_tensor_table(const polyak_t *p);
  * msg. */
 polyak_status polyak_shards_consolidate(const char *dir, const char *out, int shadow, polyak_dtype dtype, char *msg,
                                         size_t msg_num_bytes);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* POLYAK_SHARD_H */

@@ -15,16 +15,19 @@
 #define NAME_SUFFIX ".safetensors"
 
 /* Reads a canonical decimal (no sign, no leading zero) at *text, moving
- * past it; -1 if there is none or it overflows. */
+ * past it; -1 if there is none or it overflows int64. */
 static int read_decimal(const char **text, int64_t *value)
 {
   size_t n = strspn(*text, "0123456789");
-  if (n == 0 || n > 18 || ((*text)[0] == '0' && n > 1))
+  if (n == 0 || n > 19 || ((*text)[0] == '0' && n > 1))
     return -1;
   char digits[20];
   memcpy(digits, *text, n);
   digits[n] = '\0';
+  errno = 0;
   *value = strtoll(digits, NULL, 10);
+  if (errno != 0)
+    return -1;
   *text += n;
   return 0;
 }
