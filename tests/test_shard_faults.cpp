@@ -246,6 +246,12 @@ TEST(ShardFaults, AFlippedByteInABlockIsRefusedByEveryRankThatReadsItAndNoRankLo
   Saved s(block); // files of many 4 KiB blocks
   auto resumed = s.fresh(3);
   s.m.step(1, pointers(resumed));
+  std::vector<RankState> loaded; // each rank's state loaded from the undamaged set
+  for (auto &h : resumed) {
+    ASSERT_EQ(polyak_load_shards(h.get(), s.dir.path.c_str()), POLYAK_OK) << polyak_last_error(h.get());
+    loaded.push_back(rank_state(h.get()));
+    s.m.step(6, {h.get()}); // and away from it again, so that a load must change it back
+  }
   polyak_t *any = s.m.whole.get();
   const int64_t elem = 4, num_shadows = 3;
   for (int old = 0; old < 4; old++) {
@@ -280,12 +286,14 @@ TEST(ShardFaults, AFlippedByteInABlockIsRefusedByEveryRankThatReadsItAndNoRankLo
         } else {
           EXPECT_EQ(status, POLYAK_OK) << "file " << old << " block " << b << " rank " << r << ": "
                                        << polyak_last_error(h);
+          EXPECT_TRUE(rank_state(h) == loaded[r]) << "damage it does not read leaves its bits right";
+          s.m.step(6, {h});
         }
       }
       flip(victim, at, 0x08);
     }
   }
-  // whatever loaded holds the set's bits: load all, then run on beside the oracle
+  // the set whole again: every rank loads, and runs on beside the oracle
   for (auto &h : resumed)
     ASSERT_EQ(polyak_load_shards(h.get(), s.dir.path.c_str()), POLYAK_OK);
   s.m.step(6, {s.m.whole.get()});
