@@ -29,7 +29,7 @@ from .errors import (
     status_name,
 )
 from .handle import Handle, TensorInfo
-from .library import backend_available, library_path, version
+from .library import backend_available, backend_reason, library_path, version
 from .schedules import (
     TF,
     Constant,
@@ -47,6 +47,7 @@ from .schedules import (
     beta_from_window,
     gamma_from_sigma_rel,
     half_life_from_beta,
+    half_life_steps,
     posthoc_coefficients,
     sigma_rel_from_gamma,
     window_from_beta,
@@ -57,8 +58,9 @@ __all__ = [
     "PolyakError", "InvalidArgError", "StateError", "NoMemoryError", "UnsupportedError", "CudaError",
     "NcclError", "FileIOError", "FormatError", "MismatchError",
     "Schedule", "Constant", "TF", "Warmup", "Linear", "Cosine", "Equal", "Power", "GradNorm", "Layerwise",
-    "Lookahead", "Handle", "TensorInfo", "version", "library_path", "backend_available", "status_name",
-    "half_life_from_beta", "beta_from_half_life", "window_from_beta", "beta_from_window",
+    "Lookahead", "Handle", "TensorInfo", "version", "library_path", "backend_available", "backend_reason",
+    "status_name",
+    "half_life_from_beta", "half_life_steps", "beta_from_half_life", "window_from_beta", "beta_from_window",
     "beta_from_horizon", "sigma_rel_from_gamma", "gamma_from_sigma_rel", "posthoc_coefficients",
     "MAX_SHADOWS", "MAX_SNAPSHOTS", "MAX_CPU_THREADS", "DTYPES", "DTYPE_NAMES", "ROUNDINGS", "BACKENDS",
 ]

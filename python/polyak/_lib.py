@@ -5,15 +5,15 @@ and the signature of each function. Adding a C call is one line in FUNCTIONS. At
 load the library's version and sizeof(polyak_config) must be this package's
 (check_library).
 
-The library is the one bundled with the package (installed next to this file
-by `pip install .`), or the file named by the environment variable
-POLYAK_LIBRARY (a build tree's libpolyak.so, say).
+The library is one of those bundled with the package (installed next to this
+file by `pip install .`: libpolyak_cpu.so and libpolyak_cuda<N>.so, the one
+for torch's CUDA picked by _loader.py), or the file named by the environment
+variable POLYAK_LIBRARY (a build tree's libpolyak.so, say).
 """
 import ctypes
-import glob
 import os
-import re
-import sys
+
+from . import _loader
 
 # The header's enum values and #defines, each under its C name less "POLYAK_" (test_binding.py
 # checks every one against the compiler's value, and that none is missing)
@@ -169,16 +169,8 @@ UNBOUND = {
 
 
 def library_path():
-    """The libpolyak this process loads: $POLYAK_LIBRARY, else the bundled one."""
-    path = os.environ.get("POLYAK_LIBRARY")
-    if path:
-        return path
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "libpolyak.so*")) + glob.glob(os.path.join(here, "libpolyak.dylib")))
-    if not found:
-        raise ImportError(f"polyak: no libpolyak next to {here} (install the package with `pip install .`, "
-                          "or set POLYAK_LIBRARY to a built libpolyak.so)")
-    return found[0]
+    """$POLYAK_LIBRARY, or None: the package's own libraries, one picked by _loader.load."""
+    return os.environ.get("POLYAK_LIBRARY") or None
 
 
 def package_version():
@@ -228,33 +220,27 @@ def config_defaults(library):
     return cfg
 
 
-def _preload_environment_cuda(path):
-    """A process holds one library per soname, the first loaded. If this Python environment ships
-    the CUDA libraries libpolyak needs (NVIDIA's wheels, which PyTorch depends on), load those
-    first, so that libpolyak and torch share them whichever is imported first; otherwise torch,
-    imported after, would find libpolyak's (the toolkit's, perhaps older) in their place."""
-    with open(path, "rb") as f:
-        needed = set(re.findall(rb"lib(?:cudart|cublasLt|cublas)\.so\.[0-9]+", f.read()))
-    order = {b"cudart": 0, b"cublasLt": 1, b"cublas": 2}  # each before what depends on it
-    for soname in sorted(needed, key=lambda n: order[n[3:].split(b".")[0]]):
-        for entry in sys.path:
-            found = glob.glob(os.path.join(entry or ".", "nvidia", "*", "lib", soname.decode()))
-            if found:
-                ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
-                break
-
-
 def _load():
+    """(library, path, notes): POLYAK_LIBRARY's library as it is, or the package's own for the CUDA
+    torch uses (_loader.py; notes say why a CUDA library was left out)."""
     path = library_path()
-    _preload_environment_cuda(path)
-    library = ctypes.CDLL(path)
+    if path:
+        notes = []
+        try:
+            _loader.preload(path)
+        except OSError as e:  # the dynamic linker may still find it; if not, CDLL says so
+            notes.append(str(e))
+        library = ctypes.CDLL(path)
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        library, path, notes, _ = _loader.load(here, override=os.environ.get("POLYAK_CUDA"))
     for name, (restype, args) in FUNCTIONS.items():
         fn = getattr(library, name)
         fn.restype = restype
         fn.argtypes = [argtype for _, argtype in args]
     check_library(library, path, VERSION)
-    return library, path
+    return library, path, notes
 
 
 VERSION = package_version()
-lib, path = _load()
+lib, path, notes = _load()

@@ -25,7 +25,7 @@ from ._args import (
     _shape,
 )
 from ._lib import lib as _c
-from .errors import InvalidArgError, StateError, _argument_error, _check, _raise, status_name
+from .errors import InvalidArgError, StateError, UnsupportedError, _argument_error, _check, _raise, status_name
 from .schedules import Constant, Lookahead, Schedule, _check_config
 
 
@@ -192,6 +192,12 @@ class Handle:
     def __del__(self):
         if getattr(self, "_ptr", None) is not None and _c is not None:
             self.close()
+
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedError("a polyak.Handle cannot be pickled or copied: its shadows live in the library's "
+                               "memory and it reads its params through their addresses. Save its state instead: "
+                               "save_bytes() or save(path), and load_bytes()/load(path) into a handle made and "
+                               "registered the same way")
 
     @property
     def last_error(self):
@@ -384,8 +390,11 @@ class Handle:
         self._call("polyak_set_grad_norm", _address(grad_norm, "grad_norm"))
 
     def set_grads(self, grads: Sequence[int]):
-        """Tensor i's gradient pointer at [i], read by Layerwise shadows at every update."""
+        """Tensor i's gradient pointer at [i], one per registered tensor (None for copy-only ones), read
+        by Layerwise shadows at every update. The table the handle holds returns at once."""
         grads = [_address(g, f"grads[{i}]") for i, g in enumerate(grads)]
+        if len(grads) != self.num_tensors:  # the library reads num_tensors pointers
+            raise InvalidArgError(f"set_grads: {len(grads)} pointers for {self.num_tensors} registered tensors")
         table = (ctypes.c_void_p * max(len(grads), 1))(*grads)
         self._call("polyak_set_grads", table)
 

@@ -1,5 +1,6 @@
 """EMA on a CUDA device: no host sync, CUDA graph replays, the CPU's bits. Skipped without a GPU
 or without a CUDA build of the library."""
+import math
 import time
 
 import pytest
@@ -111,3 +112,130 @@ def test_state_dict_round_trip_on_the_device(tmp_path):
     assert torch.equal(ema.state_dict()["checkpoint"], again.state_dict()["checkpoint"])
     with ema.average_parameters():
         torch.cuda.synchronize()
+
+
+# ---- what adaptive shadows read besides the params (sources.py) ----------------------------------
+def test_layerwise_on_fresh_gradients_gives_the_cpus_bits():
+    """zero_grad(set_to_none=True) every step: each update reads its step's new .grad tensors,
+    with the CPU backend's bits."""
+    models = {d: torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.Linear(65, 7)).to(d) for d in ("cpu", "cuda")}
+    models["cuda"].load_state_dict(models["cpu"].state_dict())
+    emas = {d: EMA(m, schedules=[polyak.Layerwise(beta0=0.99), polyak.Constant(0.9)]) for d, m in models.items()}
+    gen = torch.Generator().manual_seed(6)
+    for step in range(1, 6):
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+        models["cpu"](torch.randn(9, 33, generator=gen) * step).pow(2).sum().backward()
+        for p, q in zip(models["cpu"].parameters(), models["cuda"].parameters()):
+            q.grad = p.grad.to("cuda")  # a new tensor every step
+        perturb(models["cpu"], gen)
+        models["cuda"].load_state_dict(models["cpu"].state_dict())
+        for ema in emas.values():
+            ema.update(step)
+    assert emas["cpu"].handle.layer_betas(0) == emas["cuda"].handle.layer_betas(0)
+    assert torch.equal(emas["cpu"].state_dict()["checkpoint"], emas["cuda"].state_dict()["checkpoint"])
+
+
+def test_followed_gradients_outlive_a_queued_update_on_another_stream():
+    """The update waits on a side stream while the main stream frees the gradients it reads and
+    fills new tensors: they must not get the gradients' memory before the update has read it."""
+    model = torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.Linear(65, 7)).cuda()
+    ema = EMA(model, schedules=[polyak.Layerwise(beta0=0.9)])
+    model(torch.randn(9, 33, device="cuda")).pow(2).sum().backward()
+    ema.update(1)
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(9, 33, device="cuda") * 5).pow(2).sum().backward()
+    ema.set_grads()  # the table set now: the update below neither changes it nor waits
+    norms = [p.grad.double().norm().item() for p in model.parameters()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(400_000_000)  # the update runs after this
+        ema.update(2)
+    model.zero_grad(set_to_none=True)  # frees the gradients on the main stream
+    garbage = [torch.full_like(p, 1e6) for p in model.parameters() for _ in range(4)]
+    torch.cuda.synchronize()
+    betas = ema.handle.layer_betas(0)
+    for i, norm in enumerate(norms):
+        assert betas[i] == pytest.approx(0.9 * math.exp(-norm / sum(norms)), rel=1e-6), i
+    assert garbage
+
+
+def test_a_replaced_grad_norm_outlives_a_queued_update_on_another_stream():
+    model = torch.nn.Linear(64, 32).cuda()
+    ema = EMA(model, schedules=[polyak.GradNorm(c=0.5)])
+    ema.set_grad_norm(torch.full((1,), 3.0, device="cuda"))  # only this EMA holds it
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(400_000_000)  # the update reads the norm after this
+        ema.update(1)
+    ema.set_grad_norm(torch.full((1,), 0.5, device="cuda"))  # the first tensor dropped
+    garbage = [torch.full((1,), 1000.0, device="cuda") for _ in range(64)]  # on the main stream
+    torch.cuda.synchronize()
+    assert ema.handle.beta_product(0) == pytest.approx(1 - 0.5 / math.sqrt(1 + 9.0), rel=1e-12)
+    assert garbage
+
+
+def test_sources_are_refused_inside_a_capture_which_survives():
+    model = torch.nn.Linear(8, 4).cuda()
+    ema = EMA(model, schedules=[polyak.GradNorm(c=0.5)])
+    ema.set_grad_norm(torch.ones(1, device="cuda"))
+    lawa = EMA(model, schedules=[polyak.Layerwise(beta0=0.9)])
+    model(torch.randn(3, 8, device="cuda")).sum().backward()
+    lawa.set_grads()
+    moved = [p.grad for p in model.parameters()]
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        x = torch.ones(1, device="cuda") * 2
+        with pytest.raises(polyak.StateError, match="capture"):
+            ema.set_grad_norm(x)
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(3, 8, device="cuda")).sum().backward()  # new gradients in the graph's pool
+        with pytest.raises(polyak.StateError):
+            lawa.set_grads()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert float(x) == 2.0 and moved
+
+
+def test_the_package_loads_its_cuda_library_by_name_and_runs_on_the_device(tmp_path):
+    """The package as installed (python/polyak/_loader.py): this build's library under the name of its
+    CUDA major, chosen, bound to the CUDA runtime the process has, and running an EMA on the device."""
+    from polyak import _loader
+    from test_loader import BUILT, installed
+    (cudart,) = [n for n in _loader.needed(BUILT) if n.startswith("libcudart.so.")]
+    major = cudart.rsplit(".", 1)[1]
+    code = ("import torch, polyak\nfrom polyak.torch import EMA\nmodel = torch.nn.Linear(8, 4).cuda()\n"
+            "ema = EMA(model, decay=0.5)\nema.update(1)\ntorch.cuda.synchronize()\n"
+            "print(polyak.library_path())\nprint(repr(polyak.backend_reason('cuda')))\nprint(ema.step)")
+    path, reason, step = installed(tmp_path, {"libpolyak_cpu.so": BUILT, f"libpolyak_cuda{major}.so": BUILT},
+                                   env={"POLYAK_CUDA": major}, code=code)
+    assert path.endswith(f"libpolyak_cuda{major}.so") and reason == "''" and step == "1"
+
+
+def test_channels_last_on_the_device_matches_the_cpu_bit_for_bit():
+    """A channels_last conv on the device: the library averages it in memory order there as on
+    the CPU, and read-outs and checkpoints are row-major on both."""
+    def convs(device):
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 5, 1))
+        return model.to(device, memory_format=torch.channels_last)
+
+    cpu, gpu = convs("cpu"), convs("cuda")
+    assert not gpu[0].weight.is_contiguous()
+    emas = [EMA(cpu, decay=0.9, rounding="stochastic"), EMA(gpu, decay=0.9, rounding="stochastic")]
+    gen = torch.Generator().manual_seed(6)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p, q in zip(cpu.parameters(), gpu.parameters()):
+                p.add_(torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last)
+                       if p.dim() == 4 else torch.randn(p.shape, generator=gen))
+                q.copy_(p)
+        for ema in emas:
+            ema.update(step)
+    on_cpu, on_gpu = (ema.model_state_dict() for ema in emas)
+    for name, value in on_cpu.items():
+        assert torch.equal(value, on_gpu[name].cpu()), name
+    assert torch.equal(emas[0].state_dict()["checkpoint"], emas[1].state_dict()["checkpoint"])

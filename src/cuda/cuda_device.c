@@ -3,8 +3,9 @@
  * runtime failed to meet), entering the handle's device and leaving the
  * caller's CUDA state exactly as it was, and the checks of the caller's
  * pointers. The driver functions come through the runtime
- * (cudaGetDriverEntryPointByVersion), so that libpolyak loads, and its CPU
- * backend works, on machines without a CUDA driver. */
+ * (cudaGetDriverEntryPointByVersion; cudaGetDriverEntryPoint for CUDA 12),
+ * so that libpolyak loads, and its CPU backend works, on machines without
+ * a CUDA driver. */
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -42,7 +43,13 @@ static cudaError_t find(const char *symbol, void **function)
 {
   enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
   *function = NULL;
+#if CUDART_VERSION >= 13000
   cudaError_t err = cudaGetDriverEntryPointByVersion(symbol, function, 12000, cudaEnableDefault, &found);
+#else
+  /* a CUDA 12 build binds whichever libcudart.so.12 the process has (torch's):
+   * every CUDA 12 runtime has this call, ByVersion only those from 12.5 on */
+  cudaError_t err = cudaGetDriverEntryPoint(symbol, function, cudaEnableDefault, &found);
+#endif
   if (err == cudaSuccess && (found != cudaDriverEntryPointSuccess || !*function))
     err = cudaErrorSymbolNotFound;
   if (err != cudaSuccess)

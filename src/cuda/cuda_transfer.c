@@ -194,6 +194,8 @@ polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
       return polyak_cuda_fail(p, err, "agreeing: entering the handle's device");
     return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
   }
+#else
+  (void)p; /* one rank: nothing to agree on */
 #endif
   return POLYAK_OK;
 }
