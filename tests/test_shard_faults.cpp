@@ -343,6 +343,37 @@ TEST(ShardFaults, ASaveIntoADirectoryWithANewerCompleteSetIsRefused)
   EXPECT_EQ(other.dir.entries(), before) << "nothing written, nothing removed";
 }
 
+// The FSDP pattern docs/sharding.md warns of: each rank's own world_size 1
+// handle (its own params) saving into one directory. A second complete set
+// of the same step from another save is refused by the save; if two appear
+// anyway (saves that raced), a load refuses the ambiguity naming both.
+TEST(ShardFaults, TwoSavesOfOneStepFromDifferentHandlesAreRefusedNotConfused)
+{
+  ShardModel a(1, POLYAK_F32, 0, 70), b(1, POLYAK_F32, 0, 71), c(2, POLYAK_F32, 0, 72);
+  for (ShardModel *m : {&a, &b, &c})
+    m->step(3);
+  TempDir dir, aside;
+  ASSERT_EQ(polyak_save_shards(a.ranks[0].get(), dir.path.c_str()), POLYAK_OK);
+  auto before = dir.entries();
+  for (polyak_t *h : {b.ranks[0].get(), c.ranks[1].get()}) { // W equal or not
+    EXPECT_EQ(polyak_save_shards(h, dir.path.c_str()), POLYAK_ERR_STATE);
+    std::string error = polyak_last_error(h);
+    EXPECT_TRUE(contains(error, *before.begin()) && contains(error, "its own directory")) << error;
+    EXPECT_EQ(dir.entries(), before) << "nothing written, nothing removed";
+  }
+  ASSERT_EQ(polyak_save_shards(a.ranks[0].get(), dir.path.c_str()), POLYAK_OK) << "the same save again is the same set";
+  // two sets that appeared anyway
+  ASSERT_EQ(polyak_save_shards(b.ranks[0].get(), aside.path.c_str()), POLYAK_OK);
+  std::string theirs = shard_files(aside)[0];
+  write_bytes(dir.file(theirs), read_bytes(aside.file(theirs)));
+  Handle h = a.make(1, 0);
+  RankState kept = rank_state(h.get());
+  EXPECT_EQ(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_ERR_STATE);
+  std::string error = polyak_last_error(h.get());
+  EXPECT_TRUE(contains(error, *before.begin()) && contains(error, theirs)) << error;
+  EXPECT_TRUE(rank_state(h.get()) == kept);
+}
+
 TEST(ShardFaults, ASetOfAnotherModelOrOtherSettingsIsAMismatchNamingTheDifference)
 {
   Saved s;

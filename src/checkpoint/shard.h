@@ -76,9 +76,19 @@ polyak_status polyak_shard_sets(polyak_t *p, const char *dir, polyak_shard_set *
 
 /* The set a load takes: of the complete sets, those of the highest step;
  * among them one of `world_size` (the loader's) if any, then the lowest
- * save id, then the fewest ranks; the same on every rank that lists the
- * same files. -1 if no set is complete. */
-int polyak_shard_newest(const polyak_shard_set *sets, int num_sets, int world_size);
+ * save id, then the fewest ranks; the same on every rank that lists the same files. -1 if no set is
+ * complete. *rival (if not NULL): a complete set of the same step with
+ * another save id (-1: none), which makes the choice ambiguous: two
+ * independent handles (each FSDP rank's own, say) saved into one
+ * directory, and which is whose no name can tell. */
+int polyak_shard_newest(const polyak_shard_set *sets, int num_sets, int world_size, int *rival);
+
+/* The set a load of world size `world_size` takes from `dir` (0: any),
+ * or the reason there is none: no shard files, no complete set (naming the
+ * newest incomplete set's first missing file), or two complete sets of the
+ * newest step from different saves (POLYAK_ERR_STATE, naming both). */
+polyak_status polyak_shard_choose(polyak_t *p, const char *dir, int world_size, polyak_shard_set *chosen,
+                                  const char *function);
 
 /* "<dir>/<file name of rank `rank` of `set`>" (malloc'd; NULL: no memory). */
 char *polyak_shard_path(const char *dir, const polyak_shard_set *set, int rank);

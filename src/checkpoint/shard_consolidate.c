@@ -330,20 +330,12 @@ polyak_status polyak_shards_consolidate(const char *dir, const char *out, int sh
   if (polyak_create(&boot, &cfg) != POLYAK_OK)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", function);
   failed = boot;
-  polyak_shard_set *sets = NULL, set;
-  int num_sets = 0;
+  polyak_shard_set set;
   polyak_shard_file first;
   memset(&first, 0, sizeof first);
   first.fd = -1;
-  polyak_status status = polyak_shard_sets(boot, dir, &sets, &num_sets, function);
-  int newest = status == POLYAK_OK ? polyak_shard_newest(sets, num_sets, 0) : -1;
-  if (status == POLYAK_OK && newest < 0)
-    status = polyak_fail(boot, POLYAK_ERR_IO,
-                         "%s: %s holds no complete set of shard files (polyak_load_shards "
-                         "says what is missing)",
-                         function, dir);
+  polyak_status status = polyak_shard_choose(boot, dir, 0, &set, function);
   if (status == POLYAK_OK) {
-    set = sets[newest];
     char *path = polyak_shard_path(dir, &set, 0);
     polyak_shard_name name = {set.step, set.save_id, 0, set.world_size};
     status = path ? polyak_shard_open(boot, path, &name, &first, function)
@@ -363,7 +355,6 @@ polyak_status polyak_shards_consolidate(const char *dir, const char *out, int sh
   if (status != POLYAK_OK)
     polyak_message(msg, msg_num_bytes, status, "%s", polyak_last_error(failed));
   polyak_shard_close(&first);
-  free(sets);
   polyak_destroy(model);
   polyak_destroy(boot);
   return status;

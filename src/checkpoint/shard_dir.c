@@ -157,7 +157,7 @@ polyak_status polyak_shard_sets(polyak_t *p, const char *dir, polyak_shard_set *
   return POLYAK_OK;
 }
 
-int polyak_shard_newest(const polyak_shard_set *sets, int num_sets, int world_size)
+int polyak_shard_newest(const polyak_shard_set *sets, int num_sets, int world_size, int *rival)
 {
   int best = -1;
   for (int s = 0; s < num_sets; s++) {
@@ -174,7 +174,55 @@ int polyak_shard_newest(const polyak_shard_set *sets, int num_sets, int world_si
     if (better)
       best = s;
   }
+  if (rival) {
+    *rival = -1;
+    for (int s = 0; s < num_sets && best >= 0 && *rival < 0; s++)
+      if (sets[s].first_missing < 0 && sets[s].step == sets[best].step && sets[s].save_id != sets[best].save_id)
+        *rival = s;
+  }
   return best;
+}
+
+polyak_status polyak_shard_choose(polyak_t *p, const char *dir, int world_size, polyak_shard_set *chosen,
+                                  const char *function)
+{
+  polyak_shard_set *sets = NULL;
+  int num_sets = 0, rival = -1;
+  POLYAK_TRY(polyak_shard_sets(p, dir, &sets, &num_sets, function));
+  int newest = polyak_shard_newest(sets, num_sets, world_size, &rival), latest = -1;
+  for (int s = 0; s < num_sets; s++) /* the newest incomplete one, for the message */
+    if (latest < 0 || sets[s].step > sets[latest].step ||
+        (sets[s].step == sets[latest].step && sets[s].num_present > sets[latest].num_present))
+      latest = s;
+  polyak_status status = POLYAK_OK;
+  if (newest >= 0 && rival >= 0) {
+    char *one = polyak_shard_path(dir, &sets[newest], 0), *other = polyak_shard_path(dir, &sets[rival], 0);
+    status = polyak_ckpt_fail(p, POLYAK_ERR_STATE, function,
+                              "%s holds two complete sets of step %lld from different saves (%s, ... and %s, ...): "
+                              "independent handles saved into one directory, and which set is whose no name says; "
+                              "give each handle its own directory",
+                              dir, (long long)sets[newest].step, one ? one : "", other ? other : "");
+    free(one);
+    free(other);
+  } else if (newest >= 0)
+    *chosen = sets[newest];
+  else if (latest < 0)
+    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                              "%s holds no shard files, so no complete set "
+                              "(polyak-step<step>-<save id>-rank<r>-of<W>.safetensors)",
+                              dir);
+  else {
+    char *path = polyak_shard_path(dir, &sets[latest], sets[latest].first_missing);
+    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
+                              "%s holds no complete set of shard files: the newest, of step %lld (%d of its %d "
+                              "files there), lacks %s (a save under way or killed, or ranks whose save ids "
+                              "differed: their params were not the same)",
+                              dir, (long long)sets[latest].step, sets[latest].num_present, sets[latest].world_size,
+                              path ? path : "a file");
+    free(path);
+  }
+  free(sets);
+  return status;
 }
 
 int polyak_shard_remove_before(const char *dir, int64_t step)

@@ -155,36 +155,6 @@ static polyak_status run_pass(load *l, int copy, const char *function)
   return status;
 }
 
-/* The set to load, or the reason there is none. */
-static polyak_status choose_set(polyak_t *p, const char *dir, polyak_shard_set *chosen, const char *function)
-{
-  polyak_shard_set *sets = NULL;
-  int num_sets = 0;
-  POLYAK_TRY(polyak_shard_sets(p, dir, &sets, &num_sets, function));
-  int newest = polyak_shard_newest(sets, num_sets, p->cfg.world_size), latest = -1;
-  for (int s = 0; s < num_sets; s++) /* the newest incomplete one, for the message */
-    if (latest < 0 || sets[s].step > sets[latest].step ||
-        (sets[s].step == sets[latest].step && sets[s].num_present > sets[latest].num_present))
-      latest = s;
-  polyak_status status = POLYAK_OK;
-  if (newest >= 0)
-    *chosen = sets[newest];
-  else if (latest < 0)
-    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
-                              "%s holds no shard files (polyak-step<step>-<save id>-rank<r>-of<W>.safetensors)", dir);
-  else {
-    char *path = polyak_shard_path(dir, &sets[latest], sets[latest].first_missing);
-    status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function,
-                              "%s holds no complete set of shard files: the newest, of step %lld (%d of its %d "
-                              "files there), lacks %s",
-                              dir, (long long)sets[latest].step, sets[latest].num_present, sets[latest].world_size,
-                              path ? path : "a file");
-    free(path);
-  }
-  free(sets);
-  return status;
-}
-
 /* The step state, after the shadows: the backend's products and count,
  * then the host's. */
 static polyak_status commit(load *l)
@@ -219,7 +189,7 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
   l.dir = dir;
   l.first.fd = -1;
   if (status == POLYAK_OK)
-    status = choose_set(p, dir, &l.set, function);
+    status = polyak_shard_choose(p, dir, p->cfg.world_size, &l.set, function);
   char *path = status == POLYAK_OK ? polyak_shard_path(dir, &l.set, 0) : NULL;
   polyak_shard_name name = {l.set.step, l.set.save_id, 0, l.set.world_size};
   if (status == POLYAK_OK)

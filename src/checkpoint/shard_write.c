@@ -246,13 +246,20 @@ polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *
 }
 
 /* A complete set newer than this save (another run's, or one this handle
- * did not load) would stay the one loads take: refused. */
-static polyak_status check_no_newer_set(polyak_t *p, const char *dir, int64_t step, const char *function)
+ * did not load) would stay the one loads take: refused. So is a complete
+ * set of this step from another save (another save id): two independent
+ * handles saving into one directory (each FSDP rank's own world_size 1
+ * handle, say), whose sets no load could tell apart. */
+static polyak_status check_no_other_set(polyak_t *p, const char *dir, int64_t step, uint64_t save_id,
+                                        const char *function)
 {
   polyak_shard_set *sets = NULL;
   int num_sets = 0;
   POLYAK_TRY(polyak_shard_sets(p, dir, &sets, &num_sets, function));
-  int newest = polyak_shard_newest(sets, num_sets, p->cfg.world_size);
+  int newest = polyak_shard_newest(sets, num_sets, p->cfg.world_size, NULL), same_step = -1;
+  for (int s = 0; s < num_sets && same_step < 0; s++)
+    if (sets[s].first_missing < 0 && sets[s].step == step && sets[s].save_id != save_id)
+      same_step = s;
   polyak_status status = POLYAK_OK;
   if (newest >= 0 && sets[newest].step > step) {
     char *path = polyak_shard_path(dir, &sets[newest], 0);
@@ -262,6 +269,16 @@ static polyak_status check_no_newer_set(polyak_t *p, const char *dir, int64_t st
                               "into another directory)",
                               dir, (long long)sets[newest].step, path ? path : "", (long long)step);
     free(path);
+  } else if (same_step >= 0) {
+    polyak_shard_set mine = {step, save_id, p->cfg.world_size, 0, -1};
+    char *theirs = polyak_shard_path(dir, &sets[same_step], 0), *ours = polyak_shard_path(dir, &mine, p->cfg.rank);
+    status = polyak_ckpt_fail(p, POLYAK_ERR_STATE, function,
+                              "%s holds a complete set of step %lld from another save (%s, ...) than this one (%s): "
+                              "two handles saving into one directory, whose sets no load could tell apart; give "
+                              "each independent handle (each FSDP rank's own, say) its own directory",
+                              dir, (long long)step, theirs ? theirs : "", ours ? ours : "");
+    free(theirs);
+    free(ours);
   }
   free(sets);
   return status;
@@ -362,14 +379,14 @@ polyak_status polyak_save_shards(polyak_t *p, const char *dir)
   if (status == POLYAK_OK)
     status = save_id_of(p, state.step, buffer, &save_id);
   if (status == POLYAK_OK)
-    status = check_no_newer_set(p, dir, state.step, function);
+    status = check_no_other_set(p, dir, state.step, save_id, function);
   if (status == POLYAK_OK)
     status = write_file(p, dir, &state, save_id, boundaries, buffer, function);
   if (status == POLYAK_OK) { /* older sets go once a newer one is complete (perhaps by this file) */
     polyak_shard_set *sets = NULL;
     int num_sets = 0;
     if (polyak_shard_sets(p, dir, &sets, &num_sets, function) == POLYAK_OK) {
-      int newest = polyak_shard_newest(sets, num_sets, world);
+      int newest = polyak_shard_newest(sets, num_sets, world, NULL);
       if (newest >= 0)
         polyak_shard_remove_before(dir, sets[newest].step);
     }
