@@ -77,6 +77,7 @@ struct polyak {
    * call but a load refuses until one succeeds */
   int torn;
   int64_t shard_block_bytes; /* polyak_save_shards' checksum blocks: 0, 4 MiB; tests set 4 KiB multiples */
+  int shard_max_kept;        /* files a shard load keeps open between its passes: 0, 256; tests set fewer */
 
   /* step state */
   int64_t last_step;                           /* 0 before the first update */

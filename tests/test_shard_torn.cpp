@@ -4,9 +4,12 @@
 // the n-th read of a file at an offset returns its bytes with one changed,
 // as if the file had been rewritten between the two reads. The shadows are
 // then partly written: the handle must refuse everything but a load, and a
-// load must mend it.
+// load must mend it. Armed with an action instead, the read runs it first
+// (a save removing the set, say).
 #include "checkpoint_util.h"
 #include "shard_util.h"
+
+#include "checkpoint/shard.h"
 
 using namespace polyak_test;
 
@@ -16,6 +19,7 @@ struct Arm {
   std::string file_part; // "" : disarmed
   off_t offset = 0;
   int reads_left = 0;
+  std::function<void()> action; // empty: flip the last byte read
 } arm;
 
 } // namespace
@@ -32,7 +36,10 @@ extern "C" ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset)
   ssize_t n = readlink(link, path, sizeof path - 1);
   path[n > 0 ? n : 0] = '\0';
   if (std::strstr(path, arm.file_part.c_str()) && --arm.reads_left == 0) {
-    static_cast<char *>(buf)[got - 1] ^= 0x01;
+    if (arm.action)
+      arm.action();
+    else
+      static_cast<char *>(buf)[got - 1] ^= 0x01;
     arm.file_part.clear();
   }
   return got;
@@ -90,8 +97,9 @@ TEST(ShardTorn, AFileChangedBetweenThePassesLeavesAHandleThatRefusesAllButALoad)
   for (const Case &c : cases) {
     m.step(1, {}); // params without step 5's NaN
     Handle h = m.make(1, 0);
+    h->shard_max_kept = 1; // rank 1's file stays open between the passes, rank 2's is opened again
     m.step(1, {h.get()});
-    arm = {c.file, c.offset, 2}; // the second read: pass 2's
+    arm = {c.file, c.offset, 2, {}}; // the second read: pass 2's
     EXPECT_NE(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK) << c.what;
     EXPECT_TRUE(arm.file_part.empty()) << c.what << ": the change was never read";
     expect_torn(h.get(), c.file);
@@ -101,9 +109,65 @@ TEST(ShardTorn, AFileChangedBetweenThePassesLeavesAHandleThatRefusesAllButALoad)
   }
   // so does polyak_load of a checkpoint
   Handle h = m.make(1, 0);
-  arm = {"-rank2-of4", 8, 2};
+  h->shard_max_kept = 1;
+  arm = {"-rank2-of4", 8, 2, {}};
   EXPECT_NE(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK);
   ASSERT_EQ(polyak_save(m.whole.get(), dir.file("whole.safetensors").c_str()), POLYAK_OK);
   ASSERT_EQ(polyak_load(h.get(), dir.file("whole.safetensors").c_str()), POLYAK_OK) << polyak_last_error(h.get());
   expect_same_as(m.whole.get(), {h.get()}, "after polyak_load");
+}
+
+// A save that completes a newer set removes the older one at once, perhaps
+// while a load or a consolidation reads it: the files they opened stay
+// readable, so both finish with the set they began with.
+TEST(ShardTorn, ASetRemovedWhileALoadOrAConsolidationReadsItIsReadWhole)
+{
+  ShardModel m(4, POLYAK_F32);
+  for (auto &rank : m.ranks)
+    rank->shard_block_bytes = 4096;
+  for (int64_t s : {2, 3})
+    m.step(s);
+  TempDir dir, out, copy;
+  m.save_all(dir.path);
+  auto remove_all = [&] {
+    for (const auto &name : shard_files(dir)) {
+      write_bytes(copy.file(name), read_bytes(dir.file(name)));
+      unlink(dir.file(name).c_str());
+    }
+  };
+  auto restore = [&] {
+    for (const auto &name : shard_files(copy))
+      write_bytes(dir.file(name), read_bytes(copy.file(name)));
+  };
+  for (int world_size : {1, 3}) {
+    m.step(1, {}); // params without step 5's NaN
+    std::vector<Handle> handles;
+    for (int r = 0; r < world_size; r++)
+      handles.push_back(m.make(world_size, r));
+    for (int r = 0; r < world_size; r++) {
+      polyak_t *h = handles[r].get();
+      // the last file pass 1 opens: rank 3's for rank 0 (it checks every header), else the one of its last element
+      int64_t last = polyak_shard_begin(h, world_size, r + 1) - 1;
+      int file = 3;
+      while (r != 0 && polyak_shard_begin(h, 4, file) > last)
+        file--;
+      restore();
+      arm = {"-rank" + std::to_string(file) + "-of4", 8, 1, remove_all}; // then every file goes
+      ASSERT_EQ(polyak_load_shards(h, dir.path.c_str()), POLYAK_OK) << polyak_last_error(h);
+      EXPECT_TRUE(arm.file_part.empty()) << "the files were never removed";
+      EXPECT_TRUE(shard_files(dir).empty());
+    }
+    expect_same_as(m.whole.get(), pointers(handles), "a load whose set was removed under it");
+  }
+  restore();
+  char msg[1024] = "";
+  arm = {"-rank3-of4", 8, 1, remove_all};
+  ASSERT_EQ(polyak_shards_consolidate(dir.path.c_str(), out.file("whole.safetensors").c_str(), -1, POLYAK_F32, msg,
+                                      sizeof msg),
+            POLYAK_OK)
+      << msg;
+  EXPECT_TRUE(arm.file_part.empty()) << "the files were never removed";
+  Handle h = m.make(1, 0);
+  ASSERT_EQ(polyak_load(h.get(), out.file("whole.safetensors").c_str()), POLYAK_OK) << polyak_last_error(h.get());
+  expect_same_as(m.whole.get(), {h.get()}, "a consolidation whose set was removed under it");
 }

@@ -11,7 +11,11 @@
  *       model's names: safetensors.torch.load_file(OUT) is a state_dict
  *
  * Every header and every block read is verified; OUT is written crash-safely.
+ * Every file of the set stays open while OUT is written (one descriptor a
+ * rank: the soft limit on open files is raised to the hard one first).
  * Exit status 0, 1 (the reason on stderr) or 2 (usage). */
+#include <sys/resource.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +72,11 @@ int main(int argc, char **argv)
     return usage("one directory and one output file");
   if (dtype_name && shadow < 0)
     return usage("--dtype goes with --shadow (a checkpoint keeps the shadows' own dtype)");
+  struct rlimit files;
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max; /* a set of W files needs W descriptors */
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   char msg[1024] = "";
   if (polyak_shards_consolidate(paths[0], paths[1], shadow, dtype, msg, sizeof msg) != POLYAK_OK) {
     fprintf(stderr, "%s\n", msg);

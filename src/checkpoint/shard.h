@@ -46,6 +46,7 @@ extern "C" { /* the tests call the names' functions */
 #define POLYAK_SHARD_DATA_PREFIX     "polyak.shard."
 #define POLYAK_SHARD_PARAM_SAMPLE    64 /* bytes of each averaged tensor in the save id */
 #define POLYAK_SHARD_NAME_BYTES      128
+#define POLYAK_SHARD_MAX_KEPT        256 /* files a load keeps open between its passes (shard_load.c) */
 
 /* ---- names and sets (shard_dir.c) ---- */
 

@@ -225,37 +225,33 @@ static polyak_status open_checked(polyak_t *p, const char *dir, const polyak_sha
 }
 
 /* Every file's shadow `k` section in rank order, then (copies) rank 0's copies. */
-static polyak_status write_sections(polyak_t *p, const char *dir, const polyak_shard_set *set,
-                                    const polyak_shard_file *first, int k, int copies, void *buffer, output *o)
+static polyak_status write_sections(polyak_t *p, const polyak_shard_set *set, polyak_shard_file *const *files, int k,
+                                    int copies, void *buffer, output *o)
 {
   polyak_status status = POLYAK_OK;
   for (int r = 0; r < (k >= 0 ? set->world_size : 1) && status == POLYAK_OK; r++) {
-    polyak_shard_file f;
-    status = open_checked(p, dir, set, r, first, &f, o->function);
-    if (status == POLYAK_OK && k >= 0)
-      status = polyak_shard_read(p, &f, polyak_shard_section(p, &f, k), polyak_shard_section(p, &f, k + 1), buffer,
+    polyak_shard_file *f = files[r];
+    if (k >= 0)
+      status = polyak_shard_read(p, f, polyak_shard_section(p, f, k), polyak_shard_section(p, f, k + 1), buffer,
                                  visit_output, o);
     if (status == POLYAK_OK && copies && r == 0)
-      status = polyak_shard_read(p, &f, polyak_shard_section(p, &f, p->cfg.num_shadows), f.data_bytes, buffer,
+      status = polyak_shard_read(p, f, polyak_shard_section(p, f, p->cfg.num_shadows), f->data_bytes, buffer,
                                  visit_output, o);
-    polyak_shard_close(&f);
   }
   return status;
 }
 
-static polyak_status consolidate(polyak_t *p, const char *dir, const char *out, int shadow, polyak_dtype dtype,
-                                 const polyak_shard_set *set, polyak_shard_file *first, const char *function)
+/* files: every rank's, open and checked (each opened once, and read
+ * through its descriptor to the end: a save that removes the set meanwhile
+ * takes nothing from the output). */
+static polyak_status consolidate(polyak_t *p, const char *out, int shadow, polyak_dtype dtype,
+                                 const polyak_shard_set *set, polyak_shard_file *const *files, const char *function)
 {
-  polyak_ckpt_state state = first->state;
+  polyak_ckpt_state state = files[0]->state;
   state.nonfinite = 0;
-  state.checksum = 0;                         /* the header is hashed with its digits as zeros */
-  for (int r = 0; r < set->world_size; r++) { /* every header first, and the counts summed */
-    polyak_shard_file f;
-    polyak_status status = open_checked(p, dir, set, r, first, &f, function);
-    state.nonfinite += f.state.nonfinite;
-    polyak_shard_close(&f);
-    POLYAK_TRY(status);
-  }
+  state.checksum = 0; /* the header is hashed with its digits as zeros */
+  for (int r = 0; r < set->world_size; r++)
+    state.nonfinite += files[r]->state.nonfinite;
   if (shadow >= p->cfg.num_shadows)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "%s: the set has %d shadows; there is no shadow %d", function,
                        p->cfg.num_shadows, shadow);
@@ -269,7 +265,7 @@ static polyak_status consolidate(polyak_t *p, const char *dir, const char *out, 
   size_t header_bytes = 0;
   char *header = shadow >= 0 ? readout_header(p, shadow, dtype, state.step, &header_bytes)
                              : polyak_ckpt_header(p, &state, &header_bytes);
-  void *buffer = malloc((size_t)first->block_bytes);
+  void *buffer = malloc((size_t)files[0]->block_bytes);
   o.converted = malloc(CONVERT_ELEMS * sizeof(float));
   o.file = malloc(sizeof *o.file);
   o.hash = shadow < 0 ? XXH3_createState() : NULL;
@@ -291,13 +287,13 @@ static polyak_status consolidate(polyak_t *p, const char *dir, const char *out, 
     status = emit(&o, header, (int64_t)header_bytes); /* its checksum digits zeros */
   for (int k = shadow >= 0 ? shadow : 0; k < (shadow >= 0 ? shadow + 1 : p->cfg.num_shadows) && status == POLYAK_OK;
        k++)
-    status = write_sections(p, dir, set, first, k, 0, buffer, &o);
+    status = write_sections(p, set, files, k, 0, buffer, &o);
   int has_copies = 0;
   for (int i = 0; i < p->num_tensors; i++)
     has_copies |= p->tensors[i].copy_only;
   o.convert = 0; /* copies in their own dtype */
   if (status == POLYAK_OK && has_copies)
-    status = write_sections(p, dir, set, first, -1, 1, buffer, &o);
+    status = write_sections(p, set, files, -1, 1, buffer, &o);
   if (status == POLYAK_OK && o.hash) { /* the same header with the checksum */
     state.checksum = XXH3_64bits_digest(o.hash);
     size_t final_bytes = 0;
@@ -350,8 +346,25 @@ polyak_status polyak_shards_consolidate(const char *dir, const char *out, int sh
   }
   if (status == POLYAK_OK && shadow >= 0 && !polyak_dtype_valid(dtype))
     status = polyak_fail(model, POLYAK_ERR_INVALID_ARG, "%s: a read-out is F32, BF16 or F16", function);
+  /* every file opened once, rank 0's already */
+  polyak_shard_file *opened = status == POLYAK_OK ? calloc((size_t)set.world_size, sizeof *opened) : NULL;
+  polyak_shard_file **files = status == POLYAK_OK ? calloc((size_t)set.world_size, sizeof *files) : NULL;
+  if (status == POLYAK_OK && (!opened || !files))
+    status = polyak_fail(model, POLYAK_ERR_NO_MEMORY, "%s: out of host memory", function);
+  for (int r = 0; opened && r < set.world_size; r++)
+    opened[r].fd = -1;
+  if (files)
+    files[0] = &first;
+  for (int r = 1; r < set.world_size && status == POLYAK_OK; r++) {
+    files[r] = &opened[r];
+    status = open_checked(model, dir, &set, r, &first, files[r], function);
+  }
   if (status == POLYAK_OK)
-    status = consolidate(model, dir, out, shadow, dtype, &set, &first, function);
+    status = consolidate(model, out, shadow, dtype, &set, files, function);
+  for (int r = 1; opened && r < set.world_size; r++)
+    polyak_shard_close(&opened[r]);
+  free(opened);
+  free(files);
   if (status != POLYAK_OK)
     polyak_message(msg, msg_num_bytes, status, "%s", polyak_last_error(failed));
   polyak_shard_close(&first);

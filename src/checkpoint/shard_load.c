@@ -9,10 +9,15 @@
  *   pass 2  the same blocks read and verified again, each written into the
  *           arenas in place (no second copy of the slice anywhere)
  *
- * then the step state. Should a file change between the passes (or a
- * read fail), the shadows are partly written: the handle is marked torn and
- * refuses everything but a load (docs/scale.md). With a communicator the
- * ranks agree after each pass, so that all of them load or none does. */
+ * then the step state. The files pass 1 opens for data stay open into pass
+ * 2 (up to POLYAK_SHARD_MAX_KEPT of them, besides rank 0's; those past it
+ * are opened again and their headers compared), so that a save that
+ * removes the set meanwhile (a newer set complete) takes nothing from this
+ * load: an unlinked file stays readable through its descriptor. Should a
+ * file change between the passes (or a read fail), the shadows are partly
+ * written: the handle is marked torn and refuses everything but a load
+ * (docs/scale.md). With a communicator the ranks agree after each pass, so
+ * that all of them load or none does. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,8 +31,10 @@ typedef struct {
   polyak_shard_file first; /* rank 0's file, open throughout: the boundaries, the state */
   int64_t lo, hi;          /* this rank's flat elements */
   uint64_t *checksums;     /* [world_size]: each file's header checksum in pass 1 */
-  void *buffer;            /* host_buffer memory of first.block_bytes */
-  int64_t nonfinite;       /* rank 0: the files' counts summed */
+  polyak_shard_file *kept; /* [max_kept]: files of ranks 1.. pass 1 read data from, open, in rank order */
+  int num_kept, max_kept, next_kept;
+  void *buffer;      /* host_buffer memory of first.block_bytes */
+  int64_t nonfinite; /* rank 0: the files' counts summed */
   int has_copies;
 } load;
 
@@ -118,7 +125,9 @@ static int needed(const load *l, int r, int copy)
   return overlaps || (r == 0 && l->has_copies) || (!copy && l->p->cfg.rank == 0);
 }
 
-/* One pass over the files of the set this rank needs, one open at a time. */
+/* One pass over the files of the set this rank needs. Pass 1 keeps open
+ * the files it reads data from (up to max_kept); pass 2 reads those
+ * through the same descriptors and opens the others again. */
 static polyak_status run_pass(load *l, int copy, const char *function)
 {
   polyak_t *p = l->p;
@@ -126,9 +135,18 @@ static polyak_status run_pass(load *l, int copy, const char *function)
   for (int r = 0; r < l->set.world_size && status == POLYAK_OK; r++) {
     if (!needed(l, r, copy))
       continue;
-    polyak_shard_file other, *f = r == 0 ? &l->first : &other;
-    char *path = r == 0 ? NULL : polyak_shard_path(l->dir, &l->set, r);
-    if (r != 0) {
+    polyak_shard_file other, *f = &other;
+    memset(&other, 0, sizeof other);
+    other.fd = -1;
+    int kept = 0, keep = 0;
+    if (r == 0)
+      f = &l->first;
+    else if (copy && l->next_kept < l->num_kept && l->kept[l->next_kept].name.rank == r)
+      f = &l->kept[l->next_kept++], kept = 1;
+    else if (!copy && needed(l, r, 1) && l->num_kept < l->max_kept)
+      f = &l->kept[l->num_kept], keep = 1;
+    char *path = r == 0 || kept ? NULL : polyak_shard_path(l->dir, &l->set, r);
+    if (r != 0 && !kept) {
       polyak_shard_name name = {l->set.step, l->set.save_id, r, l->set.world_size};
       status = path ? polyak_shard_open(p, path, &name, f, function)
                     : polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
@@ -148,7 +166,9 @@ static polyak_status run_pass(load *l, int copy, const char *function)
       status = read_file(l, f, copy);
     if (!copy && p->cfg.rank == 0)
       l->nonfinite += f->state.nonfinite;
-    if (r != 0)
+    if (keep && status == POLYAK_OK)
+      l->num_kept++; /* open until the load ends */
+    else if (r != 0 && !kept)
       polyak_shard_close(f);
     free(path);
   }
@@ -204,8 +224,11 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
     l.has_copies |= p->tensors[i].copy_only;
   if (status == POLYAK_OK) {
     l.checksums = calloc((size_t)l.set.world_size, sizeof *l.checksums);
+    l.max_kept = p->shard_max_kept > 0 ? p->shard_max_kept : POLYAK_SHARD_MAX_KEPT;
+    l.max_kept = l.max_kept < l.set.world_size ? l.max_kept : l.set.world_size;
+    l.kept = calloc((size_t)l.max_kept, sizeof *l.kept);
     l.buffer = p->ops->host_buffer(p, (size_t)l.first.block_bytes);
-    if (!l.checksums || !l.buffer)
+    if (!l.checksums || !l.kept || !l.buffer)
       status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
   }
   if (status == POLYAK_OK)
@@ -228,6 +251,9 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
   if (l.buffer)
     p->ops->free_host_buffer(p, l.buffer);
   free(l.checksums);
+  for (int n = 0; n < l.num_kept; n++)
+    polyak_shard_close(&l.kept[n]);
+  free(l.kept);
   polyak_shard_close(&l.first);
   return status;
 }
