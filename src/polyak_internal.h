@@ -199,6 +199,10 @@ struct polyak_backend_ops {
   /* *all_ok = every rank's local_ok (a collective: before each gather, so
    * that a rank that failed locally never leaves the others waiting) */
   polyak_status (*agree)(polyak_t *p, int local_ok, int *all_ok);
+  /* *other = a rank whose `value` differs from this rank's, -1 if every
+   * rank's is the same (a collective over nccl_comm, issued whatever
+   * failed before it on this rank; without one always -1) */
+  polyak_status (*compare)(polyak_t *p, uint64_t value, int *other);
   /* 1 if `stream` is being captured into a graph */
   polyak_status (*capturing)(polyak_t *p, void *stream, int *capturing);
   /* 1 if a capture is under way that a call waiting for the device or

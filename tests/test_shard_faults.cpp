@@ -374,6 +374,82 @@ TEST(ShardFaults, TwoSavesOfOneStepFromDifferentHandlesAreRefusedNotConfused)
   EXPECT_TRUE(rank_state(h.get()) == kept);
 }
 
+// A stand-in communicator for CPU handles: the backend's ops with a
+// comparison that says rank `differs` holds another value (-1: none).
+struct FakeComm {
+  static int differs, compares;
+  polyak_backend_ops ops;
+  polyak_t *h;
+  const polyak_backend_ops *saved;
+  explicit FakeComm(polyak_t *handle) : ops(*handle->ops), h(handle), saved(handle->ops)
+  {
+    ops.compare = [](polyak_t *, uint64_t, int *other) {
+      compares++;
+      *other = differs;
+      return POLYAK_OK;
+    };
+    h->ops = &ops;
+    h->cfg.nccl_comm = &ops; // never used as a communicator: the CPU backend's agreements are local
+  }
+  ~FakeComm()
+  {
+    h->ops = saved;
+    h->cfg.nccl_comm = nullptr;
+  }
+};
+int FakeComm::differs = -1, FakeComm::compares = 0;
+
+// With a communicator the ranks compare what they chose: a rank whose
+// listing of the directory shows another newest set makes every rank
+// refuse the load, before anything changes.
+TEST(ShardFaults, RanksThatChooseDifferentSetsRefuseTheLoadTogether)
+{
+  Saved s;
+  auto handles = s.fresh(2);
+  FakeComm comm(handles[0].get());
+  polyak_t *h = handles[0].get();
+  RankState before = rank_state(h);
+  FakeComm::differs = 1;
+  FakeComm::compares = 0;
+  EXPECT_EQ(polyak_load_shards(h, s.dir.path.c_str()), POLYAK_ERR_STATE);
+  std::string error = polyak_last_error(h);
+  EXPECT_TRUE(contains(error, "chose different sets") && contains(error, rank_file(s.dir, 0, 4)) &&
+              contains(error, "rank 1"))
+      << error;
+  EXPECT_EQ(FakeComm::compares, 1);
+  EXPECT_TRUE(rank_state(h) == before) << "a refused load changes nothing";
+  FakeComm::differs = -1;
+  EXPECT_EQ(polyak_load_shards(h, s.dir.path.c_str()), POLYAK_OK) << polyak_last_error(h);
+  EXPECT_EQ(FakeComm::compares, 2);
+}
+
+// Ranks whose params differ have different save ids: their files never
+// form a set. With a communicator the save says so and writes nothing;
+// without one each rank's save succeeds, and a load says why no set is
+// complete.
+TEST(ShardFaults, RanksWithDifferentSaveIdsAreRefusedWithACommunicatorAndExplainedWithout)
+{
+  ShardModel m(2, POLYAK_F32, 0, 70), other(2, POLYAK_F32, 0, 71);
+  m.step(3);
+  other.step(3);
+  TempDir dir;
+  {
+    FakeComm comm(m.ranks[0].get());
+    FakeComm::differs = 1;
+    polyak_t *h = m.ranks[0].get();
+    EXPECT_EQ(polyak_save_shards(h, dir.path.c_str()), POLYAK_ERR_MISMATCH);
+    EXPECT_TRUE(contains(polyak_last_error(h), "rank 1's save id")) << polyak_last_error(h);
+    EXPECT_TRUE(dir.entries().empty()) << "nothing written";
+    FakeComm::differs = -1;
+  }
+  ASSERT_EQ(polyak_save_shards(m.ranks[0].get(), dir.path.c_str()), POLYAK_OK);
+  ASSERT_EQ(polyak_save_shards(other.ranks[1].get(), dir.path.c_str()), POLYAK_OK);
+  EXPECT_EQ(shard_files(dir).size(), 2u);
+  Handle h = m.make(1, 0);
+  EXPECT_EQ(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_ERR_IO);
+  EXPECT_TRUE(contains(polyak_last_error(h.get()), "save ids differed")) << polyak_last_error(h.get());
+}
+
 TEST(ShardFaults, ASetOfAnotherModelOrOtherSettingsIsAMismatchNamingTheDifference)
 {
   Saved s;

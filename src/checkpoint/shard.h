@@ -171,6 +171,12 @@ polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *
  * communicator each rank decides alone). */
 polyak_status polyak_shard_agree(polyak_t *p, polyak_status status, polyak_status status_if_not, const char *what);
 
+/* With a communicator, a rank whose `value` differs from this rank's
+ * (*other; -1: none), from a collective issued whatever `status` (a rank
+ * that failed before sends 0); returns `status`, or the comparison's
+ * failure. Without one *other = -1: each rank decides alone. */
+polyak_status polyak_shard_compare(polyak_t *p, polyak_status status, uint64_t value, int *other);
+
 /* ---- the header (shard_write.c) ---- */
 
 /* The header text of rank `rank`'s file (padded with spaces to 8 bytes;

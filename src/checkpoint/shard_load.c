@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 #include "shard.h"
 
 typedef struct {
@@ -218,6 +221,19 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
   free(path);
   if (status == POLYAK_OK)
     status = polyak_shard_check_model(p, &l.first);
+  /* with a communicator every rank takes the same set, or none does: their listings of dir may differ */
+  uint64_t choice[3] = {(uint64_t)l.set.step, l.set.save_id, (uint64_t)l.set.world_size};
+  int other = -1;
+  status = polyak_shard_compare(p, status, XXH3_64bits(choice, sizeof choice), &other);
+  if (status == POLYAK_OK && other >= 0) {
+    char *chosen = polyak_shard_path(dir, &l.set, 0);
+    status = polyak_ckpt_fail(p, POLYAK_ERR_STATE, function,
+                              "the ranks chose different sets: this rank %s, ..., rank %d another (or it failed): "
+                              "their listings of %s differ (a save still under way, a stale listing on a network "
+                              "file system); wait for the save to finish",
+                              chosen ? chosen : "", other, dir);
+    free(chosen);
+  }
   l.lo = polyak_shard_begin(p, p->cfg.world_size, p->cfg.rank);
   l.hi = polyak_shard_begin(p, p->cfg.world_size, p->cfg.rank + 1);
   for (int i = 0; i < p->num_tensors; i++)

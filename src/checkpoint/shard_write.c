@@ -220,6 +220,15 @@ polyak_status polyak_shard_agree(polyak_t *p, polyak_status status, polyak_statu
   return all ? POLYAK_OK : polyak_fail(p, status_if_not, "%s: another rank failed (its own error says why)", what);
 }
 
+polyak_status polyak_shard_compare(polyak_t *p, polyak_status status, uint64_t value, int *other)
+{
+  *other = -1;
+  if (!p->cfg.nccl_comm)
+    return status;
+  polyak_status compared = p->ops->compare(p, status == POLYAK_OK ? value : 0, other);
+  return status != POLYAK_OK ? status : compared;
+}
+
 polyak_status polyak_shard_check_call(polyak_t *p, const char *dir, const char *function, int load, int *may_agree)
 {
   *may_agree = 0;
@@ -378,6 +387,14 @@ polyak_status polyak_save_shards(polyak_t *p, const char *dir)
   uint64_t save_id = 0;
   if (status == POLYAK_OK)
     status = save_id_of(p, state.step, buffer, &save_id);
+  int other = -1; /* with a communicator: a rank whose save id differs, whose file would never join this set */
+  status = polyak_shard_compare(p, status, save_id, &other);
+  if (status == POLYAK_OK && other >= 0)
+    status = polyak_ckpt_fail(p, POLYAK_ERR_MISMATCH, function,
+                              "rank %d's save id is not this rank's (%016llx): the ranks hold different params (or "
+                              "rank %d failed), and their files would never form one set; every rank of a sharded "
+                              "handle registers the same params",
+                              other, (unsigned long long)save_id, other);
   if (status == POLYAK_OK)
     status = check_no_other_set(p, dir, state.step, save_id, function);
   if (status == POLYAK_OK)

@@ -352,6 +352,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .all_gather = NULL,
 #endif
     .agree = polyak_cuda_agree,
+    .compare = polyak_cuda_compare,
     .capturing = polyak_cuda_capturing,
     .capture_under_way = polyak_cuda_capture_under_way,
 };

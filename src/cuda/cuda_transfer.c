@@ -200,6 +200,35 @@ polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
   return POLYAK_OK;
 }
 
+/* The finalize handshake's slots again (finalize is over): every rank's
+ * value gathered. A rank that could not write its slot fails here, and the
+ * agreement that follows every comparison makes all of them fail. */
+polyak_status polyak_cuda_compare(polyak_t *p, uint64_t value, int *other)
+{
+  *other = -1;
+#ifdef POLYAK_HAVE_NCCL
+  cuda_state *state = p->backend;
+  if (p->cfg.nccl_comm) {
+    char reason[POLYAK_ERROR_BYTES] = "";
+    polyak_cuda_scope scope;
+    cudaError_t err = polyak_cuda_enter(p, &scope);
+    int all_ok = 0, same = 1;
+    polyak_status status = polyak_nccl_finalize_agree(p->cfg.nccl_comm, state->agreement, p->cfg.world_size, value, 1,
+                                                      &all_ok, &same, other, reason, sizeof reason);
+    polyak_cuda_leave(&scope);
+    if (err != cudaSuccess)
+      return polyak_cuda_fail(p, err, "comparing: entering the handle's device");
+    if (same)
+      *other = -1;
+    return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
+  }
+#else
+  (void)p;
+  (void)value;
+#endif
+  return POLYAK_OK;
+}
+
 #ifdef POLYAK_HAVE_NCCL
 polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream)
 {
