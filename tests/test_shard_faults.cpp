@@ -7,6 +7,7 @@
 #include "checkpoint_util.h"
 #include "shard_util.h"
 
+#include <dirent.h>
 #include <malloc.h>
 #include <sys/resource.h>
 
@@ -188,6 +189,34 @@ TEST(ShardFaults, AFileFromAnotherSaveIsRefusedByEveryRankThatOpensIt)
   auto again = s.fresh(1);
   s.m.step(1, pointers(again));
   expect_all_refuse(again, s.dir.path, victim, "another save", POLYAK_ERR_FORMAT);
+}
+
+// A message names the file at fault by its own name, whatever the length
+// of the directory: a long one is shortened in the middle.
+TEST(ShardFaults, AFileInADeepDirectoryIsStillNamedWithItsRank)
+{
+  ShardModel m(2, POLYAK_F32);
+  m.step(1);
+  TempDir top;
+  std::string dir = top.path + "/" + std::string(110, 'd');
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+  dir += "/" + std::string(110, 'e');
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+  ASSERT_GT(dir.size(), 220u);
+  m.save_all(dir);
+  std::string victim;
+  DIR *listing = opendir(dir.c_str());
+  for (struct dirent *e; (e = readdir(listing)) != nullptr;)
+    if (std::strstr(e->d_name, "-rank1-of2"))
+      victim = dir + "/" + e->d_name;
+  closedir(listing);
+  ASSERT_FALSE(victim.empty());
+  ASSERT_EQ(truncate(victim.c_str(), 100), 0);
+  Handle h = m.make(1, 0);
+  EXPECT_EQ(polyak_load_shards(h.get(), dir.c_str()), POLYAK_ERR_FORMAT);
+  std::string error = polyak_last_error(h.get());
+  EXPECT_TRUE(contains(error, victim.substr(victim.rfind('/'))) && contains(error, "...")) << error;
+  EXPECT_TRUE(contains(error, "polyak_load_shards: " + top.path)) << error;
 }
 
 TEST(ShardFaults, ATruncatedOrLongerFileIsRefusedNamingIt)

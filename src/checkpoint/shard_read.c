@@ -234,13 +234,30 @@ static polyak_status check_entries(polyak_t *p, polyak_shard_file *f, int64_t fi
   return POLYAK_OK;
 }
 
+/* "<function>: <path>", with the middle of a long directory cut to "..."
+ * so that the file's own name stays whole: it says the rank at fault. */
+static void format_where(char *where, size_t size, const char *function, const char *path)
+{
+  const char *base = strrchr(path, '/');
+  base = base ? base : path;
+  size_t fixed = strlen(function) + 2 + 3 + strlen(base); /* ": ", "...", "/<name>" */
+  if (strlen(function) + 2 + strlen(path) < size || fixed >= size)
+    snprintf(where, size, "%s: %s", function, path);
+  else { /* the parts measured above fit: size - 1 bytes and the NUL */
+    size_t used = (size_t)snprintf(where, size, "%s: ", function), head = size - 1 - fixed;
+    memcpy(where + used, path, head);
+    memcpy(where + used + head, "...", 3);
+    memcpy(where + used + head + 3, base, strlen(base) + 1);
+  }
+}
+
 polyak_status polyak_shard_open(polyak_t *p, const char *path, const polyak_shard_name *name, polyak_shard_file *f,
                                 const char *function)
 {
   memset(f, 0, sizeof *f);
   f->fd = -1;
   f->name = *name;
-  snprintf(f->where, sizeof f->where, "%s: %s", function, path);
+  format_where(f->where, sizeof f->where, function, path);
   f->path = strdup(path);
   if (!f->path)
     return FAIL(POLYAK_ERR_NO_MEMORY, "out of host memory");
