@@ -359,6 +359,27 @@ TEST(ShardFaults, SavesRemoveOnlySetsOlderThanTheNewestCompleteOne)
   expect_same_as(m.whole.get(), {resumed.get()}, "the newest complete set, step 2");
 }
 
+// A name of a step past int64's range is no shard name, but its parse
+// leaves ERANGE in errno while the directory is listed: listing, saving,
+// removing and loading must not take it for a failure of the listing.
+TEST(ShardFaults, AStrayNameWithAStepPastInt64sRangeIsPassedOver)
+{
+  ShardModel m(2, POLYAK_F32);
+  TempDir dir;
+  std::string stray = "polyak-step9999999999999999999-0000000000000000-rank0-of1.safetensors";
+  write_bytes(dir.file(stray), {'k'});
+  m.step(1);
+  m.save_all(dir.path);
+  auto step1 = shard_files(dir);
+  m.step(2);
+  m.save_all(dir.path);
+  for (const auto &name : step1)
+    EXPECT_EQ(dir.entries().count(name), name == stray ? 1u : 0u) << name;
+  Handle resumed = m.make(1, 0);
+  ASSERT_EQ(polyak_load_shards(resumed.get(), dir.path.c_str()), POLYAK_OK) << polyak_last_error(resumed.get());
+  expect_same_as(m.whole.get(), {resumed.get()}, "step 2 beside the stray name");
+}
+
 TEST(ShardFaults, ASaveIntoADirectoryWithANewerCompleteSetIsRefused)
 {
   Saved other(0, 71); // another run, complete at step 5

@@ -108,8 +108,9 @@ polyak_status polyak_shard_sets(polyak_t *p, const char *dir, polyak_shard_set *
   size_t count = 0, capacity = 0;
   polyak_status status = POLYAK_OK;
   struct dirent *entry;
-  errno = 0;
-  while (status == POLYAK_OK && (entry = readdir(listing)) != NULL) {
+  /* errno before each readdir: only its own failure may be left there (a
+   * name's number out of range leaves ERANGE from strtoll) */
+  while (status == POLYAK_OK && (errno = 0, entry = readdir(listing)) != NULL) {
     polyak_shard_name name;
     if (polyak_shard_parse_name(entry->d_name, &name) != 0)
       continue;
@@ -232,7 +233,7 @@ int polyak_shard_remove_before(const char *dir, int64_t step)
     return 0;
   int removed = 0;
   struct dirent *entry;
-  while ((entry = readdir(listing)) != NULL) {
+  while ((errno = 0, entry = readdir(listing)) != NULL) {
     polyak_shard_name name;
     if (polyak_shard_parse_name(entry->d_name, &name) == 0 && name.step < step &&
         unlinkat(dirfd(listing), entry->d_name, 0) == 0)
