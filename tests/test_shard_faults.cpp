@@ -264,6 +264,16 @@ TEST(ShardFaults, AFlippedByteInAHeaderIsRefusedNamingTheFile)
       flips++;
     }
   }
+  // damage that leaves no JSON is told as damage: the checksum is checked on the raw text first
+  std::string victim = rank_file(s.dir, 2, 4);
+  for (int64_t at : {8, 9}) { // the header's "{", the quote of its first key
+    flip(victim, at, 0x40);
+    ASSERT_EQ(polyak_load_shards(h, s.dir.path.c_str()), POLYAK_ERR_FORMAT);
+    EXPECT_TRUE(
+        contains(polyak_last_error(h), victim + ": the header does not match its checksum: the file is corrupt"))
+        << polyak_last_error(h);
+    flip(victim, at, 0x40);
+  }
   EXPECT_TRUE(rank_state(h) == before);
   ASSERT_EQ(polyak_load_shards(h, s.dir.path.c_str()), POLYAK_OK) << "the files restored load";
   std::printf("%d header bits flipped, each refused\n", flips);

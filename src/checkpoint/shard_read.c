@@ -60,8 +60,37 @@ static polyak_status open_regular(polyak_t *p, polyak_shard_file *f, int64_t *fi
 }
 
 /* The header checksum: the XXH3-64 of the length prefix and the header,
- * its own 16 digits (where metadata "checksum" puts them, the first
- * "checksum":"xxh3-64: of the text) read as zeros. */
+ * its own 16 digits (at `digits`, the first "checksum":"xxh3-64: of the
+ * text) read as zeros. */
+static uint64_t header_hash(const uint8_t length[8], const char *text, size_t num_bytes, const char *digits)
+{
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_64bits_reset(&state);
+  XXH3_64bits_update(&state, length, 8);
+  XXH3_64bits_update(&state, text, (size_t)(digits - text));
+  XXH3_64bits_update(&state, "0000000000000000", 16);
+  XXH3_64bits_update(&state, digits + 16, num_bytes - (size_t)(digits + 16 - text));
+  return XXH3_64bits_digest(&state);
+}
+
+/* On the raw text, before it is parsed: a header whose checksum field is
+ * there but does not match is damage, whatever a parse would say of it. */
+static polyak_status check_raw_checksum(polyak_t *p, polyak_shard_file *f, const uint8_t length[8], const char *text,
+                                        size_t num_bytes)
+{
+  const char *digits = polyak_ckpt_find_checksum(text, num_bytes);
+  if (!digits) /* no field: the parse and the keys say what the file is */
+    return POLYAK_OK;
+  char hex[17];
+  memcpy(hex, digits, 16);
+  hex[16] = '\0';
+  if (strspn(hex, "0123456789abcdef") != 16 || header_hash(length, text, num_bytes, digits) != strtoull(hex, NULL, 16))
+    return FAIL(POLYAK_ERR_FORMAT, "the header does not match its checksum: the file is corrupt");
+  return POLYAK_OK;
+}
+
+/* The parsed metadata's "checksum" is the field checked on the raw text. */
 static polyak_status check_header_checksum(polyak_t *p, polyak_shard_file *f, const uint8_t length[8], const char *text,
                                            size_t num_bytes)
 {
@@ -71,15 +100,8 @@ static polyak_status check_header_checksum(polyak_t *p, polyak_shard_file *f, co
       strspn(recorded + 8, "0123456789abcdef") != 16 || !digits || memcmp(digits, recorded + 8, 16) != 0)
     return FAIL(POLYAK_ERR_FORMAT, "metadata \"checksum\" is not xxh3-64:<16 lowercase hex digits>, first in the "
                                    "header");
-  XXH3_state_t state;
-  XXH3_INITSTATE(&state);
-  XXH3_64bits_reset(&state);
-  XXH3_64bits_update(&state, length, 8);
-  XXH3_64bits_update(&state, text, (size_t)(digits - text));
-  XXH3_64bits_update(&state, "0000000000000000", 16);
-  XXH3_64bits_update(&state, digits + 16, num_bytes - (size_t)(digits + 16 - text));
   f->header_checksum = strtoull(recorded + 8, NULL, 16);
-  if (XXH3_64bits_digest(&state) != f->header_checksum)
+  if (header_hash(length, text, num_bytes, digits) != f->header_checksum)
     return FAIL(POLYAK_ERR_FORMAT, "the header does not match its checksum: the file is corrupt");
   return POLYAK_OK;
 }
@@ -280,6 +302,8 @@ polyak_status polyak_shard_open(polyak_t *p, const char *path, const polyak_shar
   if (!text)
     return FAIL(POLYAK_ERR_NO_MEMORY, "out of host memory for its %llu-byte header", (unsigned long long)header_bytes);
   polyak_status status = read_all(p, f, text, (int64_t)header_bytes, 8);
+  if (status == POLYAK_OK)
+    status = check_raw_checksum(p, f, length, text, header_bytes);
   json_error_t error;
   if (status == POLYAK_OK && !(f->root = json_loadb(text, header_bytes, JSON_REJECT_DUPLICATES, &error)))
     status = FAIL(POLYAK_ERR_FORMAT, "the header is not JSON: %s (line %d, column %d)", error.text, error.line,
