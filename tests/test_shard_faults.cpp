@@ -390,6 +390,27 @@ TEST(ShardFaults, AStrayNameWithAStepPastInt64sRangeIsPassedOver)
   expect_same_as(m.whole.get(), {resumed.get()}, "step 2 beside the stray name");
 }
 
+// The data a save streams out must be what its header says, to the byte:
+// a handle whose pieces disagree with its boundaries (a bug, forced here)
+// writes no file, instead of one a load finds truncated.
+TEST(ShardFaults, ASaveWhoseDataIsNotWhatItsHeaderSaysWritesNothing)
+{
+  ShardModel m(2, POLYAK_F32);
+  m.step(1);
+  TempDir dir;
+  polyak_t *h = m.ranks[1].get();
+  int big = 4; // layer4: 130001 elements, on both ranks
+  ASSERT_GT(h->descs[big].local_num_elems, 8);
+  for (int64_t delta : {-3, 3}) {
+    h->descs[big].local_num_elems += delta;
+    EXPECT_EQ(polyak_save_shards(h, dir.path.c_str()), POLYAK_ERR_STATE) << delta;
+    EXPECT_TRUE(contains(polyak_last_error(h), "the header says")) << polyak_last_error(h);
+    h->descs[big].local_num_elems -= delta;
+    EXPECT_TRUE(dir.entries().empty()) << "nothing written";
+  }
+  m.save_all(dir.path);
+}
+
 TEST(ShardFaults, ASaveIntoADirectoryWithANewerCompleteSetIsRefused)
 {
   Saved other(0, 71); // another run, complete at step 5

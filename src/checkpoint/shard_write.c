@@ -122,19 +122,25 @@ typedef struct {
   const char *function;
   char *buffer; /* host_buffer memory of block_bytes */
   int64_t block_bytes, fill, data_start, block;
-  char *checksums; /* 16 hex digits per block, after "xxh3-64:" */
+  char *checksums;                         /* 16 hex digits per block, after "xxh3-64:" */
+  int64_t num_blocks, data_bytes, written; /* what the header says; what went out */
 } block_writer;
 
 static polyak_status flush_block(block_writer *w)
 {
   if (w->fill == 0)
     return POLYAK_OK;
+  if (w->block >= w->num_blocks) /* the checksums' room is the header's blocks */
+    return polyak_ckpt_fail(w->p, POLYAK_ERR_STATE, w->function,
+                            "the data runs past the %lld bytes the header says (a bug: the file is not written)",
+                            (long long)w->data_bytes);
   char hex[17];
   snprintf(hex, sizeof hex, "%016llx", (unsigned long long)XXH3_64bits(w->buffer, (size_t)w->fill));
   memcpy(w->checksums + 16 * w->block, hex, 16);
   if (polyak_safe_file_pwrite(w->file, w->buffer, (size_t)w->fill, w->data_start + w->block * w->block_bytes) != 0)
     return polyak_ckpt_fail(w->p, POLYAK_ERR_IO, w->function, "%s", w->file->error);
   w->block++;
+  w->written += w->fill;
   w->fill = 0;
   return POLYAK_OK;
 }
@@ -167,7 +173,12 @@ static polyak_status write_data(block_writer *w)
   for (int i = 0; i < p->num_tensors && p->cfg.rank == 0; i++)
     if (p->tensors[i].copy_only)
       POLYAK_TRY(put(w, (const char *)p->copies + p->tensors[i].mirror_offset_bytes, polyak_ckpt_entry_bytes(p, i)));
-  return flush_block(w);
+  POLYAK_TRY(flush_block(w));
+  if (w->written != w->data_bytes)
+    return polyak_ckpt_fail(p, POLYAK_ERR_STATE, w->function,
+                            "%lld data bytes went out, the header says %lld (a bug: the file is not written)",
+                            (long long)w->written, (long long)w->data_bytes);
+  return POLYAK_OK;
 }
 
 /* ---- the save id ------------------------------------------------------------- */
@@ -326,7 +337,9 @@ static polyak_status write_file(polyak_t *p, const char *dir, polyak_ckpt_state 
   if (status == POLYAK_OK &&
       (polyak_safe_file_pwrite(file, length, 8, 0) != 0 || polyak_safe_file_pwrite(file, header, header_bytes, 8) != 0))
     status = polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "%s", file->error);
-  block_writer w = {p, file, function, buffer, block_bytes, 0, 8 + (int64_t)header_bytes, 0, checksums + 8};
+  block_writer w = {
+      p,          file,       function, buffer, block_bytes, 0, 8 + (int64_t)header_bytes, 0, checksums + 8,
+      num_blocks, data_bytes, 0};
   if (status == POLYAK_OK)
     status = write_data(&w);
   char *final = NULL;
