@@ -540,8 +540,11 @@ POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int te
  * time; with nccl_comm it is a collective that ends in one verdict. Waits
  * for the device. Returns POLYAK_ERR_IO (dir unusable, a write failed),
  * POLYAK_ERR_STATE (as polyak_save; or dir holds a complete set of a later
- * step: another run's), POLYAK_ERR_UNSUPPORTED (shadows in the caller's
- * memory). */
+ * step, or of this step from another save: another run's, another
+ * handle's; one directory per independent handle), POLYAK_ERR_MISMATCH
+ * (with nccl_comm: a rank's save id differs, its params are not the
+ * others'; without one such files never form a set, and only a later load
+ * tells), POLYAK_ERR_UNSUPPORTED (shadows in the caller's memory). */
 POLYAK_API polyak_status polyak_save_shards(polyak_t *p, const char *dir);
 
 /* Loads the newest complete set in `dir`, written at any world size, into
@@ -551,8 +554,12 @@ POLYAK_API polyak_status polyak_save_shards(polyak_t *p, const char *dir);
  * opens every file's header). Returns POLYAK_ERR_IO (no complete set: the
  * file missing is named), POLYAK_ERR_FORMAT (a file damaged, truncated or
  * from another save), POLYAK_ERR_MISMATCH (another model or settings), each
- * naming the file; the handle is then as it was. Should a file change
- * between the checking and the copying pass, the shadows are partly
+ * naming the file, POLYAK_ERR_STATE (two complete sets of the newest step
+ * from different saves, both named; with nccl_comm, ranks that chose
+ * different sets); the handle is then as it was. A newer incomplete set (a
+ * save under way or killed) is passed over for the newest complete one,
+ * silently: polyak_get_step says which step was loaded. Should a file
+ * change between the checking and the copying pass, the shadows are partly
  * written and every call but a load returns POLYAK_ERR_STATE until a load
  * succeeds. */
 POLYAK_API polyak_status polyak_load_shards(polyak_t *p, const char *dir);
