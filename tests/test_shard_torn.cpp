@@ -5,7 +5,8 @@
 // as if the file had been rewritten between the two reads. The shadows are
 // then partly written: the handle must refuse everything but a load, and a
 // load must mend it. Armed with an action instead, the read runs it first
-// (a save removing the set, say).
+// (a save removing the set, say). Flaky, reads are interrupted (EINTR) and
+// cut short, as signals and network file systems make them.
 #include "checkpoint_util.h"
 #include "shard_util.h"
 
@@ -22,12 +23,31 @@ struct Arm {
   std::function<void()> action; // empty: flip the last byte read
 } arm;
 
+// Interrupted and short reads: on, every third pread fails with EINTR and
+// every third returns about half of what it was asked for.
+struct Flaky {
+  bool on = false;
+  int calls = 0, interrupted = 0, shortened = 0;
+} flaky;
+
 } // namespace
 
 extern "C" ssize_t __real_pread(int fd, void *buf, size_t count, off_t offset);
 
 extern "C" ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset)
 {
+  if (flaky.on) {
+    int n = ++flaky.calls;
+    if (n % 3 == 1) {
+      flaky.interrupted++;
+      errno = EINTR;
+      return -1;
+    }
+    if (n % 3 == 2 && count > 1) {
+      flaky.shortened++;
+      count = count / 2 + 1;
+    }
+  }
   ssize_t got = __real_pread(fd, buf, count, offset);
   if (got <= 0 || arm.file_part.empty() || offset != arm.offset)
     return got;
@@ -46,6 +66,15 @@ extern "C" ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset)
 }
 
 namespace {
+
+// Steps 2 and 3 of a W = 4 model whose files have many 4 KiB blocks.
+void run_with_small_blocks(ShardModel &m)
+{
+  for (auto &rank : m.ranks)
+    rank->shard_block_bytes = 4096;
+  for (int64_t s : {2, 3})
+    m.step(s);
+}
 
 // Every call that needs a whole state refuses a torn handle; loads do not.
 void expect_torn(polyak_t *h, const std::string &victim)
@@ -123,10 +152,7 @@ TEST(ShardTorn, AFileChangedBetweenThePassesLeavesAHandleThatRefusesAllButALoad)
 TEST(ShardTorn, ASetRemovedWhileALoadOrAConsolidationReadsItIsReadWhole)
 {
   ShardModel m(4, POLYAK_F32);
-  for (auto &rank : m.ranks)
-    rank->shard_block_bytes = 4096;
-  for (int64_t s : {2, 3})
-    m.step(s);
+  run_with_small_blocks(m);
   TempDir dir, out, copy;
   m.save_all(dir.path);
   auto remove_all = [&] {
@@ -170,4 +196,34 @@ TEST(ShardTorn, ASetRemovedWhileALoadOrAConsolidationReadsItIsReadWhole)
   Handle h = m.make(1, 0);
   ASSERT_EQ(polyak_load(h.get(), out.file("whole.safetensors").c_str()), POLYAK_OK) << polyak_last_error(h.get());
   expect_same_as(m.whole.get(), {h.get()}, "a consolidation whose set was removed under it");
+}
+
+// Reads interrupted by signals and reads that return less than asked are
+// retried: a load at another world size and a consolidation get every bit.
+TEST(ShardTorn, InterruptedAndShortReadsAreRetried)
+{
+  ShardModel m(4, POLYAK_F32);
+  run_with_small_blocks(m);
+  TempDir dir, out;
+  m.save_all(dir.path);
+  m.step(1, {}); // params without step 5's NaN
+  std::vector<Handle> handles;
+  for (int r = 0; r < 3; r++)
+    handles.push_back(m.make(3, r));
+  flaky = {true, 0, 0, 0};
+  for (auto &h : handles)
+    EXPECT_EQ(polyak_load_shards(h.get(), dir.path.c_str()), POLYAK_OK) << polyak_last_error(h.get());
+  char msg[1024] = "";
+  EXPECT_EQ(polyak_shards_consolidate(dir.path.c_str(), out.file("whole.safetensors").c_str(), -1, POLYAK_F32, msg,
+                                      sizeof msg),
+            POLYAK_OK)
+      << msg;
+  Flaky seen = flaky;
+  flaky = {};
+  EXPECT_GT(seen.interrupted, 100);
+  EXPECT_GT(seen.shortened, 100);
+  expect_same_as(m.whole.get(), pointers(handles), "loads through interrupted and short reads");
+  Handle h = m.make(1, 0);
+  ASSERT_EQ(polyak_load(h.get(), out.file("whole.safetensors").c_str()), POLYAK_OK) << polyak_last_error(h.get());
+  expect_same_as(m.whole.get(), {h.get()}, "a consolidation through interrupted and short reads");
 }
