@@ -243,6 +243,8 @@ polyak_status polyak_load_shards(polyak_t *p, const char *dir)
     l.max_kept = p->shard_max_kept > 0 ? p->shard_max_kept : POLYAK_SHARD_MAX_KEPT;
     l.max_kept = l.max_kept < l.set.world_size ? l.max_kept : l.set.world_size;
     l.kept = calloc((size_t)l.max_kept, sizeof *l.kept);
+    for (int n = 0; l.kept && n < l.max_kept; n++)
+      l.kept[n].fd = -1; /* closing a slot never opened closes nothing */
     l.buffer = p->ops->host_buffer(p, (size_t)l.first.block_bytes);
     if (!l.checksums || !l.kept || !l.buffer)
       status = polyak_ckpt_fail(p, POLYAK_ERR_NO_MEMORY, function, "out of host memory");
