@@ -539,6 +539,40 @@ POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int 
 POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
                                                  void *stream);
 
+/* Checkpoint shards (docs/scale.md): each rank writes only its own slice,
+ * with no gather, to its own file in directory `dir`,
+ * polyak-step<step>-<save id>-rank<r>-of<W>.safetensors, crash-safely; the
+ * W files of one save form a set, told apart from other saves' by the save
+ * id, which every rank computes alike with no exchange. A rank's extra
+ * memory is one host buffer of 4 MiB and the header. Then it removes the
+ * sets older than the newest complete one. Any rank may call it at any
+ * time; with nccl_comm it is a collective that ends in one verdict. Waits
+ * for the device. Returns POLYAK_ERR_IO (dir unusable, a write failed),
+ * POLYAK_ERR_STATE (as polyak_save; or dir holds a complete set of a later
+ * step, or of this step from another save: another run's, another
+ * handle's; one directory per independent handle), POLYAK_ERR_MISMATCH
+ * (with nccl_comm: a rank's save id differs, its params are not the
+ * others'; without one such files never form a set, and only a later load
+ * tells), POLYAK_ERR_UNSUPPORTED (shadows in the caller's memory). */
+POLYAK_API polyak_status polyak_save_shards(polyak_t *p, const char *dir);
+
+/* Loads the newest complete set in `dir`, written at any world size, into
+ * this rank's slice (any world size, 1 included): it reads, with pread,
+ * only the blocks of the files that hold its slice, and verifies every
+ * block it reads and every header it opens before anything changes (rank 0
+ * opens every file's header). Returns POLYAK_ERR_IO (no complete set: the
+ * file missing is named), POLYAK_ERR_FORMAT (a file damaged, truncated or
+ * from another save), POLYAK_ERR_MISMATCH (another model or settings), each
+ * naming the file, POLYAK_ERR_STATE (two complete sets of the newest step
+ * from different saves, both named; with nccl_comm, ranks that chose
+ * different sets); the handle is then as it was. A newer incomplete set (a
+ * save under way or killed) is passed over for the newest complete one,
+ * silently: polyak_get_step says which step was loaded. Should a file
+ * change between the checking and the copying pass, the shadows are partly
+ * written and every call but a load returns POLYAK_ERR_STATE until a load
+ * succeeds. */
+POLYAK_API polyak_status polyak_load_shards(polyak_t *p, const char *dir);
+
 #ifdef __cplusplus
 }
 #endif

@@ -157,6 +157,8 @@ FUNCTIONS = {
     "polyak_local_range": (_status, [("p", _vp), ("tensor", _int), ("first_elem", _P(_i64)), ("num_elems", _P(_i64))]),
     "polyak_get_local_shadow_n": (_status, [("p", _vp), ("shadow", _int), ("tensor", _int), ("dst", _vp),
                                             ("dst_dtype", _int), ("dst_num_bytes", _size), ("stream", _vp)]),
+    "polyak_save_shards": (_status, [("p", _vp), ("dir", _str)]),
+    "polyak_load_shards": (_status, [("p", _vp), ("dir", _str)]),
 }
 
 # The header's functions deliberately not bound, and why (test_binding.py fails on any other)
