@@ -98,13 +98,12 @@ class _State:
         every shadow, the copied buffers, the step state) as a uint8 CPU tensor}. load_state_dict
         restores it, and continuing gives the bits an uninterrupted run gives. Sharded EMAs gather
         (collective) and give the checkpoint of the whole model, which unsharded EMAs load too.
-        With DTensor params (FSDP2) the shadows stay tensors so that torch.distributed.checkpoint
-        can reshard them: {"metadata": the checkpoint's metadata (strings), "shadows": [one
-        {name: DTensor} per shadow, the shadows' exact bits in the shadow dtype], "copies":
-        {name: tensor} of the copied buffers}."""
+        With DTensor params (FSDP2) it is dcp_state_dict(): DTensors with the params' placements
+        over the library's memory, which torch.distributed.checkpoint saves and loads in place
+        and reshards (ema.dcp gives that form for every EMA)."""
         self._check_open()
         if self._dtensor_params():
-            return self._parts()
+            return self.dcp_state_dict()
         return {"checkpoint": self._logical(self._memory_checkpoint())}
 
     def _memory_checkpoint(self, rank0_only=False):
@@ -252,6 +251,11 @@ class _State:
         state's tensors that this EMA lacks are left out; the step state is the state's.
         Returns (missing_keys, unexpected_keys): the tensor names so treated."""
         self._check_live()
+        if isinstance(state, dict) and "step_state" in state:  # dcp_state_dict()'s form
+            if not strict:
+                raise UnsupportedError("load_state_dict(strict=False) of a dcp_state_dict() state")
+            self._load_dcp_state(state)
+            return IncompatibleKeys([], [])
         if not isinstance(state, dict) or "checkpoint" not in state and not {"metadata", "shadows"} <= set(state):
             raise FormatError("a polyak EMA state has 'checkpoint' (or 'metadata' and 'shadows')")
         if "checkpoint" in state:
