@@ -216,16 +216,17 @@ class _Views:
             else:
                 logical = offsets, sizes
             boxes.append((logical[0], logical[1], start - first, sizes))
-        local = flat.as_subclass(_Boxes)
-        local._polyak_boxes = boxes
-        local._polyak_perm = s.perm
         if self._mesh is None:
             import torch.distributed as dist
             group = self._group if self._group is not None else dist.group.WORLD
             self._mesh = DeviceMesh.from_group(group, self.device.type)
         shape = s.logical_shape
-        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=shape,
-                                  stride=torch.Size(_strides(tuple(shape))))
+        out = DTensor.from_local(flat.as_subclass(_Boxes), self._mesh, [Shard(0)], run_check=False, shape=shape,
+                                 stride=torch.Size(_strides(tuple(shape))))
+        local = out._local_tensor  # what DCP asks (from_local may hold a new alias of the piece)
+        local._polyak_boxes = boxes
+        local._polyak_perm = s.perm
+        return out
 
     def _settings(self):
         """What must agree for a state to continue here: every shadow's settings, the shadow
