@@ -159,7 +159,8 @@ def worker(rank, world_size, directory):
                 if kind == "fsdp2":  # FSDP2's state_dict() is this form, DTensors over the shadows
                     w = state["shadows"][0]["layers.0.weight"]
                     assert w.placements == model.layers[0].weight.placements
-                    assert w.to_local().data_ptr() == ema.handle.shadow_data(0, ema.handle.find_tensor("layers.0.weight"))[0]
+                    index = ema.handle.find_tensor("layers.0.weight")
+                    assert w.to_local().data_ptr() == ema.handle.shadow_data(0, index)[0]
                     assert set(ema.state_dict()) == set(state)
                 del state
                 save_and_check(ema, directory, f"{kind}-2", memory)
@@ -207,7 +208,8 @@ def single_process(directory, memory):
     run(model, ema, 1, SAVED)
     reference[SAVED] = averages(ema)
     views = ema.shadow_views(1)
-    assert views["layers.0.weight"].data_ptr() == ema.handle.shadow_data(1, ema.handle.find_tensor("layers.0.weight"))[0]
+    index = ema.handle.find_tensor("layers.0.weight")
+    assert views["layers.0.weight"].data_ptr() == ema.handle.shadow_data(1, index)[0]
     assert torch.equal(views["odd"], reference[SAVED][1]["odd"])
     save_and_check(ema, directory, "whole-1", memory)
     # async_save stages (copies) the state before it returns: an update at once does not reach
