@@ -275,3 +275,61 @@ def test_dcp_views_reshard_across_world_sizes_in_place(tmp_path):
     print("\npeak memory growth per rank (MiB):")
     for name, what, growth in memory:
         print(f"  {what:4} {name:28} {growth / 2 ** 20:6.2f}")
+
+
+# ---- one process, no process group ------------------------------------------------------------
+
+def test_boxes_tile_a_flat_range_of_any_shape_contiguously():
+    """Each box is a contiguous run of the flat range, and together they cover it once, in order."""
+    from polyak.torch.dcp import _boxes
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(), (7,), (7, 3), (4, 5, 6), (2, 1, 3, 5), (3, 0, 2)]:
+        total = 1
+        for d in shape:
+            total *= d
+        index = torch.arange(total).reshape(shape)
+        for _ in range(20):
+            first = int(torch.randint(0, total + 1, (1,), generator=gen))
+            count = int(torch.randint(0, total - first + 1, (1,), generator=gen))
+            covered = []
+            for offsets, sizes, start in _boxes(shape, first, count):
+                box = index[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))].reshape(-1)
+                assert box.tolist() == list(range(start, start + box.numel())), (shape, first, count)
+                covered += box.tolist()
+            assert covered == list(range(first, first + count)), (shape, first, count)
+
+
+def test_views_and_their_refusals():
+    model = plain_model()
+    with pytest.raises(polyak.UnsupportedError, match="zero_init"):
+        EMA(model, decay=0.9, zero_init=True).shadow_views()
+    ema = EMA(model, schedules=SCHEDULES)
+    with pytest.raises(polyak.InvalidArgError):
+        ema.shadow_views(2)
+    run(model, ema, 1, 2)
+    views = ema.shadow_views(0)
+    assert views["norm.num_batches_tracked"].dtype == torch.int64 and int(views["norm.num_batches_tracked"]) == 2
+    assert torch.equal(views["odd"], ema.model_state_dict()["odd"])
+    # a state of another EMA (not views of this one) is checked, then copied
+    other = EMA(plain_model(), schedules=SCHEDULES)
+    state = ema.dcp_state_dict()
+    state["settings"] = state["settings"].replace('"seed":0', '"seed":1')
+    with pytest.raises(polyak.MismatchError, match="settings"):
+        other.load_state_dict(state)
+    state = ema.dcp_state_dict()
+    state["shadows"][1]["odd"] = state["shadows"][1]["odd"][:3]
+    with pytest.raises(polyak.MismatchError, match="odd"):
+        other.load_state_dict(state)
+    assert other.step == 0
+    other.update(1)  # nothing was opened: updates go on
+    other.load_state_dict(ema.dcp_state_dict())
+    assert other.step == 2 and torch.equal(other.shadow_views(1)["odd"], ema.shadow_views(1)["odd"])
+    # the library checks the step state
+    state = ema.dcp_state_dict()
+    state["step_state"][0] = -5
+    with pytest.raises(polyak.InvalidArgError, match="step"):
+        other.load_state_dict(state)
+    with pytest.raises(polyak.StateError, match="written"):  # its shadows were written: refused until a load
+        other.update(3)
+    other.load_state_dict(ema.dcp_state_dict())
+    other.update(3)
