@@ -556,6 +556,7 @@ POLYAK_API polyak_status polyak_shadow_data(polyak_t *p, int shadow, int tensor,
 typedef struct {
   size_t struct_size;                        /* sizeof(polyak_step_state), set by the caller */
   int num_shadows;                           /* the handle's */
+  int shadows_open;                          /* get: 1 inside polyak_begin_shadow_write; set: ignored */
   int64_t step;                              /* the last updated step, 0 before any */
   int64_t nonfinite_count;                   /* this rank's count (polyak_nonfinite_count) */
   double beta_products[POLYAK_MAX_SHADOWS];  /* polyak_get_beta_product of each shadow */

@@ -57,7 +57,10 @@ polyak_status polyak_get_step_state(polyak_t *p, polyak_step_state *state)
   POLYAK_TRY(polyak_require_finalized(p, "polyak_get_step_state"));
   if (!state)
     return polyak_fail(p, POLYAK_ERR_INVALID_ARG, "polyak_get_step_state: state is NULL");
-  polyak_step_state out = {.struct_size = sizeof out, .num_shadows = p->cfg.num_shadows, .step = p->last_step};
+  polyak_step_state out = {.struct_size = sizeof out,
+                           .num_shadows = p->cfg.num_shadows,
+                           .shadows_open = p->shadows_open,
+                           .step = p->last_step};
   POLYAK_TRY(polyak_refresh_products(p)); /* grad-norm shadows' products, from the device */
   POLYAK_TRY(p->ops->nonfinite_count(p, &out.nonfinite_count));
   for (int k = 0; k < p->cfg.num_shadows; k++) {

@@ -143,7 +143,11 @@ TEST(ShadowViews, AnUnfinishedWriteRefusesUpdatesAndSavesUntilAStepStateOrALoad)
   std::vector<char> checkpoint(1 << 16);
   size_t size = 0;
   ASSERT_EQ(polyak_save_to_memory(r.get(), checkpoint.data(), checkpoint.size(), &size), POLYAK_OK);
+  EXPECT_EQ(state.shadows_open, 0);
   ASSERT_EQ(polyak_begin_shadow_write(r.get()), POLYAK_OK);
+  polyak_step_state open;
+  ASSERT_EQ(polyak_get_step_state(r.get(), &open), POLYAK_OK);
+  EXPECT_EQ(open.shadows_open, 1);
   EXPECT_EQ(polyak_update(r.get(), 3, nullptr), POLYAK_ERR_STATE);
   EXPECT_TRUE(contains(polyak_last_error(r.get()), "polyak_set_step_state"));
   EXPECT_EQ(polyak_hard_update(r.get(), 0, nullptr), POLYAK_ERR_STATE);
@@ -170,7 +174,9 @@ TEST(ShadowViews, AnUnfinishedWriteRefusesUpdatesAndSavesUntilAStepStateOrALoad)
   EXPECT_EQ(polyak_set_step_state(r.get(), &bad), POLYAK_ERR_INVALID_ARG);
   EXPECT_EQ(polyak_update(r.get(), 3, nullptr), POLYAK_ERR_STATE) << "still open after the refusals";
 
-  ASSERT_EQ(polyak_set_step_state(r.get(), &state), POLYAK_OK);
+  ASSERT_EQ(polyak_set_step_state(r.get(), &open), POLYAK_OK) << "shadows_open is read, not written";
+  ASSERT_EQ(polyak_get_step_state(r.get(), &open), POLYAK_OK);
+  EXPECT_EQ(open.shadows_open, 0);
   EXPECT_EQ(polyak_update(r.get(), 3, nullptr), POLYAK_OK);
   ASSERT_EQ(polyak_begin_shadow_write(r.get()), POLYAK_OK);
   ASSERT_EQ(polyak_load_from_memory(r.get(), checkpoint.data(), size), POLYAK_OK);

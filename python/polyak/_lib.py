@@ -75,7 +75,8 @@ class TensorInfo(ctypes.Structure):
 
 class StepState(ctypes.Structure):
     """polyak_step_state: what a checkpoint carries besides the shadows."""
-    _fields_ = [("struct_size", ctypes.c_size_t), ("num_shadows", ctypes.c_int), ("step", ctypes.c_int64),
+    _fields_ = [("struct_size", ctypes.c_size_t), ("num_shadows", ctypes.c_int), ("shadows_open", ctypes.c_int),
+                ("step", ctypes.c_int64),
                 ("nonfinite_count", ctypes.c_int64), ("beta_products", ctypes.c_double * MAX_SHADOWS),
                 ("update_counts", ctypes.c_int64 * MAX_SHADOWS)]
 

@@ -249,12 +249,14 @@ class Handle:
 
     def step_state(self) -> dict:
         """The step state (polyak_get_step_state): {"step", "nonfinite_count", "beta_products",
-        "update_counts"}, the last two one value per shadow. Waits for the device."""
+        "update_counts"}, the last two one value per shadow, and "shadows_open" (inside
+        begin_shadow_write). Waits for the device."""
         state = _lib.StepState()
         self._call("polyak_get_step_state", ctypes.byref(state))
         k = state.num_shadows
         return {"step": state.step, "nonfinite_count": state.nonfinite_count,
-                "beta_products": list(state.beta_products[:k]), "update_counts": list(state.update_counts[:k])}
+                "beta_products": list(state.beta_products[:k]), "update_counts": list(state.update_counts[:k]),
+                "shadows_open": bool(state.shadows_open)}
 
     def begin_shadow_write(self):
         """Before writing shadows in place: updates, hard updates, graph reservations and saves
@@ -267,7 +269,7 @@ class Handle:
         polyak.InvalidArgError naming it and changes nothing), and ends begin_shadow_write."""
         if len(beta_products) != self.num_shadows or len(update_counts) != self.num_shadows:
             raise InvalidArgError(f"beta_products and update_counts: one value per shadow ({self.num_shadows})")
-        state = _lib.StepState(ctypes.sizeof(_lib.StepState), self.num_shadows, _c_int64(step, "step"),
+        state = _lib.StepState(ctypes.sizeof(_lib.StepState), self.num_shadows, 0, _c_int64(step, "step"),
                                _c_int64(nonfinite_count, "nonfinite_count"))
         for k in range(self.num_shadows):
             state.beta_products[k] = _c_double(beta_products[k], f"beta_products[{k}]")

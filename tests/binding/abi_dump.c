@@ -105,6 +105,7 @@ int main(void)
   STRUCT(polyak_step_state);
   FIELD(polyak_step_state, struct_size);
   FIELD(polyak_step_state, num_shadows);
+  FIELD(polyak_step_state, shadows_open);
   FIELD(polyak_step_state, step);
   FIELD(polyak_step_state, nonfinite_count);
   FIELD(polyak_step_state, beta_products);

@@ -11,7 +11,7 @@ from collections import namedtuple
 import torch
 
 import polyak
-from polyak import FormatError, MismatchError, UnsupportedError, _lib
+from polyak import FormatError, MismatchError, StateError, UnsupportedError, _lib
 from polyak.errors import _check
 
 from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local
@@ -190,6 +190,9 @@ class _State:
         with rank0_only."""
         import torch.distributed as dist
         h = self._handle
+        if h.step_state()["shadows_open"]:  # what the library's own saves refuse, refused here too
+            raise StateError("the shadows are being written in place (a load that has not finished, or failed "
+                             "half-way); load a checkpoint first")
         count = torch.tensor([h.nonfinite_count()], dtype=torch.int64)
         dist.all_reduce(count, group=self._group)  # files hold the ranks' sum
         shadows = [[t.cpu() for t in self._gathered(k)] for k in range(h.num_shadows)]
