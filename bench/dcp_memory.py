@@ -40,13 +40,13 @@ def kib(key):
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def growth(fn):
+def growth(fn, *args):
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = kib("VmRSS")
     try:
-        fn()
+        fn(*args)
         failed = ""
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         failed = type(e).__name__
@@ -93,9 +93,9 @@ def worker(rank, world_size, directory):
         ema.update(1)
         path = os.path.join(directory, f"{kind}-2")
         if world_size == 2:
-            report(f"{kind}: save", world_size, rank, ema, growth(lambda: save(ema, path)))
+            report(f"{kind}: save", world_size, rank, ema, growth(save, ema, path))
         else:
-            report(f"{kind}: load (2 -> {world_size})", world_size, rank, ema, growth(lambda: load(ema, path)))
+            report(f"{kind}: load (2 -> {world_size})", world_size, rank, ema, growth(load, ema, path))
         dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -112,7 +112,7 @@ def main():
     dcp.load({"x": torch.zeros(4)}, checkpoint_id=warm)
     for kind in ("fsdp2", "ddp"):
         _, ema = make(kind)
-        report(f"{kind}: load (2 -> 1)", 1, 0, ema, growth(lambda: load(ema, os.path.join(directory, f"{kind}-2"))))
+        report(f"{kind}: load (2 -> 1)", 1, 0, ema, growth(load, ema, os.path.join(directory, f"{kind}-2")))
 
 
 if __name__ == "__main__":
