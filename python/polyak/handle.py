@@ -188,7 +188,7 @@ class Handle:
 
     def _release_view(self):
         self._views -= 1
-        if self._views == 0 and self._held is not None:
+        if self._views == 0 and self._held is not None and _c is not None:  # None: interpreter teardown
             ptr, self._held = self._held, None
             _c.polyak_destroy(ptr)
 

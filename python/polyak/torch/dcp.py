@@ -345,6 +345,9 @@ class _Views:
         local = _local(value)
         if num_elems == 0 or local.data_ptr() == address and local.dtype == dtype:
             return []
+        if isinstance(local, _Boxes):
+            raise UnsupportedError(f"the state's {s.name!r} is another sharded EMA's slice: load its checkpoint "
+                                   "with dcp.load instead")
         if value.dtype != dtype:
             raise MismatchError(f"the state's {s.name!r} (shadow {shadow}) is {value.dtype}; this EMA keeps {dtype}")
         if self._sharded():
