@@ -63,8 +63,48 @@ def set_step(model, step):
                 p.to_local().copy_(whole[offset[0]:offset[0] + shape[0]])
             else:
                 p.copy_(whole)
-        model.norm.running_mean.copy_(value("mean", (7,), step))
-        model.norm.num_batches_tracked.fill_(step)
+        if hasattr(model, "norm"):
+            model.norm.running_mean.copy_(value("mean", (7,), step))
+            model.norm.num_batches_tracked.fill_(step)
+
+
+class ConvNet(torch.nn.Module):
+    """A channels_last convolution: shard=True slices its memory order, whose boxes DCP sees
+    permuted back to the logical (row-major) tensor."""
+
+    def __init__(self, channels_last):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 13, 3)
+        if channels_last:
+            self.conv.to(memory_format=torch.channels_last)
+
+
+def conv_model(channels_last):
+    model = ConvNet(channels_last)
+    set_step(model, 0)
+    return model
+
+
+def conv_checks(directory, world_size):
+    """shard=True over a channels_last convolution: saved at 2, loaded at 3 (and at 1, by the
+    test) into channels_last and contiguous ones, the averages as saved."""
+    path, averages_path = os.path.join(directory, "conv-2"), os.path.join(directory, "conv-2.pt")
+    if world_size == 2:
+        model = conv_model(channels_last=True)
+        assert not model.conv.weight.is_contiguous()
+        ema = EMA(model, decay=0.8, shard=True)
+        run(model, ema, 1, 2)
+        dcp.save({"ema": ema.dcp}, checkpoint_id=path)
+        saved = {n: t.clone() for n, t in ema.model_state_dict().items()}
+        if dist.get_rank() == 0:
+            torch.save(saved, averages_path)
+    else:
+        for channels_last in (True, False):
+            ema = EMA(conv_model(channels_last), decay=0.8, shard=True)
+            dcp.load({"ema": ema.dcp}, checkpoint_id=path)
+            saved = torch.load(averages_path)
+            for n, t in ema.model_state_dict().items():
+                assert torch.equal(t, saved[n]), (channels_last, n)
 
 
 def run(model, ema, first, last):
@@ -180,6 +220,7 @@ def worker(rank, world_size, directory):
                     run(model, ema, SAVED + 1, LAST)
                     check_averages(ema, reference[LAST], f"{saved} -> {kind} at 3, continued")
                     ema.close()
+        conv_checks(directory, world_size)
         torch.save(memory, os.path.join(directory, f"memory-{world_size}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -251,6 +292,11 @@ def test_dcp_views_reshard_across_world_sizes_in_place(tmp_path):
         check_averages(ema, reference[SAVED], f"{name} -> 1")
         run(model, ema, SAVED + 1, LAST)
         check_averages(ema, reference[LAST], f"{name} -> 1, continued")
+    conv = EMA(conv_model(channels_last=False), decay=0.8)  # shard=True's channels_last slices, 2 -> 1
+    dcp.load({"ema": conv.dcp}, checkpoint_id=os.path.join(directory, "conv-2"))
+    saved = torch.load(os.path.join(directory, "conv-2.pt"))
+    for n, t in conv.model_state_dict().items():
+        assert torch.equal(t, saved[n]), n
     # a load that fails half-way: one rank's file gone; the EMA refuses updates until a load succeeds
     broken = os.path.join(directory, "broken")
     shutil.copytree(os.path.join(directory, "fsdp2-2"), broken)
