@@ -16,7 +16,7 @@
  *
  * Part 1, the core, ends at line ~240; part 2 adds layer by layer: more
  * ways to register, checkpoints in files and memory, schedule arithmetic,
- * evaluation, modes beyond one EMA, CUDA graphs, sharding (docs/ has each).
+ * evaluation, other modes, CUDA graphs, sharding, shadows in place (docs/).
  * Conventions: `step` counts optimizer steps from 1; skipped steps are
  * compensated exactly. A call that fails returns a status, changes nothing
  * and sets polyak_last_error(). `stream` is a cudaStream_t (NULL: default);
