@@ -345,6 +345,20 @@ def test_boxes_tile_a_flat_range_of_any_shape_contiguously():
             assert covered == list(range(first, first + count)), (shape, first, count)
 
 
+def test_views_survive_loads(tmp_path):
+    """A load copies into the shadows: a view taken before shows the loaded values after."""
+    model = plain_model()
+    ema = EMA(model, schedules=SCHEDULES)
+    run(model, ema, 1, 2)
+    views = ema.shadow_views(1)
+    saved = views["odd"].clone()
+    ema.save(str(tmp_path / "ema.safetensors"))
+    run(model, ema, 3, 3)
+    assert not torch.equal(views["odd"], saved)
+    ema.load(str(tmp_path / "ema.safetensors"))
+    assert torch.equal(views["odd"], saved) and ema.step == 2
+
+
 def test_views_and_their_refusals():
     model = plain_model()
     with pytest.raises(polyak.UnsupportedError, match="zero_init"):
