@@ -70,6 +70,7 @@ struct polyak {
   int64_t copies_num_bytes;
   polyak_copy_chunk *copy_chunks; /* [num_copy_chunks], host */
   int64_t num_copy_chunks;
+  int shadows_open;  /* polyak_begin_shadow_write until polyak_set_step_state or a load */
   int stored;        /* polyak_store has kept a copy (until polyak_discard_store) */
   int store_pending; /* ... not yet ended by polyak_restore or polyak_discard_store */
   /* a polyak_load_shards failed after it began writing the shadows in
@@ -130,7 +131,8 @@ struct polyak_backend_ops {
    * its allocation) */
   polyak_status (*check_read_out)(polyak_t *p, const void *dst, size_t num_bytes, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
-  void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
+  polyak_status (*set_nonfinite_count)(polyak_t *p, int64_t count); /* done when it returns */
+  void (*release)(polyak_t *p);                                     /* frees p->backend; NULL-safe on it */
 
   /* graph mode: p->graph_* hold the reservation (weights computed by the
    * front end); each graph_update applies the next reserved step or, past
@@ -471,6 +473,10 @@ polyak_status polyak_check_update_sources(polyak_t *p, const char *function);
 /* POLYAK_ERR_STATE while a polyak_store is pending: for the calls that
  * fold the params into the shadows (evaluation.c). */
 polyak_status polyak_refuse_pending_store(polyak_t *p, const char *function);
+
+/* POLYAK_ERR_STATE while the shadows are open for writing through their
+ * addresses (polyak_begin_shadow_write, views.c): for updates and saves. */
+polyak_status polyak_refuse_open_shadows(polyak_t *p, const char *function);
 
 /* POLYAK_ERR_INVALID_ARG for a shadow index outside 0..num_shadows - 1. */
 polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function);

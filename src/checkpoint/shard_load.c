@@ -192,6 +192,7 @@ static polyak_status commit(load *l)
   if (status != POLYAK_OK)
     return status;
   p->last_step = state->step;
+  p->shadows_open = 0; /* a load replaces whatever a write through the addresses left */
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     p->beta_prod[k] = state->beta_prod[k];
     p->updates_counted[k] = state->updates_counted[k];

@@ -382,6 +382,8 @@ polyak_status polyak_save_shards(polyak_t *p, const char *dir)
   if (!may_agree) /* no state to agree with (a NULL handle, a capture under way) */
     return status;
   polyak_ckpt_state state = {.step = p->last_step};
+  if (status == POLYAK_OK) /* a half-written state stays unsaved */
+    status = polyak_refuse_open_shadows(p, function);
   if (status == POLYAK_OK)
     status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
   if (status == POLYAK_OK)

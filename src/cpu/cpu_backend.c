@@ -111,6 +111,12 @@ static polyak_status cpu_nonfinite_count(polyak_t *p, int64_t *count)
   return POLYAK_OK;
 }
 
+static polyak_status cpu_set_nonfinite_count(polyak_t *p, int64_t count)
+{
+  ((cpu_state *)p->backend)->nonfinite_count = count;
+  return POLYAK_OK;
+}
+
 /* ---- graph mode -------------------------------------------------------------------- */
 
 static polyak_status cpu_graph_reserve(polyak_t *p, void *stream)
@@ -353,6 +359,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .read_out = polyak_cpu_read_out,
     .check_read_out = polyak_cpu_check_read_out,
     .nonfinite_count = cpu_nonfinite_count,
+    .set_nonfinite_count = cpu_set_nonfinite_count,
     .release = cpu_release,
     .graph_reserve = cpu_graph_reserve,
     .graph_update = cpu_graph_update,

@@ -319,6 +319,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .read_out = polyak_cuda_read_out,
     .check_read_out = polyak_cuda_check_read_out,
     .nonfinite_count = polyak_cuda_nonfinite_count,
+    .set_nonfinite_count = polyak_cuda_set_nonfinite_count,
     .release = cuda_release,
     .graph_reserve = polyak_cuda_graph_reserve,
     .graph_update = polyak_cuda_graph_update,

@@ -148,6 +148,7 @@ polyak_status polyak_cuda_layer_betas_read(polyak_t *p, double *betas);
 polyak_status polyak_cuda_check_grad_norm(polyak_t *p, const float *grad_norm);
 
 polyak_status polyak_cuda_nonfinite_count(polyak_t *p, int64_t *count);
+polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t count);
 
 polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream);
 
