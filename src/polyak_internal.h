@@ -156,10 +156,6 @@ struct polyak_backend_ops {
    * when it returns */
   polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count, const void *copies);
   void (*staging_abort)(polyak_t *p);
-  /* shard loads, which write the arenas in place (copy_from_host) once
-   * every byte is verified: the non-finite count they restore; waits for
-   * the device first */
-  polyak_status (*set_nonfinite_count)(polyak_t *p, int64_t nonfinite_count);
 
   /* blends (coefficient[k] = weight * debias as float, 0: not read) of
    * tensor `tensor` into dst, or with tensor -1 into every param */

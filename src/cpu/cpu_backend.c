@@ -372,7 +372,6 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_write = polyak_cpu_staging_write,
     .staging_commit = polyak_cpu_staging_commit,
     .staging_abort = polyak_cpu_staging_abort,
-    .set_nonfinite_count = polyak_cpu_set_nonfinite_count,
     .copy_to_params = polyak_cpu_copy_to_params,
     .blend = polyak_cpu_blend,
     .hard_update = polyak_cpu_hard_update,

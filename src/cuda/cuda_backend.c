@@ -332,7 +332,6 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_write = polyak_cuda_staging_write,
     .staging_commit = polyak_cuda_staging_commit,
     .staging_abort = polyak_cuda_staging_abort,
-    .set_nonfinite_count = polyak_cuda_set_nonfinite_count,
     .copy_to_params = polyak_cuda_copy_to_params,
     .blend = polyak_cuda_blend,
     .hard_update = polyak_cuda_hard_update,

@@ -122,21 +122,6 @@ void polyak_cuda_staging_abort(polyak_t *p)
   free_staging(p, p->backend);
 }
 
-polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t nonfinite_count)
-{
-  cuda_state *state = p->backend;
-  unsigned long long count = (unsigned long long)nonfinite_count;
-  polyak_cuda_scope scope;
-  cudaError_t err = polyak_cuda_enter(p, &scope);
-  if (err == cudaSuccess)
-    err = cudaDeviceSynchronize(); /* no update may still count into it */
-  if (err == cudaSuccess)
-    err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
-  if (err == cudaSuccess) /* a pageable copy may land after it returns */
-    err = cudaDeviceSynchronize();
-  polyak_cuda_leave(&scope);
-  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_load_shards: the non-finite count");
-}
 
 /* ---- gathers ------------------------------------------------------------------ */
 

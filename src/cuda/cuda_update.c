@@ -260,7 +260,8 @@ polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t count)
   if (err == cudaSuccess) /* a pageable copy may land after it returns */
     err = cudaDeviceSynchronize();
   polyak_cuda_leave(&scope);
-  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_set_step_state");
+  return err == cudaSuccess ? POLYAK_OK
+                            : polyak_cuda_fail(p, err, "setting the non-finite count (a load, polyak_set_step_state)");
 }
 
 /* ---- graph mode ------------------------------------------------------------ */
