@@ -158,6 +158,7 @@ class Handle:
         if status:
             _check_config(cfg)  # says why, if it can
             _raise(status, f"polyak_create: {status_name(status)}")
+        self._pid = os.getpid()  # the process whose threads and device work the handle has
         self._ptr = ptr.value
         self.schedules = tuple(schedules)
         self.backend = backend
@@ -174,9 +175,13 @@ class Handle:
         return self._ptr
 
     def close(self):
-        """Frees the handle and its shadows (waits for its device work). Idempotent."""
+        """Frees the handle and its shadows (waits for its device work). Idempotent. In a process
+        forked from the one that made it (ddp_fork, a DataLoader worker), the handle is closed but
+        nothing is freed: the child has a copy of its memory, not its CPU worker threads or its
+        CUDA context, and polyak_destroy would wait on them forever; the child's copy is left to
+        the child's exit."""
         ptr, self._ptr = self._ptr, None
-        if ptr is not None:
+        if ptr is not None and getattr(self, "_pid", None) == os.getpid():
             _c.polyak_destroy(ptr)
 
     @property
