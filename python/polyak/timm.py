@@ -60,8 +60,8 @@ def _materialize(module, device):
             for name, t in table.items():
                 if t is None or not t.is_meta:
                     continue
-                if id(t) not in made:
-                    real = torch.empty(t.shape, dtype=t.dtype, device=device)
+                if id(t) not in made:  # the model's strides (channels_last stays channels_last)
+                    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                     made[id(t)] = torch.nn.Parameter(real, requires_grad=t.requires_grad) \
                         if isinstance(t, torch.nn.Parameter) else real
                 table[name] = made[id(t)]

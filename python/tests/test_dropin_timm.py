@@ -122,6 +122,15 @@ def test_writes_into_module_are_read_back_at_the_next_update():
     assert_same_state(ours.module.state_dict(), theirs.module.state_dict())
 
 
+def test_module_keeps_channels_last():
+    model = make_model().to(memory_format=torch.channels_last)
+    ours = ModelEmaV3(model, decay=0.9)
+    assert ours.module.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    theirs = TimmEma(model, decay=0.9)
+    train(model, 1, 2, [theirs, ours])
+    assert_same_state(ours.module.state_dict(), theirs.module.state_dict())
+
+
 def test_module_is_built_on_meta_and_shares_nothing_with_the_model():
     from polyak.timm import _module_on_meta
     model = make_model()
