@@ -11,9 +11,12 @@ The constructor takes timm's arguments and the same decays follow (timm's get_de
 update after update_after_step copying). The shadows are the library's, f32 (or bf16 with
 dtype=torch.bfloat16, rounded stochastically), updated by one C call; `.module` is a module of
 the model's architecture built on the meta device (no second deepcopy of the weights), holding
-the average: for now a copy refreshed when read after an update (_average_module is the one
-place that makes it). What is written into `.module` (timm's resume through load_checkpoint,
-distribute_bn, a set(model)) becomes the average at the next update or read of `.module`.
+the average: for now a copy, refreshed from shadow 0 at every update (one read-out of every
+tensor per update: the cost of held references staying current, as timm's own module does;
+_average_module is the one place that makes it). What is written into `.module` (timm's resume
+through load_checkpoint, distribute_bn, a set(model)) becomes the average at the next update or
+read of `.module`; a write into a `.module` that the EMA's last updates have not reached (the
+EMA updated around this class, through model_ema.ema) is refused, not taken.
 Imports no timm: timm's tools take this module as they take their own.
 """
 import copy
@@ -164,20 +167,32 @@ class ModelEmaV3(torch.nn.Module):
             t._version != v or t.data_ptr() != ptr for t, v, ptr in self._versions)
 
     def _refresh(self):
-        """`.module` <- shadow 0 (after updates), or the EMA <- `.module` (after writes into it)."""
+        """Where `.module` is read: the EMA <- `.module` after a write into it, or `.module` <- shadow 0
+        after updates made around this class (model_ema.ema.update)."""
         ema = self._ema
         if ema is None:
             return
         if self._written():
             self._absorb(None)
         elif self._ema_step != ema.step:
-            _fill_from_shadow(ema, self._modules["module"])
-            self._ema_step = ema.step
-            self._record()
+            self._fill()
+
+    def _fill(self):
+        """`.module` <- shadow 0 (one read-out of every tensor)."""
+        _fill_from_shadow(self._ema, self._modules["module"])
+        self._ema_step = self._ema.step
+        self._record()
 
     def _absorb(self, step):
         """Shadow 0 <- `.module`'s values, exactly; with step, the EMA's last step becomes step - 1
-        (timm's resume: the next update applies the decay of `step` to what was loaded)."""
+        (timm's resume: the next update applies the decay of `step` to what was loaded). A write
+        into a `.module` that had not been refreshed since the EMA's last update (updated around
+        this class) would undo those updates: refused."""
+        if self._ema_step is not None and self._ema_step != self._ema.step:
+            raise UnsupportedError(
+                f"ModelEmaV3: `.module` was written after the EMA moved on (step {self._ema.step}) without it "
+                f"(step {self._ema_step}): taking it would undo those updates. Update through "
+                "model_ema.update(model), or read model_ema.module before writing into it")
         values = self._modules["module"].state_dict()
         state = None if step is None else {"step": step - 1}
         self._ema._set_values(0, values, state)
@@ -237,6 +252,7 @@ class ModelEmaV3(torch.nn.Module):
         elif self._written():
             self._absorb(step)
         self._ema.update(step)
+        self._fill()  # `.module` and every reference to its tensors hold the average after each update
 
     @torch.no_grad()
     def set(self, model):

@@ -122,6 +122,44 @@ def test_writes_into_module_are_read_back_at_the_next_update():
     assert_same_state(ours.module.state_dict(), theirs.module.state_dict())
 
 
+def test_a_held_module_stays_the_average_across_updates():
+    """`ema_net = model_ema.module` held (as validation loops and timm's distribute_bn do), and its
+    parameters() / buffers() and the wrapper's: the average after every update, as timm's."""
+    model = make_model()
+    theirs, ours = TimmEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    held_theirs, held_ours = theirs.module, ours.module
+    weight = dict(ours.named_parameters())["module.conv1.0.weight"]
+    running_mean = dict(ours.named_buffers())["module.conv1.1.running_mean"]
+    for first in (1, 4):
+        train(model, first, 3, [theirs, ours])
+        assert_same_state(held_ours.state_dict(keep_vars=True), held_theirs.state_dict())
+        average = ours.ema.model_state_dict()
+        assert torch.equal(weight, average["conv1.0.weight"])
+        assert torch.equal(running_mean, average["conv1.1.running_mean"])
+        assert [t.data_ptr() for t in ours.parameters()] == [t.data_ptr() for t in held_ours.parameters()]
+
+
+def test_writes_through_a_held_module_are_taken_never_undoing_updates():
+    """Writes through a module held across updates (timm's distribute_bn and load_checkpoint take
+    model_ema.module once): taken at the next update, as timm's; a write into a module the EMA's
+    updates have gone past without it (updated through model_ema.ema) is refused."""
+    model = make_model()
+    theirs, ours = TimmEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    held_theirs, held_ours = theirs.module, ours.module
+    train(model, 1, 3, [theirs, ours])
+    with torch.no_grad():
+        for held in (held_theirs, held_ours):
+            held.conv1[1].running_var.mul_(2.0)  # distribute_bn's reduce, in place
+            held.fc.weight.add_(0.5)
+    train(model, 4, 3, [theirs, ours])
+    assert_same_state(held_ours.state_dict(), held_theirs.state_dict())
+    ours.ema.update(7)  # around the wrapper: the held module is one update behind
+    with torch.no_grad():
+        held_ours.fc.weight.add_(0.5)
+    with pytest.raises(polyak.UnsupportedError, match="undo those updates"):
+        ours.update(model, step=8)
+
+
 def test_module_keeps_channels_last():
     model = make_model().to(memory_format=torch.channels_last)
     ours = ModelEmaV3(model, decay=0.9)
