@@ -16,7 +16,7 @@
  *
  * Part 1, the core, ends at line ~240; part 2 adds layer by layer: more
  * ways to register, checkpoints in files and memory, schedule arithmetic,
- * evaluation, modes beyond one EMA, CUDA graphs, sharding (docs/ has each).
+ * evaluation, other modes, CUDA graphs, sharding, shadows in place (docs/).
  * Conventions: `step` counts optimizer steps from 1; skipped steps are
  * compensated exactly. A call that fails returns a status, changes nothing
  * and sets polyak_last_error(). `stream` is a cudaStream_t (NULL: default);
@@ -538,6 +538,92 @@ POLYAK_API polyak_status polyak_get_local_shadow_n(polyak_t *p, int shadow, int 
                                                    polyak_dtype dst_dtype, size_t dst_num_bytes, void *stream);
 POLYAK_API polyak_status polyak_get_local_shadow(polyak_t *p, int shadow, int tensor, void *dst, polyak_dtype dst_dtype,
                                                  void *stream);
+
+/* Checkpoint shards (docs/scale.md): each rank writes only its own slice,
+ * with no gather, to its own file in directory `dir`,
+ * polyak-step<step>-<save id>-rank<r>-of<W>.safetensors, crash-safely; the
+ * W files of one save form a set, told apart from other saves' by the save
+ * id, which every rank computes alike with no exchange. A rank's extra
+ * memory is one host buffer of 4 MiB and the header. Then it removes the
+ * sets older than the newest complete one. Any rank may call it at any
+ * time; with nccl_comm it is a collective that ends in one verdict. Waits
+ * for the device. Returns POLYAK_ERR_IO (dir unusable, a write failed),
+ * POLYAK_ERR_STATE (as polyak_save; or dir holds a complete set of a later
+ * step, or of this step from another save: another run's, another
+ * handle's; one directory per independent handle), POLYAK_ERR_MISMATCH
+ * (with nccl_comm: a rank's save id differs, its params are not the
+ * others'; without one such files never form a set, and only a later load
+ * tells), POLYAK_ERR_UNSUPPORTED (shadows in the caller's memory). */
+POLYAK_API polyak_status polyak_save_shards(polyak_t *p, const char *dir);
+
+/* Loads the newest complete set in `dir`, written at any world size, into
+ * this rank's slice (any world size, 1 included): it reads, with pread,
+ * only the blocks of the files that hold its slice, and verifies every
+ * block it reads and every header it opens before anything changes (rank 0
+ * opens every file's header). Returns POLYAK_ERR_IO (no complete set: the
+ * file missing is named), POLYAK_ERR_FORMAT (a file damaged, truncated or
+ * from another save), POLYAK_ERR_MISMATCH (another model or settings), each
+ * naming the file, POLYAK_ERR_STATE (two complete sets of the newest step
+ * from different saves, both named; with nccl_comm, ranks that chose
+ * different sets); the handle is then as it was. A newer incomplete set (a
+ * save under way or killed) is passed over for the newest complete one,
+ * silently: polyak_get_step says which step was loaded. Should a file
+ * change between the checking and the copying pass, the shadows are partly
+ * written and every call but a load returns POLYAK_ERR_STATE until a load
+ * succeeds. */
+POLYAK_API polyak_status polyak_load_shards(polyak_t *p, const char *dir);
+
+/* ---- 2.8 Shadows in place ------------------------------------------------
+ * A handle's shadows stay at the addresses finalize gave them until
+ * polyak_destroy: loads copy into them, nothing moves them. A caller may
+ * read them there (a DLPack view, torch.distributed.checkpoint writing each
+ * rank's part straight from them) and write them (a checkpoint loaded in
+ * place): polyak_begin_shadow_write first, then the values, then
+ * polyak_set_step_state, which checks the step state and ends the write.
+ * Until then updates, hard updates, graph reservations and saves return
+ * POLYAK_ERR_STATE (a write that failed half-way leaves the handle so until
+ * a good step state or a load). docs/shadow-views.md. */
+
+/* *data = this rank's piece of shadow `shadow` of tensor `tensor` (for a
+ * copy-only tensor, shadow 0: its mirror) in the backend's memory, holding
+ * *num_elems elements of *dtype, contiguous, in the tensor's flattened
+ * order from element local_first_elem (polyak_local_range), as updates keep
+ * it: with zero_init not debiased; a caller's shadow is their memory. NULL
+ * with *num_elems 0 for an empty piece. dtype and num_elems may be NULL.
+ * POLYAK_ERR_STATE before finalize; POLYAK_ERR_INVALID_ARG for an index out
+ * of range (a copy-only tensor has shadow 0 only) or NULL data. */
+POLYAK_API polyak_status polyak_shadow_data(polyak_t *p, int shadow, int tensor, void **data, polyak_dtype *dtype,
+                                            int64_t *num_elems);
+
+/* A handle's step state: what a checkpoint carries besides the shadows. */
+typedef struct {
+  size_t struct_size;                        /* sizeof(polyak_step_state), set by the caller */
+  int num_shadows;                           /* the handle's */
+  int shadows_open;                          /* get: 1 inside polyak_begin_shadow_write; set: ignored */
+  int64_t step;                              /* the last updated step, 0 before any */
+  int64_t nonfinite_count;                   /* this rank's count (polyak_nonfinite_count) */
+  double beta_products[POLYAK_MAX_SHADOWS];  /* polyak_get_beta_product of each shadow */
+  int64_t update_counts[POLYAK_MAX_SHADOWS]; /* updates each shadow counted (count_updates, Lookahead) */
+} polyak_step_state;
+
+/* *state = the handle's step state (struct_size and the rest written);
+ * waits for the device. POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_get_step_state(polyak_t *p, polyak_step_state *state);
+
+/* Declares that the caller is about to write shadows through their
+ * addresses (polyak_shadow_data): until polyak_set_step_state or a load
+ * succeeds, updates, hard updates, graph reservations and saves return
+ * POLYAK_ERR_STATE. Waits for the device (no update still in flight).
+ * POLYAK_ERR_STATE before finalize, while steps are reserved, a store is
+ * pending or a capture is under way. */
+POLYAK_API polyak_status polyak_begin_shadow_write(polyak_t *p);
+
+/* Replaces the step state with *state, checked as a checkpoint's is:
+ * struct_size and num_shadows the handle's, step and counts >= 0, each
+ * update count <= step, each beta product in [0, 1]; then ends a
+ * polyak_begin_shadow_write. POLYAK_ERR_INVALID_ARG (named) or
+ * POLYAK_ERR_STATE (as polyak_begin_shadow_write) change nothing. */
+POLYAK_API polyak_status polyak_set_step_state(polyak_t *p, const polyak_step_state *state);
 
 #ifdef __cplusplus
 }

@@ -30,7 +30,9 @@ polyak_status polyak_graph_reserve(polyak_t *p, int64_t first_step, int64_t num_
                        "polyak_graph_reserve: steps %lld..%lld are reserved already; call "
                        "polyak_graph_release first",
                        (long long)p->graph_first_step, (long long)(p->graph_first_step + p->graph_num_steps - 1));
-  polyak_status status = polyak_refuse_pending_store(p, "polyak_graph_reserve");
+  polyak_status status = polyak_refuse_open_shadows(p, "polyak_graph_reserve");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_pending_store(p, "polyak_graph_reserve");
   if (status == POLYAK_OK) /* it waits for the device */
     status = polyak_refuse_during_capture(p, stream, 1, "polyak_graph_reserve");
   if (status == POLYAK_OK)

@@ -39,12 +39,24 @@ void polyak_destroy(polyak_t *p)
   free(p);
 }
 
-polyak_status polyak_require_finalized(polyak_t *p, const char *function)
+polyak_status polyak_require_loadable(polyak_t *p, const char *function)
 {
   if (!p)
     return POLYAK_ERR_INVALID_ARG;
   if (!p->finalized)
     return polyak_fail(p, POLYAK_ERR_STATE, "%s: call polyak_finalize first", function);
+  return POLYAK_OK;
+}
+
+polyak_status polyak_require_finalized(polyak_t *p, const char *function)
+{
+  POLYAK_TRY(polyak_require_loadable(p, function));
+  if (p->torn)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "%s: a polyak_load_shards failed while writing the shadows (a file changed or could not "
+                       "be read between its checking and its copying pass), so they are partly loaded: load a "
+                       "checkpoint before anything else",
+                       function);
   return POLYAK_OK;
 }
 

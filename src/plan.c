@@ -21,10 +21,9 @@ int polyak_tensor_of_element(const polyak_t *p, int64_t elem)
   return lo;
 }
 
-/* Where rank `rank`'s slice begins in the flattened parameter space. */
-static int64_t shard_begin(const polyak_t *p, int rank)
+int64_t polyak_shard_begin(const polyak_t *p, int world_size, int rank)
 {
-  int64_t total = p->total_elems, world = p->cfg.world_size;
+  int64_t total = p->total_elems, world = world_size;
   if (rank <= 0 || total == 0)
     return 0;
   if (rank >= world)
@@ -37,7 +36,8 @@ static int64_t shard_begin(const polyak_t *p, int rank)
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems)
 {
   int64_t align_elems = POLYAK_SHADOW_ALIGN_BYTES / (int64_t)polyak_dtype_num_bytes(p->cfg.shadow_dtype);
-  int64_t begin = shard_begin(p, rank), end = shard_begin(p, rank + 1), arena = 0;
+  int64_t begin = polyak_shard_begin(p, p->cfg.world_size, rank);
+  int64_t end = polyak_shard_begin(p, p->cfg.world_size, rank + 1), arena = 0;
   for (int i = 0; i < p->num_tensors; i++) {
     const polyak_tensor *t = &p->tensors[i];
     int64_t lo = begin > t->global_offset_elems ? begin : t->global_offset_elems;

@@ -70,8 +70,15 @@ struct polyak {
   int64_t copies_num_bytes;
   polyak_copy_chunk *copy_chunks; /* [num_copy_chunks], host */
   int64_t num_copy_chunks;
+  int shadows_open;  /* polyak_begin_shadow_write until polyak_set_step_state or a load */
   int stored;        /* polyak_store has kept a copy (until polyak_discard_store) */
   int store_pending; /* ... not yet ended by polyak_restore or polyak_discard_store */
+  /* a polyak_load_shards failed after it began writing the shadows in
+   * place (a file changed under it): they are partly loaded, and every
+   * call but a load refuses until one succeeds */
+  int torn;
+  int64_t shard_block_bytes; /* polyak_save_shards' checksum blocks: 0, 4 MiB; tests set 4 KiB multiples */
+  int shard_max_kept;        /* files a shard load keeps open between its passes: 0, 256; tests set fewer */
 
   /* step state */
   int64_t last_step;                           /* 0 before the first update */
@@ -124,7 +131,8 @@ struct polyak_backend_ops {
    * its allocation) */
   polyak_status (*check_read_out)(polyak_t *p, const void *dst, size_t num_bytes, void *stream, const char *function);
   polyak_status (*nonfinite_count)(polyak_t *p, int64_t *count);
-  void (*release)(polyak_t *p); /* frees p->backend; NULL-safe on it */
+  polyak_status (*set_nonfinite_count)(polyak_t *p, int64_t count); /* done when it returns */
+  void (*release)(polyak_t *p);                                     /* frees p->backend; NULL-safe on it */
 
   /* graph mode: p->graph_* hold the reservation (weights computed by the
    * front end); each graph_update applies the next reserved step or, past
@@ -148,6 +156,10 @@ struct polyak_backend_ops {
    * when it returns */
   polyak_status (*staging_commit)(polyak_t *p, int64_t nonfinite_count, const void *copies);
   void (*staging_abort)(polyak_t *p);
+  /* shard loads, which write the arenas in place (copy_from_host) once
+   * every byte is verified: the non-finite count they restore; waits for
+   * the device first */
+  polyak_status (*set_nonfinite_count)(polyak_t *p, int64_t nonfinite_count);
 
   /* blends (coefficient[k] = weight * debias as float, 0: not read) of
    * tensor `tensor` into dst, or with tensor -1 into every param */
@@ -189,6 +201,10 @@ struct polyak_backend_ops {
   /* *all_ok = every rank's local_ok (a collective: before each gather, so
    * that a rank that failed locally never leaves the others waiting) */
   polyak_status (*agree)(polyak_t *p, int local_ok, int *all_ok);
+  /* *other = a rank whose `value` differs from this rank's, -1 if every
+   * rank's is the same (a collective over nccl_comm, issued whatever
+   * failed before it on this rank; without one always -1) */
+  polyak_status (*compare)(polyak_t *p, uint64_t value, int *other);
   /* 1 if `stream` is being captured into a graph */
   polyak_status (*capturing)(polyak_t *p, void *stream, int *capturing);
   /* 1 if a capture is under way that a call waiting for the device or
@@ -227,6 +243,10 @@ polyak_status polyak_fail(polyak_t *p, polyak_status status, const char *format,
  * POLYAK_ERR_INVALID_ARG for a NULL p (no handle to hold a message), then
  * POLYAK_ERR_STATE "<function>: call polyak_finalize first". */
 polyak_status polyak_require_finalized(polyak_t *p, const char *function);
+
+/* The same without refusing shadows that a failed shard load left partly
+ * written (p->torn): what a load asks, which may mend them. */
+polyak_status polyak_require_loadable(polyak_t *p, const char *function);
 
 /* Formats into msg[msg_num_bytes] if msg is not NULL; returns `status`. */
 polyak_status polyak_message(char *msg, size_t msg_num_bytes, polyak_status status, const char *format, ...)
@@ -362,6 +382,11 @@ const char *polyak_dtype_name(polyak_dtype dtype);
  * Any rank can compute any rank's layout. */
 void polyak_shard_layout(const polyak_t *p, int rank, polyak_piece *pieces, int64_t *arena_elems);
 
+/* Where rank `rank` of world_size ranks begins in the flattened parameter
+ * space (total_elems for rank world_size): the boundaries of
+ * polyak_shard_layout at any world size, for checkpoint shards. */
+int64_t polyak_shard_begin(const polyak_t *p, int world_size, int rank);
+
 /* This rank's piece of tensor `tensor` in shadow `shadow`: the caller's
  * memory for a shadow of theirs, else in the arena; *dtype (unless NULL)
  * gets its dtype. */
@@ -448,6 +473,10 @@ polyak_status polyak_check_update_sources(polyak_t *p, const char *function);
 /* POLYAK_ERR_STATE while a polyak_store is pending: for the calls that
  * fold the params into the shadows (evaluation.c). */
 polyak_status polyak_refuse_pending_store(polyak_t *p, const char *function);
+
+/* POLYAK_ERR_STATE while the shadows are open for writing through their
+ * addresses (polyak_begin_shadow_write, views.c): for updates and saves. */
+polyak_status polyak_refuse_open_shadows(polyak_t *p, const char *function);
 
 /* POLYAK_ERR_INVALID_ARG for a shadow index outside 0..num_shadows - 1. */
 polyak_status polyak_check_shadow(polyak_t *p, int shadow, const char *function);

@@ -129,7 +129,9 @@ polyak_status polyak_update(polyak_t *p, int64_t step, void *stream)
                        "polyak_update: steps %lld.. are reserved for graph replays; call "
                        "polyak_graph_release first",
                        (long long)p->graph_first_step);
-  polyak_status status = polyak_refuse_pending_store(p, "polyak_update");
+  polyak_status status = polyak_refuse_open_shadows(p, "polyak_update");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_pending_store(p, "polyak_update");
   if (status == POLYAK_OK)
     status = polyak_check_next_step(p, step, "polyak_update: step");
   if (status == POLYAK_OK)
@@ -167,7 +169,9 @@ polyak_status polyak_hard_update(polyak_t *p, int shadow, void *stream)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_hard_update: steps are reserved for graph replays; call polyak_graph_release "
                        "first");
-  status = polyak_refuse_pending_store(p, "polyak_hard_update");
+  status = polyak_refuse_open_shadows(p, "polyak_hard_update");
+  if (status == POLYAK_OK)
+    status = polyak_refuse_pending_store(p, "polyak_hard_update");
   if (status == POLYAK_OK)
     status = polyak_refuse_capture(
         p, stream,

@@ -73,6 +73,14 @@ class TensorInfo(ctypes.Structure):
                 ("reserved_", ctypes.c_int64 * 4)]
 
 
+class StepState(ctypes.Structure):
+    """polyak_step_state: what a checkpoint carries besides the shadows."""
+    _fields_ = [("struct_size", ctypes.c_size_t), ("num_shadows", ctypes.c_int), ("shadows_open", ctypes.c_int),
+                ("step", ctypes.c_int64),
+                ("nonfinite_count", ctypes.c_int64), ("beta_products", ctypes.c_double * MAX_SHADOWS),
+                ("update_counts", ctypes.c_int64 * MAX_SHADOWS)]
+
+
 class View(ctypes.Structure):
     """polyak_view: one named, shaped view of an arena."""
     _fields_ = [("name", ctypes.c_char_p), ("ndim", ctypes.c_int), ("shape", ctypes.c_int64 * MAX_NDIM)]
@@ -157,6 +165,13 @@ FUNCTIONS = {
     "polyak_local_range": (_status, [("p", _vp), ("tensor", _int), ("first_elem", _P(_i64)), ("num_elems", _P(_i64))]),
     "polyak_get_local_shadow_n": (_status, [("p", _vp), ("shadow", _int), ("tensor", _int), ("dst", _vp),
                                             ("dst_dtype", _int), ("dst_num_bytes", _size), ("stream", _vp)]),
+    "polyak_save_shards": (_status, [("p", _vp), ("dir", _str)]),
+    "polyak_load_shards": (_status, [("p", _vp), ("dir", _str)]),
+    "polyak_shadow_data": (_status, [("p", _vp), ("shadow", _int), ("tensor", _int), ("data", _P(_vp)),
+                                     ("dtype", _P(_int)), ("num_elems", _P(_i64))]),
+    "polyak_get_step_state": (_status, [("p", _vp), ("state", _P(StepState))]),
+    "polyak_begin_shadow_write": (_status, [("p", _vp)]),
+    "polyak_set_step_state": (_status, [("p", _vp), ("state", _P(StepState))]),
 }
 
 # The header's functions deliberately not bound, and why (test_binding.py fails on any other)

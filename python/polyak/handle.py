@@ -128,6 +128,8 @@ class Handle:
                  shadow_dtype="f32", zero_init=False, skip_nonfinite=True, seed=0, world_size=1, rank=0,
                  nccl_comm=None, cpu_threads=1):
         self._ptr = None
+        self._views = 0  # DLPack views of the shadows alive (shadow_capsule)
+        self._held = None  # closed with views alive: the polyak_t the last view frees
         schedules = list(schedules)
         if not 1 <= len(schedules) <= MAX_SHADOWS:
             raise InvalidArgError(f"{len(schedules)} schedules: a handle has 1..{MAX_SHADOWS} shadows")
@@ -175,13 +177,27 @@ class Handle:
         return self._ptr
 
     def close(self):
-        """Frees the handle and its shadows (waits for its device work). Idempotent. In a process
-        forked from the one that made it (ddp_fork, a DataLoader worker), the handle is closed but
+        """Frees the handle and its shadows (waits for its device work). Idempotent. With views
+        of the shadows alive (shadow_capsule), every later call refuses at once but the memory is
+        freed when the last view is: a view never outlives what it shows. In a process forked
+        from the one that made it (ddp_fork, a DataLoader worker), the handle is closed but
         nothing is freed: the child has a copy of its memory, not its CPU worker threads or its
         CUDA context, and polyak_destroy would wait on them forever; the child's copy is left to
         the child's exit."""
         ptr, self._ptr = self._ptr, None
-        if ptr is not None and getattr(self, "_pid", None) == os.getpid():
+        if ptr is None or getattr(self, "_pid", None) != os.getpid():
+            return
+        if self._views:
+            self._held = ptr
+        else:
+            _c.polyak_destroy(ptr)
+
+    def _release_view(self):
+        self._views -= 1
+        if self._views == 0 and self._held is not None and _c is not None:  # None: interpreter teardown
+            ptr, self._held = self._held, None
+            if self._pid != os.getpid():
+                return
             _c.polyak_destroy(ptr)
 
     @property
@@ -215,6 +231,58 @@ class Handle:
         except ctypes.ArgumentError as error:  # a value no check above caught: name the C parameter
             raise _argument_error(name, error, (h, *args)) from None
         _check(status, h, name)
+
+    # -- the shadows in place (docs/shadow-views.md)
+    def shadow_data(self, shadow: int, tensor: int):
+        """(address, dtype, num_elems) of this rank's piece of shadow `shadow` of tensor `tensor`
+        (a copy-only tensor: shadow 0, its mirror) as updates keep it: contiguous, in the
+        tensor's flattened order from its local_range's first element, at the same address until
+        the handle's memory is freed (loads copy into it). Address 0 for an empty piece."""
+        data, dtype, num_elems = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int64()
+        self._call("polyak_shadow_data", _c_int(shadow, "shadow"), _c_int(tensor, "tensor"), ctypes.byref(data),
+                   ctypes.byref(dtype), ctypes.byref(num_elems))
+        return data.value or 0, DTYPE_NAMES[dtype.value], num_elems.value
+
+    def shadow_capsule(self, shadow: int, tensor: int):
+        """A DLPack capsule ("dltensor") of shadow_data's piece, one flat tensor on the handle's
+        device, for torch.from_dlpack: no copy; the consumer's tensor keeps this handle's memory
+        alive (close() then frees it when the last such tensor is freed). Writing through it is
+        for begin_shadow_write ... set_step_state."""
+        from ._dlpack import capsule
+        address, dtype, num_elems = self.shadow_data(shadow, tensor)
+        device = ("cuda" if self.backend == "cuda" else "cpu", self.config.device if self.backend == "cuda" else 0)
+        out = capsule(address, num_elems, dtype, device, self)
+        self._views += 1
+        return out
+
+    def step_state(self) -> dict:
+        """The step state (polyak_get_step_state): {"step", "nonfinite_count", "beta_products",
+        "update_counts"}, the last two one value per shadow, and "shadows_open" (inside
+        begin_shadow_write). Waits for the device."""
+        state = _lib.StepState()
+        self._call("polyak_get_step_state", ctypes.byref(state))
+        k = state.num_shadows
+        return {"step": state.step, "nonfinite_count": state.nonfinite_count,
+                "beta_products": list(state.beta_products[:k]), "update_counts": list(state.update_counts[:k]),
+                "shadows_open": bool(state.shadows_open)}
+
+    def begin_shadow_write(self):
+        """Before writing shadows in place: updates, hard updates, graph reservations and saves
+        refuse (polyak.StateError) until set_step_state or a load succeeds."""
+        self._call("polyak_begin_shadow_write")
+
+    def set_step_state(self, step: int, nonfinite_count: int, beta_products: Sequence[float],
+                       update_counts: Sequence[int]):
+        """Replaces the step state, checked by the library (a bad value raises
+        polyak.InvalidArgError naming it and changes nothing), and ends begin_shadow_write."""
+        if len(beta_products) != self.num_shadows or len(update_counts) != self.num_shadows:
+            raise InvalidArgError(f"beta_products and update_counts: one value per shadow ({self.num_shadows})")
+        state = _lib.StepState(ctypes.sizeof(_lib.StepState), self.num_shadows, 0, _c_int64(step, "step"),
+                               _c_int64(nonfinite_count, "nonfinite_count"))
+        for k in range(self.num_shadows):
+            state.beta_products[k] = _c_double(beta_products[k], f"beta_products[{k}]")
+            state.update_counts[k] = _c_int64(update_counts[k], f"update_counts[{k}]")
+        self._call("polyak_set_step_state", ctypes.byref(state))
 
     # -- registration
     def add(self, name: str, param: int, dtype: str, shape: Sequence[int]):

@@ -112,7 +112,8 @@ SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint32_t": ctypes.c_
            "int*": _P(ctypes.c_int), "int64_t*": _P(ctypes.c_int64), "size_t*": _P(ctypes.c_size_t),
            "double*": _P(ctypes.c_double)}
 MIRRORED_STRUCTS = {"polyak_schedule": _lib.Schedule, "polyak_shadow_config": _lib.ShadowConfig,
-                    "polyak_config": _lib.Config, "polyak_view": _lib.View, "polyak_tensor_info_t": _lib.TensorInfo}
+                    "polyak_config": _lib.Config, "polyak_view": _lib.View, "polyak_tensor_info_t": _lib.TensorInfo,
+                    "polyak_step_state": _lib.StepState}
 
 
 def ctypes_of(c):
@@ -121,6 +122,8 @@ def ctypes_of(c):
         return SCALARS[c]
     if c in ENUMS:
         return ctypes.c_int
+    if c.endswith("*") and c[:-1] in ENUMS:  # an enum written through a pointer
+        return _P(ctypes.c_int)
     if c in MIRRORED_STRUCTS:
         return MIRRORED_STRUCTS[c]
     if c.endswith("*") and c[:-1] in MIRRORED_STRUCTS:

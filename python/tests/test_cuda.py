@@ -239,3 +239,29 @@ def test_channels_last_on_the_device_matches_the_cpu_bit_for_bit():
     for name, value in on_cpu.items():
         assert torch.equal(value, on_gpu[name].cpu()), name
     assert torch.equal(emas[0].state_dict()["checkpoint"], emas[1].state_dict()["checkpoint"])
+
+
+def test_views_of_cuda_shadows_alias_device_memory_and_load_in_place(tmp_path):
+    """shadow_views on the GPU are DLPack views of the device arena (data_ptr the library's),
+    follow updates, and DCP loads into them in place."""
+    import torch.distributed.checkpoint as dcp
+    model = make_model("cuda")
+    ema = EMA(model, decay=0.9)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    perturb(model, gen)
+    ema.update(1)
+    views = ema.shadow_views()
+    name = ema.names[0]
+    assert views[name].device == model.state_dict()[name].device
+    assert views[name].data_ptr() == ema.handle.shadow_data(0, ema.handle.find_tensor(name))[0]
+    assert torch.equal(views[name], ema.model_state_dict()[name].float())
+    at_1 = {n: v.clone() for n, v in views.items()}
+    dcp.save({"ema": ema.dcp}, checkpoint_id=str(tmp_path / "ckpt"))
+    perturb(model, gen)
+    ema.update(2)
+    assert not torch.equal(views[name], at_1[name])  # the views follow the shadows
+    again = EMA(model, decay=0.9)
+    dcp.load({"ema": again.dcp}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert again.step == 1
+    for n, v in again.shadow_views().items():
+        assert v.is_cuda and torch.equal(v, at_1[n]), n

@@ -30,7 +30,8 @@
 #include "polyak_internal.h"
 
 #define POLYAK_CKPT_SHADOW_PREFIX "polyak.shadow."
-#define POLYAK_CKPT_FORMAT        2 /* the format written; 1 and 2 are read */
+#define POLYAK_CKPT_FORMAT        2              /* the format written; 1 and 2 are read */
+#define POLYAK_SHARD_FORMAT       "polyak-shard" /* metadata "format" of one rank's shard file (shard.h) */
 
 /* The checksum's place in a header: the 16 hex digits after the first
  * occurrence of this text (the writer puts "checksum" in "__metadata__",
@@ -51,8 +52,10 @@ polyak_status polyak_ckpt_fail(polyak_t *p, polyak_status status, const char *fu
     __attribute__((format(printf, 4, 5)));
 
 /* What every save and load asks of the handle: finalized, no graph steps
- * reserved (POLYAK_ERR_INVALID_ARG for NULL). */
+ * reserved (POLYAK_ERR_INVALID_ARG for NULL); and, but for a load, shadows
+ * that no failed shard load left partly written (p->torn). */
 polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function);
+polyak_status polyak_ckpt_check_loadable(polyak_t *p, const char *function);
 
 /* The same, and a path that is not NULL or empty. */
 polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *function);
@@ -111,8 +114,16 @@ json_t *polyak_ckpt_metadata(const polyak_t *p, const polyak_ckpt_state *state);
 
 /* The metadata's form: an object of strings, a polyak file of a version
  * this library reads (*format_version), every required key there
- * (POLYAK_ERR_FORMAT). */
+ * (POLYAK_ERR_FORMAT). Its parts, for shard files: an object of strings;
+ * the keys a checkpoint of format_version has. */
 polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *format_version, const char *function);
+polyak_status polyak_ckpt_check_strings(polyak_t *p, json_t *metadata, const char *function);
+polyak_status polyak_ckpt_check_keys(polyak_t *p, json_t *metadata, int format_version, const char *function);
+
+/* A decimal integer in the one text the writer gives it ("0", "-12", never
+ * "+12", "012", " 12"; no sign for the unsigned one): 0, else -1. */
+int polyak_ckpt_parse_int64(const char *text, int64_t *out);
+int polyak_ckpt_parse_uint64(const char *text, uint64_t *out);
 
 /* The metadata's values: the state parsed into *state (its format_version
  * set: numbers are read from the one text the writer gives them), the config

@@ -32,7 +32,7 @@ static int is_canonical_integer(const char *text, int negative_ok)
   return n > 0 && digits[n] == '\0' && !(digits[0] == '0' && (n > 1 || digits != text));
 }
 
-static int parse_int64(const char *text, int64_t *out)
+int polyak_ckpt_parse_int64(const char *text, int64_t *out)
 {
   if (!is_canonical_integer(text, 1))
     return -1;
@@ -44,7 +44,7 @@ static int parse_int64(const char *text, int64_t *out)
   return 0;
 }
 
-static int parse_uint64(const char *text, uint64_t *out)
+int polyak_ckpt_parse_uint64(const char *text, uint64_t *out)
 {
   if (!is_canonical_integer(text, 0))
     return -1;
@@ -395,7 +395,7 @@ static int is_version_text(const char *text)
   return n > 0 && (text[n] == '\0' || ((text[n] == '-' || text[n] == '+') && text[n + 1] != '\0'));
 }
 
-polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *format_version, const char *function)
+polyak_status polyak_ckpt_check_strings(polyak_t *p, json_t *metadata, const char *function)
 {
   if (!json_is_object(metadata))
     return FORMAT_ERROR("no \"__metadata__\" object: not a polyak checkpoint");
@@ -406,9 +406,32 @@ polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *forma
     if (!json_is_string(value))
       return FORMAT_ERROR("metadata \"%s\" is not a string", key);
   }
+  return POLYAK_OK;
+}
+
+polyak_status polyak_ckpt_check_keys(polyak_t *p, json_t *metadata, int format_version, const char *function)
+{
+  const char *library = metadata_text(metadata, "library_version");
+  for (size_t n = 0; n < sizeof kRequired / sizeof kRequired[0]; n++)
+    if (!metadata_text(metadata, kRequired[n]))
+      return FORMAT_ERROR("metadata \"%s\" is missing", kRequired[n]);
+  for (size_t n = 0; n < sizeof kRequiredSince2 / sizeof kRequiredSince2[0] && format_version >= 2; n++)
+    if (!metadata_text(metadata, kRequiredSince2[n]))
+      return FORMAT_ERROR("metadata \"%s\" is missing (format 2 has it)", kRequiredSince2[n]);
+  if (library && !is_version_text(library))
+    return FORMAT_ERROR("metadata \"library_version\" is not a version");
+  return POLYAK_OK;
+}
+
+polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *format_version, const char *function)
+{
+  POLYAK_TRY(polyak_ckpt_check_strings(p, metadata, function));
   const char *format = metadata_text(metadata, "format");
   const char *version = metadata_text(metadata, "format_version");
   const char *library = metadata_text(metadata, "library_version");
+  if (format && strcmp(format, POLYAK_SHARD_FORMAT) == 0)
+    return FORMAT_ERROR("this is one rank's file of a set that polyak_save_shards wrote: load the set's directory "
+                        "with polyak_load_shards, or join the set into one checkpoint with polyak-consolidate");
   if (!format || strcmp(format, "polyak") != 0)
     return FORMAT_ERROR("metadata \"format\" is not \"polyak\": not a polyak checkpoint");
   *format_version = version && strcmp(version, "1") == 0 ? 1 : version && strcmp(version, "2") == 0 ? 2 : 0;
@@ -416,15 +439,7 @@ polyak_status polyak_ckpt_check_format(polyak_t *p, json_t *metadata, int *forma
     return FORMAT_ERROR("format version \"%.40s\" is not one this library (%s) reads (1, 2)%s%.40s",
                         version ? version : "(missing)", polyak_version_string(),
                         library ? "; the file was written by polyak " : "", library ? library : "");
-  for (size_t n = 0; n < sizeof kRequired / sizeof kRequired[0]; n++)
-    if (!metadata_text(metadata, kRequired[n]))
-      return FORMAT_ERROR("metadata \"%s\" is missing", kRequired[n]);
-  for (size_t n = 0; n < sizeof kRequiredSince2 / sizeof kRequiredSince2[0] && *format_version >= 2; n++)
-    if (!metadata_text(metadata, kRequiredSince2[n]))
-      return FORMAT_ERROR("metadata \"%s\" is missing (format 2 has it)", kRequiredSince2[n]);
-  if (library && !is_version_text(library))
-    return FORMAT_ERROR("metadata \"library_version\" is not a version");
-  return POLYAK_OK;
+  return polyak_ckpt_check_keys(p, metadata, *format_version, function);
 }
 
 /* "beta_products" (doubles) or "update_counts" (ints): num_shadows values;
@@ -456,9 +471,9 @@ static int parse_list(const char *text, int format_version, int num_shadows, dou
 static polyak_status parse_state(polyak_t *p, json_t *metadata, polyak_ckpt_state *h, const char *function)
 {
   int num_shadows = p->cfg.num_shadows;
-  if (parse_int64(metadata_text(metadata, "step"), &h->step) != 0 || h->step < 0)
+  if (polyak_ckpt_parse_int64(metadata_text(metadata, "step"), &h->step) != 0 || h->step < 0)
     return FORMAT_ERROR("metadata \"step\" is not a step");
-  if (parse_int64(metadata_text(metadata, "nonfinite_count"), &h->nonfinite) != 0 || h->nonfinite < 0)
+  if (polyak_ckpt_parse_int64(metadata_text(metadata, "nonfinite_count"), &h->nonfinite) != 0 || h->nonfinite < 0)
     return FORMAT_ERROR("metadata \"nonfinite_count\" is not a count");
   int bad = parse_list(metadata_text(metadata, "beta_products"), h->format_version, num_shadows, h->beta_prod, NULL);
   for (int k = 0; k < num_shadows && !bad; k++)
@@ -486,7 +501,7 @@ static polyak_status parse_flag(polyak_t *p, json_t *metadata, const char *key, 
 {
   const char *text = metadata_text(metadata, key);
   *value = -1;
-  if (text && (parse_int64(text, value) != 0 || *value < 0 || *value > 1))
+  if (text && (polyak_ckpt_parse_int64(text, value) != 0 || *value < 0 || *value > 1))
     return FORMAT_ERROR("metadata \"%s\" is not 0 or 1", key);
   return POLYAK_OK;
 }
@@ -496,14 +511,14 @@ static polyak_status check_settings(polyak_t *p, json_t *metadata, const char *f
 {
   int64_t num_shadows, zero_init, skip_nonfinite, lookahead_every = 0;
   uint64_t seed;
-  if (parse_int64(metadata_text(metadata, "num_shadows"), &num_shadows) != 0)
+  if (polyak_ckpt_parse_int64(metadata_text(metadata, "num_shadows"), &num_shadows) != 0)
     return FORMAT_ERROR("metadata \"num_shadows\" is not a number");
   if (num_shadows != p->cfg.num_shadows)
     return MISMATCH("the file has %lld shadows, this handle %d", (long long)num_shadows, p->cfg.num_shadows);
   const char *dtype = metadata_text(metadata, "shadow_dtype");
   if (strcmp(dtype, polyak_dtype_name(p->cfg.shadow_dtype)) != 0)
     return MISMATCH("the file's shadows are %s, this handle's %s", dtype, polyak_dtype_name(p->cfg.shadow_dtype));
-  if (parse_uint64(metadata_text(metadata, "seed"), &seed) != 0)
+  if (polyak_ckpt_parse_uint64(metadata_text(metadata, "seed"), &seed) != 0)
     return FORMAT_ERROR("metadata \"seed\" is not a number");
   if (seed != p->cfg.seed)
     return MISMATCH("the file's seed is %" PRIu64 ", this handle's %" PRIu64
@@ -518,7 +533,7 @@ static polyak_status check_settings(polyak_t *p, json_t *metadata, const char *f
                     "would not be treated the same way)",
                     (long long)skip_nonfinite, p->cfg.skip_nonfinite);
   const char *lookahead_text = metadata_text(metadata, "lookahead_every");
-  if (lookahead_text && (parse_int64(lookahead_text, &lookahead_every) != 0 || lookahead_every < 0))
+  if (lookahead_text && (polyak_ckpt_parse_int64(lookahead_text, &lookahead_every) != 0 || lookahead_every < 0))
     return FORMAT_ERROR("metadata \"lookahead_every\" is not a count of steps");
   if (lookahead_every != p->cfg.lookahead_every)
     return MISMATCH("the file has lookahead_every = %lld, this handle %lld", (long long)lookahead_every,

@@ -27,13 +27,19 @@ polyak_status polyak_ckpt_fail(polyak_t *p, polyak_status status, const char *fu
   return polyak_fail(p, status, "%s: %s", function, text);
 }
 
-polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function)
+polyak_status polyak_ckpt_check_loadable(polyak_t *p, const char *function)
 {
-  POLYAK_TRY(polyak_require_finalized(p, function));
+  POLYAK_TRY(polyak_require_loadable(p, function));
   if (p->graph_reserved)
     return polyak_ckpt_fail(p, POLYAK_ERR_STATE, function,
                             "steps are reserved for graph replays; call polyak_graph_release first");
   return POLYAK_OK;
+}
+
+polyak_status polyak_ckpt_check_handle(polyak_t *p, const char *function)
+{
+  POLYAK_TRY(polyak_ckpt_check_loadable(p, function));
+  return polyak_require_finalized(p, function); /* and no torn shadows */
 }
 
 polyak_status polyak_ckpt_check_path(polyak_t *p, const char *path, const char *function)

@@ -89,7 +89,9 @@ static polyak_status load_positioned(polyak_t *p, int fd, const struct stat *st,
 polyak_status polyak_load(polyak_t *p, const char *path)
 {
   const char *function = "polyak_load";
-  POLYAK_TRY(polyak_ckpt_check_path(p, path, function));
+  if (p && (!path || !path[0]))
+    return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "path is %s", path ? "empty" : "NULL");
+  POLYAK_TRY(polyak_ckpt_check_loadable(p, function));
   struct stat before, st;
   if (stat(path, &before) != 0)
     return polyak_ckpt_fail(p, POLYAK_ERR_IO, function, "cannot open %s: %s", path, strerror(errno));
@@ -184,7 +186,7 @@ static polyak_status load_stream(polyak_t *p, int fd, const struct stat *st, con
 polyak_status polyak_load_fd(polyak_t *p, int fd)
 {
   const char *function = "polyak_load_fd";
-  POLYAK_TRY(polyak_ckpt_check_handle(p, function));
+  POLYAK_TRY(polyak_ckpt_check_loadable(p, function));
   int flags = fcntl(fd, F_GETFL);
   struct stat st;
   if (flags < 0 || fstat(fd, &st) != 0)
@@ -220,7 +222,7 @@ static polyak_status memory_read_at(polyak_ckpt_source *src, polyak_t *p, void *
 polyak_status polyak_load_from_memory(polyak_t *p, const void *src, size_t src_num_bytes)
 {
   const char *function = "polyak_load_from_memory";
-  POLYAK_TRY(polyak_ckpt_check_handle(p, function));
+  POLYAK_TRY(polyak_ckpt_check_loadable(p, function));
   if (!src && src_num_bytes > 0)
     return polyak_ckpt_fail(p, POLYAK_ERR_INVALID_ARG, function, "src is NULL and src_num_bytes %zu", src_num_bytes);
   memory_source source = {{memory_read_at, (int64_t)src_num_bytes, 1, function, ""}, src};

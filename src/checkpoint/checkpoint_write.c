@@ -190,7 +190,9 @@ static polyak_status write_checkpoint(polyak_t *p, sink *out, int64_t *num_bytes
                             p->cfg.world_size);
   int writing = !gathering || p->cfg.rank == 0;
   polyak_ckpt_state state = {.step = p->last_step};
-  polyak_status status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
+  polyak_status status = polyak_refuse_open_shadows(p, function); /* a half-written state stays unsaved */
+  if (status == POLYAK_OK)
+    status = polyak_refresh_products(p); /* grad-norm shadows' products, from the device */
   if (status == POLYAK_OK)
     status = p->ops->nonfinite_count(p, &state.nonfinite); /* also waits for the device */
   if (gathering)                                           /* from here on every rank makes every collective */

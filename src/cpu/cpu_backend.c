@@ -111,6 +111,12 @@ static polyak_status cpu_nonfinite_count(polyak_t *p, int64_t *count)
   return POLYAK_OK;
 }
 
+static polyak_status cpu_set_nonfinite_count(polyak_t *p, int64_t count)
+{
+  ((cpu_state *)p->backend)->nonfinite_count = count;
+  return POLYAK_OK;
+}
+
 /* ---- graph mode -------------------------------------------------------------------- */
 
 static polyak_status cpu_graph_reserve(polyak_t *p, void *stream)
@@ -305,6 +311,15 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior
   return POLYAK_OK;
 }
 
+/* One rank per process without NCCL: nothing to compare with. */
+static polyak_status cpu_compare(polyak_t *p, uint64_t value, int *other)
+{
+  (void)p;
+  (void)value;
+  *other = -1;
+  return POLYAK_OK;
+}
+
 /* One rank per process without NCCL: agreeing is knowing. */
 static polyak_status cpu_agree(polyak_t *p, int local_ok, int *all_ok)
 {
@@ -344,6 +359,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .read_out = polyak_cpu_read_out,
     .check_read_out = polyak_cpu_check_read_out,
     .nonfinite_count = cpu_nonfinite_count,
+    .set_nonfinite_count = cpu_set_nonfinite_count,
     .release = cpu_release,
     .graph_reserve = cpu_graph_reserve,
     .graph_update = cpu_graph_update,
@@ -356,6 +372,7 @@ const polyak_backend_ops polyak_cpu_ops = {
     .staging_write = polyak_cpu_staging_write,
     .staging_commit = polyak_cpu_staging_commit,
     .staging_abort = polyak_cpu_staging_abort,
+    .set_nonfinite_count = polyak_cpu_set_nonfinite_count,
     .copy_to_params = polyak_cpu_copy_to_params,
     .blend = polyak_cpu_blend,
     .hard_update = polyak_cpu_hard_update,
@@ -372,5 +389,6 @@ const polyak_backend_ops polyak_cpu_ops = {
     .copy_bytes = polyak_cpu_copy_bytes,
     .all_gather = NULL, /* NCCL needs device memory */
     .agree = cpu_agree,
+    .compare = cpu_compare,
     .capturing = cpu_capturing,
 };

@@ -321,6 +321,12 @@ void polyak_cpu_staging_abort(polyak_t *p)
   polyak_cpu_free_arenas(((cpu_state *)p->backend)->staging);
 }
 
+polyak_status polyak_cpu_set_nonfinite_count(polyak_t *p, int64_t nonfinite_count)
+{
+  ((cpu_state *)p->backend)->nonfinite_count = nonfinite_count;
+  return POLYAK_OK;
+}
+
 void *polyak_cpu_scratch_alloc(polyak_t *p, size_t num_bytes)
 {
   (void)p;

@@ -39,6 +39,7 @@ polyak_status polyak_cpu_staging_write(polyak_t *p, int shadow, int64_t first_el
                                        const void *host);
 polyak_status polyak_cpu_staging_commit(polyak_t *p, int64_t nonfinite_count, const void *copies);
 void polyak_cpu_staging_abort(polyak_t *p);
+polyak_status polyak_cpu_set_nonfinite_count(polyak_t *p, int64_t nonfinite_count);
 void *polyak_cpu_scratch_alloc(polyak_t *p, size_t num_bytes);
 void polyak_cpu_scratch_free(polyak_t *p, void *scratch);
 polyak_status polyak_cpu_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);

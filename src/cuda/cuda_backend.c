@@ -319,6 +319,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .read_out = polyak_cuda_read_out,
     .check_read_out = polyak_cuda_check_read_out,
     .nonfinite_count = polyak_cuda_nonfinite_count,
+    .set_nonfinite_count = polyak_cuda_set_nonfinite_count,
     .release = cuda_release,
     .graph_reserve = polyak_cuda_graph_reserve,
     .graph_update = polyak_cuda_graph_update,
@@ -331,6 +332,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .staging_write = polyak_cuda_staging_write,
     .staging_commit = polyak_cuda_staging_commit,
     .staging_abort = polyak_cuda_staging_abort,
+    .set_nonfinite_count = polyak_cuda_set_nonfinite_count,
     .copy_to_params = polyak_cuda_copy_to_params,
     .blend = polyak_cuda_blend,
     .hard_update = polyak_cuda_hard_update,
@@ -351,6 +353,7 @@ const polyak_backend_ops polyak_cuda_ops = {
     .all_gather = NULL,
 #endif
     .agree = polyak_cuda_agree,
+    .compare = polyak_cuda_compare,
     .capturing = polyak_cuda_capturing,
     .capture_under_way = polyak_cuda_capture_under_way,
 };

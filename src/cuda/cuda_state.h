@@ -148,6 +148,7 @@ polyak_status polyak_cuda_layer_betas_read(polyak_t *p, double *betas);
 polyak_status polyak_cuda_check_grad_norm(polyak_t *p, const float *grad_norm);
 
 polyak_status polyak_cuda_nonfinite_count(polyak_t *p, int64_t *count);
+polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t count);
 
 polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream);
 
@@ -202,6 +203,8 @@ polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, c
 
 void polyak_cuda_staging_abort(polyak_t *p);
 
+polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t nonfinite_count);
+
 void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes);
 
 void polyak_cuda_scratch_free(polyak_t *p, void *scratch);
@@ -209,6 +212,7 @@ void polyak_cuda_scratch_free(polyak_t *p, void *scratch);
 polyak_status polyak_cuda_copy_bytes(polyak_t *p, void *dst, const void *src, size_t num_bytes, void *stream);
 
 polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok);
+polyak_status polyak_cuda_compare(polyak_t *p, uint64_t value, int *other);
 
 polyak_status polyak_cuda_all_gather(polyak_t *p, const void *send, void *recv, int64_t count, void *stream);
 

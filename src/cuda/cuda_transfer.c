@@ -122,6 +122,22 @@ void polyak_cuda_staging_abort(polyak_t *p)
   free_staging(p, p->backend);
 }
 
+polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t nonfinite_count)
+{
+  cuda_state *state = p->backend;
+  unsigned long long count = (unsigned long long)nonfinite_count;
+  polyak_cuda_scope scope;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* no update may still count into it */
+  if (err == cudaSuccess)
+    err = cudaMemcpy(&state->counters[COUNT_UPDATES], &count, sizeof count, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) /* a pageable copy may land after it returns */
+    err = cudaDeviceSynchronize();
+  polyak_cuda_leave(&scope);
+  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_load_shards: the non-finite count");
+}
+
 /* ---- gathers ------------------------------------------------------------------ */
 
 void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes)
@@ -180,6 +196,35 @@ polyak_status polyak_cuda_agree(polyak_t *p, int local_ok, int *all_ok)
   }
 #else
   (void)p; /* one rank: nothing to agree on */
+#endif
+  return POLYAK_OK;
+}
+
+/* The finalize handshake's slots again (finalize is over): every rank's
+ * value gathered. A rank that could not write its slot fails here, and the
+ * agreement that follows every comparison makes all of them fail. */
+polyak_status polyak_cuda_compare(polyak_t *p, uint64_t value, int *other)
+{
+  *other = -1;
+#ifdef POLYAK_HAVE_NCCL
+  cuda_state *state = p->backend;
+  if (p->cfg.nccl_comm) {
+    char reason[POLYAK_ERROR_BYTES] = "";
+    polyak_cuda_scope scope;
+    cudaError_t err = polyak_cuda_enter(p, &scope);
+    int all_ok = 0, same = 1;
+    polyak_status status = polyak_nccl_finalize_agree(p->cfg.nccl_comm, state->agreement, p->cfg.world_size, value, 1,
+                                                      &all_ok, &same, other, reason, sizeof reason);
+    polyak_cuda_leave(&scope);
+    if (err != cudaSuccess)
+      return polyak_cuda_fail(p, err, "comparing: entering the handle's device");
+    if (same)
+      *other = -1;
+    return status == POLYAK_OK ? status : polyak_fail(p, status, "%s", reason);
+  }
+#else
+  (void)p;
+  (void)value;
 #endif
   return POLYAK_OK;
 }

@@ -247,6 +247,22 @@ polyak_status polyak_cuda_nonfinite_count(polyak_t *p, int64_t *count)
   return POLYAK_OK;
 }
 
+polyak_status polyak_cuda_set_nonfinite_count(polyak_t *p, int64_t count)
+{
+  cuda_state *state = p->backend;
+  polyak_cuda_scope scope;
+  unsigned long long value = (unsigned long long)count;
+  cudaError_t err = polyak_cuda_enter(p, &scope);
+  if (err == cudaSuccess)
+    err = cudaDeviceSynchronize(); /* no update in flight adds to the old count */
+  if (err == cudaSuccess)
+    err = cudaMemcpy(&state->counters[COUNT_UPDATES], &value, sizeof value, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) /* a pageable copy may land after it returns */
+    err = cudaDeviceSynchronize();
+  polyak_cuda_leave(&scope);
+  return err == cudaSuccess ? POLYAK_OK : polyak_cuda_fail(p, err, "polyak_set_step_state");
+}
+
 /* ---- graph mode ------------------------------------------------------------ */
 
 polyak_status polyak_cuda_graph_reserve(polyak_t *p, void *stream)

@@ -102,6 +102,15 @@ int main(void)
   FIELD(polyak_tensor_info_t, local_num_elems);
   FIELD(polyak_tensor_info_t, reserved_);
   close_item("]}");
+  STRUCT(polyak_step_state);
+  FIELD(polyak_step_state, struct_size);
+  FIELD(polyak_step_state, num_shadows);
+  FIELD(polyak_step_state, shadows_open);
+  FIELD(polyak_step_state, step);
+  FIELD(polyak_step_state, nonfinite_count);
+  FIELD(polyak_step_state, beta_products);
+  FIELD(polyak_step_state, update_counts);
+  close_item("]}");
   close_item("}");
   open_item("enum_sizes", "{");
   ENUM_SIZE(polyak_status);

@@ -13,6 +13,8 @@ function(run)
 endfunction()
 
 run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix})
+# the command installed with the library runs from the prefix
+run(${prefix}/bin/polyak-consolidate --help)
 
 # 1. find_package(polyak) -> polyak::polyak
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/cmake_build -DCMAKE_PREFIX_PATH=${prefix}

@@ -13,12 +13,13 @@ from polyak.errors import _check
 from . import _select
 from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local
 from ._watch import Watch, stale_message
+from .dcp import _Views
 from .presets import _Presets
 from .sources import _Sources
 from .state import _State
 
 
-class EMA(_State, _Presets, _Sources):
+class EMA(_State, _Presets, _Sources, _Views):
     """Averages of a model's params (and buffers) kept by libpolyak.
 
     decay, warmup: one shadow, Constant(decay) or, with warmup, timm's warm-up
@@ -67,6 +68,7 @@ class EMA(_State, _Presets, _Sources):
                  cpu_threads: int = 1, _int_buffers: str = "copy"):
         self._handle = None
         self._watch = None
+        self._mesh = None  # sharded: the DeviceMesh of its group, for dcp_state_dict's DTensors
         if not isinstance(model, torch.nn.Module):
             raise InvalidArgError(f"EMA needs a torch.nn.Module, got {type(model).__name__}")
         model = _select.unwrap(model)  # a torch.compile'd module's original: the same tensors

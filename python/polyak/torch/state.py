@@ -11,7 +11,7 @@ from collections import namedtuple
 import torch
 
 import polyak
-from polyak import FormatError, MismatchError, UnsupportedError, _lib
+from polyak import FormatError, MismatchError, StateError, UnsupportedError, _lib
 from polyak.errors import _check
 
 from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local
@@ -98,13 +98,12 @@ class _State:
         every shadow, the copied buffers, the step state) as a uint8 CPU tensor}. load_state_dict
         restores it, and continuing gives the bits an uninterrupted run gives. Sharded EMAs gather
         (collective) and give the checkpoint of the whole model, which unsharded EMAs load too.
-        With DTensor params (FSDP2) the shadows stay tensors so that torch.distributed.checkpoint
-        can reshard them: {"metadata": the checkpoint's metadata (strings), "shadows": [one
-        {name: DTensor} per shadow, the shadows' exact bits in the shadow dtype], "copies":
-        {name: tensor} of the copied buffers}."""
+        With DTensor params (FSDP2) it is dcp_state_dict(): DTensors with the params' placements
+        over the library's memory, which torch.distributed.checkpoint saves and loads in place
+        and reshards (ema.dcp gives that form for every EMA)."""
         self._check_open()
         if self._dtensor_params():
-            return self._parts()
+            return self.dcp_state_dict()
         return {"checkpoint": self._logical(self._memory_checkpoint())}
 
     def _memory_checkpoint(self, rank0_only=False):
@@ -191,6 +190,9 @@ class _State:
         with rank0_only."""
         import torch.distributed as dist
         h = self._handle
+        if h.step_state()["shadows_open"]:  # what the library's own saves refuse, refused here too
+            raise StateError("the shadows are being written in place (a load that has not finished, or failed "
+                             "half-way); load a checkpoint first")
         count = torch.tensor([h.nonfinite_count()], dtype=torch.int64)
         dist.all_reduce(count, group=self._group)  # files hold the ranks' sum
         shadows = [[t.cpu() for t in self._gathered(k)] for k in range(h.num_shadows)]
@@ -252,6 +254,11 @@ class _State:
         state's tensors that this EMA lacks are left out; the step state is the state's.
         Returns (missing_keys, unexpected_keys): the tensor names so treated."""
         self._check_live()
+        if isinstance(state, dict) and "step_state" in state:  # dcp_state_dict()'s form
+            if not strict:
+                raise UnsupportedError("load_state_dict(strict=False) of a dcp_state_dict() state")
+            self._load_dcp_state(state)
+            return IncompatibleKeys([], [])
         if not isinstance(state, dict) or "checkpoint" not in state and not {"metadata", "shadows"} <= set(state):
             raise FormatError("a polyak EMA state has 'checkpoint' (or 'metadata' and 'shadows')")
         if "checkpoint" in state:

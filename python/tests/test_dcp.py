@@ -1,0 +1,395 @@
+"""The EMA in torch.distributed.checkpoint (DCP) over views of the library's memory: FSDP2 and
+shard=True EMAs saved on 2 gloo processes, loaded on 3 and on 1 and continued, equal bits to an
+uninterrupted single-process run; an unsharded checkpoint loaded on 2; each rank's peak memory
+while saving and loading grows by at most the largest stored piece and a few MiB; views alias
+the shadows (data_ptr), survive loads and close(); a DCP load that fails half-way leaves the EMA
+refusing updates until a load succeeds; dcp.async_save stages before update() can run.
+
+One pytest test drives it all, to share the process groups (slow to start): this process runs
+the reference and the single-process parts, torch.multiprocessing the 2- and 3-rank ones."""
+import gc
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+import torch.multiprocessing as mp  # noqa: E402
+
+import polyak  # noqa: E402
+from polyak.torch import EMA  # noqa: E402
+
+SAVED, LAST = 3, 5  # steps before the checkpoint, and the last step after it
+LAYERS, WIDTH = 12, 512  # 3.1M params: 12.6 MB per f32 shadow
+SLACK = 4 * 2 ** 20  # "a few MiB": the allocator, DCP's plans and metadata
+LARGEST_PIECE = WIDTH * WIDTH * 4  # one whole f32 layer: the largest entry any checkpoint here stores
+SCHEDULES = (polyak.Constant(0.9), polyak.Equal())
+
+
+class Net(torch.nn.Module):
+    """Wide layers (the memory checks), a param of 7 rows (uneven Shard(0) at 2 and 3 ranks), a
+    BatchNorm (an averaged buffer, and a copied integer one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(LAYERS))
+        self.odd = torch.nn.Parameter(torch.zeros(7, 3))
+        self.norm = torch.nn.BatchNorm1d(7)
+
+
+def value(name, shape, step):
+    """The deterministic value of a tensor at a step, whatever the world size."""
+    gen = torch.Generator().manual_seed(1000 * step + sum(map(ord, name)))
+    return torch.randn(shape, generator=gen)
+
+
+def set_step(model, step):
+    """Every rank's params and buffers as they are after `step` (its shard of each under FSDP2)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            whole = value(name, p.shape, step)
+            if hasattr(p, "to_local"):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                p.to_local().copy_(whole[offset[0]:offset[0] + shape[0]])
+            else:
+                p.copy_(whole)
+        if hasattr(model, "norm"):
+            model.norm.running_mean.copy_(value("mean", (7,), step))
+            model.norm.num_batches_tracked.fill_(step)
+
+
+class ConvNet(torch.nn.Module):
+    """A channels_last convolution: shard=True slices its memory order, whose boxes DCP sees
+    permuted back to the logical (row-major) tensor."""
+
+    def __init__(self, channels_last):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 13, 3)
+        if channels_last:
+            self.conv.to(memory_format=torch.channels_last)
+
+
+def conv_model(channels_last):
+    model = ConvNet(channels_last)
+    set_step(model, 0)
+    return model
+
+
+def conv_checks(directory, world_size):
+    """shard=True over a channels_last convolution: saved at 2, loaded at 3 (and at 1, by the
+    test) into channels_last and contiguous ones, the averages as saved."""
+    path, averages_path = os.path.join(directory, "conv-2"), os.path.join(directory, "conv-2.pt")
+    if world_size == 2:
+        model = conv_model(channels_last=True)
+        assert not model.conv.weight.is_contiguous()
+        ema = EMA(model, decay=0.8, shard=True)
+        run(model, ema, 1, 2)
+        dcp.save({"ema": ema.dcp}, checkpoint_id=path)
+        saved = {n: t.clone() for n, t in ema.model_state_dict().items()}
+        if dist.get_rank() == 0:
+            torch.save(saved, averages_path)
+    else:
+        for channels_last in (True, False):
+            ema = EMA(conv_model(channels_last), decay=0.8, shard=True)
+            dcp.load({"ema": ema.dcp}, checkpoint_id=path)
+            saved = torch.load(averages_path)
+            for n, t in ema.model_state_dict().items():
+                assert torch.equal(t, saved[n]), (channels_last, n)
+
+
+def run(model, ema, first, last):
+    for step in range(first, last + 1):
+        set_step(model, step)
+        ema.update(step)
+
+
+def kib(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def peak_growth(fn):
+    """Bytes the process's resident high-water mark rose above its resident size while fn ran."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to VmRSS
+    base = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - base) * 1024
+
+
+def whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_averages(ema, reference, what):
+    for k in range(len(SCHEDULES)):
+        got = ema.model_state_dict(k)
+        for name, ref in reference[k].items():
+            assert torch.equal(whole(got[name]), ref), (what, k, name)
+
+
+def fsdp2_model():
+    model = Net()
+    for layer in model.layers:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    set_step(model, 0)  # what the shadows start from
+    return model
+
+
+def ddp_model():
+    model = torch.nn.parallel.DistributedDataParallel(Net()).module
+    set_step(model, 0)
+    return model
+
+
+def plain_model():
+    model = Net()
+    set_step(model, 0)
+    return model
+
+
+def save_and_check(ema, directory, name, memory):
+    growth = peak_growth(lambda: dcp.save({"ema": ema.dcp}, checkpoint_id=os.path.join(directory, name)))
+    memory.append((name, "save", growth))
+    assert growth <= LARGEST_PIECE + SLACK, f"{name}: saving grew the peak by {growth / 2 ** 20:.1f} MiB"
+
+
+def load_and_check(ema, directory, name, memory, what):
+    state = ema.dcp_state_dict()
+    views = {n: t.to_local() if hasattr(t, "to_local") else t for n, t in state["shadows"][1].items()}
+
+    def load():
+        dcp.load({"ema": state}, checkpoint_id=os.path.join(directory, name))
+        ema.load_state_dict(state)
+    growth = peak_growth(load)
+    memory.append((f"{name} -> {what}", "load", growth))
+    assert growth <= LARGEST_PIECE + SLACK, f"{name} -> {what}: loading grew the peak by {growth / 2 ** 20:.1f} MiB"
+    for s in ema._averaged:  # the views DCP wrote are the library's shadows
+        assert views[s.name].data_ptr() == ema.handle.shadow_data(1, s.info.index)[0]
+    assert ema.step == SAVED
+
+
+def worker(rank, world_size, directory):
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = os.path.join(directory, f"store-{world_size}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    memory = []
+    try:
+        warm_up(directory)
+        reference = torch.load(os.path.join(directory, "reference.pt"))
+        if world_size == 2:
+            for kind, make in (("fsdp2", fsdp2_model), ("ddp", ddp_model)):
+                model = make()
+                ema = EMA(model, schedules=SCHEDULES, shard=None if kind == "fsdp2" else True)
+                run(model, ema, 1, SAVED)
+                check_averages(ema, reference[SAVED], f"{kind} at 2")
+                state = ema.dcp_state_dict()
+                if kind == "fsdp2":  # FSDP2's state_dict() is this form, DTensors over the shadows
+                    w = state["shadows"][0]["layers.0.weight"]
+                    assert w.placements == model.layers[0].weight.placements
+                    index = ema.handle.find_tensor("layers.0.weight")
+                    assert w.to_local().data_ptr() == ema.handle.shadow_data(0, index)[0]
+                    assert set(ema.state_dict()) == set(state)
+                del state
+                save_and_check(ema, directory, f"{kind}-2", memory)
+                ema.update(SAVED + 1)  # the views go on being the shadows
+                # an unsharded checkpoint (1 -> 2), loaded and continued
+                again = EMA(model, schedules=SCHEDULES, shard=None if kind == "fsdp2" else True)
+                load_and_check(again, directory, "whole-1", memory, f"{kind} at 2")
+                run(model, again, SAVED + 1, LAST)
+                check_averages(again, reference[LAST], f"whole-1 -> {kind} at 2")
+        else:
+            for kind, make in (("fsdp2", fsdp2_model), ("ddp", ddp_model)):
+                model = make()
+                for saved in ("fsdp2-2", "ddp-2"):  # any checkpoint into any kind, 2 -> 3
+                    ema = EMA(model, schedules=SCHEDULES, shard=None if kind == "fsdp2" else True)
+                    load_and_check(ema, directory, saved, memory, f"{kind} at 3")
+                    check_averages(ema, reference[SAVED], f"{saved} -> {kind} at 3")
+                    run(model, ema, SAVED + 1, LAST)
+                    check_averages(ema, reference[LAST], f"{saved} -> {kind} at 3, continued")
+                    ema.close()
+        conv_checks(directory, world_size)
+        torch.save(memory, os.path.join(directory, f"memory-{world_size}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # past gloo's teardown, which sometimes aborts after everything passed
+
+
+def warm_up(directory):
+    """One small DCP save and load first: the modules they import stay out of the measurements."""
+    path = os.path.join(directory, f"warm-{dist.get_world_size() if dist.is_initialized() else 1}")
+    dcp.save({"x": torch.zeros(4)}, checkpoint_id=path)
+    dcp.load({"x": torch.zeros(4)}, checkpoint_id=path)
+
+
+def averages(ema):
+    return [{n: whole(t).clone() for n, t in ema.model_state_dict(k).items()} for k in range(len(SCHEDULES))]
+
+
+def single_process(directory, memory):
+    """The reference run, the unsharded checkpoint, and what one process checks."""
+    warm_up(directory)
+    model = plain_model()
+    ema = EMA(model, schedules=SCHEDULES)
+    reference = {}
+    run(model, ema, 1, SAVED)
+    reference[SAVED] = averages(ema)
+    views = ema.shadow_views(1)
+    index = ema.handle.find_tensor("layers.0.weight")
+    assert views["layers.0.weight"].data_ptr() == ema.handle.shadow_data(1, index)[0]
+    assert torch.equal(views["odd"], reference[SAVED][1]["odd"])
+    save_and_check(ema, directory, "whole-1", memory)
+    # async_save stages (copies) the state before it returns: an update at once does not reach
+    # the checkpoint
+    future = dcp.async_save({"ema": ema.dcp}, checkpoint_id=os.path.join(directory, "async-1"))
+    run(model, ema, SAVED + 1, SAVED + 1)
+    (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+    assert not torch.equal(views["odd"], reference[SAVED][1]["odd"])  # the views follow the shadows
+    check = EMA(Net(), schedules=SCHEDULES)
+    dcp.load({"ema": check.dcp}, checkpoint_id=os.path.join(directory, "async-1"))
+    check_averages(check, reference[SAVED], "async_save then update")
+    run(model, ema, SAVED + 2, LAST)
+    reference[LAST] = averages(ema)
+    torch.save(reference, os.path.join(directory, "reference.pt"))
+    # views outlive close(): the EMA refuses every call, the memory stays until the last view goes
+    views = ema.shadow_views(0)
+    handle = ema.handle
+    ema.close()
+    with pytest.raises(polyak.StateError):
+        ema.update(LAST + 1)
+    assert torch.equal(views["odd"], reference[LAST][0]["odd"])
+    assert handle._held is not None
+    del views
+    gc.collect()
+    assert handle._held is None  # freed with the last view
+    return reference
+
+
+def test_dcp_views_reshard_across_world_sizes_in_place(tmp_path):
+    directory = str(tmp_path)
+    memory = []
+    reference = single_process(directory, memory)
+    mp.spawn(worker, args=(2, directory), nprocs=2, join=True)
+    mp.spawn(worker, args=(3, directory), nprocs=3, join=True)
+    for name in ("fsdp2-2", "ddp-2"):  # 2 -> 1: into an unsharded EMA
+        model = Net()
+        ema = EMA(model, schedules=SCHEDULES)
+        load_and_check(ema, directory, name, memory, "whole at 1")
+        check_averages(ema, reference[SAVED], f"{name} -> 1")
+        run(model, ema, SAVED + 1, LAST)
+        check_averages(ema, reference[LAST], f"{name} -> 1, continued")
+    conv = EMA(conv_model(channels_last=False), decay=0.8)  # shard=True's channels_last slices, 2 -> 1
+    dcp.load({"ema": conv.dcp}, checkpoint_id=os.path.join(directory, "conv-2"))
+    saved = torch.load(os.path.join(directory, "conv-2.pt"))
+    for n, t in conv.model_state_dict().items():
+        assert torch.equal(t, saved[n]), n
+    # a load that fails half-way: one rank's file gone; the EMA refuses updates until a load succeeds
+    broken = os.path.join(directory, "broken")
+    shutil.copytree(os.path.join(directory, "fsdp2-2"), broken)
+    os.remove(os.path.join(broken, "__1_0.distcp"))
+    model = Net()
+    ema = EMA(model, schedules=SCHEDULES)
+    run(model, ema, 1, 1)
+    state = ema.dcp_state_dict()
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+    with pytest.raises((CheckpointException, OSError)):
+        dcp.load({"ema": state}, checkpoint_id=broken)
+    with pytest.raises(polyak.StateError, match="written"):
+        ema.update(2)
+    with pytest.raises(polyak.StateError):
+        ema.save(os.path.join(directory, "torn.safetensors"))
+    dcp.load({"ema": ema.dcp}, checkpoint_id=os.path.join(directory, "fsdp2-2"))
+    run(model, ema, SAVED + 1, LAST)
+    check_averages(ema, reference[LAST], "after a failed load, a good one")
+    for path in sorted(os.listdir(directory)):
+        if path.startswith("memory-"):
+            memory += torch.load(os.path.join(directory, path))
+    print("\npeak memory growth per rank (MiB):")
+    for name, what, growth in memory:
+        print(f"  {what:4} {name:28} {growth / 2 ** 20:6.2f}")
+
+
+# ---- one process, no process group ------------------------------------------------------------
+
+def test_boxes_tile_a_flat_range_of_any_shape_contiguously():
+    """Each box is a contiguous run of the flat range, and together they cover it once, in order."""
+    from polyak.torch.dcp import _boxes
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(), (7,), (7, 3), (4, 5, 6), (2, 1, 3, 5), (3, 0, 2)]:
+        total = 1
+        for d in shape:
+            total *= d
+        index = torch.arange(total).reshape(shape)
+        for _ in range(20):
+            first = int(torch.randint(0, total + 1, (1,), generator=gen))
+            count = int(torch.randint(0, total - first + 1, (1,), generator=gen))
+            covered = []
+            for offsets, sizes, start in _boxes(shape, first, count):
+                box = index[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))].reshape(-1)
+                assert box.tolist() == list(range(start, start + box.numel())), (shape, first, count)
+                covered += box.tolist()
+            assert covered == list(range(first, first + count)), (shape, first, count)
+
+
+def test_views_survive_loads(tmp_path):
+    """A load copies into the shadows: a view taken before shows the loaded values after."""
+    model = plain_model()
+    ema = EMA(model, schedules=SCHEDULES)
+    run(model, ema, 1, 2)
+    views = ema.shadow_views(1)
+    saved = views["odd"].clone()
+    ema.save(str(tmp_path / "ema.safetensors"))
+    run(model, ema, 3, 3)
+    assert not torch.equal(views["odd"], saved)
+    ema.load(str(tmp_path / "ema.safetensors"))
+    assert torch.equal(views["odd"], saved) and ema.step == 2
+
+
+def test_views_and_their_refusals():
+    model = plain_model()
+    with pytest.raises(polyak.UnsupportedError, match="zero_init"):
+        EMA(model, decay=0.9, zero_init=True).shadow_views()
+    ema = EMA(model, schedules=SCHEDULES)
+    with pytest.raises(polyak.InvalidArgError):
+        ema.shadow_views(2)
+    run(model, ema, 1, 2)
+    views = ema.shadow_views(0)
+    assert views["norm.num_batches_tracked"].dtype == torch.int64 and int(views["norm.num_batches_tracked"]) == 2
+    assert torch.equal(views["odd"], ema.model_state_dict()["odd"])
+    # a state of another EMA (not views of this one) is checked, then copied
+    other = EMA(plain_model(), schedules=SCHEDULES)
+    state = ema.dcp_state_dict()
+    state["settings"] = state["settings"].replace('"seed":0', '"seed":1')
+    with pytest.raises(polyak.MismatchError, match="settings"):
+        other.load_state_dict(state)
+    state = ema.dcp_state_dict()
+    state["shadows"][1]["odd"] = state["shadows"][1]["odd"][:3]
+    with pytest.raises(polyak.MismatchError, match="odd"):
+        other.load_state_dict(state)
+    assert other.step == 0
+    other.update(1)  # nothing was opened: updates go on
+    other.load_state_dict(ema.dcp_state_dict())
+    assert other.step == 2 and torch.equal(other.shadow_views(1)["odd"], ema.shadow_views(1)["odd"])
+    # the library checks the step state
+    state = ema.dcp_state_dict()
+    state["step_state"][0] = -5
+    with pytest.raises(polyak.InvalidArgError, match="step"):
+        other.load_state_dict(state)
+    with pytest.raises(polyak.StateError, match="written"):  # its shadows were written: refused until a load
+        other.update(3)
+    other.load_state_dict(ema.dcp_state_dict())
+    other.update(3)
