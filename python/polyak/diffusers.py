@@ -16,7 +16,9 @@ scripts build the EMA from a copy of the model and step it with the trained one)
 construction's params only give the average until then, and which params are frozen is read
 then. The shadows are the library's f32 ones, updated by one C call on the params' device.
 `shadow_params` is a list of tensors refreshed from the average when read (for now a copy; it
-stays the same list, as diffusers' own). Imports no diffusers until save_pretrained needs it.
+stays the same list, as diffusers' own); a write into its tensors (noticed by their version
+counters, or new memory) becomes the average at the next step() or read, exactly. state_dict()
+hands clones. Imports no diffusers until save_pretrained needs it.
 """
 import warnings
 
@@ -49,6 +51,7 @@ class EMAModel:
         self._params = None  # the params the EMA averages (the first step's)
         self._view = None  # the list shadow_params hands out
         self._view_step = None
+        self._view_record = None  # its tensors' versions and addresses when last refreshed
         self._pending = None  # an exact polyak state to load when the EMA is made
         self.temp_stored_params = None
         self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
@@ -112,10 +115,26 @@ class EMAModel:
             self._ema = self._params = None
             self._view = None
 
+    def _record_view(self):
+        self._view_record = [(t._version, t.data_ptr()) for t in self._view]
+        self._view_step = self._ema.step
+
+    def _absorb_view(self):
+        """Writes into shadow_params' tensors since they were refreshed become shadow 0, exactly."""
+        if self._ema is None or self._view is None or \
+                all((t._version, t.data_ptr()) == seen for t, seen in zip(self._view, self._view_record)):
+            return
+        if self._view_step != self._ema.step:
+            raise UnsupportedError("EMAModel.shadow_params: written after a step() it had not been read since (a "
+                                   "list held across steps and written): read ema.shadow_params again, then write")
+        self._ema._set_values(0, {str(i): value for i, value in enumerate(self._view)})
+        self._record_view()
+
     def _averages(self):
         """The average of each param, in order (the params' dtypes)."""
         if self._ema is None:
             return self._start
+        self._absorb_view()
         values = self._ema._averages(0)
         return [values[str(i)] for i in range(len(self._params))]
 
@@ -137,6 +156,7 @@ class EMAModel:
         self.cur_decay_value = self.get_decay(self.optimization_step)
         if self._ema is None:
             self._make(params)
+        self._absorb_view()
         self._ema.update(self.optimization_step)
 
     @property
@@ -146,12 +166,14 @@ class EMAModel:
             return self._start
         if self._view is None:
             self._view = [value.clone() for value in self._averages()]
-            self._view_step = self._ema.step
+            self._record_view()
         elif self._view_step != self._ema.step:
             with torch.no_grad():
                 for view, value in zip(self._view, self._averages()):
                     view.copy_(value)
-            self._view_step = self._ema.step
+            self._record_view()
+        else:
+            self._absorb_view()
         return self._view
 
     @shadow_params.setter
@@ -197,10 +219,12 @@ class EMAModel:
         raise UnsupportedError("EMAModel.pin_memory (offload_ema): polyak keeps the shadows where the params are")
 
     def state_dict(self) -> dict:
-        """diffusers' state (its keys; shadow_params the average), and under "polyak" the EMA's exact state."""
+        """diffusers' state (its keys; shadow_params clones of the average), and under "polyak" the EMA's
+        exact state."""
         state = {"decay": self.decay, "min_decay": self.min_decay, "optimization_step": self.optimization_step,
                  "update_after_step": self.update_after_step, "use_ema_warmup": self.use_ema_warmup,
-                 "inv_gamma": self.inv_gamma, "power": self.power, "shadow_params": self.shadow_params}
+                 "inv_gamma": self.inv_gamma, "power": self.power,
+                 "shadow_params": [p.detach().clone() for p in self.shadow_params]}
         if self._ema is not None:
             state["polyak"] = {"optimization_step": self.optimization_step, "state": self._ema.state_dict()}
         return state

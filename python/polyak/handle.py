@@ -160,6 +160,7 @@ class Handle:
         if status:
             _check_config(cfg)  # says why, if it can
             _raise(status, f"polyak_create: {status_name(status)}")
+        self._pid = os.getpid()  # the process whose threads and device work the handle has
         self._ptr = ptr.value
         self.schedules = tuple(schedules)
         self.backend = backend
@@ -178,18 +179,25 @@ class Handle:
     def close(self):
         """Frees the handle and its shadows (waits for its device work). Idempotent. With views
         of the shadows alive (shadow_capsule), every later call refuses at once but the memory is
-        freed when the last view is: a view never outlives what it shows."""
+        freed when the last view is: a view never outlives what it shows. In a process forked
+        from the one that made it (ddp_fork, a DataLoader worker), the handle is closed but
+        nothing is freed: the child has a copy of its memory, not its CPU worker threads or its
+        CUDA context, and polyak_destroy would wait on them forever; the child's copy is left to
+        the child's exit."""
         ptr, self._ptr = self._ptr, None
-        if ptr is not None:
-            if self._views:
-                self._held = ptr
-            else:
-                _c.polyak_destroy(ptr)
+        if ptr is None or getattr(self, "_pid", None) != os.getpid():
+            return
+        if self._views:
+            self._held = ptr
+        else:
+            _c.polyak_destroy(ptr)
 
     def _release_view(self):
         self._views -= 1
         if self._views == 0 and self._held is not None and _c is not None:  # None: interpreter teardown
             ptr, self._held = self._held, None
+            if self._pid != os.getpid():
+                return
             _c.polyak_destroy(ptr)
 
     @property

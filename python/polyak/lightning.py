@@ -15,7 +15,8 @@ a checkpoint's `state_dict` holds the average and `current_model_state` the live
 Lightning's own WeightAveraging resumes too (from its average and update count). Documented
 differences: integer buffers (num_batches_tracked) are copied, not run through the decay;
 use_buffers=False leaves the model's own buffers in place during validation (Lightning swaps in
-the averaged model's, which it never updates). `**ema_options` go to polyak.torch.EMA
+the averaged model's, which it never updates); device= (other than None) and AveragedModel's
+avg_fn / multi_avg_fn are refused with polyak.UnsupportedError. `**ema_options` go to polyak.torch.EMA
 (shadow_dtype, params, schedules, ...). DDP: every rank keeps a whole EMA of its replica, as
 Lightning's does. The class is made when first used: `import polyak.lightning` imports no
 Lightning; `EMA` subclasses lightning.pytorch's Callback (pytorch_lightning's where only that
@@ -40,7 +41,7 @@ def _make_class():
 
     import torch
 
-    from polyak import Constant, InvalidArgError
+    from polyak import Constant, InvalidArgError, UnsupportedError
     from polyak.torch.state import _split
 
     Callback = _callback_class()
@@ -49,7 +50,14 @@ def _make_class():
         """An EMA of the LightningModule's params and buffers, kept by polyak (see polyak.lightning)."""
 
         def __init__(self, decay: float = 0.999, *, update_every_n_steps: int = 1, update_starting_at_step=None,
-                     update_starting_at_epoch=None, use_buffers: bool = True, **ema_options):
+                     update_starting_at_epoch=None, use_buffers: bool = True, device=None, **ema_options):
+            if device is not None:
+                raise UnsupportedError(f"EMA(device={device!r}): polyak keeps the shadows where the params are; "
+                                       "leave device out")
+            for name in ("avg_fn", "multi_avg_fn", "get_avg_fn"):
+                if name in ema_options:
+                    raise UnsupportedError(f"EMA({name}=...): AveragedModel's averaging functions do not map; "
+                                           "polyak's rule is its schedules (schedules=[...], polyak.schedules)")
             if "schedules" not in ema_options:
                 ema_options["schedules"] = [Constant(decay, start_step=1, count_updates=True)]
             elif decay != 0.999:

@@ -10,10 +10,15 @@
 The constructor takes timm's arguments and the same decays follow (timm's get_decay, the first
 update after update_after_step copying). The shadows are the library's, f32 (or bf16 with
 dtype=torch.bfloat16, rounded stochastically), updated by one C call; `.module` is a module of
-the model's architecture built on the meta device (no second deepcopy of the weights), holding
-the average: for now a copy refreshed when read after an update (_average_module is the one
-place that makes it). What is written into `.module` (timm's resume through load_checkpoint,
-distribute_bn, a set(model)) becomes the average at the next update or read of `.module`.
+the model's architecture built on the meta device (no second deepcopy of the weights), given
+memory with the model's weights, whose tensors become views of shadow 0 at the first update
+(EMA.shadow_views: the library's memory, no copy) where the module's dtype is the shadows'; else
+it stays a copy refilled at every update (one read-out of every tensor per update). Either way
+references held across updates stay the average. What is written into `.module` (timm's resume
+through load_checkpoint, distribute_bn, a set(model)) becomes the average at the next update or
+read of `.module` (over views: through begin_shadow_write / set_step_state, the library's checked
+path for writes into its shadows); a write into a copy that the EMA's last updates have not
+reached (the EMA updated around this class, through model_ema.ema) is refused, not taken.
 Imports no timm: timm's tools take this module as they take their own.
 """
 import copy
@@ -60,8 +65,8 @@ def _materialize(module, device):
             for name, t in table.items():
                 if t is None or not t.is_meta:
                     continue
-                if id(t) not in made:
-                    real = torch.empty(t.shape, dtype=t.dtype, device=device)
+                if id(t) not in made:  # the model's strides (channels_last stays channels_last)
+                    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                     made[id(t)] = torch.nn.Parameter(real, requires_grad=t.requires_grad) \
                         if isinstance(t, torch.nn.Parameter) else real
                 table[name] = made[id(t)]
@@ -135,16 +140,17 @@ class ModelEmaV3(torch.nn.Module):
         # not submodules: the state dict of this module is its `.module`'s, as timm's
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_ema", None)  # made at the first update, which says which decay applies
-        self._ema_step = None  # the EMA's step when `.module` was last refreshed
+        self._ema_step = None  # the EMA's step when `.module` was last refreshed (a copy)
         self._versions = None  # `.module`'s tensors and their versions then: a write changes them
+        self._viewing = False  # `.module`'s tensors are views of shadow 0 (else a copy)
         self._modules["module"] = self._average_module(model)
         self._modules["module"].eval()
 
     # ---- `.module`: the only place it is made and filled -----------------------------------
     def _average_module(self, model):
         """A module of model's architecture built on the meta device, then given memory filled with
-        the model's weights (the EMA's start; updates refresh it from shadow 0). Views of shadow 0
-        replace this copy where they can hold the average as stored."""
+        the model's weights (the EMA's start). _view_shadow turns its tensors into views of shadow 0
+        at the first update where they can be; else _fill refreshes it from shadow 0 at each update."""
         module = _module_on_meta(model, self.dtype)
         _materialize(module, next(iter(model.parameters())).device)
         with torch.no_grad():
@@ -163,25 +169,82 @@ class ModelEmaV3(torch.nn.Module):
         return self._versions is not None and any(
             t._version != v or t.data_ptr() != ptr for t, v, ptr in self._versions)
 
+    def _moved(self):
+        """Whether `.module` holds other tensors, or other memory, than the views recorded (a
+        load_state_dict(assign=True), a .to())."""
+        return [id(t) for t in self._tensors()] != [id(t) for t, _, _ in self._versions] or \
+            any(t.data_ptr() != ptr for t, _, ptr in self._versions)
+
+    def _view_shadow(self):
+        """`.module`'s tensors <- views of shadow 0 (EMA.shadow_views: the library's memory, no copy,
+        the model's strides), where every one of them can be one: each persistent tensor's view has
+        its dtype, shape and device (f32 shadows under an f32 module, bf16 under a bf16 one), and
+        the EMA has views (not zero_init, not sharded). Shadow 0 holds `.module`'s values here."""
+        module = self._modules["module"]
+        try:
+            views = self._ema.shadow_views(0)
+        except UnsupportedError:
+            return
+        by_id = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            v = views.get(name)
+            if v is None or v.dtype != t.dtype or v.shape != t.shape or v.device != t.device:
+                return
+            by_id[id(t)] = v
+        with torch.no_grad():
+            for t in {id(t): t for t in module.state_dict(keep_vars=True).values()}.values():
+                t.data = by_id[id(t)]  # the same tensor objects: references held to them see the views
+        self._viewing = True
+        self._record()
+
     def _refresh(self):
-        """`.module` <- shadow 0 (after updates), or the EMA <- `.module` (after writes into it)."""
+        """Where `.module` is read: the EMA <- `.module` after a write into it, or (a copy) `.module`
+        <- shadow 0 after updates made around this class (model_ema.ema.update)."""
         ema = self._ema
         if ema is None:
             return
         if self._written():
             self._absorb(None)
-        elif self._ema_step != ema.step:
-            _fill_from_shadow(ema, self._modules["module"])
-            self._ema_step = ema.step
-            self._record()
+        elif not self._viewing and self._ema_step != ema.step:
+            self._fill()
+
+    def _fill(self):
+        """`.module` <- shadow 0 (one read-out of every tensor)."""
+        _fill_from_shadow(self._ema, self._modules["module"])
+        self._ema_step = self._ema.step
+        self._record()
 
     def _absorb(self, step):
         """Shadow 0 <- `.module`'s values, exactly; with step, the EMA's last step becomes step - 1
-        (timm's resume: the next update applies the decay of `step` to what was loaded)."""
+        (timm's resume: the next update applies the decay of `step` to what was loaded). Views:
+        the values are in shadow 0 already, written in place; the step state goes through
+        begin_shadow_write / set_step_state, the library's checked path for writes into its
+        shadows (docs/shadow-views.md), which also sets the step. A module that is no longer the
+        views (new memory, replaced tensors) is copied in and stays a copy. A copy written after
+        the EMA's last update went past it (updated around this class) would undo those updates:
+        refused."""
+        ema = self._ema
+        if self._viewing and not self._moved():
+            h = ema.handle
+            state = h.step_state()
+            h.begin_shadow_write()
+            h.set_step_state(state["step"] if step is None else step - 1, state["nonfinite_count"],
+                             state["beta_products"], state["update_counts"])
+            if step is not None:
+                ema._last_step = 0  # update() goes on from the step set, as after _set_values
+            self._record()
+            return
+        if self._viewing:
+            self._viewing = False
+        elif self._ema_step is not None and self._ema_step != ema.step:
+            raise UnsupportedError(
+                f"ModelEmaV3: `.module` was written after the EMA moved on (step {ema.step}) without it "
+                f"(step {self._ema_step}): taking it would undo those updates. Update through "
+                "model_ema.update(model), or read model_ema.module before writing into it")
         values = self._modules["module"].state_dict()
         state = None if step is None else {"step": step - 1}
-        self._ema._set_values(0, values, state)
-        self._ema_step = self._ema.step
+        ema._set_values(0, values, state)
+        self._ema_step = ema.step
         self._record()
 
     @property
@@ -234,9 +297,12 @@ class ModelEmaV3(torch.nn.Module):
         if self._ema is None:
             self._make_ema(step is not None)
             self._absorb(step if step is not None else 1)  # the start: `.module` (made, or loaded into)
+            self._view_shadow()
         elif self._written():
             self._absorb(step)
         self._ema.update(step)
+        if not self._viewing:
+            self._fill()  # a copy: `.module` and every reference to its tensors hold the average after each update
 
     @torch.no_grad()
     def set(self, model):

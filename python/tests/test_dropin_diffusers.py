@@ -87,17 +87,48 @@ def test_store_copy_to_restore_and_state_round_trip():
     ours.restore(model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), live))
     # accelerate's checkpoints: state_dict / load_state_dict, into a fresh EMA, either way round
+    # (deep copies, as a checkpoint's round trip gives: diffusers' load_state_dict keeps the list it is given)
     ours_again = EMAModel(model.parameters(), decay=0.9)
-    ours_again.load_state_dict(ours.state_dict())
+    ours_again.load_state_dict(copy.deepcopy(ours.state_dict()))
     from_theirs = EMAModel(model.parameters(), decay=0.9)
-    from_theirs.load_state_dict(theirs.state_dict())
+    from_theirs.load_state_dict(copy.deepcopy(theirs.state_dict()))
     theirs_from_ours = DiffusersEma(model.parameters(), decay=0.9)
-    theirs_from_ours.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "polyak"})
+    theirs_from_ours.load_state_dict(copy.deepcopy({k: v for k, v in ours.state_dict().items() if k != "polyak"}))
+    # the state holds copies: what is done to it later does not reach the EMA, nor the EMA's steps it
+    state = ours.state_dict()
+    assert all(a is not b for a, b in zip(state["shadow_params"], ours.shadow_params))
     train(model, [theirs, ours, ours_again, from_theirs, theirs_from_ours], 7, 5)
     for ema in (ours, ours_again, from_theirs, theirs_from_ours):
         assert ema.optimization_step == 11
         assert_close(ema.shadow_params, theirs.shadow_params)
     assert all(torch.equal(a, b) for a, b in zip(ours_again.shadow_params, ours.shadow_params))  # exact
+
+
+def test_writes_into_shadow_params_become_the_average():
+    """diffusers' shadow_params are its storage: what is written into them is averaged on. Ours are
+    refreshed copies: a write is noticed and becomes the average; one into a list held across a
+    step without reading it again is refused."""
+    model = make()
+    theirs, ours = DiffusersEma(model.parameters(), decay=0.9), EMAModel(model.parameters(), decay=0.9)
+    train(model, [theirs, ours], 1, 3)
+    for ema in (theirs, ours):
+        with torch.no_grad():
+            ema.shadow_params[0].mul_(0.5)
+            ema.shadow_params[2].fill_(0.25)
+    assert_close(ours.shadow_params, theirs.shadow_params)
+    train(model, [theirs, ours], 4, 3)
+    assert_close(ours.shadow_params, theirs.shadow_params)
+    held = ours.shadow_params
+    with torch.no_grad():
+        held[1].add_(1.0)  # read, written, then stepped: absorbed at the step
+    theirs.shadow_params[1].add_(1.0)
+    train(model, [theirs, ours], 7, 1)
+    assert_close(ours.shadow_params, theirs.shadow_params)
+    train(model, [ours], 8, 1)
+    with torch.no_grad():
+        held[1].add_(1.0)  # held across a step it was not read after: stale
+    with pytest.raises(polyak.UnsupportedError, match="read ema.shadow_params again"):
+        ours.copy_to(model.parameters())
 
 
 def test_load_state_dict_changes_the_settings():

@@ -191,3 +191,33 @@ class EMAModelTestsForeach(EMAModelTests):  # upstream repeats EMAModelTests' bo
             unet.parameters(), decay=decay, model_cls=UNet2DConditionModel, model_config=unet.config, foreach=True
         )
         return unet, ema_unet
+
+
+# polyak: checks of what upstream's tests above mean to check but do not. `assert ~torch.allclose(...)`
+# is always true (~ of a bool is -1 or -2), and test_zero_decay compares one list with itself (the
+# same shadow_params list, read twice). Here, on the same model and steps:
+def simulated_steps(decay, count):
+    """(the params after each step, clones of the shadows after it) for `count` simulated steps."""
+    unet = tiny_unet().to(torch_device)
+    ema_unet = EMAModel(unet.parameters(), decay=decay)
+    steps = []
+    for _ in range(count):
+        unet = EMAModelTests.simulate_backprop(None, unet)
+        ema_unet.step(unet.parameters())
+        steps.append(([p.detach().clone() for p in unet.parameters()],
+                      [s.detach().clone() for s in ema_unet.shadow_params]))
+    return steps
+
+
+def test_zero_decay_follows_the_params():
+    for params, shadows in simulated_steps(0.0, 3):
+        for s_param, param in zip(shadows, params):
+            assert torch.allclose(s_param, param, rtol=1e-6, atol=1e-6)
+
+
+def test_steps_move_the_shadows_and_differ_from_the_params():
+    (_, first), (params, second), (_, third) = simulated_steps(0.9999, 3)
+    for one, two, three, param in zip(first, second, third, params):
+        if param.numel() > 1:  # (the params were all moved; a one-element tensor may land near its average)
+            assert not torch.allclose(one, two) and not torch.allclose(two, three)
+            assert not torch.allclose(two, param)

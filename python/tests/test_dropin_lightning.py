@@ -104,20 +104,44 @@ def test_ddp_equals_lightnings():
     assert not torch.equal(ours.net[0].weight, Tiny().net[0].weight)  # trained: the processes' result came back
 
 
+class Recorder(pl.Callback):
+    """After the EMA callback, before ModelCheckpoint: the live weights and the average at each step."""
+
+    def __init__(self, ours):
+        self.ours, self.seen = ours, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        live = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.seen[trainer.global_step] = live, self.ours.ema.model_state_dict()
+
+
 def test_checkpoint_holds_the_average_and_the_live_weights(tmp_path):
+    """A checkpoint saved during fit (step 2 of 3): `state_dict` the average, `current_model_state`
+    the live weights, which differ there; after fit the module holds the average (on_train_end)."""
     callback = EMA(decay=0.5)
+    recorder = Recorder(callback)
     model = Tiny()
-    trainer = pl.Trainer(max_steps=3, callbacks=[callback], accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=3, callbacks=[callback, recorder, saver], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, loader())
-    average = callback.ema.model_state_dict()
-    trainer.save_checkpoint(tmp_path / "a.ckpt")
-    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)
+    live, average = recorder.seen[2]
+    assert not torch.equal(live["net.0.weight"], average["net.0.weight"])
     for name, value in average.items():
-        assert torch.equal(checkpoint["state_dict"][name], value)
-    # fit ended: the module holds the average (on_train_end), and so does the checkpoint's live state
-    assert torch.equal(checkpoint["current_model_state"]["net.0.weight"], model.net[0].weight)
+        assert torch.equal(checkpoint["state_dict"][name], value), name
+        assert torch.equal(checkpoint["current_model_state"][name], live[name]), name
+    assert torch.equal(model.net[0].weight, callback.ema.model_state_dict()["net.0.weight"])
+
+
+def test_what_does_not_map_is_refused():
+    import polyak
+    with pytest.raises(polyak.UnsupportedError, match="device"):
+        EMA(decay=0.9, device="cpu")
+    for name in ("avg_fn", "multi_avg_fn"):
+        with pytest.raises(polyak.UnsupportedError, match=name):
+            EMA(**{name: lambda *args: None})
+    EMA(device=None)
 
 
 def test_import_leaves_lightning_out():

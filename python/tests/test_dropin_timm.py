@@ -122,6 +122,98 @@ def test_writes_into_module_are_read_back_at_the_next_update():
     assert_same_state(ours.module.state_dict(), theirs.module.state_dict())
 
 
+def test_a_held_module_stays_the_average_across_updates():
+    """`ema_net = model_ema.module` held (as validation loops and timm's distribute_bn do), and its
+    parameters() / buffers() and the wrapper's: the average after every update, as timm's."""
+    model = make_model()
+    theirs, ours = TimmEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    held_theirs, held_ours = theirs.module, ours.module
+    weight = dict(ours.named_parameters())["module.conv1.0.weight"]
+    running_mean = dict(ours.named_buffers())["module.conv1.1.running_mean"]
+    for first in (1, 4):
+        train(model, first, 3, [theirs, ours])
+        assert_same_state(held_ours.state_dict(keep_vars=True), held_theirs.state_dict())
+        average = ours.ema.model_state_dict()
+        assert torch.equal(weight, average["conv1.0.weight"])
+        assert torch.equal(running_mean, average["conv1.1.running_mean"])
+        assert [t.data_ptr() for t in ours.parameters()] == [t.data_ptr() for t in held_ours.parameters()]
+
+
+def test_writes_through_a_held_module_are_taken_never_undoing_updates():
+    """Writes through a module held across updates (timm's distribute_bn and load_checkpoint take
+    model_ema.module once): taken at the next update, as timm's, also after updates made around
+    the wrapper (model_ema.ema.update: the views follow them)."""
+    model = make_model()
+    theirs, ours = TimmEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    held_theirs, held_ours = theirs.module, ours.module
+    train(model, 1, 3, [theirs, ours])
+    with torch.no_grad():
+        for held in (held_theirs, held_ours):
+            held.conv1[1].running_var.mul_(2.0)  # distribute_bn's reduce, in place
+            held.fc.weight.add_(0.5)
+    train(model, 4, 3, [theirs, ours])
+    assert_same_state(held_ours.state_dict(), held_theirs.state_dict())
+    theirs.update(model, step=7)
+    ours.ema.update(7)
+    with torch.no_grad():
+        for held in (held_theirs, held_ours):
+            held.fc.weight.add_(0.5)
+    theirs.update(model, step=8)
+    ours.update(model, step=8)
+    assert_same_state(held_ours.state_dict(), held_theirs.state_dict())
+    assert not ours.ema.handle.step_state()["shadows_open"]
+
+
+def test_module_is_shadow_0_in_place_where_it_can_be():
+    """An f32 module over f32 shadows: its tensors are the library's memory (shadow views), the
+    same objects and addresses across updates; a resume's load into it (load_checkpoint after
+    the first update) goes through the library's checked path for writes and sets timm's step."""
+    model = make_model()
+    ours = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    weight = ours.module.fc.weight
+    train(model, 1, 2, [ours])
+    views = ours.ema.shadow_views(0)
+    assert ours.module.fc.weight is weight and weight.data_ptr() == views["fc.weight"].data_ptr()
+    assert ours.module.conv1[1].running_mean.data_ptr() == views["conv1.1.running_mean"].data_ptr()
+    train(model, 3, 2, [ours])
+    assert weight.data_ptr() == views["fc.weight"].data_ptr()
+    other = make_model(seed=7).state_dict()
+    ours.module.load_state_dict(other)
+    assert torch.equal(ours.ema.model_state_dict()["fc.weight"], other["fc.weight"])
+    ours.update(model, step=11)  # as timm after a resume at num_updates 11: decay of step 11 on `other`
+    decay = ours.get_decay(11)
+    expected = other["fc.weight"] * decay + model.fc.weight.detach() * (1 - decay)
+    assert torch.allclose(ours.module.fc.weight, expected, rtol=1e-5, atol=1e-6)
+    assert ours.ema.step == 11
+
+
+def test_a_copied_module_is_refreshed_at_every_update_and_never_undoes_updates():
+    """Where views cannot hold it (an f16 module over f32 shadows), `.module` is a copy refilled at
+    every update: held references stay the average; a write into it after updates made around
+    the wrapper that it has not seen is refused."""
+    model = make_model()
+    ours = ModelEmaV3(model, decay=0.9, dtype=torch.float16)
+    held = ours.module
+    weight = held.fc.weight
+    train(model, 1, 3, [ours])
+    assert held.fc.weight is weight and weight.dtype == torch.float16
+    assert torch.allclose(weight.float(), ours.ema.model_state_dict()["fc.weight"], rtol=1e-3, atol=1e-4)
+    ours.ema.update(4)  # around the wrapper: the held copy is one update behind
+    with torch.no_grad():
+        held.fc.weight.add_(0.5)
+    with pytest.raises(polyak.UnsupportedError, match="undo those updates"):
+        ours.update(model, step=5)
+
+
+def test_module_keeps_channels_last():
+    model = make_model().to(memory_format=torch.channels_last)
+    ours = ModelEmaV3(model, decay=0.9)
+    assert ours.module.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    theirs = TimmEma(model, decay=0.9)
+    train(model, 1, 2, [theirs, ours])
+    assert_same_state(ours.module.state_dict(), theirs.module.state_dict())
+
+
 def test_module_is_built_on_meta_and_shares_nothing_with_the_model():
     from polyak.timm import _module_on_meta
     model = make_model()

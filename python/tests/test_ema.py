@@ -598,3 +598,35 @@ def test_cpu_threads_start_workers_until_close_and_bad_counts_create_nothing():
         ema.update(1)
         ema.close()
         assert threads_now() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_closing_a_threaded_ema_does_not_hang():
+    """A process forked after a threaded EMA was made (Lightning's ddp_fork, a DataLoader worker)
+    has the handle's memory but not its worker threads: its close() leaves the handle to the
+    process that made it, instead of joining threads the child does not have."""
+    import time
+    ema = EMA(wide_model(), cpu_threads=3)
+    ema.update(1)
+    handle = ema.handle
+    pid = os.fork()
+    if pid == 0:  # the child: close, then leave at once (no pytest teardown in the child)
+        code = 1
+        try:
+            ema.close()
+            code = 0 if handle.closed else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's close() hung")
+    assert os.waitstatus_to_exitcode(status) == 0
+    ema.update(2)  # the parent's handle is untouched
+    ema.close()
