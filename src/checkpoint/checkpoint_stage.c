@@ -104,7 +104,7 @@ polyak_status polyak_ckpt_stage(polyak_t *p, polyak_ckpt_source *src, int64_t da
   if (status != POLYAK_OK)
     return status;
   p->last_step = state->step;
-  p->torn = 0; /* every shadow byte is the checkpoint's now */
+  p->torn = 0;         /* every shadow byte is the checkpoint's now */
   p->shadows_open = 0; /* a load replaces whatever a write through the addresses left */
   for (int k = 0; k < p->cfg.num_shadows; k++) {
     p->beta_prod[k] = state->beta_prod[k];

@@ -203,7 +203,6 @@ polyak_status polyak_cuda_staging_commit(polyak_t *p, int64_t nonfinite_count, c
 
 void polyak_cuda_staging_abort(polyak_t *p);
 
-
 void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes);
 
 void polyak_cuda_scratch_free(polyak_t *p, void *scratch);

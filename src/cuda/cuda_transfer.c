@@ -122,7 +122,6 @@ void polyak_cuda_staging_abort(polyak_t *p)
   free_staging(p, p->backend);
 }
 
-
 /* ---- gathers ------------------------------------------------------------------ */
 
 void *polyak_cuda_scratch_alloc(polyak_t *p, size_t num_bytes)
