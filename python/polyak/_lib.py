@@ -156,6 +156,9 @@ FUNCTIONS = {
     "polyak_local_range": (_status, [("p", _vp), ("tensor", _int), ("first_elem", _P(_i64)), ("num_elems", _P(_i64))]),
     "polyak_get_local_shadow_n": (_status, [("p", _vp), ("shadow", _int), ("tensor", _int), ("dst", _vp),
                                             ("dst_dtype", _int), ("dst_num_bytes", _size), ("stream", _vp)]),
+    "polyak_set_offload_staging": (_status, [("p", _vp), ("num_bytes", _size)]),
+    "polyak_overlap_param_reads": (_status, [("p", _vp), ("overlap", _int)]),
+    "polyak_wait_param_reads": (_status, [("p", _vp), ("stream", _vp)]),
 }
 
 # The header's functions deliberately not bound, and why (test_binding.py fails on any other)
