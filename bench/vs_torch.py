@@ -2,7 +2,7 @@
 
 Implementations (K = 1 shadow, decay 0.999), f32 shadows unless named:
   polyak                 polyak.torch.EMA.update on a module holding the list (the package, one C call;
-                         it checks first that no param was re-allocated)
+                         it checks first that no param moved or changed its strides or size)
   polyak_unchecked       the same with check_stale=False: the C call alone
   polyak_bf16_shadows    EMA.update with shadow_dtype=torch.bfloat16 (stochastic rounding), bf16 params
   torch_foreach_lerp     torch._foreach_lerp_ (timm ModelEmaV3, AveragedModel): f32 params and shadows

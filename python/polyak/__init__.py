@@ -47,6 +47,7 @@ from .schedules import (
     beta_from_window,
     gamma_from_sigma_rel,
     half_life_from_beta,
+    half_life_steps,
     posthoc_coefficients,
     sigma_rel_from_gamma,
     window_from_beta,
@@ -59,7 +60,7 @@ __all__ = [
     "Schedule", "Constant", "TF", "Warmup", "Linear", "Cosine", "Equal", "Power", "GradNorm", "Layerwise",
     "Lookahead", "Handle", "TensorInfo", "version", "library_path", "backend_available", "backend_reason",
     "status_name",
-    "half_life_from_beta", "beta_from_half_life", "window_from_beta", "beta_from_window",
+    "half_life_from_beta", "half_life_steps", "beta_from_half_life", "window_from_beta", "beta_from_window",
     "beta_from_horizon", "sigma_rel_from_gamma", "gamma_from_sigma_rel", "posthoc_coefficients",
     "MAX_SHADOWS", "MAX_SNAPSHOTS", "MAX_CPU_THREADS", "DTYPES", "DTYPE_NAMES", "ROUNDINGS", "BACKENDS",
 ]

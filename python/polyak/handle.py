@@ -25,7 +25,7 @@ from ._args import (
     _shape,
 )
 from ._lib import lib as _c
-from .errors import InvalidArgError, StateError, _argument_error, _check, _raise, status_name
+from .errors import InvalidArgError, StateError, UnsupportedError, _argument_error, _check, _raise, status_name
 from .schedules import Constant, Lookahead, Schedule, _check_config
 
 
@@ -192,6 +192,12 @@ class Handle:
     def __del__(self):
         if getattr(self, "_ptr", None) is not None and _c is not None:
             self.close()
+
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedError("a polyak.Handle cannot be pickled or copied: its shadows live in the library's "
+                               "memory and it reads its params through their addresses. Save its state instead: "
+                               "save_bytes() or save(path), and load_bytes()/load(path) into a handle made and "
+                               "registered the same way")
 
     @property
     def last_error(self):

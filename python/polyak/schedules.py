@@ -27,6 +27,34 @@ def beta_from_half_life(half_life_steps):
                             f"half-life {half_life_steps!r}")
 
 
+def half_life_steps(half_life, total_steps=None):
+    """A half-life in steps (a float, not rounded): a number of steps; Composer's time string in
+    batches, "1000ba" (its EMA's half_life, one optimizer step a batch); or a fraction of the
+    training, "0.05dur" of `total_steps` (Composer's unit for a fraction of the run).
+    beta_from_half_life turns it into the decay whose h-th power is exactly 1/2."""
+    if isinstance(half_life, str):
+        text = half_life.strip()
+        unit = next((u for u in ("ba", "dur") if text.endswith(u)), None)
+        try:
+            value = float(text[:-len(unit)]) if unit else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise InvalidArgError(f"half_life {half_life!r}: a number of steps, '<steps>ba' or '<fraction>dur'")
+        if unit == "dur":
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise InvalidArgError(f"half_life {half_life!r} is a fraction of training: give total_steps, the "
+                                      "number of optimizer steps the training takes")
+            if not 0 < value <= 1:
+                raise InvalidArgError(f"half_life {half_life!r}: a fraction in (0, 1]")
+            value *= total_steps
+        half_life = value
+    half_life = _c_double(half_life, "half_life")
+    if not half_life > 0 or not math.isfinite(half_life):
+        raise InvalidArgError(f"half_life {half_life!r}: a positive, finite number of steps")
+    return half_life
+
+
 def window_from_beta(beta):
     """The effective averaging window 1/(1 - beta), in steps."""
     return _finite_or_raise(_c.polyak_window_from_beta(_c_double(beta, "beta")), f"beta {beta!r}")

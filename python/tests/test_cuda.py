@@ -213,3 +213,29 @@ def test_the_package_loads_its_cuda_library_by_name_and_runs_on_the_device(tmp_p
     path, reason, step = installed(tmp_path, {"libpolyak_cpu.so": BUILT, f"libpolyak_cuda{major}.so": BUILT},
                                    env={"POLYAK_CUDA": major}, code=code)
     assert path.endswith(f"libpolyak_cuda{major}.so") and reason == "''" and step == "1"
+
+
+def test_channels_last_on_the_device_matches_the_cpu_bit_for_bit():
+    """A channels_last conv on the device: the library averages it in memory order there as on
+    the CPU, and read-outs and checkpoints are row-major on both."""
+    def convs(device):
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 5, 1))
+        return model.to(device, memory_format=torch.channels_last)
+
+    cpu, gpu = convs("cpu"), convs("cuda")
+    assert not gpu[0].weight.is_contiguous()
+    emas = [EMA(cpu, decay=0.9, rounding="stochastic"), EMA(gpu, decay=0.9, rounding="stochastic")]
+    gen = torch.Generator().manual_seed(6)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p, q in zip(cpu.parameters(), gpu.parameters()):
+                p.add_(torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last)
+                       if p.dim() == 4 else torch.randn(p.shape, generator=gen))
+                q.copy_(p)
+        for ema in emas:
+            ema.update(step)
+    on_cpu, on_gpu = (ema.model_state_dict() for ema in emas)
+    for name, value in on_cpu.items():
+        assert torch.equal(value, on_gpu[name].cpu()), name
+    assert torch.equal(emas[0].state_dict()["checkpoint"], emas[1].state_dict()["checkpoint"])

@@ -18,7 +18,7 @@ dcp = pytest.importorskip("torch.distributed.checkpoint")
 import torch.multiprocessing as mp  # noqa: E402
 
 import polyak  # noqa: E402
-from polyak.torch import EMA  # noqa: E402
+from polyak.torch import EMA, update_bn  # noqa: E402
 
 STEPS = 5
 
@@ -165,6 +165,62 @@ def run_ddp_sharded(rank, world_size, directory):
             assert torch.equal(got[k], average[k])
 
 
+class NormNet(torch.nn.Module):
+    """A channels_last convolution and a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.a = torch.nn.Conv2d(2, 13, 3)
+        self.norm = torch.nn.BatchNorm2d(13)
+        self.b = torch.nn.Linear(13, 5)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        x = torch.cat([x, x.flip(1)], 1).reshape(-1, 2, 3, 3).to(memory_format=torch.channels_last)
+        return self.b(torch.tanh(self.norm(self.a(x))).flatten(1)).sum()
+
+
+def run_ddp_batchnorm(rank, world_size):
+    """Ranks' BatchNorm statistics differ under DDP (each forward moves them with the rank's own
+    batch); a sharded EMA averages rank 0's, the model's as DDP's broadcast_buffers keeps it, so
+    its averages are those of an unsharded EMA on rank 0, bit for bit, and so is its state
+    (channels_last weights gathered in memory order, saved row-major). update_bn keeps rank 0's."""
+    net = NormNet()
+    assert not net.a.weight.is_contiguous()
+    model = torch.nn.parallel.DistributedDataParallel(net)  # broadcast_buffers=True
+    sharded = EMA(net, decay=0.7, shard=True)
+    own = EMA(net, decay=0.7)  # this rank's statistics, whole
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), sharded, rank, lambda step: own.update(step))
+    mine = own.model_state_dict()
+    first = {k: v.clone() for k, v in mine.items()}
+    for value in first.values():
+        dist.broadcast(value, src=0)
+    means = [torch.empty_like(mine["norm.running_mean"]) for _ in range(world_size)]
+    dist.all_gather(means, mine["norm.running_mean"])
+    assert not torch.equal(means[0], means[1])  # the ranks' statistics differ
+    average = sharded.model_state_dict()
+    for k, value in first.items():
+        assert torch.equal(average[k], value), k
+    whole = EMA(NormNet(), decay=0.7)
+    whole.load_state_dict(sharded.state_dict())
+    got = whole.model_state_dict()
+    for k, value in first.items():
+        assert torch.equal(got[k], value), k
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with sharded.average_parameters():
+        assert torch.equal(net.norm.running_var, first["norm.running_var"])
+    for k, value in net.state_dict().items():
+        assert torch.equal(value, before[k]), k  # the rank's own buffers back
+    gen = torch.Generator().manual_seed(10 + rank)
+    update_bn([torch.randn(6, 9, generator=gen) for _ in range(2)], sharded)
+    stats = sharded.model_state_dict()["norm.running_mean"]
+    gathered = [torch.empty_like(stats) for _ in range(world_size)]
+    dist.all_gather(gathered, stats)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    assert not torch.equal(stats, first["norm.running_mean"])
+
+
 def worker(rank, world_size, directory):
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the host's name resolves to
@@ -176,6 +232,7 @@ def worker(rank, world_size, directory):
         if world_size == 3:
             load_resharded(model, directory, saved_world_size=2)
         run_ddp_sharded(rank, world_size, directory)
+        run_ddp_batchnorm(rank, world_size)
     finally:
         dist.destroy_process_group()
     # A clean run leaves without the interpreter's teardown, where gloo's threads

@@ -16,6 +16,8 @@ default, the others (num_batches_tracked, float64 ones) registered as the
 library's copy-only tensors, mirrored by the same update call; buffers="copy"
 copies all of them, "ignore" leaves them out.
 """
+from .bn import update_bn
 from .ema import EMA
+from .state import IncompatibleKeys
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "update_bn", "IncompatibleKeys"]

@@ -1,6 +1,5 @@
 """polyak.torch.EMA: a model's params (and buffers) registered once, every shadow updated by one C call."""
 import contextlib
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +10,9 @@ from polyak._args import _INT64_LIMIT, _c_int, _c_int64
 from polyak._lib import lib as _c
 from polyak.errors import _check
 
-from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local, _Source
+from . import _select
+from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local
+from ._watch import Watch, stale_message
 from .presets import _Presets
 from .sources import _Sources
 from .state import _State
@@ -28,33 +29,53 @@ class EMA(_State, _Presets, _Sources):
     beta is 0 (the shadow copies the params) up to start_step; rounding
     "stochastic" rounds the f32 shadow stochastically (long horizons: beta >=
     0.9999). shadow_dtype: torch.float32 (default) or torch.bfloat16
-    (stochastic rounding). buffers: "average" (f32, bf16 and f16 ones averaged,
-    the others copied), "copy" (all copied) or "ignore"; a copied buffer is the
-    library's copy-only tensor: mirrored by every update in the same call,
+    (stochastic rounding). half_life instead of decay: Constant(0.5 ** (1 /
+    h)) for a half-life of h steps: a number of steps, "1000ba" (Composer's
+    batches) or "0.05dur", a fraction of total_steps. params: which params are
+    averaged: "all" (None), "trainable" (requires_grad), "adapters" (PEFT's
+    adapter layers), a glob of names or a list of globs, or a predicate
+    f(name, param) -> bool; other_params: what becomes of the rest, "ignore"
+    (left out: they keep the model's values) or "copy" (mirrored by each
+    update, as diffusers does with frozen params). buffers: "average" (f32,
+    bf16 and f16 ones averaged, the others copied), "copy" (all copied) or
+    "ignore"; non-persistent buffers are never registered; a copied tensor is
+    the library's copy-only tensor: mirrored by every update in the same call,
     written back with the average, saved in checkpoints. shard: with DDP, True
     (the default process group) or a group: each rank keeps 1/W of every
-    shadow; reads gather with torch.distributed. check_stale: before every
-    update, check that no registered param was re-allocated (measured cost:
-    README); False skips that. cpu_threads: on the CPU, the library's
+    shadow; reads gather with torch.distributed; buffers are averaged as rank
+    0 has them (one broadcast per update). check_stale: before every update,
+    check that no registered tensor moved or changed its strides or size
+    (measured cost: docs/pytorch.md); False skips that (replaced submodules and
+    params are caught either way). cpu_threads: on the CPU, the library's
     threads per call (updates, read-outs, copies), this one's included: 1
     (the default) runs on the caller alone, 0 one per core this process may
     run on, N > 1 starts N - 1 workers held until close(); the same bits
     for every count (docs/cpu-threads.md). A CUDA EMA ignores it.
 
-    The params must be contiguous, on one device (CPU or one CUDA device),
-    f32, bf16 or f16. Every call raises a polyak.PolyakError subclass on
-    failure and then has changed nothing.
+    The model may be torch.compile'd (its original is registered). The
+    averaged tensors must be dense (contiguous, channels_last, any order of
+    the dimensions), on one device (CPU or one CUDA device), f32, bf16 or
+    f16. Every call raises a polyak.PolyakError subclass on failure and then
+    has changed nothing.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float | None = None, warmup: bool = False, *,
-                 schedules: Sequence[Schedule] | None = None, start_step: int = 0, rounding: str = "nearest",
-                 shadow_dtype=torch.float32, buffers: str = "average", zero_init: bool = False,
+                 schedules: Sequence[Schedule] | None = None, half_life=None, total_steps: int | None = None,
+                 start_step: int = 0, rounding: str = "nearest", shadow_dtype=torch.float32, params=None,
+                 other_params: str = "ignore", buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True,
-                 cpu_threads: int = 1):
+                 cpu_threads: int = 1, _int_buffers: str = "copy"):
         self._handle = None
-        self._hooks = []
+        self._watch = None
         if not isinstance(model, torch.nn.Module):
             raise InvalidArgError(f"EMA needs a torch.nn.Module, got {type(model).__name__}")
+        model = _select.unwrap(model)  # a torch.compile'd module's original: the same tensors
+        if half_life is not None:
+            if decay is not None or schedules is not None:
+                raise InvalidArgError("give half_life or decay (or schedules), not two of them")
+            decay = polyak.beta_from_half_life(polyak.half_life_steps(half_life, total_steps))
+        elif total_steps is not None:
+            raise InvalidArgError("total_steps goes with a half_life given as a fraction of training ('0.05dur')")
         if schedules is None:
             decay = 0.9999 if decay is None else decay
             schedules = [Warmup(beta=decay, start_step=start_step, rounding=rounding) if warmup else
@@ -70,28 +91,11 @@ class EMA(_State, _Presets, _Sources):
         self._only_steps = None  # (every, offset): update(step) acts where step % every == offset
         self._copy_at_step = None  # after the update at this step, shadows <- params (a copy)
         self._last_step = 0  # the last step update() was given: update() without one takes the next
+        self._stale = None  # what changed in the model, once something did
+        self._mirrors = []  # sharded: (flat, sources) of the buffers' mirrors, rank 0's at each update
 
-        averaged, copied = self._collect(model, buffers)
-        tensors = [s.local for s in averaged + copied]
-        devices = {t.device for t in tensors}
-        if len(devices) > 1:
-            raise InvalidArgError(f"the model's tensors are on several devices ({sorted(map(str, devices))}): "
-                                  "one EMA averages the tensors of one device")
-        self.device = devices.pop() if devices else torch.device("cpu")
-        if self.device.type not in ("cpu", "cuda"):
-            raise UnsupportedError(f"tensors on {self.device}: polyak runs on the CPU and CUDA devices")
-        for s in averaged:
-            if s.local.dtype not in _DTYPE_NAMES:
-                raise UnsupportedError(f"{s.kind} {s.name!r} is {s.local.dtype}: polyak averages float32, "
-                                       "bfloat16 and float16 tensors")
-        for s in copied:
-            if s.local.dtype not in _COPY_DTYPE_NAMES:
-                raise UnsupportedError(f"buffer {s.name!r} is {s.local.dtype}, which polyak does not copy "
-                                       "(buffers='ignore' leaves buffers out)")
-        for s in averaged + copied:
-            if not s.local.is_contiguous():
-                raise InvalidArgError(f"{s.kind} {s.name!r} is not contiguous (strides {s.local.stride()}): "
-                                      "polyak reads params as contiguous memory")
+        averaged, copied = _select.collect(model, params, other_params, buffers, _int_buffers)
+        self.device = _select.check(averaged, copied)
 
         self._group = None
         world_size, rank = 1, 0
@@ -103,6 +107,10 @@ class EMA(_State, _Presets, _Sources):
             world_size, rank = dist.get_world_size(self._group), dist.get_rank(self._group)
             if any(s.count_updates for s in schedules) or zero_init:
                 raise UnsupportedError("shard: count_updates and zero_init need whole shadows on a rank")
+        self._rank = rank
+        if world_size > 1:
+            self._mirror_buffers(averaged + copied)
+            self._sync_buffers()  # the shadows start from rank 0's buffers too
         self._cuda = self.device.type == "cuda"
         self._device_index = self.device.index if self._cuda else None
         if self._cuda and self._device_index is None:
@@ -112,10 +120,10 @@ class EMA(_State, _Presets, _Sources):
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
                                world_size=world_size, rank=rank, cpu_threads=cpu_threads)
         try:
-            for s in averaged:
-                handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.local.shape)
+            for s in averaged:  # the library reads each tensor in its memory order
+                handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.memory_shape)
             for s in copied:
-                handle.add_copy(s.name, _data_ptr(s.local), _COPY_DTYPE_NAMES[s.local.dtype], s.local.shape)
+                handle.add_copy(s.name, _data_ptr(s.local), _COPY_DTYPE_NAMES[s.local.dtype], s.memory_shape)
             handle.finalize(self._stream())
             for s in averaged + copied:
                 s.info = handle.tensor_info(handle.find_tensor(s.name))
@@ -123,52 +131,55 @@ class EMA(_State, _Presets, _Sources):
             handle.close()
             raise
         self._handle = handle
+        self._model = model
         self.schedules = tuple(schedules)
         self.shadow_dtype = shadow_dtype
         self._averaged = averaged
         self._copied = copied
-        self._sources = [s.local for s in averaged + copied]
-        self._ptrs = tuple(s.ptr for s in averaged + copied)
-        self._stale = None
-        self._watch(averaged + copied)
+        self._watch = Watch(model, averaged + copied, self._model_changed)
         self._init_sources(schedules)  # LAWA's gradients, the grad norm (sources.py)
         if world_size > 1:
             self._ranges = self._all_ranges()
 
     # ---- registration ---------------------------------------------------------------
-    @staticmethod
-    def _collect(model, buffers):
-        owners = {}
-        for module in model.modules():
-            for attr, p in module._parameters.items():
-                if p is not None:
-                    owners.setdefault(id(p), (module, attr))
-            for attr, b in module._buffers.items():
-                if b is not None:
-                    owners.setdefault(id(b), (module, attr))
-        averaged, copied = [], []
-        for name, p in model.named_parameters():
-            averaged.append(_Source(name, *owners[id(p)], "param", p))
-        if buffers != "ignore":
-            for name, b in model.named_buffers():
-                source = _Source(name, *owners[id(b)], "buffer", b)
-                (averaged if buffers == "average" and b.dtype in _DTYPE_NAMES else copied).append(source)
-        return averaged, copied
+    def _mirror_buffers(self, sources):
+        """Sharded: the library reads each buffer from a private mirror, which update() fills with
+        rank 0's buffer first (one broadcast per dtype): ranks' BatchNorm statistics differ under
+        DDP, and rank 0's are the model's (DDP's broadcast_buffers), so the averages are those of
+        an unsharded EMA on rank 0."""
+        groups = {}
+        for s in sources:
+            if s.kind == "buffer":
+                groups.setdefault(s.target.dtype, []).append(s)
+        for dtype, group in groups.items():
+            flat = torch.empty(sum(s.target.numel() for s in group), dtype=dtype, device=self.device)
+            offset = 0
+            for s in group:
+                piece = flat[offset:offset + s.target.numel()].view(s.memory_shape)
+                s.read_from(s.logical_view(piece))
+                offset += s.target.numel()
+            self._mirrors.append((flat, group))
 
-    def _watch(self, sources):
-        """Notices a registered param or buffer replaced in its module (load_state_dict(assign=True),
-        a setattr): torch calls these hooks on every registration."""
-        watched = {(id(s.module), s.attr): s.name for s in sources}
-        me = weakref.ref(self)
+    def _sync_buffers(self):
+        import torch.distributed as dist
+        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        for flat, group in self._mirrors:
+            if self._rank == 0:
+                with torch.no_grad():
+                    for s in group:
+                        s.local.copy_(s.target)
+            dist.broadcast(flat, src=source, group=self._group)
 
-        def hook(module, name, value):
-            ema = me()
-            key = (id(module), name)
-            if ema is not None and key in watched and ema._stale is None:
-                ema._stale = f"{watched[key]!r} was replaced in its module"
-        from torch.nn.modules import module as torch_module
-        self._hooks = [torch_module.register_module_parameter_registration_hook(hook),
-                       torch_module.register_module_buffer_registration_hook(hook)]
+    def _model_changed(self, what):
+        if self._stale is None:
+            self._stale = what
+
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedError(
+            "a polyak EMA cannot be pickled or copied (copy.deepcopy, copy.copy, pickle, torch.save of the "
+            "object): it holds the library's handle, whose shadows live in C memory, and the addresses of the "
+            "model's tensors. Save its state instead: torch.save(ema.state_dict(), path), then "
+            "EMA(model, <the same settings>).load_state_dict(torch.load(path)), for a copy of the model too")
 
     def _check_open(self):
         """For calls that read only the shadows: fine on a stale registration too."""
@@ -178,14 +189,10 @@ class EMA(_State, _Presets, _Sources):
     def _check_live(self):
         """For calls that read or write the params."""
         self._check_open()
-        if self._stale is None and self._check_stale and tuple(map(_data_ptr, self._sources)) != self._ptrs:
-            moved = [s.name for s, ptr in zip(self._averaged + self._copied, self._ptrs)
-                     if _data_ptr(s.local) != ptr]
-            self._stale = f"{moved[0]!r} was re-allocated" + (f" (and {len(moved) - 1} more)" if moved[1:] else "")
+        if self._stale is None and self._check_stale:
+            self._stale = self._watch.changed()
         if self._stale is not None:
-            raise StateError(f"the EMA's registration is stale: {self._stale} after the EMA registered it "
-                             "(model.to(), load_state_dict(assign=True), an optimizer that swaps storage?). "
-                             "Create the EMA after such changes; the shadows are untouched")
+            raise StateError(stale_message(self._stale))
 
     def _check_not_swapped(self, what):
         if self._swapped_in is not None:
@@ -194,14 +201,19 @@ class EMA(_State, _Presets, _Sources):
 
     @contextlib.contextmanager
     def _params_swapped(self, what):
-        """Marks the params as holding an average (updates refused) for the body."""
+        """Marks the params as holding an average (updates refused) for the body, which runs
+        without autograd; on exit every module is back in the train/eval mode it had."""
         self._check_live()
         self._check_not_swapped(what)
+        modes = [(module, module.training) for module in self._model.modules()]
         self._swapped_in = what
         try:
-            yield
+            with torch.no_grad():
+                yield
         finally:
             self._swapped_in = None
+            for module, training in modes:
+                module.training = training
 
     def _stream(self):
         if not self._cuda:
@@ -222,6 +234,8 @@ class EMA(_State, _Presets, _Sources):
             return
         self._check_live()
         self._check_not_swapped("update")
+        if self._mirrors:
+            self._sync_buffers()
         h, stream = self._handle, self._stream()
         grads = self._before_update() if self._reads_sources else None  # the gradient table, current
         status = _c.polyak_update(h._ptr, step, stream)
@@ -262,15 +276,15 @@ class EMA(_State, _Presets, _Sources):
 
     def close(self):
         """Frees the shadows. Later calls raise polyak.StateError."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        if self._watch is not None:
+            self._watch.close()
         if self._handle is not None:
             self._handle.close()
 
     def __del__(self):
-        for hook in getattr(self, "_hooks", []):
-            hook.remove()
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.close()
 
     # ---- reading the averages ----------------------------------------------------------
     def _sharded(self):
@@ -326,36 +340,51 @@ class EMA(_State, _Presets, _Sources):
 
     def _write_params(self, shadow):
         """The params <- shadow `shadow`, the copied buffers <- their mirrors (sharded: the averages
-        gathered, then a torch copy per tensor)."""
+        gathered, then a torch copy per tensor into the model's tensors)."""
         if not self._sharded():
             self._handle.copy_to_params(shadow, self._stream())
             return
         with torch.no_grad():
             for s, value in zip(self._averaged, self._gathered(shadow)):
-                s.local.copy_(value)
-        for j, s in enumerate(self._copied):
-            self._read_copy(j, dst=s.local)
+                s.target.copy_(s.logical_view(value))
+            for j, s in enumerate(self._copied):
+                if s.kind != "initial":
+                    s.target.copy_(s.logical_view(self._read_copy(j)))
 
-    def model_state_dict(self, shadow: int = 0, dtype: torch.dtype | None = None):
-        """The average as the model's state dict: {name: tensor} of every registered param and
-        buffer (copied buffers as of the last update), for model.load_state_dict. The averages
-        are in each tensor's dtype, or in `dtype` (torch.float32, bfloat16 or float16: say, the
-        f32 shadows of a bf16 model exactly). DTensor params give DTensors with the same
-        placements."""
+    def _averages(self, shadow, dtype=None):
+        """{name: tensor} of every registered tensor under each of its names (tied ones share one
+        tensor): shadow `shadow` of the averaged ones (in their dtype or `dtype`), the copied ones
+        as of the last update, all logical (row-major) whatever the params' memory format."""
         self._check_open()
         if not 0 <= _c_int(shadow, "shadow") < self._handle.num_shadows:
             raise InvalidArgError(f"shadow {shadow} of {self._handle.num_shadows}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _DTYPE_NAMES):
             raise InvalidArgError(f"dtype {dtype}: averages read out as torch.float32, bfloat16 or float16")
-        out = {}
         if self._sharded():
             values = [v.to(dtype or s.dtype) for v, s in zip(self._gathered(shadow), self._averaged)]
         else:
             values = [self._read(shadow, s, dtype or s.dtype) for s in self._averaged]
-        for s, value in zip(self._averaged, values):
-            out[s.name] = self._as_model_tensor(s, value)
-        for j, s in enumerate(self._copied):
-            out[s.name] = self._as_model_tensor(s, self._read_copy(j))
+        values += [self._read_copy(j) for j in range(len(self._copied))]
+        out = {}
+        for s, value in zip(self._averaged + self._copied, values):
+            value = self._as_model_tensor(s, s.to_logical(value))
+            out.update((name, value) for name in s.names)
+        return out
+
+    def model_state_dict(self, shadow: int = 0, dtype: torch.dtype | None = None):
+        """The model's state dict as it is inside average_parameters(shadow): shadow `shadow` of
+        every averaged param and buffer (in each tensor's dtype, or in `dtype`: torch.float32,
+        bfloat16 or float16, say the f32 shadows of a bf16 model exactly), the copied ones as of
+        the last update, and what the EMA leaves out (other params, ignored buffers, extra state)
+        as the model's own, which model.state_dict() gives. It loads strictly into the model (the
+        original of a torch.compile'd one): tied weights under each name, no non-persistent
+        buffers. Tensors are row-major whatever the params' memory format; DTensor params give
+        DTensors with the same placements."""
+        averages = self._averages(shadow, dtype)
+        out = {}
+        for name, value in self._model.state_dict().items():
+            out[name] = averages.pop(name, value)
+        out.update(averages)  # a stale EMA's tensors that the model no longer has
         return out
 
     @staticmethod
@@ -368,10 +397,12 @@ class EMA(_State, _Presets, _Sources):
 
     def copy_to(self, model: torch.nn.Module, shadow: int = 0):
         """Writes shadow `shadow` into `model` (another module with the same names and shapes:
-        a copy of the trained one kept for evaluation, say), and the copied buffers."""
-        values = self.model_state_dict(shadow)
-        targets = dict(model.named_parameters())
-        targets.update(model.named_buffers())
+        a copy of the trained one kept for evaluation, say), and the copied tensors; what the EMA
+        leaves out stays as `model` has it."""
+        values = self._averages(shadow)
+        model = _select.unwrap(model)
+        targets = dict(model.named_parameters(remove_duplicate=False))
+        targets.update(model.named_buffers(remove_duplicate=False))
         missing = [name for name in values if name not in targets]
         if missing:
             raise MismatchError(f"copy_to: the model has no {missing[0]!r}")
@@ -387,7 +418,8 @@ class EMA(_State, _Presets, _Sources):
     def average_parameters(self, shadow: int = 0, weights: Sequence[float] | None = None):
         """Inside: the model's params hold shadow `shadow` (or the blend sum_k weights[k] shadow_k)
         and copied buffers their values at the last update; on exit, the exact values they had.
-        Updates inside raise polyak.StateError."""
+        Inside, autograd is off (torch.no_grad()); on exit every module has the train/eval mode
+        it had on entry. Updates inside raise polyak.StateError."""
         if weights is not None and self._sharded():
             raise UnsupportedError("blends of sharded shadows: the library blends whole shadows only")
         with self._params_swapped("average_parameters()"):
@@ -396,6 +428,9 @@ class EMA(_State, _Presets, _Sources):
     def _swap_average(self, shadow, weights):
         h, stream = self._handle, self._stream()
         h.store(stream)  # the params and the copied buffers, restored bit for bit on exit
+        # sharded: the buffers the library reads from mirrors, restored here
+        kept = [(s.target, s.target.clone()) for s in self._averaged + self._copied if s.private
+                and s.kind == "buffer"]
         try:
             if weights is not None:
                 h.blend_to_params(list(weights), stream=stream)
@@ -404,6 +439,8 @@ class EMA(_State, _Presets, _Sources):
             yield self
         finally:
             h.restore(stream)
+            for target, value in kept:
+                target.copy_(value)
 
     # ---- EDM2 post-hoc, adaptive decay ------------------------------------------------
     def snapshot(self, shadow: int) -> torch.Tensor:
@@ -443,6 +480,10 @@ class EMA(_State, _Presets, _Sources):
         """Reserves steps first_step .. first_step + num_steps - 1 for graph replays: each replay of
         a captured graph_update() applies the next one."""
         self._check_live()
+        if self._mirrors:
+            raise UnsupportedError("graph updates of a sharded EMA with buffers: each update broadcasts rank 0's "
+                                   "buffers first, which the graph would not hold (buffers='ignore', or an "
+                                   "unsharded EMA)")
         if self._reads_sources:
             self._before_update()  # the gradient table the replays read
         self._handle.graph_reserve(first_step, num_steps, self._stream())
