@@ -63,7 +63,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 "$polyak_root/bench/prepare_device_deps.sh"
 OUT="$polyak_root/build-gpu/dry-run" "$polyak_root/bench/gpu_check.sh" --dry-run --deadline 2400 | tail -20
-for step in configure build gpu-tests racecheck memcheck benchmark vs-torch python-gpu cpu-tests; do
+for step in configure build gpu-tests racecheck memcheck benchmark vs-torch offload python-gpu cpu-tests; do
   grep -q "^$step " "$polyak_root/build-gpu/dry-run/summary.txt" ||
     { echo "gpu_check --dry-run: no '$step' in its summary" >&2; exit 1; }
 done
