@@ -48,10 +48,10 @@ class EMA(_State, _Presets, _Sources):
     (measured cost: docs/pytorch.md); False skips that (replaced submodules and
     params are caught either way). cpu_threads: on the CPU, the library's
     threads per call (updates, read-outs, copies), this one's included: 1
-    (the default) runs on the caller alone, 0 one per core this process may
+    runs on the caller alone, 0 one per core this process may
     run on, N > 1 starts N - 1 workers held until close(); the same bits
-    for every count (docs/cpu-threads.md). A CUDA EMA ignores it, unless
-    its shadows are offloaded. device: where the shadows live, None (the
+    for every count (docs/cpu-threads.md); None: 1, or 0 for offloaded
+    shadows. A CUDA EMA ignores it, unless its shadows are offloaded. device: where the shadows live, None (the
     default) or the model's device for the same, "cpu" for a CUDA model: the
     shadows in host memory (no GPU memory; docs/offload.md), folded by
     cpu_threads workers after copies of the params on a stream of the
@@ -73,7 +73,7 @@ class EMA(_State, _Presets, _Sources):
                  start_step: int = 0, rounding: str = "nearest", shadow_dtype=torch.float32, params=None,
                  other_params: str = "ignore", buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True,
-                 cpu_threads: int = 1, device=None, optimizer=None, staging_bytes: int | None = None,
+                 cpu_threads: int | None = None, device=None, optimizer=None, staging_bytes: int | None = None,
                  _int_buffers: str = "copy"):
         self._handle = None
         self._watch = None
@@ -131,7 +131,8 @@ class EMA(_State, _Presets, _Sources):
         handle = polyak.Handle(schedules, backend="cuda" if self._cuda else "cpu",
                                device=self._device_index or 0, shadow_dtype=_DTYPE_NAMES[shadow_dtype],
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
-                               world_size=world_size, rank=rank, cpu_threads=cpu_threads,
+                               world_size=world_size, rank=rank,
+                               cpu_threads=(0 if offload else 1) if cpu_threads is None else cpu_threads,
                                shadows="host" if offload else "device", staging_bytes=staging_bytes)
         try:
             for s in averaged:  # the library reads each tensor in its memory order
