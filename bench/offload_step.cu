@@ -89,9 +89,9 @@ double run(Step &step, cudaStream_t stream, polyak_t *p, int every, int overlap,
     }
   }
   cudaStreamSynchronize(stream);
-  int64_t at = 0;
+  int64_t count = 0;
   if (p)
-    polyak_get_step(p, &at); // the last fold done
+    polyak_nonfinite_count(p, &count); // waits for the last fold
   return (now_s() - start) / steps;
 }
 

@@ -345,13 +345,23 @@ void Standin::write_device(void *stream, void *dst, const void *src, size_t num_
   auto data =
       std::make_shared<std::vector<char>>(static_cast<const char *>(src), static_cast<const char *>(src) + num_bytes);
   enqueue(
-      stream, [dst, data] { std::memcpy(dst, data->data(), data->size()); }, dst, num_bytes, true);
+      stream,
+      [dst, data] {
+        if (!data->empty()) // an empty vector's data() may be NULL
+          std::memcpy(dst, data->data(), data->size());
+      },
+      dst, num_bytes, true);
 }
 
 void Standin::read_device(void *stream, void *dst, const void *src, size_t num_bytes)
 {
   enqueue(
-      stream, [dst, src, num_bytes] { std::memcpy(dst, src, num_bytes); }, src, num_bytes, false);
+      stream,
+      [dst, src, num_bytes] {
+        if (num_bytes > 0)
+          std::memcpy(dst, src, num_bytes);
+      },
+      src, num_bytes, false);
   synchronize();
 }
 

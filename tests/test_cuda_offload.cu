@@ -260,8 +260,8 @@ TEST_F(Gpu, AnOffloadedHandleTakesAtMostItsStagingAndPlanInDeviceMemory)
     ASSERT_EQ(polyak_add(h.get(), "w", param, POLYAK_BF16, 1, shape), POLYAK_OK);
     ASSERT_EQ(polyak_finalize(h.get(), nullptr), POLYAK_OK) << polyak_last_error(h.get());
     ASSERT_EQ(polyak_update(h.get(), 1, nullptr), POLYAK_OK) << polyak_last_error(h.get());
-    int64_t step = 0;
-    ASSERT_EQ(polyak_get_step(h.get(), &step), POLYAK_OK); // waits for the update in flight
+    int64_t count = 0;
+    ASSERT_EQ(polyak_nonfinite_count(h.get(), &count), POLYAK_OK); // waits for the update in flight
     CUDA_OK(cudaDeviceSynchronize());
     CUDA_OK(cudaMemGetInfo(&free_after, &total));
     int64_t num_chunks = num_elems / 4096 + 1; // at least the plan a device handle would upload
