@@ -6,7 +6,10 @@
  * loop's median over the row's) is the row's element rate as a fraction of
  * it. Rows: each param and shadow dtype, K = 1 and 4, f32 shadows rounded to
  * nearest and stochastically, and K = 4 as four one-shadow handles updated
- * in turn; then the targets, computed from them. */
+ * in turn; the stochastic rows (f32 shadows rounded so, bf16 shadows) once
+ * more on each narrower kernel table the CPU has (POLYAK_CPU_ISA: AVX2 on
+ * an AVX-512 CPU, and the portable reference at K = 1), so that each
+ * instruction set's figures show; then the targets, computed from them. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,14 +156,18 @@ typedef struct {
 
 /* One row: K shadows of `shadow_dtype` rounded by `rounding` (bf16 ones
  * always round stochastically), in one handle or (separate) K handles of
- * one shadow updated in turn, each update followed by a pass of the loop.
- * Returns the median ms and the loop's beside it, or ms -1. */
+ * one shadow updated in turn, each update followed by a pass of the loop;
+ * on the kernels of instruction set `isa` (POLYAK_CPU_ISA while the handles
+ * are finalized), or the widest the CPU has (NULL). Returns the median ms
+ * and the loop's beside it and the instruction set that ran; ms -1 on a
+ * failure, 0 where the CPU lacks `isa` (no row). */
 typedef struct {
   double ms, loop_ms;
+  const char *isa;
 } cpu_row;
 
 static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtype shadow_dtype, int num_shadows,
-                       int rounding, int separate)
+                       int rounding, int separate, const char *isa)
 {
   polyak_config cfg;
   polyak_config_init(&cfg);
@@ -173,13 +180,20 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
   int count = separate ? num_shadows : 1, failed = 0, culprit = 0;
   double *times = malloc(sizeof(double) * (size_t)run->iters),
          *loop_times = malloc(sizeof(double) * (size_t)run->iters);
+  if (isa) /* read at finalize; the loop's threads never read the environment */
+    setenv("POLYAK_CPU_ISA", isa, 1);
   for (int h = 0; h < count && !failed; h++) {
     culprit = h;
     failed = polyak_create(&handles[h], &cfg) != POLYAK_OK ||
              bench_register(handles[h], run->list, run->params[param_dtype], param_dtype) != POLYAK_OK ||
              polyak_finalize(handles[h], NULL) != POLYAK_OK;
   }
-  for (int it = -WARMUP; it < run->iters && !failed; it++) {
+  if (isa)
+    unsetenv("POLYAK_CPU_ISA");
+  const char *ran = "";
+  failed = failed || polyak_cpu_isa(handles[0], &ran) != POLYAK_OK;
+  int absent = !failed && isa && strcmp(isa, ran) != 0;
+  for (int it = -WARMUP; it < run->iters && !failed && !absent; it++) {
     double start = bench_seconds();
     for (int h = 0; h < count && !failed; h++) {
       culprit = h;
@@ -191,17 +205,20 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
     if (it >= 0)
       loop_times[it] = loop_seconds;
   }
-  double ms = -1.0, loop_ms = 0.0;
+  double ms = absent ? 0.0 : -1.0, loop_ms = 0.0;
   if (failed) {
     fprintf(stderr, "bench: %s: %s\n", run->list->name, polyak_last_error(handles[culprit]));
-  } else {
+  } else if (!absent) {
     ms = 1e3 * bench_median(times, run->iters);
     loop_ms = 1e3 * bench_median(loop_times, run->iters);
     double gbps = bench_required_bytes(run->list->num_elems, param_dtype, shadow_dtype, num_shadows) / ms / 1e6;
     double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
-    const char *impl = separate                              ? "polyak_cpu_separate_passes"
-                       : rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic"
-                                                             : "polyak_cpu";
+    char impl[64];
+    snprintf(impl, sizeof impl, "%s%s%s",
+             separate                              ? "polyak_cpu_separate_passes"
+             : rounding == POLYAK_ROUND_STOCHASTIC ? "polyak_cpu_round_stochastic"
+                                                   : "polyak_cpu",
+             isa ? "_" : "", isa ? isa : "");
     bench_record r = {run->list->name,
                       bench_dtype_name(param_dtype),
                       bench_dtype_name(shadow_dtype),
@@ -211,20 +228,65 @@ static cpu_row measure(const cpu_run *run, polyak_dtype param_dtype, polyak_dtyp
                       gbps,
                       gbps / loop_gbps,
                       run->threads,
-                      loop_ms / ms};
+                      loop_ms / ms,
+                      ran};
     bench_emit(run->out, &r);
   }
   for (int h = 0; h < count; h++)
     polyak_destroy(handles[h]);
   free(times);
   free(loop_times);
-  return (cpu_row){ms, loop_ms};
+  return (cpu_row){ms, loop_ms, ran};
 }
 
-/* One list at one thread count, for the targets. */
+/* The kernel tables POLYAK_CPU_ISA can name, widest first. */
+static const char *const isas[] = {"avx512", "avx2", "portable"};
+#define NUM_ISAS 3
+
+static int isa_rank(const char *isa)
+{
+  for (int i = 0; i < NUM_ISAS; i++)
+    if (strcmp(isa, isas[i]) == 0)
+      return i;
+  return NUM_ISAS;
+}
+
+/* The stochastic rows of one list, thread count and instruction set, for the targets. */
+typedef struct {
+  cpu_row f32_sr_k1, f32_sr_k4, bf16_k1;
+} cpu_isa_times;
+
+/* One list at one thread count, for the targets; by_isa[i] on isas[i]
+ * (ms 0: not run). */
 typedef struct {
   cpu_row f32_k1, f32_k4, f32_separate, bf16_sr_k1;
+  double loop_gbps;
+  cpu_isa_times by_isa[NUM_ISAS];
 } cpu_times;
+
+/* A stochastic row (f32 shadows rounded so, or bf16 shadows, which always
+ * are), then the same on each narrower table the CPU has: AVX2 at K = 1
+ * and 4, the portable reference at K = 1 (it is slow). Returns the first
+ * row (ms -1 on a failure); *kept[i], where given, gets isas[i]'s. */
+static cpu_row stochastic_rows(cpu_run *run, polyak_dtype param_dtype, polyak_dtype shadow_dtype, int num_shadows,
+                               cpu_row *const kept[NUM_ISAS])
+{
+  int rounding = shadow_dtype == POLYAK_F32 ? POLYAK_ROUND_STOCHASTIC : POLYAK_ROUND_NEAREST;
+  cpu_row widest = measure(run, param_dtype, shadow_dtype, num_shadows, rounding, 0, NULL);
+  if (widest.ms < 0)
+    return widest;
+  int first = isa_rank(widest.isa);
+  if (first < NUM_ISAS && kept[first])
+    *kept[first] = widest;
+  for (int i = first + 1; i < NUM_ISAS && (i < NUM_ISAS - 1 || num_shadows == 1); i++) {
+    cpu_row row = measure(run, param_dtype, shadow_dtype, num_shadows, rounding, 0, isas[i]);
+    if (row.ms < 0)
+      return row;
+    if (row.ms > 0 && kept[i])
+      *kept[i] = row;
+  }
+  return widest;
+}
 
 static int run_threads(cpu_run *run, cpu_times *t)
 {
@@ -237,24 +299,35 @@ static int run_threads(cpu_run *run, cpu_times *t)
   }
   double loop_ms = 1e3 * bench_median(times, run->iters);
   free(times);
-  double loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
-  bench_record loop = {run->list->name, "f32", "f32", 1, "inplace_loop", loop_ms, loop_gbps, 1.0, run->threads, 1.0};
+  t->loop_gbps = 12.0 * (double)run->list->num_elems / loop_ms / 1e6;
+  bench_record loop = {run->list->name, "f32", "f32", 1, "inplace_loop", loop_ms, t->loop_gbps, 1.0,
+                       run->threads,    1.0,   NULL};
   bench_emit(run->out, &loop);
   for (int pd = 0; pd < 2; pd++)
     for (int sd = 0; sd < 2; sd++)
       for (int num_shadows = 1; num_shadows <= 4; num_shadows += 3) {
-        cpu_row row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 0);
+        cpu_row *kept[NUM_ISAS] = {NULL, NULL, NULL}; /* f32 params: the targets' rows */
+        for (int i = 0; i < NUM_ISAS && pd == 0; i++)
+          kept[i] = sd == 1            ? (num_shadows == 1 ? &t->by_isa[i].bf16_k1 : NULL)
+                    : num_shadows == 1 ? &t->by_isa[i].f32_sr_k1
+                                       : &t->by_isa[i].f32_sr_k4;
+        if (dtypes[sd] == POLYAK_BF16) {
+          cpu_row row = stochastic_rows(run, dtypes[pd], dtypes[sd], num_shadows, kept);
+          if (row.ms < 0)
+            return -1;
+          if (pd == 0 && num_shadows == 1)
+            t->bf16_sr_k1 = row;
+          continue;
+        }
+        cpu_row row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 0, NULL);
         if (row.ms < 0)
           return -1;
-        if (pd == 0 && sd == 0)
+        if (pd == 0)
           *(num_shadows == 1 ? &t->f32_k1 : &t->f32_k4) = row;
-        if (pd == 0 && sd == 1 && num_shadows == 1)
-          t->bf16_sr_k1 = row;
-        int stochastic = dtypes[sd] == POLYAK_F32; /* the same f32 shadows rounded stochastically, next */
-        if (stochastic && measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_STOCHASTIC, 0).ms < 0)
+        if (stochastic_rows(run, dtypes[pd], dtypes[sd], num_shadows, kept).ms < 0) /* the same, stochastically */
           return -1;
-        if (dtypes[sd] == POLYAK_F32 && num_shadows == 4) {
-          row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 1);
+        if (num_shadows == 4) {
+          row = measure(run, dtypes[pd], dtypes[sd], num_shadows, POLYAK_ROUND_NEAREST, 1, NULL);
           if (row.ms < 0)
             return -1;
           if (pd == 0)
@@ -262,6 +335,16 @@ static int run_threads(cpu_run *run, cpu_times *t)
         }
       }
   return 0;
+}
+
+/* A row's element rate over the loop's beside it, as text: "-" where not run. */
+static const char *ratio(const cpu_row *row, char *text, size_t num_bytes)
+{
+  if (row->ms > 0)
+    snprintf(text, num_bytes, "%.2f", row->loop_ms / row->ms);
+  else
+    snprintf(text, num_bytes, "-");
+  return text;
 }
 
 /* The ratios the CPU path aims at, from one list's rows; times[i] at
@@ -277,6 +360,18 @@ static void print_targets(const bench_list *list, const cpu_times *times, const 
            list->name, threads[i], threads[i] > 1 ? "s" : "", t->f32_k1.loop_ms / t->f32_k1.ms,
            (t->f32_separate.ms / t->f32_separate.loop_ms) / (t->f32_k4.ms / t->f32_k4.loop_ms),
            t->bf16_sr_k1.loop_ms / t->bf16_sr_k1.ms);
+    /* f32 params: 12 bytes an element for the loop, 4 + 8K for f32 shadows, 4 + 4K for bf16 ones */
+    for (int k = 0; k < NUM_ISAS; k++) {
+      const cpu_isa_times *s = &t->by_isa[k];
+      if (s->f32_sr_k1.ms <= 0 && s->bf16_k1.ms <= 0)
+        continue;
+      char a[16], b[16], c[16];
+      printf("targets %s, %d thread%s, stochastic rounding on %s: f32 K=1 %s of the loop's element rate (0.8; "
+             "bytes allow 1.0); bf16 shadows %s (0.9; bytes allow 1.5); f32 K=4 %s (0.25; bytes allow 0.33); "
+             "the loop %.1f GB/s\n",
+             list->name, threads[i], threads[i] > 1 ? "s" : "", isas[k], ratio(&s->f32_sr_k1, a, sizeof a),
+             ratio(&s->bf16_k1, b, sizeof b), ratio(&s->f32_sr_k4, c, sizeof c), t->loop_gbps);
+    }
     if (threads[i] == 2 && threads[0] == 1) {
       const cpu_times *one = &times[0];
       double bytes = 12.0 * (double)list->num_elems;
@@ -313,6 +408,7 @@ int bench_cpu(const bench_options *options)
         fill_host(run.params[pd], num_bytes, (polyak_dtype)pd);
     }
     cpu_times times[8]; /* main takes at most 8 counts */
+    memset(times, 0, sizeof times);
     for (int i = 0; i < options->num_cpu_threads && !failed; i++) {
       pthread_t ids[64];
       loop_worker workers[64];

@@ -79,7 +79,8 @@ static void emit(const gpu_run *run, polyak_dtype shadow_dtype, int num_shadows,
                     gbps,
                     gbps / run->copy_gbps,
                     0,
-                    0.0};
+                    0.0,
+                    NULL};
   bench_emit(run->out, &r);
 }
 
@@ -179,7 +180,8 @@ static int run_sharding(const gpu_run *run)
                       gbps,
                       gbps / run->copy_gbps,
                       0,
-                      0.0};
+                      0.0,
+                      NULL};
     bench_emit(run->out, &r);
   }
   return 0;

@@ -113,15 +113,16 @@ void bench_table_header(const char *title)
 
 void bench_cpu_table_header(const char *title)
 {
-  printf("\n%s\n%-10s %-5s %-5s %2s %-28s %10s %9s %8s %3s %8s\n", title, "list", "param", "shadw", "K", "impl",
-         "ms median", "GB/s", "of copy", "thr", "of loop");
+  printf("\n%s\n%-10s %-5s %-5s %2s %-36s %10s %9s %8s %3s %8s %s\n", title, "list", "param", "shadw", "K", "impl",
+         "ms median", "GB/s", "of copy", "thr", "of loop", "isa");
 }
 
 void bench_emit(bench_output *out, const bench_record *r)
 {
   if (r->threads > 0)
-    printf("%-10s %-5s %-5s %2d %-28s %10.4f %9.1f %8.3f %3d %8.3f\n", r->list, r->param_dtype, r->shadow_dtype,
-           r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy, r->threads, r->of_loop);
+    printf("%-10s %-5s %-5s %2d %-36s %10.4f %9.1f %8.3f %3d %8.3f %s\n", r->list, r->param_dtype, r->shadow_dtype,
+           r->num_shadows, r->impl, r->ms_median, r->gbps, r->frac_of_copy, r->threads, r->of_loop,
+           r->isa ? r->isa : "");
   else
     printf("%-10s %-5s %-5s %2d %-24s %10.4f %9.1f %8.3f\n", r->list, r->param_dtype, r->shadow_dtype, r->num_shadows,
            r->impl, r->ms_median, r->gbps, r->frac_of_copy);
@@ -136,6 +137,8 @@ void bench_emit(bench_output *out, const bench_record *r)
     json_object_set_new(line, "threads", json_integer(r->threads));
     json_object_set_new(line, "of_loop", json_real(r->of_loop));
   }
+  if (r->isa)
+    json_object_set_new(line, "isa", json_string(r->isa));
   char *text = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER);
   if (text)
     fprintf(out->jsonl, "%s\n", text);

@@ -18,6 +18,7 @@ typedef struct {
   double frac_of_copy; /* gbps / the same run's copy bandwidth (CPU: the in-place loop's) */
   int threads;         /* CPU rows: threads of the update; 0 elsewhere */
   double of_loop;      /* CPU rows: the same run's in-place loop's time over this row's */
+  const char *isa;     /* CPU rows of polyak: its kernels' instruction set (polyak_cpu_isa); NULL elsewhere */
 } bench_record;
 
 typedef struct {

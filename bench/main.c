@@ -4,8 +4,9 @@
  *   polyak_bench [--out DIR] [--iters N] [--lists a,b,...] [--cpu-lists a,b,...]
  *                [--cpu-threads 1,2,...] [--cpu-only] [--gpu-only]
  *
- * Lists: gpt2-124m gpt2-xl llama2-7b vit-b16 resnet50 (the TSVs in bench/models)
- * and tiny-10k. The CPU section runs at each of --cpu-threads (default 1,2).
+ * Lists: gpt2-124m gpt2-xl llama2-7b vit-b16 resnet50 (the TSVs in bench/models),
+ * tiny-10k and cache-32k (one tensor that stays in the L2 cache: the CPU
+ * kernels' arithmetic without the memory's time). The CPU section runs at each of --cpu-threads (default 1,2).
  * Results go to stdout and, with --out, to
  * DIR/<date>-<card>.jsonl (one JSON object per measurement). */
 #include <stdio.h>

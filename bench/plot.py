@@ -12,13 +12,20 @@ import collections
 import json
 import sys
 
-ORDER = ["inplace_loop", "polyak_cpu", "polyak_cpu_round_stochastic", "polyak_cpu_separate_passes", "polyak",
-         "polyak_unchecked", "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor", "torch_foreach_lerp",
-         "torch_cast_then_lerp", "timm_v3", "timm_v3_bf16_sr", "torch_loop"]
+ORDER = ["inplace_loop", "polyak_cpu", "polyak_cpu_avx2", "polyak_cpu_portable", "polyak_cpu_round_stochastic",
+         "polyak_cpu_round_stochastic_avx2", "polyak_cpu_round_stochastic_portable", "polyak_cpu_separate_passes",
+         "polyak", "polyak_unchecked", "polyak_bf16_shadows", "polyak_separate_passes", "cublas_per_tensor",
+         "torch_foreach_lerp", "torch_cast_then_lerp", "timm_v3", "timm_v3_bf16_sr", "torch_loop"]
+
+
+def impl_name(r):
+    """The row's impl, with the instruction set its CPU kernels ran where the row says and the name does not."""
+    isa = r.get("isa")
+    return f"{r['impl']} ({isa})" if isa and not r["impl"].endswith("_" + isa) else r["impl"]
 
 
 def label(r):
-    return f"{r['impl']} x{r['threads']}" if "threads" in r else r["impl"]
+    return f"{impl_name(r)} x{r['threads']}" if "threads" in r else r["impl"]
 
 
 def elem_rate(r):
@@ -39,7 +46,7 @@ def tables(paths):
     cells = collections.OrderedDict()
     for r in rows:
         if r["impl"].startswith("polyak_cpu") or r["impl"] == "inplace_loop":
-            key = (r["list"], r["param_dtype"], r["shadow_dtype"], r["num_shadows"], r["impl"])
+            key = (r["list"], r["param_dtype"], r["shadow_dtype"], r["num_shadows"], impl_name(r))
             cells.setdefault(key, {})[r["threads"]] = r
     if cells:  # the C benchmark's rows (vs_torch's files have none)
         head = " | ".join(f"{t} thr ms | of loop" for t in counts)

@@ -167,6 +167,16 @@ POLYAK_API const char *polyak_version_string(void);
  * driver and a device), else 0. */
 POLYAK_API int polyak_backend_available(polyak_backend b);
 
+/* *isa = the instruction set of a finalized CPU handle's update kernels:
+ * "avx512", "avx2" or "portable" (plain C, the reference); all give the
+ * same bits. Finalize picks the widest this CPU runs, at most the one the
+ * environment variable POLYAK_CPU_ISA names (avx512, avx2 or portable: for
+ * measuring the narrower ones; another value fails finalize). Returns
+ * POLYAK_ERR_INVALID_ARG for a NULL argument, POLYAK_ERR_UNSUPPORTED on
+ * the CUDA backend (but for shadows in host memory, which the CPU's
+ * kernels update), POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_cpu_isa(const polyak_t *p, const char **isa);
+
 /* Registers one parameter tensor, numbered in registration order from 0:
  * `name` (unique, UTF-8; "__metadata__" and "polyak." names reserved),
  * `param` (contiguous, aligned, on the backend's side; NULL only if

@@ -65,8 +65,9 @@ polyak_python_env() {
 }
 
 # Prints a python that also has PyTorch (PyPI's wheel), timm, ema-pytorch,
-# diffusers, peft, scikit-learn, matplotlib, pytest and ruff (the version
-# pyproject.toml requires), and this package installed
+# diffusers, peft, lightning, transformers and accelerate (the drop-ins'
+# side-by-side tests run their trainers), scikit-learn, matplotlib, pytest
+# and ruff (the version pyproject.toml requires), and this package installed
 # from the work tree with `pip install .` (CPU only, which is quick: the
 # tests load the build tree's libpolyak through POLYAK_LIBRARY, with CUDA
 # where it was built). Returns 1, quietly, when the registry is unreachable
@@ -76,11 +77,11 @@ polyak_torch_env() {
   local venv="$polyak_root/.venv" python log="$polyak_root/.venv/polyak-install.log" ruff
   python=$(polyak_python_env) || return 1
   ruff=$(sed -n 's/^required-version = "==\([0-9.]*\)"$/\1/p' "$polyak_root/pyproject.toml")
-  if ! "$python" -c "import torch, timm, ema_pytorch, diffusers, peft, sklearn, matplotlib, pytest, scikit_build_core" \
+  if ! "$python" -c "import torch, timm, ema_pytorch, diffusers, peft, lightning, transformers, accelerate, sklearn, matplotlib, pytest, scikit_build_core" \
       >/dev/null 2>&1 || [ "$("$python" -m ruff --version 2>/dev/null)" != "ruff $ruff" ]; then
     echo "setup: installing PyTorch and the libraries the Python tests compare with into .venv" >&2
-    "$venv/bin/pip" install -q --disable-pip-version-check torch timm ema-pytorch diffusers peft scikit-learn \
-      matplotlib pytest "scikit-build-core>=0.10" "ruff==$ruff" >"$log" 2>&1 ||
+    "$venv/bin/pip" install -q --disable-pip-version-check torch timm ema-pytorch diffusers peft lightning \
+      transformers accelerate scikit-learn matplotlib pytest "scikit-build-core>=0.10" "ruff==$ruff" >"$log" 2>&1 ||
       { echo "setup: no PyTorch (no package registry?): the Python tests will skip" >&2; return 1; }
   fi
   # the package's own build is a test: its failure is not a missing registry

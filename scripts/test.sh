@@ -2,9 +2,9 @@
 # The tests: the format check (clang-format 14); the whole suite on the
 # default build (CUDA compiled when nvcc is found; GPU tests skip without a
 # device); every CPU test again in a CPU-only build under AddressSanitizer
-# and UndefinedBehaviorSanitizer; the worker pool and the offload's pipeline
-# (its stand-in device) under ThreadSanitizer;
-# the checkpoint loader under libFuzzer for 60 s; a dry run of the GPU check
+# and UndefinedBehaviorSanitizer; the worker pool, the CPU kernel tables and
+# the offload's pipeline (its stand-in device) under ThreadSanitizer; the
+# checkpoint loader under libFuzzer for 60 s; a dry run of the GPU check
 # (bench/gpu_check.sh). Every build treats warnings as errors.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
@@ -48,7 +48,7 @@ polyak_build "$polyak_root/build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_WERROR=ON -DPOLYAK_BUILD_EXAMPLES=OFF \
   -DPOLYAK_BUILD_BENCH=OFF
 # a race report fails the test (TSan exits 66 after reporting)
-(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels|Offload|OffloadModes)\.' --no-tests=error --output-on-failure --parallel "$jobs")
+(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels|CpuIsa|Offload|OffloadModes)\.' --no-tests=error --output-on-failure --parallel "$jobs")
 
 echo "== fuzz: the checkpoint loader, 60 s"
 "$polyak_root/fuzz/run.sh" 60

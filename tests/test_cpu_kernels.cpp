@@ -1,5 +1,5 @@
 // test_cpu_kernels.cpp: the CPU update's chunk code (src/cpu/cpu_update.c) with
-// each kernel table, portable C and AVX2 where the CPU has it, against the
+// each kernel table, portable C, AVX2 and AVX-512 where the CPU has them, against the
 // GPU kernel's own per-chunk code (kernels/update_chunk.h) run on the CPU:
 // the same bits on every dtype pair and rounding, on values chosen to hit
 // the rare paths (NaN payloads, Inf, overflowing differences, subnormal
@@ -162,6 +162,8 @@ std::vector<std::pair<const char *, const cpu_kernels *>> tables()
   std::vector<std::pair<const char *, const cpu_kernels *>> all = {{"portable", &polyak_cpu_portable_kernels}};
   if (const cpu_kernels *avx2 = polyak_cpu_avx2_kernels())
     all.push_back({"avx2", avx2});
+  if (const cpu_kernels *avx512 = polyak_cpu_avx512_kernels())
+    all.push_back({"avx512", avx512});
   return all;
 }
 

@@ -348,3 +348,14 @@ TEST(Offload, TheCpuBackendTakesShadowsInHostMemoryAsItsOwn)
   EXPECT_EQ(polyak_set_offload_staging(p.get(), 0), POLYAK_ERR_STATE);
   ASSERT_EQ(polyak_wait_param_reads(p.get(), nullptr), POLYAK_OK); // nothing in flight on the CPU
 }
+
+TEST(Offload, TheHostSideRunsTheCpuBackendsKernelTable)
+{
+  Pair pair(config(), odd_specs());
+  const char *isa = nullptr, *cpu_isa = nullptr;
+  EXPECT_EQ(polyak_cpu_isa(pair.off.get(), &isa), POLYAK_ERR_STATE); // before finalize
+  pair.finalize();
+  ASSERT_EQ(polyak_cpu_isa(pair.cpu.get(), &cpu_isa), POLYAK_OK);
+  ASSERT_EQ(polyak_cpu_isa(pair.off.get(), &isa), POLYAK_OK);
+  EXPECT_STREQ(isa, cpu_isa);
+}

@@ -153,6 +153,7 @@ FUNCTIONS = {
     "polyak_graph_reserve": (_status, [("p", _vp), ("first_step", _i64), ("num_steps", _i64), ("stream", _vp)]),
     "polyak_graph_update": (_status, [("p", _vp), ("stream", _vp)]),
     "polyak_graph_release": (_status, [("p", _vp), ("num_steps_done", _P(_i64))]),
+    "polyak_cpu_isa": (_status, [("p", _vp), ("isa", _P(_str))]),
     "polyak_local_range": (_status, [("p", _vp), ("tensor", _int), ("first_elem", _P(_i64)), ("num_elems", _P(_i64))]),
     "polyak_get_local_shadow_n": (_status, [("p", _vp), ("shadow", _int), ("tensor", _int), ("dst", _vp),
                                             ("dst_dtype", _int), ("dst_num_bytes", _size), ("stream", _vp)]),

@@ -106,10 +106,11 @@ PROTOTYPES = prototypes(HEADER)
 # The one ctypes type each C type of the header is bound as. Memory a call reads or writes on
 # the backend's side (float * read-outs and device norms) is an address: c_void_p.
 SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint32_t": ctypes.c_uint32, "uint64_t": ctypes.c_uint64,
-           "size_t": ctypes.c_size_t, "double": ctypes.c_double, "char*": ctypes.c_char_p, "void*": ctypes.c_void_p,
-           "float*": ctypes.c_void_p, "polyak_t*": ctypes.c_void_p, "polyak_t**": _P(ctypes.c_void_p),
-           "void**": _P(ctypes.c_void_p), "int*": _P(ctypes.c_int), "int64_t*": _P(ctypes.c_int64),
-           "size_t*": _P(ctypes.c_size_t), "double*": _P(ctypes.c_double)}
+           "size_t": ctypes.c_size_t, "double": ctypes.c_double, "char*": ctypes.c_char_p,
+           "char**": _P(ctypes.c_char_p), "void*": ctypes.c_void_p, "float*": ctypes.c_void_p,
+           "polyak_t*": ctypes.c_void_p, "polyak_t**": _P(ctypes.c_void_p), "void**": _P(ctypes.c_void_p),
+           "int*": _P(ctypes.c_int), "int64_t*": _P(ctypes.c_int64), "size_t*": _P(ctypes.c_size_t),
+           "double*": _P(ctypes.c_double)}
 MIRRORED_STRUCTS = {"polyak_schedule": _lib.Schedule, "polyak_shadow_config": _lib.ShadowConfig,
                     "polyak_config": _lib.Config, "polyak_view": _lib.View, "polyak_tensor_info_t": _lib.TensorInfo}
 

@@ -291,9 +291,11 @@ polyak_status polyak_cpu_state_init(polyak_t *p, cpu_state *state)
 {
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
     state->products[k] = 1.0;
-  state->kernels = polyak_cpu_avx2_kernels();
+  state->kernels = polyak_cpu_pick_kernels();
   if (!state->kernels)
-    state->kernels = &polyak_cpu_portable_kernels;
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_finalize: POLYAK_CPU_ISA is \"%s\": expected avx512, avx2 or portable",
+                       getenv("POLYAK_CPU_ISA"));
   char why[POLYAK_ERROR_BYTES] = "out of host memory";
   int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
   polyak_status status = polyak_cpu_build_items(p, state) != 0
@@ -347,6 +349,19 @@ static polyak_status cpu_capturing(polyak_t *p, void *stream, int *capturing)
 {
   (void)p, (void)stream;
   *capturing = 0;
+  return POLYAK_OK;
+}
+
+polyak_status polyak_cpu_isa(const polyak_t *p, const char **isa)
+{
+  if (!p || !isa)
+    return POLYAK_ERR_INVALID_ARG;
+  if (p->cfg.backend != POLYAK_BACKEND_CPU && !polyak_offloaded(p))
+    return POLYAK_ERR_UNSUPPORTED;
+  if (!p->finalized || !p->backend)
+    return POLYAK_ERR_STATE;
+  /* an offloaded handle's state starts with its host side's (src/offload/offload.h) */
+  *isa = ((const cpu_state *)p->backend)->kernels->isa;
   return POLYAK_OK;
 }
 

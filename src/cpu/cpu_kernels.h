@@ -1,7 +1,8 @@
 /* cpu_kernels.h: the CPU backend's update in blocks: the kernel tables
- * (portable C over polyak_math.h, and AVX2 with FMA; the same bits), the
- * element loops both share, and the per-chunk entry points (cpu_update.c).
- * No handle state: the tests call these directly. */
+ * (portable C over polyak_math.h, AVX2 with FMA, and AVX-512 for the
+ * stochastic roundings; the same bits), the element loops they share, the
+ * choice of table, and the per-chunk entry points (cpu_update.c). No
+ * handle state: the tests call these directly. */
 #ifndef POLYAK_CPU_KERNELS_H
 #define POLYAK_CPU_KERNELS_H
 
@@ -21,9 +22,11 @@ extern "C" { /* the tests reach the kernels */
  * was where guard is set and the param is NaN or Inf. `first_elem` is
  * element 0's global index (the stochastic-rounding counter); the block's
  * indices share their high 32 bits. Each returns
- * the non-finite params it met. Two tables have them: portable C over
- * polyak_math.h, and AVX2 with FMA; they give the same bits. */
+ * the non-finite params it met. Three tables have them: portable C over
+ * polyak_math.h (the reference), AVX2 with FMA, and AVX-512 (its own
+ * stochastic kernels, AVX2's other entries); they give the same bits. */
 typedef struct {
+  const char *isa; /* "portable", "avx2", "avx512" */
   int64_t (*f32_nearest)(float *shadow, const float *param, int64_t num_elems, float weight, int guard);
   int64_t (*f32_stochastic)(float *shadow, const float *param, int64_t num_elems, float weight, int guard, uint64_t key,
                             int64_t first_elem);
@@ -45,6 +48,24 @@ extern const cpu_kernels polyak_cpu_portable_kernels;
 /* The AVX2 table where this build and CPU have AVX2 and FMA, else NULL. */
 const cpu_kernels *polyak_cpu_avx2_kernels(void);
 
+/* The AVX-512 table where this build and CPU have AVX-512 F, BW, DQ and VL
+ * (and the OS saves their registers) besides AVX2, else NULL. */
+const cpu_kernels *polyak_cpu_avx512_kernels(void);
+
+/* The table a handle uses: the widest this CPU runs, at most the one the
+ * environment variable POLYAK_CPU_ISA names ("avx512", "avx2" or
+ * "portable": for measuring and testing the narrower ones). NULL for any
+ * other value of it. */
+const cpu_kernels *polyak_cpu_pick_kernels(void);
+
+/* AVX2's kernels that the AVX-512 table shares (x86-64 builds only). */
+int64_t polyak_cpu_avx2_f32_nearest(float *shadow, const float *param, int64_t num_elems, float weight, int guard);
+int64_t polyak_cpu_avx2_count_nonfinite(const float *param, int64_t num_elems);
+void polyak_cpu_avx2_bf16_to_f32(float *dst, const uint16_t *src, int64_t num_elems);
+void polyak_cpu_avx2_f16_to_f32(float *dst, const uint16_t *src, int64_t num_elems);
+void polyak_cpu_avx2_f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems);
+void polyak_cpu_avx2_sumsq_row(float *acc, const float *row, int64_t num_elems);
+
 /* One chunk of an update (the kernel's polyak_update_chunk, block by
  * block): every shadow of its elements, Lookahead's write-back, and the
  * non-finite params met, returned. The one place a chunk's kind is told
@@ -57,8 +78,8 @@ int64_t polyak_cpu_update_chunk(const cpu_kernels *kernels, const polyak_tensor_
 float polyak_cpu_chunk_sumsq(const cpu_kernels *kernels, const void *grad, polyak_dtype dtype,
                              const polyak_chunk *chunk);
 
-/* ---- the element loops both kernel tables share (the AVX2 one for its
- * tails and the rare cases), over [begin, end) ---- */
+/* ---- the element loops the kernel tables share (the vector ones for
+ * their tails and rare cases), over [begin, end) ---- */
 
 static inline int64_t cpu_f32_nearest_loop(float *shadow, const float *param, int64_t begin, int64_t end, float weight,
                                            int guard)

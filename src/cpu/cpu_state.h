@@ -1,12 +1,13 @@
 /* cpu_state.h: a CPU handle's state (p->backend) and the parallel walks
  * over its plan (cpu_walk.c) that every CPU call uses:
  *
- *   cpu_backend.c      finalize and release, the update, LAWA's norms, graph mode, the table
- *   cpu_update.c       the per-chunk update and the portable kernels (cpu_kernels.h)
- *   cpu_update_avx2.c  the same kernels for AVX2 with FMA, picked at run time
- *   cpu_walk.c         the plan's chunks across the handle's threads
- *   cpu_pool.c         the worker threads
- *   cpu_readout.c      read-outs, evaluation, hard updates and transfers (cpu_readout.h) */
+ *   cpu_backend.c        finalize and release, the update, LAWA's norms, graph mode, the table
+ *   cpu_update.c         the per-chunk update and the portable kernels (cpu_kernels.h)
+ *   cpu_update_avx2.c    the same kernels for AVX2 with FMA, picked at run time
+ *   cpu_update_avx512.c  the stochastic-rounding kernels for AVX-512, likewise
+ *   cpu_walk.c           the plan's chunks across the handle's threads
+ *   cpu_pool.c           the worker threads
+ *   cpu_readout.c        read-outs, evaluation, hard updates and transfers (cpu_readout.h) */
 #ifndef POLYAK_CPU_STATE_H
 #define POLYAK_CPU_STATE_H
 

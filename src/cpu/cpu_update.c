@@ -3,9 +3,11 @@
  * block's params as f32 (read in place for f32 params, widened into an L1
  * scratch otherwise), folded into each shadow in turn by one kernel call,
  * then Lookahead's write-back. The kernels are plain loops over the
- * functions of polyak_math.h; the AVX2 table (cpu_update_avx2.c) gives the
- * same bits faster. The element math is the GPU kernel's, so the CPU
- * backend defines the bits both produce. */
+ * functions of polyak_math.h; the AVX2 and AVX-512 tables
+ * (cpu_update_avx2.c, cpu_update_avx512.c) give the same bits faster, and
+ * polyak_cpu_pick_kernels chooses among them. The element math is the GPU
+ * kernel's, so the CPU backend defines the bits both produce. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_kernels.h"
@@ -69,6 +71,7 @@ static void sumsq_row(float *acc, const float *row, int64_t num_elems)
 }
 
 const cpu_kernels polyak_cpu_portable_kernels = {
+    .isa = "portable",
     .f32_nearest = f32_nearest,
     .f32_stochastic = f32_stochastic,
     .bf16_stochastic = bf16_stochastic,
@@ -79,6 +82,20 @@ const cpu_kernels polyak_cpu_portable_kernels = {
     .f32_to_bf16 = f32_to_bf16,
     .sumsq_row = sumsq_row,
 };
+
+/* The widest table the CPU runs, capped by POLYAK_CPU_ISA: read at each
+ * finalize (no state of its own), so that a benchmark or a test can hold a
+ * handle to AVX2 or to the reference on a CPU that has more. */
+const cpu_kernels *polyak_cpu_pick_kernels(void)
+{
+  const char *cap = getenv("POLYAK_CPU_ISA");
+  const cpu_kernels *avx512 = polyak_cpu_avx512_kernels(), *avx2 = polyak_cpu_avx2_kernels();
+  if (!cap || !*cap || strcmp(cap, "avx512") == 0)
+    return avx512 ? avx512 : avx2 ? avx2 : &polyak_cpu_portable_kernels;
+  if (strcmp(cap, "avx2") == 0)
+    return avx2 ? avx2 : &polyak_cpu_portable_kernels;
+  return strcmp(cap, "portable") == 0 ? &polyak_cpu_portable_kernels : NULL;
+}
 
 /* ---- one chunk ------------------------------------------------------------------ */
 

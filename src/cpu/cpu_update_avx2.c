@@ -1,4 +1,4 @@
-/* cpu_update_avx2.c: the update's kernels (cpu_backend.h) for x86-64 CPUs
+/* cpu_update_avx2.c: the update's kernels (cpu_kernels.h) for x86-64 CPUs
  * with AVX2 and FMA, eight or sixteen elements a step, picked at run time. Each is the
  * portable kernel's element math written in vector instructions that round
  * the same way: vfmadd for fmaf, the double path of an f32 stochastic
@@ -127,7 +127,7 @@ AVX2_INLINE int64_t f32_nearest_loop(float *shadow, const float *param, int64_t 
   return nonfinite + cpu_f32_nearest_loop(shadow, param, i, num_elems, weight, guard);
 }
 
-AVX2 static int64_t f32_nearest(float *shadow, const float *param, int64_t num_elems, float weight, int guard)
+AVX2 int64_t polyak_cpu_avx2_f32_nearest(float *shadow, const float *param, int64_t num_elems, float weight, int guard)
 {
   return cpu_weight_is_one(weight) ? f32_nearest_loop(shadow, param, num_elems, weight, guard, 1)
                                    : f32_nearest_loop(shadow, param, num_elems, weight, guard, 0);
@@ -217,7 +217,7 @@ AVX2 static int64_t bf16_stochastic(uint16_t *shadow, const float *param, int64_
                                    : bf16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
-AVX2 static int64_t count_nonfinite(const float *param, int64_t num_elems)
+AVX2 int64_t polyak_cpu_avx2_count_nonfinite(const float *param, int64_t num_elems)
 {
   int64_t nonfinite = 0, i = 0;
   for (; i + 8 <= num_elems; i += 8)
@@ -227,7 +227,7 @@ AVX2 static int64_t count_nonfinite(const float *param, int64_t num_elems)
   return nonfinite;
 }
 
-AVX2 static void bf16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
+AVX2 void polyak_cpu_avx2_bf16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
 {
   int64_t i = 0;
   for (; i + 8 <= num_elems; i += 8) {
@@ -256,7 +256,7 @@ AVX2_INLINE __m256 f16_lanes(__m256i h)
   return _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign));
 }
 
-AVX2 static void f16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
+AVX2 void polyak_cpu_avx2_f16_to_f32(float *dst, const uint16_t *src, int64_t num_elems)
 {
   int64_t i = 0;
   for (; i + 8 <= num_elems; i += 8)
@@ -304,7 +304,7 @@ AVX2 static int64_t f16_stochastic(uint16_t *shadow, const float *param, int64_t
                                    : f16_stochastic_loop(shadow, param, num_elems, weight, guard, key, first_elem, 0);
 }
 
-AVX2 static void f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems)
+AVX2 void polyak_cpu_avx2_f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems)
 {
   int64_t i = 0;
   for (; i + 8 <= num_elems; i += 8) {
@@ -321,7 +321,7 @@ AVX2 static void f32_to_bf16(uint16_t *dst, const float *src, int64_t num_elems)
     dst[i] = polyak_f32_to_bf16_rne(src[i]);
 }
 
-AVX2 static void sumsq_row(float *acc, const float *row, int64_t num_elems)
+AVX2 void polyak_cpu_avx2_sumsq_row(float *acc, const float *row, int64_t num_elems)
 {
   int64_t t = 0;
   for (; t + 8 <= num_elems; t += 8) {
@@ -333,15 +333,16 @@ AVX2 static void sumsq_row(float *acc, const float *row, int64_t num_elems)
 }
 
 static const cpu_kernels avx2_kernels = {
-    .f32_nearest = f32_nearest,
+    .isa = "avx2",
+    .f32_nearest = polyak_cpu_avx2_f32_nearest,
     .f32_stochastic = f32_stochastic,
     .bf16_stochastic = bf16_stochastic,
     .f16_stochastic = f16_stochastic,
-    .count_nonfinite = count_nonfinite,
-    .bf16_to_f32 = bf16_to_f32,
-    .f16_to_f32 = f16_to_f32,
-    .f32_to_bf16 = f32_to_bf16,
-    .sumsq_row = sumsq_row,
+    .count_nonfinite = polyak_cpu_avx2_count_nonfinite,
+    .bf16_to_f32 = polyak_cpu_avx2_bf16_to_f32,
+    .f16_to_f32 = polyak_cpu_avx2_f16_to_f32,
+    .f32_to_bf16 = polyak_cpu_avx2_f32_to_bf16,
+    .sumsq_row = polyak_cpu_avx2_sumsq_row,
 };
 
 const cpu_kernels *polyak_cpu_avx2_kernels(void)

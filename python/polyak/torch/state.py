@@ -340,13 +340,16 @@ class _State:
         own_header["__metadata__"] = metadata
         return own_header, own_data, IncompatibleKeys(missing, unexpected)
 
-    def _set_values(self, shadow, values):
+    def _set_values(self, shadow, values, step_state=None):
         """Shadow `shadow` of the averaged tensors named in `values` ({name: logical tensor}) and
-        the mirrors of the copied ones set to those values exactly, through the checkpoint (the
-        step state and every other shadow as they are)."""
+        the mirrors of the copied ones set to those values exactly, through the checkpoint (every
+        other shadow as it is). step_state: {"step": n, "update_counts": [c_k]} replaces those
+        entries of the step state (the drop-ins' resumes); the rest stays as it is."""
         by_name = {name: s for s in self._averaged + self._copied for name in s.names}
         header, data = _split(self._memory_checkpoint())
         data = data.clone()
+        for key, value in (step_state or {}).items():
+            header["__metadata__"][key] = json.dumps(value) if isinstance(value, list) else str(int(value))
         for name, value in values.items():
             s = by_name[name]
             entry, dtype = (s.name, s.dtype) if s in self._copied else (_saved_name(shadow, s.name), self.shadow_dtype)
@@ -354,6 +357,8 @@ class _State:
             data[begin:end] = s.to_memory(value.detach().to("cpu", dtype)).reshape(-1).view(torch.uint8)
         checkpoint = _sealed(header, data)
         self._handle.load_bytes(_data_ptr(checkpoint), src_num_bytes=checkpoint.numel())
+        if step_state:
+            self._last_step = 0  # update() goes on from the step set
 
     def _assembled_state(self, state):
         """The checkpoint of a state as tensors ("metadata", "shadows", "copies"), checked against
