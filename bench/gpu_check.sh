@@ -11,7 +11,8 @@
 # memcheck over those that finish in seconds; the benchmark (short form:
 # 20 iterations over gpt2-124m, llama2-7b and tiny-10k; its stochastic-
 # rounding ratios are repeated after the summary) and the PyTorch
-# comparison on two lists; the Python package's GPU tests; the CPU tests,
+# comparison on two lists; an offloaded EMA in a synthetic training step
+# (gpt2-xl and llama2-7b, every 1 and 10 steps); the Python package's GPU tests; the CPU tests,
 # if time is left. A step that cannot finish before the deadline is
 # skipped. Each step's verdict and
 # seconds are appended to $OUT/summary.txt the moment it ends, so a run cut
@@ -219,6 +220,14 @@ benchmark() {
   return "${PIPESTATUS[0]}"
 }
 
+# an offloaded EMA (shadows in host memory) in a synthetic training step of
+# about 300 ms, every 1 and 10 steps, reads waited for and overlapped
+offload_bench() {
+  timeout "$1" "$build/bench/polyak_offload_bench" --lists gpt2-xl,llama2-7b --every 1,10 --steps 20 --step-ms 300 \
+    --out "$out" | tee "$out/offload.txt"
+  return "${PIPESTATUS[0]}"
+}
+
 vs_torch() {
   python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null ||
     { echo "no PyTorch with CUDA here"; return 1; }
@@ -281,6 +290,7 @@ else
   step benchmark 60 150 benchmark
   step vs-torch 40 100 vs_torch
 fi
+step offload 60 240 offload_bench
 step python-gpu 30 120 python_gpu
 step cpu-tests 30 600 cpu_tests
 

@@ -110,7 +110,7 @@ typedef struct {
 } polyak_shadow_config;
 
 #define POLYAK_SHADOWS_DEVICE 0           /* shadows in the backend's memory (default) */
-#define POLYAK_SHADOWS_HOST   1           /* host memory for device params: not yet supported */
+#define POLYAK_SHADOWS_HOST   1           /* host memory for CUDA params (offloaded, section 2.8) */
 #define POLYAK_CONFIG_MAGIC   0x706f6c79u /* "poly", set by polyak_config_init */
 
 /* A handle's settings: polyak_config_init, then change fields. */
@@ -130,7 +130,7 @@ typedef struct {
   int rank;                /* 0..world_size-1: which slice */
   void *nccl_comm;         /* those ranks' ncclComm_t, borrowed (CUDA backend), or NULL */
   int cpu_threads;         /* CPU backend: threads per call, the caller's included (1); 0: a core each */
-  int shadow_location;     /* POLYAK_SHADOWS_DEVICE (default) or POLYAK_SHADOWS_HOST */
+  int shadow_location;     /* POLYAK_SHADOWS_DEVICE (default) or POLYAK_SHADOWS_HOST (offloaded) */
 } polyak_config;
 
 /* The 1.0 struct_size: later versions append fields, defaulted for it. */
@@ -173,7 +173,8 @@ POLYAK_API int polyak_backend_available(polyak_backend b);
  * environment variable POLYAK_CPU_ISA names (avx512, avx2 or portable: for
  * measuring the narrower ones; another value fails finalize). Returns
  * POLYAK_ERR_INVALID_ARG for a NULL argument, POLYAK_ERR_UNSUPPORTED on
- * the CUDA backend, POLYAK_ERR_STATE before finalize. */
+ * the CUDA backend (but for shadows in host memory, which the CPU's
+ * kernels update), POLYAK_ERR_STATE before finalize. */
 POLYAK_API polyak_status polyak_cpu_isa(const polyak_t *p, const char **isa);
 
 /* Registers one parameter tensor, numbered in registration order from 0:
@@ -624,6 +625,46 @@ POLYAK_API polyak_status polyak_begin_shadow_write(polyak_t *p);
  * polyak_begin_shadow_write. POLYAK_ERR_INVALID_ARG (named) or
  * POLYAK_ERR_STATE (as polyak_begin_shadow_write) change nothing. */
 POLYAK_API polyak_status polyak_set_step_state(polyak_t *p, const polyak_step_state *state);
+
+/* ---- 2.8 Shadows in host memory for device params --------------------------
+ * cfg.backend = POLYAK_BACKEND_CUDA with cfg.shadow_location =
+ * POLYAK_SHADOWS_HOST: the params stay on the device, the shadows (and the
+ * copy-only tensors' mirrors) live in host memory, and the CPU's workers
+ * (cpu_threads) do the arithmetic, with the bits of a device-resident
+ * handle. An update enqueues copies of the params into pinned host memory
+ * on a stream of the handle's own and returns without waiting; the
+ * caller's stream waits for those reads (no more) unless the trainer
+ * overlaps them with its next forward and backward passes. Device memory:
+ * none beyond events and a stream (with nccl_comm: the staging size for
+ * gathers); pinned host memory: the staging size plus a copy of this
+ * rank's params. The host blocks at a call while an update is in flight
+ * (polyak_update included), and at Lookahead's syncs. Errors of work queued
+ * after polyak_update returned are reported by the next call; updates are
+ * then refused (POLYAK_ERR_STATE) until a load. Refused there: graph mode,
+ * polyak_add_with_shadow, polyak_set_grads (pass norms by
+ * polyak_set_layer_norms), synthesis from device snapshots. Read-out
+ * destinations may be host or device memory. The CPU backend ignores
+ * POLYAK_SHADOWS_HOST (its shadows are host memory). docs/offload.md. */
+
+/* Before finalize: num_bytes of pinned host memory for transfers besides
+ * the params' copy (and, with nccl_comm, of device memory for gathers);
+ * 0: the default, 256 MiB; at least 16 KiB. POLYAK_ERR_STATE after finalize
+ * or for a handle that is not offloaded. */
+POLYAK_API polyak_status polyak_set_offload_staging(polyak_t *p, size_t num_bytes);
+
+/* overlap 1: later updates leave the reads of the params in flight without
+ * making their stream wait, and the trainer calls polyak_wait_param_reads
+ * before anything next writes the params (the optimizer step, hooks that
+ * step in backward, SAM's perturbation, loading a state dict); 0 (the
+ * default): the update's stream waits for them. Any handle (only offloaded
+ * ones read asynchronously). POLYAK_ERR_INVALID_ARG unless 0 or 1. */
+POLYAK_API polyak_status polyak_overlap_param_reads(polyak_t *p, int overlap);
+
+/* Makes `stream` wait, on the device (the host does not), until the last
+ * update's reads of the params are done; returns an error that work queued
+ * by an update met, if known by now. POLYAK_OK at once for a handle that is
+ * not offloaded. POLYAK_ERR_STATE before finalize. */
+POLYAK_API polyak_status polyak_wait_param_reads(polyak_t *p, void *stream);
 
 #ifdef __cplusplus
 }

@@ -2,10 +2,10 @@
 # The tests: the format check (clang-format 14); the whole suite on the
 # default build (CUDA compiled when nvcc is found; GPU tests skip without a
 # device); every CPU test again in a CPU-only build under AddressSanitizer
-# and UndefinedBehaviorSanitizer; the worker pool and the CPU kernel tables
-# under ThreadSanitizer; the checkpoint loader under libFuzzer for 60 s; a
-# dry run of the GPU check (bench/gpu_check.sh). Every build treats
-# warnings as errors.
+# and UndefinedBehaviorSanitizer; the worker pool, the CPU kernel tables and
+# the offload's pipeline (its stand-in device) under ThreadSanitizer; the
+# checkpoint loader under libFuzzer for 60 s; a dry run of the GPU check
+# (bench/gpu_check.sh). Every build treats warnings as errors.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 polyak_install_dependencies fuzz
@@ -42,13 +42,13 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$polyak_root/build-sanitize" && ctest --output-on-failure --parallel "$jobs")
 
-echo "== build: CPU only, -fsanitize=thread: the CPU backend's worker pool"
+echo "== build: CPU only, -fsanitize=thread: the CPU backend's worker pool, the offload's pipeline"
 mkdir -p "$polyak_root/build-tsan"
 polyak_build "$polyak_root/build-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DPOLYAK_WITH_CUDA=OFF -DPOLYAK_SANITIZE_THREAD=ON -DPOLYAK_WERROR=ON -DPOLYAK_BUILD_EXAMPLES=OFF \
   -DPOLYAK_BUILD_BENCH=OFF
 # a race report fails the test (TSan exits 66 after reporting)
-(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels|CpuIsa)\.' --no-tests=error --output-on-failure --parallel "$jobs")
+(cd "$polyak_root/build-tsan" && TSAN_OPTIONS=halt_on_error=1 ctest -R '^(Threads|CpuKernels|CpuIsa|Offload|OffloadModes)\.' --no-tests=error --output-on-failure --parallel "$jobs")
 
 echo "== fuzz: the checkpoint loader, 60 s"
 "$polyak_root/fuzz/run.sh" 60
@@ -64,7 +64,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 "$polyak_root/bench/prepare_device_deps.sh"
 OUT="$polyak_root/build-gpu/dry-run" "$polyak_root/bench/gpu_check.sh" --dry-run --deadline 2400 | tail -20
-for step in configure build gpu-tests racecheck memcheck benchmark vs-torch python-gpu cpu-tests; do
+for step in configure build gpu-tests racecheck memcheck benchmark vs-torch offload python-gpu cpu-tests; do
   grep -q "^$step " "$polyak_root/build-gpu/dry-run/summary.txt" ||
     { echo "gpu_check --dry-run: no '$step' in its summary" >&2; exit 1; }
 done

@@ -92,10 +92,8 @@ static polyak_status check_backend(const polyak_config *cfg, char *msg, size_t m
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG,
                           "shadow_location = %d is not POLYAK_SHADOWS_DEVICE (0) or POLYAK_SHADOWS_HOST (1)",
                           cfg->shadow_location);
-  if (cfg->shadow_location == POLYAK_SHADOWS_HOST)
-    return polyak_message(msg, msg_num_bytes, POLYAK_ERR_UNSUPPORTED,
-                          "shadow_location = POLYAK_SHADOWS_HOST: shadows in host memory for device params are "
-                          "not supported by this version of polyak");
+  /* POLYAK_SHADOWS_HOST: with the CUDA backend the shadows are offloaded
+   * (src/offload/); the CPU backend's shadows are in host memory anyway */
   if (cfg->world_size < 1)
     return polyak_message(msg, msg_num_bytes, POLYAK_ERR_INVALID_ARG, "world_size = %d; it counts ranks, at least 1",
                           cfg->world_size);

@@ -1,6 +1,7 @@
 /* handle.c: creating, inspecting and destroying a handle. */
 #include <stdlib.h>
 
+#include "offload/offload.h"
 #include "polyak_internal.h"
 
 polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
@@ -17,10 +18,12 @@ polyak_status polyak_create(polyak_t **out, const polyak_config *cfg)
   polyak_config_normalize(cfg, &p->cfg);
   for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
     p->beta_prod[k] = 1.0;
+  p->ops = &polyak_cpu_ops; /* host shadows of host params: the CPU backend's own */
 #ifdef POLYAK_HAVE_CUDA
-  p->ops = cfg->backend == POLYAK_BACKEND_CUDA ? &polyak_cuda_ops : &polyak_cpu_ops;
-#else
-  p->ops = &polyak_cpu_ops;
+  if (p->cfg.backend == POLYAK_BACKEND_CUDA && p->cfg.shadow_location == POLYAK_SHADOWS_HOST)
+    polyak_offload_use(p, &polyak_cuda_transfer_ops, NULL); /* the CUDA backend's params, host shadows */
+  else if (p->cfg.backend == POLYAK_BACKEND_CUDA)
+    p->ops = &polyak_cuda_ops;
 #endif
   *out = p;
   return POLYAK_OK;

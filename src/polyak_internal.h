@@ -38,6 +38,7 @@ typedef struct {
 } polyak_piece;
 
 typedef struct polyak_backend_ops polyak_backend_ops;
+typedef struct polyak_transfer_ops polyak_transfer_ops; /* src/offload/offload.h */
 
 struct polyak {
   polyak_config cfg;
@@ -96,7 +97,21 @@ struct polyak {
   float *graph_weights; /* [graph_num_steps][num_shadows]: 1 - B per step */
 
   void *backend; /* the backend's own state */
+
+  /* offloaded shadows (src/offload/): the transfers between the device
+   * params and host shadows, set at create; NULL where the shadows live in
+   * the backend's own memory */
+  const polyak_transfer_ops *transfer;
+  void *transfer_arg;
+  size_t staging_num_bytes; /* polyak_set_offload_staging (0: the default) */
+  int overlap_reads;        /* polyak_overlap_param_reads */
 };
+
+/* 1 if p's shadows live in host memory for device params. */
+static inline int polyak_offloaded(const polyak_t *p)
+{
+  return p->transfer != NULL;
+}
 
 /* A backend: where shadows live and how the plan is walked. Each function
  * is called only after the front end (update.c) validated everything; a

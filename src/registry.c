@@ -113,7 +113,9 @@ static polyak_status check_owned(polyak_t *p, const char *where, polyak_dtype sh
                          : c->zero_init                      ? "zero_init (the shadow must be usable as it is)"
                          : c->world_size > 1 || c->nccl_comm ? "sharding or a communicator (ranks would gather it)"
                          : c->lookahead_every > 0            ? "Lookahead"
-                                                             : NULL;
+                         : polyak_offloaded(p)
+                             ? "shadows in host memory (POLYAK_SHADOWS_HOST: the update folds on the host)"
+                             : NULL;
   if (conflict)
     return polyak_fail(p, POLYAK_ERR_UNSUPPORTED, "%s: shadows in the caller's memory do not go with %s", where,
                        conflict);

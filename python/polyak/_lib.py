@@ -172,6 +172,9 @@ FUNCTIONS = {
     "polyak_get_step_state": (_status, [("p", _vp), ("state", _P(StepState))]),
     "polyak_begin_shadow_write": (_status, [("p", _vp)]),
     "polyak_set_step_state": (_status, [("p", _vp), ("state", _P(StepState))]),
+    "polyak_set_offload_staging": (_status, [("p", _vp), ("num_bytes", _size)]),
+    "polyak_overlap_param_reads": (_status, [("p", _vp), ("overlap", _int)]),
+    "polyak_wait_param_reads": (_status, [("p", _vp), ("stream", _vp)]),
 }
 
 # The header's functions deliberately not bound, and why (test_binding.py fails on any other)

@@ -121,12 +121,17 @@ class Handle:
     default: the caller alone; 0: one per core this process may run on; at
     most MAX_CPU_THREADS; the workers start at finalize and are joined by
     close; the same bits for every count; docs/cpu-threads.md); the CUDA
-    backend ignores it. See include/polyak.h for each call's rules; a
-    failing call raises and changes nothing."""
+    backend ignores it. shadows: "device" (the default: in the backend's
+    memory) or "host": with backend "cuda", the params stay on the device and
+    the shadows live in host memory, folded by the CPU's workers
+    (cpu_threads) after copies on a stream of the handle's own; staging_bytes
+    sets its pinned staging size (None: 256 MiB); docs/offload.md. See
+    include/polyak.h for each call's rules; a failing call raises and
+    changes nothing."""
 
     def __init__(self, schedules: Sequence[Schedule] = (Constant(0.999),), *, backend="cpu", device=0,
                  shadow_dtype="f32", zero_init=False, skip_nonfinite=True, seed=0, world_size=1, rank=0,
-                 nccl_comm=None, cpu_threads=1):
+                 nccl_comm=None, cpu_threads=1, shadows="device", staging_bytes=None):
         self._ptr = None
         self._views = 0  # DLPack views of the shadows alive (shadow_capsule)
         self._held = None  # closed with views alive: the polyak_t the last view frees
@@ -154,6 +159,9 @@ class Handle:
         cfg.rank = _c_int(rank, "rank")
         cfg.nccl_comm = _address(nccl_comm, "nccl_comm")
         cfg.cpu_threads = _c_int(cpu_threads, "cpu_threads")
+        if shadows not in ("device", "host"):
+            raise InvalidArgError(f"shadows={shadows!r}: 'device' or 'host'")
+        cfg.shadow_location = 1 if shadows == "host" else 0
         _check_config(cfg)
         ptr = ctypes.c_void_p()
         status = _c.polyak_create(ctypes.byref(ptr), ctypes.byref(cfg))
@@ -162,6 +170,13 @@ class Handle:
             _raise(status, f"polyak_create: {status_name(status)}")
         self._pid = os.getpid()  # the process whose threads and device work the handle has
         self._ptr = ptr.value
+        if staging_bytes is not None:
+            try:
+                self._call("polyak_set_offload_staging", _c_size(staging_bytes, "staging_bytes"))
+            except BaseException:
+                self.close()
+                raise
+        self.shadows = shadows
         self.schedules = tuple(schedules)
         self.backend = backend
         self.shadow_dtype = shadow_dtype
@@ -458,6 +473,18 @@ class Handle:
         return out.value
 
     # -- adaptive modes
+    def overlap_param_reads(self, overlap: bool):
+        """True: later updates leave their reads of the params in flight (an offloaded handle's
+        copies to the host) instead of making their stream wait, and the trainer calls
+        wait_param_reads before anything next writes the params; False (the default): the update's
+        stream waits for them."""
+        self._call("polyak_overlap_param_reads", int(bool(overlap)))
+
+    def wait_param_reads(self, stream=None):
+        """Makes `stream` wait, on the device, until the last update's reads of the params are
+        done; raises an error that work queued by an update met, if known by now."""
+        self._call("polyak_wait_param_reads", _address(stream, "stream"))
+
     def set_grad_norm(self, grad_norm: int):
         """The float (backend memory) that GradNorm shadows read at every update."""
         self._call("polyak_set_grad_norm", _address(grad_norm, "grad_norm"))

@@ -265,3 +265,56 @@ def test_views_of_cuda_shadows_alias_device_memory_and_load_in_place(tmp_path):
     assert again.step == 1
     for n, v in again.shadow_views().items():
         assert v.is_cuda and torch.equal(v, at_1[n]), n
+
+
+# ---- shadows in host memory (device="cpu"): docs/offload.md ----
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_offloaded_shadows_give_the_device_shadows_bits(with_optimizer):
+    model, twin = make_model("cuda"), make_model("cuda")
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, twin))
+    on_device = EMA(twin, schedules=[polyak.Constant(0.9), polyak.Warmup(beta=0.999)])
+    on_host = EMA(model, schedules=[polyak.Constant(0.9), polyak.Warmup(beta=0.999)], device="cpu",
+                  optimizer=opt if with_optimizer else None, staging_bytes=1 << 20, cpu_threads=2)
+    assert on_host.shadow_device == torch.device("cpu") and on_host.handle.shadows == "host"
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for step in (1, 2, 4, 5):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = (torch.rand(p.shape, generator=gen, device="cuda") - 0.5).to(p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()  # with the optimizer given, its pre-hook waits for the last update's reads first
+        twin_opt.step()
+        on_device.update(step)
+        on_host.update(step)
+    torch.cuda.synchronize()
+    a, b = on_device.state_dict(), on_host.state_dict()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key].cpu(), b[key].cpu()), key
+    with on_host.average_parameters(), on_device.average_parameters():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_an_offloaded_update_does_not_wait_for_the_device():
+    model = make_model("cuda")
+    ema = EMA(model, decay=0.99, device="cpu")
+    ema.update(1)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device work ahead of the update
+    start = time.perf_counter()
+    ema.update(2)
+    assert time.perf_counter() - start < 0.1, "update waited for the device"
+    torch.cuda.synchronize()
+    assert ema.step == 2
+
+
+def test_offloaded_shadows_take_no_device_memory_for_themselves():
+    model = torch.nn.Linear(2048, 2048).cuda()
+    torch.cuda.synchronize()
+    before = torch.cuda.mem_get_info()[0]
+    ema = EMA(model, decay=0.99, device="cpu", staging_bytes=1 << 20)
+    ema.update(1)
+    assert ema.step == 1
+    torch.cuda.synchronize()
+    used = before - torch.cuda.mem_get_info()[0]
+    assert used <= (1 << 20) + (1 << 20), f"{used} bytes of device memory"  # staging + 1 MiB

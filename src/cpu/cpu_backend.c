@@ -74,19 +74,36 @@ static void cpu_layer_betas(const polyak_t *p, cpu_state *s)
                        s->layer_beta + (int64_t)l * POLYAK_MAX_SHADOWS);
 }
 
+void polyak_cpu_resolve_update(const polyak_t *p, cpu_state *state, const polyak_update_args *args,
+                               const float *grad_norm, polyak_update_args *resolved)
+{
+  *resolved = *args;
+  double grad_norm_c[POLYAK_MAX_SHADOWS], beta0[POLYAK_MAX_SHADOWS];
+  polyak_adaptive_arrays(&p->cfg, grad_norm_c, beta0);
+  if (grad_norm)
+    polyak_apply_grad_norm(resolved, grad_norm_c, *grad_norm, state->products);
+  if (p->layer_source)
+    cpu_layer_betas(p, state);
+}
+
+int64_t polyak_cpu_update_chunks(const polyak_t *p, const cpu_state *state, const polyak_update_args *resolved,
+                                 int64_t first_chunk, int64_t end_chunk)
+{
+  update_job job = {state, p->cfg.shadow_dtype, resolved, p->layer_source ? state->layer_beta : NULL, {0}};
+  double grad_norm_c[POLYAK_MAX_SHADOWS];
+  polyak_adaptive_arrays(&p->cfg, grad_norm_c, job.layerwise_beta0);
+  if (first_chunk == 0 && end_chunk == p->num_chunks) /* the whole plan: in work items */
+    return polyak_cpu_for_chunks(p, update_visit, &job);
+  return polyak_cpu_for_chunk_range(p, first_chunk, end_chunk, update_visit, &job);
+}
+
 static polyak_status cpu_update(polyak_t *p, const polyak_update_args *args, void *stream)
 {
   (void)stream;
   cpu_state *state = p->backend;
-  polyak_update_args resolved = *args;
-  update_job job = {state, p->cfg.shadow_dtype, &resolved, p->layer_source ? state->layer_beta : NULL, {0}};
-  double grad_norm_c[POLYAK_MAX_SHADOWS];
-  polyak_adaptive_arrays(&p->cfg, grad_norm_c, job.layerwise_beta0);
-  if (p->grad_norm)
-    polyak_apply_grad_norm(&resolved, grad_norm_c, *p->grad_norm, state->products);
-  if (p->layer_source)
-    cpu_layer_betas(p, state);
-  state->nonfinite_count += polyak_cpu_for_chunks(p, update_visit, &job);
+  polyak_update_args resolved;
+  polyak_cpu_resolve_update(p, state, args, p->grad_norm, &resolved);
+  state->nonfinite_count += polyak_cpu_update_chunks(p, state, &resolved, 0, p->num_chunks);
   polyak_copies_update(p); /* copy-only tensors' mirrors */
   return POLYAK_OK;
 }
@@ -252,11 +269,8 @@ static polyak_status cpu_check_config(const polyak_config *cfg, char *msg, size_
   return POLYAK_OK;
 }
 
-static void cpu_release(polyak_t *p)
+void polyak_cpu_state_free(cpu_state *state)
 {
-  cpu_state *state = p->backend;
-  if (!state)
-    return;
   cpu_pool_destroy(state->pool);
   polyak_cpu_free_arenas(state->shadows);
   polyak_cpu_free_arenas(state->staging);
@@ -266,8 +280,45 @@ static void cpu_release(polyak_t *p)
   free(state->layer_norm);
   free(state->layer_beta);
   free(state->item_chunks);
+  memset(state, 0, sizeof *state);
+}
+
+static void cpu_release(polyak_t *p)
+{
+  cpu_state *state = p->backend;
+  if (!state)
+    return;
+  polyak_cpu_state_free(state);
   free(state);
   p->backend = NULL;
+}
+
+polyak_status polyak_cpu_state_init(polyak_t *p, cpu_state *state)
+{
+  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
+    state->products[k] = 1.0;
+  state->kernels = polyak_cpu_pick_kernels();
+  if (!state->kernels)
+    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
+                       "polyak_finalize: POLYAK_CPU_ISA is \"%s\": expected avx512, avx2 or portable",
+                       getenv("POLYAK_CPU_ISA"));
+  char why[POLYAK_ERROR_BYTES] = "out of host memory";
+  int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
+  polyak_status status = polyak_cpu_build_items(p, state) != 0
+                             ? POLYAK_ERR_NO_MEMORY
+                             : cpu_pool_create(&state->pool, threads, why, sizeof why);
+  if (status != POLYAK_OK) {
+    polyak_cpu_state_free(state);
+    return polyak_fail(p, status, "polyak_finalize: %s", why);
+  }
+  if (polyak_cpu_alloc_arenas(p, state->shadows) != 0) {
+    polyak_cpu_state_free(state);
+    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for %d shadows of %lld elements",
+                       p->cfg.num_shadows, (long long)p->arena_elems);
+  }
+  for (int k = 0; k < p->cfg.num_shadows; k++)
+    polyak_cpu_init_shadow(p, state->shadows[k], k);
+  return POLYAK_OK;
 }
 
 static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior)
@@ -280,35 +331,16 @@ static polyak_status cpu_finalize(polyak_t *p, void *stream, polyak_status prior
     if (status != POLYAK_OK)
       return status;
   }
-  const cpu_kernels *kernels = polyak_cpu_pick_kernels();
-  if (!kernels)
-    return polyak_fail(p, POLYAK_ERR_INVALID_ARG,
-                       "polyak_finalize: POLYAK_CPU_ISA is \"%s\": expected avx512, avx2 or portable",
-                       getenv("POLYAK_CPU_ISA"));
   cpu_state *state = calloc(1, sizeof *state);
   if (!state)
     return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory");
   p->backend = state;
-  for (int k = 0; k < POLYAK_MAX_SHADOWS; k++)
-    state->products[k] = 1.0;
-  state->kernels = kernels;
-  char why[POLYAK_ERROR_BYTES] = "out of host memory";
-  int threads = cpu_pool_resolve_threads(p->cfg.cpu_threads);
-  polyak_status status = polyak_cpu_build_items(p, state) != 0
-                             ? POLYAK_ERR_NO_MEMORY
-                             : cpu_pool_create(&state->pool, threads, why, sizeof why);
+  polyak_status status = polyak_cpu_state_init(p, state);
   if (status != POLYAK_OK) {
-    cpu_release(p);
-    return polyak_fail(p, status, "polyak_finalize: %s", why);
+    free(state);
+    p->backend = NULL;
   }
-  if (polyak_cpu_alloc_arenas(p, state->shadows) != 0) {
-    cpu_release(p);
-    return polyak_fail(p, POLYAK_ERR_NO_MEMORY, "polyak_finalize: out of host memory for %d shadows of %lld elements",
-                       p->cfg.num_shadows, (long long)p->arena_elems);
-  }
-  for (int k = 0; k < p->cfg.num_shadows; k++)
-    polyak_cpu_init_shadow(p, state->shadows[k], k);
-  return POLYAK_OK;
+  return status;
 }
 
 /* One rank per process without NCCL: nothing to compare with. */
@@ -339,10 +371,11 @@ polyak_status polyak_cpu_isa(const polyak_t *p, const char **isa)
 {
   if (!p || !isa)
     return POLYAK_ERR_INVALID_ARG;
-  if (p->cfg.backend != POLYAK_BACKEND_CPU)
+  if (p->cfg.backend != POLYAK_BACKEND_CPU && !polyak_offloaded(p))
     return POLYAK_ERR_UNSUPPORTED;
   if (!p->finalized || !p->backend)
     return POLYAK_ERR_STATE;
+  /* an offloaded handle's state starts with its host side's (src/offload/offload.h) */
   *isa = ((const cpu_state *)p->backend)->kernels->isa;
   return POLYAK_OK;
 }

@@ -48,6 +48,11 @@ typedef struct {
 typedef int64_t (*cpu_chunk_visit)(const polyak_t *p, const polyak_chunk *chunk, void *arg);
 int64_t polyak_cpu_for_chunks(const polyak_t *p, cpu_chunk_visit visit, void *arg);
 
+/* The same over chunks [first_chunk, end_chunk) of the plan, one work
+ * item each (the offloaded handle's update, a group of chunks at a time). */
+int64_t polyak_cpu_for_chunk_range(const polyak_t *p, int64_t first_chunk, int64_t end_chunk, cpu_chunk_visit visit,
+                                   void *arg);
+
 /* Calls visit(arg, first, num_elems) over [0, num_elems) in ranges of
  * CPU_ITEM_ELEMS across the handle's threads. */
 typedef void (*cpu_range_visit)(void *arg, int64_t first_elem, int64_t num_elems);
@@ -56,6 +61,24 @@ void polyak_cpu_for_range(const polyak_t *p, int64_t num_elems, cpu_range_visit 
 /* Work items (state->item_chunks): runs of consecutive chunks of at least
  * CPU_ITEM_ELEMS elements. -1 when out of memory. */
 int polyak_cpu_build_items(const polyak_t *p, cpu_state *state);
+
+/* ---- cpu_backend.c: what the offloaded handle (src/offload/) shares ---- */
+
+/* A state's workers, kernels, work items and arenas, the shadows set from
+ * the params the plan's descs point at; on failure the state is freed
+ * (polyak_cpu_state_free) and the reason recorded. */
+polyak_status polyak_cpu_state_init(polyak_t *p, cpu_state *state);
+/* Frees what a state holds (not the state) and zeroes it. */
+void polyak_cpu_state_free(cpu_state *state);
+/* An update's weights resolved for the arithmetic: the grad-norm shadows'
+ * from *grad_norm (NULL: none; their products multiplied), LAWA's betas
+ * computed from the state's source. */
+void polyak_cpu_resolve_update(const polyak_t *p, cpu_state *state, const polyak_update_args *args,
+                               const float *grad_norm, polyak_update_args *resolved);
+/* The update's arithmetic over chunks [first_chunk, end_chunk) across the
+ * handle's threads; returns the non-finite params met. */
+int64_t polyak_cpu_update_chunks(const polyak_t *p, const cpu_state *state, const polyak_update_args *resolved,
+                                 int64_t first_chunk, int64_t end_chunk);
 
 #ifdef __cplusplus
 }

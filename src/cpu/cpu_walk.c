@@ -28,6 +28,26 @@ int64_t polyak_cpu_for_chunks(const polyak_t *p, cpu_chunk_visit visit, void *ar
 }
 
 typedef struct {
+  const polyak_t *p;
+  cpu_chunk_visit visit;
+  void *arg;
+  int64_t first_chunk;
+} chunk_range_job;
+
+static int64_t visit_chunk(void *arg, int64_t item)
+{
+  const chunk_range_job *job = arg;
+  return job->visit(job->p, &job->p->chunks[job->first_chunk + item], job->arg);
+}
+
+int64_t polyak_cpu_for_chunk_range(const polyak_t *p, int64_t first_chunk, int64_t end_chunk, cpu_chunk_visit visit,
+                                   void *arg)
+{
+  chunk_range_job job = {p, visit, arg, first_chunk};
+  return cpu_pool_run(((const cpu_state *)p->backend)->pool, end_chunk - first_chunk, visit_chunk, &job);
+}
+
+typedef struct {
   cpu_range_visit visit;
   void *arg;
   int64_t num_elems;

@@ -49,9 +49,18 @@ class EMA(_State, _Presets, _Sources, _Views):
     (measured cost: docs/pytorch.md); False skips that (replaced submodules and
     params are caught either way). cpu_threads: on the CPU, the library's
     threads per call (updates, read-outs, copies), this one's included: 1
-    (the default) runs on the caller alone, 0 one per core this process may
+    runs on the caller alone, 0 one per core this process may
     run on, N > 1 starts N - 1 workers held until close(); the same bits
-    for every count (docs/cpu-threads.md). A CUDA EMA ignores it.
+    for every count (docs/cpu-threads.md); None: 1, or 0 for offloaded
+    shadows. A CUDA EMA ignores it, unless its shadows are offloaded. device: where the shadows live, None (the
+    default) or the model's device for the same, "cpu" for a CUDA model: the
+    shadows in host memory (no GPU memory; docs/offload.md), folded by
+    cpu_threads workers after copies of the params on a stream of the
+    library's own; update() makes torch's stream wait for those copies (no
+    host sync) unless `optimizer` is given, when an optimizer step pre-hook
+    waits for them instead, so that they overlap the next forward and
+    backward passes. staging_bytes: the offload's pinned staging size (None:
+    256 MiB). Layerwise shadows (whole gradients) cannot be offloaded.
 
     The model may be torch.compile'd (its original is registered). The
     averaged tensors must be dense (contiguous, channels_last, any order of
@@ -65,10 +74,12 @@ class EMA(_State, _Presets, _Sources, _Views):
                  start_step: int = 0, rounding: str = "nearest", shadow_dtype=torch.float32, params=None,
                  other_params: str = "ignore", buffers: str = "average", zero_init: bool = False,
                  skip_nonfinite: bool = True, seed: int = 0, shard=None, check_stale: bool = True,
-                 cpu_threads: int = 1, _int_buffers: str = "copy"):
+                 cpu_threads: int | None = None, device=None, optimizer=None, staging_bytes: int | None = None,
+                 _int_buffers: str = "copy"):
         self._handle = None
         self._watch = None
         self._mesh = None  # sharded: the DeviceMesh of its group, for dcp_state_dict's DTensors
+        self._optimizer_hook = None
         if not isinstance(model, torch.nn.Module):
             raise InvalidArgError(f"EMA needs a torch.nn.Module, got {type(model).__name__}")
         model = _select.unwrap(model)  # a torch.compile'd module's original: the same tensors
@@ -98,6 +109,8 @@ class EMA(_State, _Presets, _Sources, _Views):
 
         averaged, copied = _select.collect(model, params, other_params, buffers, _int_buffers)
         self.device = _select.check(averaged, copied)
+        offload = self._offloaded(device, optimizer, staging_bytes)
+        self.shadow_device = torch.device("cpu") if offload else self.device
 
         self._group = None
         world_size, rank = 1, 0
@@ -120,7 +133,9 @@ class EMA(_State, _Presets, _Sources, _Views):
         handle = polyak.Handle(schedules, backend="cuda" if self._cuda else "cpu",
                                device=self._device_index or 0, shadow_dtype=_DTYPE_NAMES[shadow_dtype],
                                zero_init=zero_init, skip_nonfinite=skip_nonfinite, seed=seed,
-                               world_size=world_size, rank=rank, cpu_threads=cpu_threads)
+                               world_size=world_size, rank=rank,
+                               cpu_threads=(0 if offload else 1) if cpu_threads is None else cpu_threads,
+                               shadows="host" if offload else "device", staging_bytes=staging_bytes)
         try:
             for s in averaged:  # the library reads each tensor in its memory order
                 handle.add(s.name, _data_ptr(s.local), _DTYPE_NAMES[s.local.dtype], s.memory_shape)
@@ -140,10 +155,54 @@ class EMA(_State, _Presets, _Sources, _Views):
         self._copied = copied
         self._watch = Watch(model, averaged + copied, self._model_changed)
         self._init_sources(schedules)  # LAWA's gradients, the grad norm (sources.py)
+        if offload and optimizer is not None:
+            self._overlap_reads(optimizer)
         if world_size > 1:
             self._ranges = self._all_ranges()
 
     # ---- registration ---------------------------------------------------------------
+    def _offloaded(self, device, optimizer, staging_bytes):
+        """Whether the shadows go to host memory for a CUDA model (device="cpu")."""
+        if device is None:
+            offload = False
+        else:
+            try:
+                want = torch.device(device)
+            except (RuntimeError, TypeError) as error:
+                raise InvalidArgError(f"device={device!r}: {error}") from None
+            offload = want.type == "cpu" and self.device.type == "cuda"
+            if not offload and (want.type != self.device.type or
+                                want.index not in (None, self.device.index)):
+                raise InvalidArgError(f"device={device!r}: the shadows live on the model's device ({self.device}) "
+                                      "or, for a CUDA model, in host memory (device='cpu')")
+        if (optimizer is not None or staging_bytes is not None) and not offload:
+            raise InvalidArgError("optimizer and staging_bytes go with device='cpu' for a CUDA model (shadows "
+                                  "in host memory); an EMA on the model's device reads the params in its update")
+        if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
+            raise InvalidArgError(f"optimizer is {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        return offload
+
+    def _overlap_reads(self, optimizer):
+        """The update's copies of the params overlap the next forward and backward passes: the
+        optimizer's step waits for them (on the device) before it writes the params."""
+        import weakref
+        me = weakref.ref(self)
+
+        def wait_reads(opt, args, kwargs):
+            ema = me()
+            if ema is not None and ema._handle is not None and not ema._handle.closed:
+                ema.wait_param_reads()
+
+        self._handle.overlap_param_reads(True)
+        self._optimizer_hook = optimizer.register_step_pre_hook(wait_reads)
+
+    def wait_param_reads(self):
+        """Makes torch's current stream wait (no host sync) until the last update's copies of the
+        params are done: call it before anything but the optimizer given to the EMA writes the
+        params of an EMA with device='cpu' and an optimizer (a model.load_state_dict, a SAM
+        perturbation, a step in a post-accumulate-grad hook). Nothing to wait for otherwise."""
+        self.handle.wait_param_reads(self._stream())
+
     def _mirror_buffers(self, sources):
         """Sharded: the library reads each buffer from a private mirror, which update() fills with
         rank 0's buffer first (one broadcast per dtype): ranks' BatchNorm statistics differ under
@@ -278,6 +337,9 @@ class EMA(_State, _Presets, _Sources, _Views):
 
     def close(self):
         """Frees the shadows. Later calls raise polyak.StateError."""
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
         if self._watch is not None:
             self._watch.close()
         if self._handle is not None:
@@ -446,10 +508,11 @@ class EMA(_State, _Presets, _Sources, _Views):
 
     # ---- EDM2 post-hoc, adaptive decay ------------------------------------------------
     def snapshot(self, shadow: int) -> torch.Tensor:
-        """Shadow `shadow` as one flat float32 tensor on the EMA's device, to stack for synthesis."""
+        """Shadow `shadow` as one flat float32 tensor where the shadows live (shadow_device), to
+        stack for synthesis."""
         self._check_open()
         h = self._handle
-        out = torch.empty(h.snapshot_elems(), dtype=torch.float32, device=self.device)
+        out = torch.empty(h.snapshot_elems(), dtype=torch.float32, device=self.shadow_device)
         h.snapshot(shadow, _data_ptr(out), self._stream())
         return out
 
@@ -465,9 +528,10 @@ class EMA(_State, _Presets, _Sources, _Views):
         if not isinstance(snapshots, torch.Tensor):
             raise InvalidArgError(f"snapshots is {type(snapshots).__name__}, not a torch.Tensor")
         snapshots = snapshots.reshape(len(coefficients), -1)
-        if snapshots.device != self.device or snapshots.dtype != torch.float32 or \
+        if snapshots.device != self.shadow_device or snapshots.dtype != torch.float32 or \
                 snapshots.shape[1] != h.snapshot_elems():
-            raise InvalidArgError(f"snapshots: {len(coefficients)} x {h.snapshot_elems()} float32 on {self.device}, "
+            raise InvalidArgError(f"snapshots: {len(coefficients)} x {h.snapshot_elems()} float32 on "
+                                  f"{self.shadow_device}, "
                                   f"got {tuple(snapshots.shape)} {snapshots.dtype} on {snapshots.device}")
         snapshots = snapshots.contiguous()
         h.store(stream)
