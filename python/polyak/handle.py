@@ -259,13 +259,14 @@ class Handle:
         return data.value or 0, DTYPE_NAMES[dtype.value], num_elems.value
 
     def shadow_capsule(self, shadow: int, tensor: int):
-        """A DLPack capsule ("dltensor") of shadow_data's piece, one flat tensor on the handle's
-        device, for torch.from_dlpack: no copy; the consumer's tensor keeps this handle's memory
-        alive (close() then frees it when the last such tensor is freed). Writing through it is
-        for begin_shadow_write ... set_step_state."""
+        """A DLPack capsule ("dltensor") of shadow_data's piece, one flat tensor where the shadows
+        live (the handle's device, or the host for shadows="host"), for torch.from_dlpack: no copy;
+        the consumer's tensor keeps this handle's memory alive (close() then frees it when the last
+        such tensor is freed). Writing through it is for begin_shadow_write ... set_step_state."""
         from ._dlpack import capsule
         address, dtype, num_elems = self.shadow_data(shadow, tensor)
-        device = ("cuda" if self.backend == "cuda" else "cpu", self.config.device if self.backend == "cuda" else 0)
+        on_device = self.backend == "cuda" and self.shadows != "host"
+        device = ("cuda", self.config.device) if on_device else ("cpu", 0)
         out = capsule(address, num_elems, dtype, device, self)
         self._views += 1
         return out

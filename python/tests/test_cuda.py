@@ -295,6 +295,20 @@ def test_offloaded_shadows_give_the_device_shadows_bits(with_optimizer):
             assert torch.equal(p, q)
 
 
+def test_views_of_offloaded_shadows_are_cpu_tensors_over_the_librarys_host_memory():
+    model = make_model("cuda")
+    ema = EMA(model, decay=0.9, device="cpu")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    perturb(model, gen)
+    ema.update(1)
+    expected = ema.model_state_dict()  # a read-out waits for the update's host folds
+    views = ema.shadow_views()
+    for name in ema.names:
+        assert views[name].device.type == "cpu", name
+        assert views[name].data_ptr() == ema.handle.shadow_data(0, ema.handle.find_tensor(name))[0], name
+        assert torch.equal(views[name], expected[name].float().cpu()), name
+
+
 def test_an_offloaded_update_does_not_wait_for_the_device():
     model = make_model("cuda")
     ema = EMA(model, decay=0.99, device="cpu")
