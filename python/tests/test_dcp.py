@@ -315,6 +315,12 @@ def test_dcp_views_reshard_across_world_sizes_in_place(tmp_path):
         ema.update(2)
     with pytest.raises(polyak.StateError):
         ema.save(os.path.join(directory, "torn.safetensors"))
+    with pytest.raises((CheckpointException, polyak.StateError)):  # nor through DCP, nor read
+        dcp.save({"ema": ema.dcp}, checkpoint_id=os.path.join(directory, "torn"))
+    with pytest.raises(polyak.StateError, match="load a checkpoint"):
+        ema.model_state_dict()
+    with pytest.raises(polyak.StateError, match="load a checkpoint"):
+        ema.copy_to(Net())
     dcp.load({"ema": ema.dcp}, checkpoint_id=os.path.join(directory, "fsdp2-2"))
     run(model, ema, SAVED + 1, LAST)
     check_averages(ema, reference[LAST], "after a failed load, a good one")
@@ -346,6 +352,54 @@ def test_boxes_tile_a_flat_range_of_any_shape_contiguously():
                 assert box.tolist() == list(range(start, start + box.numel())), (shape, first, count)
                 covered += box.tolist()
             assert covered == list(range(first, first + count)), (shape, first, count)
+
+
+def test_a_half_loaded_ema_is_neither_saved_nor_read(tmp_path):
+    """A DCP load that fails half-way (a file gone) leaves the shadows open: dcp.save, the
+    library's saves, model_state_dict and copy_to refuse until a load succeeds."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+    model = plain_model()
+    ema = EMA(model, schedules=SCHEDULES)
+    run(model, ema, 1, 2)
+    good = str(tmp_path / "good")
+    dcp.save({"ema": ema.dcp}, checkpoint_id=good)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(good, broken)
+    for name in os.listdir(broken):
+        if name.endswith(".distcp"):
+            os.remove(os.path.join(broken, name))
+    with pytest.raises((CheckpointException, OSError)):
+        dcp.load({"ema": ema.dcp}, checkpoint_id=broken)
+    assert ema._handle.step_state()["shadows_open"]
+    with pytest.raises((CheckpointException, polyak.StateError), match="load a checkpoint"):
+        dcp.save({"ema": ema.dcp}, checkpoint_id=str(tmp_path / "torn"))
+    assert not os.path.exists(str(tmp_path / "torn" / ".metadata"))
+    with pytest.raises(polyak.StateError, match="load a checkpoint"):
+        ema.model_state_dict()
+    with pytest.raises(polyak.StateError, match="load a checkpoint"):
+        ema.copy_to(plain_model())
+    dcp.load({"ema": ema.dcp}, checkpoint_id=good)
+    assert ema.step == 2 and ema.model_state_dict()
+    dcp.save({"ema": ema.dcp}, checkpoint_id=str(tmp_path / "again"))
+
+
+def test_a_step_state_opens_only_its_own_ema():
+    """The step-state tensor holds its EMA weakly (not by id(), which a later EMA may reuse):
+    once that EMA is gone, loading into the tensor opens nothing; while it lives, that EMA."""
+    import weakref
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    marker = ema.dcp_state_dict()["step_state"]
+    assert isinstance(marker._polyak_target, weakref.ref) and marker._polyak_target() is ema
+    marker.__create_chunk_list__()
+    assert ema.handle.step_state()["shadows_open"]
+    alive = weakref.ref(ema)
+    del ema
+    gc.collect()
+    assert alive() is None and marker._polyak_target() is None
+    other = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    other.dcp_state_dict()
+    marker.__create_chunk_list__()
+    assert not other.handle.step_state()["shadows_open"]
 
 
 def test_views_survive_loads(tmp_path):

@@ -21,11 +21,18 @@ import weakref
 
 import torch
 
-from polyak import FormatError, InvalidArgError, MismatchError, UnsupportedError
+from polyak import FormatError, InvalidArgError, MismatchError, StateError, UnsupportedError
 
 from ._tensors import _is_dtensor, _local
 
-_TARGETS = weakref.WeakValueDictionary()  # id -> EMA: what a step-state tensor's load opens
+_OPEN_MESSAGE = ("the shadows are being written in place (a load that has not finished, or failed half-way) and may "
+                "hold part of a state; load a checkpoint first (dcp.load, load_state_dict or load)")
+
+
+def _refuse_open(ema, what):
+    """polyak.StateError if the EMA's shadows are open for writing (what the library's saves refuse)."""
+    if ema._handle.step_state()["shadows_open"]:
+        raise StateError(f"{what}: {_OPEN_MESSAGE}")
 
 
 def _view(handle, shadow, s):
@@ -131,14 +138,32 @@ class _StepState(torch.Tensor):
     shadow's update count, then each shadow's beta product as its float64 bits). DCP asks a
     tensor it loads into for its chunks first, before it writes anything: here that opens the
     EMA's shadows for writing (polyak_begin_shadow_write), so a load that fails half-way leaves
-    the EMA refusing updates until a load succeeds."""
+    the EMA refusing updates until a load succeeds. DCP asks a tensor it saves for its write
+    items (only when saving): refused while the shadows are open, as the library's saves are.
+    `_polyak_target`: a weak reference to the EMA (None once it is gone)."""
+
+    def _polyak_ema(self):
+        ref = self.__dict__.get("_polyak_target")
+        ema = ref() if isinstance(ref, weakref.ref) else None
+        return ema if ema is not None and ema._handle is not None and not ema._handle.closed else None
 
     def __create_chunk_list__(self):
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        ema = _TARGETS.get(self.__dict__.get("_polyak_target", -1))
-        if ema is not None and ema._handle is not None and not ema._handle.closed:
+        ema = self._polyak_ema()
+        if ema is not None:
             ema._handle.begin_shadow_write()
         return [ChunkStorageMetadata(offsets=torch.Size([0]), sizes=self.size())]
+
+    def __create_write_items__(self, fqn, obj):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+        ema = self._polyak_ema()
+        if ema is not None:
+            _refuse_open(ema, "saving the EMA's state")
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size([0])), type=WriteItemType.TENSOR,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=torch.Size([0]),
+                                                                                 sizes=obj.size()),
+                                                      properties=TensorProperties(dtype=obj.dtype), size=obj.size()))]
 
     def __get_tensor_shard__(self, index):  # a plain tensor over the same memory: what DCP writes and reads
         return self.as_subclass(torch.Tensor)
@@ -274,8 +299,7 @@ class _Views:
             dist.all_reduce(total, group=group)
             count = int(total)
         marker = _pack(state, count).as_subclass(_StepState)
-        _TARGETS[id(self)] = self
-        marker._polyak_target = id(self)
+        marker._polyak_target = weakref.ref(self)
         shadows = []
         for k in range(h.num_shadows):
             if self._sharded():
