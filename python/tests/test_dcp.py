@@ -441,12 +441,22 @@ def test_views_and_their_refusals():
     other.update(1)  # nothing was opened: updates go on
     other.load_state_dict(ema.dcp_state_dict())
     assert other.step == 2 and torch.equal(other.shadow_views(1)["odd"], ema.shadow_views(1)["odd"])
-    # the library checks the step state
-    state = ema.dcp_state_dict()
-    state["step_state"][0] = -5
-    with pytest.raises(polyak.InvalidArgError, match="step"):
-        other.load_state_dict(state)
-    with pytest.raises(polyak.StateError, match="written"):  # its shadows were written: refused until a load
-        other.update(3)
-    other.load_state_dict(ema.dcp_state_dict())
+    # the step state is checked (as the library checks it) before a shadow is written: a refused
+    # state changes nothing, and updates go on
+    run(model, ema, 3, 3)
+    before = {n: t.clone() for n, t in other.shadow_views(1).items()}
+    import struct
+    nan_bits = struct.unpack("<q", struct.pack("<d", float("nan")))[0]
+    for index, bad, message in [(0, -5, "step -5"), (1, -1, "nonfinite_count"), (2, 4, r"update_counts\[0\]"),
+                                (3, -1, r"update_counts\[1\]"), (4, nan_bits, r"beta_products\[0\]")]:
+        state = ema.dcp_state_dict()
+        state["step_state"][index] = bad
+        with pytest.raises(polyak.InvalidArgError, match=message):
+            other.load_state_dict(state)
+        assert not other.handle.step_state()["shadows_open"] and other.step == 2
+        for n, t in other.shadow_views(1).items():
+            assert torch.equal(t, before[n]), (index, n)
     other.update(3)
+    other.load_state_dict(ema.dcp_state_dict())
+    assert other.step == 3
+    other.update(4)

@@ -181,6 +181,25 @@ def _unpack(values, num_shadows):
             "beta_products": products}
 
 
+def _check_step_state(values, num_shadows):
+    """What polyak_set_step_state checks (views.c), checked before any shadow is written, so a
+    state it would refuse changes nothing: polyak.InvalidArgError naming the value."""
+    def fail(what):
+        raise InvalidArgError(f"the state's step_state: {what}")
+    step, count = values["step"], values["nonfinite_count"]
+    if len(values["beta_products"]) != num_shadows or len(values["update_counts"]) != num_shadows:
+        fail(f"not {num_shadows} shadows")
+    if step < 0:
+        fail(f"step {step} is not a step")
+    if count < 0:
+        fail(f"nonfinite_count {count} is not a count")
+    for k, (product, updates) in enumerate(zip(values["beta_products"], values["update_counts"])):
+        if not 0.0 <= product <= 1.0:  # NaN fails too
+            fail(f"beta_products[{k}] = {product!r} is not in [0, 1]")
+        if not 0 <= updates <= step:
+            fail(f"update_counts[{k}] = {updates} is not a count of updates up to step {step}")
+
+
 class _DCPState:
     """ema.dcp: the EMA as DCP's Stateful (state_dict() / load_state_dict()), for
     dcp.save({"ema": ema.dcp, ...}) and dcp.load(...) whatever the EMA's kind."""
@@ -319,8 +338,9 @@ class _Views:
     def _load_dcp_state(self, state):
         """load_state_dict of a dcp_state_dict() form: the shadows from its tensors (in place
         when they are this EMA's own views, which dcp.load wrote; else checked, then copied),
-        then the step state through the library's check. A mismatch found after dcp.load wrote
-        the shadows leaves the EMA refusing updates until a load succeeds."""
+        then the step state through the library's check (its checks made first here too, so a
+        refused state copies nothing). A mismatch found after dcp.load wrote the shadows leaves
+        the EMA refusing updates until a load succeeds."""
         h = self._handle
         settings = state.get("settings")
         if settings != self._settings():
@@ -352,6 +372,7 @@ class _Views:
             import torch.distributed as dist
             if dist.get_rank(self._distributed()) != 0:
                 values["nonfinite_count"] = 0  # rank 0 carries the ranks' total
+        _check_step_state(values, h.num_shadows)  # before a shadow is written: a refused state changes nothing
         if writes:
             h.begin_shadow_write()
             with torch.no_grad():
