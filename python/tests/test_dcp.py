@@ -402,6 +402,47 @@ def test_a_step_state_opens_only_its_own_ema():
     assert not other.handle.step_state()["shadows_open"]
 
 
+def test_a_capsule_dropped_unconsumed_releases_the_handle():
+    """A "dltensor" capsule freed without a consumer runs its deleter (the DLPack rule): the
+    handle's count of views goes back, and close() then frees the memory; a consumed one is the
+    consumer's to free."""
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    handle = ema.handle
+    capsule = handle.shadow_capsule(0, 0)
+    assert handle._views == 1
+    del capsule
+    gc.collect()
+    assert handle._views == 0
+    view = torch.from_dlpack(handle.shadow_capsule(0, 0))  # consumed: the capsule is freed, the view holds
+    assert handle._views == 1
+    ema.close()
+    assert handle._held is not None
+    del view
+    gc.collect()
+    assert handle._views == 0 and handle._held is None
+
+
+def test_views_freed_on_many_threads_keep_count():
+    """Views made and freed on several threads at once: the count ends at 0 and close() frees."""
+    import threading
+    ema = EMA(torch.nn.Linear(64, 64), decay=0.9)
+    handle = ema.handle
+
+    def churn():
+        for _ in range(300):
+            views = [torch.from_dlpack(handle.shadow_capsule(0, 0)) for _ in range(4)]
+            del views
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert handle._views == 0
+    ema.close()
+    assert handle._held is None
+
+
 def test_views_survive_loads(tmp_path):
     """A load copies into the shadows: a view taken before shows the loaded values after."""
     model = plain_model()
