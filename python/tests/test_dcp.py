@@ -443,6 +443,18 @@ def test_views_freed_on_many_threads_keep_count():
     assert handle._held is None
 
 
+def test_the_dcp_route_names_its_torch_floor(monkeypatch):
+    """On a torch older than 2.5, ema.dcp and dcp_state_dict say which torch they need."""
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    state = ema.dcp_state_dict()
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    for call in (lambda: ema.dcp, ema.dcp_state_dict, lambda: ema.load_state_dict(state)):
+        with pytest.raises(polyak.UnsupportedError, match=r"torch >= 2\.5.*this is torch 2\.4\.1"):
+            call()
+    monkeypatch.setattr(torch, "__version__", "2.5.0")
+    ema.load_state_dict(ema.dcp_state_dict())
+
+
 def test_views_survive_loads(tmp_path):
     """A load copies into the shadows: a view taken before shows the loaded values after."""
     model = plain_model()

@@ -16,6 +16,7 @@ The state (dcp_state_dict): {"shadows": [{name: tensor} per shadow], "copies": {
   __get_tensor_shard__, which DTensor hands to its local tensor), each box a view.
 So one checkpoint loads at any world size, into any of the three."""
 import json
+import re
 import struct
 import weakref
 
@@ -27,6 +28,19 @@ from ._tensors import _is_dtensor, _local
 
 _OPEN_MESSAGE = ("the shadows are being written in place (a load that has not finished, or failed half-way) and may "
                 "hold part of a state; load a checkpoint first (dcp.load, load_state_dict or load)")
+
+
+_DCP_TORCH = (2, 5)  # public torch.distributed.tensor, DeviceMesh.from_group, DTensor passing DCP's chunk protocol
+
+
+def _require_dcp_torch(what):
+    """polyak.UnsupportedError naming the minimum on a torch older than the DCP route needs."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    if found and (int(found[1]), int(found[2])) < _DCP_TORCH:
+        raise UnsupportedError(f"{what} needs torch >= {_DCP_TORCH[0]}.{_DCP_TORCH[1]} (public "
+                               "torch.distributed.tensor, DeviceMesh.from_group, DCP's chunk protocol through "
+                               f"DTensor; FSDP2's fully_shard from 2.6); this is torch {torch.__version__}. "
+                               "ema.save / ema.state_dict() work on older torch")
 
 
 def _refuse_open(ema, what):
@@ -306,7 +320,8 @@ class _Views:
         boxes that tile it (shard=True); one checkpoint loads at any world size into any of
         them. Collective where the EMA spans ranks (the ranks' non-finite counts are summed).
         dcp.load into it writes the shadows in place; load_state_dict(state) then sets the
-        step state (checked by the library). docs/shadow-views.md."""
+        step state (checked by the library). docs/shadow-views.md. Needs torch >= 2.5."""
+        _require_dcp_torch("dcp_state_dict")
         self._check_open()
         h = self._handle
         state = h.step_state()
@@ -331,7 +346,9 @@ class _Views:
     @property
     def dcp(self):
         """This EMA as torch.distributed.checkpoint's Stateful: dcp.save({"model": ..., "ema":
-        ema.dcp}, checkpoint_id=...) and dcp.load the same dict (which calls load_state_dict)."""
+        ema.dcp}, checkpoint_id=...) and dcp.load the same dict (which calls load_state_dict).
+        Needs torch >= 2.5."""
+        _require_dcp_torch("ema.dcp")
         return _DCPState(self)
 
     # ---- loading -----------------------------------------------------------------------
@@ -341,6 +358,7 @@ class _Views:
         then the step state through the library's check (its checks made first here too, so a
         refused state copies nothing). A mismatch found after dcp.load wrote the shadows leaves
         the EMA refusing updates until a load succeeds."""
+        _require_dcp_torch("load_state_dict of a DCP state")
         h = self._handle
         settings = state.get("settings")
         if settings != self._settings():
