@@ -180,6 +180,13 @@ def load_and_check(ema, directory, name, memory, what):
     assert growth <= LARGEST_PIECE + SLACK, f"{name} -> {what}: loading grew the peak by {growth / 2 ** 20:.1f} MiB"
     for s in ema._averaged:  # the views DCP wrote are the library's shadows
         assert views[s.name].data_ptr() == ema.handle.shadow_data(1, s.info.index)[0]
+    for k in range(len(SCHEDULES)):  # and the state still holds them after dcp.load: load_state_dict copied nothing
+        for s in ema._averaged:
+            address, _, num_elems = ema.handle.shadow_data(k, s.info.index)
+            local = state["shadows"][k][s.name]
+            local = local.to_local() if hasattr(local, "to_local") else local
+            assert num_elems == 0 or local.data_ptr() == address, (what, k, s.name)
+            assert ema._planned_write(s, k, state["shadows"][k][s.name], ema.shadow_dtype) == [], (what, k, s.name)
     assert ema.step == SAVED
 
 
@@ -453,6 +460,35 @@ def test_the_dcp_route_names_its_torch_floor(monkeypatch):
             call()
     monkeypatch.setattr(torch, "__version__", "2.5.0")
     ema.load_state_dict(ema.dcp_state_dict())
+
+
+def test_counts_are_summed_over_the_shard_dimension_only():
+    """HSDP (Replicate, Shard) meshes sum the ranks' non-finite counts over the shard dimension's
+    group: replicas hold the same shard and would count it again over the world."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from polyak.torch.dcp import _count_group
+
+    class Mesh:
+        def __init__(self, shape):
+            self.ndim, self.shape = len(shape), shape
+
+        def size(self):
+            n = 1
+            for d in self.shape:
+                n *= d
+            return n
+
+        def get_group(self, dim=None):
+            assert dim is not None or self.ndim == 1
+            return f"group {dim}"
+    assert _count_group(Mesh((2, 3)), (Replicate(), Shard(0)), 6) == "group 1"
+    assert _count_group(Mesh((3, 2)), (Shard(0), Replicate()), 6) == "group 0"
+    assert _count_group(Mesh((4,)), (Shard(0),), 4) == "group None"
+    assert _count_group(Mesh((2, 2)), (Replicate(), Replicate()), 4) is None
+    assert _count_group(Mesh((2, 2)), (Shard(0), Shard(1)), 4) is dist.group.WORLD
+    with pytest.raises(polyak.UnsupportedError, match="mesh"):
+        _count_group(Mesh((2, 2)), (Shard(0), Shard(1)), 8)
 
 
 def test_views_survive_loads(tmp_path):

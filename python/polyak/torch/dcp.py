@@ -214,6 +214,23 @@ def _check_step_state(values, num_shadows):
             fail(f"update_counts[{k}] = {updates} is not a count of updates up to step {step}")
 
 
+def _count_group(mesh, placements, world_size):
+    """The group over which the ranks' non-finite counts are summed, for params of these
+    placements on `mesh`: each shard counted once. One sharded dimension: its group (HSDP's
+    replicas left out); every dimension sharded over the whole world: that world; none: None
+    (each rank's count is the replicas' one). Else polyak.UnsupportedError."""
+    import torch.distributed as dist
+    sharded = [d for d, p in enumerate(placements) if p.is_shard()]
+    if not sharded:
+        return None
+    if len(sharded) == 1:
+        return mesh.get_group(sharded[0]) if mesh.ndim > 1 else mesh.get_group()
+    if len(sharded) == mesh.ndim and mesh.size() == world_size:
+        return dist.group.WORLD
+    raise UnsupportedError(f"the EMA's DCP state for params placed {tuple(placements)} on a {mesh.ndim}-D mesh: "
+                           "sharded over one dimension (FSDP2, HSDP) or over the whole world")
+
+
 class _DCPState:
     """ema.dcp: the EMA as DCP's Stateful (state_dict() / load_state_dict()), for
     dcp.save({"ema": ema.dcp, ...}) and dcp.load(...) whatever the EMA's kind."""
@@ -303,13 +320,15 @@ class _Views:
                            "lookahead_every": cfg.lookahead_every}, separators=(",", ":"))
 
     def _distributed(self):
-        """The process group the ranks' counts are summed over: a sharded EMA's, FSDP2's
-        default one; None for one process."""
+        """The process group the ranks' counts are summed over: a sharded EMA's, under FSDP2 the
+        params' sharding dimension of their mesh (not the replicas of HSDP, which count the same
+        shard again); None for one process."""
         import torch.distributed as dist
         if self._sharded():
             return self._group if self._group is not None else dist.group.WORLD
         if self._dtensor_params() and dist.is_initialized():
-            return dist.group.WORLD
+            t = self._averaged[0].tensor
+            return _count_group(t.device_mesh, t.placements, dist.get_world_size())
         return None
 
     def dcp_state_dict(self):
