@@ -489,13 +489,15 @@ class EMA(_State, _Presets, _Sources, _Views):
         """Inside: the model's params hold shadow `shadow` (or the blend sum_k weights[k] shadow_k)
         and copied buffers their values at the last update; on exit, the exact values they had.
         Inside, autograd is off (torch.no_grad()); on exit every module has the train/eval mode
-        it had on entry. Updates inside raise polyak.StateError."""
+        it had on entry. Updates inside raise polyak.StateError, as does entering while a load in
+        place has not finished (or failed half-way)."""
         if weights is not None and self._sharded():
             raise UnsupportedError("blends of sharded shadows: the library blends whole shadows only")
         with self._params_swapped("average_parameters()"):
             yield from self._swap_average(shadow, weights)
 
     def _swap_average(self, shadow, weights):
+        _refuse_open(self, "average_parameters")  # the shadows may hold part of a state: not an average
         h, stream = self._handle, self._stream()
         h.store(stream)  # the params and the copied buffers, restored bit for bit on exit
         # sharded: the buffers the library reads from mirrors, restored here
