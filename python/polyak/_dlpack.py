@@ -4,7 +4,8 @@ any other DLPack consumer, with no copy and no torch import here.
 Each capsule holds a DLManagedTensor (DLPack 0.8, the "dltensor" capsule every consumer
 takes) whose manager_ctx keeps `owner` alive: the consumer calls the deleter when its tensor
 is freed, and only then is the owner released (polyak.Handle defers freeing the shadows until
-its last view is gone). One flat, contiguous tensor per capsule: the consumer reshapes it."""
+its last view is gone); a capsule freed unconsumed runs the deleter itself. One flat,
+contiguous tensor per capsule: the consumer reshapes it."""
 import ctypes
 
 _KDL_CPU, _KDL_CUDA = 1, 2
@@ -44,15 +45,34 @@ def _delete(managed):
 
 
 _deleter = _DELETER(_delete)  # one callback for every capsule, alive as long as the module
+# the capsule's destructor (the DLPack rule): a capsule still named "dltensor" was never consumed,
+# so it runs the managed tensor's deleter; a consumer renames it "used_dltensor" and frees it itself.
+# Its argument is the capsule as an address: a py_object would take a reference to a dying object
+_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_is_valid.restype = ctypes.c_int
+_is_valid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_get_pointer.restype = ctypes.c_void_p
+_get_pointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+
+def _destroy(address):
+    if _is_valid(address, b"dltensor"):
+        managed = ctypes.cast(_get_pointer(address, b"dltensor"), ctypes.POINTER(_Managed))
+        managed.contents.deleter(managed)
+
+
+_destructor = _DESTRUCTOR(_destroy)
 _new_capsule = ctypes.pythonapi.PyCapsule_New
 _new_capsule.restype = ctypes.py_object
-_new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _DESTRUCTOR]
 
 
 def capsule(address, num_elems, dtype, device, owner):
     """A "dltensor" capsule of num_elems elements of `dtype` (the library's name: "f32", ...) at
     `address`; device (type, ordinal) with type "cpu" or "cuda"; owner._release_view() is called
-    once when the consumer frees its tensor. The capsule must be consumed (torch.from_dlpack)."""
+    once when the consumer frees its tensor, or when the capsule is freed unconsumed."""
     code, bits = _DL_TYPES[dtype]
     shape = (ctypes.c_int64 * 1)(num_elems)
     managed = _Managed()
@@ -62,4 +82,4 @@ def capsule(address, num_elems, dtype, device, owner):
     managed.manager_ctx = key
     managed.deleter = _deleter
     _live[key] = (managed, shape, owner)
-    return _new_capsule(ctypes.addressof(managed), b"dltensor", None)
+    return _new_capsule(ctypes.addressof(managed), b"dltensor", _destructor)

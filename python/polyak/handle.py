@@ -3,6 +3,7 @@ import contextlib
 import ctypes
 import io
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,6 +136,7 @@ class Handle:
         self._ptr = None
         self._views = 0  # DLPack views of the shadows alive (shadow_capsule)
         self._held = None  # closed with views alive: the polyak_t the last view frees
+        self._views_lock = threading.Lock()  # views are freed on any thread (GC, DCP's writers)
         schedules = list(schedules)
         if not 1 <= len(schedules) <= MAX_SHADOWS:
             raise InvalidArgError(f"{len(schedules)} schedules: a handle has 1..{MAX_SHADOWS} shadows")
@@ -202,18 +204,21 @@ class Handle:
         ptr, self._ptr = self._ptr, None
         if ptr is None or getattr(self, "_pid", None) != os.getpid():
             return
-        if self._views:
-            self._held = ptr
-        else:
-            _c.polyak_destroy(ptr)
+        with self._views_lock:
+            if self._views:
+                self._held = ptr
+                return
+        _c.polyak_destroy(ptr)
 
     def _release_view(self):
-        self._views -= 1
-        if self._views == 0 and self._held is not None and _c is not None:  # None: interpreter teardown
-            ptr, self._held = self._held, None
-            if self._pid != os.getpid():
+        with self._views_lock:
+            self._views -= 1
+            if self._views or self._held is None:
                 return
-            _c.polyak_destroy(ptr)
+            ptr, self._held = self._held, None
+        if _c is None or self._pid != os.getpid():  # None: interpreter teardown
+            return
+        _c.polyak_destroy(ptr)
 
     @property
     def closed(self):
@@ -262,14 +267,19 @@ class Handle:
         """A DLPack capsule ("dltensor") of shadow_data's piece, one flat tensor where the shadows
         live (the handle's device, or the host for shadows="host"), for torch.from_dlpack: no copy;
         the consumer's tensor keeps this handle's memory alive (close() then frees it when the last
-        such tensor is freed). Writing through it is for begin_shadow_write ... set_step_state."""
+        such tensor is freed; a capsule dropped unconsumed releases its hold when it is freed).
+        Writing through it is for begin_shadow_write ... set_step_state."""
         from ._dlpack import capsule
         address, dtype, num_elems = self.shadow_data(shadow, tensor)
         on_device = self.backend == "cuda" and self.shadows != "host"
         device = ("cuda", self.config.device) if on_device else ("cpu", 0)
-        out = capsule(address, num_elems, dtype, device, self)
-        self._views += 1
-        return out
+        with self._views_lock:  # counted first: the capsule's deleter may run on another thread at once
+            self._views += 1
+        try:
+            return capsule(address, num_elems, dtype, device, self)
+        except BaseException:
+            self._release_view()
+            raise
 
     def step_state(self) -> dict:
         """The step state (polyak_get_step_state): {"step", "nonfinite_count", "beta_products",

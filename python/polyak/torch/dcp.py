@@ -16,16 +16,37 @@ The state (dcp_state_dict): {"shadows": [{name: tensor} per shadow], "copies": {
   __get_tensor_shard__, which DTensor hands to its local tensor), each box a view.
 So one checkpoint loads at any world size, into any of the three."""
 import json
+import re
 import struct
 import weakref
 
 import torch
 
-from polyak import FormatError, InvalidArgError, MismatchError, UnsupportedError
+from polyak import FormatError, InvalidArgError, MismatchError, StateError, UnsupportedError
 
 from ._tensors import _is_dtensor, _local
 
-_TARGETS = weakref.WeakValueDictionary()  # id -> EMA: what a step-state tensor's load opens
+_OPEN_MESSAGE = ("the shadows are being written in place (a load that has not finished, or failed half-way) and may "
+                "hold part of a state; load a checkpoint first (dcp.load, load_state_dict or load)")
+
+
+_DCP_TORCH = (2, 5)  # public torch.distributed.tensor, DeviceMesh.from_group, DTensor passing DCP's chunk protocol
+
+
+def _require_dcp_torch(what):
+    """polyak.UnsupportedError naming the minimum on a torch older than the DCP route needs."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    if found and (int(found[1]), int(found[2])) < _DCP_TORCH:
+        raise UnsupportedError(f"{what} needs torch >= {_DCP_TORCH[0]}.{_DCP_TORCH[1]} (public "
+                               "torch.distributed.tensor, DeviceMesh.from_group, DCP's chunk protocol through "
+                               f"DTensor; FSDP2's fully_shard from 2.6); this is torch {torch.__version__}. "
+                               "ema.save / ema.state_dict() work on older torch")
+
+
+def _refuse_open(ema, what):
+    """polyak.StateError if the EMA's shadows are open for writing (what the library's saves refuse)."""
+    if ema._handle.step_state()["shadows_open"]:
+        raise StateError(f"{what}: {_OPEN_MESSAGE}")
 
 
 def _view(handle, shadow, s):
@@ -131,14 +152,32 @@ class _StepState(torch.Tensor):
     shadow's update count, then each shadow's beta product as its float64 bits). DCP asks a
     tensor it loads into for its chunks first, before it writes anything: here that opens the
     EMA's shadows for writing (polyak_begin_shadow_write), so a load that fails half-way leaves
-    the EMA refusing updates until a load succeeds."""
+    the EMA refusing updates until a load succeeds. DCP asks a tensor it saves for its write
+    items (only when saving): refused while the shadows are open, as the library's saves are.
+    `_polyak_target`: a weak reference to the EMA (None once it is gone)."""
+
+    def _polyak_ema(self):
+        ref = self.__dict__.get("_polyak_target")
+        ema = ref() if isinstance(ref, weakref.ref) else None
+        return ema if ema is not None and ema._handle is not None and not ema._handle.closed else None
 
     def __create_chunk_list__(self):
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        ema = _TARGETS.get(self.__dict__.get("_polyak_target", -1))
-        if ema is not None and ema._handle is not None and not ema._handle.closed:
+        ema = self._polyak_ema()
+        if ema is not None:
             ema._handle.begin_shadow_write()
         return [ChunkStorageMetadata(offsets=torch.Size([0]), sizes=self.size())]
+
+    def __create_write_items__(self, fqn, obj):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+        ema = self._polyak_ema()
+        if ema is not None:
+            _refuse_open(ema, "saving the EMA's state")
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size([0])), type=WriteItemType.TENSOR,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=torch.Size([0]),
+                                                                                 sizes=obj.size()),
+                                                      properties=TensorProperties(dtype=obj.dtype), size=obj.size()))]
 
     def __get_tensor_shard__(self, index):  # a plain tensor over the same memory: what DCP writes and reads
         return self.as_subclass(torch.Tensor)
@@ -154,6 +193,42 @@ def _unpack(values, num_shadows):
     products = [struct.unpack("<d", struct.pack("<q", b))[0] for b in values[2 + num_shadows:]]
     return {"step": values[0], "nonfinite_count": values[1], "update_counts": values[2:2 + num_shadows],
             "beta_products": products}
+
+
+def _check_step_state(values, num_shadows):
+    """What polyak_set_step_state checks (views.c), checked before any shadow is written, so a
+    state it would refuse changes nothing: polyak.InvalidArgError naming the value."""
+    def fail(what):
+        raise InvalidArgError(f"the state's step_state: {what}")
+    step, count = values["step"], values["nonfinite_count"]
+    if len(values["beta_products"]) != num_shadows or len(values["update_counts"]) != num_shadows:
+        fail(f"not {num_shadows} shadows")
+    if step < 0:
+        fail(f"step {step} is not a step")
+    if count < 0:
+        fail(f"nonfinite_count {count} is not a count")
+    for k, (product, updates) in enumerate(zip(values["beta_products"], values["update_counts"])):
+        if not 0.0 <= product <= 1.0:  # NaN fails too
+            fail(f"beta_products[{k}] = {product!r} is not in [0, 1]")
+        if not 0 <= updates <= step:
+            fail(f"update_counts[{k}] = {updates} is not a count of updates up to step {step}")
+
+
+def _count_group(mesh, placements, world_size):
+    """The group over which the ranks' non-finite counts are summed, for params of these
+    placements on `mesh`: each shard counted once. One sharded dimension: its group (HSDP's
+    replicas left out); every dimension sharded over the whole world: that world; none: None
+    (each rank's count is the replicas' one). Else polyak.UnsupportedError."""
+    import torch.distributed as dist
+    sharded = [d for d, p in enumerate(placements) if p.is_shard()]
+    if not sharded:
+        return None
+    if len(sharded) == 1:
+        return mesh.get_group(sharded[0]) if mesh.ndim > 1 else mesh.get_group()
+    if len(sharded) == mesh.ndim and mesh.size() == world_size:
+        return dist.group.WORLD
+    raise UnsupportedError(f"the EMA's DCP state for params placed {tuple(placements)} on a {mesh.ndim}-D mesh: "
+                           "sharded over one dimension (FSDP2, HSDP) or over the whole world")
 
 
 class _DCPState:
@@ -245,13 +320,15 @@ class _Views:
                            "lookahead_every": cfg.lookahead_every}, separators=(",", ":"))
 
     def _distributed(self):
-        """The process group the ranks' counts are summed over: a sharded EMA's, FSDP2's
-        default one; None for one process."""
+        """The process group the ranks' counts are summed over: a sharded EMA's, under FSDP2 the
+        params' sharding dimension of their mesh (not the replicas of HSDP, which count the same
+        shard again); None for one process."""
         import torch.distributed as dist
         if self._sharded():
             return self._group if self._group is not None else dist.group.WORLD
         if self._dtensor_params() and dist.is_initialized():
-            return dist.group.WORLD
+            t = self._averaged[0].tensor
+            return _count_group(t.device_mesh, t.placements, dist.get_world_size())
         return None
 
     def dcp_state_dict(self):
@@ -262,7 +339,8 @@ class _Views:
         boxes that tile it (shard=True); one checkpoint loads at any world size into any of
         them. Collective where the EMA spans ranks (the ranks' non-finite counts are summed).
         dcp.load into it writes the shadows in place; load_state_dict(state) then sets the
-        step state (checked by the library). docs/shadow-views.md."""
+        step state (checked by the library). docs/shadow-views.md. Needs torch >= 2.5."""
+        _require_dcp_torch("dcp_state_dict")
         self._check_open()
         h = self._handle
         state = h.step_state()
@@ -274,8 +352,7 @@ class _Views:
             dist.all_reduce(total, group=group)
             count = int(total)
         marker = _pack(state, count).as_subclass(_StepState)
-        _TARGETS[id(self)] = self
-        marker._polyak_target = id(self)
+        marker._polyak_target = weakref.ref(self)
         shadows = []
         for k in range(h.num_shadows):
             if self._sharded():
@@ -288,15 +365,19 @@ class _Views:
     @property
     def dcp(self):
         """This EMA as torch.distributed.checkpoint's Stateful: dcp.save({"model": ..., "ema":
-        ema.dcp}, checkpoint_id=...) and dcp.load the same dict (which calls load_state_dict)."""
+        ema.dcp}, checkpoint_id=...) and dcp.load the same dict (which calls load_state_dict).
+        Needs torch >= 2.5."""
+        _require_dcp_torch("ema.dcp")
         return _DCPState(self)
 
     # ---- loading -----------------------------------------------------------------------
     def _load_dcp_state(self, state):
         """load_state_dict of a dcp_state_dict() form: the shadows from its tensors (in place
         when they are this EMA's own views, which dcp.load wrote; else checked, then copied),
-        then the step state through the library's check. A mismatch found after dcp.load wrote
-        the shadows leaves the EMA refusing updates until a load succeeds."""
+        then the step state through the library's check (its checks made first here too, so a
+        refused state copies nothing). A mismatch found after dcp.load wrote the shadows leaves
+        the EMA refusing updates until a load succeeds."""
+        _require_dcp_torch("load_state_dict of a DCP state")
         h = self._handle
         settings = state.get("settings")
         if settings != self._settings():
@@ -328,6 +409,7 @@ class _Views:
             import torch.distributed as dist
             if dist.get_rank(self._distributed()) != 0:
                 values["nonfinite_count"] = 0  # rank 0 carries the ranks' total
+        _check_step_state(values, h.num_shadows)  # before a shadow is written: a refused state changes nothing
         if writes:
             h.begin_shadow_write()
             with torch.no_grad():

@@ -13,7 +13,7 @@ from polyak.errors import _check
 from . import _select
 from ._tensors import _COPY_DTYPE_NAMES, _DTYPE_NAMES, _data_ptr, _is_dtensor, _local
 from ._watch import Watch, stale_message
-from .dcp import _Views
+from .dcp import _refuse_open, _Views
 from .presets import _Presets
 from .sources import _Sources
 from .state import _State
@@ -443,7 +443,10 @@ class EMA(_State, _Presets, _Sources, _Views):
         as the model's own, which model.state_dict() gives. It loads strictly into the model (the
         original of a torch.compile'd one): tied weights under each name, no non-persistent
         buffers. Tensors are row-major whatever the params' memory format; DTensor params give
-        DTensors with the same placements."""
+        DTensors with the same placements. Refused (polyak.StateError) while a load in place has
+        not finished (or failed half-way): the shadows may hold part of a state."""
+        self._check_open()
+        _refuse_open(self, "model_state_dict")
         averages = self._averages(shadow, dtype)
         out = {}
         for name, value in self._model.state_dict().items():
@@ -462,7 +465,10 @@ class EMA(_State, _Presets, _Sources, _Views):
     def copy_to(self, model: torch.nn.Module, shadow: int = 0):
         """Writes shadow `shadow` into `model` (another module with the same names and shapes:
         a copy of the trained one kept for evaluation, say), and the copied tensors; what the EMA
-        leaves out stays as `model` has it."""
+        leaves out stays as `model` has it. Refused (polyak.StateError) while a load in place has
+        not finished (or failed half-way), as model_state_dict is."""
+        self._check_open()
+        _refuse_open(self, "copy_to")
         values = self._averages(shadow)
         model = _select.unwrap(model)
         targets = dict(model.named_parameters(remove_duplicate=False))
@@ -483,13 +489,15 @@ class EMA(_State, _Presets, _Sources, _Views):
         """Inside: the model's params hold shadow `shadow` (or the blend sum_k weights[k] shadow_k)
         and copied buffers their values at the last update; on exit, the exact values they had.
         Inside, autograd is off (torch.no_grad()); on exit every module has the train/eval mode
-        it had on entry. Updates inside raise polyak.StateError."""
+        it had on entry. Updates inside raise polyak.StateError, as does entering while a load in
+        place has not finished (or failed half-way)."""
         if weights is not None and self._sharded():
             raise UnsupportedError("blends of sharded shadows: the library blends whole shadows only")
         with self._params_swapped("average_parameters()"):
             yield from self._swap_average(shadow, weights)
 
     def _swap_average(self, shadow, weights):
+        _refuse_open(self, "average_parameters")  # the shadows may hold part of a state: not an average
         h, stream = self._handle, self._stream()
         h.store(stream)  # the params and the copied buffers, restored bit for bit on exit
         # sharded: the buffers the library reads from mirrors, restored here
