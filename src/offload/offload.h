@@ -77,6 +77,10 @@ struct polyak_transfer_ops {
                               void *stream, char *why);
   polyak_status (*finalize_agree)(void *ctx, uint64_t layout_hash, int local_ok, int *all_ok, int *same, int *other,
                                   char *why);
+  /* called first on the handle's own thread (NULL: nothing to do): CUDA
+   * makes the thread's capture mode relaxed, so that its host waits for
+   * the copies never invalidate a global-mode capture on another thread */
+  void (*thread_start)(void *ctx);
 };
 
 #ifdef POLYAK_HAVE_CUDA
@@ -198,6 +202,10 @@ polyak_status polyak_offload_update(polyak_t *p, const polyak_update_args *args,
 polyak_status polyak_offload_note_writes(polyak_t *p, offload_state *s, void *stream, const char *function);
 /* The host waits for EV_WRITES: the mirror and the ring are no copy's source any more. */
 polyak_status polyak_offload_wait_writes(polyak_t *p, offload_state *s, const char *function);
+/* POLYAK_ERR_STATE for `function` while `stream` is being captured into a
+ * graph or a capture is under way that a host wait would break: what
+ * transfers, host waits and stream waits check first. */
+polyak_status polyak_offload_refuse_capture(polyak_t *p, void *stream, const char *function);
 /* A transfer failure as p's error: POLYAK_ERR_CUDA "<function>: <why>". */
 polyak_status polyak_offload_fail(polyak_t *p, polyak_status status, const char *function, const char *why);
 

@@ -265,15 +265,16 @@ static polyak_status produce_blend(polyak_t *p, void *arg, int64_t offset, int64
 /* ---- writes into the params: computed into the mirror, then pushed ------------- */
 
 /* Before the host writes the mirror: no copy reads it any more. */
-static polyak_status take_mirror(polyak_t *p, const char *function)
+static polyak_status take_mirror(polyak_t *p, void *stream, const char *function)
 {
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function)); /* before any host wait */
   POLYAK_TRY(polyak_offload_join(p, function));
   return polyak_offload_wait_writes(p, offload_of(p), function);
 }
 
 static polyak_status offload_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
 {
-  POLYAK_TRY(take_mirror(p, "polyak_copy_to_params"));
+  POLYAK_TRY(take_mirror(p, stream, "polyak_copy_to_params"));
   polyak_cpu_copy_to_params(p, shadow, debias_scale, stream);
   return polyak_offload_push(p, offload_of(p), stream, "polyak_copy_to_params");
 }
@@ -282,7 +283,7 @@ static polyak_status offload_blend(polyak_t *p, const float *coefficient, int te
                                    void *stream)
 {
   if (tensor < 0) { /* into the params */
-    POLYAK_TRY(take_mirror(p, "polyak_blend_to_params"));
+    POLYAK_TRY(take_mirror(p, stream, "polyak_blend_to_params"));
     polyak_cpu_blend(p, coefficient, -1, NULL, POLYAK_F32, stream);
     return polyak_offload_push(p, offload_of(p), stream, "polyak_blend_to_params");
   }
@@ -304,7 +305,7 @@ static polyak_status offload_synthesize(polyak_t *p, const float *snapshots, int
                                         void *stream)
 {
   int where = POLYAK_MEMORY_HOST;
-  POLYAK_TRY(take_mirror(p, "polyak_synthesize_to_params"));
+  POLYAK_TRY(take_mirror(p, stream, "polyak_synthesize_to_params"));
   POLYAK_TRY(locate(p, snapshots, (size_t)num_snapshots * (size_t)p->arena_elems * sizeof(float), &where,
                     "polyak_synthesize_to_params"));
   if (where == POLYAK_MEMORY_DEVICE && p->arena_elems > 0)

@@ -35,6 +35,7 @@ polyak_status polyak_offload_ring_write(polyak_t *p, void *dst, int64_t num_byte
 {
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES] = "";
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function));
   polyak_status status = POLYAK_OK, made = POLYAK_OK;
   int enqueued = 0;
   for (int64_t offset = 0, n; offset < num_bytes && status == POLYAK_OK && made == POLYAK_OK; offset += n) {
@@ -65,6 +66,7 @@ polyak_status polyak_offload_ring_read(polyak_t *p, const void *src, int64_t num
 {
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES] = "";
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function));
   polyak_status status = POLYAK_OK, used = POLYAK_OK;
   /* after the handle's own writes, whatever stream made them */
   if (s->writes_recorded && s->writes_stream != stream)
