@@ -67,6 +67,50 @@ TEST(Offload, GroupsHoldAStagingSlotOfParamsAndAdjacentParamsShareACopy)
   }
 }
 
+TEST(Offload, GroupsAreAtLeast4MiBAndAtMostAbout256WhateverTheStaging)
+{
+  EXPECT_EQ(polyak_offload_group_bytes(0), OFFLOAD_MIN_GROUP_BYTES);
+  EXPECT_EQ(polyak_offload_group_bytes(1 << 20), OFFLOAD_MIN_GROUP_BYTES);
+  for (int64_t bytes : {(int64_t)1 << 30, (int64_t)13476831232, (int64_t)137960000000}) { // 1 GiB, 7B and 70B bf16
+    size_t group = polyak_offload_group_bytes(bytes);
+    EXPECT_GE(group, OFFLOAD_MIN_GROUP_BYTES);
+    EXPECT_LE((bytes + (int64_t)group - 1) / (int64_t)group, OFFLOAD_MAX_GROUPS) << bytes;
+  }
+  // a model of 24 MiB with the least staging (slots of 4 KiB): 6 groups, not 6144
+  Pair pair(config(1), {{"w", POLYAK_BF16, 12 << 20}, {"bn", POLYAK_F32, 5, true}}, OFFLOAD_MIN_STAGING_BYTES);
+  pair.off->offload_group_bytes = 0; // the library's own size
+  pair.checkpoints = false;
+  pair.finalize();
+  const offload_state *s = offload_of(pair.off.get());
+  EXPECT_EQ(s->slot_num_bytes, OFFLOAD_MIN_STAGING_BYTES / OFFLOAD_RING_SLOTS);
+  EXPECT_GE(s->num_groups, 6);
+  EXPECT_LE(s->num_groups, 7);
+  pair.set_params(2);
+  pair.update(1);
+  int64_t count = 0;
+  ASSERT_EQ(polyak_nonfinite_count(pair.off.get(), &count), POLYAK_OK) << polyak_last_error(pair.off.get());
+}
+
+TEST(Offload, ReadOutsIntoTheCallersBuffersAreNoWritesOfTheParams)
+{
+  // only writes into the params chain the next reads after them (EV_WRITES)
+  Pair pair(config(), odd_specs());
+  pair.train({1});
+  const offload_state *s = offload_of(pair.off.get());
+  ASSERT_EQ(s->writes_recorded, 0);
+  const int tensor = 5;
+  void *dst = pair.standin.device_alloc(pair.specs[tensor].num_elems * sizeof(float));
+  void *a = reinterpret_cast<void *>(0xa0);
+  ASSERT_EQ(polyak_get_shadow(pair.off.get(), 0, tensor, dst, POLYAK_F32, a), POLYAK_OK)
+      << polyak_last_error(pair.off.get());
+  EXPECT_EQ(s->writes_recorded, 0); // a read-out into the caller's buffer
+  ASSERT_EQ(polyak_copy_to_params(pair.off.get(), 0, a), POLYAK_OK) << polyak_last_error(pair.off.get());
+  EXPECT_EQ(s->writes_recorded, 1); // a write of the params
+  EXPECT_EQ(s->writes_stream, a);
+  ASSERT_EQ(polyak_copy_to_params(pair.cpu.get(), 0, nullptr), POLYAK_OK);
+  pair.expect_same();
+}
+
 TEST(Offload, PinnedMemoryIsTheStagingAndACopyOfTheParams)
 {
   Pair pair(config(), odd_specs(), 32 << 10);

@@ -104,6 +104,13 @@ polyak_status polyak_offload_use(polyak_t *p, const polyak_transfer_ops *ops, vo
 #define OFFLOAD_DEFAULT_STAGING_BYTES ((size_t)256 << 20)
 #define OFFLOAD_MIN_STAGING_BYTES     ((size_t)16 << 10)
 
+/* The offload's groups: at least OFFLOAD_MIN_GROUP_BYTES of params each, and
+ * about OFFLOAD_MAX_GROUPS at most, whatever the staging size. */
+#define OFFLOAD_MIN_GROUP_BYTES ((size_t)4 << 20)
+#define OFFLOAD_MAX_GROUPS      256
+/* The group size for param_num_bytes of params. */
+size_t polyak_offload_group_bytes(int64_t param_num_bytes);
+
 /* Events by number. */
 enum {
   EV_START,   /* the caller's stream at an update: the reads go after it */
@@ -219,6 +226,8 @@ typedef polyak_status (*offload_consumer)(polyak_t *p, void *arg, int64_t offset
 /* num_bytes into device memory dst, made by `produce` a slot at a time
  * (pieces a multiple of unit_num_bytes), copied on `stream`; no wait for
  * the last copies. */
+/* (EV_WRITES covers it only where dst is a param's memory: read-outs into
+ * the caller's buffers chain no streams.) */
 polyak_status polyak_offload_ring_write(polyak_t *p, void *dst, int64_t num_bytes, size_t unit_num_bytes,
                                         offload_producer produce, void *arg, void *stream, const char *function);
 /* num_bytes of device memory src, after the work on `stream`, handed to

@@ -78,8 +78,14 @@ static polyak_status open_state(polyak_t *p)
   s->ops = p->transfer;
   size_t staging = p->staging_num_bytes ? p->staging_num_bytes : OFFLOAD_DEFAULT_STAGING_BYTES;
   s->slot_num_bytes = staging / OFFLOAD_RING_SLOTS / 64 * 64;
-  /* groups the size of a slot: enough of them to overlap the link and the host */
-  POLYAK_TRY(polyak_offload_plan(p, s, s->slot_num_bytes));
+  /* groups of their own size, not a slot's: enough of them to overlap the
+   * link and the host, few enough that an event each costs nothing */
+  int64_t param_bytes = 0;
+  for (int64_t c = 0; c < p->num_chunks; c++)
+    param_bytes += p->chunks[c].num_elems *
+                   (int64_t)polyak_dtype_num_bytes((polyak_dtype)p->descs[p->chunks[c].tensor].param_dtype);
+  size_t group = p->offload_group_bytes ? p->offload_group_bytes : polyak_offload_group_bytes(param_bytes);
+  POLYAK_TRY(polyak_offload_plan(p, s, group));
   char why[POLYAK_ERROR_BYTES];
   polyak_status status = s->ops->open(p->transfer_arg, p, s->num_events, &s->ctx, &s->side, why);
   if (status != POLYAK_OK) {

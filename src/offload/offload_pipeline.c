@@ -74,6 +74,12 @@ static size_t lay_out_pieces(const polyak_t *p, int64_t *piece_offset)
   return end;
 }
 
+size_t polyak_offload_group_bytes(int64_t param_num_bytes)
+{
+  size_t spread = ((size_t)param_num_bytes + OFFLOAD_MAX_GROUPS - 1) / OFFLOAD_MAX_GROUPS;
+  return spread > OFFLOAD_MIN_GROUP_BYTES ? spread : OFFLOAD_MIN_GROUP_BYTES;
+}
+
 polyak_status polyak_offload_plan(polyak_t *p, offload_state *s, size_t group_num_bytes)
 {
   s->piece_offsets = malloc(((size_t)p->num_tensors + 1) * sizeof *s->piece_offsets);
