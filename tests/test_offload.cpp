@@ -242,7 +242,7 @@ TEST(Offload, OverlappedReadsStillComeBeforeTheWritesOfTheForwardAndTheGradNorm)
   pair.set_params(7);
   pair.standin.hold_copies(true);
   ASSERT_EQ(polyak_update(pair.off.get(), 1, nullptr), POLYAK_OK) << polyak_last_error(pair.off.get());
-  std::vector<char> zeros(64);
+  std::vector<char> zeros(4096);                 // more than any copy-only tensor's bytes
   for (size_t i = 0; i < pair.specs.size(); i++) // the forward's writes
     if (pair.specs[i].copy_only)
       pair.standin.write_device(nullptr, pair.device[i], zeros.data(),
