@@ -221,7 +221,8 @@ benchmark() {
 }
 
 # an offloaded EMA (shadows in host memory) in a synthetic training step of
-# about 300 ms, every 1 and 10 steps, reads waited for and overlapped
+# about 300 ms, every 1 and 10 steps (100 steps at 10, so that 10 folds are
+# timed), reads waited for and overlapped
 offload_bench() {
   timeout "$1" "$build/bench/polyak_offload_bench" --lists gpt2-xl,llama2-7b --every 1,10 --steps 20 --step-ms 300 \
     --out "$out" | tee "$out/offload.txt"
@@ -290,7 +291,7 @@ else
   step benchmark 60 150 benchmark
   step vs-torch 40 100 vs_torch
 fi
-step offload 60 240 offload_bench
+step offload 60 300 offload_bench
 step python-gpu 30 120 python_gpu
 step cpu-tests 30 600 cpu_tests
 

@@ -6,9 +6,13 @@
 // the param reads (the default) and with the reads overlapped
 // (polyak_overlap_param_reads, polyak_wait_param_reads where the optimizer
 // would next write the params). Prints a row per case, the overhead as a
-// fraction of the step, and appends them to <out>/<date>-offload.jsonl.
+// fraction of the step and the host time blocked in polyak_update (a fold
+// still in flight at the next update), and appends them to
+// <out>/<date>-offload.jsonl. The timed window ends when the stream's work
+// is done: the last update's fold, which no later step waits for, is left
+// out of it (and reported apart), and each case runs at least 10 updates.
 //
-//   polyak_offload_bench [--lists gpt2-xl,llama2-7b] [--every 1,10] [--steps 20] [--step-ms 500] [--out DIR]
+//   polyak_offload_bench [--lists gpt2-xl,llama2-7b] [--every 1,10] [--steps 100] [--step-ms 500] [--out DIR]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -72,9 +76,18 @@ struct Step {
   }
 };
 
-// Seconds per step over `steps` steps, an update every `every` (0: none).
-double run(Step &step, cudaStream_t stream, polyak_t *p, int every, int overlap, int steps, int64_t first_step)
+struct Timing {
+  double step_s = -1;   // per step, until the stream's work is done (the last fold left out)
+  double blocked_s = 0; // the host's time inside polyak_update, in all
+  double blocked_max_s = 0;
+  int updates = 0;
+  double last_fold_s = 0; // the last fold's time past the stream's end
+};
+
+// `steps` steps, an update every `every` (0: none).
+Timing run(Step &step, cudaStream_t stream, polyak_t *p, int every, int overlap, int steps, int64_t first_step)
 {
+  Timing timing;
   step.enqueue(); // warm
   cudaStreamSynchronize(stream);
   double start = now_s();
@@ -83,16 +96,27 @@ double run(Step &step, cudaStream_t stream, polyak_t *p, int every, int overlap,
     if (p && overlap)
       polyak_wait_param_reads(p, stream); // before the optimizer writes the params
     // (the optimizer step would be here)
-    if (p && every > 0 && s % every == 0 && polyak_update(p, first_step + s, stream) != POLYAK_OK) {
-      fprintf(stderr, "polyak_update: %s\n", polyak_last_error(p));
-      return -1;
+    if (p && every > 0 && s % every == 0) {
+      double begin = now_s();
+      polyak_status status = polyak_update(p, first_step + s, stream);
+      double blocked = now_s() - begin;
+      if (status != POLYAK_OK) {
+        fprintf(stderr, "polyak_update: %s\n", polyak_last_error(p));
+        return timing;
+      }
+      timing.blocked_s += blocked;
+      timing.blocked_max_s = blocked > timing.blocked_max_s ? blocked : timing.blocked_max_s;
+      timing.updates++;
     }
   }
   cudaStreamSynchronize(stream);
+  double end = now_s();
+  timing.step_s = (end - start) / steps;
   int64_t count = 0;
   if (p)
-    polyak_nonfinite_count(p, &count); // waits for the last fold
-  return (now_s() - start) / steps;
+    polyak_nonfinite_count(p, &count); // waits for the last fold, outside the window
+  timing.last_fold_s = now_s() - end;
+  return timing;
 }
 
 } // namespace
@@ -100,7 +124,7 @@ double run(Step &step, cudaStream_t stream, polyak_t *p, int every, int overlap,
 int main(int argc, char **argv)
 {
   std::string lists = "gpt2-xl,llama2-7b", every_list = "1,10", out_dir;
-  int steps = 20;
+  int steps = 100;
   double step_ms = 500;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
@@ -142,12 +166,13 @@ int main(int argc, char **argv)
   }
   // calibrate the step's GEMM count to step_ms
   step.gemms = 10;
-  double one = run(step, stream, nullptr, 0, 0, 3, 0) / step.gemms;
+  double one = run(step, stream, nullptr, 0, 0, 3, 0).step_s / step.gemms;
   step.gemms = one > 0 ? (int)(step_ms / 1000.0 / one + 0.5) : 1;
   if (step.gemms < 1)
     step.gemms = 1;
   printf("card %s; synthetic step: %d GEMMs of 4096^2 f32, target %.0f ms\n", prop.name, step.gemms, step_ms);
-  printf("%-10s %6s %8s %12s %12s %10s\n", "list", "every", "overlap", "step ms", "with EMA ms", "overhead");
+  printf("%-10s %6s %8s %6s %10s %12s %9s %14s %12s %13s\n", "list", "every", "overlap", "steps", "step ms",
+         "with EMA ms", "overhead", "blocked ms/upd", "blocked max", "last fold ms");
 
   int status = 0;
   for (const std::string &name : split(lists)) {
@@ -188,28 +213,33 @@ int main(int argc, char **argv)
       continue;
     }
     double finalize_s = now_s() - begin;
-    double base = run(step, stream, nullptr, 0, 0, steps, 0);
+    double base = run(step, stream, nullptr, 0, 0, steps, 0).step_s;
     int64_t next_step = 0;
     for (const std::string &every_text : split(every_list))
       for (int overlap : {0, 1}) {
         int every = atoi(every_text.c_str());
+        int n = every > 0 && steps < 10 * every ? 10 * every : steps; // 10 updates at least
         polyak_overlap_param_reads(p, overlap);
-        double with = run(step, stream, p, every, overlap, steps, next_step);
-        next_step += steps;
-        if (with < 0) {
+        Timing timing = run(step, stream, p, every, overlap, n, next_step);
+        next_step += n;
+        if (timing.step_s < 0) {
           status = 1;
           continue;
         }
-        double overhead = (with - base) / base;
-        printf("%-10s %6d %8d %12.1f %12.1f %9.1f%%\n", name.c_str(), every, overlap, base * 1e3, with * 1e3,
-               overhead * 100);
+        double with = timing.step_s, overhead = (with - base) / base;
+        double blocked_ms = timing.updates ? timing.blocked_s / timing.updates * 1e3 : 0;
+        printf("%-10s %6d %8d %6d %10.1f %12.1f %8.1f%% %14.2f %12.2f %13.1f\n", name.c_str(), every, overlap, n,
+               base * 1e3, with * 1e3, overhead * 100, blocked_ms, timing.blocked_max_s * 1e3,
+               timing.last_fold_s * 1e3);
         if (jsonl)
           fprintf(jsonl,
                   "{\"bench\": \"offload_step\", \"date\": \"%s\", \"card\": \"%s\", \"commit\": \"%s\", \"list\": "
-                  "\"%s\", \"num_elems\": %lld, \"update_every\": %d, \"overlap_reads\": %d, \"step_ms\": %.3f, "
-                  "\"with_ema_ms\": %.3f, \"overhead\": %.5f, \"finalize_s\": %.3f}\n",
+                  "\"%s\", \"num_elems\": %lld, \"update_every\": %d, \"overlap_reads\": %d, \"steps\": %d, "
+                  "\"step_ms\": %.3f, \"with_ema_ms\": %.3f, \"overhead\": %.5f, \"update_blocked_ms\": %.3f, "
+                  "\"update_blocked_max_ms\": %.3f, \"last_fold_ms\": %.3f, \"finalize_s\": %.3f}\n",
                   date, prop.name, commit ? commit : "unknown", name.c_str(), (long long)list.num_elems, every, overlap,
-                  base * 1e3, with * 1e3, overhead, finalize_s);
+                  n, base * 1e3, with * 1e3, overhead, blocked_ms, timing.blocked_max_s * 1e3, timing.last_fold_s * 1e3,
+                  finalize_s);
       }
     polyak_destroy(p);
     cudaFree(params);

@@ -652,18 +652,28 @@ POLYAK_API polyak_status polyak_set_step_state(polyak_t *p, const polyak_step_st
  * or for a handle that is not offloaded. */
 POLYAK_API polyak_status polyak_set_offload_staging(polyak_t *p, size_t num_bytes);
 
-/* overlap 1: later updates leave the reads of the params in flight without
- * making their stream wait, and the trainer calls polyak_wait_param_reads
- * before anything next writes the params (the optimizer step, hooks that
- * step in backward, SAM's perturbation, loading a state dict); 0 (the
- * default): the update's stream waits for them. Any handle (only offloaded
- * ones read asynchronously). POLYAK_ERR_INVALID_ARG unless 0 or 1. */
+/* overlap 1: later updates leave the reads of the averaged params in flight
+ * without making their stream wait, and the trainer calls
+ * polyak_wait_param_reads before anything next writes the averaged params:
+ * the optimizer step, hooks that step in backward, SAM's perturbation,
+ * loading a state dict, and a forward that writes averaged float buffers in
+ * place (BatchNorm's running statistics added with polyak_add: wait before
+ * the forward, or keep 0). The update's stream still waits for its small
+ * reads, which the next forward and backward write: the copy-only tensors
+ * (BatchNorm's statistics and counters), the grad norm (clip_grad_norm_)
+ * and the layer norms. The library orders its own writes (copies, blends,
+ * synthesis into the params, restore, Lookahead) after its reads. 0 (the
+ * default): the update's stream waits for every read. Any handle (only
+ * offloaded ones read asynchronously). POLYAK_ERR_INVALID_ARG unless 0 or
+ * 1. docs/offload.md lists every writer. */
 POLYAK_API polyak_status polyak_overlap_param_reads(polyak_t *p, int overlap);
 
 /* Makes `stream` wait, on the device (the host does not), until the last
  * update's reads of the params are done; returns an error that work queued
  * by an update met, if known by now. POLYAK_OK at once for a handle that is
- * not offloaded. POLYAK_ERR_STATE before finalize. */
+ * not offloaded. POLYAK_ERR_STATE before finalize, and for an offloaded
+ * handle while `stream` is being captured into a graph or a capture is
+ * under way. */
 POLYAK_API polyak_status polyak_wait_param_reads(polyak_t *p, void *stream);
 
 #ifdef __cplusplus

@@ -103,8 +103,9 @@ struct polyak {
    * the backend's own memory */
   const polyak_transfer_ops *transfer;
   void *transfer_arg;
-  size_t staging_num_bytes; /* polyak_set_offload_staging (0: the default) */
-  int overlap_reads;        /* polyak_overlap_param_reads */
+  size_t staging_num_bytes;   /* polyak_set_offload_staging (0: the default) */
+  size_t offload_group_bytes; /* the offload's group size (0: polyak_offload_group_bytes; tests set it) */
+  int overlap_reads;          /* polyak_overlap_param_reads */
 };
 
 /* 1 if p's shadows live in host memory for device params. */

@@ -44,6 +44,9 @@ struct Pair {
     off = make_handle(cfg);
     EXPECT_EQ(polyak_offload_use(off.get(), &Standin::ops, &standin), POLYAK_OK);
     EXPECT_EQ(polyak_set_offload_staging(off.get(), staging), POLYAK_OK) << polyak_last_error(off.get());
+    // groups of a ring slot, so that these small models fold in many (the
+    // library's own size, at least 4 MiB, is tested alone)
+    off->offload_group_bytes = staging / OFFLOAD_RING_SLOTS;
     size_t total = 0;
     for (const Spec &spec : specs)
       total += (spec.num_elems * dtype_bytes(spec.dtype) + 15) / 16 * 16;

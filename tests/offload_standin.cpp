@@ -91,6 +91,10 @@ static polyak_status standin_capturing(void *ctx, void *stream, int any_visible,
 {
   return ctx_of(ctx)->standin->capturing(stream, any_visible, capturing, why);
 }
+static void standin_thread_start(void *ctx)
+{
+  ctx_of(ctx)->standin->thread_start();
+}
 }
 
 const polyak_transfer_ops Standin::ops = {
@@ -108,6 +112,7 @@ const polyak_transfer_ops Standin::ops = {
     nullptr,
     nullptr,
     nullptr,
+    standin_thread_start,
 };
 
 // ---- set-up ----------------------------------------------------------------------
@@ -387,6 +392,18 @@ void Standin::fail_running_copy_at(int64_t n)
 {
   std::unique_lock<std::mutex> guard(lock_);
   fail_running_at_ = n;
+}
+
+void Standin::thread_start()
+{
+  std::lock_guard<std::mutex> guard(lock_);
+  thread_starts_.push_back(std::this_thread::get_id());
+}
+
+std::vector<std::thread::id> Standin::thread_starts()
+{
+  std::lock_guard<std::mutex> guard(lock_);
+  return thread_starts_;
 }
 
 void Standin::set_capturing(void *stream, bool capturing)

@@ -62,6 +62,8 @@ public:
   void fail_copy_at(int64_t n);
   void fail_running_copy_at(int64_t n);
   void set_capturing(void *stream, bool capturing);
+  // The threads that called the ops' thread_start, in order.
+  std::vector<std::thread::id> thread_starts();
   // Holds every copy back until release_copies (0: none held).
   void hold_copies(bool hold);
 
@@ -84,6 +86,7 @@ public:
   polyak_status wait(Ctx *ctx, int event, char *why);
   polyak_status locate(const void *ptr, size_t num_bytes, int *where, char *why);
   polyak_status capturing(void *stream, int any_visible, int *capturing, char *why);
+  void thread_start();
 
 private:
   enum Kind { COPY, RECORD, WAIT, WORK };
@@ -135,6 +138,7 @@ private:
   std::map<const char *, size_t> pinned_;
   size_t pinned_bytes_ = 0, pinned_peak_ = 0;
   std::map<void *, bool> capturing_;
+  std::vector<std::thread::id> thread_starts_;
   std::vector<std::string> violations_;
   std::mt19937_64 rng_;
   int max_delay_us_;

@@ -1,8 +1,11 @@
 // test_cuda_offload.cu: shadows in host memory for device params
 // (POLYAK_SHADOWS_HOST) on a real device: the bits of a device-resident
 // handle in every mode, an update that returns with work still queued
-// ahead of it, the device memory an offloaded handle takes, graphs refused.
+// ahead of it, the device memory an offloaded handle takes, graphs refused,
+// a global-mode capture on another thread left valid by the fold.
 // Every test skips with a message when no CUDA device is present.
+#include <thread>
+
 #include "test_cuda_util.h"
 
 using namespace polyak_test;
@@ -293,4 +296,43 @@ TEST_F(Gpu, AnOffloadedUpdateIsRefusedInsideACapture)
   ASSERT_EQ(polyak_update(both.dev.get(), 1, nullptr), POLYAK_OK);
   CUDA_OK(cudaDeviceSynchronize());
   both.expect_same();
+}
+
+// The fold thread waits on the host (cudaEventSynchronize) for each group's
+// copies; with its capture mode relaxed that never invalidates a
+// global-mode capture begun on another thread meanwhile.
+TEST_F(Gpu, AFoldInFlightLeavesAGlobalModeCaptureOnAnotherThreadValid)
+{
+  DeviceAndHost both(base_config(1), 16 << 10); // many groups: many host waits
+  both.randomize(15);
+  both.finalize();
+  cudaStream_t work = nullptr, captured = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&work, cudaStreamNonBlocking));
+  CUDA_OK(cudaStreamCreateWithFlags(&captured, cudaStreamNonBlocking));
+  int rate_khz = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&rate_khz, cudaDevAttrClockRate, 0));
+  spin_kernel<<<1, 1, 0, work>>>((long long)rate_khz * 200); // about 200 ms: the fold waits meanwhile
+  ASSERT_EQ(polyak_update(both.off.get(), 1, work), POLYAK_OK) << polyak_last_error(both.off.get());
+  cudaGraph_t graph = nullptr;
+  CUDA_OK(cudaStreamBeginCapture(captured, cudaStreamCaptureModeGlobal));
+  spin_kernel<<<1, 1, 0, captured>>>(1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(400)); // the fold's waits end inside the capture
+  spin_kernel<<<1, 1, 0, captured>>>(1);
+  EXPECT_EQ(cudaStreamEndCapture(captured, &graph), cudaSuccess);
+  EXPECT_NE(graph, nullptr);
+  if (graph) {
+    cudaGraphExec_t exec = nullptr;
+    EXPECT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    if (exec)
+      cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  cudaGetLastError();
+  int64_t count = 0;
+  ASSERT_EQ(polyak_nonfinite_count(both.off.get(), &count), POLYAK_OK) << polyak_last_error(both.off.get());
+  ASSERT_EQ(polyak_update(both.dev.get(), 1, nullptr), POLYAK_OK);
+  CUDA_OK(cudaDeviceSynchronize());
+  both.expect_same();
+  cudaStreamDestroy(work);
+  cudaStreamDestroy(captured);
 }

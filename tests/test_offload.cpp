@@ -67,6 +67,50 @@ TEST(Offload, GroupsHoldAStagingSlotOfParamsAndAdjacentParamsShareACopy)
   }
 }
 
+TEST(Offload, GroupsAreAtLeast4MiBAndAtMostAbout256WhateverTheStaging)
+{
+  EXPECT_EQ(polyak_offload_group_bytes(0), OFFLOAD_MIN_GROUP_BYTES);
+  EXPECT_EQ(polyak_offload_group_bytes(1 << 20), OFFLOAD_MIN_GROUP_BYTES);
+  for (int64_t bytes : {(int64_t)1 << 30, (int64_t)13476831232, (int64_t)137960000000}) { // 1 GiB, 7B and 70B bf16
+    size_t group = polyak_offload_group_bytes(bytes);
+    EXPECT_GE(group, OFFLOAD_MIN_GROUP_BYTES);
+    EXPECT_LE((bytes + (int64_t)group - 1) / (int64_t)group, OFFLOAD_MAX_GROUPS) << bytes;
+  }
+  // a model of 24 MiB with the least staging (slots of 4 KiB): 6 groups, not 6144
+  Pair pair(config(1), {{"w", POLYAK_BF16, 12 << 20}, {"bn", POLYAK_F32, 5, true}}, OFFLOAD_MIN_STAGING_BYTES);
+  pair.off->offload_group_bytes = 0; // the library's own size
+  pair.checkpoints = false;
+  pair.finalize();
+  const offload_state *s = offload_of(pair.off.get());
+  EXPECT_EQ(s->slot_num_bytes, OFFLOAD_MIN_STAGING_BYTES / OFFLOAD_RING_SLOTS);
+  EXPECT_GE(s->num_groups, 6);
+  EXPECT_LE(s->num_groups, 7);
+  pair.set_params(2);
+  pair.update(1);
+  int64_t count = 0;
+  ASSERT_EQ(polyak_nonfinite_count(pair.off.get(), &count), POLYAK_OK) << polyak_last_error(pair.off.get());
+}
+
+TEST(Offload, ReadOutsIntoTheCallersBuffersAreNoWritesOfTheParams)
+{
+  // only writes into the params chain the next reads after them (EV_WRITES)
+  Pair pair(config(), odd_specs());
+  pair.train({1});
+  const offload_state *s = offload_of(pair.off.get());
+  ASSERT_EQ(s->writes_recorded, 0);
+  const int tensor = 5;
+  void *dst = pair.standin.device_alloc(pair.specs[tensor].num_elems * sizeof(float));
+  void *a = reinterpret_cast<void *>(0xa0);
+  ASSERT_EQ(polyak_get_shadow(pair.off.get(), 0, tensor, dst, POLYAK_F32, a), POLYAK_OK)
+      << polyak_last_error(pair.off.get());
+  EXPECT_EQ(s->writes_recorded, 0); // a read-out into the caller's buffer
+  ASSERT_EQ(polyak_copy_to_params(pair.off.get(), 0, a), POLYAK_OK) << polyak_last_error(pair.off.get());
+  EXPECT_EQ(s->writes_recorded, 1); // a write of the params
+  EXPECT_EQ(s->writes_stream, a);
+  ASSERT_EQ(polyak_copy_to_params(pair.cpu.get(), 0, nullptr), POLYAK_OK);
+  pair.expect_same();
+}
+
 TEST(Offload, PinnedMemoryIsTheStagingAndACopyOfTheParams)
 {
   Pair pair(config(), odd_specs(), 32 << 10);
@@ -173,7 +217,9 @@ TEST(Offload, OverlappedReadsWithoutTheWaitCallAreARaceTheStandinSees)
   pair.set_params(7);
   pair.standin.hold_copies(true);
   pair.update(1);
-  pair.set_params(8); // the optimizer's write, without polyak_wait_param_reads
+  // the optimizer's write, without polyak_wait_param_reads, on a stream of
+  // its own (on the update's, it would wait for the held small reads first)
+  pair.set_params(8, reinterpret_cast<void *>(0xd0));
   pair.standin.synchronize_work();
   pair.standin.hold_copies(false);
   int64_t count = 0;
@@ -181,6 +227,34 @@ TEST(Offload, OverlappedReadsWithoutTheWaitCallAreARaceTheStandinSees)
   std::vector<std::string> seen = pair.standin.take_violations();
   ASSERT_FALSE(seen.empty()) << "the stand-in saw no race";
   EXPECT_TRUE(contains(seen[0].c_str(), "missing wait")) << seen[0];
+}
+
+TEST(Offload, OverlappedReadsStillComeBeforeTheWritesOfTheForwardAndTheGradNorm)
+{
+  // the forward writes BatchNorm's statistics and counters (copy-only or
+  // averaged buffers), clip_grad_norm_ the norm: all before the optimizer
+  // step, so the caller's stream waits for those reads even with overlap
+  polyak_config cfg = config();
+  cfg.shadows[0].grad_norm_c = 1.0;
+  Pair pair(cfg, odd_specs());
+  ASSERT_EQ(polyak_overlap_param_reads(pair.off.get(), 1), POLYAK_OK);
+  pair.finalize();
+  pair.set_params(7);
+  pair.standin.hold_copies(true);
+  ASSERT_EQ(polyak_update(pair.off.get(), 1, nullptr), POLYAK_OK) << polyak_last_error(pair.off.get());
+  std::vector<char> zeros(4096);                 // more than any copy-only tensor's bytes
+  for (size_t i = 0; i < pair.specs.size(); i++) // the forward's writes
+    if (pair.specs[i].copy_only)
+      pair.standin.write_device(nullptr, pair.device[i], zeros.data(),
+                                pair.specs[i].num_elems * dtype_bytes(pair.specs[i].dtype));
+  pair.standin.write_device(nullptr, pair.grad_norm, zeros.data(), sizeof(float)); // the backward's norm
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  pair.standin.hold_copies(false);
+  pair.standin.synchronize();
+  int64_t count = 0;
+  ASSERT_EQ(polyak_nonfinite_count(pair.off.get(), &count), POLYAK_OK);
+  for (const std::string &v : pair.standin.take_violations())
+    ADD_FAILURE() << "stand-in: " << v;
 }
 
 TEST(Offload, TheHandlesOwnWritesComeBeforeItsNextReadsWhateverTheStreams)
@@ -317,6 +391,71 @@ TEST(Offload, RefusesWhatCannotWorkWithShadowsInHostMemory)
   ASSERT_EQ(polyak_get_step(pair.off.get(), &step), POLYAK_OK);
   EXPECT_EQ(step, 0);
   pair.update(1);
+  pair.expect_same();
+}
+
+TEST(Offload, TransfersAndWaitsAreRefusedDuringACaptureAndChangeNothing)
+{
+  Pair pair(config(), odd_specs());
+  pair.train({1});
+  const int tensor = 1;
+  size_t bytes = pair.specs[tensor].num_elems * sizeof(float);
+  void *dst = pair.standin.device_alloc(bytes);
+  const double weights[2] = {0.5, 0.5};
+  void *other = reinterpret_cast<void *>(0xc0); // a capture on another stream is under way too
+  for (void *captured : {static_cast<void *>(nullptr), other}) {
+    pair.standin.set_capturing(captured, true);
+    int64_t before = pair.standin.copies_enqueued();
+    polyak_t *off = pair.off.get();
+    EXPECT_EQ(polyak_offload_ring_write(off, dst, 16, 4, nullptr, nullptr, nullptr, "w"), POLYAK_ERR_STATE);
+    EXPECT_EQ(polyak_offload_ring_read(off, dst, 16, 4, nullptr, nullptr, nullptr, "r"), POLYAK_ERR_STATE);
+    EXPECT_EQ(polyak_offload_push(off, offload_of(off), nullptr, "push"), POLYAK_ERR_STATE);
+    EXPECT_TRUE(contains(polyak_last_error(off), "captured")) << polyak_last_error(off);
+    EXPECT_EQ(polyak_wait_param_reads(off, nullptr), POLYAK_ERR_STATE);
+    EXPECT_EQ(polyak_get_shadow(off, 0, tensor, dst, POLYAK_F32, nullptr), POLYAK_ERR_STATE);
+    EXPECT_EQ(polyak_copy_to_params(off, 0, nullptr), POLYAK_ERR_STATE);
+    EXPECT_EQ(polyak_blend_to_params(off, weights, 0, nullptr), POLYAK_ERR_STATE);
+    EXPECT_EQ(pair.standin.copies_enqueued(), before); // nothing enqueued
+    pair.standin.set_capturing(captured, false);
+  }
+  pair.set_params(2);
+  pair.update(2);
+  pair.expect_same();
+}
+
+TEST(Offload, AnUpdateBeingCapturedIsRefusedBeforeTheHostWaitsForTheOneInFlight)
+{
+  Pair pair(config(), odd_specs());
+  pair.finalize();
+  pair.set_params(5);
+  pair.standin.hold_copies(true);
+  pair.update(1);
+  pair.standin.set_capturing(nullptr, true);
+  std::atomic<bool> returned{false};
+  polyak_status second = POLYAK_OK;
+  std::thread trainer([&] {
+    second = polyak_update(pair.off.get(), 2, nullptr);
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_TRUE(returned.load()); // refused at once, no host wait
+  pair.standin.hold_copies(false);
+  trainer.join();
+  EXPECT_EQ(second, POLYAK_ERR_STATE);
+  pair.standin.set_capturing(nullptr, false);
+  pair.expect_same();
+}
+
+TEST(Offload, TheFoldThreadAsksTheDeviceSideToRelaxItsCaptureModeFirst)
+{
+  // CUDA: its cudaEventSynchronize would invalidate a global-mode capture
+  // begun on another thread (tests/test_cuda_offload.cu)
+  Pair pair(config(), odd_specs());
+  EXPECT_TRUE(pair.standin.thread_starts().empty());
+  pair.train({1, 2});
+  std::vector<std::thread::id> starts = pair.standin.thread_starts();
+  ASSERT_EQ(starts.size(), 1u);
+  EXPECT_NE(starts[0], std::this_thread::get_id());
   pair.expect_same();
 }
 

@@ -309,6 +309,25 @@ def test_views_of_offloaded_shadows_are_cpu_tensors_over_the_librarys_host_memor
         assert torch.equal(views[name], expected[name].float().cpu()), name
 
 
+def test_averaged_buffers_keep_the_offloads_reads_unoverlapped():
+    # the forward writes BatchNorm's running statistics in place: averaged, they are read with
+    # the params, so update() waits for every copy even with an optimizer given
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ema = EMA(model, decay=0.9, device="cpu", optimizer=opt)
+    assert ema._optimizer_hook is None
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8)).cuda()
+    other = EMA(plain, decay=0.9, device="cpu", optimizer=torch.optim.SGD(plain.parameters(), lr=0.01))
+    assert other._optimizer_hook is not None
+    for _ in range(2):
+        model(torch.randn(4, 8, device="cuda")).sum().backward()
+        opt.step()
+        ema.update()
+    torch.cuda.synchronize()
+    ema.close()
+    other.close()
+
+
 def test_an_offloaded_update_does_not_wait_for_the_device():
     model = make_model("cuda")
     ema = EMA(model, decay=0.99, device="cpu")

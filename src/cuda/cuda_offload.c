@@ -253,6 +253,16 @@ static polyak_status capturing(void *ctx, void *stream, int any_visible, int *ca
   return err == cudaSuccess ? POLYAK_OK : failed(err, "cudaStreamIsCapturing", why);
 }
 
+/* The fold thread's host waits (cudaEventSynchronize) are potentially
+ * unsafe calls to a global-mode capture begun on another thread: relaxed,
+ * this thread's calls never invalidate one. */
+static void thread_start(void *ctx)
+{
+  (void)ctx;
+  enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+}
+
 /* ---- ranks ------------------------------------------------------------------------ */
 
 static polyak_status agree(void *ctx, int local_ok, int *all_ok, char *why)
@@ -360,4 +370,5 @@ const polyak_transfer_ops polyak_cuda_transfer_ops = {
     .agree = agree,
     .all_gather = all_gather,
     .finalize_agree = finalize_agree,
+    .thread_start = thread_start,
 };

@@ -77,6 +77,10 @@ struct polyak_transfer_ops {
                               void *stream, char *why);
   polyak_status (*finalize_agree)(void *ctx, uint64_t layout_hash, int local_ok, int *all_ok, int *same, int *other,
                                   char *why);
+  /* called first on the handle's own thread (NULL: nothing to do): CUDA
+   * makes the thread's capture mode relaxed, so that its host waits for
+   * the copies never invalidate a global-mode capture on another thread */
+  void (*thread_start)(void *ctx);
 };
 
 #ifdef POLYAK_HAVE_CUDA
@@ -99,6 +103,13 @@ polyak_status polyak_offload_use(polyak_t *p, const polyak_transfer_ops *ops, vo
 /* The staging size when none is set, and the least one may set. */
 #define OFFLOAD_DEFAULT_STAGING_BYTES ((size_t)256 << 20)
 #define OFFLOAD_MIN_STAGING_BYTES     ((size_t)16 << 10)
+
+/* The offload's groups: at least OFFLOAD_MIN_GROUP_BYTES of params each, and
+ * about OFFLOAD_MAX_GROUPS at most, whatever the staging size. */
+#define OFFLOAD_MIN_GROUP_BYTES ((size_t)4 << 20)
+#define OFFLOAD_MAX_GROUPS      256
+/* The group size for param_num_bytes of params. */
+size_t polyak_offload_group_bytes(int64_t param_num_bytes);
 
 /* Events by number. */
 enum {
@@ -198,6 +209,10 @@ polyak_status polyak_offload_update(polyak_t *p, const polyak_update_args *args,
 polyak_status polyak_offload_note_writes(polyak_t *p, offload_state *s, void *stream, const char *function);
 /* The host waits for EV_WRITES: the mirror and the ring are no copy's source any more. */
 polyak_status polyak_offload_wait_writes(polyak_t *p, offload_state *s, const char *function);
+/* POLYAK_ERR_STATE for `function` while `stream` is being captured into a
+ * graph or a capture is under way that a host wait would break: what
+ * transfers, host waits and stream waits check first. */
+polyak_status polyak_offload_refuse_capture(polyak_t *p, void *stream, const char *function);
 /* A transfer failure as p's error: POLYAK_ERR_CUDA "<function>: <why>". */
 polyak_status polyak_offload_fail(polyak_t *p, polyak_status status, const char *function, const char *why);
 
@@ -211,6 +226,8 @@ typedef polyak_status (*offload_consumer)(polyak_t *p, void *arg, int64_t offset
 /* num_bytes into device memory dst, made by `produce` a slot at a time
  * (pieces a multiple of unit_num_bytes), copied on `stream`; no wait for
  * the last copies. */
+/* (EV_WRITES covers it only where dst is a param's memory: read-outs into
+ * the caller's buffers chain no streams.) */
 polyak_status polyak_offload_ring_write(polyak_t *p, void *dst, int64_t num_bytes, size_t unit_num_bytes,
                                         offload_producer produce, void *arg, void *stream, const char *function);
 /* num_bytes of device memory src, after the work on `stream`, handed to

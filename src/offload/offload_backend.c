@@ -78,8 +78,14 @@ static polyak_status open_state(polyak_t *p)
   s->ops = p->transfer;
   size_t staging = p->staging_num_bytes ? p->staging_num_bytes : OFFLOAD_DEFAULT_STAGING_BYTES;
   s->slot_num_bytes = staging / OFFLOAD_RING_SLOTS / 64 * 64;
-  /* groups the size of a slot: enough of them to overlap the link and the host */
-  POLYAK_TRY(polyak_offload_plan(p, s, s->slot_num_bytes));
+  /* groups of their own size, not a slot's: enough of them to overlap the
+   * link and the host, few enough that an event each costs nothing */
+  int64_t param_bytes = 0;
+  for (int64_t c = 0; c < p->num_chunks; c++)
+    param_bytes += p->chunks[c].num_elems *
+                   (int64_t)polyak_dtype_num_bytes((polyak_dtype)p->descs[p->chunks[c].tensor].param_dtype);
+  size_t group = p->offload_group_bytes ? p->offload_group_bytes : polyak_offload_group_bytes(param_bytes);
+  POLYAK_TRY(polyak_offload_plan(p, s, group));
   char why[POLYAK_ERROR_BYTES];
   polyak_status status = s->ops->open(p->transfer_arg, p, s->num_events, &s->ctx, &s->side, why);
   if (status != POLYAK_OK) {
@@ -265,15 +271,16 @@ static polyak_status produce_blend(polyak_t *p, void *arg, int64_t offset, int64
 /* ---- writes into the params: computed into the mirror, then pushed ------------- */
 
 /* Before the host writes the mirror: no copy reads it any more. */
-static polyak_status take_mirror(polyak_t *p, const char *function)
+static polyak_status take_mirror(polyak_t *p, void *stream, const char *function)
 {
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function)); /* before any host wait */
   POLYAK_TRY(polyak_offload_join(p, function));
   return polyak_offload_wait_writes(p, offload_of(p), function);
 }
 
 static polyak_status offload_copy_to_params(polyak_t *p, int shadow, double debias_scale, void *stream)
 {
-  POLYAK_TRY(take_mirror(p, "polyak_copy_to_params"));
+  POLYAK_TRY(take_mirror(p, stream, "polyak_copy_to_params"));
   polyak_cpu_copy_to_params(p, shadow, debias_scale, stream);
   return polyak_offload_push(p, offload_of(p), stream, "polyak_copy_to_params");
 }
@@ -282,7 +289,7 @@ static polyak_status offload_blend(polyak_t *p, const float *coefficient, int te
                                    void *stream)
 {
   if (tensor < 0) { /* into the params */
-    POLYAK_TRY(take_mirror(p, "polyak_blend_to_params"));
+    POLYAK_TRY(take_mirror(p, stream, "polyak_blend_to_params"));
     polyak_cpu_blend(p, coefficient, -1, NULL, POLYAK_F32, stream);
     return polyak_offload_push(p, offload_of(p), stream, "polyak_blend_to_params");
   }
@@ -304,7 +311,7 @@ static polyak_status offload_synthesize(polyak_t *p, const float *snapshots, int
                                         void *stream)
 {
   int where = POLYAK_MEMORY_HOST;
-  POLYAK_TRY(take_mirror(p, "polyak_synthesize_to_params"));
+  POLYAK_TRY(take_mirror(p, stream, "polyak_synthesize_to_params"));
   POLYAK_TRY(locate(p, snapshots, (size_t)num_snapshots * (size_t)p->arena_elems * sizeof(float), &where,
                     "polyak_synthesize_to_params"));
   if (where == POLYAK_MEMORY_DEVICE && p->arena_elems > 0)

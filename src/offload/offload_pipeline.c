@@ -20,6 +20,26 @@ polyak_status polyak_offload_fail(polyak_t *p, polyak_status status, const char 
   return polyak_fail(p, status, "%s: %s", function, why);
 }
 
+polyak_status polyak_offload_refuse_capture(polyak_t *p, void *stream, const char *function)
+{
+  offload_state *s = offload_of(p);
+  char why[POLYAK_ERROR_BYTES];
+  int capturing = 0;
+  polyak_status status = s->ops->capturing(s->ctx, stream, 0, &capturing, why);
+  if (status == POLYAK_OK && !capturing)
+    status = s->ops->capturing(s->ctx, stream, 1, &capturing, why);
+  if (status != POLYAK_OK)
+    return polyak_offload_fail(p, status, function, why);
+  if (!capturing)
+    return POLYAK_OK;
+  return polyak_fail(p, POLYAK_ERR_STATE,
+                     "%s: a CUDA graph is being captured (on its stream or another), and an offloaded handle's "
+                     "transfers wait on the host for their copies, which would break the capture or not be "
+                     "replayed (graphs and shadows in host memory do not mix); call it before the capture begins "
+                     "or after it ends",
+                     function);
+}
+
 /* ---- the mirror and its copies --------------------------------------------- */
 
 static size_t align_up(size_t n, size_t to)
@@ -52,6 +72,12 @@ static size_t lay_out_pieces(const polyak_t *p, int64_t *piece_offset)
     device_end = device + (size_t)d->local_num_elems * elem_bytes(d);
   }
   return end;
+}
+
+size_t polyak_offload_group_bytes(int64_t param_num_bytes)
+{
+  size_t spread = ((size_t)param_num_bytes + OFFLOAD_MAX_GROUPS - 1) / OFFLOAD_MAX_GROUPS;
+  return spread > OFFLOAD_MIN_GROUP_BYTES ? spread : OFFLOAD_MIN_GROUP_BYTES;
 }
 
 polyak_status polyak_offload_plan(polyak_t *p, offload_state *s, size_t group_num_bytes)
@@ -141,14 +167,20 @@ polyak_status polyak_offload_wait_writes(polyak_t *p, offload_state *s, const ch
 }
 
 /* The reads of an update, enqueued on the side stream after `stream`'s work
- * and the handle's writes: the scalars (EV_SCALARS, *scalars = 1 if any),
- * each group (its event), the copy-only tensors (EV_COPIES), then EV_READS.
- * A failure part way leaves copies in flight into the mirror: waited for
+ * and the handle's writes: the small ones first, the scalars (EV_SCALARS,
+ * *scalars = 1 if any) and the copy-only tensors (EV_COPIES), which the
+ * trainer writes before its optimizer step (the forward's BatchNorm
+ * statistics and counters, clip_grad_norm_'s norm), so that even with
+ * overlapped reads the caller's stream waits for them (*small: the event
+ * to wait on, -1 none); then each group (its event), then EV_READS. A
+ * failure part way leaves copies in flight into the mirror: waited for
  * here, so that nothing else finds the mirror still being written. */
-static polyak_status enqueue_reads(polyak_t *p, offload_state *s, void *stream, int *scalars, char *why)
+static polyak_status enqueue_reads(polyak_t *p, offload_state *s, void *stream, int *scalars, int *small, char *why)
 {
   const polyak_transfer_ops *o = s->ops;
   void *ctx = s->ctx, *side = s->side;
+  int last = -1; /* the last event recorded after a copy */
+  *small = -1;
   polyak_status status = o->record(ctx, EV_START, stream, why);
   if (status == POLYAK_OK)
     status = o->stream_wait(ctx, side, EV_START, why);
@@ -161,22 +193,22 @@ static polyak_status enqueue_reads(polyak_t *p, offload_state *s, void *stream, 
   if (status == POLYAK_OK && s->layer_norms)
     status = o->copy(ctx, scalar + sizeof(float), s->layer_norms, sizeof(float) * (size_t)p->num_tensors,
                      POLYAK_TO_HOST, side, why);
-  if (status == POLYAK_OK && *scalars)
-    status = o->record(ctx, EV_SCALARS, side, why);
-  for (int g = 0; g < s->num_groups && status == POLYAK_OK; g++) {
-    for (int64_t c = s->groups[g].first_copy; c < s->groups[g].end_copy && status == POLYAK_OK; c++)
-      status = o->copy(ctx, s->mirror + s->copies[c].mirror_offset_bytes, s->copies[c].device,
-                       (size_t)s->copies[c].num_bytes, POLYAK_TO_HOST, side, why);
-    if (status == POLYAK_OK)
-      status = o->record(ctx, EV_GROUP0 + g, side, why);
-  }
+  if (status == POLYAK_OK && *scalars && (status = o->record(ctx, EV_SCALARS, side, why)) == POLYAK_OK)
+    last = *small = EV_SCALARS;
   for (int64_t c = 0; c < p->num_copy_chunks && status == POLYAK_OK; c++) {
     const polyak_copy_chunk *chunk = &p->copy_chunks[c];
     status = o->copy(ctx, s->mirror + s->copies_offset + chunk->mirror_offset_bytes, chunk->param,
                      (size_t)chunk->num_bytes, POLYAK_TO_HOST, side, why);
   }
-  if (status == POLYAK_OK && p->num_copy_chunks > 0)
-    status = o->record(ctx, EV_COPIES, side, why);
+  if (status == POLYAK_OK && p->num_copy_chunks > 0 && (status = o->record(ctx, EV_COPIES, side, why)) == POLYAK_OK)
+    last = *small = EV_COPIES;
+  for (int g = 0; g < s->num_groups && status == POLYAK_OK; g++) {
+    for (int64_t c = s->groups[g].first_copy; c < s->groups[g].end_copy && status == POLYAK_OK; c++)
+      status = o->copy(ctx, s->mirror + s->copies[c].mirror_offset_bytes, s->copies[c].device,
+                       (size_t)s->copies[c].num_bytes, POLYAK_TO_HOST, side, why);
+    if (status == POLYAK_OK && (status = o->record(ctx, EV_GROUP0 + g, side, why)) == POLYAK_OK)
+      last = EV_GROUP0 + g;
+  }
   char ignored[POLYAK_ERROR_BYTES];
   polyak_status ended = o->record(ctx, EV_READS, side, status == POLYAK_OK ? why : ignored);
   if (status == POLYAK_OK)
@@ -185,14 +217,16 @@ static polyak_status enqueue_reads(polyak_t *p, offload_state *s, void *stream, 
     s->reads_recorded = 1;
   if (status != POLYAK_OK && ended == POLYAK_OK)
     o->wait(ctx, EV_READS, ignored);
+  else if (status != POLYAK_OK && last >= 0) /* EV_READS not recorded: the last event that was */
+    o->wait(ctx, last, ignored);
   return status;
 }
 
 polyak_status polyak_offload_pull(polyak_t *p, offload_state *s, void *stream, const char *function)
 {
   char why[POLYAK_ERROR_BYTES];
-  int scalars = 0;
-  polyak_status status = enqueue_reads(p, s, stream, &scalars, why);
+  int scalars = 0, small = -1;
+  polyak_status status = enqueue_reads(p, s, stream, &scalars, &small, why);
   if (status == POLYAK_OK)
     status = s->ops->wait(s->ctx, EV_READS, why);
   return status == POLYAK_OK ? status : polyak_offload_fail(p, status, function, why);
@@ -201,6 +235,7 @@ polyak_status polyak_offload_pull(polyak_t *p, offload_state *s, void *stream, c
 polyak_status polyak_offload_push(polyak_t *p, offload_state *s, void *stream, const char *function)
 {
   char why[POLYAK_ERROR_BYTES];
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function));
   polyak_status status = POLYAK_OK;
   for (int64_t c = 0; c < s->num_copies && status == POLYAK_OK; c++)
     status = s->ops->copy(s->ctx, s->copies[c].device, s->mirror + s->copies[c].mirror_offset_bytes,
@@ -256,6 +291,8 @@ static void *thread_main(void *arg)
 {
   polyak_t *p = arg;
   offload_state *s = offload_of(p);
+  if (s->ops->thread_start)
+    s->ops->thread_start(s->ctx);
   pthread_mutex_lock(&s->lock);
   for (;;) {
     while (!s->busy && !s->stop)
@@ -337,28 +374,34 @@ polyak_status polyak_offload_update(polyak_t *p, const polyak_update_args *args,
 {
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES];
+  /* before the host waits for an update in flight: a capture is refused at once */
+  int capturing = 0;
+  polyak_status status = s->ops->capturing(s->ctx, stream, 0, &capturing, why);
+  if (status != POLYAK_OK)
+    return polyak_offload_fail(p, status, "polyak_update", why);
+  if (!capturing && args->write_back) /* Lookahead's sync waits on the host and writes the params */
+    POLYAK_TRY(polyak_offload_refuse_capture(p, stream, "polyak_update"));
+  if (capturing)
+    return polyak_fail(p, POLYAK_ERR_STATE,
+                       "polyak_update: the stream is being captured into a CUDA graph, and an offloaded update "
+                       "folds on the host after its copies, which a replay cannot repeat; update outside the "
+                       "capture (graphs and shadows in host memory do not mix)");
   POLYAK_TRY(polyak_offload_join(p, "polyak_update")); /* an update in flight: the host waits for it */
   if (s->broken)
     return polyak_fail(p, POLYAK_ERR_STATE,
                        "polyak_update: %s, so the shadows may be partly updated; updates are refused until a "
                        "checkpoint is loaded",
                        s->broken_why);
-  int capturing = 0;
-  polyak_status status = s->ops->capturing(s->ctx, stream, 0, &capturing, why);
-  if (status != POLYAK_OK)
-    return polyak_offload_fail(p, status, "polyak_update", why);
-  if (capturing)
-    return polyak_fail(p, POLYAK_ERR_STATE,
-                       "polyak_update: the stream is being captured into a CUDA graph, and an offloaded update "
-                       "folds on the host after its copies, which a replay cannot repeat; update outside the "
-                       "capture (graphs and shadows in host memory do not mix)");
   offload_job job;
   job.args = *args;
-  status = enqueue_reads(p, s, stream, &job.scalars, why);
+  int small = -1;
+  status = enqueue_reads(p, s, stream, &job.scalars, &small, why);
   /* Lookahead's sync writes the params: after the reads, before the caller goes on */
   int sync = args->write_back;
   if (status == POLYAK_OK && (!p->overlap_reads || sync))
     status = s->ops->stream_wait(s->ctx, stream, EV_READS, why);
+  else if (status == POLYAK_OK && small >= 0) /* overlapped: still after the small reads */
+    status = s->ops->stream_wait(s->ctx, stream, small, why);
   if (status != POLYAK_OK) /* nothing folded: the shadows are as they were */
     return polyak_offload_fail(p, status, "polyak_update", why);
   if (sync) {
@@ -402,6 +445,7 @@ polyak_status polyak_wait_param_reads(polyak_t *p, void *stream)
     return POLYAK_OK;
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES];
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, "polyak_wait_param_reads"));
   polyak_status status = take_failure(s, why); /* known by now: no wait for the host */
   if (status != POLYAK_OK)
     return polyak_offload_fail(p, status, "polyak_wait_param_reads", why);

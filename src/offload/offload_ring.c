@@ -24,6 +24,19 @@ static char *slot_memory(const offload_state *s, int slot)
   return s->ring + (size_t)slot * s->slot_num_bytes;
 }
 
+/* Whether [dst, dst + num_bytes) overlaps a param's memory. */
+static int writes_params(const polyak_t *p, const void *dst, int64_t num_bytes)
+{
+  uintptr_t begin = (uintptr_t)dst, end = begin + (uintptr_t)num_bytes;
+  for (int i = 0; i < p->num_tensors; i++) {
+    const polyak_tensor *t = &p->tensors[i];
+    uintptr_t a = (uintptr_t)t->param, b = a + (uintptr_t)t->num_elems * polyak_dtype_num_bytes(t->dtype);
+    if (begin < b && a < end)
+      return 1;
+  }
+  return 0;
+}
+
 /* Bytes per slot, whole units. */
 static int64_t piece_bytes(const offload_state *s, size_t unit_num_bytes)
 {
@@ -35,6 +48,7 @@ polyak_status polyak_offload_ring_write(polyak_t *p, void *dst, int64_t num_byte
 {
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES] = "";
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function));
   polyak_status status = POLYAK_OK, made = POLYAK_OK;
   int enqueued = 0;
   for (int64_t offset = 0, n; offset < num_bytes && status == POLYAK_OK && made == POLYAK_OK; offset += n) {
@@ -48,11 +62,13 @@ polyak_status polyak_offload_ring_write(polyak_t *p, void *dst, int64_t num_byte
           s->ops->copy(s->ctx, (char *)dst + offset, slot_memory(s, slot), (size_t)n, POLYAK_TO_DEVICE, stream, why);
     if (status == POLYAK_OK && made == POLYAK_OK) {
       enqueued = 1;
+      s->slot_used[slot] = 1; /* its copy is in flight, whether the record below is had or not */
       status = s->ops->record(s->ctx, EV_SLOT0 + slot, stream, why);
-      s->slot_used[slot] = status == POLYAK_OK;
     }
   }
-  polyak_status noted = enqueued ? polyak_offload_note_writes(p, s, stream, function) : POLYAK_OK;
+  /* writes into the params: the next reads come after them */
+  polyak_status noted =
+      enqueued && writes_params(p, dst, num_bytes) ? polyak_offload_note_writes(p, s, stream, function) : POLYAK_OK;
   if (made != POLYAK_OK)
     return made;
   if (status != POLYAK_OK)
@@ -65,6 +81,7 @@ polyak_status polyak_offload_ring_read(polyak_t *p, const void *src, int64_t num
 {
   offload_state *s = offload_of(p);
   char why[POLYAK_ERROR_BYTES] = "";
+  POLYAK_TRY(polyak_offload_refuse_capture(p, stream, function));
   polyak_status status = POLYAK_OK, used = POLYAK_OK;
   /* after the handle's own writes, whatever stream made them */
   if (s->writes_recorded && s->writes_stream != stream)
@@ -81,11 +98,12 @@ polyak_status polyak_offload_ring_read(polyak_t *p, const void *src, int64_t num
       if (status == POLYAK_OK)
         status = s->ops->copy(s->ctx, slot_memory(s, slot), (const char *)src + issued, (size_t)n, POLYAK_TO_HOST,
                               stream, why);
-      if (status == POLYAK_OK)
+      if (status == POLYAK_OK) {
+        s->slot_used[slot] = 1; /* its copy is in flight, whether the record below is had or not */
         status = s->ops->record(s->ctx, EV_SLOT0 + slot, stream, why);
+      }
       if (status == POLYAK_OK) {
         int at = (head + count) % OFFLOAD_RING_SLOTS;
-        s->slot_used[slot] = 1;
         queue[at] = slot, queued_offset[at] = issued, queued_bytes[at] = n;
         count++;
         issued += n;

@@ -59,7 +59,8 @@ class EMA(_State, _Presets, _Sources, _Views):
     library's own; update() makes torch's stream wait for those copies (no
     host sync) unless `optimizer` is given, when an optimizer step pre-hook
     waits for them instead, so that they overlap the next forward and
-    backward passes. staging_bytes: the offload's pinned staging size (None:
+    backward passes (not for a model with averaged float buffers, which its
+    forward writes in place: update() waits for every copy then). staging_bytes: the offload's pinned staging size (None:
     256 MiB). Layerwise shadows (whole gradients) cannot be offloaded.
 
     The model may be torch.compile'd (its original is registered). The
@@ -184,7 +185,14 @@ class EMA(_State, _Presets, _Sources, _Views):
 
     def _overlap_reads(self, optimizer):
         """The update's copies of the params overlap the next forward and backward passes: the
-        optimizer's step waits for them (on the device) before it writes the params."""
+        optimizer's step waits for them (on the device) before it writes the params. The library
+        makes torch's stream wait for the copy-only tensors and the grad norm at once (the forward
+        and clip_grad_norm_ write those before the step), but averaged float buffers (BatchNorm's
+        running statistics, averaged with buffers="average") are read with the params and written
+        in place by the next forward: a model with any keeps the safe default, update() waiting
+        for every copy (docs/offload.md: what writes the params before the step)."""
+        if any(s.kind == "buffer" for s in self._averaged):
+            return
         import weakref
         me = weakref.ref(self)
 
