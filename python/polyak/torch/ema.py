@@ -60,8 +60,9 @@ class EMA(_State, _Presets, _Sources, _Views):
     host sync) unless `optimizer` is given, when an optimizer step pre-hook
     waits for them instead, so that they overlap the next forward and
     backward passes (not for a model with averaged float buffers, which its
-    forward writes in place: update() waits for every copy then). staging_bytes: the offload's pinned staging size (None:
-    256 MiB). Layerwise shadows (whole gradients) cannot be offloaded.
+    forward writes in place: update() waits for every copy then).
+    staging_bytes: the offload's pinned staging size (None: 256 MiB).
+    Layerwise shadows (whole gradients) cannot be offloaded.
 
     The model may be torch.compile'd (its original is registered). The
     averaged tensors must be dense (contiguous, channels_last, any order of
