@@ -94,6 +94,15 @@ int64_t polyak_ckpt_data_bytes(const polyak_t *p);
  * counts as the longest int64 text, the products as the longest double. */
 void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state);
 
+/* A safetensors header entry for tensor t: its dtype as `dtype`, its shape,
+ * data_offsets [offset, end) (NULL: no memory). */
+json_t *polyak_ckpt_entry_json(const polyak_tensor *t, polyak_dtype dtype, int64_t offset, int64_t end);
+
+/* root as compact JSON in its insertion order, padded with spaces to a
+ * multiple of 8 bytes (malloc'd; NULL where `failed` or out of memory);
+ * root is released either way. */
+char *polyak_ckpt_padded_text(json_t *root, int failed, size_t *num_bytes);
+
 /* The header text for `state`, padded with spaces to a multiple of 8
  * bytes (malloc'd; NULL: no memory). Data: shadow by shadow, each in
  * registration order. */

@@ -144,28 +144,17 @@ void polyak_ckpt_widest_state(const polyak_t *p, polyak_ckpt_state *state)
   state->checksum = 0; /* always 16 hex digits */
 }
 
-char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes)
+json_t *polyak_ckpt_entry_json(const polyak_tensor *t, polyak_dtype dtype, int64_t offset, int64_t end)
 {
-  json_t *root = json_object();
-  json_t *metadata = polyak_ckpt_metadata(p, state);
-  int failed = !root || !metadata || json_object_set_new(root, "__metadata__", metadata);
-  int64_t offset = 0;
-  for (int k = 0; k <= p->cfg.num_shadows && !failed; k++) /* in data order */
-    for (int i = 0; i < p->num_tensors && !failed; i++) {
-      const polyak_tensor *t = &p->tensors[i];
-      if (!polyak_ckpt_in_data_order(p, k, i))
-        continue;
-      json_t *shape = json_array();
-      for (int d = 0; d < t->ndim; d++)
-        json_array_append_new(shape, json_integer(t->shape[d]));
-      int64_t end = offset + polyak_ckpt_entry_bytes(p, i);
-      json_t *entry = json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(polyak_ckpt_entry_dtype(p, i)),
-                                "shape", shape, "data_offsets", (json_int_t)offset, (json_int_t)end);
-      char *name = polyak_ckpt_saved_name(p, k == p->cfg.num_shadows ? 0 : k, i);
-      failed = !entry || !name || json_object_set_new(root, name, entry);
-      free(name);
-      offset = end;
-    }
+  json_t *shape = json_array();
+  for (int d = 0; d < t->ndim && shape; d++)
+    json_array_append_new(shape, json_integer(t->shape[d]));
+  return json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(dtype), "shape", shape, "data_offsets",
+                   (json_int_t)offset, (json_int_t)end);
+}
+
+char *polyak_ckpt_padded_text(json_t *root, int failed, size_t *num_bytes)
+{
   char *text = failed ? NULL : json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
   json_decref(root);
   if (!text)
@@ -180,4 +169,25 @@ char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size
   out[padded] = '\0';
   *num_bytes = padded;
   return out;
+}
+
+char *polyak_ckpt_header(const polyak_t *p, const polyak_ckpt_state *state, size_t *num_bytes)
+{
+  json_t *root = json_object();
+  json_t *metadata = polyak_ckpt_metadata(p, state);
+  int failed = !root || !metadata || json_object_set_new(root, "__metadata__", metadata);
+  int64_t offset = 0;
+  for (int k = 0; k <= p->cfg.num_shadows && !failed; k++) /* in data order */
+    for (int i = 0; i < p->num_tensors && !failed; i++) {
+      const polyak_tensor *t = &p->tensors[i];
+      if (!polyak_ckpt_in_data_order(p, k, i))
+        continue;
+      int64_t end = offset + polyak_ckpt_entry_bytes(p, i);
+      json_t *entry = polyak_ckpt_entry_json(t, polyak_ckpt_entry_dtype(p, i), offset, end);
+      char *name = polyak_ckpt_saved_name(p, k == p->cfg.num_shadows ? 0 : k, i);
+      failed = !entry || !name || json_object_set_new(root, name, entry);
+      free(name);
+      offset = end;
+    }
+  return polyak_ckpt_padded_text(root, failed, num_bytes);
 }

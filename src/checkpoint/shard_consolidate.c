@@ -182,28 +182,12 @@ static char *readout_header(polyak_t *p, int shadow, polyak_dtype dtype, int64_t
       const polyak_tensor *t = &p->tensors[i];
       if (t->copy_only != pass)
         continue;
-      json_t *shape = json_array();
-      for (int d = 0; d < t->ndim && shape; d++)
-        json_array_append_new(shape, json_integer(t->shape[d]));
       polyak_dtype as = t->copy_only ? t->dtype : dtype;
       int64_t end = offset + t->num_elems * (int64_t)polyak_dtype_num_bytes(as);
-      failed = json_object_set_new(root, t->name,
-                                   json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(as), "shape", shape,
-                                             "data_offsets", (json_int_t)offset, (json_int_t)end));
+      failed = json_object_set_new(root, t->name, polyak_ckpt_entry_json(t, as, offset, end));
       offset = end;
     }
-  char *out = failed ? NULL : json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
-  json_decref(root);
-  size_t length = out ? strlen(out) : 0, padded = (length + 7) / 8 * 8;
-  char *grown = out ? realloc(out, padded + 1) : NULL;
-  if (!grown) {
-    free(out);
-    return NULL;
-  }
-  memset(grown + length, ' ', padded - length);
-  grown[padded] = '\0';
-  *num_bytes = padded;
-  return grown;
+  return polyak_ckpt_padded_text(root, failed, num_bytes);
 }
 
 /* Opens and checks rank r's file of the set against the model. */

@@ -89,29 +89,11 @@ char *polyak_shard_header(const polyak_t *p, const polyak_ckpt_state *state, uin
     const polyak_tensor *t = &p->tensors[i];
     if (!t->copy_only)
       continue;
-    json_t *shape = json_array();
-    for (int d = 0; d < t->ndim && shape; d++)
-      json_array_append_new(shape, json_integer(t->shape[d]));
     int64_t end = offset + polyak_ckpt_entry_bytes(p, i);
-    failed = json_object_set_new(root, t->name,
-                                 json_pack("{s:s, s:o, s:[I,I]}", "dtype", polyak_dtype_name(t->dtype), "shape", shape,
-                                           "data_offsets", (json_int_t)offset, (json_int_t)end));
+    failed = json_object_set_new(root, t->name, polyak_ckpt_entry_json(t, t->dtype, offset, end));
     offset = end;
   }
-  char *text = failed ? NULL : json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
-  json_decref(root);
-  if (!text)
-    return NULL;
-  size_t length = strlen(text), padded = (length + 7) / 8 * 8;
-  char *out = realloc(text, padded + 1);
-  if (!out) {
-    free(text);
-    return NULL;
-  }
-  memset(out + length, ' ', padded - length);
-  out[padded] = '\0';
-  *num_bytes = padded;
-  return out;
+  return polyak_ckpt_padded_text(root, failed, num_bytes);
 }
 
 /* ---- the data, block by block ---------------------------------------------- */
